@@ -1,0 +1,43 @@
+# kubezonnet developer targets. `make demo` and `make test` are the two
+# commands of the README; both install what they need (Debian packages, Go
+# modules) on a fresh machine.
+
+GO           ?= go
+BIN          ?= bin/kubezonnet
+ARCH_TRIPLET ?= $(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
+VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS      := -s -w -X github.com/kubezonnet/kubezonnet/internal/version.Version=$(VERSION)
+
+.PHONY: all deps generate check-generate build test bench demo clean
+
+all: build
+
+# deps installs the Debian packages the build, the tests and the demo use.
+deps:
+	./hack/deps.sh
+
+# generate recompiles the eBPF program with the Debian clang into the
+# committed bpf2go output (bpf/flow_bpfel.{go,o}).
+generate:
+	cd bpf && ARCH_TRIPLET=$(ARCH_TRIPLET) $(GO) generate ./...
+
+# check-generate fails when the committed bpf2go output is stale.
+check-generate: generate
+	git diff --exit-code -- bpf/
+
+build:
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) .
+
+# test runs formatting and vet checks and every test, kernel tests included
+# (they need root; as root a skipped privileged test fails the run).
+test: deps
+	./hack/test.sh
+
+bench: deps
+	./hack/bench.sh
+
+demo: deps build
+	$(GO) run ./testenv/demo
+
+clean:
+	rm -rf bin .test.log

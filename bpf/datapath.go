@@ -1,0 +1,389 @@
+//go:build linux
+
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
+
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/netns"
+)
+
+// ErrNotSupported is returned when the running kernel lacks a program or
+// map type the datapath needs. Callers test it with errors.Is.
+var ErrNotSupported = errors.New("not supported by this kernel")
+
+// Defaults, with the reason for each.
+const (
+	// DefaultMaxFlows bounds each of the two flow generations. 65,536
+	// flows cost ~10 MiB per generation on a 64-CPU node (per-CPU values)
+	// and cover a busy node for a 10 s flush interval.
+	DefaultMaxFlows = 65536
+	// DefaultMaxLocalPrefixes bounds the local prefix trie: a node has a
+	// handful of pod CIDRs and addresses, 1,024 leaves ample headroom.
+	DefaultMaxLocalPrefixes = 1024
+	// DefaultNetfilterPriority is the last priority before source NAT
+	// (NF_IP_PRI_NAT_SRC = 100): filter chains have run, so dropped
+	// packets are not counted, and the pre-SNAT pod address is still seen.
+	DefaultNetfilterPriority = 99
+	// drainBatch is the number of flows fetched per batch syscall. It
+	// must exceed the largest hash bucket or the kernel answers ENOSPC.
+	drainBatch = 4096
+)
+
+// Reason says why bytes were not counted in a flow.
+type Reason int
+
+// The reasons, in the order of the kernel's enum counter.
+const (
+	// ReasonMapFull: the flow map of the generation was full.
+	ReasonMapFull Reason = Reason(flowCounterCOUNTER_MAP_FULL)
+	// ReasonMapError: the kernel refused the insert for another reason.
+	ReasonMapError Reason = Reason(flowCounterCOUNTER_MAP_ERROR)
+	// ReasonParseError: the IP or L4 header could not be read.
+	ReasonParseError Reason = Reason(flowCounterCOUNTER_PARSE_ERROR)
+	// ReasonNotLocal is not a loss: the source belongs to another node,
+	// whose agent counts it. Reported for visibility.
+	ReasonNotLocal Reason = Reason(flowCounterCOUNTER_NOT_LOCAL)
+	// ReasonNoMap: the active generation was missing (a bug if non-zero).
+	ReasonNoMap Reason = Reason(flowCounterCOUNTER_NO_MAP)
+	// NumReasons is the number of reasons.
+	NumReasons = int(flowCounterCOUNTER_MAX)
+)
+
+// String returns the label value used for the reason in metrics.
+func (r Reason) String() string {
+	switch r {
+	case ReasonMapFull:
+		return "map_full"
+	case ReasonMapError:
+		return "map_error"
+	case ReasonParseError:
+		return "parse_error"
+	case ReasonNotLocal:
+		return "not_local"
+	case ReasonNoMap:
+		return "no_map"
+	}
+	return fmt.Sprintf("reason_%d", int(r))
+}
+
+// Config sizes the datapath. Zero values take the defaults.
+type Config struct {
+	// MaxFlows is the capacity of each flow generation.
+	MaxFlows uint32
+	// MaxLocalPrefixes is the capacity of the local prefix trie.
+	MaxLocalPrefixes uint32
+}
+
+// Drained is the result of one Drain: every flow counted since the previous
+// drain, and what could not be counted, by reason, over the same interval.
+type Drained struct {
+	Flows []flow.Record
+	// Uncounted holds, per Reason, the bytes and packets not counted in
+	// Flows. ReasonNotLocal is informational, the others are losses.
+	Uncounted [NumReasons]flow.Counts
+}
+
+// Datapath owns the kernel objects of one loaded program set: the maps, the
+// programs and the links attaching them. It is safe for concurrent use.
+type Datapath struct {
+	mu       sync.Mutex
+	objs     flowObjects
+	gens     [2]*ebpf.Map
+	active   int
+	links    []link.Link
+	prefixes map[flowLpmKey]struct{}
+	lastCnt  [NumReasons]flow.Counts
+	nCPU     int
+	keys     []flowFlowKey
+	vals     []flowFlowStats
+	cntVals  []flowFlowStats
+	closed   bool
+}
+
+// Load checks the kernel, sizes the maps from cfg and loads the programs.
+// Nothing is attached yet.
+func Load(cfg Config) (*Datapath, error) {
+	if cfg.MaxFlows == 0 {
+		cfg.MaxFlows = DefaultMaxFlows
+	}
+	if cfg.MaxLocalPrefixes == 0 {
+		cfg.MaxLocalPrefixes = DefaultMaxLocalPrefixes
+	}
+	if err := checkKernel(); err != nil {
+		return nil, err
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, fmt.Errorf("removing memlock rlimit: %w", err)
+	}
+	spec, err := loadFlow()
+	if err != nil {
+		return nil, fmt.Errorf("loading datapath spec: %w", err)
+	}
+	for _, name := range []string{"flows_0", "flows_1"} {
+		spec.Maps[name].MaxEntries = cfg.MaxFlows
+	}
+	spec.Maps["active"].InnerMap.MaxEntries = cfg.MaxFlows
+	spec.Maps["local_prefixes"].MaxEntries = cfg.MaxLocalPrefixes
+
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, fmt.Errorf("counting possible CPUs: %w", err)
+	}
+	d := &Datapath{nCPU: ncpu, prefixes: map[flowLpmKey]struct{}{}}
+	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("loading datapath objects: %+v", ve)
+		}
+		return nil, fmt.Errorf("loading datapath objects: %w", err)
+	}
+	d.gens = [2]*ebpf.Map{d.objs.Flows0, d.objs.Flows1}
+	if err := d.objs.Active.Put(uint32(0), d.gens[0]); err != nil {
+		d.objs.Close()
+		return nil, fmt.Errorf("activating flow generation 0: %w", err)
+	}
+	return d, nil
+}
+
+// checkKernel turns a missing program or map type into ErrNotSupported with
+// the name of what is missing, instead of a verifier error.
+func checkKernel() error {
+	for _, pt := range []ebpf.ProgramType{ebpf.Netfilter, ebpf.CGroupSKB} {
+		if err := features.HaveProgramType(pt); err != nil {
+			return fmt.Errorf("program type %s: %w (%v)", pt, ErrNotSupported, err)
+		}
+	}
+	for _, mt := range []ebpf.MapType{ebpf.PerCPUHash, ebpf.ArrayOfMaps, ebpf.LPMTrie} {
+		if err := features.HaveMapType(mt); err != nil {
+			return fmt.Errorf("map type %s: %w (%v)", mt, ErrNotSupported, err)
+		}
+	}
+	return nil
+}
+
+// AttachNetfilter attaches the netfilter program at POSTROUTING for IPv4 and
+// IPv6 in the network namespace at nsPath ("" for the current one). Links
+// are per namespace: a hook in the root namespace sees nothing of another.
+func (d *Datapath) AttachNetfilter(nsPath string, priority int32) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return errors.New("attaching netfilter: datapath closed")
+	}
+	return netns.Do(nsPath, func() error {
+		for _, pf := range []link.NetfilterProtocolFamily{link.NetfilterProtoIPv4, link.NetfilterProtoIPv6} {
+			l, err := link.AttachNetfilter(link.NetfilterOptions{
+				Program:        d.objs.KznNetfilter,
+				ProtocolFamily: pf,
+				Hook:           link.NetfilterInetPostRouting,
+				Priority:       priority,
+			})
+			if err != nil {
+				return fmt.Errorf("attaching netfilter postrouting (family %d, priority %d): %w", pf, priority, err)
+			}
+			d.links = append(d.links, l)
+		}
+		return nil
+	})
+}
+
+// AttachCgroup attaches the cgroup_skb egress program to the cgroup v2
+// directory at path (normally the root of the hierarchy, so that every
+// socket on the node is seen).
+func (d *Datapath) AttachCgroup(path string) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return errors.New("attaching cgroup: datapath closed")
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{
+		Path:    path,
+		Attach:  ebpf.AttachCGroupInetEgress,
+		Program: d.objs.KznCgroupEgress,
+	})
+	if err != nil {
+		return fmt.Errorf("attaching cgroup_skb egress to %s: %w", path, err)
+	}
+	d.links = append(d.links, l)
+	return nil
+}
+
+// lpmKey converts a prefix to the trie's key: IPv4 is stored IPv4-mapped.
+func lpmKey(p netip.Prefix) (flowLpmKey, error) {
+	if !p.IsValid() {
+		return flowLpmKey{}, fmt.Errorf("invalid prefix %q", p.String())
+	}
+	p = p.Masked()
+	bits := p.Bits()
+	if p.Addr().Is4() {
+		bits += 96
+	}
+	return flowLpmKey{Prefixlen: uint32(bits), Addr: p.Addr().As16()}, nil
+}
+
+// SetLocalPrefixes replaces the set of prefixes whose sources are counted.
+// New prefixes are added before stale ones are removed, so a prefix present
+// in both the old and the new set never stops being counted.
+func (d *Datapath) SetLocalPrefixes(prefixes []netip.Prefix) error {
+	want := make(map[flowLpmKey]struct{}, len(prefixes))
+	for _, p := range prefixes {
+		k, err := lpmKey(p)
+		if err != nil {
+			return fmt.Errorf("setting local prefixes: %w", err)
+		}
+		want[k] = struct{}{}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return errors.New("setting local prefixes: datapath closed")
+	}
+	one := uint8(1)
+	for k := range want {
+		if _, ok := d.prefixes[k]; ok {
+			continue
+		}
+		if err := d.objs.LocalPrefixes.Put(&k, &one); err != nil {
+			return fmt.Errorf("adding local prefix %s: %w", keyPrefix(k), err)
+		}
+		d.prefixes[k] = struct{}{}
+	}
+	for k := range d.prefixes {
+		if _, ok := want[k]; ok {
+			continue
+		}
+		if err := d.objs.LocalPrefixes.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("removing local prefix %s: %w", keyPrefix(k), err)
+		}
+		delete(d.prefixes, k)
+	}
+	return nil
+}
+
+// keyPrefix converts a trie key back to a prefix, for messages.
+func keyPrefix(k flowLpmKey) netip.Prefix {
+	a := netip.AddrFrom16(k.Addr)
+	bits := int(k.Prefixlen)
+	if a.Is4In6() {
+		return netip.PrefixFrom(a.Unmap(), bits-96)
+	}
+	return netip.PrefixFrom(a, bits)
+}
+
+// Drain swaps the flow generations and returns everything counted in the
+// generation that was active, appending flows to dst.Flows[:0].
+//
+// It loses nothing: the swap is a map-in-map update, which the kernel only
+// completes after an RCU grace period, so every program that could still
+// write to the old generation has finished before it is read and emptied.
+func (d *Datapath) Drain(dst *Drained) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return errors.New("draining: datapath closed")
+	}
+	dst.Flows = dst.Flows[:0]
+	old := d.active
+	next := 1 - old
+	if err := d.objs.Active.Put(uint32(0), d.gens[next]); err != nil {
+		return fmt.Errorf("swapping flow generation: %w", err)
+	}
+	d.active = next
+	if err := d.drainMap(d.gens[old], dst); err != nil {
+		return err
+	}
+	return d.readCounters(dst)
+}
+
+// drainMap empties an idle generation into dst.
+func (d *Datapath) drainMap(m *ebpf.Map, dst *Drained) error {
+	if d.keys == nil {
+		d.keys = make([]flowFlowKey, drainBatch)
+		d.vals = make([]flowFlowStats, drainBatch*d.nCPU)
+	}
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := m.BatchLookupAndDelete(&cursor, d.keys, d.vals, nil)
+		for i := range n {
+			var c flow.Counts
+			for _, v := range d.vals[i*d.nCPU : (i+1)*d.nCPU] {
+				c.Bytes += v.Bytes
+				c.Packets += v.Packets
+			}
+			dst.Flows = append(dst.Flows, flow.Record{Key: convertKey(&d.keys[i]), Counts: c})
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("draining flow generation: %w", err)
+		}
+	}
+}
+
+// readCounters turns the kernel's cumulative per-CPU counters into the
+// increase since the previous drain.
+func (d *Datapath) readCounters(dst *Drained) error {
+	if d.cntVals == nil {
+		d.cntVals = make([]flowFlowStats, d.nCPU)
+	}
+	for i := range NumReasons {
+		if err := d.objs.Counters.Lookup(uint32(i), d.cntVals); err != nil {
+			return fmt.Errorf("reading counter %s: %w", Reason(i), err)
+		}
+		var total flow.Counts
+		for _, v := range d.cntVals {
+			total.Bytes += v.Bytes
+			total.Packets += v.Packets
+		}
+		dst.Uncounted[i] = flow.Counts{
+			Bytes:   total.Bytes - d.lastCnt[i].Bytes,
+			Packets: total.Packets - d.lastCnt[i].Packets,
+		}
+		d.lastCnt[i] = total
+	}
+	return nil
+}
+
+// convertKey turns the kernel's key into the shared flow model.
+func convertKey(k *flowFlowKey) flow.Key {
+	return flow.Key{
+		Src:       netip.AddrFrom16(k.Saddr).Unmap(),
+		Dst:       netip.AddrFrom16(k.Daddr).Unmap(),
+		Proto:     k.Proto,
+		Port:      k.Port,
+		PortIsDst: k.Flags&uint8(flowFlowFlagFLOW_F_PORT_DST) != 0,
+	}
+}
+
+// Close detaches every link, in reverse order of attachment, then closes
+// the programs and maps. Counts not drained yet are lost: drain first.
+func (d *Datapath) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	var errs []error
+	for i := len(d.links) - 1; i >= 0; i-- {
+		if err := d.links[i].Close(); err != nil {
+			errs = append(errs, fmt.Errorf("detaching link %d: %w", i, err))
+		}
+	}
+	d.links = nil
+	if err := d.objs.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("closing objects: %w", err))
+	}
+	return errors.Join(errs...)
+}

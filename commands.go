@@ -1,0 +1,8 @@
+package main
+
+import "github.com/urfave/cli/v2"
+
+// commands lists the subcommands; each role's package builds its own.
+func commands() []*cli.Command {
+	return []*cli.Command{}
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The test command of the README (via `make test`): formatting, vet, then
+# every Go test verbosely. Kernel and end-to-end tests need root; when run as
+# root (as CI does) a skipped privileged test is a failure, so that a green
+# run always means the kernel paths were exercised.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+if [ -n "$unformatted" ]; then
+  echo "gofmt would change:"; echo "$unformatted"; exit 1
+fi
+go vet ./...
+
+log=.test.log
+set +e
+go test -count=1 -v -timeout 20m ./... 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+
+passed=$(grep -c -- '^\s*--- PASS' "$log" || true)
+failed=$(grep -c -- '^\s*--- FAIL' "$log" || true)
+skipped=$(grep -c -- '^\s*--- SKIP' "$log" || true)
+if [ "$(id -u)" -eq 0 ] && grep -q 'SKIP-PRIVILEGED' "$log"; then
+  echo "privileged tests were skipped although running as root:"
+  grep -B1 'SKIP-PRIVILEGED' "$log" | grep -- '--- SKIP' || true
+  status=1
+fi
+echo "tests: ${passed} passed, ${failed} failed, ${skipped} skipped"
+exit "$status"

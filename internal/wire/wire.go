@@ -1,0 +1,87 @@
+// Package wire is the contract between agent and server: how an agent's
+// batch of flows travels as a Prometheus remote-write 1.0 request.
+//
+// # The request
+//
+// One request carries one batch. Its series, in this order:
+//
+//  1. The batch header, exactly once, first:
+//     kubezonnet_agent_batch{incarnation="<hex>", node="<node name>", seq="<n>"}
+//     with one sample: value = number of flows in the batch, timestamp = the
+//     time the agent drained the kernel (ms), i.e. when the flows were seen.
+//  2. Per flow, two series, bytes immediately followed by packets, with the
+//     same labels:
+//     kubezonnet_flow_bytes{dport|sport="<port>", dst="<ip>", proto="<p>", src="<ip>"}
+//     kubezonnet_flow_packets{...same labels...}
+//     Each has one sample: the bytes (packets) the flow sent since the
+//     previous batch of this incarnation, at the header's timestamp. Bytes
+//     are L3 bytes as on the wire (see the bpf package). dport means the
+//     service port is the destination port (client to service), sport that
+//     it is the source port (service answering); neither label is present
+//     for protocols without ports. proto is tcp, udp, icmp, icmpv6, sctp
+//     or the protocol number.
+//  3. The agent's self-metrics, any number: kubezonnet_agent_<name>{node,
+//     ...} with their cumulative value since the agent started, which the
+//     server re-exports so that push-only clusters see them.
+//
+// # Exactly once
+//
+// The values are deltas, so a batch must be applied exactly once. An agent
+// incarnation (a random id chosen at start) numbers its batches 1, 2, 3...
+// and sends them one at a time: batch n+1 is only built after batch n was
+// acknowledged with a 2xx, and a failed batch is resent byte for byte with
+// the same seq (flows drained meanwhile wait in a separate buffer). The
+// server remembers, per node and incarnation, the highest seq it applied
+// and acknowledges without applying any batch at or below it. A retried or
+// duplicated request is therefore harmless, and a restarted agent (new
+// incarnation) starts from 0 without being confused with the old one.
+package wire
+
+import (
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+)
+
+// Series and label names of the contract.
+const (
+	MetricBatch   = "kubezonnet_agent_batch"
+	MetricBytes   = "kubezonnet_flow_bytes"
+	MetricPackets = "kubezonnet_flow_packets"
+	// AgentMetricPrefix starts the name of every agent self-metric.
+	AgentMetricPrefix = "kubezonnet_agent_"
+
+	LabelName        = "__name__"
+	LabelIncarnation = "incarnation"
+	LabelNode        = "node"
+	LabelSeq         = "seq"
+	LabelSrc         = "src"
+	LabelDst         = "dst"
+	LabelProto       = "proto"
+	LabelDport       = "dport"
+	LabelSport       = "sport"
+)
+
+// Label is a name and value pair of a self-metric.
+type Label struct {
+	Name, Value string
+}
+
+// Metric is one agent self-metric sample. Labels exclude __name__ and node,
+// and are sorted by name.
+type Metric struct {
+	Name   string
+	Labels []Label
+	Value  float64
+}
+
+// Batch is what an agent sends in one request.
+type Batch struct {
+	Node        string
+	Incarnation string
+	Seq         uint64
+	// Time is when the flows were drained from the kernel.
+	Time    time.Time
+	Flows   []flow.Record
+	Metrics []Metric
+}
