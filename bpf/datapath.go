@@ -3,6 +3,7 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -27,9 +28,9 @@ const (
 	// flows cost ~10 MiB per generation on a 64-CPU node (per-CPU values)
 	// and cover a busy node for a 10 s flush interval.
 	DefaultMaxFlows = 65536
-	// DefaultMaxLocalPrefixes bounds the local prefix trie: a node has a
-	// handful of pod CIDRs and addresses, 1,024 leaves ample headroom.
-	DefaultMaxLocalPrefixes = 1024
+	// MaxLocalPrefixes is how many local prefixes the kernel scans (fixed
+	// in flow.c): a node has a handful of pod CIDRs and addresses.
+	MaxLocalPrefixes = len(flowPrefixSet{}.Prefixes)
 	// DefaultNetfilterPriority is the last priority before source NAT
 	// (NF_IP_PRI_NAT_SRC = 100): filter chains have run, so dropped
 	// packets are not counted, and the pre-SNAT pod address is still seen.
@@ -80,8 +81,6 @@ func (r Reason) String() string {
 type Config struct {
 	// MaxFlows is the capacity of each flow generation.
 	MaxFlows uint32
-	// MaxLocalPrefixes is the capacity of the local prefix trie.
-	MaxLocalPrefixes uint32
 }
 
 // Drained is the result of one Drain: every flow counted since the previous
@@ -96,18 +95,19 @@ type Drained struct {
 // Datapath owns the kernel objects of one loaded program set: the maps, the
 // programs and the links attaching them. It is safe for concurrent use.
 type Datapath struct {
-	mu       sync.Mutex
-	objs     flowObjects
-	gens     [2]*ebpf.Map
-	active   int
-	links    []link.Link
-	prefixes map[flowLpmKey]struct{}
-	lastCnt  [NumReasons]flow.Counts
-	nCPU     int
-	keys     []flowFlowKey
-	vals     []flowFlowStats
-	cntVals  []flowFlowStats
-	closed   bool
+	mu     sync.Mutex
+	objs   flowObjects
+	gens   [2]*ebpf.Map
+	active int
+	links  []link.Link
+	// prefixSlot is the active entry of prefix_sets.
+	prefixSlot uint32
+	lastCnt    [NumReasons]flow.Counts
+	nCPU       int
+	keys       []flowFlowKey
+	vals       []flowFlowStats
+	cntVals    []flowFlowStats
+	closed     bool
 }
 
 // Load checks the kernel, sizes the maps from cfg and loads the programs.
@@ -115,9 +115,6 @@ type Datapath struct {
 func Load(cfg Config) (*Datapath, error) {
 	if cfg.MaxFlows == 0 {
 		cfg.MaxFlows = DefaultMaxFlows
-	}
-	if cfg.MaxLocalPrefixes == 0 {
-		cfg.MaxLocalPrefixes = DefaultMaxLocalPrefixes
 	}
 	if err := checkKernel(); err != nil {
 		return nil, err
@@ -133,13 +130,12 @@ func Load(cfg Config) (*Datapath, error) {
 		spec.Maps[name].MaxEntries = cfg.MaxFlows
 	}
 	spec.Maps["active"].InnerMap.MaxEntries = cfg.MaxFlows
-	spec.Maps["local_prefixes"].MaxEntries = cfg.MaxLocalPrefixes
 
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
 		return nil, fmt.Errorf("counting possible CPUs: %w", err)
 	}
-	d := &Datapath{nCPU: ncpu, prefixes: map[flowLpmKey]struct{}{}}
+	d := &Datapath{nCPU: ncpu}
 	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -163,7 +159,7 @@ func checkKernel() error {
 			return fmt.Errorf("program type %s: %w (%v)", pt, ErrNotSupported, err)
 		}
 	}
-	for _, mt := range []ebpf.MapType{ebpf.PerCPUHash, ebpf.ArrayOfMaps, ebpf.LPMTrie} {
+	for _, mt := range []ebpf.MapType{ebpf.PerCPUHash, ebpf.ArrayOfMaps, ebpf.PerCPUArray} {
 		if err := features.HaveMapType(mt); err != nil {
 			return fmt.Errorf("map type %s: %w (%v)", mt, ErrNotSupported, err)
 		}
@@ -218,66 +214,54 @@ func (d *Datapath) AttachCgroup(path string) error {
 	return nil
 }
 
-// lpmKey converts a prefix to the trie's key: IPv4 is stored IPv4-mapped.
-func lpmKey(p netip.Prefix) (flowLpmKey, error) {
-	if !p.IsValid() {
-		return flowLpmKey{}, fmt.Errorf("invalid prefix %q", p.String())
-	}
-	p = p.Masked()
-	bits := p.Bits()
-	if p.Addr().Is4() {
-		bits += 96
-	}
-	return flowLpmKey{Prefixlen: uint32(bits), Addr: p.Addr().As16()}, nil
-}
-
-// SetLocalPrefixes replaces the set of prefixes whose sources are counted.
-// New prefixes are added before stale ones are removed, so a prefix present
-// in both the old and the new set never stops being counted.
+// SetLocalPrefixes replaces the set of prefixes whose sources are counted
+// (IPv4 and IPv6 mixed, at most MaxLocalPrefixes). The new set is written
+// to the idle slot and then made active with one write, so a packet is
+// always checked against a complete set, old or new.
 func (d *Datapath) SetLocalPrefixes(prefixes []netip.Prefix) error {
-	want := make(map[flowLpmKey]struct{}, len(prefixes))
-	for _, p := range prefixes {
-		k, err := lpmKey(p)
-		if err != nil {
-			return fmt.Errorf("setting local prefixes: %w", err)
-		}
-		want[k] = struct{}{}
+	if len(prefixes) > MaxLocalPrefixes {
+		return fmt.Errorf("setting local prefixes: %d prefixes, at most %d supported", len(prefixes), MaxLocalPrefixes)
 	}
+	var set flowPrefixSet
+	for i, p := range prefixes {
+		if !p.IsValid() {
+			return fmt.Errorf("setting local prefixes: invalid prefix %q", p.String())
+		}
+		p = p.Masked()
+		bits := p.Bits()
+		if p.Addr().Is4() {
+			bits += 96
+		}
+		addr := p.Addr().As16()
+		var m [16]byte
+		for b := range bits {
+			m[b/8] |= 0x80 >> (b % 8)
+		}
+		set.Prefixes[i].Addr = [2]uint64{binary.NativeEndian.Uint64(addr[:8]), binary.NativeEndian.Uint64(addr[8:])}
+		set.Prefixes[i].Mask = [2]uint64{binary.NativeEndian.Uint64(m[:8]), binary.NativeEndian.Uint64(m[8:])}
+	}
+	set.Count = uint32(len(prefixes))
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return errors.New("setting local prefixes: datapath closed")
 	}
-	one := uint8(1)
-	for k := range want {
-		if _, ok := d.prefixes[k]; ok {
-			continue
-		}
-		if err := d.objs.LocalPrefixes.Put(&k, &one); err != nil {
-			return fmt.Errorf("adding local prefix %s: %w", keyPrefix(k), err)
-		}
-		d.prefixes[k] = struct{}{}
+	idle := 1 - d.prefixSlot
+	if err := d.objs.PrefixSets.Put(idle, &set); err != nil {
+		return fmt.Errorf("writing local prefixes: %w", err)
 	}
-	for k := range d.prefixes {
-		if _, ok := want[k]; ok {
-			continue
-		}
-		if err := d.objs.LocalPrefixes.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("removing local prefix %s: %w", keyPrefix(k), err)
-		}
-		delete(d.prefixes, k)
+	if err := d.objs.PrefixActive.Put(uint32(0), idle); err != nil {
+		return fmt.Errorf("activating local prefixes: %w", err)
 	}
+	// Wait until no program can still be reading the old set before it
+	// may be overwritten by the next call: re-putting the active flow
+	// generation is a map-in-map update, which returns after an RCU
+	// grace period.
+	if err := d.objs.Active.Put(uint32(0), d.gens[d.active]); err != nil {
+		return fmt.Errorf("waiting for readers of the old prefixes: %w", err)
+	}
+	d.prefixSlot = idle
 	return nil
-}
-
-// keyPrefix converts a trie key back to a prefix, for messages.
-func keyPrefix(k flowLpmKey) netip.Prefix {
-	a := netip.AddrFrom16(k.Addr)
-	bits := int(k.Prefixlen)
-	if a.Is4In6() {
-		return netip.PrefixFrom(a.Unmap(), bits-96)
-	}
-	return netip.PrefixFrom(a, bits)
 }
 
 // Drain swaps the flow generations and returns everything counted in the

@@ -45,6 +45,8 @@
 char __license[] SEC("license") = "Dual MIT/GPL";
 
 #define NF_ACCEPT 1
+#define NFPROTO_IPV6 10
+#define ETH_P_IPV6 0x86DD
 #define SK_PASS 1
 
 #define EEXIST 17
@@ -92,11 +94,24 @@ struct flow_stats {
 	__u64 packets;
 };
 
-/* Key of the local prefix trie: IPv4 is stored IPv4-mapped, so an IPv4 /24
- * is prefixlen 96+24. */
-struct lpm_key {
-	__u32 prefixlen;
-	__u8 addr[16];
+/* Local prefixes: a source is local when (saddr & mask) == addr for one
+ * entry. IPv4 prefixes are stored IPv4-mapped (a /24 is a /120). A linear
+ * scan of a few prefixes in an array measured faster than an LPM trie
+ * lookup, and a node has a handful of prefixes (pod CIDRs, its addresses). */
+#define MAX_LOCAL_PREFIXES 32
+
+struct prefix {
+	__u64 addr[2];
+	__u64 mask[2];
+};
+
+/* One complete set of local prefixes. Two sets exist; user space fills the
+ * idle one and then flips prefix_active, so a program never sees a set that
+ * is half written. */
+struct prefix_set {
+	__u32 count;
+	__u32 pad;
+	struct prefix prefixes[MAX_LOCAL_PREFIXES];
 };
 
 /* Index into `counters`: what was not counted in a flow, and why. */
@@ -137,14 +152,21 @@ struct {
 	__array(values, struct flow_map);
 } active SEC(".maps");
 
-/* Prefixes whose sources belong to this node (pod CIDRs, node addresses). */
+/* The two prefix sets (pod CIDRs and node addresses of this node). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct lpm_key);
-	__type(value, __u8);
-	__uint(max_entries, 1024);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-} local_prefixes SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct prefix_set);
+	__uint(max_entries, 2);
+} prefix_sets SEC(".maps");
+
+/* Index (0 or 1) of the prefix set in use. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} prefix_active SEC(".maps");
 
 /* Cumulative per-CPU counters, indexed by enum counter. */
 struct {
@@ -248,10 +270,26 @@ struct ext6 {
 /* is_local reports whether the source belongs to this node. */
 static __always_inline int is_local(const struct flow_key *key)
 {
-	struct lpm_key lk = { .prefixlen = 128 };
+	const __u64 *a = (const __u64 *)key->saddr;
+	struct prefix_set *set;
+	__u32 zero = 0, *idx;
 
-	__builtin_memcpy(lk.addr, key->saddr, 16);
-	return bpf_map_lookup_elem(&local_prefixes, &lk) != NULL;
+	idx = bpf_map_lookup_elem(&prefix_active, &zero);
+	if (!idx)
+		return 0;
+	set = bpf_map_lookup_elem(&prefix_sets, idx);
+	if (!set)
+		return 0;
+	for (__u32 i = 0; i < MAX_LOCAL_PREFIXES; i++) {
+		struct prefix *p;
+
+		if (i >= set->count)
+			break;
+		p = &set->prefixes[i];
+		if ((a[0] & p->mask[0]) == p->addr[0] && (a[1] & p->mask[1]) == p->addr[1])
+			return 1;
+	}
+	return 0;
 }
 
 /*
@@ -259,24 +297,19 @@ static __always_inline int is_local(const struct flow_key *key)
  * accounts for it. len is the skb length, gso_segs and gso_size the GSO
  * metadata (0 when not a GSO packet).
  */
-static __always_inline void count(struct bpf_dynptr *ptr, __u32 len, __u32 gso_segs,
-				  __u32 gso_size)
+static __always_inline void count(struct bpf_dynptr *ptr, int ipv6, __u32 len,
+				  __u32 gso_segs, __u32 gso_size)
 {
 	struct flow_key key = {};
 	__u32 l3len, l4len = 0, segs;
 	__u8 proto, buf[40];
 	int has_l4 = 1;
-	__u8 *first;
 
-	first = bpf_dynptr_slice(ptr, 0, buf, 1);
-	if (!first)
-		goto parse_error;
-
-	if ((*first >> 4) == 4) {
+	if (!ipv6) {
 		struct iphdr4 *ip = bpf_dynptr_slice(ptr, 0, buf, sizeof(*ip));
 		__u32 *s, *d;
 
-		if (!ip)
+		if (!ip || (ip->ver_ihl >> 4) != 4)
 			goto parse_error;
 		l3len = (ip->ver_ihl & 0xf) * 4;
 		if (l3len < sizeof(*ip))
@@ -292,10 +325,10 @@ static __always_inline void count(struct bpf_dynptr *ptr, __u32 len, __u32 gso_s
 			key.flags |= FLOW_F_FRAGMENT;
 			has_l4 = 0;
 		}
-	} else if ((*first >> 4) == 6) {
+	} else {
 		struct iphdr6 *ip6 = bpf_dynptr_slice(ptr, 0, buf, sizeof(*ip6));
 
-		if (!ip6)
+		if (!ip6 || (bpf_ntohl(ip6->ver_tc_flow) >> 28) != 6)
 			goto parse_error;
 		key.flags |= FLOW_F_IPV6;
 		__builtin_memcpy(key.saddr, ip6->saddr, 16);
@@ -325,8 +358,6 @@ static __always_inline void count(struct bpf_dynptr *ptr, __u32 len, __u32 gso_s
 			}
 			proto = ext->nexthdr;
 		}
-	} else {
-		goto parse_error;
 	}
 	key.proto = proto;
 
@@ -372,18 +403,21 @@ int kzn_netfilter(struct bpf_nf_ctx *ctx)
 	struct sk_buff *skb = ctx->skb;
 	struct skb_shared_info *shinfo;
 	struct bpf_dynptr ptr;
-	__u16 gso_segs = 0, gso_size = 0;
 	__u32 len = skb->len;
+	/* gso_size and gso_segs are adjacent u16s: one read for both. */
+	union {
+		__u32 both;
+		__u16 v[2];
+	} gso = {};
 
 	if (bpf_dynptr_from_skb(skb, 0, &ptr)) {
 		add_counter(COUNTER_PARSE_ERROR, len, 1);
 		return NF_ACCEPT;
 	}
 	shinfo = (struct skb_shared_info *)(skb->head + skb->end);
-	BPF_CORE_READ_INTO(&gso_size, shinfo, gso_size);
-	if (gso_size)
-		BPF_CORE_READ_INTO(&gso_segs, shinfo, gso_segs);
-	count(&ptr, len, gso_segs, gso_size);
+	bpf_probe_read_kernel(&gso.both, sizeof(gso.both),
+			      (void *)shinfo + bpf_core_field_offset(struct skb_shared_info, gso_size));
+	count(&ptr, ctx->state->pf == NFPROTO_IPV6, len, gso.v[1], gso.v[0]);
 	return NF_ACCEPT;
 }
 
@@ -396,6 +430,6 @@ int kzn_cgroup_egress(struct __sk_buff *skb)
 		add_counter(COUNTER_PARSE_ERROR, skb->len, 1);
 		return SK_PASS;
 	}
-	count(&ptr, skb->len, skb->gso_segs, skb->gso_size);
+	count(&ptr, skb->protocol == bpf_htons(ETH_P_IPV6), skb->len, skb->gso_segs, skb->gso_size);
 	return SK_PASS;
 }

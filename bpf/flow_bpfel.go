@@ -47,10 +47,15 @@ type flowFlowStats struct {
 	Packets uint64
 }
 
-type flowLpmKey struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      [16]uint8
+type flowPrefixSet struct {
+	_        structs.HostLayout
+	Count    uint32
+	Pad      uint32
+	Prefixes [32]struct {
+		_    structs.HostLayout
+		Addr [2]uint64
+		Mask [2]uint64
+	}
 }
 
 // Names of all BPF objects in the ELF.
@@ -61,7 +66,8 @@ const (
 	flowMapCounters         = "counters"
 	flowMapFlows0           = "flows_0"
 	flowMapFlows1           = "flows_1"
-	flowMapLocalPrefixes    = "local_prefixes"
+	flowMapPrefixActive     = "prefix_active"
+	flowMapPrefixSets       = "prefix_sets"
 	flowProgKznCgroupEgress = "kzn_cgroup_egress"
 	flowProgKznNetfilter    = "kzn_netfilter"
 	flowVarUnusedCounter    = "unused_counter"
@@ -118,11 +124,12 @@ type flowProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowMapSpecs struct {
-	Active        *ebpf.MapSpec `ebpf:"active"`
-	Counters      *ebpf.MapSpec `ebpf:"counters"`
-	Flows0        *ebpf.MapSpec `ebpf:"flows_0"`
-	Flows1        *ebpf.MapSpec `ebpf:"flows_1"`
-	LocalPrefixes *ebpf.MapSpec `ebpf:"local_prefixes"`
+	Active       *ebpf.MapSpec `ebpf:"active"`
+	Counters     *ebpf.MapSpec `ebpf:"counters"`
+	Flows0       *ebpf.MapSpec `ebpf:"flows_0"`
+	Flows1       *ebpf.MapSpec `ebpf:"flows_1"`
+	PrefixActive *ebpf.MapSpec `ebpf:"prefix_active"`
+	PrefixSets   *ebpf.MapSpec `ebpf:"prefix_sets"`
 }
 
 // flowVariableSpecs contains global variables before they are loaded into the kernel.
@@ -153,11 +160,12 @@ func (o *flowObjects) Close() error {
 //
 // It can be passed to loadFlowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowMaps struct {
-	Active        *ebpf.Map `ebpf:"active"`
-	Counters      *ebpf.Map `ebpf:"counters"`
-	Flows0        *ebpf.Map `ebpf:"flows_0"`
-	Flows1        *ebpf.Map `ebpf:"flows_1"`
-	LocalPrefixes *ebpf.Map `ebpf:"local_prefixes"`
+	Active       *ebpf.Map `ebpf:"active"`
+	Counters     *ebpf.Map `ebpf:"counters"`
+	Flows0       *ebpf.Map `ebpf:"flows_0"`
+	Flows1       *ebpf.Map `ebpf:"flows_1"`
+	PrefixActive *ebpf.Map `ebpf:"prefix_active"`
+	PrefixSets   *ebpf.Map `ebpf:"prefix_sets"`
 }
 
 func (m *flowMaps) Close() error {
@@ -166,7 +174,8 @@ func (m *flowMaps) Close() error {
 		m.Counters,
 		m.Flows0,
 		m.Flows1,
-		m.LocalPrefixes,
+		m.PrefixActive,
+		m.PrefixSets,
 	)
 }
 

@@ -12,7 +12,12 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-struct nf_hook_state;
+/* struct nf_hook_state: pf is the protocol family of the hook (NFPROTO_IPV4
+ * = 2, NFPROTO_IPV6 = 10). */
+struct nf_hook_state {
+	__u8 hook;
+	__u8 pf;
+} __attribute__((preserve_access_index));
 
 /* struct sk_buff from include/linux/skbuff.h: len is the L3 length at the
  * POSTROUTING hook; head + end locate struct skb_shared_info. On 64-bit

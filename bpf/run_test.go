@@ -1,0 +1,287 @@
+//go:build linux
+
+package bpf
+
+import (
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
+)
+
+// nfHookState is the part of the kernel's struct nf_hook_state that
+// BPF_PROG_TEST_RUN accepts from user space: the hook and the family. The
+// test run builds an skb without a link-layer header only for LOCAL_OUT, and
+// the program does not look at the hook, so tests run it there.
+type nfHookState struct {
+	Hook uint8
+	PF   uint8
+}
+
+const (
+	nfInetLocalOut = 3
+	nfprotoIPv4    = 2
+	nfprotoIPv6    = 10
+)
+
+// runNF runs the netfilter program once on pkt, as BPF_PROG_TEST_RUN does:
+// exactly once (repeat 1 cannot be interrupted and re-run).
+func runNF(t testing.TB, d *Datapath, pkt []byte) {
+	t.Helper()
+	pf := uint8(nfprotoIPv4)
+	if pkt[0]>>4 == 6 {
+		pf = nfprotoIPv6
+	}
+	ret, err := d.objs.KznNetfilter.Run(&ebpf.RunOptions{
+		Data:    pkt,
+		Context: nfHookState{Hook: nfInetLocalOut, PF: pf},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ret != 1 {
+		t.Fatalf("program returned %d, want NF_ACCEPT", ret)
+	}
+}
+
+func loadLocal(t testing.TB, cfg Config, prefixes ...string) *Datapath {
+	t.Helper()
+	d, err := Load(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	var ps []netip.Prefix
+	for _, p := range prefixes {
+		ps = append(ps, netip.MustParsePrefix(p))
+	}
+	if err := d.SetLocalPrefixes(ps); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// TestParse feeds hand-built packets to the program and checks the flow
+// each lands in, including the cases real traffic rarely produces.
+func TestParse(t *testing.T) {
+	testutil.RequireRoot(t)
+	ap := netip.MustParseAddrPort
+	tests := []struct {
+		name    string
+		pkt     func(t testing.TB) []byte
+		want    flow.Key
+		wantLen uint64
+		reason  Reason // when not counted in a flow
+	}{
+		{
+			name: "ipv4 tcp to service",
+			pkt:  func(t testing.TB) []byte { return ipv4Packet(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:80"), 1440, 0) },
+			want: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.1.0.2"), Proto: 6, Port: 80, PortIsDst: true},
+		},
+		{
+			name: "ipv4 udp reply from service",
+			pkt:  func(t testing.TB) []byte { return ipv4Packet(t, 17, ap("10.0.0.1:53"), ap("10.1.0.2:33000"), 100, 0) },
+			want: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.1.0.2"), Proto: 17, Port: 53},
+		},
+		{
+			name: "ipv4 later fragment has no ports",
+			pkt:  func(t testing.TB) []byte { return ipv4Packet(t, 17, ap("10.0.0.1:53"), ap("10.1.0.2:33000"), 600, 185) },
+			want: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.1.0.2"), Proto: 17},
+		},
+		{
+			name: "ipv4 first fragment keyed like the others",
+			pkt: func(t testing.TB) []byte {
+				return ipv4Packet(t, 17, ap("10.0.0.1:53"), ap("10.1.0.2:33000"), 600, 0x2000)
+			},
+			want: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.1.0.2"), Proto: 17},
+		},
+		{
+			name: "ipv4 with options",
+			pkt: func(t testing.TB) []byte {
+				b := ipv4Packet(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 200, 0)
+				// Grow the header to 24 bytes and move the TCP ports.
+				b[0] = 0x46
+				copy(b[24:], b[20:40])
+				return b
+			},
+			want: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.1.0.2"), Proto: 6, Port: 443, PortIsDst: true},
+		},
+		{
+			name: "ipv6 tcp",
+			pkt: func(t testing.TB) []byte {
+				return ipv6Packet(t, 6, ap("[fd00::1]:50000"), ap("[fd00:1::2]:5432"), 1000, false)
+			},
+			want: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00:1::2"), Proto: 6, Port: 5432, PortIsDst: true},
+		},
+		{
+			name: "ipv6 udp behind a destination options header",
+			pkt: func(t testing.TB) []byte {
+				return ipv6Packet(t, 17, ap("[fd00::1]:123"), ap("[fd00:1::2]:123"), 300, true)
+			},
+			want: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00:1::2"), Proto: 17, Port: 123, PortIsDst: true},
+		},
+		{
+			name:   "source not local",
+			pkt:    func(t testing.TB) []byte { return ipv4Packet(t, 6, ap("10.9.0.1:40000"), ap("10.0.0.1:80"), 500, 0) },
+			reason: ReasonNotLocal,
+		},
+		{
+			name: "not ip",
+			pkt: func(t testing.TB) []byte {
+				b := ipv4Packet(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:80"), 60, 0)
+				b[0] = 0x55
+				return b
+			},
+			reason: ReasonParseError,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			d := loadLocal(t, Config{MaxFlows: 64}, "10.0.0.0/24", "fd00::/64")
+			pkt := tt.pkt(t)
+			runNF(t, d, pkt)
+			runNF(t, d, pkt)
+			dr := drain(t, d)
+			want := flow.Counts{Bytes: 2 * uint64(len(pkt)), Packets: 2}
+			if tt.reason != 0 || tt.want == (flow.Key{}) {
+				if len(dr.Flows) != 0 {
+					t.Fatalf("counted flows %+v, want none", dr.Flows)
+				}
+				if got := dr.Uncounted[tt.reason]; got != want {
+					t.Fatalf("uncounted[%s] = %+v, want %+v", tt.reason, got, want)
+				}
+				return
+			}
+			if len(dr.Flows) != 1 {
+				t.Fatalf("flows = %+v, want one", dr.Flows)
+			}
+			if dr.Flows[0].Key != tt.want {
+				t.Errorf("key = %+v, want %+v", dr.Flows[0].Key, tt.want)
+			}
+			if dr.Flows[0].Counts != want {
+				t.Errorf("counts = %+v, want %+v", dr.Flows[0].Counts, want)
+			}
+		})
+	}
+}
+
+// TestOverflowCountsEveryRefusedByte fills a small flow map with more
+// distinct flows than it holds: whatever is not in a flow must be in the
+// map_full counter, so counted + overflow = sent, exactly.
+func TestOverflowCountsEveryRefusedByte(t *testing.T) {
+	testutil.RequireRoot(t)
+	const capacity, flows = 32, 200
+	d := loadLocal(t, Config{MaxFlows: capacity}, "10.0.0.0/8")
+	var sent flow.Counts
+	for i := range flows {
+		dst := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
+		size := 100 + i
+		pkt := ipv4Packet(t, 17, netip.MustParseAddrPort("10.0.0.1:5000"), netip.AddrPortFrom(dst, 53), size, 0)
+		for range 3 {
+			runNF(t, d, pkt)
+			sent.Add(flow.Counts{Bytes: uint64(size), Packets: 1})
+		}
+	}
+	dr := drain(t, d)
+	counted := total(dr.Flows)
+	full := dr.Uncounted[ReasonMapFull]
+	if len(dr.Flows) > capacity || len(dr.Flows) == 0 {
+		t.Errorf("%d flows in a map of %d", len(dr.Flows), capacity)
+	}
+	if full.IsZero() {
+		t.Fatal("nothing counted as map_full although the map overflowed")
+	}
+	if counted.Bytes+full.Bytes != sent.Bytes || counted.Packets+full.Packets != sent.Packets {
+		t.Errorf("counted %+v + map_full %+v != sent %+v", counted, full, sent)
+	}
+	// After a drain the next generation has room again.
+	runNF(t, d, ipv4Packet(t, 6, netip.MustParseAddrPort("10.0.0.1:5000"), netip.MustParseAddrPort("10.2.0.1:80"), 60, 0))
+	if dr := drain(t, d); len(dr.Flows) != 1 || !dr.Uncounted[ReasonMapFull].IsZero() {
+		t.Errorf("after drain: %d flows, map_full %+v; want 1 flow, nothing refused", len(dr.Flows), dr.Uncounted[ReasonMapFull])
+	}
+}
+
+// TestDrainUnderLoadLosesNothing runs the program on both CPUs as fast as
+// BPF_PROG_TEST_RUN allows while another goroutine drains in a tight loop.
+// The reference is the kernel's own run counter for the program
+// (BPF_ENABLE_STATS), which the datapath cannot influence: the sum of all
+// drains must equal runs x packet length.
+func TestDrainUnderLoadLosesNothing(t *testing.T) {
+	testutil.RequireRoot(t)
+	stats, err := ebpf.EnableStats(uint32(0)) // BPF_STATS_RUN_TIME
+	if err != nil {
+		t.Fatalf("enabling BPF run statistics: %v", err)
+	}
+	defer stats.Close()
+	for round := range 3 {
+		d := loadLocal(t, Config{}, "10.0.0.0/8")
+		info, err := d.objs.KznNetfilter.Stats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := info.RunCount
+		const size = 1440
+		var pkts [][]byte
+		for i := range 16 {
+			dst := netip.AddrFrom4([4]byte{10, 1, 0, byte(i)})
+			pkts = append(pkts, ipv4Packet(t, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(dst, 443), size, 0))
+		}
+		var wg sync.WaitGroup
+		var stop atomic.Bool
+		for w := range 2 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; i < 20; i++ {
+					pkt := pkts[(w*8+i)%len(pkts)]
+					// Repeat may run the program more often than
+					// asked when interrupted; the run counter below
+					// counts what really ran.
+					if _, err := d.objs.KznNetfilter.Run(&ebpf.RunOptions{
+						Data: pkt, Repeat: 50_000,
+						Context: nfHookState{Hook: nfInetLocalOut, PF: nfprotoIPv4},
+					}); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}()
+		}
+		var got flow.Counts
+		drains := 0
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			var dr Drained
+			for !stop.Load() {
+				if err := d.Drain(&dr); err != nil {
+					t.Error(err)
+					return
+				}
+				got.Add(total(dr.Flows))
+				drains++
+			}
+		}()
+		wg.Wait()
+		stop.Store(true)
+		<-done
+		got.Add(total(drain(t, d).Flows))
+		info, err = d.objs.KznNetfilter.Stats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		runs := info.RunCount - before
+		t.Logf("round %d: %d runs, %d drains, counted %+v", round, runs, drains, got)
+		if drains < 10 {
+			t.Errorf("only %d drains raced with the load", drains)
+		}
+		if got.Packets != runs || got.Bytes != runs*size {
+			t.Errorf("round %d: counted %+v, the kernel ran the program %d times (%d bytes): lost %d packets", round, got, runs, runs*size, int64(runs)-int64(got.Packets))
+		}
+	}
+}
