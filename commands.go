@@ -1,8 +1,14 @@
 package main
 
-import "github.com/urfave/cli/v2"
+import (
+	"github.com/urfave/cli/v2"
+
+	"github.com/kubezonnet/kubezonnet/agent"
+)
 
 // commands lists the subcommands; each role's package builds its own.
 func commands() []*cli.Command {
-	return []*cli.Command{}
+	return []*cli.Command{
+		agent.Command(),
+	}
 }

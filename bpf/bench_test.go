@@ -10,6 +10,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 
+	"github.com/kubezonnet/kubezonnet/internal/packet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
 
@@ -59,8 +60,8 @@ func benchRun(b *testing.B, prog *ebpf.Program, pkt []byte) {
 func BenchmarkNetfilter(b *testing.B) {
 	testutil.RequireRoot(b)
 	ap := netip.MustParseAddrPort
-	v4 := ipv4Packet(b, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 1440, 0)
-	v6 := ipv6Packet(b, 6, ap("[fd00::1]:40000"), ap("[fd00:1::2]:443"), 1440, false)
+	v4 := packet.IPv4(b, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 1440, 0)
+	v6 := packet.IPv6(b, 6, ap("[fd00::1]:40000"), ap("[fd00:1::2]:443"), 1440, false)
 	b.Run("empty", func(b *testing.B) { benchRun(b, emptyNetfilter(b), v4) })
 	b.Run("existing-flow-ipv4", func(b *testing.B) {
 		d := loadLocal(b, Config{}, "10.0.0.0/24")
@@ -86,7 +87,7 @@ func BenchmarkNetfilterNewFlow(b *testing.B) {
 	pkts := make([][]byte, flows)
 	for i := range pkts {
 		dst := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
-		pkts[i] = ipv4Packet(b, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(dst, 443), 1440, 0)
+		pkts[i] = packet.IPv4(b, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(dst, 443), 1440, 0)
 	}
 	run := func(b *testing.B, prog *ebpf.Program, reset func()) {
 		var total time.Duration
@@ -127,7 +128,7 @@ func BenchmarkDrain(b *testing.B) {
 	pkts := make([][]byte, flows)
 	for i := range pkts {
 		dst := netip.AddrFrom4([4]byte{10, 1, byte(i >> 16), byte(i >> 8)})
-		pkts[i] = ipv4Packet(b, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(dst, uint16(i)), 100, 0)
+		pkts[i] = packet.IPv4(b, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(dst, uint16(i)), 100, 0)
 	}
 	var dr Drained
 	b.ResetTimer()

@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/netns"
@@ -151,11 +152,18 @@ func Load(cfg Config) (*Datapath, error) {
 	return d, nil
 }
 
+// ErrPermission is returned when the process may not load BPF programs.
+var ErrPermission = errors.New("loading eBPF needs root or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON")
+
 // checkKernel turns a missing program or map type into ErrNotSupported with
 // the name of what is missing, instead of a verifier error.
 func checkKernel() error {
 	for _, pt := range []ebpf.ProgramType{ebpf.Netfilter, ebpf.CGroupSKB} {
-		if err := features.HaveProgramType(pt); err != nil {
+		err := features.HaveProgramType(pt)
+		if errors.Is(err, unix.EPERM) {
+			return fmt.Errorf("%w: %v", ErrPermission, err)
+		}
+		if err != nil {
 			return fmt.Errorf("program type %s: %w (%v)", pt, ErrNotSupported, err)
 		}
 	}
@@ -184,6 +192,9 @@ func (d *Datapath) AttachNetfilter(nsPath string, priority int32) error {
 				Hook:           link.NetfilterInetPostRouting,
 				Priority:       priority,
 			})
+			if errors.Is(err, unix.EBUSY) {
+				return fmt.Errorf("attaching netfilter postrouting (family %d): priority %d is taken by another hook, which the kernel does not allow for BPF hooks: choose another priority below 100: %w", pf, priority, err)
+			}
 			if err != nil {
 				return fmt.Errorf("attaching netfilter postrouting (family %d, priority %d): %w", pf, priority, err)
 			}
@@ -370,4 +381,31 @@ func (d *Datapath) Close() error {
 		errs = append(errs, fmt.Errorf("closing objects: %w", err))
 	}
 	return errors.Join(errs...)
+}
+
+// RunPacket runs the netfilter program once on an L3 packet as if the hook
+// had seen it (BPF_PROG_TEST_RUN, exactly once). Tests and benchmarks use
+// it to produce known counts without a network; the agent never calls it.
+func (d *Datapath) RunPacket(pkt []byte) error {
+	d.mu.Lock()
+	prog := d.objs.KznNetfilter
+	closed := d.closed
+	d.mu.Unlock()
+	if closed {
+		return errors.New("running packet: datapath closed")
+	}
+	// The test run builds an skb without a link-layer header only at
+	// LOCAL_OUT; the program reads the family from the hook state.
+	hook := struct{ Hook, PF uint8 }{Hook: 3, PF: 2}
+	if len(pkt) > 0 && pkt[0]>>4 == 6 {
+		hook.PF = 10
+	}
+	ret, err := prog.Run(&ebpf.RunOptions{Data: pkt, Context: hook})
+	if err != nil {
+		return fmt.Errorf("running packet: %w", err)
+	}
+	if ret != 1 {
+		return fmt.Errorf("running packet: program returned %d, want NF_ACCEPT", ret)
+	}
+	return nil
 }

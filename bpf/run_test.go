@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/packet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
 
@@ -80,30 +81,32 @@ func TestParse(t *testing.T) {
 	}{
 		{
 			name: "ipv4 tcp to service",
-			pkt:  func(t testing.TB) []byte { return ipv4Packet(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:80"), 1440, 0) },
+			pkt:  func(t testing.TB) []byte { return packet.IPv4(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:80"), 1440, 0) },
 			want: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.1.0.2"), Proto: 6, Port: 80, PortIsDst: true},
 		},
 		{
 			name: "ipv4 udp reply from service",
-			pkt:  func(t testing.TB) []byte { return ipv4Packet(t, 17, ap("10.0.0.1:53"), ap("10.1.0.2:33000"), 100, 0) },
+			pkt:  func(t testing.TB) []byte { return packet.IPv4(t, 17, ap("10.0.0.1:53"), ap("10.1.0.2:33000"), 100, 0) },
 			want: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.1.0.2"), Proto: 17, Port: 53},
 		},
 		{
 			name: "ipv4 later fragment has no ports",
-			pkt:  func(t testing.TB) []byte { return ipv4Packet(t, 17, ap("10.0.0.1:53"), ap("10.1.0.2:33000"), 600, 185) },
+			pkt: func(t testing.TB) []byte {
+				return packet.IPv4(t, 17, ap("10.0.0.1:53"), ap("10.1.0.2:33000"), 600, 185)
+			},
 			want: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.1.0.2"), Proto: 17},
 		},
 		{
 			name: "ipv4 first fragment keyed like the others",
 			pkt: func(t testing.TB) []byte {
-				return ipv4Packet(t, 17, ap("10.0.0.1:53"), ap("10.1.0.2:33000"), 600, 0x2000)
+				return packet.IPv4(t, 17, ap("10.0.0.1:53"), ap("10.1.0.2:33000"), 600, 0x2000)
 			},
 			want: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.1.0.2"), Proto: 17},
 		},
 		{
 			name: "ipv4 with options",
 			pkt: func(t testing.TB) []byte {
-				b := ipv4Packet(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 200, 0)
+				b := packet.IPv4(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 200, 0)
 				// Grow the header to 24 bytes and move the TCP ports.
 				b[0] = 0x46
 				copy(b[24:], b[20:40])
@@ -114,26 +117,26 @@ func TestParse(t *testing.T) {
 		{
 			name: "ipv6 tcp",
 			pkt: func(t testing.TB) []byte {
-				return ipv6Packet(t, 6, ap("[fd00::1]:50000"), ap("[fd00:1::2]:5432"), 1000, false)
+				return packet.IPv6(t, 6, ap("[fd00::1]:50000"), ap("[fd00:1::2]:5432"), 1000, false)
 			},
 			want: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00:1::2"), Proto: 6, Port: 5432, PortIsDst: true},
 		},
 		{
 			name: "ipv6 udp behind a destination options header",
 			pkt: func(t testing.TB) []byte {
-				return ipv6Packet(t, 17, ap("[fd00::1]:123"), ap("[fd00:1::2]:123"), 300, true)
+				return packet.IPv6(t, 17, ap("[fd00::1]:123"), ap("[fd00:1::2]:123"), 300, true)
 			},
 			want: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00:1::2"), Proto: 17, Port: 123, PortIsDst: true},
 		},
 		{
 			name:   "source not local",
-			pkt:    func(t testing.TB) []byte { return ipv4Packet(t, 6, ap("10.9.0.1:40000"), ap("10.0.0.1:80"), 500, 0) },
+			pkt:    func(t testing.TB) []byte { return packet.IPv4(t, 6, ap("10.9.0.1:40000"), ap("10.0.0.1:80"), 500, 0) },
 			reason: ReasonNotLocal,
 		},
 		{
 			name: "not ip",
 			pkt: func(t testing.TB) []byte {
-				b := ipv4Packet(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:80"), 60, 0)
+				b := packet.IPv4(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:80"), 60, 0)
 				b[0] = 0x55
 				return b
 			},
@@ -181,7 +184,7 @@ func TestOverflowCountsEveryRefusedByte(t *testing.T) {
 	for i := range flows {
 		dst := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
 		size := 100 + i
-		pkt := ipv4Packet(t, 17, netip.MustParseAddrPort("10.0.0.1:5000"), netip.AddrPortFrom(dst, 53), size, 0)
+		pkt := packet.IPv4(t, 17, netip.MustParseAddrPort("10.0.0.1:5000"), netip.AddrPortFrom(dst, 53), size, 0)
 		for range 3 {
 			runNF(t, d, pkt)
 			sent.Add(flow.Counts{Bytes: uint64(size), Packets: 1})
@@ -200,7 +203,7 @@ func TestOverflowCountsEveryRefusedByte(t *testing.T) {
 		t.Errorf("counted %+v + map_full %+v != sent %+v", counted, full, sent)
 	}
 	// After a drain the next generation has room again.
-	runNF(t, d, ipv4Packet(t, 6, netip.MustParseAddrPort("10.0.0.1:5000"), netip.MustParseAddrPort("10.2.0.1:80"), 60, 0))
+	runNF(t, d, packet.IPv4(t, 6, netip.MustParseAddrPort("10.0.0.1:5000"), netip.MustParseAddrPort("10.2.0.1:80"), 60, 0))
 	if dr := drain(t, d); len(dr.Flows) != 1 || !dr.Uncounted[ReasonMapFull].IsZero() {
 		t.Errorf("after drain: %d flows, map_full %+v; want 1 flow, nothing refused", len(dr.Flows), dr.Uncounted[ReasonMapFull])
 	}
@@ -229,7 +232,7 @@ func TestDrainUnderLoadLosesNothing(t *testing.T) {
 		var pkts [][]byte
 		for i := range 16 {
 			dst := netip.AddrFrom4([4]byte{10, 1, 0, byte(i)})
-			pkts = append(pkts, ipv4Packet(t, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(dst, 443), size, 0))
+			pkts = append(pkts, packet.IPv4(t, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(dst, 443), size, 0))
 		}
 		var wg sync.WaitGroup
 		var stop atomic.Bool

@@ -1,4 +1,6 @@
-package bpf
+// Package packet builds raw IPv4 and IPv6 packets for tests and benchmarks
+// that feed the datapath through BPF_PROG_TEST_RUN.
+package packet
 
 import (
 	"encoding/binary"
@@ -6,10 +8,10 @@ import (
 	"testing"
 )
 
-// ipv4Packet builds an IPv4 packet of total length n carrying TCP or UDP
+// IPv4 builds an IPv4 packet of total length n carrying TCP or UDP
 // (proto 6 or 17) between src and dst, or a bare payload for other
 // protocols. Checksums are left zero: the datapath never reads them.
-func ipv4Packet(t testing.TB, proto uint8, src, dst netip.AddrPort, n int, fragOff uint16) []byte {
+func IPv4(t testing.TB, proto uint8, src, dst netip.AddrPort, n int, fragOff uint16) []byte {
 	t.Helper()
 	if n < 20+20 {
 		t.Fatalf("packet length %d too short", n)
@@ -27,9 +29,9 @@ func ipv4Packet(t testing.TB, proto uint8, src, dst netip.AddrPort, n int, fragO
 	return b
 }
 
-// ipv6Packet builds an IPv6 packet of total length n, optionally with one
+// IPv6 builds an IPv6 packet of total length n, optionally with one
 // destination-options extension header before the L4 header.
-func ipv6Packet(t testing.TB, proto uint8, src, dst netip.AddrPort, n int, withExt bool) []byte {
+func IPv6(t testing.TB, proto uint8, src, dst netip.AddrPort, n int, withExt bool) []byte {
 	t.Helper()
 	if n < 40+8+20 {
 		t.Fatalf("packet length %d too short", n)

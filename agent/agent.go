@@ -1,0 +1,358 @@
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/bpf"
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/internal/wire"
+)
+
+// Datapath is what the agent needs of the kernel side (bpf.Datapath).
+type Datapath interface {
+	Drain(dst *bpf.Drained) error
+	SetLocalPrefixes(prefixes []netip.Prefix) error
+	Close() error
+}
+
+// batch is the one request in flight. It is resent byte for byte, with the
+// same seq, until the server acknowledges it: see internal/wire for why
+// this makes delivery exactly once.
+type batch struct {
+	seq   uint64
+	body  []byte
+	flows int
+	sum   flow.Counts
+}
+
+// sendResult reports the outcome of a batch to the main loop.
+type sendResult struct {
+	b   *batch
+	err error
+}
+
+// Agent drains one datapath and ships its counts.
+type Agent struct {
+	cfg         Config
+	log         *slog.Logger
+	dp          Datapath
+	nodes       nodeGetter
+	poster      *poster
+	reg         *metrics.Registry
+	m           *agentMetrics
+	buf         *buffer
+	enc         wire.Encoder
+	drained     bpf.Drained
+	scratch     []flow.Record
+	incarnation string
+	seq         uint64
+	prefixes    []netip.Prefix
+	// inflight is the batch being sent, nil when none; spare is the
+	// other one. Two batches alternate so that building the next never
+	// touches the body being sent.
+	inflight, spare *batch
+}
+
+// New wires an agent around an already loaded datapath. nodes may be nil
+// when the local prefixes are given explicitly.
+func New(cfg Config, dp Datapath, nodes nodeGetter, log *slog.Logger) (*Agent, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	inc := make([]byte, 8)
+	if _, err := rand.Read(inc); err != nil {
+		return nil, fmt.Errorf("choosing incarnation: %w", err)
+	}
+	reg := metrics.New(metrics.Label{Name: wire.LabelNode, Value: cfg.NodeName})
+	a := &Agent{
+		cfg:   cfg,
+		log:   log.With("component", "agent", "node", cfg.NodeName),
+		dp:    dp,
+		nodes: nodes,
+		poster: &poster{
+			url:       strings.TrimSuffix(cfg.ServerURL, "/") + "/api/v1/write",
+			tokenFile: cfg.TokenFile,
+			client:    &http.Client{Timeout: max(cfg.FlushInterval, 5*time.Second)},
+		},
+		reg:         reg,
+		m:           newAgentMetrics(reg),
+		buf:         newBuffer(cfg.MaxBufferedFlows),
+		incarnation: hex.EncodeToString(inc),
+		spare:       &batch{},
+	}
+	reg.GaugeFunc("kubezonnet_agent_buffered_flows", "Flows drained from the kernel and not yet acknowledged by the server.", func() float64 { return float64(a.m.buffered.Load()) })
+	return a, nil
+}
+
+// Registry exposes the agent's self-metrics (served on /metrics).
+func (a *Agent) Registry() *metrics.Registry { return a.reg }
+
+// Incarnation is the random id of this agent run (see internal/wire).
+func (a *Agent) Incarnation() string { return a.incarnation }
+
+// Run sets the local prefixes and drains, merges and sends every flush
+// interval until ctx ends; then it drains and sends one last time within
+// the shutdown timeout. It returns nil after a clean shutdown.
+func (a *Agent) Run(ctx context.Context) error {
+	if err := a.refreshPrefixes(ctx); err != nil {
+		return err
+	}
+	a.log.Info("agent started", "incarnation", a.incarnation, "server", a.poster.url, "prefixes", fmt.Sprint(a.prefixes), "flush_interval", a.cfg.FlushInterval)
+
+	sendCh := make(chan *batch, 1)
+	results := make(chan sendResult, 1)
+	sendCtx, stopSender := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopSender()
+	go a.sender(sendCtx, sendCh, results)
+
+	flush := time.NewTicker(a.cfg.FlushInterval)
+	defer flush.Stop()
+	var refresh <-chan time.Time
+	if a.cfg.LocalPrefixes == nil {
+		t := time.NewTicker(a.cfg.PrefixRefresh)
+		defer t.Stop()
+		refresh = t.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return a.shutdown(sendCh, results, stopSender)
+		case <-refresh:
+			if err := a.refreshPrefixes(ctx); err != nil {
+				a.m.prefixErrors.Inc()
+				a.log.Warn("refreshing local prefixes; keeping the previous ones", "err", err)
+			}
+		case <-flush.C:
+			if err := a.drain(); err != nil {
+				a.log.Error("draining the datapath", "err", err)
+				continue
+			}
+			if a.inflight == nil {
+				a.inflight = a.build()
+				sendCh <- a.inflight
+			}
+		case r := <-results:
+			a.finish(r)
+		}
+	}
+}
+
+// drain moves the kernel's counts into the buffer.
+func (a *Agent) drain() error {
+	if err := a.dp.Drain(&a.drained); err != nil {
+		return err
+	}
+	a.m.drained(&a.drained)
+	if lost := a.buf.add(a.drained.Flows); !lost.IsZero() {
+		a.m.uncounted("buffer_full", lost)
+		a.log.Warn("flow buffer full: new flows dropped", "bytes", lost.Bytes, "packets", lost.Packets, "max_buffered_flows", a.cfg.MaxBufferedFlows)
+	}
+	a.m.buffered.Store(int64(a.buf.len()))
+	return nil
+}
+
+// build turns the buffer into the next batch (possibly with no flows: the
+// header and self-metrics still tell the server this agent is alive).
+func (a *Agent) build() *batch {
+	a.scratch = a.buf.take(a.scratch)
+	wire.SortFlows(a.scratch)
+	a.seq++
+	b := a.spare
+	a.spare = nil
+	*b = batch{seq: a.seq, body: b.body[:0], flows: len(a.scratch)}
+	for _, r := range a.scratch {
+		b.sum.Add(r.Counts)
+	}
+	wb := wire.Batch{
+		Node: a.cfg.NodeName, Incarnation: a.incarnation, Seq: a.seq,
+		Time: time.Now(), Flows: a.scratch, Metrics: a.wireMetrics(),
+	}
+	b.body = append(b.body, a.enc.Encode(&wb)...)
+	a.m.buffered.Store(int64(a.buf.len() + b.flows))
+	return b
+}
+
+// wireMetrics converts the self-metrics for the request (node is added by
+// the encoder).
+func (a *Agent) wireMetrics() []wire.Metric {
+	var out []wire.Metric
+	a.reg.Each(func(name string, labels []metrics.Label, v float64) {
+		m := wire.Metric{Name: name, Value: v}
+		for _, l := range labels {
+			if l.Name != wire.LabelNode {
+				m.Labels = append(m.Labels, wire.Label{Name: l.Name, Value: l.Value})
+			}
+		}
+		out = append(out, m)
+	})
+	return out
+}
+
+// finish records the outcome of a batch.
+func (a *Agent) finish(r sendResult) {
+	a.spare = r.b
+	a.inflight = nil
+	if r.err == nil {
+		a.m.batches.Inc()
+		a.m.lastSend.Set(float64(time.Now().UnixNano()) / 1e9)
+		a.m.buffered.Store(int64(a.buf.len()))
+		return
+	}
+	// A refusal for good (4xx): resending the same bytes cannot succeed.
+	a.m.rejected.Inc()
+	a.m.uncounted("rejected", r.b.sum)
+	a.m.buffered.Store(int64(a.buf.len()))
+	a.log.Error("server refused a batch; its counts are dropped", "seq", r.b.seq, "flows", r.b.flows, "bytes", r.b.sum.Bytes, "err", r.err)
+}
+
+// sender posts batches one at a time, retrying each until it is accepted,
+// refused for good, or the agent gives up at shutdown.
+func (a *Agent) sender(ctx context.Context, in <-chan *batch, out chan<- sendResult) {
+	bo := &backoff{min: a.cfg.RetryMin, max: a.cfg.RetryMax}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case b := <-in:
+			err := sendWithRetry(ctx, a.poster, bo, b.body, func(err error, wait time.Duration) {
+				a.m.retries.Inc()
+				a.m.failures.Inc()
+				a.log.Warn("sending batch failed; retrying", "seq", b.seq, "err", err, "retry_in", wait.Round(time.Millisecond))
+			})
+			a.m.attempts.Add(1)
+			if err != nil && errors.Is(err, context.Canceled) {
+				out <- sendResult{b: b, err: err}
+				return
+			}
+			if err != nil {
+				a.m.failures.Inc()
+			}
+			out <- sendResult{b: b, err: err}
+		}
+	}
+}
+
+// shutdown drains one last time and sends everything within the timeout.
+func (a *Agent) shutdown(sendCh chan *batch, results chan sendResult, stopSender func()) error {
+	deadline := time.NewTimer(a.cfg.ShutdownTimeout)
+	defer deadline.Stop()
+	defer func() {
+		if err := a.dp.Close(); err != nil {
+			a.log.Error("detaching the datapath", "err", err)
+		}
+	}()
+	drainErr := a.drain()
+	giveUp := func(what string) error {
+		stopSender()
+		lost := a.buf.take(nil)
+		var sum flow.Counts
+		for _, r := range lost {
+			sum.Add(r.Counts)
+		}
+		if a.inflight != nil {
+			sum.Add(a.inflight.sum)
+		}
+		if sum.IsZero() {
+			a.log.Warn("shutdown timeout: server unreachable, but no counts were pending", "while", what)
+			return nil
+		}
+		a.log.Error("shutdown timeout: counts not delivered", "while", what, "flows", len(lost), "bytes", sum.Bytes, "packets", sum.Packets)
+		return fmt.Errorf("shutdown: %d bytes not delivered within %s", sum.Bytes, a.cfg.ShutdownTimeout)
+	}
+	for a.inflight != nil {
+		select {
+		case r := <-results:
+			a.finish(r)
+		case <-deadline.C:
+			return giveUp("waiting for the batch in flight")
+		}
+	}
+	a.inflight = a.build()
+	sendCh <- a.inflight
+	select {
+	case r := <-results:
+		a.finish(r)
+		if r.err != nil {
+			return fmt.Errorf("final batch: %w", r.err)
+		}
+	case <-deadline.C:
+		return giveUp("sending the final batch")
+	}
+	stopSender()
+	if drainErr != nil {
+		return fmt.Errorf("final drain: %w", drainErr)
+	}
+	a.log.Info("agent stopped", "batches", a.seq)
+	return nil
+}
+
+// refreshPrefixes computes the local prefixes and pushes them to the
+// kernel when they changed.
+func (a *Agent) refreshPrefixes(ctx context.Context) error {
+	prefixes := slices.Clone(a.cfg.LocalPrefixes)
+	if prefixes == nil {
+		if a.nodes == nil {
+			return errors.New("local prefixes: auto mode needs access to the Kubernetes API")
+		}
+		getCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		n, err := a.nodes.Get(getCtx, a.cfg.NodeName, metav1GetOptions)
+		if err != nil {
+			return fmt.Errorf("reading node %s from the Kubernetes API: %w", a.cfg.NodeName, err)
+		}
+		if prefixes, err = nodePrefixes(n); err != nil {
+			return err
+		}
+	}
+	prefixes = append(prefixes, a.cfg.ExtraLocalPrefixes...)
+	if slices.Equal(prefixes, a.prefixes) {
+		return nil
+	}
+	if err := a.dp.SetLocalPrefixes(prefixes); err != nil {
+		return err
+	}
+	if a.prefixes != nil {
+		a.log.Info("local prefixes changed", "prefixes", fmt.Sprint(prefixes))
+	}
+	a.prefixes = prefixes
+	return nil
+}
+
+// ServeHTTP serves /metrics, /healthz and /readyz on addr until ctx ends.
+func (a *Agent) Serve(ctx context.Context, addr string) error {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", a.reg.Handler())
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if a.m.lastSend.Value() == 0 {
+			http.Error(w, "no batch acknowledged by the server yet", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ok\n"))
+	})
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listening on --listen-address %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,113 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"log/slog"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/kubezonnet/kubezonnet/bpf"
+	"github.com/kubezonnet/kubezonnet/internal/logging"
+)
+
+// Command is `kubezonnet agent`.
+func Command() *cli.Command {
+	return &cli.Command{
+		Name:  "agent",
+		Usage: "count bytes leaving this node's pods with eBPF and send them to the server",
+		Flags: Flags(),
+		Action: func(c *cli.Context) error {
+			cfg, err := ConfigFromCLI(c)
+			if err != nil {
+				return err
+			}
+			log, err := logging.New(os.Stderr, cfg.LogFormat, cfg.LogLevel)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			if err := run(ctx, cfg, log); err != nil {
+				log.Error("agent failed", "err", err)
+				return err
+			}
+			return nil
+		},
+	}
+}
+
+// run loads and attaches the datapath, then runs the agent until ctx ends.
+func run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	var nodes nodeGetter
+	if cfg.LocalPrefixes == nil {
+		var err error
+		if nodes, err = newNodeGetter(cfg.Kubeconfig); err != nil {
+			return err
+		}
+	}
+	dp, err := bpf.Load(bpf.Config{MaxFlows: uint32(cfg.MaxFlows)})
+	if err != nil {
+		return fmt.Errorf("loading the eBPF datapath: %w", err)
+	}
+	a, err := New(cfg, dp, nodes, log)
+	if err != nil {
+		dp.Close()
+		return err
+	}
+	// Prefixes first, so that the hook counts from its first packet.
+	if err := a.refreshPrefixes(ctx); err != nil {
+		dp.Close()
+		return err
+	}
+	switch cfg.AttachMode {
+	case AttachNetfilter:
+		err = dp.AttachNetfilter(cfg.NetnsPath, int32(cfg.NetfilterPriority))
+	case AttachCgroup:
+		path := cfg.CgroupPath
+		if path == "" {
+			if path, err = cgroup2Root(); err != nil {
+				break
+			}
+		}
+		err = dp.AttachCgroup(path)
+	}
+	if err != nil {
+		dp.Close()
+		return err
+	}
+	if cfg.ListenAddress != "" {
+		srvCtx, stopSrv := context.WithCancel(ctx)
+		srvErr := make(chan error, 1)
+		go func() { srvErr <- a.Serve(srvCtx, cfg.ListenAddress) }()
+		defer func() {
+			stopSrv()
+			if err := <-srvErr; err != nil {
+				log.Error("metrics endpoint", "err", err)
+			}
+		}()
+	}
+	return a.Run(ctx)
+}
+
+// cgroup2Root finds the mount point of the cgroup v2 hierarchy (for
+// example /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
+func cgroup2Root() (string, error) {
+	mounts, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		return "", fmt.Errorf("finding the cgroup v2 mount: %w", err)
+	}
+	for _, line := range strings.Split(string(mounts), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 3 && f[2] == "cgroup2" {
+			return f[1], nil
+		}
+	}
+	return "", errors.New("no cgroup v2 hierarchy mounted: set --cgroup-path or use --attach-mode=netfilter")
+}

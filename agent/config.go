@@ -1,0 +1,230 @@
+// Package agent is the node agent: it loads the eBPF datapath, tells it
+// which sources are local to the node, drains its counts every flush
+// interval and ships them to the server as Prometheus remote-write, exactly
+// once (see internal/wire for the contract).
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/kubezonnet/kubezonnet/bpf"
+	"github.com/kubezonnet/kubezonnet/internal/logging"
+)
+
+// Attach modes.
+const (
+	// AttachNetfilter hooks POSTROUTING (IPv4 and IPv6) in the node's
+	// network namespace: sees forwarded pod traffic and host traffic.
+	AttachNetfilter = "netfilter"
+	// AttachCgroup hooks cgroup_skb egress on the cgroup v2 root, for
+	// dataplanes that bypass netfilter (Cilium eBPF host routing).
+	AttachCgroup = "cgroup"
+)
+
+// LocalPrefixesAuto asks the agent to learn its local prefixes from its own
+// Node object: spec.podCIDRs plus the node's addresses.
+const LocalPrefixesAuto = "auto"
+
+// Defaults, with the reason for each.
+const (
+	// DefaultFlushInterval: counts reach the server within ~10 s, and a
+	// 10 s drain keeps the kernel maps far from full on a busy node.
+	DefaultFlushInterval = 10 * time.Second
+	// DefaultMaxBufferedFlows bounds the flows held while the server is
+	// unreachable (~100 bytes each: ~25 MiB). Counts of a known flow keep
+	// merging; only new flows beyond the bound are dropped and counted.
+	DefaultMaxBufferedFlows = 262144
+	// DefaultPrefixRefresh: how often the Node object is re-read for pod
+	// CIDR and address changes (one GET, no cluster-wide watch).
+	DefaultPrefixRefresh = time.Minute
+	// DefaultShutdownTimeout bounds the final drain and send on SIGTERM,
+	// inside Kubernetes' default 30 s grace period.
+	DefaultShutdownTimeout = 10 * time.Second
+)
+
+// Config is everything the agent needs, decoded from flags and validated
+// before anything is loaded.
+type Config struct {
+	ServerURL         string
+	NodeName          string
+	FlushInterval     time.Duration
+	AttachMode        string
+	NetfilterPriority int
+	NetnsPath         string
+	CgroupPath        string
+	MaxFlows          int
+	MaxBufferedFlows  int
+	// LocalPrefixes is nil in auto mode.
+	LocalPrefixes      []netip.Prefix
+	ExtraLocalPrefixes []netip.Prefix
+	PrefixRefresh      time.Duration
+	Kubeconfig         string
+	TokenFile          string
+	ListenAddress      string
+	LogLevel           string
+	LogFormat          string
+	ShutdownTimeout    time.Duration
+	// RetryMin and RetryMax bound the backoff between send attempts.
+	RetryMin, RetryMax time.Duration
+}
+
+func env(name string) []string { return []string{"KUBEZONNET_" + name} }
+
+// Flags returns the agent's flags; each has a KUBEZONNET_* environment
+// variable twin so a DaemonSet can set them either way.
+func Flags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "server-url", EnvVars: env("SERVER_URL"), Usage: "base URL of the kubezonnet server; batches go to <url>/api/v1/write"},
+		&cli.StringFlag{Name: "node-name", EnvVars: env("NODE_NAME"), Usage: "name of this node (from the downward API: spec.nodeName)"},
+		&cli.DurationFlag{Name: "flush-interval", EnvVars: env("FLUSH_INTERVAL"), Value: DefaultFlushInterval, Usage: "how often the kernel counts are drained and sent"},
+		&cli.StringFlag{Name: "attach-mode", EnvVars: env("ATTACH_MODE"), Value: AttachNetfilter, Usage: "netfilter (POSTROUTING, default) or cgroup (cgroup_skb egress, for Cilium eBPF host routing)"},
+		&cli.IntFlag{Name: "netfilter-priority", EnvVars: env("NETFILTER_PRIORITY"), Value: bpf.DefaultNetfilterPriority, Usage: "netfilter hook priority; below 100 (source NAT) to see pre-SNAT pod addresses"},
+		&cli.StringFlag{Name: "netns-path", EnvVars: env("NETNS_PATH"), Usage: "attach netfilter hooks in the network namespace at this path instead of the agent's own (the DaemonSet runs in the host namespace)"},
+		&cli.StringFlag{Name: "cgroup-path", EnvVars: env("CGROUP_PATH"), Usage: "cgroup v2 directory for cgroup mode (default: the cgroup v2 root, found in /proc/mounts)"},
+		&cli.IntFlag{Name: "max-flows", EnvVars: env("MAX_FLOWS"), Value: bpf.DefaultMaxFlows, Usage: "capacity of each kernel flow map generation; flows beyond it are counted as dropped (map_full)"},
+		&cli.IntFlag{Name: "max-buffered-flows", EnvVars: env("MAX_BUFFERED_FLOWS"), Value: DefaultMaxBufferedFlows, Usage: "flows held in memory while the server is unreachable; new flows beyond it are counted as dropped (buffer_full)"},
+		&cli.StringFlag{Name: "local-prefixes", EnvVars: env("LOCAL_PREFIXES"), Value: LocalPrefixesAuto, Usage: "sources counted on this node: auto (the Node's spec.podCIDRs and addresses) or comma-separated CIDRs (for IPAMs that do not fill podCIDRs, e.g. Cilium cluster-pool)"},
+		&cli.StringFlag{Name: "extra-local-prefixes", EnvVars: env("EXTRA_LOCAL_PREFIXES"), Usage: "comma-separated CIDRs added to the local prefixes"},
+		&cli.DurationFlag{Name: "prefix-refresh-interval", EnvVars: env("PREFIX_REFRESH_INTERVAL"), Value: DefaultPrefixRefresh, Usage: "how often the Node is re-read in auto mode"},
+		&cli.StringFlag{Name: "kubeconfig", EnvVars: env("KUBECONFIG"), Usage: "kubeconfig for reading this node's Node object (default: in-cluster)"},
+		&cli.StringFlag{Name: "token-file", EnvVars: env("TOKEN_FILE"), Usage: "file with the bearer token sent to the server, re-read before every request"},
+		&cli.StringFlag{Name: "listen-address", EnvVars: env("LISTEN_ADDRESS"), Value: ":9400", Usage: "address of the agent's /metrics, /healthz and /readyz (empty disables)"},
+		&cli.StringFlag{Name: "log-level", EnvVars: env("LOG_LEVEL"), Value: "info", Usage: "debug, info, warn or error"},
+		&cli.StringFlag{Name: "log-format", EnvVars: env("LOG_FORMAT"), Value: "json", Usage: "json or text"},
+		&cli.DurationFlag{Name: "shutdown-timeout", EnvVars: env("SHUTDOWN_TIMEOUT"), Value: DefaultShutdownTimeout, Usage: "time allowed for the final drain and send on SIGTERM"},
+		&cli.DurationFlag{Name: "retry-min-backoff", EnvVars: env("RETRY_MIN_BACKOFF"), Value: 500 * time.Millisecond, Usage: "first delay before resending a failed batch"},
+		&cli.DurationFlag{Name: "retry-max-backoff", EnvVars: env("RETRY_MAX_BACKOFF"), Value: 30 * time.Second, Usage: "cap of the exponential backoff between resends"},
+	}
+}
+
+// ConfigFromCLI decodes and validates the flags.
+func ConfigFromCLI(c *cli.Context) (Config, error) {
+	cfg := Config{
+		ServerURL:         c.String("server-url"),
+		NodeName:          c.String("node-name"),
+		FlushInterval:     c.Duration("flush-interval"),
+		AttachMode:        c.String("attach-mode"),
+		NetfilterPriority: c.Int("netfilter-priority"),
+		NetnsPath:         c.String("netns-path"),
+		CgroupPath:        c.String("cgroup-path"),
+		MaxFlows:          c.Int("max-flows"),
+		MaxBufferedFlows:  c.Int("max-buffered-flows"),
+		PrefixRefresh:     c.Duration("prefix-refresh-interval"),
+		Kubeconfig:        c.String("kubeconfig"),
+		TokenFile:         c.String("token-file"),
+		ListenAddress:     c.String("listen-address"),
+		LogLevel:          c.String("log-level"),
+		LogFormat:         c.String("log-format"),
+		ShutdownTimeout:   c.Duration("shutdown-timeout"),
+		RetryMin:          c.Duration("retry-min-backoff"),
+		RetryMax:          c.Duration("retry-max-backoff"),
+	}
+	var err error
+	if lp := c.String("local-prefixes"); lp != LocalPrefixesAuto {
+		if cfg.LocalPrefixes, err = parsePrefixes("local-prefixes", lp); err != nil {
+			return cfg, err
+		}
+		if len(cfg.LocalPrefixes) == 0 {
+			return cfg, fmt.Errorf("--local-prefixes: empty; use %q or list CIDRs", LocalPrefixesAuto)
+		}
+	}
+	if cfg.ExtraLocalPrefixes, err = parsePrefixes("extra-local-prefixes", c.String("extra-local-prefixes")); err != nil {
+		return cfg, err
+	}
+	return cfg, cfg.Validate()
+}
+
+// parsePrefixes parses a comma-separated CIDR list; a bare address is a
+// single-address prefix.
+func parsePrefixes(flag, s string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(f)
+		if err != nil {
+			a, aerr := netip.ParseAddr(f)
+			if aerr != nil {
+				return nil, fmt.Errorf("--%s: invalid CIDR %q", flag, f)
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
+}
+
+// Validate checks every field and names the flag of the first bad one.
+func (c *Config) Validate() error {
+	var errs []error
+	u, err := url.Parse(c.ServerURL)
+	switch {
+	case c.ServerURL == "":
+		errs = append(errs, errors.New("--server-url: required"))
+	case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "":
+		errs = append(errs, fmt.Errorf("--server-url: invalid URL %q (want http:// or https://host[:port])", c.ServerURL))
+	}
+	if c.NodeName == "" {
+		errs = append(errs, errors.New("--node-name: required (set KUBEZONNET_NODE_NAME from the downward API spec.nodeName)"))
+	}
+	if c.FlushInterval < 100*time.Millisecond {
+		errs = append(errs, fmt.Errorf("--flush-interval: %s is below the minimum of 100ms", c.FlushInterval))
+	}
+	switch c.AttachMode {
+	case AttachNetfilter:
+		if c.NetfilterPriority <= -2147483648 || c.NetfilterPriority >= 2147483647 {
+			errs = append(errs, fmt.Errorf("--netfilter-priority: %d is reserved by netfilter", c.NetfilterPriority))
+		}
+		if c.NetnsPath != "" {
+			if _, err := os.Stat(c.NetnsPath); err != nil {
+				errs = append(errs, fmt.Errorf("--netns-path: %w", err))
+			}
+		}
+	case AttachCgroup:
+		if c.NetnsPath != "" {
+			errs = append(errs, errors.New("--netns-path: only valid with --attach-mode=netfilter"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("--attach-mode: unknown mode %q (want %s or %s)", c.AttachMode, AttachNetfilter, AttachCgroup))
+	}
+	if c.MaxFlows < 1 || c.MaxFlows > 1<<24 {
+		errs = append(errs, fmt.Errorf("--max-flows: %d out of range [1, %d]", c.MaxFlows, 1<<24))
+	}
+	if c.MaxBufferedFlows < 1 {
+		errs = append(errs, fmt.Errorf("--max-buffered-flows: %d must be positive", c.MaxBufferedFlows))
+	}
+	if n := len(c.LocalPrefixes) + len(c.ExtraLocalPrefixes); n > bpf.MaxLocalPrefixes {
+		errs = append(errs, fmt.Errorf("--local-prefixes: %d prefixes, at most %d supported", n, bpf.MaxLocalPrefixes))
+	}
+	if c.LocalPrefixes == nil && c.PrefixRefresh < time.Second {
+		errs = append(errs, fmt.Errorf("--prefix-refresh-interval: %s is below the minimum of 1s", c.PrefixRefresh))
+	}
+	if c.TokenFile != "" {
+		if _, err := os.Stat(c.TokenFile); err != nil {
+			errs = append(errs, fmt.Errorf("--token-file: %w", err))
+		}
+	}
+	if _, err := logging.ParseLevel(c.LogLevel); err != nil {
+		errs = append(errs, fmt.Errorf("--log-level: %w", err))
+	}
+	if c.LogFormat != "json" && c.LogFormat != "text" {
+		errs = append(errs, fmt.Errorf("--log-format: invalid format %q (want json or text)", c.LogFormat))
+	}
+	if c.ShutdownTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--shutdown-timeout: %s must be positive", c.ShutdownTimeout))
+	}
+	if c.RetryMin <= 0 || c.RetryMax < c.RetryMin {
+		errs = append(errs, fmt.Errorf("--retry-min-backoff/--retry-max-backoff: %s/%s: want 0 < min <= max", c.RetryMin, c.RetryMax))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,86 @@
+package agent
+
+import (
+	"sync/atomic"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/kubezonnet/kubezonnet/bpf"
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/metrics"
+)
+
+var metav1GetOptions = metav1.GetOptions{}
+
+// Reasons for uncounted bytes that the agent itself adds to the kernel's.
+var agentReasons = []string{"buffer_full", "rejected"}
+
+// agentMetrics are the agent's self-metrics. They are served on /metrics
+// and travel in every batch, so push-only clusters see them too.
+type agentMetrics struct {
+	flows, bytes, packets            *metrics.Counter
+	notLocalBytes, notLocalPackets   *metrics.Counter
+	uncountedBytes, uncountedPackets map[string]*metrics.Counter
+	attempts, failures, retries      *metrics.Counter
+	batches, rejected, prefixErrors  *metrics.Counter
+	lastSend                         *metrics.Gauge
+	buffered                         atomic.Int64
+}
+
+func newAgentMetrics(r *metrics.Registry) *agentMetrics {
+	m := &agentMetrics{
+		flows:            r.Counter("kubezonnet_agent_flows_total", "Flow records drained from the kernel."),
+		bytes:            r.Counter("kubezonnet_agent_bytes_total", "Bytes counted in flows (L3, every segment's headers included)."),
+		packets:          r.Counter("kubezonnet_agent_packets_total", "Packets counted in flows (GSO segments counted one by one)."),
+		notLocalBytes:    r.Counter("kubezonnet_agent_not_local_bytes_total", "Bytes seen from sources of other nodes, left to their agents (not a loss)."),
+		notLocalPackets:  r.Counter("kubezonnet_agent_not_local_packets_total", "Packets seen from sources of other nodes, left to their agents (not a loss)."),
+		uncountedBytes:   map[string]*metrics.Counter{},
+		uncountedPackets: map[string]*metrics.Counter{},
+		attempts:         r.Counter("kubezonnet_agent_send_attempts_total", "Batches handed to the sender (each retried until accepted or refused)."),
+		failures:         r.Counter("kubezonnet_agent_send_failures_total", "Failed requests to the server (each retry that failed, and refusals)."),
+		retries:          r.Counter("kubezonnet_agent_send_retries_total", "Requests repeated after a retryable failure."),
+		batches:          r.Counter("kubezonnet_agent_batches_sent_total", "Batches acknowledged by the server."),
+		rejected:         r.Counter("kubezonnet_agent_batches_rejected_total", "Batches the server refused for good (4xx); their counts are in uncounted{reason=\"rejected\"}."),
+		prefixErrors:     r.Counter("kubezonnet_agent_prefix_refresh_errors_total", "Failed refreshes of the local prefixes from the Node object."),
+		lastSend:         r.Gauge("kubezonnet_agent_last_send_timestamp_seconds", "Unix time of the last batch acknowledged by the server."),
+	}
+	reasons := agentReasons
+	for i := range bpf.NumReasons {
+		if bpf.Reason(i) != bpf.ReasonNotLocal {
+			reasons = append(reasons, bpf.Reason(i).String())
+		}
+	}
+	for _, reason := range reasons {
+		l := metrics.Label{Name: "reason", Value: reason}
+		m.uncountedBytes[reason] = r.Counter("kubezonnet_agent_uncounted_bytes_total", "Bytes that could not be counted in a flow, by reason (map_full: kernel flow map full).", l)
+		m.uncountedPackets[reason] = r.Counter("kubezonnet_agent_uncounted_packets_total", "Packets that could not be counted in a flow, by reason.", l)
+	}
+	return m
+}
+
+// drained records one drain.
+func (m *agentMetrics) drained(d *bpf.Drained) {
+	var sum flow.Counts
+	for _, r := range d.Flows {
+		sum.Add(r.Counts)
+	}
+	m.flows.Add(float64(len(d.Flows)))
+	m.bytes.Add(float64(sum.Bytes))
+	m.packets.Add(float64(sum.Packets))
+	for i, c := range d.Uncounted {
+		if c.IsZero() {
+			continue
+		}
+		if bpf.Reason(i) == bpf.ReasonNotLocal {
+			m.notLocalBytes.Add(float64(c.Bytes))
+			m.notLocalPackets.Add(float64(c.Packets))
+			continue
+		}
+		m.uncounted(bpf.Reason(i).String(), c)
+	}
+}
+
+func (m *agentMetrics) uncounted(reason string, c flow.Counts) {
+	m.uncountedBytes[reason].Add(float64(c.Bytes))
+	m.uncountedPackets[reason].Add(float64(c.Packets))
+}
