@@ -53,8 +53,8 @@ func (r *receiver) handle(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	for h, want := range map[string]string{
-		"Content-Type":             remotewrite.ContentType,
-		"Content-Encoding":         remotewrite.ContentEncoding,
+		"Content-Type":            remotewrite.ContentType,
+		"Content-Encoding":        remotewrite.ContentEncoding,
 		remotewrite.HeaderVersion: remotewrite.ProtocolVersion,
 	} {
 		if got := req.Header.Get(h); got != want {
