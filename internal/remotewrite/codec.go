@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 
 	"google.golang.org/protobuf/encoding/protowire"
 )
@@ -59,8 +60,8 @@ type SeriesBuilder struct {
 // Reset starts a new series.
 func (s *SeriesBuilder) Reset() { s.body = s.body[:0] }
 
-// Label adds a label.
-func (s *SeriesBuilder) Label(name, value string) {
+// labelGeneral adds a label of any size through protowire.
+func (s *SeriesBuilder) labelGeneral(name, value string) {
 	s.body = protowire.AppendTag(s.body, fieldSeriesLabels, protowire.BytesType)
 	s.body = protowire.AppendVarint(s.body, uint64(labelSize(len(name), len(value))))
 	s.body = appendString(s.body, fieldLabelName, name)
@@ -273,3 +274,32 @@ func parseSample(b []byte) (Sample, error) {
 	}
 	return s, nil
 }
+
+// Label adds a label. The usual label's whole message is under 128 bytes,
+// so every length is a one-byte varint and tags and lengths are appended as
+// bytes instead of through protowire: the pusher encodes every label of
+// every series every push, the hottest loop of a 100,000-series snapshot.
+func (s *SeriesBuilder) Label(name, value string) {
+	n, v := len(name), len(value)
+	if size := 2 + n + 2 + v; size < 128 {
+		b := slices.Grow(s.body, 2+size)
+		o := len(b)
+		b = b[:o+2+size]
+		b[o] = byte(fieldSeriesLabels<<3 | protowire.BytesType)
+		b[o+1] = byte(size)
+		b[o+2] = byte(fieldLabelName<<3 | protowire.BytesType)
+		b[o+3] = byte(n)
+		copy(b[o+4:], name)
+		o += 4 + n
+		b[o] = byte(fieldLabelValue<<3 | protowire.BytesType)
+		b[o+1] = byte(v)
+		copy(b[o+2:], value)
+		s.body = b
+		return
+	}
+	s.labelGeneral(name, value)
+}
+
+// encoded returns the series message built so far; it aliases the
+// builder's buffer and is valid until the next call on s.
+func (s *SeriesBuilder) encoded() []byte { return s.body }

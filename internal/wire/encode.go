@@ -81,6 +81,11 @@ func (e *Encoder) Encode(b *Batch) []byte {
 		e.sb.Sample(m.Value, ts)
 		e.raw = e.sb.AppendTo(e.raw)
 	}
+	// Grow the output with headroom: snappy allocates whenever the
+	// destination is a byte short, and batch sizes wobble.
+	if need := snappy.MaxEncodedLen(len(e.raw)); cap(e.out) < need {
+		e.out = make([]byte, need+need/8)
+	}
 	e.out = snappy.Encode(e.out[:cap(e.out)], e.raw)
 	return e.out
 }

@@ -1,0 +1,100 @@
+package remotewrite
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"time"
+)
+
+// retryableError marks a failed attempt worth repeating: a network error,
+// a 5xx, or a 429 (when enabled). after is the receiver's Retry-After, zero
+// when it gave none.
+type retryableError struct {
+	err   error
+	after time.Duration
+}
+
+func (e retryableError) Error() string { return e.err.Error() }
+func (e retryableError) Unwrap() error { return e.err }
+
+// errSuperseded ends a retry loop because a newer snapshot arrived for the
+// same shard: values are cumulative, so the newer one carries everything
+// the abandoned request carried.
+var errSuperseded = errors.New("superseded by a newer snapshot")
+
+// backoff is the retry schedule of one shard. It lives as long as the
+// shard, not as long as a request, so that an endpoint that stays down
+// keeps being tried at a growing interval even as newer snapshots replace
+// the request being retried.
+type backoff struct {
+	min, max time.Duration
+	// next is the base delay of the next wait; zero after a success.
+	next time.Duration
+	// until is when the next attempt may start; a superseding snapshot
+	// inherits it, so Retry-After is honoured across snapshots.
+	until time.Time
+}
+
+// wait returns the delay after a failure: the receiver's Retry-After if
+// it gave one, else the current base delay minus up to 20% jitter. The
+// base doubles up to max. Jitter only ever shortens a wait, so consecutive
+// waits still strictly grow (0.8b..b, then 1.6b..2b) until the cap.
+func (b *backoff) wait(retryAfter time.Duration) time.Duration {
+	if b.next == 0 {
+		b.next = b.min
+	}
+	d := b.next - time.Duration(rand.Int64N(int64(b.next)/5+1))
+	b.next = min(2*b.next, b.max)
+	if retryAfter > 0 {
+		d = retryAfter
+	}
+	return d
+}
+
+// reset forgets the failures after a success.
+func (b *backoff) reset() {
+	b.next = 0
+	b.until = time.Time{}
+}
+
+// retry calls send until it succeeds or fails finally, waiting between
+// attempts as b says. It returns ctx's error when ctx ends and
+// errSuperseded when newer is signalled during a wait. onRetry, if not
+// nil, is called after every retryable failure with the coming wait.
+func retry(ctx context.Context, b *backoff, newer <-chan struct{}, send func() error, onRetry func(err error, wait time.Duration)) error {
+	for {
+		if d := time.Until(b.until); d > 0 {
+			t := time.NewTimer(d)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return ctx.Err()
+			case <-newer:
+				t.Stop()
+				return errSuperseded
+			case <-t.C:
+			}
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		err := send()
+		var re retryableError
+		if err == nil {
+			b.reset()
+			return nil
+		}
+		if !errors.As(err, &re) {
+			// A final answer says nothing about the endpoint's health
+			// except that it is up, so the backoff starts over.
+			b.reset()
+			return err
+		}
+		d := b.wait(re.after)
+		b.until = time.Now().Add(d)
+		if onRetry != nil {
+			onRetry(err, d)
+		}
+	}
+}

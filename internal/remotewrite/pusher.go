@@ -1,0 +1,657 @@
+package remotewrite
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/golang/snappy"
+	"github.com/kubezonnet/kubezonnet/internal/metrics"
+)
+
+// Pusher sends every live series of its sources to every configured
+// endpoint, once per interval.
+//
+// Delivery model. All series are cumulative counters, so the newest
+// snapshot always carries everything an older one did. Each endpoint has a
+// fixed number of shards; a series always goes to the same shard (by a
+// hash of its labels), and a shard sends its requests one after another,
+// so samples of a series reach the receiver in timestamp order. A shard
+// holds at most one pending snapshot part: when the next interval's
+// snapshot arrives while the shard is still sending or retrying the
+// previous one, the newer part replaces the pending one, and a request
+// waiting to be retried is abandoned in favour of the newer part (counted
+// as failed). Memory is therefore bounded by two snapshots per endpoint
+// whatever the outage length, and when an endpoint comes back the first
+// thing it receives is the newest cumulative value, so increase() over the
+// gap is right. The retry schedule (backoff, Retry-After) belongs to the
+// shard, not to a request, so replacing the data never makes a failing
+// endpoint be tried sooner.
+//
+// Endpoints are independent: each has its own shards and goroutines, and
+// Push only hands the encoded requests over, so a dead or slow endpoint
+// never blocks another one or the caller.
+//
+// Staleness. A series present in one snapshot and absent from the next is
+// sent once with the StaleNaN value, then forgotten. If that snapshot is
+// replaced before reaching an endpoint (an outage), its stale markers are
+// lost for that endpoint and the receiver ends the series by its lookback
+// window (5 minutes in Prometheus) instead.
+type Pusher struct {
+	cfg     PusherConfig
+	sources []Source
+	log     *slog.Logger
+	extra   []extraLabel
+	eps     []*endpoint
+
+	// Snapshot state, guarded by pushMu: the current and previous
+	// snapshot with their label hashes sorted (for finding vanished
+	// series), a map used only when a snapshot has duplicates, and the
+	// encoding buffers reused from push to push.
+	pushMu            sync.Mutex
+	seed              maphash.Seed
+	cur, prev         []Series
+	curRefs, prevRefs []hashRef
+	dedup             map[uint64]int32
+	sb                SeriesBuilder
+	raw               [][]byte
+	rawN              []int
+	reqs              [][]request
+	zbuf              []byte
+	lastTS            int64
+	snapshotSeries    *metrics.Gauge
+	staleMarkers      *metrics.Counter
+	duplicates        *metrics.Counter
+
+	startOnce sync.Once
+	ctx       context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	stopped   atomic.Bool
+
+	mu     sync.Mutex
+	active int
+	idle   chan struct{}
+}
+
+// extraLabel is an external or HA label; override says whether it wins
+// over a series label of the same name (HA labels must be identical on
+// every series for Mimir's HA tracker; external labels yield, as in
+// Prometheus).
+type extraLabel struct {
+	metrics.Label
+	override bool
+}
+
+// request is one compressed WriteRequest, shared read-only by every
+// endpoint.
+type request struct {
+	body    []byte
+	samples int
+}
+
+// NewPusher validates cfg and builds a pusher for sources. Self-metrics go
+// to reg (a private registry if nil); log may be nil. Nothing runs until
+// Run, Push or Flush is called.
+func NewPusher(cfg PusherConfig, sources []Source, reg *metrics.Registry, log *slog.Logger) (*Pusher, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if reg == nil {
+		reg = metrics.New()
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("component", "remotewrite")
+	p := &Pusher{
+		cfg:     cfg,
+		sources: slices.Clone(sources),
+		log:     log,
+		seed:    maphash.MakeSeed(),
+		dedup:   map[uint64]int32{},
+		raw:     make([][]byte, cfg.Shards),
+		rawN:    make([]int, cfg.Shards),
+		reqs:    make([][]request, cfg.Shards),
+		idle:    make(chan struct{}),
+		snapshotSeries: reg.Gauge("kubezonnet_server_remote_write_snapshot_series",
+			"Series in the last snapshot pushed, stale markers excluded."),
+		staleMarkers: reg.Counter("kubezonnet_server_remote_write_stale_markers_total",
+			"Stale markers generated for series that disappeared between two snapshots."),
+		duplicates: reg.Counter("kubezonnet_server_remote_write_duplicate_series_total",
+			"Series left out of a snapshot because another source already returned the same labels."),
+	}
+	p.extra = mergeExtra(cfg.ExternalLabels, cfg.HA.labels())
+	for _, ec := range cfg.Endpoints {
+		c, err := NewClient(ec, cfg.RetryOn429)
+		if err != nil {
+			return nil, err
+		}
+		p.eps = append(p.eps, newEndpoint(p, ec.Name, c, reg))
+	}
+	return p, nil
+}
+
+// mergeExtra sorts external and HA labels into one list; an HA label
+// replaces an external label of the same name.
+func mergeExtra(ext, ha []metrics.Label) []extraLabel {
+	var out []extraLabel
+	for _, l := range ext {
+		if !slices.ContainsFunc(ha, func(h metrics.Label) bool { return h.Name == l.Name }) {
+			out = append(out, extraLabel{Label: l})
+		}
+	}
+	for _, l := range ha {
+		out = append(out, extraLabel{Label: l, override: true})
+	}
+	slices.SortFunc(out, func(a, b extraLabel) int { return strings.Compare(a.Name, b.Name) })
+	return out
+}
+
+// start launches the shard goroutines once.
+func (p *Pusher) start() {
+	p.startOnce.Do(func() {
+		p.ctx, p.cancel = context.WithCancel(context.Background())
+		for _, ep := range p.eps {
+			for _, s := range ep.shards {
+				p.wg.Add(1)
+				go func() {
+					defer p.wg.Done()
+					s.run(p.ctx)
+				}()
+			}
+		}
+	})
+}
+
+// Run pushes a snapshot every interval until ctx ends, then returns nil.
+// It does not push on return: call Flush with a shutdown deadline for
+// that, after Run returned.
+func (p *Pusher) Run(ctx context.Context) error {
+	p.start()
+	t := time.NewTicker(p.cfg.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			p.Push()
+		}
+	}
+}
+
+// Push takes one snapshot of all sources now and hands it to every
+// endpoint. It returns once the requests are encoded; sending happens in
+// the background.
+func (p *Pusher) Push() {
+	if p.stopped.Load() {
+		return
+	}
+	p.start()
+	p.pushMu.Lock()
+	defer p.pushMu.Unlock()
+	if p.stopped.Load() { // Flush finished while we waited for the lock
+		return
+	}
+	start := time.Now()
+	// Strictly increasing stamps: two pushes within one millisecond (a
+	// Flush right after a tick) must not give a series two different
+	// values at one timestamp, which receivers reject.
+	ts := max(start.UnixMilli(), p.lastTS+1)
+	p.lastTS = ts
+	reqs := p.snapshot(ts)
+	for _, ep := range p.eps {
+		ep.hand(reqs, start)
+	}
+}
+
+// Wait blocks until every endpoint has sent (or given up on) everything
+// handed to it, or ctx ends. With an endpoint that is down it waits for
+// ctx.
+func (p *Pusher) Wait(ctx context.Context) error {
+	for {
+		p.mu.Lock()
+		if p.active == 0 {
+			p.mu.Unlock()
+			return nil
+		}
+		ch := p.idle
+		p.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for remote write: %w", ctx.Err())
+		case <-ch:
+		}
+	}
+}
+
+// Flush is the shutdown push: it sends one last snapshot, waits for every
+// endpoint until ctx ends, then stops the pusher, abandoning (and counting
+// as failed) whatever is still unsent. Later pushes do nothing.
+func (p *Pusher) Flush(ctx context.Context) error {
+	p.Push()
+	err := p.Wait(ctx)
+	p.pushMu.Lock() // a concurrent Push completes or sees stopped
+	p.stopped.Store(true)
+	p.pushMu.Unlock()
+	p.start()
+	p.cancel()
+	p.wg.Wait()
+	return err
+}
+
+func (p *Pusher) addActive(d int) {
+	p.mu.Lock()
+	p.active += d
+	if p.active == 0 {
+		close(p.idle)
+		p.idle = make(chan struct{})
+	}
+	p.mu.Unlock()
+}
+
+// hashRef is a series' label hash and its index in its snapshot.
+type hashRef struct {
+	h uint64
+	i int32
+}
+
+func cmpRef(a, b hashRef) int {
+	switch {
+	case a.h < b.h:
+		return -1
+	case a.h > b.h:
+		return 1
+	}
+	return 0
+}
+
+// snapshot reads all sources, drops duplicate series, adds stale markers
+// for vanished ones, and encodes everything into compressed requests per
+// shard, all stamped with ts. The returned slices are fresh (endpoints keep
+// them); the scratch buffers behind them are reused.
+//
+// Duplicates and vanished series are found by sorting label hashes and
+// merging them with the previous snapshot's, not with a hash map: at
+// 100,000 series the map's cache misses cost more than the encoding. A
+// snapshot with duplicates (a misbehaving source) is encoded a second
+// time, with a map that drops them.
+func (p *Pusher) snapshot(ts int64) [][]request {
+	p.cur = p.cur[:0]
+	for _, src := range p.sources {
+		p.cur = src.AppendSeries(p.cur)
+	}
+	if p.encode(ts, false) {
+		p.encode(ts, true)
+	}
+	out := make([][]request, len(p.reqs))
+	copy(out, p.reqs)
+	p.cur, p.prev = p.prev, p.cur
+	p.curRefs, p.prevRefs = p.prevRefs, p.curRefs
+	return out
+}
+
+// encode builds the requests of p.cur; with dedup it drops repeated
+// series (compacting p.cur), without it reports whether there are any,
+// leaving the result to be thrown away.
+func (p *Pusher) encode(ts int64, dedup bool) (hasDuplicates bool) {
+	for i := range p.reqs {
+		p.reqs[i] = nil
+		p.raw[i] = p.raw[i][:0]
+		p.rawN[i] = 0
+	}
+	p.curRefs = p.curRefs[:0]
+	clear(p.dedup)
+	w := 0
+	for _, s := range p.cur {
+		// Encode the labels first and hash the encoding: one pass of
+		// maphash over a few hundred contiguous bytes is far cheaper than
+		// hashing label strings one by one. Empty labels are left out of
+		// the encoding, so series that differ only by them (the same series
+		// to Prometheus) hash the same.
+		p.sb.Reset()
+		p.appendLabels(s.Labels)
+		h := maphash.Bytes(p.seed, p.sb.encoded())
+		if dedup {
+			if j, ok := p.dedup[h]; ok && labelsEqual(p.cur[j].Labels, s.Labels) {
+				p.duplicates.Inc()
+				continue
+			}
+			p.dedup[h] = int32(w)
+		}
+		p.cur[w] = s
+		p.curRefs = append(p.curRefs, hashRef{h: h, i: int32(w)})
+		w++
+		p.add(h, s.Value, ts)
+	}
+	clear(p.cur[w:]) // release label slices of dropped duplicates
+	p.cur = p.cur[:w]
+	slices.SortFunc(p.curRefs, cmpRef)
+	if !dedup {
+		for k := 1; k < len(p.curRefs); k++ {
+			a, b := p.curRefs[k-1], p.curRefs[k]
+			if a.h == b.h && labelsEqual(p.cur[a.i].Labels, p.cur[b.i].Labels) {
+				return true
+			}
+		}
+	}
+	p.snapshotSeries.Set(float64(w))
+	// Series of the previous snapshot whose hash is gone get a stale
+	// marker. Both lists are sorted by hash. (Equal hashes are taken as the
+	// same series: a 64-bit collision would only cost one stale marker.)
+	cur := p.curRefs
+	for _, r := range p.prevRefs {
+		for len(cur) > 0 && cur[0].h < r.h {
+			cur = cur[1:]
+		}
+		if len(cur) > 0 && cur[0].h == r.h {
+			continue
+		}
+		p.staleMarkers.Inc()
+		p.sb.Reset()
+		p.appendLabels(p.prev[r.i].Labels)
+		p.add(r.h, StaleNaN, ts)
+	}
+	for sh := range p.raw {
+		p.flushShard(sh)
+	}
+	return false
+}
+
+// add completes the series whose labels p.sb holds with its sample and
+// appends it to its shard's request, closing the request when it is full.
+func (p *Pusher) add(h uint64, v float64, ts int64) {
+	sh := int(h % uint64(len(p.raw)))
+	p.sb.Sample(v, ts)
+	p.raw[sh] = p.sb.AppendTo(p.raw[sh])
+	p.rawN[sh]++
+	if p.rawN[sh] >= p.cfg.MaxSeriesPerRequest {
+		p.flushShard(sh)
+	}
+}
+
+// flushShard compresses the shard's pending series into one request. The
+// compressed body is copied out of a reused scratch buffer so that what
+// endpoints keep is exactly sized.
+func (p *Pusher) flushShard(sh int) {
+	if p.rawN[sh] == 0 {
+		return
+	}
+	p.zbuf = snappy.Encode(p.zbuf[:cap(p.zbuf)], p.raw[sh])
+	body := make([]byte, len(p.zbuf))
+	copy(body, p.zbuf)
+	p.reqs[sh] = append(p.reqs[sh], request{body: body, samples: p.rawN[sh]})
+	p.raw[sh] = p.raw[sh][:0]
+	p.rawN[sh] = 0
+}
+
+// appendLabels writes the series labels merged with the external and HA
+// labels, both sorted, __name__ first. Labels with an empty value are left
+// out: in Prometheus an empty label is an absent one.
+func (p *Pusher) appendLabels(ls []metrics.Label) {
+	if len(ls) > 0 && ls[0].Name == "__name__" {
+		p.sb.Label(ls[0].Name, ls[0].Value)
+		ls = ls[1:]
+	}
+	ex := p.extra
+	for len(ls) > 0 || len(ex) > 0 {
+		var l metrics.Label
+		switch {
+		case len(ex) == 0 || (len(ls) > 0 && ls[0].Name < ex[0].Name):
+			l, ls = ls[0], ls[1:]
+		case len(ls) == 0 || ex[0].Name < ls[0].Name:
+			l, ex = ex[0].Label, ex[1:]
+		default: // same name
+			l = ls[0]
+			if ex[0].override {
+				l = ex[0].Label
+			}
+			ls, ex = ls[1:], ex[1:]
+		}
+		if l.Value != "" {
+			p.sb.Label(l.Name, l.Value)
+		}
+	}
+}
+
+func labelsEqual(a, b []metrics.Label) bool { return slices.Equal(a, b) }
+
+// endpoint is one receiver: its client, shards and self-metrics.
+type endpoint struct {
+	p      *Pusher
+	name   string
+	client *Client
+	log    *slog.Logger
+	shards []*shard
+
+	sent, failed, dropped, retries *metrics.Counter
+	lastSuccess, duration, pending *metrics.Gauge
+
+	reg     *metrics.Registry
+	codesMu sync.Mutex
+	codes   map[string]*metrics.Counter
+
+	failing     atomic.Bool
+	lastDropLog atomic.Int64
+}
+
+func newEndpoint(p *Pusher, name string, c *Client, reg *metrics.Registry) *endpoint {
+	ep := &endpoint{p: p, name: name, client: c, reg: reg, codes: map[string]*metrics.Counter{},
+		log: p.log.With("endpoint", name)}
+	el := metrics.Label{Name: "endpoint", Value: name}
+	const samples = "kubezonnet_server_remote_write_samples_total"
+	const samplesHelp = "Samples by outcome: sent (2xx), failed (retryable errors until replaced by a newer snapshot or shut down), dropped (rejected with a 4xx, never retried)."
+	ep.sent = reg.Counter(samples, samplesHelp, el, metrics.Label{Name: "result", Value: "sent"})
+	ep.failed = reg.Counter(samples, samplesHelp, el, metrics.Label{Name: "result", Value: "failed"})
+	ep.dropped = reg.Counter(samples, samplesHelp, el, metrics.Label{Name: "result", Value: "dropped"})
+	ep.retries = reg.Counter("kubezonnet_server_remote_write_retries_total",
+		"Requests retried after a network error, 5xx or 429.", el)
+	ep.lastSuccess = reg.Gauge("kubezonnet_server_remote_write_last_success_timestamp_seconds",
+		"Unix time of the last request the endpoint accepted; alert on time() minus this.", el)
+	ep.duration = reg.Gauge("kubezonnet_server_remote_write_push_duration_seconds",
+		"Seconds from taking the last completely delivered snapshot to its last request being answered.", el)
+	ep.pending = reg.Gauge("kubezonnet_server_remote_write_pending_samples",
+		"Samples handed to the endpoint and not yet sent, dropped or given up.", el)
+	for range p.cfg.Shards {
+		ep.shards = append(ep.shards, &shard{ep: ep, newer: make(chan struct{}, 1),
+			bo: backoff{min: p.cfg.MinBackoff, max: p.cfg.MaxBackoff}})
+	}
+	return ep
+}
+
+// countCode counts one attempt by HTTP status ("error" when the request
+// got no response). Counters are created on first use; status codes are a
+// small bounded set.
+func (ep *endpoint) countCode(code int) {
+	k := "error"
+	if code != 0 {
+		k = strconv.Itoa(code)
+	}
+	ep.codesMu.Lock()
+	c, ok := ep.codes[k]
+	if !ok {
+		c = ep.reg.Counter("kubezonnet_server_remote_write_requests_total",
+			"Request attempts by HTTP status code; code=\"error\" means no response (network error, timeout).",
+			metrics.Label{Name: "endpoint", Value: ep.name}, metrics.Label{Name: "code", Value: k})
+		ep.codes[k] = c
+	}
+	ep.codesMu.Unlock()
+	c.Inc()
+}
+
+// hand gives every shard its part of a snapshot.
+func (ep *endpoint) hand(reqs [][]request, start time.Time) {
+	tr := &pushTrack{start: start}
+	tr.remaining.Store(int32(len(ep.shards)))
+	for i, s := range ep.shards {
+		b := &batch{reqs: reqs[i], track: tr}
+		for _, r := range b.reqs {
+			b.samples += r.samples
+		}
+		s.put(b)
+	}
+}
+
+// pushTrack times one snapshot's delivery to one endpoint.
+type pushTrack struct {
+	start     time.Time
+	remaining atomic.Int32
+}
+
+// batch is one shard's part of one snapshot.
+type batch struct {
+	reqs    []request
+	samples int
+	track   *pushTrack
+}
+
+// shard sends its batches in order, holding at most one pending.
+type shard struct {
+	ep *endpoint
+	bo backoff
+	// newer holds a token while pending is set and not yet taken, so a
+	// retry wait can notice that a newer batch replaced its data.
+	newer chan struct{}
+
+	mu      sync.Mutex
+	pending *batch
+	busy    bool
+}
+
+// put makes b the shard's pending batch, replacing (and counting as
+// failed) a pending batch not yet started.
+func (s *shard) put(b *batch) {
+	ep := s.ep
+	s.mu.Lock()
+	old := s.pending
+	s.pending = b
+	if !s.busy {
+		s.busy = true
+		ep.p.addActive(1)
+	}
+	select {
+	case s.newer <- struct{}{}:
+	default:
+	}
+	s.mu.Unlock()
+	ep.pending.Add(float64(b.samples))
+	if old != nil {
+		ep.pending.Add(-float64(old.samples))
+		ep.failed.Add(float64(old.samples))
+	}
+}
+
+// take waits for the pending batch; nil when ctx ends.
+func (s *shard) take(ctx context.Context) *batch {
+	for {
+		s.mu.Lock()
+		if b := s.pending; b != nil {
+			s.pending = nil
+			select {
+			case <-s.newer:
+			default:
+			}
+			s.mu.Unlock()
+			return b
+		}
+		s.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-s.newer:
+		}
+	}
+}
+
+func (s *shard) run(ctx context.Context) {
+	for {
+		b := s.take(ctx)
+		if b == nil {
+			break
+		}
+		s.deliver(ctx, b)
+		s.mu.Lock()
+		if s.pending == nil {
+			s.busy = false
+			s.ep.p.addActive(-1)
+		}
+		s.mu.Unlock()
+	}
+	// Shut down: whatever is still pending is lost for this endpoint.
+	s.mu.Lock()
+	if old := s.pending; old != nil {
+		s.pending = nil
+		s.ep.pending.Add(-float64(old.samples))
+		s.ep.failed.Add(float64(old.samples))
+	}
+	s.mu.Unlock()
+}
+
+// deliver sends a batch's requests in order, retrying each as the backoff
+// allows, until done, replaced by a newer batch, or shut down.
+func (s *shard) deliver(ctx context.Context, b *batch) {
+	ep := s.ep
+	left := b.samples
+	for _, r := range b.reqs {
+		attempts := 0
+		err := retry(ctx, &s.bo, s.newer, func() error {
+			attempts++
+			code, err := ep.client.Store(ctx, r.body)
+			ep.countCode(code)
+			return err
+		}, func(err error, wait time.Duration) {
+			ep.retries.Inc()
+			if !ep.failing.Swap(true) {
+				ep.log.Warn("remote write failing, retrying", "err", err, "wait", wait)
+			} else {
+				ep.log.Debug("remote write retry", "err", err, "wait", wait)
+			}
+		})
+		left -= r.samples
+		ep.pending.Add(-float64(r.samples))
+		switch {
+		case err == nil:
+			ep.sent.Add(float64(r.samples))
+			ep.lastSuccess.Set(float64(time.Now().UnixNano()) / 1e9)
+			if ep.failing.Swap(false) {
+				ep.log.Info("remote write recovered", "attempts", attempts)
+			}
+		case errors.Is(err, errSuperseded) || ctx.Err() != nil:
+			ep.failed.Add(float64(r.samples + left))
+			ep.pending.Add(-float64(left))
+			return
+		default:
+			ep.dropped.Add(float64(r.samples))
+			ep.logDrop(err, r.samples)
+		}
+	}
+	if b.track.remaining.Add(-1) == 0 {
+		ep.duration.Set(time.Since(b.track.start).Seconds())
+	}
+}
+
+// logDrop logs a rejected request, at most once per second per endpoint:
+// a receiver that rejects everything would otherwise log once per
+// request.
+func (ep *endpoint) logDrop(err error, samples int) {
+	now := time.Now().UnixNano()
+	last := ep.lastDropLog.Load()
+	if now-last < int64(time.Second) || !ep.lastDropLog.CompareAndSwap(last, now) {
+		return
+	}
+	var se *StatusError
+	if errors.As(err, &se) {
+		ep.log.Error("remote write rejected, samples dropped", "code", se.Code, "body", se.Body, "samples", samples)
+		return
+	}
+	ep.log.Error("remote write failed, samples dropped", "err", err, "samples", samples)
+}

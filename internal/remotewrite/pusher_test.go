@@ -1,0 +1,912 @@
+package remotewrite
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/golang/snappy"
+	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/prometheus/prometheus/prompb"
+)
+
+// ---- test receiver --------------------------------------------------------
+
+// received is one request as the receiver saw it.
+type received struct {
+	at     time.Time
+	header http.Header
+	series []prompb.TimeSeries
+}
+
+// testReceiver is an httptest remote-write endpoint that checks the
+// protocol on every request (headers, snappy, protobuf decoded with prompb
+// as the reference, label order, no duplicate series) and answers as
+// respond says for the n-th request (0-based).
+type testReceiver struct {
+	t       *testing.T
+	srv     *httptest.Server
+	respond func(n int, w http.ResponseWriter) // nil: 204
+
+	mu   sync.Mutex
+	reqs []received
+}
+
+func newTestReceiver(t *testing.T, respond func(n int, w http.ResponseWriter)) *testReceiver {
+	t.Helper()
+	r := &testReceiver{t: t, respond: respond}
+	r.srv = httptest.NewServer(http.HandlerFunc(r.serve))
+	t.Cleanup(r.srv.Close)
+	return r
+}
+
+func (r *testReceiver) url() string { return r.srv.URL + "/api/v1/write" }
+
+func (r *testReceiver) serve(w http.ResponseWriter, req *http.Request) {
+	at := time.Now()
+	series := checkRequest(r.t, req)
+	r.mu.Lock()
+	n := len(r.reqs)
+	r.reqs = append(r.reqs, received{at: at, header: req.Header.Clone(), series: series})
+	r.mu.Unlock()
+	if r.respond == nil {
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	r.respond(n, w)
+}
+
+func (r *testReceiver) requests() []received {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.reqs)
+}
+
+// checkRequest validates one remote-write 1.0 request and returns its series.
+func checkRequest(t *testing.T, req *http.Request) []prompb.TimeSeries {
+	t.Helper()
+	if req.Method != http.MethodPost {
+		t.Errorf("method %s, want POST", req.Method)
+	}
+	for h, want := range map[string]string{
+		"Content-Encoding":                  "snappy",
+		"Content-Type":                      "application/x-protobuf",
+		"X-Prometheus-Remote-Write-Version": "0.1.0",
+	} {
+		if got := req.Header.Get(h); got != want {
+			t.Errorf("header %s = %q, want %q", h, got, want)
+		}
+	}
+	if ua := req.Header.Get("User-Agent"); !strings.HasPrefix(ua, "kubezonnet-server/") {
+		t.Errorf("User-Agent %q, want kubezonnet-server/...", ua)
+	}
+	body, err := io.ReadAll(req.Body)
+	if err != nil {
+		t.Errorf("reading body: %v", err)
+		return nil
+	}
+	raw, err := snappy.Decode(nil, body)
+	if err != nil {
+		t.Errorf("snappy block decode: %v", err)
+		return nil
+	}
+	var wr prompb.WriteRequest
+	if err := wr.Unmarshal(raw); err != nil {
+		t.Errorf("prompb unmarshal: %v", err)
+		return nil
+	}
+	seen := map[string]bool{}
+	for _, ts := range wr.Timeseries {
+		key := labelString(ts.Labels)
+		if seen[key] {
+			t.Errorf("series %s twice in one request", key)
+		}
+		seen[key] = true
+		if len(ts.Labels) == 0 || ts.Labels[0].Name != "__name__" {
+			t.Errorf("series %s: __name__ is not the first label", key)
+		}
+		for i := 1; i < len(ts.Labels); i++ {
+			if i > 1 && ts.Labels[i-1].Name >= ts.Labels[i].Name {
+				t.Errorf("series %s: labels not sorted by name", key)
+			}
+			if ts.Labels[i].Value == "" {
+				t.Errorf("series %s: empty label value", key)
+			}
+		}
+		if len(ts.Samples) != 1 {
+			t.Errorf("series %s: %d samples, want 1", key, len(ts.Samples))
+		}
+	}
+	return wr.Timeseries
+}
+
+func labelString(ls []prompb.Label) string {
+	var b strings.Builder
+	for _, l := range ls {
+		fmt.Fprintf(&b, "%s=%q,", l.Name, l.Value)
+	}
+	return b.String()
+}
+
+func labelValue(ls []prompb.Label, name string) string {
+	for _, l := range ls {
+		if l.Name == name {
+			return l.Value
+		}
+	}
+	return ""
+}
+
+// ---- test source ----------------------------------------------------------
+
+// testSource is a mutable set of series standing in for the server's
+// aggregates, which are another engineer's package.
+type testSource struct {
+	mu     sync.Mutex
+	series map[string]Series // by labelKey
+	calls  int
+	// onCall, if set, runs under the lock at each snapshot (e.g. to grow
+	// counters once per push).
+	onCall func(s *testSource)
+}
+
+func newTestSource() *testSource { return &testSource{series: map[string]Series{}} }
+
+func metricKey(ls []metrics.Label) string {
+	var b strings.Builder
+	for _, l := range ls {
+		fmt.Fprintf(&b, "%s=%q,", l.Name, l.Value)
+	}
+	return b.String()
+}
+
+// podPair builds a contract-shaped pod-pair series (labels sorted).
+func podPair(name, srcPod, dstPod string) []metrics.Label {
+	ls := []metrics.Label{
+		{Name: "class", Value: "cross-zone"},
+		{Name: "dst_kind", Value: "pod"}, {Name: "dst_namespace", Value: "shop"},
+		{Name: "dst_pod", Value: dstPod}, {Name: "dst_workload", Value: "db"},
+		{Name: "dst_workload_kind", Value: "StatefulSet"}, {Name: "dst_zone", Value: "zone-b"},
+		{Name: "src_kind", Value: "pod"}, {Name: "src_namespace", Value: "shop"},
+		{Name: "src_pod", Value: srcPod}, {Name: "src_workload", Value: "api"},
+		{Name: "src_workload_kind", Value: "Deployment"}, {Name: "src_zone", Value: "zone-a"},
+	}
+	return append([]metrics.Label{{Name: "__name__", Value: name}}, ls...)
+}
+
+func (s *testSource) set(ls []metrics.Label, v float64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.series[metricKey(ls)] = Series{Labels: ls, Value: v}
+}
+
+func (s *testSource) add(ls []metrics.Label, v float64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k := metricKey(ls)
+	old := s.series[k]
+	s.series[k] = Series{Labels: ls, Value: old.Value + v}
+}
+
+func (s *testSource) remove(ls []metrics.Label) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.series, metricKey(ls))
+}
+
+func (s *testSource) value(ls []metrics.Label) float64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.series[metricKey(ls)].Value
+}
+
+func (s *testSource) callCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.calls
+}
+
+func (s *testSource) AppendSeries(dst []Series) []Series {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.calls++
+	if s.onCall != nil {
+		s.onCall(s)
+	}
+	for _, se := range s.series {
+		dst = append(dst, se)
+	}
+	return dst
+}
+
+// ---- helpers ----------------------------------------------------------------
+
+func testConfig(urls ...string) PusherConfig {
+	cfg := DefaultPusherConfig()
+	cfg.Interval = time.Hour // tests call Push unless they test Run
+	cfg.MinBackoff = 20 * time.Millisecond
+	cfg.MaxBackoff = 500 * time.Millisecond
+	for _, u := range urls {
+		cfg.Endpoints = append(cfg.Endpoints, EndpointConfig{URL: u, Timeout: 5 * time.Second})
+	}
+	return cfg
+}
+
+func newTestPusher(t *testing.T, cfg PusherConfig, reg *metrics.Registry, log *slog.Logger, srcs ...Source) *Pusher {
+	t.Helper()
+	p, err := NewPusher(cfg, srcs, reg, log)
+	if err != nil {
+		t.Fatalf("NewPusher: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		_ = p.Flush(ctx)
+	})
+	return p
+}
+
+func pushAndWait(t *testing.T, p *Pusher) {
+	t.Helper()
+	p.Push()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// metricValue reads one self-metric series from reg; labels are matched
+// as a subset.
+func metricValue(_ testing.TB, reg *metrics.Registry, name string, labels ...string) float64 {
+	found := math.NaN()
+	reg.Each(func(n string, ls []metrics.Label, v float64) {
+		if n != name {
+			return
+		}
+		for i := 0; i < len(labels); i += 2 {
+			if !slices.Contains(ls, metrics.Label{Name: labels[i], Value: labels[i+1]}) {
+				return
+			}
+		}
+		found = v
+	})
+	return found
+}
+
+// syncBuffer is a log sink safe for the pusher's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// eventually polls cond until it holds or the deadline passes. The
+// deadline only bounds a hang; no test asserts how fast anything is.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// ---- tests ------------------------------------------------------------------
+
+func TestPusherSendsEverySeriesWithHeadersAndLabels(t *testing.T) {
+	rcv := newTestReceiver(t, nil)
+	dir := t.TempDir()
+	tokenFile := filepath.Join(dir, "token")
+	if err := os.WriteFile(tokenFile, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig()
+	cfg.Endpoints = []EndpointConfig{{URL: rcv.url(), BearerTokenFile: tokenFile,
+		Headers: map[string]string{"X-Scope-OrgID": "team-a"}}}
+	cfg.ExternalLabels = []metrics.Label{{Name: "cluster", Value: "prod"}, {Name: "src_zone", Value: "must-not-override"}}
+	cfg.HA = HAConfig{Cluster: "prod-ha", Replica: "kubezonnet-0"}
+	cfg.MaxSeriesPerRequest = 3 // force several requests
+	cfg.Shards = 2
+
+	src := newTestSource()
+	want := map[string]float64{}
+	for i := range 10 {
+		ls := podPair("kubezonnet_pod_pair_bytes_total", fmt.Sprintf("api-%d", i), "db-0")
+		src.set(ls, float64(1000*i+7))
+	}
+	// A second source returning one series of the first again: sent once.
+	dup := podPair("kubezonnet_pod_pair_bytes_total", "api-3", "db-0")
+	src2 := SourceFunc(func(dst []Series) []Series { return append(dst, Series{Labels: dup, Value: 3007}) })
+	for _, s := range src.AppendSeries(nil) {
+		want[s.Labels[10].Value] = s.Value // src_pod
+	}
+	reg := metrics.New()
+	p := newTestPusher(t, cfg, reg, nil, src, src2)
+	pushAndWait(t, p)
+
+	reqs := rcv.requests()
+	if len(reqs) < 4 {
+		t.Fatalf("got %d requests, want at least 4 (10 series, at most 3 per request)", len(reqs))
+	}
+	got := map[string]float64{}
+	stamps := map[int64]bool{}
+	for _, r := range reqs {
+		if h := r.header.Get("X-Scope-OrgID"); h != "team-a" {
+			t.Errorf("X-Scope-OrgID = %q", h)
+		}
+		if h := r.header.Get("Authorization"); h != "Bearer s3cret" {
+			t.Errorf("Authorization = %q", h)
+		}
+		if len(r.series) > 3 {
+			t.Errorf("request with %d series, max 3", len(r.series))
+		}
+		for _, ts := range r.series {
+			if labelValue(ts.Labels, "cluster") != "prod-ha" || labelValue(ts.Labels, "__replica__") != "kubezonnet-0" {
+				t.Errorf("series %s lacks HA labels", labelString(ts.Labels))
+			}
+			if labelValue(ts.Labels, "src_zone") != "zone-a" {
+				t.Errorf("external label overrode series label: %s", labelString(ts.Labels))
+			}
+			pod := labelValue(ts.Labels, "src_pod")
+			if _, dup := got[pod]; dup {
+				t.Errorf("series of %s sent twice in one push", pod)
+			}
+			got[pod] = ts.Samples[0].Value
+			stamps[ts.Samples[0].Timestamp] = true
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("got %d series, want %d", len(got), len(want))
+	}
+	for pod, v := range want {
+		if got[pod] != v {
+			t.Errorf("%s: got %v, want %v", pod, got[pod], v)
+		}
+	}
+	if len(stamps) != 1 {
+		t.Errorf("one push carried %d timestamps, want 1", len(stamps))
+	}
+	if v := metricValue(t, reg, "kubezonnet_server_remote_write_samples_total", "result", "sent"); v != 10 {
+		t.Errorf("samples sent = %v, want 10", v)
+	}
+	if v := metricValue(t, reg, "kubezonnet_server_remote_write_duplicate_series_total"); v != 1 {
+		t.Errorf("duplicates = %v, want 1", v)
+	}
+}
+
+func TestPusherStaleMarkerOnce(t *testing.T) {
+	rcv := newTestReceiver(t, nil)
+	src := newTestSource()
+	a := podPair("kubezonnet_pod_pair_bytes_total", "api-0", "db-0")
+	b := podPair("kubezonnet_pod_pair_bytes_total", "api-1", "db-0")
+	src.set(a, 10)
+	src.set(b, 20)
+	p := newTestPusher(t, testConfig(rcv.url()), nil, nil, src)
+	pushAndWait(t, p)
+	src.remove(b)
+	pushAndWait(t, p)
+	pushAndWait(t, p)
+
+	// pushes[i][src_pod] = values seen in push i (by timestamp order).
+	byTS := map[int64]map[string]float64{}
+	for _, r := range rcv.requests() {
+		for _, ts := range r.series {
+			m := byTS[ts.Samples[0].Timestamp]
+			if m == nil {
+				m = map[string]float64{}
+				byTS[ts.Samples[0].Timestamp] = m
+			}
+			m[labelValue(ts.Labels, "src_pod")] = ts.Samples[0].Value
+		}
+	}
+	stamps := make([]int64, 0, len(byTS))
+	for ts := range byTS {
+		stamps = append(stamps, ts)
+	}
+	slices.Sort(stamps)
+	if len(stamps) != 3 {
+		// Three pushes within one millisecond would share a stamp;
+		// Prometheus-style millisecond stamps make that near impossible.
+		t.Fatalf("got %d distinct push timestamps, want 3", len(stamps))
+	}
+	p1, p2, p3 := byTS[stamps[0]], byTS[stamps[1]], byTS[stamps[2]]
+	if p1["api-1"] != 20 {
+		t.Errorf("push 1: api-1 = %v, want 20", p1["api-1"])
+	}
+	if v, ok := p2["api-1"]; !ok || !IsStaleNaN(v) {
+		t.Errorf("push 2: api-1 = %v (present %v), want the stale marker", v, ok)
+	}
+	if v, ok := p3["api-1"]; ok {
+		t.Errorf("push 3: api-1 = %v, want absent (marker sent once)", v)
+	}
+	if p3["api-0"] != 10 {
+		t.Errorf("push 3: api-0 = %v, want 10", p3["api-0"])
+	}
+}
+
+func TestPusherRetries5xxWithGrowingDelays(t *testing.T) {
+	const failures = 4
+	rcv := newTestReceiver(t, func(n int, w http.ResponseWriter) {
+		if n < failures {
+			http.Error(w, "overloaded", http.StatusServiceUnavailable)
+			return
+		}
+		w.WriteHeader(http.StatusOK)
+	})
+	src := newTestSource()
+	src.set(podPair("kubezonnet_pod_pair_bytes_total", "api-0", "db-0"), 42)
+	cfg := testConfig(rcv.url())
+	cfg.Shards = 1
+	cfg.MaxBackoff = 10 * time.Second
+	reg := metrics.New()
+	p := newTestPusher(t, cfg, reg, nil, src)
+	pushAndWait(t, p)
+
+	reqs := rcv.requests()
+	if len(reqs) != failures+1 {
+		t.Fatalf("got %d attempts, want %d", len(reqs), failures+1)
+	}
+	var prev time.Duration
+	for i := 1; i < len(reqs); i++ {
+		d := reqs[i].at.Sub(reqs[i-1].at)
+		if d <= prev {
+			t.Errorf("delay %d = %v, not longer than the one before (%v)", i, d, prev)
+		}
+		prev = d
+	}
+	if v := reqs[len(reqs)-1].series[0].Samples[0].Value; v != 42 {
+		t.Errorf("delivered value %v, want 42", v)
+	}
+	for _, c := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"kubezonnet_server_remote_write_retries_total", nil, failures},
+		{"kubezonnet_server_remote_write_requests_total", []string{"code", "503"}, failures},
+		{"kubezonnet_server_remote_write_requests_total", []string{"code", "200"}, 1},
+		{"kubezonnet_server_remote_write_samples_total", []string{"result", "sent"}, 1},
+		{"kubezonnet_server_remote_write_pending_samples", nil, 0},
+	} {
+		if v := metricValue(t, reg, c.name, c.labels...); v != c.want {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, v, c.want)
+		}
+	}
+	if v := metricValue(t, reg, "kubezonnet_server_remote_write_last_success_timestamp_seconds"); v < float64(reqs[0].at.Unix()) {
+		t.Errorf("last success %v is before the first attempt", v)
+	}
+}
+
+func TestPusher429(t *testing.T) {
+	for _, retryOn429 := range []bool{true, false} {
+		t.Run(fmt.Sprintf("retry=%v", retryOn429), func(t *testing.T) {
+			rcv := newTestReceiver(t, func(n int, w http.ResponseWriter) {
+				if n == 0 {
+					w.Header().Set("Retry-After", "1")
+					http.Error(w, "slow down", http.StatusTooManyRequests)
+					return
+				}
+				w.WriteHeader(http.StatusNoContent)
+			})
+			src := newTestSource()
+			src.set(podPair("kubezonnet_pod_pair_bytes_total", "api-0", "db-0"), 1)
+			cfg := testConfig(rcv.url())
+			cfg.RetryOn429 = retryOn429
+			reg := metrics.New()
+			p := newTestPusher(t, cfg, reg, nil, src)
+			pushAndWait(t, p)
+			reqs := rcv.requests()
+			if !retryOn429 {
+				if len(reqs) != 1 {
+					t.Fatalf("got %d attempts, want 1 with retry-on-429 off", len(reqs))
+				}
+				if v := metricValue(t, reg, "kubezonnet_server_remote_write_samples_total", "result", "dropped"); v != 1 {
+					t.Errorf("dropped = %v, want 1", v)
+				}
+				return
+			}
+			if len(reqs) != 2 {
+				t.Fatalf("got %d attempts, want 2", len(reqs))
+			}
+			// Lower bound only: the receiver asked for 1 s.
+			if d := reqs[1].at.Sub(reqs[0].at); d < time.Second {
+				t.Errorf("retried after %v, Retry-After asked for 1s", d)
+			}
+		})
+	}
+}
+
+func TestPusher4xxIsFinal(t *testing.T) {
+	rcv := newTestReceiver(t, func(n int, w http.ResponseWriter) {
+		http.Error(w, "out of order sample "+strings.Repeat("x", 2000), http.StatusBadRequest)
+	})
+	src := newTestSource()
+	src.set(podPair("kubezonnet_pod_pair_bytes_total", "api-0", "db-0"), 1)
+	src.set(podPair("kubezonnet_pod_pair_bytes_total", "api-1", "db-0"), 1)
+	var logs syncBuffer
+	reg := metrics.New()
+	cfg := testConfig(rcv.url())
+	cfg.Shards = 1
+	p := newTestPusher(t, cfg, reg, slog.New(slog.NewJSONHandler(&logs, nil)), src)
+	pushAndWait(t, p)
+	if n := len(rcv.requests()); n != 1 {
+		t.Fatalf("got %d attempts, want exactly 1", n)
+	}
+	if v := metricValue(t, reg, "kubezonnet_server_remote_write_samples_total", "result", "dropped"); v != 2 {
+		t.Errorf("dropped = %v, want 2", v)
+	}
+	if v := metricValue(t, reg, "kubezonnet_server_remote_write_retries_total"); v != 0 {
+		t.Errorf("retries = %v, want 0", v)
+	}
+	out := logs.String()
+	if !strings.Contains(out, "out of order sample") || !strings.Contains(out, `"code":400`) {
+		t.Errorf("log lacks the code and body: %s", out)
+	}
+	if strings.Contains(out, strings.Repeat("x", 1000)) {
+		t.Errorf("log carries the whole body, want only its first bytes")
+	}
+}
+
+// flakyEndpoint is a receiver whose listener can be closed and reopened on
+// the same port, so "down" means connection refused, as for a crashed
+// Prometheus.
+type flakyEndpoint struct {
+	*testReceiver
+	addr string
+}
+
+func newFlakyEndpoint(t *testing.T) *flakyEndpoint {
+	r := newTestReceiver(t, nil)
+	return &flakyEndpoint{testReceiver: r, addr: r.srv.Listener.Addr().String()}
+}
+
+func (f *flakyEndpoint) down() { f.srv.Close() }
+
+func (f *flakyEndpoint) up(t *testing.T) {
+	t.Helper()
+	ln, err := net.Listen("tcp", f.addr)
+	if err != nil {
+		t.Fatalf("reopening %s: %v", f.addr, err)
+	}
+	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
+	f.srv.Listener.Close()
+	f.srv.Listener = ln
+	f.srv.Start()
+	t.Cleanup(f.srv.Close)
+}
+
+func TestPusherOutageThenRecoveryCarriesCumulativeValue(t *testing.T) {
+	ep := newFlakyEndpoint(t)
+	src := newTestSource()
+	pairs := [][]metrics.Label{
+		podPair("kubezonnet_pod_pair_bytes_total", "api-0", "db-0"),
+		podPair("kubezonnet_pod_pair_bytes_total", "api-1", "db-0"),
+		podPair("kubezonnet_pod_pair_bytes_total", "api-2", "db-0"),
+	}
+	var mu sync.Mutex
+	counting := true
+	src.onCall = func(s *testSource) {
+		mu.Lock()
+		defer mu.Unlock()
+		if !counting {
+			return
+		}
+		for i, ls := range pairs { // traffic keeps flowing, one "flush" per push
+			k := metricKey(ls)
+			s.series[k] = Series{Labels: ls, Value: s.series[k].Value + float64(1000*(i+1))}
+		}
+	}
+	cfg := testConfig(ep.url())
+	cfg.Interval = 30 * time.Millisecond
+	cfg.MinBackoff = 5 * time.Millisecond
+	cfg.MaxBackoff = 20 * time.Millisecond // shorter than the interval
+	cfg.Shards = 2
+	reg := metrics.New()
+	p := newTestPusher(t, cfg, reg, nil, src)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	eventually(t, "two pushes before the outage", func() bool { return len(ep.requests()) >= 4 })
+	ep.down()
+	nBefore := len(ep.requests())
+	downAt := src.callCount()
+	eventually(t, "ten pushes during the outage", func() bool { return src.callCount() >= downAt+10 })
+	mu.Lock()
+	counting = false
+	mu.Unlock()
+	frozen := map[string]float64{}
+	for _, ls := range pairs {
+		frozen[metricKey(ls)[:0]+ls[10].Value] = src.value(ls)
+	}
+	frozenAt := src.callCount()
+	// Three more snapshots so every shard holds post-freeze data.
+	eventually(t, "pushes after the freeze", func() bool { return src.callCount() >= frozenAt+3 })
+	if v := metricValue(t, reg, "kubezonnet_server_remote_write_pending_samples"); v > 2*float64(len(pairs)) {
+		t.Errorf("pending samples %v during the outage, want at most two snapshots (%d)", v, 2*len(pairs))
+	}
+	ep.up(t)
+	eventually(t, "every series after recovery", func() bool {
+		seen := map[string]bool{}
+		for _, r := range ep.requests()[nBefore:] {
+			for _, ts := range r.series {
+				seen[labelValue(ts.Labels, "src_pod")] = true
+			}
+		}
+		return len(seen) == len(pairs)
+	})
+	first := map[string]float64{}
+	lastTS := map[string]int64{}
+	for i, r := range ep.requests() {
+		for _, ts := range r.series {
+			pod := labelValue(ts.Labels, "src_pod")
+			if ts.Samples[0].Timestamp < lastTS[pod] {
+				t.Errorf("%s: timestamps went backwards", pod)
+			}
+			lastTS[pod] = ts.Samples[0].Timestamp
+			if _, ok := first[pod]; !ok && i >= nBefore {
+				first[pod] = ts.Samples[0].Value
+			}
+		}
+	}
+	for pod, want := range frozen {
+		if first[pod] != want {
+			t.Errorf("%s: first value after recovery %v, want the full cumulative %v", pod, first[pod], want)
+		}
+	}
+	if v := metricValue(t, reg, "kubezonnet_server_remote_write_requests_total", "code", "error"); v < 1 {
+		t.Errorf("no failed attempt counted during the outage")
+	}
+}
+
+// blackhole accepts connections and never answers.
+func blackhole(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return "http://" + ln.Addr().String() + "/api/v1/write"
+}
+
+// closedPort returns a URL nobody listens on.
+func closedPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return "http://" + addr + "/api/v1/write"
+}
+
+func TestPusherDeadEndpointDoesNotBlockLiveOne(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		dead func(*testing.T) string
+	}{
+		{"never answers", blackhole},
+		{"connection refused", closedPort},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			live := newTestReceiver(t, nil)
+			src := newTestSource()
+			pair := podPair("kubezonnet_pod_pair_bytes_total", "api-0", "db-0")
+			src.onCall = func(s *testSource) {
+				k := metricKey(pair)
+				s.series[k] = Series{Labels: pair, Value: s.series[k].Value + 1}
+			}
+			cfg := testConfig(tc.dead(t), live.url())
+			cfg.Endpoints[0].Name = "dead"
+			cfg.Endpoints[0].Timeout = time.Minute // stuck for the whole test
+			cfg.Endpoints[1].Name = "live"
+			cfg.Interval = 20 * time.Millisecond
+			cfg.Shards = 1
+			reg := metrics.New()
+			p, err := NewPusher(cfg, []Source{src}, reg, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- p.Run(ctx) }()
+			eventually(t, "twenty pushes", func() bool { return src.callCount() >= 20 })
+			cancel()
+			<-done
+			pushes := src.callCount()
+			// Every snapshot value 1..pushes must reach the live endpoint.
+			eventually(t, "the live endpoint to receive every push", func() bool {
+				vals := map[float64]bool{}
+				for _, r := range live.requests() {
+					for _, ts := range r.series {
+						vals[ts.Samples[0].Value] = true
+					}
+				}
+				for v := 1; v <= pushes; v++ {
+					if !vals[float64(v)] {
+						return false
+					}
+				}
+				return true
+			})
+			if v := metricValue(t, reg, "kubezonnet_server_remote_write_pending_samples", "endpoint", "dead"); v > 2 {
+				t.Errorf("dead endpoint holds %v pending samples, want at most two snapshots' worth (2)", v)
+			}
+			if v := metricValue(t, reg, "kubezonnet_server_remote_write_samples_total", "endpoint", "dead", "result", "sent"); v != 0 {
+				t.Errorf("dead endpoint sent %v", v)
+			}
+			// Shutdown must not hang on the dead endpoint.
+			fctx, fcancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+			defer fcancel()
+			if err := p.Flush(fctx); err == nil {
+				t.Errorf("Flush reported success with a dead endpoint")
+			}
+			if v := metricValue(t, reg, "kubezonnet_server_remote_write_samples_total", "endpoint", "dead", "result", "failed"); v == 0 {
+				t.Errorf("dead endpoint counted no failed samples")
+			}
+		})
+	}
+}
+
+// ---- benchmarks -------------------------------------------------------------
+
+// staticSource returns the same series every snapshot, as the server's
+// aggregate does between two flushes of its agents.
+type staticSource []Series
+
+func (s staticSource) AppendSeries(dst []Series) []Series { return append(dst, s...) }
+
+func benchSeries(n int) staticSource {
+	out := make(staticSource, n)
+	for i := range out {
+		ls := podPair("kubezonnet_pod_pair_bytes_total", fmt.Sprintf("api-7d9f8c6b5-%05d", i), fmt.Sprintf("db-%d", i%3))
+		out[i] = Series{Labels: ls, Value: float64(i) * 1500}
+	}
+	return out
+}
+
+// BenchmarkSnapshot100k measures one push's CPU work for 100,000 pod-pair
+// series: reading the source, dedup and stale detection, protobuf encoding
+// with the external label merged in, and snappy compression.
+func BenchmarkSnapshot100k(b *testing.B) {
+	const n = 100_000
+	cfg := testConfig()
+	cfg.ExternalLabels = []metrics.Label{{Name: "cluster", Value: "prod"}}
+	p, err := NewPusher(cfg, []Source{benchSeries(n)}, nil, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ts := time.Now().UnixMilli()
+	reqs := p.snapshot(ts) // warm up buffers and the previous snapshot
+	var bytes int
+	for _, r := range reqs {
+		for _, q := range r {
+			bytes += len(q.body)
+		}
+	}
+	b.ReportAllocs()
+	cpu0 := cpuTime()
+	b.ResetTimer()
+	for i := range b.N {
+		p.snapshot(ts + int64(i) + 1)
+	}
+	b.StopTimer()
+	// CPU time of the process (snapshot plus the GC work it causes): on a
+	// shared machine wall time also counts other tenants' load.
+	b.ReportMetric(float64((cpuTime()-cpu0).Nanoseconds())/float64(b.N), "cpu-ns/op")
+	b.ReportMetric(float64(bytes)/n, "compressed-B/series")
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/n, "ns/series")
+}
+
+// cpuTime is the user plus system CPU time of this process.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkPushThroughput measures samples per second delivered to a local
+// receiver (which reads and discards the body, on the same cores): snapshot,
+// encode, compress, HTTP, in full.
+func BenchmarkPushThroughput(b *testing.B) {
+	const n = 20_000
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	defer srv.Close()
+	cfg := testConfig(srv.URL)
+	reg := metrics.New()
+	p, err := NewPusher(cfg, []Source{benchSeries(n)}, reg, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = p.Flush(context.Background()) }()
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		p.Push()
+		if err := p.Wait(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	sent := metricValue(b, reg, "kubezonnet_server_remote_write_samples_total", "result", "sent")
+	if sent != float64(n*b.N) {
+		b.Fatalf("sent %v samples, want %d", sent, n*b.N)
+	}
+	b.ReportMetric(sent/b.Elapsed().Seconds(), "samples/s")
+}
+
+// TestLabelMatchesGeneralEncoding checks the fast label encoder against
+// the general protowire one, across the one-byte-length boundary.
+func TestLabelMatchesGeneralEncoding(t *testing.T) {
+	for _, tc := range []struct{ name, value string }{
+		{"a", ""},
+		{"__name__", "kubezonnet_pod_pair_bytes_total"},
+		{"src_pod", strings.Repeat("p", 123-len("src_pod"))}, // size 127: fast path
+		{"src_pod", strings.Repeat("p", 124-len("src_pod"))}, // size 128: two-byte length
+		{"src_pod", strings.Repeat("p", 300)},
+	} {
+		var a, b SeriesBuilder
+		a.labelGeneral(tc.name, tc.value)
+		b.Label(tc.name, tc.value)
+		if !bytes.Equal(a.AppendTo(nil), b.AppendTo(nil)) {
+			t.Errorf("label %s with %d-byte value: encodings differ", tc.name, len(tc.value))
+		}
+	}
+}

@@ -1,0 +1,46 @@
+package remotewrite
+
+import "github.com/kubezonnet/kubezonnet/internal/metrics"
+
+// Series is one series of a snapshot with its current cumulative value.
+// Labels are sorted by name with __name__ first; a Series is immutable once
+// a Source returned it, so the pusher may keep it until the next snapshot
+// (it needs the labels of vanished series to send their stale markers).
+type Series struct {
+	Labels []metrics.Label
+	Value  float64
+}
+
+// Source is anything whose series the pusher sends: the server's
+// aggregates and its self-metrics. The interface lives here, with its
+// consumer, so producers depend on nothing but this package's types.
+type Source interface {
+	// AppendSeries appends every live series with its current cumulative
+	// value to dst and returns the extended slice.
+	AppendSeries(dst []Series) []Series
+}
+
+// SourceFunc adapts a function to Source.
+type SourceFunc func(dst []Series) []Series
+
+// AppendSeries calls f.
+func (f SourceFunc) AppendSeries(dst []Series) []Series { return f(dst) }
+
+// RegistrySource turns a self-metrics registry into a Source, so push-only
+// clusters get the same kubezonnet_* metrics that /metrics serves.
+func RegistrySource(r *metrics.Registry) Source { return registrySource{r} }
+
+type registrySource struct{ r *metrics.Registry }
+
+// AppendSeries copies every registry series: Each's label slice must not
+// be kept, and a Series must stay immutable. Self-metrics are a few
+// hundred series, so the copies cost nothing worth caching.
+func (s registrySource) AppendSeries(dst []Series) []Series {
+	s.r.Each(func(name string, labels []metrics.Label, value float64) {
+		ls := make([]metrics.Label, 0, 1+len(labels))
+		ls = append(ls, metrics.Label{Name: "__name__", Value: name})
+		ls = append(ls, labels...)
+		dst = append(dst, Series{Labels: ls, Value: value})
+	})
+	return dst
+}
