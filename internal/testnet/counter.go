@@ -24,6 +24,12 @@ type CounterValue struct {
 // InstallCounter adds table inet kzn_ref to ns, counting sources in
 // prefixes at the given hook priority.
 func InstallCounter(ctx context.Context, ns string, priority int, prefixes []netip.Prefix) (*Counter, error) {
+	return InstallCounterMatch(ctx, ns, priority, prefixes, "")
+}
+
+// InstallCounterMatch is InstallCounter with an extra nftables match on
+// every rule (e.g. "meta l4proto { tcp, udp }").
+func InstallCounterMatch(ctx context.Context, ns string, priority int, prefixes []netip.Prefix, match string) (*Counter, error) {
 	var v4, v6 []string
 	for _, p := range prefixes {
 		if p.Addr().Is4() {
@@ -34,10 +40,10 @@ func InstallCounter(ctx context.Context, ns string, priority int, prefixes []net
 	}
 	var rules strings.Builder
 	if len(v4) > 0 {
-		fmt.Fprintf(&rules, "    ip saddr { %s } counter\n", strings.Join(v4, ", "))
+		fmt.Fprintf(&rules, "    ip saddr { %s } %s counter\n", strings.Join(v4, ", "), match)
 	}
 	if len(v6) > 0 {
-		fmt.Fprintf(&rules, "    ip6 saddr { %s } counter\n", strings.Join(v6, ", "))
+		fmt.Fprintf(&rules, "    ip6 saddr { %s } %s counter\n", strings.Join(v6, ", "), match)
 	}
 	ruleset := fmt.Sprintf("table inet kzn_ref {\n  chain post {\n    type filter hook postrouting priority %d; policy accept;\n%s  }\n}\n", priority, rules.String())
 	if _, err := Exec(ctx, ns, "sh", "-c", "nft -f - <<'EOF'\n"+ruleset+"EOF\n"); err != nil {
