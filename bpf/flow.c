@@ -260,6 +260,17 @@ struct l4hdr {
 	__u8 flags;
 };
 
+/* The headers of the common packet, fetched with one slice. */
+struct hdr4 {
+	struct iphdr4 ip;
+	struct l4hdr l4;
+};
+
+struct hdr6 {
+	struct iphdr6 ip;
+	struct l4hdr l4;
+};
+
 struct ext6 {
 	__u8 nexthdr;
 	__u8 hdrlen;
@@ -302,15 +313,21 @@ static __always_inline void count(struct bpf_dynptr *ptr, int ipv6, __u32 len,
 {
 	struct flow_key key = {};
 	__u32 l3len, l4len = 0, segs;
-	__u8 proto, buf[40];
+	__u8 proto, buf[sizeof(struct hdr6)];
+	struct l4hdr *l4 = NULL;
 	int has_l4 = 1;
 
 	if (!ipv6) {
-		struct iphdr4 *ip = bpf_dynptr_slice(ptr, 0, buf, sizeof(*ip));
+		/* One slice for the IP and L4 headers of the common packet
+		 * (no IP options, at least 34 bytes); two otherwise. */
+		struct hdr4 *h = bpf_dynptr_slice(ptr, 0, buf, sizeof(*h));
+		struct iphdr4 *ip = h ? &h->ip : bpf_dynptr_slice(ptr, 0, buf, sizeof(*ip));
 		__u32 *s, *d;
 
 		if (!ip || (ip->ver_ihl >> 4) != 4)
 			goto parse_error;
+		if (h && ip->ver_ihl == 0x45)
+			l4 = &h->l4;
 		l3len = (ip->ver_ihl & 0xf) * 4;
 		if (l3len < sizeof(*ip))
 			goto parse_error;
@@ -326,7 +343,8 @@ static __always_inline void count(struct bpf_dynptr *ptr, int ipv6, __u32 len,
 			has_l4 = 0;
 		}
 	} else {
-		struct iphdr6 *ip6 = bpf_dynptr_slice(ptr, 0, buf, sizeof(*ip6));
+		struct hdr6 *h = bpf_dynptr_slice(ptr, 0, buf, sizeof(*h));
+		struct iphdr6 *ip6 = h ? &h->ip : bpf_dynptr_slice(ptr, 0, buf, sizeof(*ip6));
 
 		if (!ip6 || (bpf_ntohl(ip6->ver_tc_flow) >> 28) != 6)
 			goto parse_error;
@@ -335,6 +353,8 @@ static __always_inline void count(struct bpf_dynptr *ptr, int ipv6, __u32 len,
 		__builtin_memcpy(key.daddr, ip6->daddr, 16);
 		proto = ip6->nexthdr;
 		l3len = sizeof(*ip6);
+		if (h)
+			l4 = &h->l4; /* only used if no extension header follows */
 		/* Walk a bounded number of extension headers. */
 #pragma unroll
 		for (int i = 0; i < 4; i++) {
@@ -344,6 +364,7 @@ static __always_inline void count(struct bpf_dynptr *ptr, int ipv6, __u32 len,
 			    proto != IPPROTO_DSTOPTS && proto != IPPROTO_FRAGMENT &&
 			    proto != IPPROTO_AH)
 				break;
+			l4 = NULL; /* the L4 header is further on */
 			ext = bpf_dynptr_slice(ptr, l3len, buf, sizeof(*ext));
 			if (!ext)
 				goto parse_error;
@@ -367,9 +388,10 @@ static __always_inline void count(struct bpf_dynptr *ptr, int ipv6, __u32 len,
 	}
 
 	if (has_l4 && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)) {
-		struct l4hdr *l4 = bpf_dynptr_slice(ptr, l3len, buf, sizeof(*l4));
 		__u16 sport, dport;
 
+		if (!l4)
+			l4 = bpf_dynptr_slice(ptr, l3len, buf, sizeof(*l4));
 		if (!l4)
 			goto parse_error;
 		sport = bpf_ntohs(l4->sport);
@@ -404,20 +426,15 @@ int kzn_netfilter(struct bpf_nf_ctx *ctx)
 	struct skb_shared_info *shinfo;
 	struct bpf_dynptr ptr;
 	__u32 len = skb->len;
-	/* gso_size and gso_segs are adjacent u16s: one read for both. */
-	union {
-		__u32 both;
-		__u16 v[2];
-	} gso = {};
 
 	if (bpf_dynptr_from_skb(skb, 0, &ptr)) {
 		add_counter(COUNTER_PARSE_ERROR, len, 1);
 		return NF_ACCEPT;
 	}
-	shinfo = (struct skb_shared_info *)(skb->head + skb->end);
-	bpf_probe_read_kernel(&gso.both, sizeof(gso.both),
-			      (void *)shinfo + bpf_core_field_offset(struct skb_shared_info, gso_size));
-	count(&ptr, ctx->state->pf == NFPROTO_IPV6, len, gso.v[1], gso.v[0]);
+	/* skb_shinfo(skb): head + end (an offset on 64-bit kernels). */
+	shinfo = bpf_rdonly_cast(skb->head + skb->end,
+				 bpf_core_type_id_kernel(struct skb_shared_info));
+	count(&ptr, ctx->state->pf == NFPROTO_IPV6, len, shinfo->gso_segs, shinfo->gso_size);
 	return NF_ACCEPT;
 }
 
