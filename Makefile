@@ -39,5 +39,14 @@ bench: deps
 demo: deps build
 	$(GO) run ./testenv/demo
 
+# image builds the container image (Dockerfile: one static binary on
+# distroless) and tags it $(IMAGE):$(VERSION); deploy/ manifests name the
+# same repository. Needs a running Docker engine (or DOCKER=podman).
+DOCKER ?= docker
+IMAGE  ?= ghcr.io/kubezonnet/kubezonnet
+.PHONY: image
+image:
+	$(DOCKER) build --build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION) -f Dockerfile .
+
 clean:
 	rm -rf bin .test.log

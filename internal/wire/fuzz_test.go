@@ -1,0 +1,57 @@
+package wire
+
+import (
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/golang/snappy"
+
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+)
+
+// FuzzDecode feeds arbitrary request bodies to the decoder the server
+// uses. It must never panic, must honour its limits, and whatever it
+// accepts must survive an encode/decode round trip unchanged: the decoder
+// never invents a batch that the contract cannot express.
+func FuzzDecode(f *testing.F) {
+	var e Encoder
+	seed := &Batch{Node: "node-a", Incarnation: "1a2b", Seq: 7, Time: time.UnixMilli(1_700_000_000_000),
+		Flows: []flow.Record{
+			{Key: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2"), Proto: 6, Port: 443, PortIsDst: true},
+				Counts: flow.Counts{Bytes: 1500, Packets: 3}},
+			{Key: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("2001:db8::1"), Proto: 58},
+				Counts: flow.Counts{Bytes: 64, Packets: 1}},
+		},
+		Metrics: []Metric{{Name: "kubezonnet_agent_flows_total", Labels: []Label{{Name: "reason", Value: "x"}}, Value: 2}},
+	}
+	f.Add(slices.Clone(e.Encode(seed)))
+	f.Add(slices.Clone(e.Encode(&Batch{Node: "n", Incarnation: "i", Seq: 1})))
+	f.Add(snappy.Encode(nil, []byte("\x0a\x02\x0a\x00")))
+	f.Add([]byte{})
+	f.Add([]byte("\xff\xff\xff\xff"))
+
+	f.Fuzz(func(t *testing.T, body []byte) {
+		d := Decoder{Limits: Limits{MaxDecodedBytes: 1 << 20, MaxSeries: 1000, MaxLabelLength: 256}}
+		var b Batch
+		if err := d.Decode(body, &b); err != nil {
+			return
+		}
+		if b.Node == "" || b.Incarnation == "" || b.Seq == 0 {
+			t.Fatalf("accepted a batch without identity: %+v", b)
+		}
+		if len(b.Flows) > 500 {
+			t.Fatalf("%d flows exceed the series limit", len(b.Flows))
+		}
+		var e Encoder
+		var again Batch
+		if err := (&Decoder{}).Decode(e.Encode(&b), &again); err != nil {
+			t.Fatalf("re-encoded batch does not decode: %v", err)
+		}
+		if again.Node != b.Node || again.Incarnation != b.Incarnation || again.Seq != b.Seq ||
+			again.Time.UnixMilli() != b.Time.UnixMilli() || !slices.Equal(again.Flows, b.Flows) {
+			t.Fatalf("round trip changed the batch:\n%+v\n%+v", b, again)
+		}
+	})
+}

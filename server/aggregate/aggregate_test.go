@@ -1,0 +1,239 @@
+package aggregate
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/server/resolve"
+)
+
+// Endpoints as the resolver would return them, written out by hand so that
+// the expected label values below are checked against the contract.
+var (
+	webA  = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: "shop", Pod: "web-1", Workload: "web", WorkloadKind: "Deployment", Node: "n-a", Zone: "a", Region: "r1"}
+	webA2 = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: "shop", Pod: "web-2", Workload: "web", WorkloadKind: "Deployment", Node: "n-a", Zone: "a", Region: "r1"}
+	dbB   = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: "shop", Pod: "db-0", Workload: "db", WorkloadKind: "StatefulSet", Node: "n-b", Zone: "b", Region: "r1"}
+	dbA   = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: "shop", Pod: "db-1", Workload: "db", WorkloadKind: "StatefulSet", Node: "n-a", Zone: "a", Region: "r1"}
+	nodeB = &resolve.Endpoint{Kind: resolve.KindNode, Workload: "n-b", WorkloadKind: "Node", Node: "n-b", Zone: "b", Region: "r1"}
+	inet  = &resolve.Endpoint{Kind: resolve.KindExternal, Workload: "external", WorkloadKind: "External", Zone: "external", Region: "external"}
+	// dbBCopy has dbB's labels in another allocation, as after a resolver
+	// rebuild of the endpoint.
+	dbBCopy = func() *resolve.Endpoint { c := *dbB; return &c }()
+)
+
+func fl(src, dst *resolve.Endpoint, class string, bytes, packets uint64) Flow {
+	return Flow{Src: src, Dst: dst, Class: class, Counts: flow.Counts{Bytes: bytes, Packets: packets}}
+}
+
+// render prints series as sorted exposition lines, the form the tests
+// compare against.
+func render(series []remotewrite.Series) []string {
+	out := make([]string, 0, len(series))
+	for _, s := range series {
+		var b strings.Builder
+		if len(s.Labels) == 0 || s.Labels[0].Name != "__name__" {
+			b.WriteString("MISSING_NAME")
+		}
+		for i, l := range s.Labels {
+			if i == 0 && l.Name == "__name__" {
+				b.WriteString(l.Value + "{")
+				continue
+			}
+			if i > 1 {
+				b.WriteByte(',')
+			}
+			fmt.Fprintf(&b, "%s=%q", l.Name, l.Value)
+		}
+		fmt.Fprintf(&b, "} %g", s.Value)
+		out = append(out, b.String())
+	}
+	slices.Sort(out)
+	return out
+}
+
+const (
+	pairWebDB = `class="cross-zone",dst_kind="pod",dst_namespace="shop",dst_pod="db-0",dst_workload="db",dst_workload_kind="StatefulSet",dst_zone="b",src_kind="pod",src_namespace="shop",src_pod="web-1",src_workload="web",src_workload_kind="Deployment",src_zone="a"`
+)
+
+func TestAggregate(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		allPairs bool
+		max      int
+		flows    []Flow
+		want     []string
+		folded   float64
+	}{{
+		name:  "cross-zone pod pair",
+		max:   10,
+		flows: []Flow{fl(webA, dbB, ClassCrossZone, 1000, 10), fl(webA, dbB, ClassCrossZone, 500, 5)},
+		want: []string{
+			`kubezonnet_pod_pair_bytes_total{` + pairWebDB + `} 1500`,
+			`kubezonnet_pod_pair_packets_total{` + pairWebDB + `} 15`,
+			`kubezonnet_zone_pair_bytes_total{dst_zone="b",src_zone="a"} 1500`,
+			`kubezonnet_zone_pair_packets_total{dst_zone="b",src_zone="a"} 15`,
+			`pod_cross_zone_network_traffic_bytes_total{namespace="shop",pod="web-1"} 1500`,
+		},
+	}, {
+		name:  "same-zone pair only in zone series by default",
+		max:   10,
+		flows: []Flow{fl(webA, dbA, ClassSameZone, 700, 7)},
+		want: []string{
+			`kubezonnet_zone_pair_bytes_total{dst_zone="a",src_zone="a"} 700`,
+			`kubezonnet_zone_pair_packets_total{dst_zone="a",src_zone="a"} 7`,
+		},
+	}, {
+		name:     "same-zone pair with all pairs",
+		allPairs: true,
+		max:      10,
+		flows:    []Flow{fl(webA, dbA, ClassSameZone, 700, 7)},
+		want: []string{
+			`kubezonnet_pod_pair_bytes_total{class="same-zone",dst_kind="pod",dst_namespace="shop",dst_pod="db-1",dst_workload="db",dst_workload_kind="StatefulSet",dst_zone="a",src_kind="pod",src_namespace="shop",src_pod="web-1",src_workload="web",src_workload_kind="Deployment",src_zone="a"} 700`,
+			`kubezonnet_pod_pair_packets_total{class="same-zone",dst_kind="pod",dst_namespace="shop",dst_pod="db-1",dst_workload="db",dst_workload_kind="StatefulSet",dst_zone="a",src_kind="pod",src_namespace="shop",src_pod="web-1",src_workload="web",src_workload_kind="Deployment",src_zone="a"} 7`,
+			`kubezonnet_zone_pair_bytes_total{dst_zone="a",src_zone="a"} 700`,
+			`kubezonnet_zone_pair_packets_total{dst_zone="a",src_zone="a"} 7`,
+		},
+	}, {
+		name:  "node and external endpoints leave empty labels out",
+		max:   10,
+		flows: []Flow{fl(nodeB, inet, ClassExternal, 42, 1)},
+		want: []string{
+			`kubezonnet_pod_pair_bytes_total{class="external",dst_kind="external",dst_workload="external",dst_workload_kind="External",dst_zone="external",src_kind="node",src_workload="n-b",src_workload_kind="Node",src_zone="b"} 42`,
+			`kubezonnet_pod_pair_packets_total{class="external",dst_kind="external",dst_workload="external",dst_workload_kind="External",dst_zone="external",src_kind="node",src_workload="n-b",src_workload_kind="Node",src_zone="b"} 1`,
+			`kubezonnet_zone_pair_bytes_total{dst_zone="external",src_zone="b"} 42`,
+			`kubezonnet_zone_pair_packets_total{dst_zone="external",src_zone="b"} 1`,
+		},
+	}, {
+		name:  "equal labels in distinct endpoint allocations share a series",
+		max:   10,
+		flows: []Flow{fl(webA, dbB, ClassCrossZone, 1, 1), fl(webA, dbBCopy, ClassCrossZone, 2, 1)},
+		want: []string{
+			`kubezonnet_pod_pair_bytes_total{` + pairWebDB + `} 3`,
+			`kubezonnet_pod_pair_packets_total{` + pairWebDB + `} 2`,
+			`kubezonnet_zone_pair_bytes_total{dst_zone="b",src_zone="a"} 3`,
+			`kubezonnet_zone_pair_packets_total{dst_zone="b",src_zone="a"} 2`,
+			`pod_cross_zone_network_traffic_bytes_total{namespace="shop",pod="web-1"} 3`,
+		},
+	}, {
+		name:   "pairs beyond the limit fold into the workload pair",
+		max:    1,
+		flows:  []Flow{fl(webA, dbB, ClassCrossZone, 10, 1), fl(webA2, dbB, ClassCrossZone, 20, 2), fl(webA2, dbB, ClassCrossZone, 5, 1)},
+		folded: 1,
+		want: []string{
+			`kubezonnet_pod_pair_bytes_total{` + pairWebDB + `} 10`,
+			`kubezonnet_pod_pair_bytes_total{class="cross-zone",dst_kind="pod",dst_namespace="shop",dst_pod="_overflow",dst_workload="db",dst_workload_kind="StatefulSet",dst_zone="b",src_kind="pod",src_namespace="shop",src_pod="_overflow",src_workload="web",src_workload_kind="Deployment",src_zone="a"} 25`,
+			`kubezonnet_pod_pair_packets_total{` + pairWebDB + `} 1`,
+			`kubezonnet_pod_pair_packets_total{class="cross-zone",dst_kind="pod",dst_namespace="shop",dst_pod="_overflow",dst_workload="db",dst_workload_kind="StatefulSet",dst_zone="b",src_kind="pod",src_namespace="shop",src_pod="_overflow",src_workload="web",src_workload_kind="Deployment",src_zone="a"} 3`,
+			`kubezonnet_zone_pair_bytes_total{dst_zone="b",src_zone="a"} 35`,
+			`kubezonnet_zone_pair_packets_total{dst_zone="b",src_zone="a"} 4`,
+			`pod_cross_zone_network_traffic_bytes_total{namespace="shop",pod="web-1"} 10`,
+			`pod_cross_zone_network_traffic_bytes_total{namespace="shop",pod="web-2"} 25`,
+		},
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			reg := metrics.New()
+			a, err := New(Config{AllPairs: tc.allPairs, MaxPodPairs: tc.max, IdleTimeout: time.Hour}, reg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// One flow per Apply and all in one Apply must agree.
+			for _, f := range tc.flows {
+				a.Apply(time.Now(), []Flow{f})
+			}
+			got := render(a.AppendSeries(nil))
+			slices.Sort(tc.want)
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("series:\n got %s\nwant %s", strings.Join(got, "\n     "), strings.Join(tc.want, "\n     "))
+			}
+			if v := counterValue(reg, "kubezonnet_server_pod_pairs_folded_total"); v != tc.folded {
+				t.Errorf("folded = %v, want %v", v, tc.folded)
+			}
+		})
+	}
+}
+
+func counterValue(reg *metrics.Registry, name string) float64 {
+	v := -1.0
+	reg.Each(func(n string, _ []metrics.Label, value float64) {
+		if n == name {
+			v = value
+		}
+	})
+	return v
+}
+
+func TestExpiry(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	reg := metrics.New()
+	a, err := New(Config{MaxPodPairs: 1, IdleTimeout: time.Minute, Now: func() time.Time { return now }}, reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Apply(now, []Flow{fl(webA, dbB, ClassCrossZone, 10, 1)})
+	now = now.Add(30 * time.Second)
+	a.Apply(now, []Flow{fl(nodeB, inet, ClassExternal, 5, 1)})
+	if n := len(a.AppendSeries(nil)); n != 9 {
+		t.Fatalf("before expiry: %d series, want 9", n)
+	}
+	// 61s after the first flow: the web->db series (and its zone pair and
+	// compat series) are idle, the external ones are not.
+	now = now.Add(31 * time.Second)
+	got := render(a.AppendSeries(nil))
+	want := []string{
+		`kubezonnet_pod_pair_bytes_total{class="external",dst_kind="external",dst_workload="external",dst_workload_kind="External",dst_zone="external",src_kind="node",src_workload="n-b",src_workload_kind="Node",src_zone="b"} 5`,
+		`kubezonnet_pod_pair_packets_total{class="external",dst_kind="external",dst_workload="external",dst_workload_kind="External",dst_zone="external",src_kind="node",src_workload="n-b",src_workload_kind="Node",src_zone="b"} 1`,
+		`kubezonnet_zone_pair_bytes_total{dst_zone="external",src_zone="b"} 5`,
+		`kubezonnet_zone_pair_packets_total{dst_zone="external",src_zone="b"} 1`,
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("after expiry:\n got %s\nwant %s", strings.Join(got, "\n     "), strings.Join(want, "\n     "))
+	}
+	if v := counterValue(reg, "kubezonnet_server_series_expired_total"); v != 3 {
+		t.Errorf("expired = %v, want 3", v)
+	}
+	// The pod-pair slot was freed: the pair comes back as its own series
+	// (not folded) and starts from zero, as a new series should.
+	a.Apply(now, []Flow{fl(webA, dbB, ClassCrossZone, 7, 1)})
+	got = render(a.AppendSeries(nil))
+	if !slices.Contains(got, `kubezonnet_pod_pair_bytes_total{`+pairWebDB+`} 7`) {
+		t.Errorf("re-created pair missing:\n%s", strings.Join(got, "\n"))
+	}
+	if v := counterValue(reg, "kubezonnet_server_pod_pairs_folded_total"); v != 0 {
+		t.Errorf("folded = %v, want 0", v)
+	}
+}
+
+// TestLabelsImmutable checks that a later update never changes label
+// slices handed out before (the pusher keeps them).
+func TestLabelsImmutable(t *testing.T) {
+	a, err := New(Config{MaxPodPairs: 10, IdleTimeout: time.Hour}, metrics.New())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Apply(time.Now(), []Flow{fl(webA, dbB, ClassCrossZone, 1, 1)})
+	first := a.AppendSeries(nil)
+	before := render(first)
+	a.Apply(time.Now(), []Flow{fl(webA2, dbB, ClassCrossZone, 1, 1), fl(nodeB, inet, ClassExternal, 1, 1)})
+	second := a.AppendSeries(nil)
+	for i := range first {
+		first[i].Value = 0 // values are copies; only labels are shared
+	}
+	after := render(first)
+	for i := range before {
+		// strip values before comparing
+		b, _, _ := strings.Cut(before[i], "} ")
+		c, _, _ := strings.Cut(after[i], "} ")
+		if b != c {
+			t.Errorf("labels changed: %s -> %s", b, c)
+		}
+	}
+	if len(second) <= len(first) {
+		t.Errorf("second snapshot has %d series, want more than %d", len(second), len(first))
+	}
+}

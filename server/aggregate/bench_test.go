@@ -1,0 +1,86 @@
+package aggregate
+
+import (
+	"fmt"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/server/resolve"
+)
+
+// pods returns n pod endpoints with realistic name lengths in zone.
+func pods(n int, zone, prefix string) []*resolve.Endpoint {
+	out := make([]*resolve.Endpoint, n)
+	for i := range out {
+		out[i] = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: fmt.Sprintf("team-%d", i%20),
+			Pod: fmt.Sprintf("%s-%d-7d9f8c6b5-x%04d", prefix, i/10, i), Workload: fmt.Sprintf("%s-%d", prefix, i/10),
+			WorkloadKind: "Deployment", Node: fmt.Sprintf("node-%s-%d", zone, i%30), Zone: zone, Region: "eu-west-1"}
+	}
+	return out
+}
+
+// BenchmarkApply: aggregation alone, one op per flow, 10,000 live pairs.
+func BenchmarkApply(b *testing.B) {
+	a, err := New(Config{MaxPodPairs: 1 << 20, IdleTimeout: time.Hour}, metrics.New())
+	if err != nil {
+		b.Fatal(err)
+	}
+	src, dst := pods(100, "eu-west-1a", "web"), pods(100, "eu-west-1b", "db")
+	flows := make([]Flow, 0, 10_000)
+	for i := range 10_000 {
+		flows = append(flows, Flow{Src: src[i%100], Dst: dst[i/100], Class: ClassCrossZone, Counts: flow.Counts{Bytes: 1500, Packets: 1}})
+	}
+	now := time.Now()
+	a.Apply(now, flows)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i += len(flows) {
+		n := min(len(flows), b.N-i)
+		a.Apply(now, flows[:n])
+	}
+}
+
+// BenchmarkMemoryPodPairs creates live cross-zone pod pairs (each one a
+// kubezonnet_pod_pair_bytes_total and a _packets_total series, plus the
+// zone-pair and per-pod series they feed) and reports the heap they hold,
+// from runtime.MemStats after a GC: per pair and in total. 500k pairs are
+// 1,000,000 pod-pair series; 1M pairs are 2,000,000. Run with
+// -benchtime=1x: one op builds the whole set.
+func BenchmarkMemoryPodPairs(b *testing.B) {
+	for _, n := range []int{500, 1000} { // sources; destinations are 1000
+		const dsts = 1000
+		b.Run(fmt.Sprintf("pairs=%d", n*dsts), func(b *testing.B) {
+			src, dst := pods(n, "eu-west-1a", "web"), pods(dsts, "eu-west-1b", "db")
+			for range b.N {
+				var before, after runtime.MemStats
+				runtime.GC()
+				runtime.ReadMemStats(&before)
+				a, err := New(Config{MaxPodPairs: n * dsts, IdleTimeout: time.Hour}, metrics.New())
+				if err != nil {
+					b.Fatal(err)
+				}
+				now := time.Now()
+				flows := make([]Flow, dsts)
+				for i := range n {
+					for j := range dsts {
+						flows[j] = Flow{Src: src[i], Dst: dst[j], Class: ClassCrossZone, Counts: flow.Counts{Bytes: 1, Packets: 1}}
+					}
+					a.Apply(now, flows)
+				}
+				runtime.GC()
+				runtime.ReadMemStats(&after)
+				if a.podPairs != n*dsts {
+					b.Fatalf("%d pod pairs, want %d", a.podPairs, n*dsts)
+				}
+				held := float64(after.HeapAlloc) - float64(before.HeapAlloc)
+				b.ReportMetric(held/float64(n*dsts), "heap-B/pair")
+				b.ReportMetric(held/(1<<20), "heap-MiB")
+				runtime.KeepAlive(a)
+				runtime.KeepAlive(flows)
+			}
+		})
+	}
+}

@@ -1,0 +1,185 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/metadata"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/kubezonnet/kubezonnet/internal/logging"
+	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/internal/version"
+	"github.com/kubezonnet/kubezonnet/server/resolve"
+)
+
+// shutdownTimeout bounds each shutdown step: finishing in-flight requests,
+// and the final push.
+const shutdownTimeout = 30 * time.Second
+
+// tokenRecheck is how often at most the token file's mtime is checked.
+const tokenRecheck = 5 * time.Second
+
+// Command returns `kubezonnet server`.
+func Command() *cli.Command {
+	return &cli.Command{
+		Name:  "server",
+		Usage: "receive agents' flows, attribute them to pods, workloads and zones, push series by remote-write",
+		Flags: Flags(),
+		Action: func(c *cli.Context) error {
+			cfg, err := ConfigFromCLI(c)
+			if err != nil {
+				return err
+			}
+			log, err := logging.New(os.Stderr, cfg.LogFormat, cfg.LogLevel)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return Run(ctx, cfg, log)
+		},
+	}
+}
+
+// Run runs the server until ctx ends, then shuts down in order: stop
+// accepting and finish in-flight requests, write the queued flow logs,
+// push a final snapshot.
+func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	log = log.With("component", "server")
+	restCfg, err := clientcmd.BuildConfigFromFlags("", cfg.Kubeconfig)
+	if err != nil {
+		return fmt.Errorf("kubernetes client config (--kubeconfig %q): %w", cfg.Kubeconfig, err)
+	}
+	restCfg.UserAgent = version.UserAgent("server")
+	client, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		return fmt.Errorf("kubernetes client: %w", err)
+	}
+	if cfg.Resolve.Metadata, err = metadata.NewForConfig(restCfg); err != nil {
+		return fmt.Errorf("kubernetes metadata client: %w", err)
+	}
+	res, err := resolve.New(cfg.Resolve, client, log)
+	if err != nil {
+		return err
+	}
+
+	var auth authenticator
+	switch cfg.AuthMode {
+	case AuthToken:
+		if auth, err = newTokenFile(cfg.TokenFile, tokenRecheck, log); err != nil {
+			return err
+		}
+	case AuthTokenReview:
+		auth = newTokenReview(clientReviewer{client}, cfg.serviceAccountUser())
+	default:
+		log.Warn("agent authentication is disabled (--auth-mode none): anyone reaching the server can send flows")
+		auth = noAuth{}
+	}
+
+	var flowOut io.Writer = os.Stdout
+	if cfg.FlowLogFile != "" && cfg.FlowLogFile != "-" {
+		f, err := os.OpenFile(cfg.FlowLogFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+		if err != nil {
+			return fmt.Errorf("--flow-log-file %q: %w", cfg.FlowLogFile, err)
+		}
+		defer f.Close()
+		flowOut = f
+	}
+
+	reg := metrics.New()
+	srv, err := newServer(&cfg, deps{
+		resolver: res,
+		auth:     auth,
+		reg:      reg,
+		log:      log,
+		flowLog:  flowOut,
+		ready:    readiness(res.HasSynced, cfg.RemoteWrite.Enabled()),
+	})
+	if err != nil {
+		return err
+	}
+	var pusher *remotewrite.Pusher
+	if cfg.RemoteWrite.Enabled() {
+		if pusher, err = remotewrite.NewPusher(cfg.RemoteWrite, srv.Sources(), reg, log); err != nil {
+			return err
+		}
+	} else {
+		log.Warn("no remote-write endpoint configured: series are only kept, /readyz stays unready")
+	}
+
+	ln, err := net.Listen("tcp", cfg.ListenAddress)
+	if err != nil {
+		return fmt.Errorf("--listen-address %q: %w", cfg.ListenAddress, err)
+	}
+	httpSrv := &http.Server{
+		Handler:           srv.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       time.Minute,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	log.Info("server starting", "version", version.Version, "listen", ln.Addr().String(),
+		"auth_mode", cfg.AuthMode, "remote_write_endpoints", len(cfg.RemoteWrite.Endpoints))
+
+	var wg sync.WaitGroup
+	resCtx, stopResolver := context.WithCancel(context.Background())
+	defer stopResolver()
+	resErr := make(chan error, 1)
+	wg.Go(func() { resErr <- res.Run(resCtx) })
+	// The flow log outlives ctx until in-flight requests have finished,
+	// so their events are written too.
+	logCtx, stopLog := context.WithCancel(context.Background())
+	defer stopLog()
+	wg.Go(func() { srv.runFlowLog(logCtx) })
+	pushCtx, stopPush := context.WithCancel(ctx)
+	defer stopPush()
+	if pusher != nil {
+		wg.Go(func() { _ = pusher.Run(pushCtx) })
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- httpSrv.Serve(ln) }()
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case err := <-serveErr:
+		runErr = fmt.Errorf("http server: %w", err)
+	case err := <-resErr:
+		runErr = fmt.Errorf("resolver: %w", err)
+		resErr <- err // keep it for the wait below
+	}
+
+	shutCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	if err := httpSrv.Shutdown(shutCtx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		log.Warn("in-flight requests did not finish", "err", err)
+	}
+	stopLog()
+	stopPush()
+	if pusher != nil {
+		flushCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+		defer cancel()
+		if err := pusher.Flush(flushCtx); err != nil {
+			log.Warn("final push incomplete", "err", err)
+		}
+	}
+	stopResolver()
+	wg.Wait()
+	log.Info("server stopped")
+	return runErr
+}

@@ -1,0 +1,207 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/kubezonnet/kubezonnet/internal/logging"
+	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/internal/wire"
+	"github.com/kubezonnet/kubezonnet/server/flowlog"
+	"github.com/kubezonnet/kubezonnet/server/resolve"
+)
+
+// Defaults of the server flags, with the reason for each.
+const (
+	// DefaultMaxPodPairs: ~1 KiB per live pod pair (see BENCHMARKS.md),
+	// so the default bounds the aggregate at about half a GiB.
+	DefaultMaxPodPairs = 500_000
+	// DefaultSeriesIdleTimeout outlives several agent flush intervals and
+	// remote-write outages, yet ends the series of deleted pods promptly.
+	DefaultSeriesIdleTimeout = 10 * time.Minute
+	// DefaultMaxBodyBytes fits an agent batch of ~100k flows (snappy).
+	DefaultMaxBodyBytes = 16 << 20
+	// DefaultIncarnationTTL must exceed the longest an agent may keep
+	// retrying one batch; an agent silent for longer restarts anyway.
+	DefaultIncarnationTTL = time.Hour
+	// DefaultMaxIncarnations: 10x a 1,000-node cluster's agents, so that
+	// restarts never evict a live incarnation.
+	DefaultMaxIncarnations = 10_000
+	// DefaultAgentServiceAccount is the agent's identity in the deploy/
+	// manifests.
+	DefaultAgentServiceAccount = "kubezonnet:kubezonnet-agent"
+)
+
+// Config is the decoded and validated server command line.
+type Config struct {
+	ListenAddress       string
+	Kubeconfig          string
+	AuthMode            string
+	TokenFile           string
+	AgentServiceAccount string // namespace:name, for --auth-mode tokenreview
+	AllPairs            bool
+	MaxPodPairs         int
+	SeriesIdleTimeout   time.Duration
+	FlowLogClasses      flowlog.ClassSet
+	FlowLogFile         string // "" or "-": stdout
+	MaxBodyBytes        int64
+	// Limits bound a decoded request; zero fields take wire's defaults.
+	Limits              wire.Limits
+	IncarnationTTL      time.Duration
+	MaxIncarnations     int
+	LogLevel, LogFormat string
+	Resolve             resolve.Config
+	RemoteWrite         remotewrite.PusherConfig
+}
+
+// envVar is a flag's environment twin: KUBEZONNET_<FLAG_IN_UPPER_SNAKE>.
+func envVar(flag string) []string {
+	return []string{"KUBEZONNET_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))}
+}
+
+// Flags returns the server's flags, remote-write ones included. They are
+// built on each call: no package-level flag state.
+func Flags() []cli.Flag {
+	fs := []cli.Flag{
+		&cli.StringFlag{Name: "listen-address", Value: ":8080", Usage: "address of the ingest, health and metrics HTTP server"},
+		&cli.PathFlag{Name: "kubeconfig", Usage: "kubeconfig file; empty means in-cluster configuration"},
+		&cli.StringFlag{Name: "auth-mode", Value: AuthToken, Usage: "agent authentication: token (shared bearer token from --token-file), tokenreview (ServiceAccount tokens bound to nodes) or none (tests only)"},
+		&cli.PathFlag{Name: "token-file", Usage: "file holding the shared bearer token (--auth-mode token); re-read when it changes"},
+		&cli.StringFlag{Name: "agent-service-account", Value: DefaultAgentServiceAccount, Usage: "namespace:name of the agents' ServiceAccount (--auth-mode tokenreview)"},
+		&cli.PathFlag{Name: "static-endpoints-file", Usage: "YAML file of static endpoints (name, zone, region, CIDRs)"},
+		&cli.BoolFlag{Name: "all-pairs", Usage: "keep pod-pair series for every class, same-zone included"},
+		&cli.IntFlag{Name: "max-pod-pairs", Value: DefaultMaxPodPairs, Usage: "live pod-pair series before new pairs fold into their workload pair (_overflow)"},
+		&cli.DurationFlag{Name: "series-idle-timeout", Value: DefaultSeriesIdleTimeout, Usage: "series without traffic for this long expire"},
+		&cli.DurationFlag{Name: "released-ip-ttl", Value: resolve.DefaultReleasedIPTTL, Usage: "how long a deleted pod's address still resolves to it for flows seen before"},
+		&cli.IntFlag{Name: "released-ip-cache-size", Value: resolve.DefaultReleasedIPCacheSize, Usage: "released addresses remembered"},
+		&cli.StringSliceFlag{Name: "flow-log-classes", Value: cli.NewStringSlice(resolve.ClassCrossZone), Usage: "classes of flows to log (" + strings.Join(flowlog.Classes, ", ") + ", all, none)"},
+		&cli.StringFlag{Name: "flow-log-file", Usage: "file the flow log is appended to; empty or - means stdout"},
+		&cli.Int64Flag{Name: "max-request-bytes", Value: DefaultMaxBodyBytes, Usage: "largest compressed ingest request body"},
+		&cli.DurationFlag{Name: "incarnation-ttl", Value: DefaultIncarnationTTL, Usage: "how long an agent incarnation's last batch seq is remembered (de-duplication)"},
+		&cli.IntFlag{Name: "max-agent-incarnations", Value: DefaultMaxIncarnations, Usage: "agent incarnations remembered for de-duplication"},
+		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level (" + strings.Join(logging.Levels, ", ") + ")"},
+		&cli.StringFlag{Name: "log-format", Value: "json", Usage: "log format (" + strings.Join(logging.Formats, ", ") + ")"},
+	}
+	for _, f := range fs {
+		setEnv(f)
+	}
+	return append(fs, remotewrite.Flags()...)
+}
+
+// setEnv gives a flag its environment twin.
+func setEnv(f cli.Flag) {
+	name := f.Names()[0]
+	switch f := f.(type) {
+	case *cli.StringFlag:
+		f.EnvVars = envVar(name)
+	case *cli.PathFlag:
+		f.EnvVars = envVar(name)
+	case *cli.BoolFlag:
+		f.EnvVars = envVar(name)
+	case *cli.IntFlag:
+		f.EnvVars = envVar(name)
+	case *cli.Int64Flag:
+		f.EnvVars = envVar(name)
+	case *cli.DurationFlag:
+		f.EnvVars = envVar(name)
+	case *cli.StringSliceFlag:
+		f.EnvVars = envVar(name)
+	}
+}
+
+// ConfigFromCLI decodes and validates the flags.
+func ConfigFromCLI(c *cli.Context) (Config, error) {
+	cfg := Config{
+		ListenAddress:       c.String("listen-address"),
+		Kubeconfig:          c.Path("kubeconfig"),
+		AuthMode:            c.String("auth-mode"),
+		TokenFile:           c.Path("token-file"),
+		AgentServiceAccount: c.String("agent-service-account"),
+		AllPairs:            c.Bool("all-pairs"),
+		MaxPodPairs:         c.Int("max-pod-pairs"),
+		SeriesIdleTimeout:   c.Duration("series-idle-timeout"),
+		FlowLogFile:         c.String("flow-log-file"),
+		MaxBodyBytes:        c.Int64("max-request-bytes"),
+		IncarnationTTL:      c.Duration("incarnation-ttl"),
+		MaxIncarnations:     c.Int("max-agent-incarnations"),
+		LogLevel:            c.String("log-level"),
+		LogFormat:           c.String("log-format"),
+		Resolve: resolve.Config{
+			StaticEndpointsFile: c.Path("static-endpoints-file"),
+			ReleasedIPTTL:       c.Duration("released-ip-ttl"),
+			ReleasedIPCacheSize: c.Int("released-ip-cache-size"),
+		},
+	}
+	var classes []string
+	for _, v := range c.StringSlice("flow-log-classes") {
+		classes = append(classes, strings.Split(v, ",")...)
+	}
+	set, err := flowlog.ParseClasses(classes)
+	if err != nil {
+		return cfg, fmt.Errorf("--flow-log-classes %q: %w", strings.Join(classes, ","), err)
+	}
+	cfg.FlowLogClasses = set
+	rw, err := remotewrite.ConfigFromCLI(c)
+	if err != nil {
+		return cfg, err
+	}
+	cfg.RemoteWrite = rw
+	return cfg, cfg.Validate()
+}
+
+// Validate checks the configuration; each error names the flag and value.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.ListenAddress == "" {
+		errs = append(errs, errors.New("--listen-address: must not be empty"))
+	}
+	switch c.AuthMode {
+	case AuthToken:
+		if c.TokenFile == "" {
+			errs = append(errs, errors.New("--token-file: required with --auth-mode token"))
+		}
+	case AuthTokenReview:
+		ns, name, ok := strings.Cut(c.AgentServiceAccount, ":")
+		if !ok || ns == "" || name == "" || strings.Contains(name, ":") {
+			errs = append(errs, fmt.Errorf("--agent-service-account %q: want namespace:name", c.AgentServiceAccount))
+		}
+	case AuthNone:
+	default:
+		errs = append(errs, fmt.Errorf("--auth-mode %q: want %s, %s or %s", c.AuthMode, AuthToken, AuthTokenReview, AuthNone))
+	}
+	if c.MaxPodPairs <= 0 {
+		errs = append(errs, fmt.Errorf("--max-pod-pairs %d: must be positive", c.MaxPodPairs))
+	}
+	if c.SeriesIdleTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--series-idle-timeout %s: must be positive", c.SeriesIdleTimeout))
+	}
+	if c.MaxBodyBytes <= 0 {
+		errs = append(errs, fmt.Errorf("--max-request-bytes %d: must be positive", c.MaxBodyBytes))
+	}
+	if c.IncarnationTTL <= 0 {
+		errs = append(errs, fmt.Errorf("--incarnation-ttl %s: must be positive", c.IncarnationTTL))
+	}
+	if c.MaxIncarnations <= 0 {
+		errs = append(errs, fmt.Errorf("--max-agent-incarnations %d: must be positive", c.MaxIncarnations))
+	}
+	if _, err := logging.ParseLevel(c.LogLevel); err != nil {
+		errs = append(errs, fmt.Errorf("--log-level: %w", err))
+	}
+	if c.LogFormat != "json" && c.LogFormat != "text" {
+		errs = append(errs, fmt.Errorf("--log-format %q: want json or text", c.LogFormat))
+	}
+	if err := c.Resolve.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// serviceAccountUser is the TokenReview username of the agents.
+func (c *Config) serviceAccountUser() string {
+	ns, name, _ := strings.Cut(c.AgentServiceAccount, ":")
+	return "system:serviceaccount:" + ns + ":" + name
+}

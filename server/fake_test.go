@@ -1,0 +1,49 @@
+package server
+
+import (
+	"net/netip"
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/server/resolve"
+)
+
+// fakeResolver stands in for resolve.Resolver, which needs Kubernetes
+// informers: it answers from a table of addresses. Ingest only depends on
+// the Resolver interface, and the resolver's own tests cover resolution.
+type fakeResolver struct {
+	eps    map[netip.Addr]*resolve.Endpoint
+	owners map[netip.Addr]string
+}
+
+var fakeUnknown = &resolve.Endpoint{Kind: resolve.KindUnknown, Workload: "unknown", WorkloadKind: "Unknown",
+	Zone: "unknown", Region: "unknown", Reason: resolve.ReasonNoPod}
+
+func (f *fakeResolver) Resolve(ip netip.Addr, _ time.Time) *resolve.Endpoint {
+	if ep, ok := f.eps[ip]; ok {
+		return ep
+	}
+	return fakeUnknown
+}
+
+func (f *fakeResolver) Owner(ip netip.Addr, _ time.Time) (string, bool) {
+	n, ok := f.owners[ip]
+	return n, ok
+}
+
+// add registers a pod endpoint at ip on its node.
+func (f *fakeResolver) add(ip string, ep *resolve.Endpoint) {
+	a := netip.MustParseAddr(ip)
+	f.eps[a] = ep
+	if ep.Node != "" {
+		f.owners[a] = ep.Node
+	}
+}
+
+func newFakeResolver() *fakeResolver {
+	return &fakeResolver{eps: map[netip.Addr]*resolve.Endpoint{}, owners: map[netip.Addr]string{}}
+}
+
+func podEP(ns, pod, workload, kind, node, zone string) *resolve.Endpoint {
+	return &resolve.Endpoint{Kind: resolve.KindPod, Namespace: ns, Pod: pod, Workload: workload,
+		WorkloadKind: kind, Node: node, Zone: zone, Region: "r1"}
+}

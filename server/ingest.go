@@ -1,0 +1,281 @@
+package server
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"mime"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/internal/wire"
+	"github.com/kubezonnet/kubezonnet/server/aggregate"
+	"github.com/kubezonnet/kubezonnet/server/flowlog"
+	"github.com/kubezonnet/kubezonnet/server/resolve"
+)
+
+// Resolver is what ingest needs of server/resolve.Resolver: endpoints for
+// addresses at the time a flow was seen, and the node an address belongs
+// to (to refuse flows an agent may not report).
+type Resolver interface {
+	Resolve(ip netip.Addr, at time.Time) *resolve.Endpoint
+	Owner(ip netip.Addr, at time.Time) (node string, ok bool)
+}
+
+// Reasons a request is refused: values of the reason label of
+// kubezonnet_server_ingest_rejected_total.
+const (
+	reasonMethod          = "method"
+	reasonContentType     = "content_type"
+	reasonContentEncoding = "content_encoding"
+	reasonUnauthenticated = "unauthenticated"
+	reasonForbidden       = "forbidden"
+	reasonAuthUnavailable = "auth_unavailable"
+	reasonBodyTooLarge    = "body_too_large"
+	reasonLimit           = "limit"
+	reasonMalformed       = "malformed"
+	reasonNodeMismatch    = "node_mismatch"
+	reasonRead            = "read_error"
+)
+
+var rejectReasons = []string{
+	reasonMethod, reasonContentType, reasonContentEncoding, reasonUnauthenticated, reasonForbidden,
+	reasonAuthUnavailable, reasonBodyTooLarge, reasonLimit, reasonMalformed, reasonNodeMismatch, reasonRead,
+}
+
+// Status codes the handler answers, pre-registered so the hot path only
+// looks counters up.
+var ingestCodes = []int{
+	http.StatusNoContent, http.StatusBadRequest, http.StatusUnauthorized, http.StatusForbidden,
+	http.StatusMethodNotAllowed, http.StatusRequestEntityTooLarge, http.StatusUnsupportedMediaType,
+	http.StatusServiceUnavailable,
+}
+
+var unresolvedReasons = []string{
+	resolve.ReasonNoPod, resolve.ReasonNoZone, resolve.ReasonNoNode, resolve.ReasonNotSynced,
+	resolve.ReasonInvalidAddress, "other",
+}
+
+// IngestConfig configures the ingest handler.
+type IngestConfig struct {
+	// MaxBodyBytes bounds the compressed request body (413 beyond).
+	MaxBodyBytes int64
+	// Limits bound the decoded request (413 beyond).
+	Limits wire.Limits
+}
+
+// Ingest is the POST /api/v1/write handler: it authenticates, decodes,
+// de-duplicates, resolves, aggregates and logs one agent batch per request.
+type Ingest struct {
+	cfg    IngestConfig
+	res    Resolver
+	agg    *aggregate.Aggregator
+	flog   *flowlog.Logger // nil: no flow logs
+	auth   authenticator
+	dedup  *dedup
+	agents *agentMetrics
+	log    *slog.Logger
+	now    func() time.Time
+
+	pool sync.Pool // *work
+
+	codes      map[int]*metrics.Counter
+	rejected   map[string]*metrics.Counter
+	unresolved map[string]*metrics.Counter
+	foreign    *metrics.Counter
+	batches    *metrics.Counter
+	flows      *metrics.Counter
+	flowBytes  *metrics.Counter
+}
+
+// work is the per-request scratch state, pooled: a decoder with its
+// buffers, the batch, and the resolved flows.
+type work struct {
+	body  bytes.Buffer
+	dec   wire.Decoder
+	batch wire.Batch
+	flows []aggregate.Flow
+}
+
+// maxPooledBody: a rare huge request's buffer is not kept for reuse.
+const maxPooledBody = 8 << 20
+
+func newIngest(cfg IngestConfig, res Resolver, agg *aggregate.Aggregator, flog *flowlog.Logger,
+	auth authenticator, dd *dedup, agents *agentMetrics, reg *metrics.Registry, log *slog.Logger) *Ingest {
+	in := &Ingest{
+		cfg: cfg, res: res, agg: agg, flog: flog, auth: auth, dedup: dd, agents: agents, log: log, now: time.Now,
+		codes:      map[int]*metrics.Counter{},
+		rejected:   map[string]*metrics.Counter{},
+		unresolved: map[string]*metrics.Counter{},
+		foreign: reg.Counter("kubezonnet_server_flows_dropped_total",
+			"Flows dropped: foreign_source is a flow whose source belongs to another node than the reporting agent's.",
+			metrics.Label{Name: "reason", Value: "foreign_source"}),
+		batches:   reg.Counter("kubezonnet_server_batches_applied_total", "Agent batches applied (duplicates excluded)."),
+		flows:     reg.Counter("kubezonnet_server_flows_total", "Flows applied from agent batches."),
+		flowBytes: reg.Counter("kubezonnet_server_flow_bytes_total", "Bytes of the flows applied from agent batches."),
+	}
+	for _, c := range ingestCodes {
+		in.codes[c] = reg.Counter("kubezonnet_server_ingest_requests_total", "Ingest requests by response status code.",
+			metrics.Label{Name: "code", Value: strconv.Itoa(c)})
+	}
+	for _, r := range rejectReasons {
+		in.rejected[r] = reg.Counter("kubezonnet_server_ingest_rejected_total", "Ingest requests refused, by reason.",
+			metrics.Label{Name: "reason", Value: r})
+	}
+	for _, r := range unresolvedReasons {
+		in.unresolved[r] = reg.Counter("kubezonnet_server_unresolved_total",
+			"Flow endpoints (source or destination) resolved to unknown, by reason.",
+			metrics.Label{Name: "reason", Value: r})
+	}
+	in.pool.New = func() any { return &work{dec: wire.Decoder{Limits: cfg.Limits}} }
+	return in
+}
+
+// ServeHTTP handles one agent request. Every refusal is answered with a
+// plain-text message saying what was wrong and counted; nothing of a
+// refused request is applied.
+func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		in.refuse(w, http.StatusMethodNotAllowed, reasonMethod, "method %s not allowed, use POST", r.Method)
+		return
+	}
+	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != remotewrite.ContentType {
+		in.refuse(w, http.StatusUnsupportedMediaType, reasonContentType,
+			"content type %q not supported, want %s", r.Header.Get("Content-Type"), remotewrite.ContentType)
+		return
+	}
+	if ce := r.Header.Get("Content-Encoding"); ce != remotewrite.ContentEncoding {
+		in.refuse(w, http.StatusUnsupportedMediaType, reasonContentEncoding,
+			"content encoding %q not supported, want %s", ce, remotewrite.ContentEncoding)
+		return
+	}
+	id, err := in.auth.authenticate(r.Context(), r)
+	if err != nil {
+		switch {
+		case errors.Is(err, errAuthUnavailable):
+			in.refuse(w, http.StatusServiceUnavailable, reasonAuthUnavailable, "%v", err)
+		case errors.Is(err, errForbidden):
+			in.refuse(w, http.StatusForbidden, reasonForbidden, "%v", err)
+		default:
+			w.Header().Set("WWW-Authenticate", `Bearer realm="kubezonnet"`)
+			in.refuse(w, http.StatusUnauthorized, reasonUnauthenticated, "%v", err)
+		}
+		return
+	}
+
+	wk := in.pool.Get().(*work)
+	defer in.release(wk)
+	wk.body.Reset()
+	if _, err := wk.body.ReadFrom(http.MaxBytesReader(w, r.Body, in.cfg.MaxBodyBytes)); err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			in.refuse(w, http.StatusRequestEntityTooLarge, reasonBodyTooLarge,
+				"request body exceeds %d bytes", tooBig.Limit)
+			return
+		}
+		in.refuse(w, http.StatusBadRequest, reasonRead, "reading request body: %v", err)
+		return
+	}
+	b := &wk.batch
+	if err := wk.dec.Decode(wk.body.Bytes(), b); err != nil {
+		if errors.Is(err, wire.ErrTooLarge) {
+			in.refuse(w, http.StatusRequestEntityTooLarge, reasonLimit, "%v", err)
+		} else {
+			in.refuse(w, http.StatusBadRequest, reasonMalformed, "%v", err)
+		}
+		return
+	}
+	if !id.mayReport(b.Node) {
+		in.refuse(w, http.StatusForbidden, reasonNodeMismatch,
+			"credentials of node %q may not report for node %q", id.node, b.Node)
+		return
+	}
+	now := in.now()
+	if in.dedup.claim(b.Node, b.Incarnation, b.Seq, now) {
+		in.apply(wk, now)
+	}
+	in.codes[http.StatusNoContent].Inc()
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (in *Ingest) release(wk *work) {
+	if wk.body.Cap() > maxPooledBody {
+		return
+	}
+	clear(wk.flows) // do not pin endpoints from the pool
+	wk.flows = wk.flows[:0]
+	in.pool.Put(wk)
+}
+
+// refuse answers a request with code and a message, and counts it.
+func (in *Ingest) refuse(w http.ResponseWriter, code int, reason, format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	in.codes[code].Inc()
+	in.rejected[reason].Inc()
+	in.log.Debug("ingest request refused", "code", code, "reason", reason, "msg", msg)
+	http.Error(w, msg, code)
+}
+
+// apply resolves, aggregates and logs the flows of a claimed batch.
+func (in *Ingest) apply(wk *work, now time.Time) {
+	b := &wk.batch
+	flows := wk.flows[:0]
+	var events []flowlog.Event
+	if in.flog.Any() {
+		events = in.flog.Buffer()
+	}
+	var foreign, total, bytes uint64
+	at := b.Time
+	for i := range b.Flows {
+		f := &b.Flows[i]
+		// A flow the agent may not report: its source address belongs to
+		// another node, which reports it itself (or it is spoofed).
+		if owner, ok := in.res.Owner(f.Src, at); ok && owner != b.Node {
+			foreign++
+			continue
+		}
+		src, dst := in.res.Resolve(f.Src, at), in.res.Resolve(f.Dst, at)
+		if src.Kind == resolve.KindUnknown {
+			in.countUnresolved(src)
+		}
+		if dst.Kind == resolve.KindUnknown {
+			in.countUnresolved(dst)
+		}
+		class := resolve.Classify(src, dst)
+		flows = append(flows, aggregate.Flow{Src: src, Dst: dst, Class: class, Counts: f.Counts})
+		total++
+		bytes += f.Bytes
+		if in.flog.Enabled(class) {
+			events = append(events, flowlog.Event{Time: at, Node: b.Node, Src: src, Dst: dst, Record: *f, Class: class})
+		}
+	}
+	in.agg.Apply(now, flows)
+	wk.flows = flows
+	if events != nil {
+		in.flog.Send(events)
+	}
+	in.agents.update(b.Node, b.Metrics, now)
+	in.batches.Inc()
+	if total > 0 {
+		in.flows.Add(float64(total))
+		in.flowBytes.Add(float64(bytes))
+	}
+	if foreign > 0 {
+		in.foreign.Add(float64(foreign))
+	}
+}
+
+func (in *Ingest) countUnresolved(ep *resolve.Endpoint) {
+	c, ok := in.unresolved[ep.Reason]
+	if !ok {
+		c = in.unresolved["other"]
+	}
+	c.Inc()
+}

@@ -1,0 +1,149 @@
+package resolve
+
+import (
+	"fmt"
+	"net/netip"
+	"runtime"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+)
+
+const (
+	benchPods  = 10000
+	benchNodes = 100
+)
+
+// benchPod is a realistic pod: Deployment-owned, dual-stack, with the
+// labels and spec the transform removes.
+func benchPod(i int) *corev1.Pod {
+	p := pod("ns-"+fmt.Sprint(i%50), fmt.Sprintf("web-%d-7d9f8c6b5-abcde", i), fmt.Sprintf("node-%d", i%benchNodes),
+		[]string{benchIPv4(i).String(), benchIPv6(i).String()},
+		ownedBy("ReplicaSet", fmt.Sprintf("web-%d-7d9f8c6b5", i)),
+		labels("pod-template-hash", "7d9f8c6b5", "app", fmt.Sprintf("web-%d", i), "team", "shop"))
+	p.Annotations = map[string]string{"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"}
+	return p
+}
+
+func benchIPv4(i int) netip.Addr {
+	return netip.AddrFrom4([4]byte{10, 64 + byte(i>>16), byte(i >> 8), byte(i)})
+}
+
+func benchIPv6(i int) netip.Addr {
+	return netip.AddrFrom16([16]byte{0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, byte(i >> 8), byte(i)})
+}
+
+// newBenchResolver indexes benchPods pods on benchNodes nodes through the
+// same transforms and index updates the informers use.
+func newBenchResolver(b *testing.B) *Resolver {
+	b.Helper()
+	r, err := New(Config{ReleasedIPTTL: DefaultReleasedIPTTL, ReleasedIPCacheSize: DefaultReleasedIPCacheSize},
+		newEmptyClient(), nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	r.static = newStaticTable([]StaticEndpoint{{Name: "db", Zone: "z-0", CIDRs: prefixes("172.20.0.0/16")}})
+	for n := 0; n < benchNodes; n++ {
+		obj, _ := nodeTransform(node(fmt.Sprintf("node-%d", n), fmt.Sprintf("z-%d", n%3), "r-1",
+			netip.AddrFrom4([4]byte{10, 0, byte(n >> 8), byte(n)}).String()))
+		r.ix.upsertNode(obj.(*corev1.Node))
+	}
+	tr := podTransform(nil)
+	for i := 0; i < benchPods; i++ {
+		obj, _ := tr(benchPod(i))
+		r.ix.upsertPod(obj.(*corev1.Pod), base, true)
+	}
+	r.synced.Store(true)
+	return r
+}
+
+// BenchmarkResolve measures the hot path with 10,000 pods indexed. The
+// sub-benchmarks cover each way out of Resolve; "pod" is the common case.
+func BenchmarkResolve(b *testing.B) {
+	r := newBenchResolver(b)
+	// A released pod with a later holder: flows older than the reuse go
+	// through the released-IP LRU.
+	reused := benchIPv4(7)
+	r.ix.deletePod("ns-7", "web-7-7d9f8c6b5-abcde", "uid-ns-7-web-7-7d9f8c6b5-abcde", base.Add(time.Minute))
+	obj, _ := podTransform(nil)(pod("ns-x", "reuser", "node-1", []string{reused.String()}))
+	r.ix.upsertPod(obj.(*corev1.Pod), base.Add(2*time.Minute), false)
+
+	const n = 4096
+	at := base.Add(time.Hour)
+	cases := []struct {
+		name string
+		ip   func(i int) netip.Addr
+		at   time.Time
+		kind Kind
+	}{
+		{"pod", func(i int) netip.Addr { return benchIPv4((i * 7919) % benchPods) }, at, KindPod},
+		{"pod-ipv6", func(i int) netip.Addr { return benchIPv6((i * 7919) % benchPods) }, at, KindPod},
+		{"node", func(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 0, 0, byte(i % benchNodes)}) }, at, KindNode},
+		{"released", func(int) netip.Addr { return reused }, base.Add(90 * time.Second), KindPod},
+		{"static", func(i int) netip.Addr { return netip.AddrFrom4([4]byte{172, 20, byte(i >> 8), byte(i)}) }, at, KindStatic},
+		{"external", func(i int) netip.Addr { return netip.AddrFrom4([4]byte{8, 8, byte(i >> 8), byte(i)}) }, at, KindExternal},
+		{"unknown", func(i int) netip.Addr { return netip.AddrFrom4([4]byte{192, 168, byte(i >> 8), byte(i)}) }, at, KindUnknown},
+	}
+	for _, c := range cases {
+		ips := make([]netip.Addr, n)
+		for i := range ips {
+			ips[i] = c.ip(i)
+			if k := r.Resolve(ips[i], c.at).Kind; k != c.kind {
+				b.Fatalf("%s: %s resolved to %s, want %s", c.name, ips[i], k, c.kind)
+			}
+		}
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			var sink *Endpoint
+			i := 0
+			for b.Loop() {
+				sink = r.Resolve(ips[i&(n-1)], c.at)
+				i++
+			}
+			_ = sink
+		})
+	}
+}
+
+// BenchmarkIndexMemory reports the heap cost per pod: "index-B/pod" is the
+// resolver's own state (pod state, address slots, endpoint), "cache-B/pod"
+// the transformed Pod the informer cache keeps. Each op builds the index.
+func BenchmarkIndexMemory(b *testing.B) {
+	for b.Loop() {
+		r, _ := New(Config{ReleasedIPTTL: time.Minute, ReleasedIPCacheSize: 1}, newEmptyClient(), nil)
+		tr := podTransform(nil)
+		objs := make([]*corev1.Pod, benchPods)
+		for i := range objs {
+			obj, _ := tr(benchPod(i))
+			objs[i] = obj.(*corev1.Pod)
+		}
+		for n := 0; n < benchNodes; n++ {
+			obj, _ := nodeTransform(node(fmt.Sprintf("node-%d", n), "z", "r"))
+			r.ix.upsertNode(obj.(*corev1.Node))
+		}
+		before := heapInUse()
+		for _, p := range objs {
+			r.ix.upsertPod(p, base, true)
+		}
+		indexBytes := heapInUse() - before
+		runtime.KeepAlive(r)
+
+		before = heapInUse()
+		cache := make([]any, benchPods)
+		for i := range cache {
+			cache[i], _ = tr(benchPod(i))
+		}
+		cacheBytes := heapInUse() - before
+		runtime.KeepAlive(cache)
+		b.ReportMetric(float64(indexBytes)/benchPods, "index-B/pod")
+		b.ReportMetric(float64(cacheBytes)/benchPods, "cache-B/pod")
+	}
+}
+
+func heapInUse() int64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return int64(m.HeapAlloc)
+}

@@ -1,0 +1,64 @@
+// Package resolve turns the addresses in flows into endpoints: the pod,
+// node, static endpoint or internet on each side, with the workload, zone
+// and region that the server's series are labelled with.
+//
+// # Sources
+//
+// Client-go shared informers watch Pods and Nodes; their transform functions
+// strip each object to what resolution needs (pods: name, namespace, UID,
+// node, addresses, host-network flag, controller reference, phase, deletion
+// time and the labels in Config.PodLabels; nodes: name, zone/region labels,
+// InternalIP/ExternalIP addresses). Workloads are named through the metadata
+// API (k8s.io/client-go/metadata): ReplicaSets give their Deployment and Jobs
+// their CronJob. When Config.Metadata is nil, or listing ReplicaSets or Jobs
+// is forbidden, a ReplicaSet named "<name>-<pod-template-hash>" is taken to
+// belong to Deployment "<name>" and Jobs stay Jobs. RBAC needed: list and
+// watch on pods and nodes; list and watch on replicasets.apps and jobs.batch
+// for exact owner names.
+//
+// # Resolution order
+//
+//  1. An address held now by a pod on the pod network: that pod, unless the
+//     flow was observed before the pod got it (see below).
+//  2. A node's InternalIP/ExternalIP or a host-network pod's address: the
+//     node (kind "node"). Host addresses are not remembered after release.
+//  3. A pod that released the address recently (the released-IP LRU).
+//  4. A static endpoint from the CIDR file, longest prefix first.
+//  5. A public address: "external". Anything else: "unknown", reason
+//     "no_pod" ("not_synced" before the informers have synced,
+//     "invalid_address" for the zero or unspecified address).
+//
+// A pod or host address whose node is not known is unknown with reason
+// "no_node", and one whose node has no topology.kubernetes.io/zone label is
+// unknown with reason "no_zone"; both keep namespace, pod and node so flow
+// logs still name them. Endpoints are rebuilt when their pod, node or owner
+// changes, so a zone label added later applies to the next lookup.
+//
+// # Time
+//
+// Resolve takes the time the flow was observed. The index records, for each
+// address, the time its informer handler saw the address assigned (the
+// "since" time; pods present at start-up count as holding their addresses
+// since forever) and, in a golang-lru LRU of --released-ip-cache-size
+// addresses, up to four previous holders with the time they were seen to
+// release it (pod deleted, terminal phase, or address taken by another pod).
+// A flow goes to the last holder that had the address at or before its
+// time, if that holder still had it or released it less than
+// --released-ip-ttl before; a flow older than every remembered holder goes
+// to the oldest of them. Precision: both times are those at which this
+// server's informer saw the change, so they lag the real change by the watch
+// latency (typically well under a second), and agents stamp flows when they
+// drain them (up to one flush interval after the packets). A reused address
+// can therefore be misattributed only for flows within that lag of the
+// reuse; CNIs normally quarantine released addresses for longer.
+//
+// # Cost
+//
+// Resolve does not allocate: one read-locked map probe for pod and host
+// addresses (about 30-40 ns, see BENCHMARKS.md), plus an LRU probe for
+// unclaimed or reused addresses and one map probe per distinct static prefix
+// length. Memory per pod (BenchmarkIndexMemory, a dual-stack Deployment pod):
+// about 0.6 KB of index state and 1.5 KB for the transformed object in the
+// informer cache; per released address about 200 bytes, bounded by
+// --released-ip-cache-size (64Ki addresses by default: about 13 MB).
+package resolve

@@ -1,0 +1,444 @@
+package resolve
+
+import (
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	lru "github.com/hashicorp/golang-lru/v2"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
+)
+
+// maxHoldersPerIP bounds the released holders remembered for one address.
+// More than a few owners of one IP inside one --released-ip-ttl would mean
+// pods churning every few seconds; the oldest are forgotten first.
+const maxHoldersPerIP = 4
+
+// index maps addresses to endpoints. Informer handlers write it under mu;
+// Resolve reads it under mu.RLock. Endpoints are precomputed per pod and per
+// node whenever something they depend on changes (pod, node, ReplicaSet or
+// Job metadata), so a lookup is a map probe and a pointer load.
+type index struct {
+	mu sync.RWMutex
+
+	pods    map[string]*podState // by namespace/name
+	nodes   map[string]*nodeState
+	podIPs  map[netip.Addr]podSlot   // addresses held by pods on the pod network
+	hostIPs map[netip.Addr]*hostSlot // node addresses and host-network pod addresses
+	byOwner map[ownerKey]map[*podState]struct{}
+
+	// released remembers, per address, the pods that held it until
+	// recently (oldest first). Values are never modified once stored, so
+	// readers may use them without mu.
+	released *lru.Cache[netip.Addr, []heldBy]
+	ttl      time.Duration
+
+	podLabels []string
+	owners    *ownerStore
+}
+
+// podState is the index's view of one pod.
+type podState struct {
+	namespace, name string
+	uid             types.UID
+	node            *nodeState
+	hostNetwork     bool
+	ips             []netip.Addr // addresses this pod holds now
+	owner           podOwner
+	via             *ownerKey // ReplicaSet or Job its workload name depends on
+	labels          []string  // values of the requested pod labels
+	ep              *Endpoint
+}
+
+// nodeState is the index's view of one node; it also exists, with
+// known=false, while pods reference a node the informer has not delivered.
+type nodeState struct {
+	name         string
+	known        bool
+	zone, region string
+	addrs        []netip.Addr
+	pods         map[*podState]struct{}
+	ep           *Endpoint
+}
+
+// podSlot records which pod holds an address, and since when (the time the
+// informer handler saw the assignment; the zero time for pods that existed
+// when the resolver started).
+type podSlot struct {
+	pod   *podState
+	since time.Time
+}
+
+// hostSlot records a host address: a node's own address and/or the address
+// of host-network pods on that node.
+type hostSlot struct {
+	node     *nodeState
+	nodeAddr bool
+	pods     int
+}
+
+// heldBy is one past holder of an address.
+type heldBy struct {
+	ep           *Endpoint
+	since, until time.Time
+}
+
+func newIndex(cacheSize int, ttl time.Duration, podLabels []string) (*index, error) {
+	released, err := lru.New[netip.Addr, []heldBy](cacheSize)
+	if err != nil {
+		return nil, err
+	}
+	return &index{
+		pods:      make(map[string]*podState),
+		nodes:     make(map[string]*nodeState),
+		podIPs:    make(map[netip.Addr]podSlot),
+		hostIPs:   make(map[netip.Addr]*hostSlot),
+		byOwner:   make(map[ownerKey]map[*podState]struct{}),
+		released:  released,
+		ttl:       ttl,
+		podLabels: podLabels,
+	}, nil
+}
+
+// lookup is the hot path: the endpoint ip (already normalized) had at time
+// at, or nil when no pod, node or recently released pod claims it.
+func (ix *index) lookup(ip netip.Addr, at time.Time) *Endpoint {
+	ix.mu.RLock()
+	if s, ok := ix.podIPs[ip]; ok {
+		ep := s.pod.ep
+		ix.mu.RUnlock()
+		if at.Before(s.since) {
+			// Observed before the current holder got the address: it
+			// belongs to an earlier holder if one is remembered.
+			if old := ix.formerHolder(ip, at); old != nil {
+				return old
+			}
+		}
+		return ep
+	}
+	if h, ok := ix.hostIPs[ip]; ok {
+		ep := h.node.ep
+		ix.mu.RUnlock()
+		return ep
+	}
+	ix.mu.RUnlock()
+	return ix.formerHolder(ip, at)
+}
+
+// formerHolder picks, among the released holders of ip, the last one that
+// got the address at or before at, provided at is within the TTL of its
+// release; if at precedes every remembered holder, the earliest one.
+func (ix *index) formerHolder(ip netip.Addr, at time.Time) *Endpoint {
+	hist, ok := ix.released.Peek(ip)
+	if !ok || len(hist) == 0 {
+		return nil
+	}
+	for i := len(hist) - 1; i >= 0; i-- {
+		h := &hist[i]
+		if !at.Before(h.since) {
+			if at.Before(h.until.Add(ix.ttl)) {
+				return h.ep
+			}
+			return nil
+		}
+	}
+	return hist[0].ep
+}
+
+// upsertPod applies an added or updated pod. initial marks pods of the
+// informer's first list, whose addresses count as held since forever.
+func (ix *index) upsertPod(p *corev1.Pod, now time.Time, initial bool) {
+	ix.mu.Lock()
+	defer ix.mu.Unlock()
+	key := p.Namespace + "/" + p.Name
+	st := ix.pods[key]
+	if st != nil && st.uid != p.UID {
+		// Same name, new pod (delete and create folded into one update).
+		ix.removePodLocked(st, now)
+		st = nil
+	}
+	if st == nil {
+		st = &podState{namespace: p.Namespace, name: p.Name, uid: p.UID}
+		ix.pods[key] = st
+	}
+
+	// Addresses the pod should hold now. A pod in a terminal phase has
+	// given its addresses back to the CNI even though the object remains.
+	var want []netip.Addr
+	if p.Spec.NodeName != "" && p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
+		want = podAddrs(p)
+	}
+	// Node or host-network changes never happen to a real pod, but if the
+	// object says so, release everything and claim again under the new view.
+	if (st.node != nil && st.node.name != p.Spec.NodeName) || st.hostNetwork != p.Spec.HostNetwork {
+		ix.releaseAllLocked(st, now)
+	}
+	for _, ip := range st.ips {
+		if !slices.Contains(want, ip) {
+			ix.releaseLocked(st, ip, now)
+		}
+	}
+	if st.node == nil || st.node.name != p.Spec.NodeName {
+		ix.detachNodeLocked(st)
+		if p.Spec.NodeName != "" {
+			st.node = ix.nodeLocked(p.Spec.NodeName)
+			st.node.pods[st] = struct{}{}
+		}
+	}
+	st.hostNetwork = p.Spec.HostNetwork
+
+	st.owner = ownerOf(p)
+	st.labels = ix.labelValues(p.Labels, st.labels)
+	ix.refreshPodLocked(st)
+
+	since := now
+	if initial {
+		since = time.Time{}
+	}
+	held := st.ips[:0:0]
+	for _, ip := range st.ips {
+		if slices.Contains(want, ip) {
+			held = append(held, ip)
+		}
+	}
+	for _, ip := range want {
+		if !slices.Contains(held, ip) {
+			ix.claimLocked(st, ip, since, now)
+			held = append(held, ip)
+		}
+	}
+	st.ips = held
+}
+
+// deletePod applies a deleted pod; its addresses go to the released LRU.
+func (ix *index) deletePod(namespace, name string, uid types.UID, now time.Time) {
+	ix.mu.Lock()
+	defer ix.mu.Unlock()
+	if st := ix.pods[namespace+"/"+name]; st != nil && (uid == "" || st.uid == uid) {
+		ix.removePodLocked(st, now)
+	}
+}
+
+func (ix *index) removePodLocked(st *podState, now time.Time) {
+	ix.releaseAllLocked(st, now)
+	ix.detachNodeLocked(st)
+	ix.setOwnerLocked(st, nil)
+	delete(ix.pods, st.namespace+"/"+st.name)
+}
+
+func (ix *index) releaseAllLocked(st *podState, now time.Time) {
+	for _, ip := range st.ips {
+		ix.releaseLocked(st, ip, now)
+	}
+	st.ips = nil
+}
+
+// claimLocked makes st the holder of ip. A pod-network address still held
+// by another pod (whose deletion the informer has not delivered yet) is
+// taken from it and remembered as released now.
+func (ix *index) claimLocked(st *podState, ip netip.Addr, since, now time.Time) {
+	if st.hostNetwork {
+		h := ix.hostIPs[ip]
+		if h == nil {
+			h = &hostSlot{node: st.node}
+			ix.hostIPs[ip] = h
+		}
+		h.node = st.node
+		h.pods++
+		return
+	}
+	if prev, ok := ix.podIPs[ip]; ok && prev.pod != st {
+		ix.remember(ip, heldBy{ep: prev.pod.ep, since: prev.since, until: now})
+		prev.pod.ips = slices.DeleteFunc(prev.pod.ips, func(a netip.Addr) bool { return a == ip })
+	}
+	ix.podIPs[ip] = podSlot{pod: st, since: since}
+}
+
+// releaseLocked gives ip back. Pod-network addresses are remembered with
+// the release time so late flows still resolve to this pod.
+func (ix *index) releaseLocked(st *podState, ip netip.Addr, now time.Time) {
+	if st.hostNetwork {
+		if h := ix.hostIPs[ip]; h != nil {
+			h.pods--
+			if h.pods <= 0 && !h.nodeAddr {
+				delete(ix.hostIPs, ip)
+			}
+		}
+		return
+	}
+	s, ok := ix.podIPs[ip]
+	if !ok || s.pod != st {
+		return
+	}
+	delete(ix.podIPs, ip)
+	ix.remember(ip, heldBy{ep: st.ep, since: s.since, until: now})
+}
+
+// remember appends a past holder of ip to the released LRU. The stored
+// slice is new each time: readers hold older slices without locks.
+func (ix *index) remember(ip netip.Addr, h heldBy) {
+	prev, _ := ix.released.Peek(ip)
+	if len(prev) >= maxHoldersPerIP {
+		prev = prev[len(prev)-maxHoldersPerIP+1:]
+	}
+	hist := make([]heldBy, 0, len(prev)+1)
+	hist = append(append(hist, prev...), h)
+	ix.released.Add(ip, hist)
+}
+
+// nodeLocked returns the state of a node, creating a placeholder.
+func (ix *index) nodeLocked(name string) *nodeState {
+	n := ix.nodes[name]
+	if n == nil {
+		n = &nodeState{name: name, pods: make(map[*podState]struct{})}
+		n.ep = nodeEndpoint(n)
+		ix.nodes[name] = n
+	}
+	return n
+}
+
+func (ix *index) detachNodeLocked(st *podState) {
+	if st.node == nil {
+		return
+	}
+	delete(st.node.pods, st)
+	ix.gcNodeLocked(st.node)
+	st.node = nil
+}
+
+// gcNodeLocked drops a placeholder node nobody references any more.
+func (ix *index) gcNodeLocked(n *nodeState) {
+	if !n.known && len(n.pods) == 0 && len(n.addrs) == 0 {
+		delete(ix.nodes, n.name)
+	}
+}
+
+func (ix *index) setOwnerLocked(st *podState, via *ownerKey) {
+	if st.via != nil && (via == nil || *via != *st.via) {
+		if set := ix.byOwner[*st.via]; set != nil {
+			delete(set, st)
+			if len(set) == 0 {
+				delete(ix.byOwner, *st.via)
+			}
+		}
+	}
+	if via != nil {
+		set := ix.byOwner[*via]
+		if set == nil {
+			set = make(map[*podState]struct{})
+			ix.byOwner[*via] = set
+		}
+		set[st] = struct{}{}
+	}
+	st.via = via
+}
+
+// upsertNode applies an added or updated node: placement labels and
+// addresses. The endpoints of its pods are rebuilt when its own changed,
+// which is how a zone label added later reaches every pod on the node.
+func (ix *index) upsertNode(n *corev1.Node) {
+	ix.mu.Lock()
+	defer ix.mu.Unlock()
+	st := ix.nodeLocked(n.Name)
+	st.known = true
+	st.zone = firstLabel(n.Labels, LabelZone, labelZoneBeta)
+	st.region = firstLabel(n.Labels, LabelRegion, labelRegionBeta)
+	var addrs []netip.Addr
+	for _, a := range n.Status.Addresses {
+		if a.Type != corev1.NodeInternalIP && a.Type != corev1.NodeExternalIP {
+			continue
+		}
+		if ip, err := netip.ParseAddr(a.Address); err == nil {
+			if ip = normalize(ip); ip.IsValid() && !slices.Contains(addrs, ip) {
+				addrs = append(addrs, ip)
+			}
+		}
+	}
+	ix.setNodeAddrsLocked(st, addrs)
+	ix.refreshNodeLocked(st)
+}
+
+// deleteNode forgets a node; pods still on it resolve as unknown/no_node.
+func (ix *index) deleteNode(name string) {
+	ix.mu.Lock()
+	defer ix.mu.Unlock()
+	st := ix.nodes[name]
+	if st == nil {
+		return
+	}
+	st.known, st.zone, st.region = false, "", ""
+	ix.setNodeAddrsLocked(st, nil)
+	ix.refreshNodeLocked(st)
+	ix.gcNodeLocked(st)
+}
+
+func (ix *index) setNodeAddrsLocked(st *nodeState, addrs []netip.Addr) {
+	for _, ip := range st.addrs {
+		if slices.Contains(addrs, ip) {
+			continue
+		}
+		if h := ix.hostIPs[ip]; h != nil && h.node == st {
+			h.nodeAddr = false
+			if h.pods <= 0 {
+				delete(ix.hostIPs, ip)
+			}
+		}
+	}
+	for _, ip := range addrs {
+		h := ix.hostIPs[ip]
+		if h == nil {
+			h = &hostSlot{}
+			ix.hostIPs[ip] = h
+		}
+		h.node, h.nodeAddr = st, true
+	}
+	st.addrs = addrs
+}
+
+// refreshNodeLocked rebuilds the node's endpoint and, if it changed, those
+// of its pods.
+func (ix *index) refreshNodeLocked(st *nodeState) {
+	ep := sameOrNew(st.ep, nodeEndpoint(st))
+	if ep == st.ep {
+		return
+	}
+	st.ep = ep
+	for p := range st.pods {
+		ix.refreshPodLocked(p)
+	}
+}
+
+// ownerChanged rebuilds the pods named through a ReplicaSet or Job whose
+// metadata was added, changed or deleted.
+func (ix *index) ownerChanged(k ownerKey) {
+	ix.mu.Lock()
+	defer ix.mu.Unlock()
+	for p := range ix.byOwner[k] {
+		ix.refreshPodLocked(p)
+	}
+}
+
+// refreshPodLocked renames a pod's workload and rebuilds its endpoint.
+func (ix *index) refreshPodLocked(st *podState) {
+	name, kind, via := workloadOf(st.namespace, st.name, st.owner, ix.owners)
+	ix.setOwnerLocked(st, via)
+	st.ep = sameOrNew(st.ep, podEndpoint(st, name, kind))
+}
+
+// labelValues returns the values of the requested pod labels, reusing old
+// when nothing changed (so endpoints compare equal cheaply).
+func (ix *index) labelValues(labels map[string]string, old []string) []string {
+	if len(ix.podLabels) == 0 {
+		return nil
+	}
+	vals := make([]string, len(ix.podLabels))
+	for i, k := range ix.podLabels {
+		vals[i] = labels[k]
+	}
+	if slices.Equal(vals, old) {
+		return old
+	}
+	return vals
+}
