@@ -8,7 +8,7 @@ ARCH_TRIPLET ?= $(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gn
 VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS      := -s -w -X github.com/kubezonnet/kubezonnet/internal/version.Version=$(VERSION)
 
-.PHONY: all deps generate check-generate build test bench demo clean
+.PHONY: all deps generate check-generate build test bench demo docs clean
 
 all: build
 
@@ -47,6 +47,10 @@ IMAGE  ?= ghcr.io/kubezonnet/kubezonnet
 .PHONY: image
 image:
 	$(DOCKER) build --build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION) -f Dockerfile .
+
+# docs regenerates the README's configuration reference from the flags.
+docs:
+	$(GO) test -run TestREADMEFlags -update .
 
 clean:
 	rm -rf bin .test.log
