@@ -103,6 +103,16 @@ type Datapath struct {
 	links  []link.Link
 	// prefixSlot is the active entry of prefix_sets.
 	prefixSlot uint32
+	// caches are the per-CPU flow caches of the two generations and
+	// epochs the epoch each one uses when active.
+	caches [2]*ebpf.Map
+	// cacheSlots is CACHE_SLOTS of flow.c: the entry at that index of
+	// a cache map holds the map's epoch.
+	cacheSlots uint32
+	epochs     [2]uint32
+	slotKeys   []uint32
+	slotVals   []flowCacheSlot
+	merge      map[flow.Key]flow.Counts
 	lastCnt    [NumReasons]flow.Counts
 	nCPU       int
 	keys       []flowFlowKey
@@ -136,7 +146,7 @@ func Load(cfg Config) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("counting possible CPUs: %w", err)
 	}
-	d := &Datapath{nCPU: ncpu}
+	d := &Datapath{nCPU: ncpu, cacheSlots: spec.Maps["cache_0"].MaxEntries - 1}
 	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -145,6 +155,19 @@ func Load(cfg Config) (*Datapath, error) {
 		return nil, fmt.Errorf("loading datapath objects: %w", err)
 	}
 	d.gens = [2]*ebpf.Map{d.objs.Flows0, d.objs.Flows1}
+	d.caches = [2]*ebpf.Map{d.objs.Cache0, d.objs.Cache1}
+	if err := d.setEpoch(0, 1); err != nil {
+		d.objs.Close()
+		return nil, err
+	}
+	if err := d.setEpoch(1, 2); err != nil {
+		d.objs.Close()
+		return nil, err
+	}
+	if err := d.objs.ActiveCache.Put(uint32(0), d.caches[0]); err != nil {
+		d.objs.Close()
+		return nil, fmt.Errorf("activating cache generation 0: %w", err)
+	}
 	if err := d.objs.Active.Put(uint32(0), d.gens[0]); err != nil {
 		d.objs.Close()
 		return nil, fmt.Errorf("activating flow generation 0: %w", err)
@@ -290,6 +313,11 @@ func (d *Datapath) Drain(dst *Drained) error {
 	dst.Flows = dst.Flows[:0]
 	old := d.active
 	next := 1 - old
+	// The cache first: once both swaps returned, programs that used the
+	// old cache or evicted into the old hash map have all finished.
+	if err := d.objs.ActiveCache.Put(uint32(0), d.caches[next]); err != nil {
+		return fmt.Errorf("swapping cache generation: %w", err)
+	}
 	if err := d.objs.Active.Put(uint32(0), d.gens[next]); err != nil {
 		return fmt.Errorf("swapping flow generation: %w", err)
 	}
@@ -297,7 +325,74 @@ func (d *Datapath) Drain(dst *Drained) error {
 	if err := d.drainMap(d.gens[old], dst); err != nil {
 		return err
 	}
+	if err := d.drainCache(old, dst); err != nil {
+		return err
+	}
 	return d.readCounters(dst)
+}
+
+// setEpoch gives cache generation g a new epoch on every CPU, which frees
+// all its slots at once.
+func (d *Datapath) setEpoch(g int, epoch uint32) error {
+	meta := make([]flowCacheSlot, d.nCPU)
+	for i := range meta {
+		meta[i].Epoch = epoch
+	}
+	if err := d.caches[g].Put(d.cacheSlots, meta); err != nil {
+		return fmt.Errorf("setting epoch of cache generation %d: %w", g, err)
+	}
+	d.epochs[g] = epoch
+	return nil
+}
+
+// drainCache adds the slots of idle cache generation g in use in its epoch
+// to dst, merging flows also found in the hash map or on other CPUs, then
+// frees the slots for the generation's next turn.
+func (d *Datapath) drainCache(g int, dst *Drained) error {
+	n := int(d.cacheSlots) + 1
+	if d.slotKeys == nil {
+		d.slotKeys = make([]uint32, n)
+		d.slotVals = make([]flowCacheSlot, n*d.nCPU)
+		d.merge = make(map[flow.Key]flow.Counts)
+	}
+	var cursor ebpf.MapBatchCursor
+	got, err := d.caches[g].BatchLookup(&cursor, d.slotKeys, d.slotVals, nil)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("reading cache generation %d: %w", g, err)
+	}
+	if got != n {
+		return fmt.Errorf("reading cache generation %d: %d of %d slots", g, got, n)
+	}
+	epoch := d.epochs[g]
+	clear(d.merge)
+	for i := range got {
+		if d.slotKeys[i] == d.cacheSlots {
+			continue
+		}
+		for _, v := range d.slotVals[i*d.nCPU : (i+1)*d.nCPU] {
+			if v.Epoch != epoch {
+				continue
+			}
+			k := convertKey(&v.Key)
+			c := d.merge[k]
+			c.Bytes += v.St.Bytes
+			c.Packets += v.St.Packets
+			d.merge[k] = c
+		}
+	}
+	if len(d.merge) > 0 {
+		for i := range dst.Flows {
+			if c, ok := d.merge[dst.Flows[i].Key]; ok {
+				dst.Flows[i].Counts.Add(c)
+				delete(d.merge, dst.Flows[i].Key)
+			}
+		}
+		for k, c := range d.merge {
+			dst.Flows = append(dst.Flows, flow.Record{Key: k, Counts: c})
+		}
+	}
+	next := max(d.epochs[0], d.epochs[1]) + 1
+	return d.setEpoch(g, next)
 }
 
 // drainMap empties an idle generation into dst.

@@ -144,6 +144,45 @@ struct flow_map {
 struct flow_map flows_0 SEC(".maps");
 struct flow_map flows_1 SEC(".maps");
 
+/* Per-CPU flow cache slots per generation (a power of two). 4,096 slots
+ * hold the heavy flows of a busy node; the rest go to the hash map. */
+#define CACHE_SLOTS 4096
+
+/* A cache slot. A slot is in use in a generation when its epoch equals
+ * the generation's epoch, kept in the extra entry at index CACHE_SLOTS, so
+ * a generation is emptied by changing one number, not by clearing slots. */
+struct cache_slot {
+	struct flow_key key;
+	__u32 epoch;
+	struct flow_stats st;
+};
+
+struct cache_map {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct cache_slot);
+	__uint(max_entries, CACHE_SLOTS + 1);
+};
+
+struct cache_map cache_0 SEC(".maps");
+struct cache_map cache_1 SEC(".maps");
+
+/* The cache generation programs write to; swapped with `active`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, struct cache_map);
+} active_cache SEC(".maps");
+
+/* Per-CPU flag: a program instance is using this CPU's cache slots. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} cache_busy SEC(".maps");
+
 /* The generation programs write to; user space swaps entry 0. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
@@ -192,9 +231,9 @@ static __always_inline void add_counter(__u32 idx, __u64 bytes, __u64 packets)
 	}
 }
 
-/* account adds one observation to the active generation, and never loses it
- * silently. */
-static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 packets)
+/* account_hash adds one observation to the active generation's hash map,
+ * and never loses it silently. */
+static __always_inline void account_hash(struct flow_key *key, __u64 bytes, __u64 packets)
 {
 	__u32 zero = 0;
 	struct flow_stats *st;
@@ -228,55 +267,78 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 	add_counter(err == -E2BIG ? COUNTER_MAP_FULL : COUNTER_MAP_ERROR, bytes, packets);
 }
 
-struct iphdr4 {
-	__u8 ver_ihl;
-	__u8 tos;
-	__be16 tot_len;
-	__be16 id;
-	__be16 frag_off;
-	__u8 ttl;
-	__u8 protocol;
-	__sum16 check;
-	__be32 saddr;
-	__be32 daddr;
-};
+/* slot_index spreads flow keys over the cache slots (multiply-xorshift of
+ * the key's words; the key is 36 bytes, 4-byte aligned). */
+static __always_inline __u32 slot_index(const struct flow_key *key)
+{
+	const __u32 *w = (const __u32 *)key;
+	__u64 h = ((__u64)w[0] << 32 | w[1]) * 0x9E3779B97F4A7C15ULL;
 
-struct iphdr6 {
-	__be32 ver_tc_flow;
-	__be16 payload_len;
-	__u8 nexthdr;
-	__u8 hop_limit;
-	__u8 saddr[16];
-	__u8 daddr[16];
-};
+	h ^= ((__u64)w[2] << 32 | w[3]) * 0xC2B2AE3D27D4EB4FULL;
+	h ^= ((__u64)w[4] << 32 | w[5]) * 0x165667B19E3779F9ULL;
+	h ^= ((__u64)w[6] << 32 | w[7]) * 0x27D4EB2F165667C5ULL;
+	h ^= (__u64)w[8] * 0x94D049BB133111EBULL;
+	h ^= h >> 29;
+	return (__u32)h & (CACHE_SLOTS - 1);
+}
 
-/* The first 14 bytes of a TCP header are enough for ports and data offset;
- * UDP uses the first 4. */
-struct l4hdr {
-	__be16 sport;
-	__be16 dport;
-	__u8 rest[8];
-	__u8 doff_res; /* TCP: data offset in the high nibble */
-	__u8 flags;
-};
+static __always_inline int same_key(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
 
-/* The headers of the common packet, fetched with one slice. */
-struct hdr4 {
-	struct iphdr4 ip;
-	struct l4hdr l4;
-};
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]) |
+		(x[5] ^ y[5]) | (x[6] ^ y[6]) | (x[7] ^ y[7]) | (x[8] ^ y[8])) == 0;
+}
 
-struct hdr6 {
-	struct iphdr6 ip;
-	struct l4hdr l4;
-};
+/*
+ * account adds one observation to the active generation.
+ *
+ * The common case is served from a per-CPU, direct-mapped cache of flows:
+ * an array slot chosen by hashing the key, read and written with plain
+ * loads and stores and no helper call (helper and kfunc calls are what
+ * costs on kernels with return-thunk mitigations). A slot belongs to the
+ * first flow of a generation that hashes to it; flows that find their slot
+ * taken, and programs that interrupted another on the same CPU (the busy
+ * flag; softirqs can nest over process context), use the hash map.
+ */
+static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 packets)
+{
+	__u32 zero = 0, meta_idx = CACHE_SLOTS, idx;
+	struct cache_slot *meta, *slot;
+	__u32 *busy;
+	void *cache;
 
-struct ext6 {
-	__u8 nexthdr;
-	__u8 hdrlen;
-	__be16 frag_off; /* only meaningful in a fragment header */
-	__u8 rest[4];
-};
+	busy = bpf_map_lookup_elem(&cache_busy, &zero);
+	if (!busy || *busy)
+		goto hash;
+	cache = bpf_map_lookup_elem(&active_cache, &zero);
+	if (!cache)
+		goto hash;
+	meta = bpf_map_lookup_elem(cache, &meta_idx);
+	idx = slot_index(key);
+	slot = bpf_map_lookup_elem(cache, &idx);
+	if (!meta || !slot)
+		goto hash;
+	*busy = 1;
+	if (slot->epoch != meta->epoch) {
+		/* Free in this generation: the flow takes it. */
+		__builtin_memcpy(&slot->key, key, sizeof(*key));
+		slot->st.bytes = bytes;
+		slot->st.packets = packets;
+		slot->epoch = meta->epoch;
+		*busy = 0;
+		return;
+	}
+	if (same_key(&slot->key, key)) {
+		slot->st.bytes += bytes;
+		slot->st.packets += packets;
+		*busy = 0;
+		return;
+	}
+	*busy = 0;
+hash:
+	account_hash(key, bytes, packets);
+}
 
 /* is_local reports whether the source belongs to this node. */
 static __always_inline int is_local(const struct flow_key *key)
@@ -303,37 +365,63 @@ static __always_inline int is_local(const struct flow_key *key)
 	return 0;
 }
 
+/* Where the parser reads headers from. */
+enum hdr_src {
+	/* Kernel memory (the skb's linear area, or a copy on the stack),
+	 * read through bpf_rdonly_cast(): plain loads, no helper call. */
+	SRC_CAST,
+	/* Direct packet access between data and data_end (cgroup_skb). */
+	SRC_PKT,
+};
+
+/* The packet as the parser sees it, starting at the IP header. */
+struct pkt {
+	void *base;
+	void *end;   /* SRC_PKT */
+	__u32 avail; /* SRC_CAST: readable bytes from base */
+};
+
+/* HDR is a pointer to the header struct T at offset off from the IP
+ * header, or NULL when it is not entirely readable. */
+#define HDR(p, src, T, off)                                                              \
+	((src) == SRC_PKT ?                                                              \
+		 ((p)->base + (off) + sizeof(struct T) <= (p)->end ?                     \
+			  (struct T *)((p)->base + (off)) :                               \
+			  NULL) :                                                        \
+		 ((off) + sizeof(struct T) <= (p)->avail ?                               \
+			  (struct T *)bpf_rdonly_cast((p)->base + (off),                  \
+						      bpf_core_type_id_kernel(struct T)) : \
+			  NULL))
+
+#define PARSED 0
+#define UNREADABLE -1 /* headers beyond what p covers: retry on a copy */
+#define MALFORMED -2
+
 /*
- * count parses the L3 packet behind ptr (data starts at the IP header) and
- * accounts for it. len is the skb length, gso_segs and gso_size the GSO
- * metadata (0 when not a GSO packet).
+ * parse_count parses the L3 packet at p and accounts for it. len is the
+ * skb length, gso_segs and gso_size the GSO metadata (0 when not a GSO
+ * packet). It counts nothing unless it returns PARSED.
  */
-static __always_inline void count(struct bpf_dynptr *ptr, int ipv6, __u32 len,
-				  __u32 gso_segs, __u32 gso_size)
+static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, __u32 len,
+				       __u32 gso_segs, __u32 gso_size)
 {
 	struct flow_key key = {};
 	__u32 l3len, l4len = 0, segs;
-	__u8 proto, buf[sizeof(struct hdr6)];
-	struct l4hdr *l4 = NULL;
 	int has_l4 = 1;
+	__u8 proto;
 
 	if (!ipv6) {
-		/* One slice for the IP and L4 headers of the common packet
-		 * (no IP options, at least 34 bytes); two otherwise. */
-		struct hdr4 *h = bpf_dynptr_slice(ptr, 0, buf, sizeof(*h));
-		struct iphdr4 *ip = h ? &h->ip : bpf_dynptr_slice(ptr, 0, buf, sizeof(*ip));
-		__u32 *s, *d;
+		struct iphdr *ip = HDR(p, src, iphdr, 0);
+		__u32 *s = (__u32 *)key.saddr, *d = (__u32 *)key.daddr;
 
-		if (!ip || (ip->ver_ihl >> 4) != 4)
-			goto parse_error;
-		if (h && ip->ver_ihl == 0x45)
-			l4 = &h->l4;
-		l3len = (ip->ver_ihl & 0xf) * 4;
+		if (!ip)
+			return UNREADABLE;
+		if (ip->version != 4)
+			return MALFORMED;
+		l3len = ip->ihl * 4;
 		if (l3len < sizeof(*ip))
-			goto parse_error;
+			return MALFORMED;
 		proto = ip->protocol;
-		s = (__u32 *)key.saddr;
-		d = (__u32 *)key.daddr;
 		s[2] = bpf_htonl(0xffff);
 		s[3] = ip->saddr;
 		d[2] = bpf_htonl(0xffff);
@@ -343,66 +431,80 @@ static __always_inline void count(struct bpf_dynptr *ptr, int ipv6, __u32 len,
 			has_l4 = 0;
 		}
 	} else {
-		struct hdr6 *h = bpf_dynptr_slice(ptr, 0, buf, sizeof(*h));
-		struct iphdr6 *ip6 = h ? &h->ip : bpf_dynptr_slice(ptr, 0, buf, sizeof(*ip6));
+		struct ipv6hdr *ip6 = HDR(p, src, ipv6hdr, 0);
+		__u32 *s = (__u32 *)key.saddr, *d = (__u32 *)key.daddr;
 
-		if (!ip6 || (bpf_ntohl(ip6->ver_tc_flow) >> 28) != 6)
-			goto parse_error;
+		if (!ip6)
+			return UNREADABLE;
+		if (ip6->version != 6)
+			return MALFORMED;
 		key.flags |= FLOW_F_IPV6;
-		__builtin_memcpy(key.saddr, ip6->saddr, 16);
-		__builtin_memcpy(key.daddr, ip6->daddr, 16);
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			s[i] = ip6->saddr.in6_u.u6_addr32[i];
+			d[i] = ip6->daddr.in6_u.u6_addr32[i];
+		}
 		proto = ip6->nexthdr;
 		l3len = sizeof(*ip6);
-		if (h)
-			l4 = &h->l4; /* only used if no extension header follows */
 		/* Walk a bounded number of extension headers. */
 #pragma unroll
 		for (int i = 0; i < 4; i++) {
-			struct ext6 *ext;
-
-			if (proto != IPPROTO_HOPOPTS && proto != IPPROTO_ROUTING &&
-			    proto != IPPROTO_DSTOPTS && proto != IPPROTO_FRAGMENT &&
-			    proto != IPPROTO_AH)
-				break;
-			l4 = NULL; /* the L4 header is further on */
-			ext = bpf_dynptr_slice(ptr, l3len, buf, sizeof(*ext));
-			if (!ext)
-				goto parse_error;
 			if (proto == IPPROTO_FRAGMENT) {
+				struct frag_hdr *fh = HDR(p, src, frag_hdr, l3len);
+
+				if (!fh)
+					return UNREADABLE;
 				key.flags |= FLOW_F_FRAGMENT;
 				has_l4 = 0;
-				l3len += 8;
-			} else if (proto == IPPROTO_AH) {
-				l3len += ((__u32)ext->hdrlen + 2) * 4;
+				proto = fh->nexthdr;
+				l3len += sizeof(*fh);
+			} else if (proto == IPPROTO_HOPOPTS || proto == IPPROTO_ROUTING ||
+				   proto == IPPROTO_DSTOPTS || proto == IPPROTO_AH) {
+				struct ipv6_opt_hdr *eh = HDR(p, src, ipv6_opt_hdr, l3len);
+
+				if (!eh)
+					return UNREADABLE;
+				l3len += proto == IPPROTO_AH ? ((__u32)eh->hdrlen + 2) * 4 :
+							       ((__u32)eh->hdrlen + 1) * 8;
+				proto = eh->nexthdr;
 			} else {
-				l3len += ((__u32)ext->hdrlen + 1) * 8;
+				break;
 			}
-			proto = ext->nexthdr;
 		}
 	}
 	key.proto = proto;
 
 	if (!is_local(&key)) {
 		add_counter(COUNTER_NOT_LOCAL, len, gso_segs > 1 ? gso_segs : 1);
-		return;
+		return PARSED;
 	}
 
 	if (has_l4 && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)) {
 		__u16 sport, dport;
 
-		if (!l4)
-			l4 = bpf_dynptr_slice(ptr, l3len, buf, sizeof(*l4));
-		if (!l4)
-			goto parse_error;
-		sport = bpf_ntohs(l4->sport);
-		dport = bpf_ntohs(l4->dport);
+		if (proto == IPPROTO_TCP) {
+			struct tcphdr *th = HDR(p, src, tcphdr, l3len);
+
+			if (!th)
+				return UNREADABLE;
+			sport = bpf_ntohs(th->source);
+			dport = bpf_ntohs(th->dest);
+			l4len = th->doff * 4;
+		} else {
+			struct udphdr *uh = HDR(p, src, udphdr, l3len);
+
+			if (!uh)
+				return UNREADABLE;
+			sport = bpf_ntohs(uh->source);
+			dport = bpf_ntohs(uh->dest);
+			l4len = sizeof(*uh);
+		}
 		if (dport <= sport) {
 			key.port = dport;
 			key.flags |= FLOW_F_PORT_DST;
 		} else {
 			key.port = sport;
 		}
-		l4len = proto == IPPROTO_TCP ? (__u32)(l4->doff_res >> 4) * 4 : 8;
 	}
 
 	segs = gso_segs;
@@ -410,43 +512,72 @@ static __always_inline void count(struct bpf_dynptr *ptr, int ipv6, __u32 len,
 		segs = (len - l3len - l4len + gso_size - 1) / gso_size;
 	if (segs <= 1) {
 		account(&key, len, 1);
-		return;
+		return PARSED;
 	}
 	account(&key, (__u64)len + (__u64)(segs - 1) * (l3len + l4len), segs);
-	return;
+	return PARSED;
+}
 
-parse_error:
-	add_counter(COUNTER_PARSE_ERROR, len, gso_segs > 1 ? gso_segs : 1);
+/* Headers copied for the slow path: enough for IPv6 with a few extension
+ * headers and a TCP header. */
+#define COPY_LEN 128
+
+/*
+ * count_copy is the slow path for packets whose headers are not in the
+ * linear area: it copies the first bytes through a dynptr (which reads
+ * paged data too) and parses the copy.
+ */
+static __always_inline int count_copy(struct sk_buff *skb, int ipv6, __u32 len, __u32 gso_segs,
+				      __u32 gso_size)
+{
+	struct bpf_dynptr ptr;
+	__u8 buf[COPY_LEN];
+	__u32 n = len < COPY_LEN ? len : COPY_LEN;
+	struct pkt p = { .base = buf, .avail = n };
+
+	if (bpf_dynptr_from_skb(skb, 0, &ptr))
+		return MALFORMED;
+	if (n < 20 || bpf_dynptr_read(buf, n, &ptr, 0, 0))
+		return MALFORMED;
+	return parse_count(&p, SRC_CAST, ipv6, len, gso_segs, gso_size);
 }
 
 SEC("netfilter")
 int kzn_netfilter(struct bpf_nf_ctx *ctx)
 {
 	struct sk_buff *skb = ctx->skb;
+	int ipv6 = ctx->state->pf == NFPROTO_IPV6;
 	struct skb_shared_info *shinfo;
-	struct bpf_dynptr ptr;
-	__u32 len = skb->len;
+	__u32 len = skb->len, data_len = skb->data_len;
+	__u32 segs, gso_size;
+	struct pkt p = { .base = skb->data, .avail = len > data_len ? len - data_len : 0 };
+	int r;
 
-	if (bpf_dynptr_from_skb(skb, 0, &ptr)) {
-		add_counter(COUNTER_PARSE_ERROR, len, 1);
-		return NF_ACCEPT;
-	}
 	/* skb_shinfo(skb): head + end (an offset on 64-bit kernels). */
 	shinfo = bpf_rdonly_cast(skb->head + skb->end,
 				 bpf_core_type_id_kernel(struct skb_shared_info));
-	count(&ptr, ctx->state->pf == NFPROTO_IPV6, len, shinfo->gso_segs, shinfo->gso_size);
+	segs = shinfo->gso_segs;
+	gso_size = shinfo->gso_size;
+	r = parse_count(&p, SRC_CAST, ipv6, len, segs, gso_size);
+	if (r == UNREADABLE)
+		r = count_copy(skb, ipv6, len, segs, gso_size);
+	if (r != PARSED)
+		add_counter(COUNTER_PARSE_ERROR, len, segs > 1 ? segs : 1);
 	return NF_ACCEPT;
 }
 
 SEC("cgroup_skb/egress")
 int kzn_cgroup_egress(struct __sk_buff *skb)
 {
-	struct bpf_dynptr ptr;
+	int ipv6 = skb->protocol == bpf_htons(ETH_P_IPV6);
+	__u32 len = skb->len, segs = skb->gso_segs, gso_size = skb->gso_size;
+	struct pkt p = { .base = (void *)(long)skb->data, .end = (void *)(long)skb->data_end };
+	int r;
 
-	if (bpf_dynptr_from_skb((struct sk_buff *)skb, 0, &ptr)) {
-		add_counter(COUNTER_PARSE_ERROR, skb->len, 1);
-		return SK_PASS;
-	}
-	count(&ptr, skb->protocol == bpf_htons(ETH_P_IPV6), skb->len, skb->gso_segs, skb->gso_size);
+	r = parse_count(&p, SRC_PKT, ipv6, len, segs, gso_size);
+	if (r == UNREADABLE)
+		r = count_copy((struct sk_buff *)skb, ipv6, len, segs, gso_size);
+	if (r != PARSED)
+		add_counter(COUNTER_PARSE_ERROR, len, segs > 1 ? segs : 1);
 	return SK_PASS;
 }

@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type flowCacheSlot struct {
+	_     structs.HostLayout
+	Key   flowFlowKey
+	Epoch uint32
+	St    flowFlowStats
+}
+
 type flowCounter uint32
 
 const (
@@ -63,6 +70,10 @@ type flowPrefixSet struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	flowMapActive           = "active"
+	flowMapActiveCache      = "active_cache"
+	flowMapCache0           = "cache_0"
+	flowMapCache1           = "cache_1"
+	flowMapCacheBusy        = "cache_busy"
 	flowMapCounters         = "counters"
 	flowMapFlows0           = "flows_0"
 	flowMapFlows1           = "flows_1"
@@ -125,6 +136,10 @@ type flowProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowMapSpecs struct {
 	Active       *ebpf.MapSpec `ebpf:"active"`
+	ActiveCache  *ebpf.MapSpec `ebpf:"active_cache"`
+	Cache0       *ebpf.MapSpec `ebpf:"cache_0"`
+	Cache1       *ebpf.MapSpec `ebpf:"cache_1"`
+	CacheBusy    *ebpf.MapSpec `ebpf:"cache_busy"`
 	Counters     *ebpf.MapSpec `ebpf:"counters"`
 	Flows0       *ebpf.MapSpec `ebpf:"flows_0"`
 	Flows1       *ebpf.MapSpec `ebpf:"flows_1"`
@@ -161,6 +176,10 @@ func (o *flowObjects) Close() error {
 // It can be passed to loadFlowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowMaps struct {
 	Active       *ebpf.Map `ebpf:"active"`
+	ActiveCache  *ebpf.Map `ebpf:"active_cache"`
+	Cache0       *ebpf.Map `ebpf:"cache_0"`
+	Cache1       *ebpf.Map `ebpf:"cache_1"`
+	CacheBusy    *ebpf.Map `ebpf:"cache_busy"`
 	Counters     *ebpf.Map `ebpf:"counters"`
 	Flows0       *ebpf.Map `ebpf:"flows_0"`
 	Flows1       *ebpf.Map `ebpf:"flows_1"`
@@ -171,6 +190,10 @@ type flowMaps struct {
 func (m *flowMaps) Close() error {
 	return _FlowClose(
 		m.Active,
+		m.ActiveCache,
+		m.Cache0,
+		m.Cache1,
+		m.CacheBusy,
 		m.Counters,
 		m.Flows0,
 		m.Flows1,

@@ -19,12 +19,15 @@ struct nf_hook_state {
 	__u8 pf;
 } __attribute__((preserve_access_index));
 
-/* struct sk_buff from include/linux/skbuff.h: len is the L3 length at the
- * POSTROUTING hook; head + end locate struct skb_shared_info. On 64-bit
- * kernels end is an offset from head (NET_SKBUFF_DATA_USES_OFFSET). */
+/* struct sk_buff from include/linux/skbuff.h: at the POSTROUTING hook data
+ * points at the IP header and len is the L3 length; len - data_len bytes
+ * from data are linear; head + end locate struct skb_shared_info (end is an
+ * offset from head on 64-bit kernels, NET_SKBUFF_DATA_USES_OFFSET). */
 struct sk_buff {
 	unsigned int len;
+	unsigned int data_len;
 	unsigned char *head;
+	unsigned char *data;
 	unsigned int end;
 } __attribute__((preserve_access_index));
 
@@ -39,6 +42,71 @@ struct skb_shared_info {
 struct bpf_nf_ctx {
 	const struct nf_hook_state *state;
 	struct sk_buff *skb;
+} __attribute__((preserve_access_index));
+
+/* Protocol headers as the kernel declares them (their layout is the wire
+ * format). The netfilter program reads them through bpf_rdonly_cast(),
+ * which needs the kernel's BTF type of the same name; the cgroup program
+ * reads the same types through direct packet access. */
+struct iphdr {
+	__u8 ihl : 4, version : 4;
+	__u8 tos;
+	__be16 tot_len;
+	__be16 id;
+	__be16 frag_off;
+	__u8 ttl;
+	__u8 protocol;
+	__sum16 check;
+	__be32 saddr;
+	__be32 daddr;
+} __attribute__((preserve_access_index));
+
+struct in6_addr {
+	union {
+		__u8 u6_addr8[16];
+		__be16 u6_addr16[8];
+		__be32 u6_addr32[4];
+	} in6_u;
+} __attribute__((preserve_access_index));
+
+struct ipv6hdr {
+	__u8 priority : 4, version : 4;
+	__u8 flow_lbl[3];
+	__be16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	struct in6_addr saddr;
+	struct in6_addr daddr;
+} __attribute__((preserve_access_index));
+
+struct ipv6_opt_hdr {
+	__u8 nexthdr;
+	__u8 hdrlen;
+} __attribute__((preserve_access_index));
+
+struct frag_hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off;
+	__be32 identification;
+} __attribute__((preserve_access_index));
+
+struct tcphdr {
+	__be16 source;
+	__be16 dest;
+	__be32 seq;
+	__be32 ack_seq;
+	__u16 res1 : 4, doff : 4, fin : 1, syn : 1, rst : 1, psh : 1, ack : 1, urg : 1, ece : 1, cwr : 1;
+	__be16 window;
+	__sum16 check;
+	__be16 urg_ptr;
+} __attribute__((preserve_access_index));
+
+struct udphdr {
+	__be16 source;
+	__be16 dest;
+	__be16 len;
+	__sum16 check;
 } __attribute__((preserve_access_index));
 
 /* kfuncs (kernel 6.4+ for netfilter programs). */
