@@ -46,12 +46,14 @@ func BenchmarkEncodeFlush(b *testing.B) {
 	var size int
 	b.ReportAllocs()
 	b.ResetTimer()
+	cpu0 := testutil.CPUTime()
 	for i := 0; i < b.N; i++ {
 		buf.add(flows)
 		scratch = buf.take(scratch)
 		body := enc.Encode(&wire.Batch{Node: "ip-10-0-1-23.ec2.internal", Incarnation: "0123456789abcdef", Seq: uint64(i + 1), Time: time.Now(), Flows: scratch})
 		size = len(body)
 	}
+	b.ReportMetric(float64((testutil.CPUTime()-cpu0).Nanoseconds())/float64(b.N), "cpu-ns/op")
 	b.ReportMetric(float64(size)/float64(len(flows)), "wire-bytes/flow")
 }
 
@@ -81,6 +83,7 @@ func BenchmarkDrainEncodeFlush(b *testing.B) {
 	var enc wire.Encoder
 	var dr bpf.Drained
 	var scratch []flow.Record
+	var cpu time.Duration
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -91,14 +94,17 @@ func BenchmarkDrainEncodeFlush(b *testing.B) {
 			}
 		}
 		b.StartTimer()
+		cpu0 := testutil.CPUTime()
 		if err := dp.Drain(&dr); err != nil {
 			b.Fatal(err)
 		}
 		buf.add(dr.Flows)
 		scratch = buf.take(scratch)
 		enc.Encode(&wire.Batch{Node: "n", Incarnation: "i", Seq: uint64(i + 1), Time: time.Now(), Flows: scratch})
+		cpu += testutil.CPUTime() - cpu0
 		if len(scratch) != len(flows) {
 			b.Fatalf("%d flows, want %d", len(scratch), len(flows))
 		}
 	}
+	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/op")
 }

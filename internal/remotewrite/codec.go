@@ -71,12 +71,22 @@ func (s *SeriesBuilder) labelGeneral(name, value string) {
 // LabelBytes adds a label whose value is a byte slice (e.g. an address
 // appended into a scratch buffer), avoiding a string allocation.
 func (s *SeriesBuilder) LabelBytes(name string, value []byte) {
-	s.body = protowire.AppendTag(s.body, fieldSeriesLabels, protowire.BytesType)
-	s.body = protowire.AppendVarint(s.body, uint64(labelSize(len(name), len(value))))
-	s.body = appendString(s.body, fieldLabelName, name)
-	s.body = protowire.AppendTag(s.body, fieldLabelValue, protowire.BytesType)
-	s.body = protowire.AppendBytes(s.body, value)
+	s.body = AppendLabel(s.body, name, value)
 }
+
+// AppendLabel appends one encoded label field to b, exactly as LabelBytes
+// adds it to a series. Series that share labels (a flow's bytes and packets
+// series) can encode them once and add them with Raw.
+func AppendLabel(b []byte, name string, value []byte) []byte {
+	b = protowire.AppendTag(b, fieldSeriesLabels, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(labelSize(len(name), len(value))))
+	b = appendString(b, fieldLabelName, name)
+	b = protowire.AppendTag(b, fieldLabelValue, protowire.BytesType)
+	return protowire.AppendBytes(b, value)
+}
+
+// Raw adds label fields encoded with AppendLabel, in their order.
+func (s *SeriesBuilder) Raw(fields []byte) { s.body = append(s.body, fields...) }
 
 // Sample adds a sample. Samples of one series must be in timestamp order.
 func (s *SeriesBuilder) Sample(v float64, ts int64) {

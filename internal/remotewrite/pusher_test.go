@@ -15,12 +15,12 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/golang/snappy"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
 	"github.com/prometheus/prometheus/prompb"
 )
 
@@ -836,7 +836,7 @@ func BenchmarkSnapshot100k(b *testing.B) {
 		}
 	}
 	b.ReportAllocs()
-	cpu0 := cpuTime()
+	cpu0 := testutil.CPUTime()
 	b.ResetTimer()
 	for i := range b.N {
 		p.snapshot(ts + int64(i) + 1)
@@ -844,18 +844,9 @@ func BenchmarkSnapshot100k(b *testing.B) {
 	b.StopTimer()
 	// CPU time of the process (snapshot plus the GC work it causes): on a
 	// shared machine wall time also counts other tenants' load.
-	b.ReportMetric(float64((cpuTime()-cpu0).Nanoseconds())/float64(b.N), "cpu-ns/op")
+	b.ReportMetric(float64((testutil.CPUTime()-cpu0).Nanoseconds())/float64(b.N), "cpu-ns/op")
 	b.ReportMetric(float64(bytes)/n, "compressed-B/series")
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/n, "ns/series")
-}
-
-// cpuTime is the user plus system CPU time of this process.
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // BenchmarkPushThroughput measures samples per second delivered to a local
