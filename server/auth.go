@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -168,14 +169,23 @@ type tokenReviewer interface {
 // clientReviewer reviews tokens with the TokenReview API.
 type clientReviewer struct {
 	client kubernetes.Interface
+	// audience, when set, is the audience the agents' projected tokens
+	// are issued for; the review then accepts only tokens meant for us.
+	audience string
 }
 
 // Review creates a TokenReview (authentication.k8s.io/v1).
 func (c clientReviewer) Review(ctx context.Context, token string) (authv1.TokenReviewStatus, error) {
-	tr, err := c.client.AuthenticationV1().TokenReviews().Create(ctx,
-		&authv1.TokenReview{Spec: authv1.TokenReviewSpec{Token: token}}, metav1.CreateOptions{})
+	spec := authv1.TokenReviewSpec{Token: token}
+	if c.audience != "" {
+		spec.Audiences = []string{c.audience}
+	}
+	tr, err := c.client.AuthenticationV1().TokenReviews().Create(ctx, &authv1.TokenReview{Spec: spec}, metav1.CreateOptions{})
 	if err != nil {
 		return authv1.TokenReviewStatus{}, err
+	}
+	if c.audience != "" && tr.Status.Authenticated && !slices.Contains(tr.Status.Audiences, c.audience) {
+		tr.Status = authv1.TokenReviewStatus{Error: "token not issued for audience " + c.audience}
 	}
 	return tr.Status, nil
 }

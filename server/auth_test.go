@@ -38,7 +38,7 @@ func TestTokenReview(t *testing.T) {
 		}
 		return true, tr, nil
 	})
-	env := newTestEnv(t, testConfig(), newTokenReview(clientReviewer{client}, sa))
+	env := newTestEnv(t, testConfig(), newTokenReview(clientReviewer{client: client}, sa))
 	seq := uint64(0)
 
 	for _, tc := range []struct {
@@ -71,5 +71,39 @@ func TestTokenReview(t *testing.T) {
 	}
 	if code, _ := env.do(t, req{token: "-", body: encode(batch("node-a", 999))}); code != http.StatusUnauthorized {
 		t.Errorf("missing token: %d, want 401", code)
+	}
+}
+
+// TestTokenReviewAudience checks that with --token-audience the review asks
+// for that audience and refuses tokens issued for another one. The fake
+// clientset's reactor plays the API server, which authenticates a token
+// only for an audience it was issued for.
+func TestTokenReviewAudience(t *testing.T) {
+	const sa = "system:serviceaccount:kubezonnet:kubezonnet-agent"
+	issuedFor := map[string]string{"tok-ours": "kubezonnet", "tok-api": "https://kubernetes.default.svc"}
+	client := fake.NewClientset()
+	client.PrependReactor("create", "tokenreviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		tr := a.(k8stesting.CreateAction).GetObject().(*authv1.TokenReview).DeepCopy()
+		aud := issuedFor[tr.Spec.Token]
+		want := tr.Spec.Audiences
+		if len(want) == 0 {
+			want = []string{"https://kubernetes.default.svc"}
+		}
+		for _, w := range want {
+			if w == aud {
+				tr.Status = authv1.TokenReviewStatus{Authenticated: true, Audiences: []string{aud},
+					User: authv1.UserInfo{Username: sa, Extra: map[string]authv1.ExtraValue{NodeNameExtra: {"node-a"}}}}
+				return true, tr, nil
+			}
+		}
+		tr.Status = authv1.TokenReviewStatus{Error: "token audiences do not match"}
+		return true, tr, nil
+	})
+	env := newTestEnv(t, testConfig(), newTokenReview(clientReviewer{client: client, audience: "kubezonnet"}, sa))
+	if code, msg := env.do(t, req{token: "tok-ours", body: encode(batch("node-a", 1))}); code != 204 {
+		t.Errorf("token for our audience: %d %s", code, msg)
+	}
+	if code, msg := env.do(t, req{token: "tok-api", body: encode(batch("node-a", 2))}); code != 401 || !strings.Contains(msg, "audiences do not match") {
+		t.Errorf("token for the API server: %d %s, want 401", code, msg)
 	}
 }

@@ -64,7 +64,12 @@ func benchBody(addrs []netip.Addr) (*wire.Batch, []byte) {
 // resolve + classify + aggregate (+ flow log hand-off) per batch, without
 // HTTP. ns/flow and flows/s are derived from the batch time.
 func benchIngest(b *testing.B, flowLog string) {
-	res, addrs := benchResolver()
+	res, _ := benchResolver()
+	benchIngestWith(b, res, flowLog)
+}
+
+func benchIngestWith(b *testing.B, res Resolver, flowLog string) {
+	_, addrs := benchResolver()
 	cfg := testConfig()
 	cfg.MaxPodPairs = 1_000_000
 	reg := metrics.New()
@@ -158,4 +163,28 @@ func BenchmarkIngestPath(b *testing.B) { benchIngest(b, "") }
 // writer's backlog is drained inside the measured time.
 func BenchmarkIngestPathFlowLog(b *testing.B) {
 	benchIngest(b, filepath.Join(b.TempDir(), "flows.log"))
+}
+
+// BenchmarkDecodeOnly is the decode share of BenchmarkIngestPath: the same
+// batch through wire.Decoder alone (snappy, protobuf walk, contract).
+func BenchmarkDecodeOnly(b *testing.B) {
+	_, addrs := benchResolver()
+	_, body := benchBody(addrs)
+	var d wire.Decoder
+	var batch wire.Batch
+	if err := d.Decode(body, &batch); err != nil { // warm the buffers
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	cpu0 := cpuTime()
+	b.ResetTimer()
+	for range b.N {
+		if err := d.Decode(body, &batch); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	flows := float64(b.N) * batchFlows
+	b.ReportMetric(float64(cpuTime()-cpu0)/flows, "cpu-ns/flow")
+	b.ReportMetric(b.Elapsed().Seconds()*1e9/flows, "ns/flow")
 }

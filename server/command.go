@@ -59,6 +59,7 @@ func Command() *cli.Command {
 // accepting and finish in-flight requests, write the queued flow logs,
 // push a final snapshot.
 func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	base := log // components add their own "component" attribute
 	log = log.With("component", "server")
 	restCfg, err := clientcmd.BuildConfigFromFlags("", cfg.Kubeconfig)
 	if err != nil {
@@ -72,7 +73,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if cfg.Resolve.Metadata, err = metadata.NewForConfig(restCfg); err != nil {
 		return fmt.Errorf("kubernetes metadata client: %w", err)
 	}
-	res, err := resolve.New(cfg.Resolve, client, log)
+	res, err := resolve.New(cfg.Resolve, client, base)
 	if err != nil {
 		return err
 	}
@@ -84,7 +85,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return err
 		}
 	case AuthTokenReview:
-		auth = newTokenReview(clientReviewer{client}, cfg.serviceAccountUser())
+		auth = newTokenReview(clientReviewer{client: client, audience: cfg.TokenAudience}, cfg.serviceAccountUser())
 	default:
 		log.Warn("agent authentication is disabled (--auth-mode none): anyone reaching the server can send flows")
 		auth = noAuth{}
@@ -114,7 +115,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	var pusher *remotewrite.Pusher
 	if cfg.RemoteWrite.Enabled() {
-		if pusher, err = remotewrite.NewPusher(cfg.RemoteWrite, srv.Sources(), reg, log); err != nil {
+		if pusher, err = remotewrite.NewPusher(cfg.RemoteWrite, srv.Sources(), reg, base); err != nil {
 			return err
 		}
 	} else {

@@ -17,8 +17,8 @@ import (
 
 // Defaults of the server flags, with the reason for each.
 const (
-	// DefaultMaxPodPairs: ~1 KiB per live pod pair (see BENCHMARKS.md),
-	// so the default bounds the aggregate at about half a GiB.
+	// DefaultMaxPodPairs: ~1.1 KiB per live pod pair (two series; see
+	// BENCHMARKS.md), so the default bounds the aggregate at ~540 MiB.
 	DefaultMaxPodPairs = 500_000
 	// DefaultSeriesIdleTimeout outlives several agent flush intervals and
 	// remote-write outages, yet ends the series of deleted pods promptly.
@@ -43,6 +43,7 @@ type Config struct {
 	AuthMode            string
 	TokenFile           string
 	AgentServiceAccount string // namespace:name, for --auth-mode tokenreview
+	TokenAudience       string // audience of the agents' projected tokens ("" = API server's)
 	AllPairs            bool
 	MaxPodPairs         int
 	SeriesIdleTimeout   time.Duration
@@ -72,6 +73,7 @@ func Flags() []cli.Flag {
 		&cli.StringFlag{Name: "auth-mode", Value: AuthToken, Usage: "agent authentication: token (shared bearer token from --token-file), tokenreview (ServiceAccount tokens bound to nodes) or none (tests only)"},
 		&cli.PathFlag{Name: "token-file", Usage: "file holding the shared bearer token (--auth-mode token); re-read when it changes"},
 		&cli.StringFlag{Name: "agent-service-account", Value: DefaultAgentServiceAccount, Usage: "namespace:name of the agents' ServiceAccount (--auth-mode tokenreview)"},
+		&cli.StringFlag{Name: "token-audience", Usage: "audience of the agents' projected ServiceAccount tokens (--auth-mode tokenreview); empty means the API server's default"},
 		&cli.PathFlag{Name: "static-endpoints-file", Usage: "YAML file of static endpoints (name, zone, region, CIDRs)"},
 		&cli.BoolFlag{Name: "all-pairs", Usage: "keep pod-pair series for every class, same-zone included"},
 		&cli.IntFlag{Name: "max-pod-pairs", Value: DefaultMaxPodPairs, Usage: "live pod-pair series before new pairs fold into their workload pair (_overflow)"},
@@ -121,6 +123,7 @@ func ConfigFromCLI(c *cli.Context) (Config, error) {
 		AuthMode:            c.String("auth-mode"),
 		TokenFile:           c.Path("token-file"),
 		AgentServiceAccount: c.String("agent-service-account"),
+		TokenAudience:       c.String("token-audience"),
 		AllPairs:            c.Bool("all-pairs"),
 		MaxPodPairs:         c.Int("max-pod-pairs"),
 		SeriesIdleTimeout:   c.Duration("series-idle-timeout"),

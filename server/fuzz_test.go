@@ -11,6 +11,7 @@ import (
 	"github.com/kubezonnet/kubezonnet/internal/logging"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/internal/wire"
 )
 
 // FuzzIngest sends arbitrary bodies through the whole ingest handler
@@ -27,6 +28,9 @@ func FuzzIngest(f *testing.F) {
 	res.add("10.0.2.1", podEP("shop", "db-0", "db", "StatefulSet", "node-b", "zone-b"))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		cfg := testConfig()
+		// A 5-byte snappy header may claim a 64 MiB body; keep each run
+		// small so the fuzzer spends its time on parsing.
+		cfg.Limits = wire.Limits{MaxDecodedBytes: 1 << 20}
 		srv, err := newServer(&cfg, deps{resolver: res, auth: noAuth{}, reg: metrics.New(), log: logging.Discard()})
 		if err != nil {
 			t.Fatal(err)

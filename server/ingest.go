@@ -146,9 +146,13 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		in.refuse(w, http.StatusMethodNotAllowed, reasonMethod, "method %s not allowed, use POST", r.Method)
 		return
 	}
-	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != remotewrite.ContentType {
+	// Remote-write 1.0 only: 2.0 uses the same media type with
+	// proto=io.prometheus.write.v2.Request, which this decoder would
+	// misread.
+	if mt, params, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != remotewrite.ContentType ||
+		(params["proto"] != "" && params["proto"] != "prometheus.WriteRequest") {
 		in.refuse(w, http.StatusUnsupportedMediaType, reasonContentType,
-			"content type %q not supported, want %s", r.Header.Get("Content-Type"), remotewrite.ContentType)
+			"content type %q not supported, want %s (remote-write 1.0)", r.Header.Get("Content-Type"), remotewrite.ContentType)
 		return
 	}
 	if ce := r.Header.Get("Content-Encoding"); ce != remotewrite.ContentEncoding {
@@ -223,15 +227,13 @@ func (in *Ingest) refuse(w http.ResponseWriter, code int, reason, format string,
 	http.Error(w, msg, code)
 }
 
-// apply resolves, aggregates and logs the flows of a claimed batch.
+// apply resolves, aggregates and logs the flows of a claimed batch. The
+// aggregator classifies (it caches the class per endpoint pair), so the
+// second loop reads classes and unknown sides from the flows.
 func (in *Ingest) apply(wk *work, now time.Time) {
 	b := &wk.batch
 	flows := wk.flows[:0]
-	var events []flowlog.Event
-	if in.flog.Any() {
-		events = in.flog.Buffer()
-	}
-	var foreign, total, bytes uint64
+	var foreign, bytes uint64
 	at := b.Time
 	for i := range b.Flows {
 		f := &b.Flows[i]
@@ -241,30 +243,40 @@ func (in *Ingest) apply(wk *work, now time.Time) {
 			foreign++
 			continue
 		}
-		src, dst := in.res.Resolve(f.Src, at), in.res.Resolve(f.Dst, at)
-		if src.Kind == resolve.KindUnknown {
-			in.countUnresolved(src)
-		}
-		if dst.Kind == resolve.KindUnknown {
-			in.countUnresolved(dst)
-		}
-		class := resolve.Classify(src, dst)
-		flows = append(flows, aggregate.Flow{Src: src, Dst: dst, Class: class, Counts: f.Counts})
-		total++
+		flows = append(flows, aggregate.Flow{
+			Src: in.res.Resolve(f.Src, at), Dst: in.res.Resolve(f.Dst, at), Counts: f.Counts, Index: int32(i),
+		})
 		bytes += f.Bytes
-		if in.flog.Enabled(class) {
-			events = append(events, flowlog.Event{Time: at, Node: b.Node, Src: src, Dst: dst, Record: *f, Class: class})
-		}
 	}
 	in.agg.Apply(now, flows)
 	wk.flows = flows
+
+	var events []flowlog.Event
+	if in.flog.Any() {
+		events = in.flog.Buffer()
+	}
+	for i := range flows {
+		f := &flows[i]
+		if f.Unknown != 0 {
+			if f.Unknown&aggregate.SrcUnknown != 0 {
+				in.countUnresolved(f.Src)
+			}
+			if f.Unknown&aggregate.DstUnknown != 0 {
+				in.countUnresolved(f.Dst)
+			}
+		}
+		if in.flog.Enabled(f.Class) {
+			events = append(events, flowlog.Event{Time: at, Node: b.Node, Src: f.Src, Dst: f.Dst,
+				Record: b.Flows[f.Index], Class: f.Class})
+		}
+	}
 	if events != nil {
 		in.flog.Send(events)
 	}
 	in.agents.update(b.Node, b.Metrics, now)
 	in.batches.Inc()
-	if total > 0 {
-		in.flows.Add(float64(total))
+	if len(flows) > 0 {
+		in.flows.Add(float64(len(flows)))
 		in.flowBytes.Add(float64(bytes))
 	}
 	if foreign > 0 {

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -238,6 +239,7 @@ func TestIngestRefusals(t *testing.T) {
 		{"GET", req{method: http.MethodGet, body: valid}, 405, reasonMethod, "method GET not allowed"},
 		{"no content type", req{contentType: "-", body: valid}, 415, reasonContentType, `content type "" not supported`},
 		{"json", req{contentType: "application/json", body: valid}, 415, reasonContentType, `content type "application/json" not supported`},
+		{"remote-write 2.0", req{contentType: "application/x-protobuf;proto=io.prometheus.write.v2.Request", body: valid}, 415, reasonContentType, "remote-write 1.0"},
 		{"no encoding", req{encoding: "-", body: valid}, 415, reasonContentEncoding, `content encoding "" not supported`},
 		{"gzip", req{encoding: "gzip", body: valid}, 415, reasonContentEncoding, `content encoding "gzip" not supported`},
 		{"no token", req{token: "-", body: valid}, 401, reasonUnauthenticated, "missing bearer token"},
@@ -452,4 +454,56 @@ func get(t *testing.T, url string) (int, string) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b)
+}
+
+// TestConcurrentDuplicates sends every batch from two goroutines at once
+// (an agent retry racing its original) while the pusher reads snapshots:
+// each batch must count exactly once.
+func TestConcurrentDuplicates(t *testing.T) {
+	env := newTestEnv(t, testConfig(), noAuth{})
+	const batches = 30
+	bodies := make([][]byte, batches)
+	for i := range bodies {
+		bodies[i] = encode(batch("node-a", uint64(i+1), rec("10.0.1.1", "10.0.2.1", 5432, 100, 1)))
+	}
+	errs := make(chan string, 2*batches)
+	done := make(chan struct{})
+	go func() { // a concurrent reader, as the pusher is
+		defer close(done)
+		for range 50 {
+			env.srv.agg.AppendSeries(nil)
+		}
+	}()
+	for i := range bodies {
+		var wg sync.WaitGroup
+		for range 2 {
+			wg.Go(func() {
+				resp, err := http.Post(env.url+"/api/v1/write", remotewrite.ContentType, bytes.NewReader(bodies[i]))
+				if err != nil {
+					errs <- err.Error()
+					return
+				}
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusUnsupportedMediaType {
+					errs <- fmt.Sprintf("no encoding header: %d", resp.StatusCode)
+				}
+				code, msg := env.do(t, req{body: bodies[i]})
+				if code != http.StatusNoContent {
+					errs <- fmt.Sprintf("%d %s", code, msg)
+				}
+			})
+		}
+		wg.Wait()
+	}
+	<-done
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	if got := env.series(); !slices.Contains(got, fmt.Sprintf(`kubezonnet_pod_pair_bytes_total{%s} %d`, webToDB, 100*batches)) {
+		t.Errorf("want %d bytes once per batch:\n%s", 100*batches, strings.Join(got, "\n"))
+	}
+	if v := env.metric("kubezonnet_server_duplicate_batches_total", ""); v != batches {
+		t.Errorf("duplicates = %v, want %d", v, batches)
+	}
 }

@@ -15,6 +15,7 @@ package aggregate
 import (
 	"fmt"
 	"hash/maphash"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,11 +40,17 @@ const (
 
 // Classes of a pair, as resolve.Classify names them.
 const (
-	ClassSameZone    = "same-zone"
-	ClassCrossZone   = "cross-zone"
-	ClassCrossRegion = "cross-region"
-	ClassExternal    = "external"
-	ClassUnknown     = "unknown"
+	ClassSameZone    = resolve.ClassSameZone
+	ClassCrossZone   = resolve.ClassCrossZone
+	ClassCrossRegion = resolve.ClassCrossRegion
+	ClassExternal    = resolve.ClassExternal
+	ClassUnknown     = resolve.ClassUnknown
+)
+
+// Bits of Flow.Unknown.
+const (
+	SrcUnknown uint8 = 1 << iota
+	DstUnknown
 )
 
 // Config bounds and shapes the aggregation.
@@ -63,9 +70,15 @@ type Config struct {
 // Flow is one resolved flow, the unit Apply consumes.
 type Flow struct {
 	Src, Dst *resolve.Endpoint
-	// Class is resolve.Classify(Src, Dst).
-	Class string
 	flow.Counts
+	// Class is set by Apply to resolve.Classify(Src, Dst), and Unknown to
+	// which sides are of kind unknown. Both are cached per endpoint pair,
+	// so the hot path touches neither endpoint once the pair is known.
+	Class   string
+	Unknown uint8
+	// Index is the caller's: Apply leaves it alone (ingest keeps the
+	// flow's position in its batch there).
+	Index int32
 }
 
 type seriesKind uint8
@@ -78,10 +91,13 @@ const (
 	kindCross
 )
 
-// series is one counter (or a bytes/packets twin). For twins, lab holds
-// the bytes labels followed by the packets labels in one allocation.
+// series is one counter (or a bytes/packets twin). The twin's two label
+// slices are separate allocations on purpose: 14 labels are 448 bytes, a
+// size class of their own, while one 896-byte block of pointerful labels
+// gets an 8-byte malloc header and lands in the 1024-byte class.
 type series struct {
-	lab     []metrics.Label
+	lab     []metrics.Label // bytes (or only) labels
+	pkts    []metrics.Label // packets labels of twins, nil otherwise
 	bytes   uint64
 	packets uint64
 	last    int64 // unix nanoseconds of the last update
@@ -93,12 +109,7 @@ type series struct {
 func (s *series) twin() bool { return s.kind != kindCross }
 
 // labels returns the bytes (or only) label set.
-func (s *series) labels() []metrics.Label {
-	if s.twin() {
-		return s.lab[:len(s.lab)/2]
-	}
-	return s.lab
-}
+func (s *series) labels() []metrics.Label { return s.lab }
 
 // routeKey identifies a route by endpoint identity: pointer comparison and
 // hashing are what make the per-flow lookup cheap.
@@ -106,9 +117,24 @@ type routeKey struct {
 	src, dst *resolve.Endpoint
 }
 
-// route says where a flow's counts go. pair and cross may be nil.
+// route says where a flow's counts go (pair and cross may be nil), and
+// caches what the endpoints' labels imply: the class and unknown sides.
 type route struct {
 	pair, zone, cross *series
+	class             uint8 // index into classes: keeps the route 32 bytes
+	unknown           uint8
+}
+
+// classes are the values of Flow.Class, indexed by route.class.
+var classes = [...]string{ClassSameZone, ClassCrossZone, ClassCrossRegion, ClassExternal, ClassUnknown}
+
+func classIndex(c string) uint8 {
+	for i, v := range classes {
+		if v == c {
+			return uint8(i)
+		}
+	}
+	return uint8(len(classes) - 1) // unknown
 }
 
 // Aggregator holds the counters. It is safe for concurrent use: Apply
@@ -147,7 +173,7 @@ func New(cfg Config, reg *metrics.Registry) (*Aggregator, error) {
 		byHash:   map[uint64]*series{},
 		collided: map[uint64][]*series{},
 		folded: reg.Counter("kubezonnet_server_pod_pairs_folded_total",
-			"New pod pairs folded into an _overflow series because --max-pod-pairs was reached."),
+			"Pod pairs folded into an _overflow series because --max-pod-pairs was reached (counted when a pair's route is built, so a pair folds again after its route was evicted)."),
 		expired: reg.Counter("kubezonnet_server_series_expired_total",
 			"Aggregated series removed after --series-idle-timeout without traffic."),
 	}
@@ -178,6 +204,7 @@ func (a *Aggregator) Apply(now time.Time, flows []Flow) {
 			r = a.newRoute(f, ts)
 			a.routes[k] = r
 		}
+		f.Class, f.Unknown = classes[r.class], r.unknown
 		r.zone.add(f.Counts, ts)
 		if r.pair != nil {
 			r.pair.add(f.Counts, ts)
@@ -210,7 +237,14 @@ func crossesZone(class string) bool {
 
 // newRoute finds or creates the series a new endpoint pair feeds.
 func (a *Aggregator) newRoute(f *Flow, ts int64) route {
-	var r route
+	f.Class = classes[classIndex(resolve.Classify(f.Src, f.Dst))]
+	r := route{class: classIndex(f.Class)}
+	if f.Src.Kind == resolve.KindUnknown {
+		r.unknown |= SrcUnknown
+	}
+	if f.Dst.Kind == resolve.KindUnknown {
+		r.unknown |= DstUnknown
+	}
 	a.scratch = zoneLabels(a.scratch[:0], MetricZonePairBytes, f.Src.Zone, f.Dst.Zone)
 	r.zone = a.findOrCreate(kindZone, ts)
 	if a.tracked(f.Class) {
@@ -279,16 +313,10 @@ func (a *Aggregator) find() *series {
 // and indexes it. The label slice allocated here is the only one the
 // series will ever have.
 func (a *Aggregator) create(kind seriesKind, ts int64) *series {
-	n := len(a.scratch)
-	s := &series{kind: kind, last: ts}
+	s := &series{kind: kind, last: ts, lab: slices.Clone(a.scratch)}
 	if s.twin() {
-		s.lab = make([]metrics.Label, 2*n)
-		copy(s.lab, a.scratch)
-		copy(s.lab[n:], a.scratch)
-		s.lab[n].Value = packetsName(a.scratch[0].Value)
-	} else {
-		s.lab = make([]metrics.Label, n)
-		copy(s.lab, a.scratch)
+		s.pkts = slices.Clone(a.scratch)
+		s.pkts[0].Value = packetsName(a.scratch[0].Value)
 	}
 	h := a.hash(a.scratch)
 	if _, taken := a.byHash[h]; taken {
@@ -334,10 +362,9 @@ func (a *Aggregator) AppendSeries(dst []remotewrite.Series) []remotewrite.Series
 	a.expireLocked(now)
 	each := func(s *series) {
 		if s.twin() {
-			n := len(s.lab) / 2
 			dst = append(dst,
-				remotewrite.Series{Labels: s.lab[:n:n], Value: float64(s.bytes)},
-				remotewrite.Series{Labels: s.lab[n:], Value: float64(s.packets)})
+				remotewrite.Series{Labels: s.lab, Value: float64(s.bytes)},
+				remotewrite.Series{Labels: s.pkts, Value: float64(s.packets)})
 			return
 		}
 		dst = append(dst, remotewrite.Series{Labels: s.lab, Value: float64(s.bytes)})

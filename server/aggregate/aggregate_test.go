@@ -27,8 +27,24 @@ var (
 	dbBCopy = func() *resolve.Endpoint { c := *dbB; return &c }()
 )
 
+// fl builds a flow; class is what Apply must compute for the pair, and
+// apply checks it.
 func fl(src, dst *resolve.Endpoint, class string, bytes, packets uint64) Flow {
 	return Flow{Src: src, Dst: dst, Class: class, Counts: flow.Counts{Bytes: bytes, Packets: packets}}
+}
+
+// apply feeds flows one by one, checking the class Apply sets.
+func apply(t *testing.T, a *Aggregator, now time.Time, flows ...Flow) {
+	t.Helper()
+	for _, f := range flows {
+		want := f.Class
+		batch := []Flow{f}
+		batch[0].Class = ""
+		a.Apply(now, batch)
+		if batch[0].Class != want {
+			t.Errorf("%s -> %s: class %q, want %q", f.Src.Pod+f.Src.Workload, f.Dst.Pod+f.Dst.Workload, batch[0].Class, want)
+		}
+	}
 }
 
 // render prints series as sorted exposition lines, the form the tests
@@ -143,9 +159,7 @@ func TestAggregate(t *testing.T) {
 				t.Fatal(err)
 			}
 			// One flow per Apply and all in one Apply must agree.
-			for _, f := range tc.flows {
-				a.Apply(time.Now(), []Flow{f})
-			}
+			apply(t, a, time.Now(), tc.flows...)
 			got := render(a.AppendSeries(nil))
 			slices.Sort(tc.want)
 			if !slices.Equal(got, tc.want) {
@@ -175,9 +189,9 @@ func TestExpiry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.Apply(now, []Flow{fl(webA, dbB, ClassCrossZone, 10, 1)})
+	apply(t, a, now, fl(webA, dbB, ClassCrossZone, 10, 1))
 	now = now.Add(30 * time.Second)
-	a.Apply(now, []Flow{fl(nodeB, inet, ClassExternal, 5, 1)})
+	apply(t, a, now, fl(nodeB, inet, ClassExternal, 5, 1))
 	if n := len(a.AppendSeries(nil)); n != 9 {
 		t.Fatalf("before expiry: %d series, want 9", n)
 	}
@@ -199,7 +213,7 @@ func TestExpiry(t *testing.T) {
 	}
 	// The pod-pair slot was freed: the pair comes back as its own series
 	// (not folded) and starts from zero, as a new series should.
-	a.Apply(now, []Flow{fl(webA, dbB, ClassCrossZone, 7, 1)})
+	apply(t, a, now, fl(webA, dbB, ClassCrossZone, 7, 1))
 	got = render(a.AppendSeries(nil))
 	if !slices.Contains(got, `kubezonnet_pod_pair_bytes_total{`+pairWebDB+`} 7`) {
 		t.Errorf("re-created pair missing:\n%s", strings.Join(got, "\n"))
@@ -216,10 +230,10 @@ func TestLabelsImmutable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.Apply(time.Now(), []Flow{fl(webA, dbB, ClassCrossZone, 1, 1)})
+	apply(t, a, time.Now(), fl(webA, dbB, ClassCrossZone, 1, 1))
 	first := a.AppendSeries(nil)
 	before := render(first)
-	a.Apply(time.Now(), []Flow{fl(webA2, dbB, ClassCrossZone, 1, 1), fl(nodeB, inet, ClassExternal, 1, 1)})
+	apply(t, a, time.Now(), fl(webA2, dbB, ClassCrossZone, 1, 1), fl(nodeB, inet, ClassExternal, 1, 1))
 	second := a.AppendSeries(nil)
 	for i := range first {
 		first[i].Value = 0 // values are copies; only labels are shared

@@ -9,7 +9,8 @@
 //
 // Each line is the JSON object log/slog's JSON handler would print for a
 // record with message "flow" and the attributes below (time, level, msg,
-// then the keys in this order). The line is appended by a specialised
+// then the keys in this order; time is the agent's observation time, in
+// UTC). The line is appended by a specialised
 // encoder rather than through slog.Handler: the generic handler costs
 // several microseconds per 17-attribute record on these machines, which
 // would cap the server far below its target with logging on.
@@ -224,7 +225,7 @@ func (l *Logger) flush() {
 // AppendEvent appends the JSON line of e (with its newline) to b.
 func AppendEvent(b []byte, e *Event) []byte {
 	b = append(b, `{"time":"`...)
-	b = e.Time.AppendFormat(b, time.RFC3339Nano)
+	b = e.Time.UTC().AppendFormat(b, time.RFC3339Nano) // UTC: comparable across nodes
 	b = append(b, `","level":"INFO","msg":"flow","node":`...)
 	b = appendString(b, e.Node)
 	b = appendEndpoint(b, "src", e.Src, e.Key.Src)

@@ -22,16 +22,20 @@ func normalize(ip netip.Addr) netip.Addr {
 // cover but that never lead to the internet: shared address space (often a
 // pod or service range), IETF protocol assignments, documentation and
 // benchmarking ranges, and the reserved class E.
-var nonPublic = []netip.Prefix{
-	netip.MustParsePrefix("100.64.0.0/10"),
-	netip.MustParsePrefix("192.0.0.0/24"),
-	netip.MustParsePrefix("192.0.2.0/24"),
-	netip.MustParsePrefix("198.18.0.0/15"),
-	netip.MustParsePrefix("198.51.100.0/24"),
-	netip.MustParsePrefix("203.0.113.0/24"),
-	netip.MustParsePrefix("240.0.0.0/4"),
-	netip.MustParsePrefix("2001:db8::/32"),
-}
+var (
+	nonPublic4 = []netip.Prefix{
+		netip.MustParsePrefix("100.64.0.0/10"),
+		netip.MustParsePrefix("192.0.0.0/24"),
+		netip.MustParsePrefix("192.0.2.0/24"),
+		netip.MustParsePrefix("198.18.0.0/15"),
+		netip.MustParsePrefix("198.51.100.0/24"),
+		netip.MustParsePrefix("203.0.113.0/24"),
+		netip.MustParsePrefix("240.0.0.0/4"),
+	}
+	nonPublic6 = []netip.Prefix{
+		netip.MustParsePrefix("2001:db8::/32"),
+	}
+)
 
 // isPublic reports whether an unclaimed address is on the internet. Private
 // (RFC 1918, fc00::/7), loopback, link-local, multicast and the ranges
@@ -39,6 +43,10 @@ var nonPublic = []netip.Prefix{
 func isPublic(ip netip.Addr) bool {
 	if !ip.IsGlobalUnicast() || ip.IsPrivate() {
 		return false
+	}
+	nonPublic := nonPublic6
+	if ip.Is4() {
+		nonPublic = nonPublic4
 	}
 	for _, p := range nonPublic {
 		if p.Contains(ip) {

@@ -91,8 +91,8 @@ type Endpoint struct {
 var (
 	epExternal = &Endpoint{Kind: KindExternal, Workload: ValueExternal, WorkloadKind: WorkloadKindExternal,
 		Zone: ValueExternal, Region: ValueExternal}
-	epNoPod         = unknownEndpoint(ReasonNoPod)
-	epNotSynced     = unknownEndpoint(ReasonNotSynced)
+	epNoPod          = unknownEndpoint(ReasonNoPod)
+	epNotSynced      = unknownEndpoint(ReasonNotSynced)
 	epInvalidAddress = unknownEndpoint(ReasonInvalidAddress)
 )
 

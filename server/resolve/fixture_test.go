@@ -117,7 +117,7 @@ func errForbidden(res string) error {
 
 type apiStatusError struct{ s metav1.Status }
 
-func (e *apiStatusError) Error() string          { return e.s.Message }
+func (e *apiStatusError) Error() string         { return e.s.Message }
 func (e *apiStatusError) Status() metav1.Status { return e.s }
 
 // watchReactor opens the watch on the tracker itself and records it, so the

@@ -1,6 +1,7 @@
 package resolve
 
 import (
+	"math"
 	"net/netip"
 	"slices"
 	"sync"
@@ -19,14 +20,15 @@ const maxHoldersPerIP = 4
 // index maps addresses to endpoints. Informer handlers write it under mu;
 // Resolve reads it under mu.RLock. Endpoints are precomputed per pod and per
 // node whenever something they depend on changes (pod, node, ReplicaSet or
-// Job metadata), so a lookup is a map probe and a pointer load.
+// Job metadata), so a lookup is one map probe: a single map holds pod
+// addresses, host addresses and a marker for addresses with released
+// history, so an address nobody claims costs no LRU probe.
 type index struct {
 	mu sync.RWMutex
 
 	pods    map[string]*podState // by namespace/name
 	nodes   map[string]*nodeState
-	podIPs  map[netip.Addr]podSlot   // addresses held by pods on the pod network
-	hostIPs map[netip.Addr]*hostSlot // node addresses and host-network pod addresses
+	addrs   map[netip.Addr]addrSlot
 	byOwner map[ownerKey]map[*podState]struct{}
 
 	// released remembers, per address, the pods that held it until
@@ -63,68 +65,95 @@ type nodeState struct {
 	ep           *Endpoint
 }
 
-// podSlot records which pod holds an address, and since when (the time the
-// informer handler saw the assignment; the zero time for pods that existed
-// when the resolver started).
-type podSlot struct {
+// addrSlot is everything the index knows about one address.
+type addrSlot struct {
+	// ep is the endpoint of the pod holding the address on the pod
+	// network (copied from the pod to spare Resolve a pointer chase), and
+	// since the time the informer handler saw the assignment, in Unix
+	// nanoseconds (heldSinceStart for pods that existed when the resolver
+	// started); an int64 rather than a time.Time keeps a slot, with its
+	// key, within one 64-byte cache line.
+	ep    *Endpoint
+	since int64
 	pod   *podState
-	since time.Time
-}
-
-// hostSlot records a host address: a node's own address and/or the address
-// of host-network pods on that node.
-type hostSlot struct {
+	// node is set for host addresses: the node's own address (nodeAddr)
+	// and/or the address of hostPods host-network pods on it.
 	node     *nodeState
 	nodeAddr bool
-	pods     int
+	hostPods int32
+	// released says the released LRU holds past holders of the address.
+	released bool
+}
+
+// empty reports a slot that no longer says anything.
+func (s *addrSlot) empty() bool {
+	return s.pod == nil && s.node == nil && !s.released
 }
 
 // heldBy is one past holder of an address.
 type heldBy struct {
 	ep           *Endpoint
-	since, until time.Time
+	since, until int64 // Unix nanoseconds
 }
 
+// heldSinceStart is the "since" of addresses the initial list delivered:
+// earlier than any flow.
+const heldSinceStart = math.MinInt64
+
 func newIndex(cacheSize int, ttl time.Duration, podLabels []string) (*index, error) {
-	released, err := lru.New[netip.Addr, []heldBy](cacheSize)
+	ix := &index{
+		pods:      make(map[string]*podState),
+		nodes:     make(map[string]*nodeState),
+		addrs:     make(map[netip.Addr]addrSlot),
+		byOwner:   make(map[ownerKey]map[*podState]struct{}),
+		ttl:       ttl,
+		podLabels: podLabels,
+	}
+	// Evictions happen only inside released.Add, which runs under mu.
+	released, err := lru.NewWithEvict(cacheSize, func(ip netip.Addr, _ []heldBy) {
+		ix.updateSlot(ip, func(s *addrSlot) { s.released = false })
+	})
 	if err != nil {
 		return nil, err
 	}
-	return &index{
-		pods:      make(map[string]*podState),
-		nodes:     make(map[string]*nodeState),
-		podIPs:    make(map[netip.Addr]podSlot),
-		hostIPs:   make(map[netip.Addr]*hostSlot),
-		byOwner:   make(map[ownerKey]map[*podState]struct{}),
-		released:  released,
-		ttl:       ttl,
-		podLabels: podLabels,
-	}, nil
+	ix.released = released
+	return ix, nil
+}
+
+// updateSlot applies change to the slot of ip (creating it), and drops the
+// slot when it is empty afterwards. Callers hold mu.
+func (ix *index) updateSlot(ip netip.Addr, change func(s *addrSlot)) {
+	s := ix.addrs[ip]
+	change(&s)
+	if s.empty() {
+		delete(ix.addrs, ip)
+	} else {
+		ix.addrs[ip] = s
+	}
 }
 
 // lookup is the hot path: the endpoint ip (already normalized) had at time
 // at, or nil when no pod, node or recently released pod claims it.
 func (ix *index) lookup(ip netip.Addr, at time.Time) *Endpoint {
 	ix.mu.RLock()
-	if s, ok := ix.podIPs[ip]; ok {
-		ep := s.pod.ep
+	s, ok := ix.addrs[ip]
+	if !ok {
 		ix.mu.RUnlock()
-		if at.Before(s.since) {
-			// Observed before the current holder got the address: it
-			// belongs to an earlier holder if one is remembered.
-			if old := ix.formerHolder(ip, at); old != nil {
-				return old
-			}
-		}
-		return ep
+		return nil
 	}
-	if h, ok := ix.hostIPs[ip]; ok {
-		ep := h.node.ep
-		ix.mu.RUnlock()
-		return ep
+	ep := s.ep
+	if ep == nil && s.node != nil {
+		ep = s.node.ep
 	}
 	ix.mu.RUnlock()
-	return ix.formerHolder(ip, at)
+	if s.released && (ep == nil || at.UnixNano() < s.since) {
+		// No holder now, or observed before the current holder got the
+		// address: an earlier holder, if one is remembered.
+		if old := ix.formerHolder(ip, at); old != nil {
+			return old
+		}
+	}
+	return ep
 }
 
 // formerHolder picks, among the released holders of ip, the last one that
@@ -135,10 +164,11 @@ func (ix *index) formerHolder(ip netip.Addr, at time.Time) *Endpoint {
 	if !ok || len(hist) == 0 {
 		return nil
 	}
+	t := at.UnixNano()
 	for i := len(hist) - 1; i >= 0; i-- {
 		h := &hist[i]
-		if !at.Before(h.since) {
-			if at.Before(h.until.Add(ix.ttl)) {
+		if t >= h.since {
+			if t < h.until+int64(ix.ttl) {
 				return h.ep
 			}
 			return nil
@@ -193,9 +223,9 @@ func (ix *index) upsertPod(p *corev1.Pod, now time.Time, initial bool) {
 	st.labels = ix.labelValues(p.Labels, st.labels)
 	ix.refreshPodLocked(st)
 
-	since := now
+	since := now.UnixNano()
 	if initial {
-		since = time.Time{}
+		since = heldSinceStart
 	}
 	held := st.ips[:0:0]
 	for _, ip := range st.ips {
@@ -238,42 +268,41 @@ func (ix *index) releaseAllLocked(st *podState, now time.Time) {
 // claimLocked makes st the holder of ip. A pod-network address still held
 // by another pod (whose deletion the informer has not delivered yet) is
 // taken from it and remembered as released now.
-func (ix *index) claimLocked(st *podState, ip netip.Addr, since, now time.Time) {
+func (ix *index) claimLocked(st *podState, ip netip.Addr, since int64, now time.Time) {
 	if st.hostNetwork {
-		h := ix.hostIPs[ip]
-		if h == nil {
-			h = &hostSlot{node: st.node}
-			ix.hostIPs[ip] = h
-		}
-		h.node = st.node
-		h.pods++
+		ix.updateSlot(ip, func(s *addrSlot) {
+			s.node = st.node
+			s.hostPods++
+		})
 		return
 	}
-	if prev, ok := ix.podIPs[ip]; ok && prev.pod != st {
-		ix.remember(ip, heldBy{ep: prev.pod.ep, since: prev.since, until: now})
+	if prev := ix.addrs[ip]; prev.pod != nil && prev.pod != st {
+		ix.remember(ip, heldBy{ep: prev.ep, since: prev.since, until: now.UnixNano()})
 		prev.pod.ips = slices.DeleteFunc(prev.pod.ips, func(a netip.Addr) bool { return a == ip })
 	}
-	ix.podIPs[ip] = podSlot{pod: st, since: since}
+	ix.updateSlot(ip, func(s *addrSlot) { s.ep, s.pod, s.since = st.ep, st, since })
 }
 
 // releaseLocked gives ip back. Pod-network addresses are remembered with
 // the release time so late flows still resolve to this pod.
 func (ix *index) releaseLocked(st *podState, ip netip.Addr, now time.Time) {
 	if st.hostNetwork {
-		if h := ix.hostIPs[ip]; h != nil {
-			h.pods--
-			if h.pods <= 0 && !h.nodeAddr {
-				delete(ix.hostIPs, ip)
+		ix.updateSlot(ip, func(s *addrSlot) {
+			if s.hostPods--; s.hostPods <= 0 {
+				s.hostPods = 0
+				if !s.nodeAddr {
+					s.node = nil
+				}
 			}
-		}
+		})
 		return
 	}
-	s, ok := ix.podIPs[ip]
-	if !ok || s.pod != st {
+	s := ix.addrs[ip]
+	if s.pod != st {
 		return
 	}
-	delete(ix.podIPs, ip)
-	ix.remember(ip, heldBy{ep: st.ep, since: s.since, until: now})
+	ix.remember(ip, heldBy{ep: s.ep, since: s.since, until: now.UnixNano()})
+	ix.updateSlot(ip, func(s *addrSlot) { s.ep, s.pod, s.since = nil, nil, 0 })
 }
 
 // remember appends a past holder of ip to the released LRU. The stored
@@ -286,6 +315,7 @@ func (ix *index) remember(ip netip.Addr, h heldBy) {
 	hist := make([]heldBy, 0, len(prev)+1)
 	hist = append(append(hist, prev...), h)
 	ix.released.Add(ip, hist)
+	ix.updateSlot(ip, func(s *addrSlot) { s.released = true })
 }
 
 // nodeLocked returns the state of a node, creating a placeholder.
@@ -379,20 +409,17 @@ func (ix *index) setNodeAddrsLocked(st *nodeState, addrs []netip.Addr) {
 		if slices.Contains(addrs, ip) {
 			continue
 		}
-		if h := ix.hostIPs[ip]; h != nil && h.node == st {
-			h.nodeAddr = false
-			if h.pods <= 0 {
-				delete(ix.hostIPs, ip)
+		ix.updateSlot(ip, func(s *addrSlot) {
+			if s.node == st {
+				s.nodeAddr = false
+				if s.hostPods == 0 {
+					s.node = nil
+				}
 			}
-		}
+		})
 	}
 	for _, ip := range addrs {
-		h := ix.hostIPs[ip]
-		if h == nil {
-			h = &hostSlot{}
-			ix.hostIPs[ip] = h
-		}
-		h.node, h.nodeAddr = st, true
+		ix.updateSlot(ip, func(s *addrSlot) { s.node, s.nodeAddr = st, true })
 	}
 	st.addrs = addrs
 }
@@ -424,7 +451,17 @@ func (ix *index) ownerChanged(k ownerKey) {
 func (ix *index) refreshPodLocked(st *podState) {
 	name, kind, via := workloadOf(st.namespace, st.name, st.owner, ix.owners)
 	ix.setOwnerLocked(st, via)
-	st.ep = sameOrNew(st.ep, podEndpoint(st, name, kind))
+	ep := sameOrNew(st.ep, podEndpoint(st, name, kind))
+	if ep == st.ep {
+		return
+	}
+	st.ep = ep
+	for _, ip := range st.ips {
+		if s, ok := ix.addrs[ip]; ok && s.pod == st {
+			s.ep = ep
+			ix.addrs[ip] = s
+		}
+	}
 }
 
 // labelValues returns the values of the requested pod labels, reusing old

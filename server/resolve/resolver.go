@@ -174,8 +174,16 @@ type Stats struct {
 func (r *Resolver) Stats() Stats {
 	r.ix.mu.RLock()
 	defer r.ix.mu.RUnlock()
-	return Stats{Pods: len(r.ix.pods), Nodes: len(r.ix.nodes), PodIPs: len(r.ix.podIPs),
-		HostIPs: len(r.ix.hostIPs), ReleasedIPs: r.ix.released.Len()}
+	st := Stats{Pods: len(r.ix.pods), Nodes: len(r.ix.nodes), ReleasedIPs: r.ix.released.Len()}
+	for _, s := range r.ix.addrs {
+		switch {
+		case s.pod != nil:
+			st.PodIPs++
+		case s.node != nil:
+			st.HostIPs++
+		}
+	}
+	return st
 }
 
 var (

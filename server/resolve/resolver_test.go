@@ -109,6 +109,21 @@ func TestResolve(t *testing.T) {
 			},
 		},
 		{
+			name: "the released-IP LRU is bounded: the oldest release is forgotten first",
+			opts: fixtureOpts{cfg: Config{ReleasedIPCacheSize: 1}, objs: []runtime.Object{nodeA(), nodeB(),
+				pod("shop", "db-0", "n-a", []string{"10.1.0.20"}, ownedBy("StatefulSet", "db")),
+				pod("shop", "cache-q2", "n-b", []string{"10.1.0.21"}, ownedBy("DaemonSet", "cache"))}},
+			steps: []step{
+				{at: 10 * time.Second, act: func(f *fixture, at time.Time) { f.deletePod(at, "shop", "db-0") }, checks: []check{
+					{"10.1.0.20", 5 * time.Second, dbEP},
+				}},
+				{at: 20 * time.Second, act: func(f *fixture, at time.Time) { f.deletePod(at, "shop", "cache-q2") }, checks: []check{
+					{"10.1.0.20", 5 * time.Second, noPod},
+					{"10.1.0.21", 15 * time.Second, cacheEP},
+				}},
+			},
+		},
+		{
 			name: "pod in a terminal phase gives its address back",
 			opts: fixtureOpts{objs: []runtime.Object{nodeA(),
 				pod("shop", "old", "n-a", []string{"10.1.0.11"})}},
@@ -451,5 +466,32 @@ func TestResolveDuringChurn(t *testing.T) {
 	}
 	if got := f.r.Resolve(ip, base.Add(48*time.Second+ttl+time.Second)); got.Reason != ReasonNoPod {
 		t.Errorf("flow after the TTL: got %+v", *got)
+	}
+}
+
+// TestReleasedMemoryBound checks that addresses forgotten by the LRU leave
+// nothing behind in the index: memory stays bounded by the flag.
+func TestReleasedMemoryBound(t *testing.T) {
+	ix, err := newIndex(2, ttl, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	obj, _ := nodeTransform(nodeA())
+	ix.upsertNode(obj.(*corev1.Node))
+	for i := 0; i < 5; i++ {
+		ip := netip.AddrFrom4([4]byte{10, 4, 0, byte(i)}).String()
+		p := pod("ns", "p"+ip, "n-a", []string{ip})
+		ix.upsertPod(p, base, false)
+		ix.deletePod(p.Namespace, p.Name, p.UID, base.Add(time.Second))
+	}
+	if n := ix.released.Len(); n != 2 {
+		t.Errorf("released LRU holds %d addresses, want 2", n)
+	}
+	// Two node addresses plus the two remembered releases.
+	if n := len(ix.addrs); n != 4 {
+		t.Errorf("index holds %d addresses, want 4", n)
+	}
+	if len(ix.pods) != 0 {
+		t.Errorf("index still holds %d pods", len(ix.pods))
 	}
 }

@@ -26,7 +26,7 @@ func TestParseStaticEndpoints(t *testing.T) {
 func TestParseStaticEndpointsForms(t *testing.T) {
 	for _, tc := range []struct {
 		name, in string
-		want []StaticEndpoint
+		want     []StaticEndpoint
 	}{
 		{"empty file", "", nil},
 		{"comments only", "# nothing yet\n", nil},
@@ -52,7 +52,9 @@ func TestParseStaticEndpointsForms(t *testing.T) {
 }
 
 func TestParseStaticEndpointsErrors(t *testing.T) {
-	entry := func(rest string) string { return "endpoints:\n  - name: a\n    zone: z\n    cidrs: [10.0.0.0/8]\n" + rest }
+	entry := func(rest string) string {
+		return "endpoints:\n  - name: a\n    zone: z\n    cidrs: [10.0.0.0/8]\n" + rest
+	}
 	for _, tc := range []struct {
 		name, in, want string
 	}{

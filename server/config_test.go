@@ -1,0 +1,83 @@
+package server
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/kubezonnet/kubezonnet/server/flowlog"
+)
+
+// parse runs the server command's flag parsing on args and returns the
+// config or the error.
+func parse(t *testing.T, env map[string]string, args ...string) (Config, error) {
+	t.Helper()
+	for k, v := range env {
+		t.Setenv(k, v)
+	}
+	var cfg Config
+	var cfgErr error
+	cmd := Command()
+	cmd.Action = func(c *cli.Context) error {
+		cfg, cfgErr = ConfigFromCLI(c)
+		return nil
+	}
+	app := &cli.App{Commands: []*cli.Command{cmd}}
+	if err := app.Run(append([]string{"kubezonnet", "server"}, args...)); err != nil {
+		return cfg, err
+	}
+	return cfg, cfgErr
+}
+
+func TestConfig(t *testing.T) {
+	tok := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tok, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := parse(t, nil, "--token-file", tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.ListenAddress != ":8080" || cfg.AuthMode != AuthToken || cfg.MaxPodPairs != DefaultMaxPodPairs ||
+		cfg.SeriesIdleTimeout != DefaultSeriesIdleTimeout || cfg.AllPairs {
+		t.Errorf("defaults: %+v", cfg)
+	}
+	if want, _ := flowlog.ParseClasses([]string{"cross-zone"}); cfg.FlowLogClasses != want {
+		t.Errorf("flow log classes = %b, want %b", cfg.FlowLogClasses, want)
+	}
+
+	cfg, err = parse(t, map[string]string{"KUBEZONNET_MAX_POD_PAIRS": "42", "KUBEZONNET_AUTH_MODE": "none",
+		"KUBEZONNET_FLOW_LOG_CLASSES": "cross-zone,external"}, "--all-pairs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.MaxPodPairs != 42 || cfg.AuthMode != AuthNone || !cfg.AllPairs {
+		t.Errorf("env twins not applied: %+v", cfg)
+	}
+	if want, _ := flowlog.ParseClasses([]string{"cross-zone", "external"}); cfg.FlowLogClasses != want {
+		t.Errorf("flow log classes from env = %b, want %b", cfg.FlowLogClasses, want)
+	}
+
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--auth-mode", "token"}, "--token-file: required"},
+		{[]string{"--auth-mode", "magic"}, `--auth-mode "magic"`},
+		{[]string{"--auth-mode", "tokenreview", "--agent-service-account", "nocolon"}, `--agent-service-account "nocolon"`},
+		{[]string{"--auth-mode", "none", "--max-pod-pairs", "0"}, "--max-pod-pairs 0"},
+		{[]string{"--auth-mode", "none", "--series-idle-timeout", "-1s"}, "--series-idle-timeout -1s"},
+		{[]string{"--auth-mode", "none", "--flow-log-classes", "cross_zone"}, `--flow-log-classes "cross_zone"`},
+		{[]string{"--auth-mode", "none", "--log-level", "loud"}, `invalid log level "loud"`},
+		{[]string{"--auth-mode", "none", "--released-ip-ttl", "0s"}, "--released-ip-ttl must be positive"},
+		{[]string{"--auth-mode", "none", "--remote-write-url", "::bad"}, "::bad"},
+	} {
+		_, err := parse(t, nil, tc.args...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: err %v, want it to contain %q", tc.args, err, tc.want)
+		}
+	}
+}

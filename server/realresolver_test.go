@@ -1,0 +1,151 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/kubezonnet/kubezonnet/internal/logging"
+	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/server/resolve"
+)
+
+// The tests in this file wire ingest to the real resolve.Resolver, fed by
+// client-go's fake clientset (no API server can run in unit tests here):
+// what the command does, minus the HTTP client to Kubernetes.
+
+func node(name, zone, ip string) *corev1.Node {
+	return &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{
+			"topology.kubernetes.io/zone": zone, "topology.kubernetes.io/region": "r1"}},
+		Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: ip}}},
+	}
+}
+
+func statefulPod(ns, name, owner, nodeName, ip string) *corev1.Pod {
+	yes := true
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, UID: types.UID("uid-" + ns + "-" + name),
+			OwnerReferences: []metav1.OwnerReference{{APIVersion: "apps/v1", Kind: "StatefulSet", Name: owner, Controller: &yes}}},
+		Spec: corev1.PodSpec{NodeName: nodeName},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}},
+			StartTime: &metav1.Time{Time: time.Unix(1_600_000_000, 0)}},
+	}
+}
+
+// realResolver starts a resolver over objs and waits for its informers.
+func realResolver(tb testing.TB, objs ...runtime.Object) *resolve.Resolver {
+	tb.Helper()
+	client := fake.NewClientset(objs...)
+	res, err := resolve.New(resolve.Config{ReleasedIPTTL: time.Minute, ReleasedIPCacheSize: 1024}, client, logging.Discard())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- res.Run(ctx) }()
+	tb.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	// Waiting for the informers, not timing them: the deadline only turns
+	// a hang into a failure.
+	deadline := time.Now().Add(time.Minute)
+	for !res.HasSynced() {
+		if time.Now().After(deadline) {
+			tb.Fatal("resolver informers did not sync")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return res
+}
+
+func TestIngestWithRealResolver(t *testing.T) {
+	res := realResolver(t,
+		node("node-a", "zone-a", "192.168.0.1"), node("node-b", "zone-b", "192.168.0.2"),
+		statefulPod("shop", "web-0", "web", "node-a", "10.0.1.1"),
+		statefulPod("shop", "db-0", "db", "node-b", "10.0.2.1"))
+	cfg := testConfig()
+	reg := metrics.New()
+	srv, err := newServer(&cfg, deps{resolver: res, auth: noAuth{}, reg: reg, log: logging.Discard()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := &testEnv{srv: srv, url: startHTTP(t, srv.Handler()), reg: reg}
+	// node-a reports: web->db (cross-zone), db->web (db is on node-b: a
+	// foreign source, dropped), web->public address (external), and the
+	// node itself -> db (host network, cross-zone).
+	b := batch("node-a", 1,
+		rec("10.0.1.1", "10.0.2.1", 5432, 1000, 10),
+		rec("10.0.2.1", "10.0.1.1", 5432, 77, 7),
+		rec("10.0.1.1", "1.1.1.1", 443, 300, 3),
+		rec("192.168.0.1", "10.0.2.1", 5432, 50, 1))
+	b.Time = time.Now()
+	if code, msg := env.do(t, req{body: encode(b)}); code != http.StatusNoContent {
+		t.Fatalf("%d %s", code, msg)
+	}
+	pair := func(name, class, dst, src string, v int) string {
+		return fmt.Sprintf("%s{class=%q,%s,%s} %d", name, class, dst, src, v)
+	}
+	webSrc := `src_kind="pod",src_namespace="shop",src_pod="web-0",src_workload="web",src_workload_kind="StatefulSet",src_zone="zone-a"`
+	nodeSrc := `src_kind="node",src_workload="node-a",src_workload_kind="Node",src_zone="zone-a"`
+	dbDst := `dst_kind="pod",dst_namespace="shop",dst_pod="db-0",dst_workload="db",dst_workload_kind="StatefulSet",dst_zone="zone-b"`
+	extDst := `dst_kind="external",dst_workload="external",dst_workload_kind="External",dst_zone="external"`
+	want := []string{
+		pair("kubezonnet_pod_pair_bytes_total", "cross-zone", dbDst, nodeSrc, 50),
+		pair("kubezonnet_pod_pair_bytes_total", "cross-zone", dbDst, webSrc, 1000),
+		pair("kubezonnet_pod_pair_bytes_total", "external", extDst, webSrc, 300),
+		pair("kubezonnet_pod_pair_packets_total", "cross-zone", dbDst, nodeSrc, 1),
+		pair("kubezonnet_pod_pair_packets_total", "cross-zone", dbDst, webSrc, 10),
+		pair("kubezonnet_pod_pair_packets_total", "external", extDst, webSrc, 3),
+		`kubezonnet_zone_pair_bytes_total{dst_zone="external",src_zone="zone-a"} 300`,
+		`kubezonnet_zone_pair_bytes_total{dst_zone="zone-b",src_zone="zone-a"} 1050`,
+		`kubezonnet_zone_pair_packets_total{dst_zone="external",src_zone="zone-a"} 3`,
+		`kubezonnet_zone_pair_packets_total{dst_zone="zone-b",src_zone="zone-a"} 11`,
+		`pod_cross_zone_network_traffic_bytes_total{namespace="shop",pod="web-0"} 1000`,
+	}
+	slices.Sort(want)
+	if got := env.series(); !slices.Equal(got, want) {
+		t.Errorf("series:\n got %s\nwant %s", strings.Join(got, "\n     "), strings.Join(want, "\n     "))
+	}
+	if v := env.metric("kubezonnet_server_flows_dropped_total", "reason=foreign_source"); v != 1 {
+		t.Errorf("foreign_source drops = %v, want 1", v)
+	}
+}
+
+// startHTTP serves h on 127.0.0.1 for the test.
+func startHTTP(t *testing.T, h http.Handler) string {
+	t.Helper()
+	hs := httptest.NewServer(h)
+	t.Cleanup(hs.Close)
+	return hs.URL
+}
+
+// BenchmarkIngestPathRealResolver is BenchmarkIngestPath with the real
+// resolver (informers over the fake clientset) holding 10,000 pods.
+func BenchmarkIngestPathRealResolver(b *testing.B) {
+	objs := make([]runtime.Object, 0, benchPods+benchNodes)
+	for n := range benchNodes {
+		objs = append(objs, node(fmt.Sprintf("node-%d", n), fmt.Sprintf("zone-%d", n%benchZones),
+			netip.AddrFrom4([4]byte{192, 168, byte(n >> 8), byte(n)}).String()))
+	}
+	_, addrs := benchResolver()
+	for i, a := range addrs {
+		objs = append(objs, statefulPod(fmt.Sprintf("ns-%d", i%50), fmt.Sprintf("pod-%d", i),
+			fmt.Sprintf("wl-%d", i/10), fmt.Sprintf("node-%d", i%benchNodes), a.String()))
+	}
+	res := realResolver(b, objs...)
+	benchIngestWith(b, res, "")
+}
