@@ -33,6 +33,8 @@ type Spec struct {
 	Workloads []Workload
 	// Offloads keeps TSO/GSO/GRO on in the network (see testnet.Spec).
 	Offloads bool
+	// StaticHosts are hosts outside the cluster (see testnet.Spec).
+	StaticHosts []string
 }
 
 // NodeSpec is one node.
@@ -150,7 +152,7 @@ func (s Spec) Validate() error {
 // Testnet returns the network topology of the spec: one namespace per node
 // and one per pod that is not on the host network, named after the pod.
 func (s Spec) Testnet() testnet.Spec {
-	out := testnet.Spec{Offloads: s.Offloads}
+	out := testnet.Spec{Offloads: s.Offloads, StaticHosts: s.StaticHosts}
 	for _, n := range s.Nodes {
 		ns := testnet.NodeSpec{Name: n.Name, Zone: n.Zone}
 		for _, w := range s.Workloads {

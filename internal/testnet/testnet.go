@@ -36,6 +36,17 @@ type Spec struct {
 	// one segment per skb, so that every counter in the path agrees
 	// packet for packet.
 	Offloads bool
+	// StaticHosts are hosts outside the cluster (a managed database, an
+	// on-prem range) on the fabric: host i is 198.18.0.(200+i) and
+	// fd00:198:18::(200+i), with routes to every node's pods.
+	StaticHosts []string
+}
+
+// Host is a machine outside the cluster, on the fabric.
+type Host struct {
+	Name       string
+	NS         string
+	IPv4, IPv6 netip.Addr
 }
 
 // NodeSpec is one node and its pods.
@@ -50,6 +61,7 @@ type Topology struct {
 	prefix string
 	Fabric string
 	Nodes  []*Node
+	Hosts  []*Host
 }
 
 // Node is a node namespace.
@@ -120,6 +132,17 @@ func Build(ctx context.Context, spec Spec) (_ *Topology, err error) {
 			}
 		}
 	}
+	for i, name := range spec.StaticHosts {
+		h := &Host{
+			Name: name, NS: t.prefix + "-" + name,
+			IPv4: netip.AddrFrom4([4]byte{198, 18, 0, byte(200 + i)}),
+			IPv6: netip.MustParseAddr(fmt.Sprintf("fd00:198:18::%x", 200+i)),
+		}
+		t.Hosts = append(t.Hosts, h)
+		if err := t.buildHost(ctx, h, i, spec); err != nil {
+			return nil, err
+		}
+	}
 	// Routes between nodes: each node's pod CIDRs via its fabric address.
 	for _, n := range t.Nodes {
 		for _, o := range t.Nodes {
@@ -162,6 +185,37 @@ func (t *Topology) buildNode(ctx context.Context, n *Node, spec Spec) error {
 		if err := noOffloads(ctx, n.NS, "fab0"); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+func (t *Topology) buildHost(ctx context.Context, h *Host, i int, spec Spec) error {
+	if err := addNS(ctx, h.NS); err != nil {
+		return err
+	}
+	fab := fmt.Sprintf("h%d", i)
+	cmds := [][]string{
+		{"ip", "netns", "exec", h.NS, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"},
+		{"ip", "-n", t.Fabric, "link", "add", fab, "type", "veth", "peer", "name", "fab0", "netns", h.NS},
+		{"ip", "-n", t.Fabric, "link", "set", fab, "master", "br0", "up"},
+		{"ip", "-n", h.NS, "link", "set", "lo", "up"},
+		{"ip", "-n", h.NS, "addr", "add", h.IPv4.String() + "/24", "dev", "fab0"},
+		{"ip", "-n", h.NS, "addr", "add", h.IPv6.String() + "/64", "dev", "fab0", "nodad"},
+		{"ip", "-n", h.NS, "link", "set", "fab0", "up"},
+	}
+	for _, n := range t.Nodes {
+		cmds = append(cmds,
+			[]string{"ip", "-n", h.NS, "route", "add", n.PodCIDRs[0].String(), "via", n.IPv4.String()},
+			[]string{"ip", "-n", h.NS, "-6", "route", "add", n.PodCIDRs[1].String(), "via", n.IPv6.String()})
+	}
+	if err := runAll(ctx, cmds); err != nil {
+		return err
+	}
+	if !spec.Offloads {
+		if err := noOffloads(ctx, t.Fabric, fab); err != nil {
+			return err
+		}
+		return noOffloads(ctx, h.NS, "fab0")
 	}
 	return nil
 }
@@ -222,6 +276,9 @@ func (t *Topology) Close() error {
 		}
 		names = append(names, n.NS)
 	}
+	for _, h := range t.Hosts {
+		names = append(names, h.NS)
+	}
 	names = append(names, t.Fabric)
 	for _, name := range names {
 		if name == "" {
@@ -245,6 +302,9 @@ func (t *Topology) Namespaces() []string {
 		for _, p := range n.Pods {
 			out = append(out, p.NS)
 		}
+	}
+	for _, h := range t.Hosts {
+		out = append(out, h.NS)
 	}
 	return out
 }

@@ -1,31 +1,41 @@
-// Command demo runs kubezonnet's datapath on a simulated three-zone cluster
-// built from network namespaces on this host: one eBPF datapath per node,
-// real TCP and UDP traffic between pods, and the per-flow counts each node
-// drained from the kernel, printed as a table with the zone of each side.
-// It needs root (network namespaces, BPF) and removes everything it made,
+// Command demo runs kubezonnet on a simulated three-zone cluster on this
+// host: a real kube-apiserver and etcd, network namespaces for six nodes and
+// their pods, one real agent per node, the real server (with its own
+// least-privilege ServiceAccount) and a real Prometheus receiving the
+// server's remote-write. It runs known traffic for about a minute, then
+// prints, from Prometheus, who sent what across zones and what it would
+// cost. It needs root (namespaces, eBPF) and removes everything it made,
 // also on Ctrl-C.
 package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
-	"io"
-	"net"
 	"net/netip"
 	"os"
 	"os/signal"
 	"sort"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
 
-	"github.com/kubezonnet/kubezonnet/bpf"
-	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"golang.org/x/term"
+
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
+	"github.com/kubezonnet/kubezonnet/testenv"
 )
 
+// pricePerGB is the cross-zone price the cost estimate uses (USD per GB,
+// each direction, as AWS and GCP charge within a region).
+const pricePerGB = 0.01
+
 func main() {
-	if err := run(); err != nil {
+	duration := flag.Duration("duration", time.Minute, "how long to run traffic")
+	wait := flag.Bool("wait", term.IsTerminal(int(os.Stdin.Fd())), "keep the cluster running after the report until Ctrl-C")
+	flag.Parse()
+	if err := run(*duration, *wait); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
@@ -35,174 +45,207 @@ func step(format string, args ...any) {
 	fmt.Printf("==> "+format+"\n", args...)
 }
 
-func run() error {
+func run(duration time.Duration, wait bool) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root (network namespaces and eBPF): run it with sudo")
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	step("building a 3-zone cluster of network namespaces (nodes and pods, dual-stack)")
-	topo, err := testnet.Build(ctx, testnet.Spec{Nodes: []testnet.NodeSpec{
-		{Name: "node-a", Zone: "zone-a", Pods: []string{"api-1", "web-1"}},
-		{Name: "node-b", Zone: "zone-b", Pods: []string{"db-0", "api-2"}},
-		{Name: "node-c", Zone: "zone-c", Pods: []string{"cache-0"}},
-	}})
+	spec := testenv.DefaultSpec()
+	spec.StaticHosts = []string{"billing-db"}
+	step("starting a real kube-apiserver and etcd, and building 3 zones x 2 nodes of network namespaces")
+	step("(the first run builds kube-apiserver from source: several minutes; later runs take seconds)")
+	bins, err := testenv.FindBinaries(ctx, os.Stdout)
+	if err != nil {
+		return err
+	}
+	env, err := testenv.StartEnv(ctx, testenv.EnvOptions{Spec: spec, Network: true, ControlPlane: testenv.Options{Binaries: bins}})
 	if err != nil {
 		return err
 	}
 	defer func() {
-		step("removing the namespaces")
-		topo.Close()
+		step("cleaning up: processes, API server, namespaces")
+		if err := env.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "demo: cleanup:", err)
+		}
 	}()
 
-	step("loading one eBPF datapath per node (netfilter POSTROUTING, IPv4 and IPv6)")
-	dps := map[*testnet.Node]*bpf.Datapath{}
-	for _, n := range topo.Nodes {
-		dp, err := bpf.Load(bpf.Config{})
-		if err != nil {
-			return err
-		}
-		defer dp.Close()
-		if err := dp.SetLocalPrefixes(n.LocalPrefixes()); err != nil {
-			return err
-		}
-		if err := dp.AttachNetfilter(n.NSPath(), bpf.DefaultNetfilterPriority); err != nil {
-			return err
-		}
-		dps[n] = dp
+	step("building the kubezonnet binary")
+	bin, err := testenv.BuildKubezonnet(ctx, env.Dir)
+	if err != nil {
+		return err
+	}
+	root, err := testenv.RepoRoot()
+	if err != nil {
+		return err
+	}
+	billing := env.Topology.Hosts[0]
+	step("starting Prometheus, the server and one eBPF agent per node")
+	stack, err := testenv.StartStack(ctx, env, testenv.StackOptions{
+		Bin:        bin,
+		RulesFiles: []string{root + "/deploy/rules/kubezonnet.rules.yaml"},
+		StaticEndpoints: fmt.Sprintf("endpoints:\n  - name: billing-db\n    zone: zone-c\n    region: %s\n    cidrs: [%s/32, %s/128]\n",
+			spec.Region, billing.IPv4, billing.IPv6),
+	})
+	if err != nil {
+		return err
 	}
 
-	p := topo.Pod
-	traffic := []struct {
+	pod := func(workload, node string) *testnet.Pod {
+		p := env.Cluster.PodOn(workload, node)
+		if p == nil {
+			return nil
+		}
+		return env.Topology.Pod(p.Name)
+	}
+	api, db, web := pod("shop/api", "node-a1"), pod("shop/db", "node-b1"), pod("shop/web", "node-c1")
+	cache, debug := pod("shop/cache", "node-a2"), pod("default/debug", "node-b2")
+	nodeA1 := env.Topology.Node("node-a1")
+	if api == nil || db == nil || web == nil || cache == nil || debug == nil || nodeA1 == nil {
+		return fmt.Errorf("the default cluster spec changed: a demo pod is missing")
+	}
+	type job struct {
 		what     string
-		from, to *testnet.Pod
-		port     uint16
+		fromNS   string
+		toNS     string
+		dst      netip.AddrPort
 		bytes    int
-		v6       bool
-	}{
-		{"api-1 (zone-a) pulls rows from db-0 (zone-b)", p("db-0"), p("api-1"), 0, 8 << 20, false},
-		{"api-1 (zone-a) queries db-0 (zone-b)", p("api-1"), p("db-0"), 5432, 256 << 10, false},
-		{"web-1 (zone-a) calls api-1 (zone-a, same node)", p("web-1"), p("api-1"), 8080, 1 << 20, false},
-		{"api-2 (zone-b) reads cache-0 (zone-c) over IPv6", p("api-2"), p("cache-0"), 6379, 2 << 20, true},
-		{"api-2 (zone-b) writes db-0 (zone-b)", p("api-2"), p("db-0"), 5432, 512 << 10, false},
+		interval int // every n-th round
 	}
-	for _, tr := range traffic {
-		if ctx.Err() != nil {
+	jobs := []job{
+		{"db-0 (zone-b) streams rows to api (zone-a)", db.NS, api.NS, netip.AddrPortFrom(api.IPv4, 8080), 2 << 20, 1},
+		{"api (zone-a) queries db-0 (zone-b)", api.NS, db.NS, netip.AddrPortFrom(db.IPv4, 5432), 64 << 10, 1},
+		{"web (zone-c) calls api (zone-a) over IPv6", web.NS, api.NS, netip.AddrPortFrom(api.IPv6, 8443), 256 << 10, 2},
+		{"api (zone-a) reads cache (zone-a)", api.NS, cache.NS, netip.AddrPortFrom(cache.IPv4, 6379), 512 << 10, 1},
+		{"node-exporter (host network, node-a1) ships to db-0", nodeA1.NS, db.NS, netip.AddrPortFrom(db.IPv4, 9100), 32 << 10, 3},
+		{"debug (zone-b) exports to billing-db (static endpoint, zone-c)", debug.NS, billing.NS, netip.AddrPortFrom(billing.IPv4, 5432), 128 << 10, 2},
+	}
+	for _, j := range jobs {
+		fmt.Printf("    traffic: %s\n", j.what)
+	}
+	step("running traffic for %s", duration)
+	start := time.Now()
+	for round := 0; time.Since(start) < duration; round++ {
+		for _, j := range jobs {
+			if round%j.interval != 0 {
+				continue
+			}
+			if err := testenv.Transfer(ctx, j.fromNS, j.toNS, j.dst, j.bytes); err != nil {
+				return fmt.Errorf("%s: %w", j.what, err)
+			}
+		}
+		if round%10 == 0 {
+			fmt.Printf("    %3.0fs elapsed\n", time.Since(start).Seconds())
+		}
+		select {
+		case <-ctx.Done():
 			return ctx.Err()
-		}
-		step("traffic: %s, %d KiB", tr.what, tr.bytes>>10)
-		if tr.port == 0 { // the server side sends: a reply stream
-			if err := transfer(ctx, tr.to, tr.from, 5432, tr.bytes, tr.v6, true); err != nil {
-				return err
-			}
-			continue
-		}
-		if err := transfer(ctx, tr.from, tr.to, tr.port, tr.bytes, tr.v6, false); err != nil {
-			return err
+		case <-time.After(500 * time.Millisecond):
 		}
 	}
-	time.Sleep(300 * time.Millisecond)
+	elapsed := time.Since(start)
+	step("waiting for the last counts to reach Prometheus")
+	time.Sleep(6 * time.Second)
 
-	step("draining every node's kernel counts")
-	zoneOf := map[netip.Addr]string{}
-	nameOf := map[netip.Addr]string{}
-	for _, n := range topo.Nodes {
-		zoneOf[n.IPv4], zoneOf[n.IPv6] = n.Zone, n.Zone
-		nameOf[n.IPv4], nameOf[n.IPv6] = n.Name, n.Name
-		for _, pod := range n.Pods {
-			zoneOf[pod.IPv4], zoneOf[pod.IPv6] = n.Zone, n.Zone
-			nameOf[pod.IPv4], nameOf[pod.IPv6] = pod.Name, pod.Name
-		}
+	if err := report(ctx, stack, elapsed); err != nil {
+		return err
 	}
-	var rows []flow.Record
-	var crossZone flow.Counts
-	for _, n := range topo.Nodes {
-		var dr bpf.Drained
-		if err := dps[n].Drain(&dr); err != nil {
-			return err
-		}
-		rows = append(rows, dr.Flows...)
-		for i, c := range dr.Uncounted {
-			if bpf.Reason(i) != bpf.ReasonNotLocal && !c.IsZero() {
-				fmt.Printf("    %s: %d bytes not counted (%s)\n", n.Name, c.Bytes, bpf.Reason(i))
-			}
-		}
+	fmt.Printf("\nPrometheus is at %s (this host only). Queries to try:\n", stack.PrometheusURL)
+	for _, q := range []string{
+		`sum by (src_zone, dst_zone) (rate(kubezonnet_zone_pair_bytes_total[1m]))`,
+		`topk(10, sum by (src_workload, dst_workload) (rate(kubezonnet_pod_pair_bytes_total{class="cross-zone"}[1m])))`,
+		`kubezonnet:workload_pair_monthly_cost:usd`,
+		`kubezonnet:cross_zone_bytes:ratio_rate5m`,
+		`kubezonnet_pod_pair_bytes_total{dst_kind="static"}`,
+	} {
+		fmt.Println("  ", q)
 	}
-	sort.Slice(rows, func(i, j int) bool { return rows[i].Bytes > rows[j].Bytes })
-	w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(w, "SOURCE\tSRC ZONE\tDESTINATION\tDST ZONE\tPROTO\tSERVICE PORT\tBYTES\tPACKETS\tCROSS-ZONE\t")
-	for _, r := range rows {
-		name := func(a netip.Addr) string {
-			if n, ok := nameOf[a]; ok {
-				return n + " " + a.String()
-			}
-			return a.String()
-		}
-		port := "-"
-		if r.Port != 0 {
-			port = fmt.Sprintf("%d", r.Port)
-			if r.PortIsDst {
-				port = "→" + port
-			} else {
-				port = "←" + port
-			}
-		}
-		cross := ""
-		if zoneOf[r.Src] != "" && zoneOf[r.Dst] != "" && zoneOf[r.Src] != zoneOf[r.Dst] {
-			cross = "yes"
-			crossZone.Add(r.Counts)
-		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t\n", name(r.Src), zoneOf[r.Src], name(r.Dst), zoneOf[r.Dst], flow.ProtoName(r.Proto), port, r.Bytes, r.Packets, cross)
+	if wait {
+		step("the cluster keeps running; press Ctrl-C to clean up")
+		<-ctx.Done()
 	}
-	w.Flush()
-	fmt.Printf("\ncross-zone: %d bytes in %d packets (L3 bytes, every segment's headers counted)\n", crossZone.Bytes, crossZone.Packets)
-	fmt.Println("service port: →N the packets went to port N (client to service), ←N they came from it (replies)")
 	return nil
 }
 
-// transfer sends n bytes over TCP from one pod to another. With reverse,
-// the listener side sends (a server streaming a response).
-func transfer(ctx context.Context, from, to *testnet.Pod, port uint16, n int, v6, reverse bool) error {
-	dst, network := to.IPv4, "tcp4"
-	if v6 {
-		dst, network = to.IPv6, "tcp6"
+// report prints the zone matrix, the top cross-zone workload and pod pairs
+// and their monthly cost at the run's rate.
+func report(ctx context.Context, s *testenv.Stack, elapsed time.Duration) error {
+	monthly := func(bytes float64) float64 {
+		return bytes / elapsed.Seconds() * 2629800 / 1e9 * pricePerGB
 	}
-	addr := netip.AddrPortFrom(dst, port).String()
-	l, err := testnet.Listen(to.NS, network, addr)
+	zones, err := s.Query(ctx, `sum by (src_zone, dst_zone) (kubezonnet_zone_pair_bytes_total)`)
 	if err != nil {
 		return err
 	}
-	defer l.Close()
-	errc := make(chan error, 1)
-	go func() {
-		c, err := l.Accept()
+	var names []string
+	seen := map[string]bool{}
+	cell := map[[2]string]float64{}
+	for _, z := range zones {
+		src, dst := z.Labels["src_zone"], z.Labels["dst_zone"]
+		cell[[2]string{src, dst}] = z.Value
+		for _, n := range []string{src, dst} {
+			if !seen[n] {
+				seen[n] = true
+				names = append(names, n)
+			}
+		}
+	}
+	sort.Strings(names)
+	fmt.Println("\nBytes by zone pair (rows: source zone, columns: destination zone):")
+	w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(w, "\t%s\t\n", strings.Join(names, "\t"))
+	for _, src := range names {
+		fmt.Fprintf(w, "%s", src)
+		for _, dst := range names {
+			fmt.Fprintf(w, "\t%s", human(cell[[2]string{src, dst}]))
+		}
+		fmt.Fprintln(w, "\t")
+	}
+	w.Flush()
+
+	top := func(title, q string, cols []string) error {
+		rows, err := s.Query(ctx, q)
 		if err != nil {
-			errc <- err
-			return
+			return err
 		}
-		defer c.Close()
-		if reverse {
-			_, err = c.Write(make([]byte, n))
-		} else {
-			_, err = io.Copy(io.Discard, c)
+		sort.Slice(rows, func(i, j int) bool { return rows[i].Value > rows[j].Value })
+		fmt.Printf("\n%s:\n", title)
+		w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
+		fmt.Fprintf(w, "%s\tBYTES\tUSD/MONTH AT THIS RATE\n", strings.ToUpper(strings.Join(cols, "\t")))
+		for _, r := range rows {
+			var vals []string
+			for _, c := range cols {
+				vals = append(vals, r.Labels[c])
+			}
+			fmt.Fprintf(w, "%s\t%s\t%.2f\n", strings.Join(vals, "\t"), human(r.Value), monthly(r.Value))
 		}
-		errc <- err
-	}()
-	c, err := testnet.Dial(ctx, from.NS, network, addr)
-	if err != nil {
+		return w.Flush()
+	}
+	if err := top("Top cross-zone workload pairs",
+		`topk(5, sum by (src_namespace, src_workload, src_zone, dst_namespace, dst_workload, dst_zone) (kubezonnet_pod_pair_bytes_total{class=~"cross-zone|cross-region"}))`,
+		[]string{"src_namespace", "src_workload", "src_zone", "dst_namespace", "dst_workload", "dst_zone"}); err != nil {
 		return err
 	}
-	defer c.Close()
-	if reverse {
-		if _, err := io.Copy(io.Discard, c); err != nil {
-			return err
-		}
-	} else {
-		if _, err := c.Write(make([]byte, n)); err != nil {
-			return err
-		}
-		c.(*net.TCPConn).CloseWrite()
+	if err := top("Top cross-zone pod pairs",
+		`topk(5, sum by (src_pod, src_workload, src_zone, dst_pod, dst_workload, dst_zone) (kubezonnet_pod_pair_bytes_total{class=~"cross-zone|cross-region"}))`,
+		[]string{"src_pod", "src_workload", "src_zone", "dst_pod", "dst_workload", "dst_zone"}); err != nil {
+		return err
 	}
-	return <-errc
+	fmt.Printf("\nCost: $%.2f per GB across zones; bytes are L3 bytes as on the wire, every segment's headers counted.\n", pricePerGB)
+	return nil
+}
+
+func human(b float64) string {
+	switch {
+	case b >= 1<<30:
+		return fmt.Sprintf("%.1f GiB", b/(1<<30))
+	case b >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", b/(1<<20))
+	case b >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", b/(1<<10))
+	case b == 0:
+		return "-"
+	}
+	return fmt.Sprintf("%.0f B", b)
 }

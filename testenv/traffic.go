@@ -1,0 +1,151 @@
+package testenv
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/bpf"
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/testnet"
+)
+
+// Transfer sends n bytes over one TCP connection from the network
+// namespace fromNS to a listener it opens at dst in toNS, and returns once
+// both sides have closed. It is the traffic generator's unit of work: the
+// payload is exactly n bytes; what the wire carries on top (headers, the
+// receiver's ACKs) is measured by Reference counters.
+func Transfer(ctx context.Context, fromNS, toNS string, dst netip.AddrPort, n int) error {
+	network := "tcp4"
+	if dst.Addr().Is6() {
+		network = "tcp6"
+	}
+	l, err := testnet.Listen(toNS, network, dst.String())
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	got := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			got <- err
+			return
+		}
+		k, err := io.Copy(io.Discard, c)
+		c.Close()
+		if err == nil && k != int64(n) {
+			err = fmt.Errorf("receiver got %d bytes, want %d", k, n)
+		}
+		got <- err
+	}()
+	c, err := testnet.Dial(ctx, fromNS, network, dst.String())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	buf := make([]byte, 64<<10)
+	for left := n; left > 0; {
+		k, err := c.Write(buf[:min(left, len(buf))])
+		if err != nil {
+			return err
+		}
+		left -= k
+	}
+	c.(*net.TCPConn).CloseWrite()
+	if err := <-got; err != nil {
+		return err
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, _ = io.Copy(io.Discard, c)
+	return nil
+}
+
+// Pair is a (source, destination) address pair.
+type Pair struct{ Src, Dst netip.Addr }
+
+// Reference counts, with nftables, the bytes and packets of chosen address
+// pairs at the agents' hook and priority, in the namespace of the node that
+// sends them: the independent truth the end-to-end suite compares
+// Prometheus with. Counters are added as pairs appear; each node has one
+// table.
+type Reference struct {
+	mu    sync.Mutex
+	nodes map[string][]Pair // node namespace -> pairs, rule i counts pairs[i]
+}
+
+// NewReference returns an empty reference.
+func NewReference() *Reference { return &Reference{nodes: map[string][]Pair{}} }
+
+// Watch adds counters for pairs sent from the node namespace ns.
+func (r *Reference) Watch(ctx context.Context, ns string, pairs ...Pair) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var script strings.Builder
+	if _, ok := r.nodes[ns]; !ok {
+		fmt.Fprintf(&script, "add table inet kzn_ref\nadd chain inet kzn_ref post { type filter hook postrouting priority %d; policy accept; }\n", bpf.DefaultNetfilterPriority+1)
+	}
+	for _, p := range pairs {
+		fam := "ip"
+		if p.Src.Is6() {
+			fam = "ip6"
+		}
+		fmt.Fprintf(&script, "add rule inet kzn_ref post %s saddr %s %s daddr %s counter comment \"p%d\"\n", fam, p.Src, fam, p.Dst, len(r.nodes[ns]))
+		r.nodes[ns] = append(r.nodes[ns], p)
+	}
+	if _, err := testnet.Exec(ctx, ns, "sh", "-c", "nft -f - <<'EOF'\n"+script.String()+"EOF\n"); err != nil {
+		return fmt.Errorf("installing reference counters: %w", err)
+	}
+	return nil
+}
+
+// Read returns the counts of every watched pair.
+func (r *Reference) Read(ctx context.Context) (map[Pair]flow.Counts, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[Pair]flow.Counts{}
+	for ns, pairs := range r.nodes {
+		raw, err := testnet.Exec(ctx, ns, "nft", "-j", "list", "table", "inet", "kzn_ref")
+		if err != nil {
+			return nil, err
+		}
+		var doc struct {
+			Nftables []struct {
+				Rule *struct {
+					Comment string                       `json:"comment"`
+					Expr    []map[string]json.RawMessage `json:"expr"`
+				} `json:"rule"`
+			} `json:"nftables"`
+		}
+		if err := json.Unmarshal(raw, &doc); err != nil {
+			return nil, fmt.Errorf("parsing nft output: %w", err)
+		}
+		for _, o := range doc.Nftables {
+			if o.Rule == nil {
+				continue
+			}
+			var i int
+			if _, err := fmt.Sscanf(o.Rule.Comment, "p%d", &i); err != nil || i >= len(pairs) {
+				continue
+			}
+			for _, e := range o.Rule.Expr {
+				if c, ok := e["counter"]; ok {
+					var v struct{ Packets, Bytes uint64 }
+					if err := json.Unmarshal(c, &v); err != nil {
+						return nil, err
+					}
+					sum := out[pairs[i]]
+					sum.Add(flow.Counts{Bytes: v.Bytes, Packets: v.Packets})
+					out[pairs[i]] = sum
+				}
+			}
+		}
+	}
+	return out, nil
+}
