@@ -264,7 +264,7 @@ func TestSIGTERMFinalDrain(t *testing.T) {
 		}
 	}
 	ref := installPairCounters(t, a.NS, []pair{p})
-	links := netfilterLinks(t, cmd.Process.Pid)
+	links := testutil.NetfilterLinks(t, cmd.Process.Pid)
 	if len(links) != 2 {
 		t.Fatalf("agent holds %d netfilter links, want 2 (IPv4 and IPv6)", len(links))
 	}
@@ -288,44 +288,8 @@ func TestSIGTERMFinalDrain(t *testing.T) {
 		t.Errorf("final batch carried %+v for %v -> %v, nftables counted %+v", got[p], p.src, p.dst, want)
 	}
 	for _, id := range links {
-		if linkExists(t, id) {
+		if testutil.LinkExists(id) {
 			t.Errorf("netfilter link %d still exists after the agent exited", id)
 		}
 	}
-}
-
-// netfilterLinks returns the ids of the netfilter BPF links a process
-// holds, read from its file descriptors' fdinfo (bpftool of this Debian
-// release neither names the netfilter link type nor shows owners).
-func netfilterLinks(t *testing.T, pid int) []int {
-	t.Helper()
-	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fdinfo", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var ids []int
-	for _, fd := range fds {
-		info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, fd.Name()))
-		if err != nil {
-			continue
-		}
-		text := string(info)
-		if !strings.Contains(text, "link_type:\tnetfilter") {
-			continue
-		}
-		for _, line := range strings.Split(text, "\n") {
-			var id int
-			if _, err := fmt.Sscanf(line, "link_id:\t%d", &id); err == nil {
-				ids = append(ids, id)
-			}
-		}
-	}
-	return ids
-}
-
-// linkExists asks the kernel whether a BPF link id is still allocated.
-func linkExists(t *testing.T, id int) bool {
-	t.Helper()
-	err := exec.Command("bpftool", "link", "show", "id", fmt.Sprint(id)).Run()
-	return err == nil
 }

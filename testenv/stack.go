@@ -231,7 +231,16 @@ type Sample struct {
 
 // Query runs an instant PromQL query against the stack's Prometheus.
 func (s *Stack) Query(ctx context.Context, q string) ([]Sample, error) {
-	body, err := httpGet(ctx, s.PrometheusURL+"/api/v1/query?query="+url.QueryEscape(q))
+	return s.QueryAt(ctx, q, time.Time{})
+}
+
+// QueryAt runs an instant query evaluated at t (now when zero).
+func (s *Stack) QueryAt(ctx context.Context, q string, t time.Time) ([]Sample, error) {
+	u := s.PrometheusURL + "/api/v1/query?query=" + url.QueryEscape(q)
+	if !t.IsZero() {
+		u += fmt.Sprintf("&time=%.3f", float64(t.UnixMilli())/1000)
+	}
+	body, err := httpGet(ctx, u)
 	if err != nil {
 		return nil, err
 	}

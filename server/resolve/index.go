@@ -28,7 +28,7 @@ type index struct {
 
 	pods    map[string]*podState // by namespace/name
 	nodes   map[string]*nodeState
-	addrs   map[netip.Addr]addrSlot
+	addrs   map[addrKey]addrSlot
 	byOwner map[ownerKey]map[*podState]struct{}
 
 	// released remembers, per address, the pods that held it until
@@ -64,6 +64,22 @@ type nodeState struct {
 	pods         map[*podState]struct{}
 	ep           *Endpoint
 }
+
+// addrKey is the map key of an address: its 16-byte form, which leaves out
+// the zone handle a netip.Addr carries (addresses are normalized first, so
+// IPv4 and IPv6 keys never collide). A separate uint32-keyed map for IPv4
+// measured slower, see BENCHMARKS.md.
+type addrKey [16]byte
+
+// slot returns the slot of a normalized address.
+func (ix *index) slot(ip netip.Addr) (addrSlot, bool) {
+	s, ok := ix.addrs[ip.As16()]
+	return s, ok
+}
+
+func (ix *index) setSlot(ip netip.Addr, s addrSlot) { ix.addrs[ip.As16()] = s }
+
+func (ix *index) deleteSlot(ip netip.Addr) { delete(ix.addrs, ip.As16()) }
 
 // addrSlot is everything the index knows about one address.
 type addrSlot struct {
@@ -104,7 +120,7 @@ func newIndex(cacheSize int, ttl time.Duration, podLabels []string) (*index, err
 	ix := &index{
 		pods:      make(map[string]*podState),
 		nodes:     make(map[string]*nodeState),
-		addrs:     make(map[netip.Addr]addrSlot),
+		addrs:     make(map[addrKey]addrSlot),
 		byOwner:   make(map[ownerKey]map[*podState]struct{}),
 		ttl:       ttl,
 		podLabels: podLabels,
@@ -123,12 +139,12 @@ func newIndex(cacheSize int, ttl time.Duration, podLabels []string) (*index, err
 // updateSlot applies change to the slot of ip (creating it), and drops the
 // slot when it is empty afterwards. Callers hold mu.
 func (ix *index) updateSlot(ip netip.Addr, change func(s *addrSlot)) {
-	s := ix.addrs[ip]
+	s, _ := ix.slot(ip)
 	change(&s)
 	if s.empty() {
-		delete(ix.addrs, ip)
+		ix.deleteSlot(ip)
 	} else {
-		ix.addrs[ip] = s
+		ix.setSlot(ip, s)
 	}
 }
 
@@ -136,7 +152,7 @@ func (ix *index) updateSlot(ip netip.Addr, change func(s *addrSlot)) {
 // at, or nil when no pod, node or recently released pod claims it.
 func (ix *index) lookup(ip netip.Addr, at time.Time) *Endpoint {
 	ix.mu.RLock()
-	s, ok := ix.addrs[ip]
+	s, ok := ix.slot(ip)
 	if !ok {
 		ix.mu.RUnlock()
 		return nil
@@ -276,7 +292,7 @@ func (ix *index) claimLocked(st *podState, ip netip.Addr, since int64, now time.
 		})
 		return
 	}
-	if prev := ix.addrs[ip]; prev.pod != nil && prev.pod != st {
+	if prev, _ := ix.slot(ip); prev.pod != nil && prev.pod != st {
 		ix.remember(ip, heldBy{ep: prev.ep, since: prev.since, until: now.UnixNano()})
 		prev.pod.ips = slices.DeleteFunc(prev.pod.ips, func(a netip.Addr) bool { return a == ip })
 	}
@@ -297,7 +313,7 @@ func (ix *index) releaseLocked(st *podState, ip netip.Addr, now time.Time) {
 		})
 		return
 	}
-	s := ix.addrs[ip]
+	s, _ := ix.slot(ip)
 	if s.pod != st {
 		return
 	}
@@ -457,9 +473,9 @@ func (ix *index) refreshPodLocked(st *podState) {
 	}
 	st.ep = ep
 	for _, ip := range st.ips {
-		if s, ok := ix.addrs[ip]; ok && s.pod == st {
+		if s, ok := ix.slot(ip); ok && s.pod == st {
 			s.ep = ep
-			ix.addrs[ip] = s
+			ix.setSlot(ip, s)
 		}
 	}
 }

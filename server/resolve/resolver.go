@@ -175,13 +175,16 @@ func (r *Resolver) Stats() Stats {
 	r.ix.mu.RLock()
 	defer r.ix.mu.RUnlock()
 	st := Stats{Pods: len(r.ix.pods), Nodes: len(r.ix.nodes), ReleasedIPs: r.ix.released.Len()}
-	for _, s := range r.ix.addrs {
+	count := func(s addrSlot) {
 		switch {
 		case s.pod != nil:
 			st.PodIPs++
 		case s.node != nil:
 			st.HostIPs++
 		}
+	}
+	for _, s := range r.ix.addrs {
+		count(s)
 	}
 	return st
 }

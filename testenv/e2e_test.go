@@ -1,0 +1,407 @@
+package testenv
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/netns"
+	"github.com/kubezonnet/kubezonnet/internal/testnet"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
+)
+
+// e2e is the end-to-end suite's state: the whole system on one host and
+// the independent truth about what its traffic was.
+type e2e struct {
+	t     *testing.T
+	ctx   context.Context
+	env   *Env
+	stack *Stack
+	ref   *Reference
+	// names maps an address to the PromQL matchers (without the src_/dst_
+	// prefix) that select its endpoint in a pod-pair series.
+	names map[netip.Addr]string
+	// nodeNS maps a cluster address to the namespace of the node that
+	// sends its traffic, where its reference counters live.
+	nodeNS map[netip.Addr]string
+}
+
+// endpoint registers the PromQL matchers of a pod's addresses.
+func (e *e2e) pod(p *testnet.Pod, name string) {
+	for _, a := range []netip.Addr{p.IPv4, p.IPv6} {
+		e.names[a] = fmt.Sprintf(`_pod=%q`, name)
+		e.nodeNS[a] = p.Node.NS
+	}
+}
+
+// transfer sends n bytes from src to dst over TCP and watches both
+// directions (data and ACKs) in the reference, wherever they are counted.
+func (e *e2e) transfer(fromNS, toNS string, src, dst netip.Addr, port uint16, n int) {
+	e.t.Helper()
+	for _, p := range []Pair{{src, dst}, {dst, src}} {
+		if ns, ok := e.nodeNS[p.Src]; ok && !e.watched(p) {
+			if err := e.ref.Watch(e.ctx, ns, p); err != nil {
+				e.t.Fatal(err)
+			}
+		}
+	}
+	if err := Transfer(e.ctx, fromNS, toNS, netip.AddrPortFrom(dst, port), n); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func (e *e2e) watched(p Pair) bool {
+	e.ref.mu.Lock()
+	defer e.ref.mu.Unlock()
+	for _, pairs := range e.ref.nodes {
+		for _, q := range pairs {
+			if q == p {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// series returns the PromQL selector of the pod-pair series of two
+// addresses' endpoints.
+func (e *e2e) series(metric string, src, dst netip.Addr) string {
+	s, d := e.names[src], e.names[dst]
+	return fmt.Sprintf("%s{%s,%s}", metric, strings.ReplaceAll("src"+s, ",", ",src"), strings.ReplaceAll("dst"+d, ",", ",dst"))
+}
+
+// value returns the single value of q at t (now when zero); 0 when empty.
+func (e *e2e) value(q string, at time.Time) float64 {
+	e.t.Helper()
+	res, err := e.stack.QueryAt(e.ctx, q, at)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if len(res) > 1 {
+		e.t.Fatalf("%s: %d series, want at most one: %+v", q, len(res), res)
+	}
+	if len(res) == 0 {
+		return 0
+	}
+	return res[0].Value
+}
+
+// expect is one comparison of a PromQL query with the reference.
+type expect struct {
+	what  string
+	query string
+	want  float64
+}
+
+// settle waits until every expectation holds (the agents flush every
+// second, the server pushes every two), or reports the last differences
+// after a generous deadline. Waiting is not a timing assertion: what is
+// asserted are the values.
+func (e *e2e) settle(exps []expect) {
+	e.t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		var bad []string
+		for _, x := range exps {
+			if got := e.value(x.query, time.Time{}); got != x.want {
+				bad = append(bad, fmt.Sprintf("%s: Prometheus %.0f, sent %.0f (%s)", x.what, got, x.want, x.query))
+			}
+		}
+		if len(bad) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("Prometheus disagrees with what was sent:\n  %s\nserver output:\n%s", strings.Join(bad, "\n  "), e.stack.Server.Output())
+		}
+		time.Sleep(time.Second)
+	}
+}
+
+// pairTotals adds up reference counts by the endpoints' series selector,
+// as the server aggregates addresses into pods.
+func (e *e2e) pairTotals(counts map[Pair]flow.Counts, keep func(Pair) bool) map[[2]string]flow.Counts {
+	out := map[[2]string]flow.Counts{}
+	for p, c := range counts {
+		if !keep(p) {
+			continue
+		}
+		k := [2]string{e.names[p.Src], e.names[p.Dst]}
+		sum := out[k]
+		sum.Add(c)
+		out[k] = sum
+	}
+	return out
+}
+
+func (e *e2e) readRef() map[Pair]flow.Counts {
+	e.t.Helper()
+	time.Sleep(500 * time.Millisecond) // the last ACKs of the transfers
+	c, err := e.ref.Read(e.ctx)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return c
+}
+
+// testRules is deploy/'s rules file with the cross-zone alert made to fire
+// within a test's minutes: its threshold (set in one place, the settings
+// group) lowered and its `for` removed. Everything else is as shipped.
+func testRules(t *testing.T) string {
+	t.Helper()
+	root, err := RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(root, "deploy", "rules", "kubezonnet.rules.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	const threshold = "      - record: kubezonnet:workload_pair_alert_threshold_bytes_per_second\n        expr: vector(1e6)"
+	const alert = "      - alert: KubezonnetWorkloadPairCrossZoneTrafficHigh"
+	if !strings.Contains(s, threshold) || !strings.Contains(s, alert) {
+		t.Fatal("deploy/rules changed: update the end-to-end suite's threshold override")
+	}
+	s = strings.Replace(s, threshold, strings.Replace(threshold, "vector(1e6)", "vector(2e3)", 1), 1)
+	i := strings.Index(s, alert)
+	j := i + strings.Index(s[i:], "        for: 15m")
+	s = s[:j] + "        for: 0s" + s[j+len("        for: 15m"):]
+	path := filepath.Join(t.TempDir(), "rules.yaml")
+	if err := os.WriteFile(path, []byte(s), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// TestEndToEnd runs the whole system on one host (real API server, eBPF
+// agents in six node namespaces, the server, Prometheus) and checks what
+// users query against nftables counters of the same traffic.
+func TestEndToEnd(t *testing.T) {
+	testutil.RequireRoot(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	spec := DefaultSpec()
+	spec.StaticHosts = []string{"billing-db"}
+	env, err := StartEnv(ctx, EnvOptions{Spec: spec, Network: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	namespaces := env.Topology.Namespaces()
+	var agentLinks []int
+	t.Cleanup(func() {
+		if err := env.Close(); err != nil {
+			t.Errorf("closing the environment: %v", err)
+		}
+		// Nothing left behind: namespaces, BPF links, processes.
+		for _, ns := range namespaces {
+			if _, err := os.Stat(netns.Path(ns)); err == nil {
+				t.Errorf("network namespace %s left behind", ns)
+			}
+		}
+		for _, id := range agentLinks {
+			if testutil.LinkExists(id) {
+				t.Errorf("BPF link %d left behind", id)
+			}
+		}
+	})
+	bin, err := BuildKubezonnet(ctx, env.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	billing := env.Topology.Hosts[0]
+	stack, err := StartStack(ctx, env, StackOptions{
+		Bin:        bin,
+		RulesFiles: []string{testRules(t)},
+		StaticEndpoints: fmt.Sprintf("endpoints:\n  - name: billing-db\n    zone: zone-c\n    region: %s\n    cidrs: [%s/32, %s/128]\n",
+			spec.Region, billing.IPv4, billing.IPv6),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range stack.Agents {
+		agentLinks = append(agentLinks, testutil.NetfilterLinks(t, a.Pid())...)
+	}
+	if len(agentLinks) != 2*len(stack.Agents) {
+		t.Fatalf("%d netfilter links for %d agents, want two each", len(agentLinks), len(stack.Agents))
+	}
+
+	e := &e2e{t: t, ctx: ctx, env: env, stack: stack, ref: NewReference(), names: map[netip.Addr]string{}, nodeNS: map[netip.Addr]string{}}
+	slot := func(workload, node string) (*testnet.Pod, string) {
+		p := env.Cluster.PodOn(workload, node)
+		if p == nil {
+			t.Fatalf("no %s pod on %s", workload, node)
+		}
+		tp := env.Topology.Pod(p.Name)
+		e.pod(tp, p.Name)
+		return tp, p.Name
+	}
+	api, apiName := slot("shop/api", "node-a1")
+	db, _ := slot("shop/db", "node-b1")
+	web, _ := slot("shop/web", "node-c1")
+	cache, _ := slot("shop/cache", "node-a2")
+	debug, _ := slot("default/debug", "node-b2")
+	nodeA1 := env.Topology.Node("node-a1")
+	for _, a := range []netip.Addr{nodeA1.IPv4, nodeA1.IPv6} {
+		e.names[a] = `_kind="node",_workload="node-a1"`
+		e.nodeNS[a] = nodeA1.NS
+	}
+	for _, a := range []netip.Addr{billing.IPv4, billing.IPv6} {
+		e.names[a] = `_kind="static",_workload="billing-db",_zone="zone-c"`
+	}
+	zoneOf := map[netip.Addr]string{billing.IPv4: "zone-c", billing.IPv6: "zone-c", nodeA1.IPv4: "zone-a", nodeA1.IPv6: "zone-a"}
+	for _, p := range []*testnet.Pod{api, db, web, cache, debug} {
+		zoneOf[p.IPv4], zoneOf[p.IPv6] = p.Node.Zone, p.Node.Zone
+	}
+
+	// Phase 1: every kind of traffic, IPv4 and IPv6.
+	e.transfer(db.NS, api.NS, db.IPv4, api.IPv4, 8080, 6<<20)       // heavy cross-zone pair
+	e.transfer(api.NS, db.NS, api.IPv4, db.IPv4, 5432, 300_000)      // the client side
+	e.transfer(web.NS, api.NS, web.IPv6, api.IPv6, 8443, 500_000)    // IPv6, cross-zone
+	e.transfer(api.NS, cache.NS, api.IPv4, cache.IPv4, 6379, 400_000) // same zone
+	e.transfer(nodeA1.NS, db.NS, nodeA1.IPv4, db.IPv4, 9100, 100_000) // host network
+	e.transfer(debug.NS, billing.NS, debug.IPv4, billing.IPv4, 5432, 200_000)
+	ref1 := e.readRef()
+
+	t.Run("pod, workload and zone pairs equal the traffic", func(t *testing.T) {
+		cross := func(p Pair) bool { return zoneOf[p.Src] != zoneOf[p.Dst] }
+		var exps []expect
+		for k, c := range e.pairTotals(ref1, cross) {
+			src, dst := "src"+strings.ReplaceAll(k[0], ",", ",src"), "dst"+strings.ReplaceAll(k[1], ",", ",dst")
+			exps = append(exps,
+				expect{"bytes " + k[0] + " -> " + k[1], fmt.Sprintf("sum(kubezonnet_pod_pair_bytes_total{%s,%s})", src, dst), float64(c.Bytes)},
+				expect{"packets " + k[0] + " -> " + k[1], fmt.Sprintf("sum(kubezonnet_pod_pair_packets_total{%s,%s})", src, dst), float64(c.Packets)})
+		}
+		// Workload pairs: db -> api adds up its pods.
+		var dbAPI flow.Counts
+		for p, c := range ref1 {
+			if (p.Src == db.IPv4 || p.Src == db.IPv6) && (p.Dst == api.IPv4 || p.Dst == api.IPv6) {
+				dbAPI.Add(c)
+			}
+		}
+		exps = append(exps, expect{"workload pair db -> api",
+			`sum(kubezonnet_pod_pair_bytes_total{src_workload="db",dst_workload="api"})`, float64(dbAPI.Bytes)})
+		// Zone pairs, same-zone included.
+		zones := map[[2]string]float64{}
+		for p, c := range ref1 {
+			zones[[2]string{zoneOf[p.Src], zoneOf[p.Dst]}] += float64(c.Bytes)
+		}
+		for z, b := range zones {
+			exps = append(exps, expect{"zone pair " + z[0] + " -> " + z[1],
+				fmt.Sprintf(`sum(kubezonnet_zone_pair_bytes_total{src_zone=%q,dst_zone=%q})`, z[0], z[1]), b})
+		}
+		sort.Slice(exps, func(i, j int) bool { return exps[i].what < exps[j].what })
+		e.settle(exps)
+	})
+
+	t.Run("same-zone pairs only in zone pairs; host network and static endpoints labelled", func(t *testing.T) {
+		if got := e.value(fmt.Sprintf(`count(%s)`, e.series("kubezonnet_pod_pair_bytes_total", api.IPv4, cache.IPv4)), time.Time{}); got != 0 {
+			t.Errorf("same-zone pod pair api -> cache has %v series; it belongs only in zone pairs without --all-pairs", got)
+		}
+		for _, x := range []struct{ what, q string }{
+			{"host network source", `kubezonnet_pod_pair_bytes_total{src_kind="node",src_workload="node-a1",src_workload_kind="Node",src_zone="zone-a",dst_workload="db",class="cross-zone"}`},
+			{"static destination", `kubezonnet_pod_pair_bytes_total{src_workload="debug",dst_kind="static",dst_workload="billing-db",dst_workload_kind="Static",dst_zone="zone-c",class="cross-zone"}`},
+			{"workload kinds", `kubezonnet_pod_pair_bytes_total{src_workload="db",src_workload_kind="StatefulSet",dst_workload="api",dst_workload_kind="Deployment",src_namespace="shop"}`},
+			{"compatibility series", fmt.Sprintf(`pod_cross_zone_network_traffic_bytes_total{namespace="shop",pod=%q}`, apiName)},
+		} {
+			if got := e.value(fmt.Sprintf("count(%s)", x.q), time.Time{}); got != 1 {
+				t.Errorf("%s: %v series of %s, want 1", x.what, got, x.q)
+			}
+		}
+	})
+
+	// Phase 2: the api pod is deleted and a new one gets its addresses.
+	old := e.series("kubezonnet_pod_pair_bytes_total", db.IPv4, api.IPv4)
+	oldValue := e.value(old, time.Time{})
+	_, replacement, err := env.Cluster.ReplacePod(ctx, apiName, "shop/api")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.pod(api, replacement.Name)
+	time.Sleep(2 * time.Second) // the server's informer sees the new pod
+	e.transfer(db.NS, api.NS, db.IPv4, api.IPv4, 8080, 2<<20)
+	ref2 := e.readRef()
+	moved := ref2[Pair{db.IPv4, api.IPv4}].Bytes - ref1[Pair{db.IPv4, api.IPv4}].Bytes
+
+	t.Run("a reused IP attributes bytes to the right pod on each side", func(t *testing.T) {
+		e.settle([]expect{
+			{"new api pod", e.series("kubezonnet_pod_pair_bytes_total", db.IPv4, api.IPv4), float64(moved)},
+			{"old api pod", old, oldValue},
+		})
+		if oldValue != float64(ref1[Pair{db.IPv4, api.IPv4}].Bytes) {
+			t.Errorf("old pod: %v bytes before the change, sent %d", oldValue, ref1[Pair{db.IPv4, api.IPv4}].Bytes)
+		}
+	})
+
+	// Phase 3: the remote-write endpoint goes away, then the server
+	// restarts, while traffic flows.
+	stack.Prometheus.Kill()
+	e.transfer(db.NS, api.NS, db.IPv4, api.IPv4, 8080, 1<<20)
+	time.Sleep(5 * time.Second) // several failed pushes
+	if err := stack.StartPrometheus(); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitHTTP(ctx, stack.PrometheusURL+"/-/ready", stack.Prometheus); err != nil {
+		t.Fatal(err)
+	}
+	// Let the pusher deliver the outage's counts before the restart.
+	time.Sleep(4 * time.Second)
+	if err := stack.Server.Stop(15 * time.Second); err != nil {
+		t.Fatalf("server did not stop cleanly: %v", err)
+	}
+	stopped := time.Now()
+	e.transfer(db.NS, api.NS, db.IPv4, api.IPv4, 8080, 1<<20) // agents buffer and retry
+	if err := stack.StartServer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ref3 := e.readRef()
+
+	t.Run("no byte lost to a remote-write outage or a server restart", func(t *testing.T) {
+		want := ref3[Pair{db.IPv4, api.IPv4}].Bytes - ref1[Pair{db.IPv4, api.IPv4}].Bytes
+		newPair := e.series("kubezonnet_pod_pair_bytes_total", db.IPv4, api.IPv4)
+		before := e.value(newPair, stopped)
+		if before < float64(moved) {
+			t.Fatalf("before the restart Prometheus had %v bytes, at least %d were sent", before, moved)
+		}
+		// The restarted server counts from zero: what users see with
+		// increase() is the last value before the reset plus the new one.
+		e.settle([]expect{{"after the restart", newPair, float64(want) - before}})
+	})
+
+	t.Run("the cross-zone alert fires for the heavy workload pair only", func(t *testing.T) {
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			res, err := stack.Query(ctx, `ALERTS{alertname="KubezonnetWorkloadPairCrossZoneTrafficHigh",alertstate="firing"}`)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(res) > 0 {
+				for _, r := range res {
+					if r.Labels["src_workload"] != "db" || r.Labels["dst_workload"] != "api" {
+						t.Errorf("alert fired for %s -> %s", r.Labels["src_workload"], r.Labels["dst_workload"])
+					}
+				}
+				if len(res) != 1 {
+					t.Errorf("%d firing alerts, want 1 (db -> api)", len(res))
+				}
+				return
+			}
+			if time.Now().After(deadline) {
+				var dump strings.Builder
+				for _, q := range []string{`kubezonnet:workload_pair_bytes:rate5m`, `kubezonnet:workload_pair_alert_threshold_bytes_per_second`, `ALERTS`} {
+					res, err := stack.Query(ctx, q)
+					fmt.Fprintf(&dump, "%s: %v %+v\n", q, err, res)
+				}
+				rules, _ := httpGet(ctx, stack.PrometheusURL+"/api/v1/rules")
+				t.Fatalf("the cross-zone alert never fired for db -> api:\n%s\nrules: %.3000s", dump.String(), rules)
+			}
+			time.Sleep(time.Second)
+		}
+	})
+}
