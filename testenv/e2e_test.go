@@ -261,9 +261,9 @@ func TestEndToEnd(t *testing.T) {
 	}
 
 	// Phase 1: every kind of traffic, IPv4 and IPv6.
-	e.transfer(db.NS, api.NS, db.IPv4, api.IPv4, 8080, 6<<20)       // heavy cross-zone pair
-	e.transfer(api.NS, db.NS, api.IPv4, db.IPv4, 5432, 300_000)      // the client side
-	e.transfer(web.NS, api.NS, web.IPv6, api.IPv6, 8443, 500_000)    // IPv6, cross-zone
+	e.transfer(db.NS, api.NS, db.IPv4, api.IPv4, 8080, 6<<20)         // heavy cross-zone pair
+	e.transfer(api.NS, db.NS, api.IPv4, db.IPv4, 5432, 300_000)       // the client side
+	e.transfer(web.NS, api.NS, web.IPv6, api.IPv6, 8443, 500_000)     // IPv6, cross-zone
 	e.transfer(api.NS, cache.NS, api.IPv4, cache.IPv4, 6379, 400_000) // same zone
 	e.transfer(nodeA1.NS, db.NS, nodeA1.IPv4, db.IPv4, 9100, 100_000) // host network
 	e.transfer(debug.NS, billing.NS, debug.IPv4, billing.IPv4, 5432, 200_000)
