@@ -8,7 +8,7 @@ ARCH_TRIPLET ?= $(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gn
 VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS      := -s -w -X github.com/kubezonnet/kubezonnet/internal/version.Version=$(VERSION)
 
-.PHONY: all deps generate check-generate build test bench demo docs clean
+.PHONY: all deps generate check-generate build test bench demo docs k8s clean
 
 all: build
 
@@ -30,8 +30,13 @@ build:
 
 # test runs formatting and vet checks and every test, kernel tests included
 # (they need root; as root a skipped privileged test fails the run).
-test: deps
+test: deps k8s
 	./hack/test.sh
+
+# k8s builds (once, then reuses) the kube-apiserver and etcd the end-to-end
+# suite and the demo run, from the versions pinned in testenv/tools.
+k8s:
+	./testenv/build-k8s.sh
 
 bench: deps
 	./hack/bench.sh

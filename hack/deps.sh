@@ -2,7 +2,7 @@
 # Installs the Debian packages kubezonnet's build, tests and demo need, when
 # they are missing. Idempotent and quiet when everything is there.
 set -euo pipefail
-pkgs=(clang llvm libbpf-dev bpftool iproute2 nftables ethtool prometheus victoria-metrics)
+pkgs=(make gcc git clang llvm libbpf-dev bpftool iproute2 iputils-ping nftables ethtool util-linux prometheus victoria-metrics)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -12,9 +12,15 @@ if [ -n "$unformatted" ]; then
 fi
 go vet ./...
 
+# deploy/'s tests need kubectl; testenv/build-k8s.sh builds one where the
+# machine has none.
+if ! command -v kubectl >/dev/null 2>&1 && [ -x testenv/.cache/bin/kubectl ]; then
+  export KUBECTL="$PWD/testenv/.cache/bin/kubectl"
+fi
+
 log=.test.log
 set +e
-go test -count=1 -v -timeout 20m ./... 2>&1 | tee "$log"
+go test -count=1 -v -timeout 30m ./... 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 
