@@ -6,11 +6,13 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/kubezonnet/kubezonnet/deploy"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/netns"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
@@ -343,7 +345,7 @@ func TestEndToEnd(t *testing.T) {
 	// restarts, while traffic flows.
 	stack.Prometheus.Kill()
 	e.transfer(db.NS, api.NS, db.IPv4, api.IPv4, 8080, 1<<20)
-	time.Sleep(5 * time.Second) // several failed pushes
+	time.Sleep(time.Minute) // the endpoint stays down for a minute: ~30 failed pushes
 	if err := stack.StartPrometheus(); err != nil {
 		t.Fatal(err)
 	}
@@ -372,6 +374,28 @@ func TestEndToEnd(t *testing.T) {
 		// The restarted server counts from zero: what users see with
 		// increase() is the last value before the reset plus the new one.
 		e.settle([]expect{{"after the restart", newPair, float64(want) - before}})
+	})
+
+	t.Run("every dashboard query returns data", func(t *testing.T) {
+		queries, _, err := deploy.DashboardQueries()
+		if err != nil {
+			t.Fatal(err)
+		}
+		labelValues := regexp.MustCompile(`^label_values\((.*),\s*\w+\)$`)
+		for _, q := range queries {
+			expr := deploy.ExpandGrafanaVariables(q.Expr)
+			if m := labelValues.FindStringSubmatch(expr); m != nil {
+				expr = m[1] // Grafana's label_values(selector, label)
+			}
+			res, err := stack.Query(ctx, expr)
+			if err != nil {
+				t.Errorf("panel %q: %v", q.Panel, err)
+				continue
+			}
+			if len(res) == 0 {
+				t.Errorf("panel %q returns no data: %s", q.Panel, expr)
+			}
+		}
 	})
 
 	t.Run("the cross-zone alert fires for the heavy workload pair only", func(t *testing.T) {
