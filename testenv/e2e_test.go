@@ -429,3 +429,97 @@ func TestEndToEnd(t *testing.T) {
 		}
 	})
 }
+
+// TestEndToEndOffloads runs bulk transfers with TSO/GSO/GRO on, as real
+// nodes do: one skb then carries many segments, and what Prometheus shows
+// must still be what the wire carries, within 0.5%: the payload plus one IP
+// and TCP header (with timestamps) per MSS-sized segment, plus the
+// handshake and teardown.
+func TestEndToEndOffloads(t *testing.T) {
+	testutil.RequireRoot(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	spec := DefaultSpec()
+	spec.Offloads = true
+	env, err := StartEnv(ctx, EnvOptions{Spec: spec, Network: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := env.Close(); err != nil {
+			t.Errorf("closing the environment: %v", err)
+		}
+	})
+	bin, err := BuildKubezonnet(ctx, env.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stack, err := StartStack(ctx, env, StackOptions{Bin: bin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod := func(workload, node string) (*testnet.Pod, string) {
+		p := env.Cluster.PodOn(workload, node)
+		if p == nil {
+			t.Fatalf("no %s pod on %s", workload, node)
+		}
+		return env.Topology.Pod(p.Name), p.Name
+	}
+	api, apiName := pod("shop/api", "node-a1")
+	db, dbName := pod("shop/db", "node-b1")
+	web, webName := pod("shop/web", "node-c1")
+	for _, tc := range []struct {
+		name       string
+		from, to   *testnet.Pod
+		src, dst   netip.Addr
+		srcN, dstN string
+		payload    int
+		mss, hdr   int // MSS and IP+TCP header (timestamps on) of the family
+	}{
+		{"IPv4", db, api, db.IPv4, api.IPv4, dbName, apiName, 20 << 20, 1448, 20 + 32},
+		{"IPv6", web, api, web.IPv6, api.IPv6, webName, apiName, 10 << 20, 1428, 40 + 32},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := Transfer(ctx, tc.from.NS, tc.to.NS, netip.AddrPortFrom(tc.dst, 9000), tc.payload); err != nil {
+				t.Fatal(err)
+			}
+			segs := (tc.payload + tc.mss - 1) / tc.mss
+			// Data segments, then SYN (header + 8 bytes of options over
+			// the timestamps: MSS, SACK, window scale), FIN, final ACK.
+			wantBytes := float64(tc.payload + segs*tc.hdr + (tc.hdr + 8) + 2*tc.hdr)
+			wantPackets := float64(segs + 3)
+			q := func(m string) string {
+				return fmt.Sprintf(`sum(%s{src_pod=%q,dst_pod=%q})`, m, tc.srcN, tc.dstN)
+			}
+			deadline := time.Now().Add(60 * time.Second)
+			for {
+				res, err := stack.Query(ctx, q("kubezonnet_pod_pair_bytes_total"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(res) == 1 && res[0].Value >= 0.995*wantBytes {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("Prometheus has %+v, want about %.0f bytes", res, wantBytes)
+				}
+				time.Sleep(time.Second)
+			}
+			time.Sleep(4 * time.Second) // the last flush and push
+			for _, c := range []struct {
+				metric string
+				want   float64
+			}{{"kubezonnet_pod_pair_bytes_total", wantBytes}, {"kubezonnet_pod_pair_packets_total", wantPackets}} {
+				res, err := stack.Query(ctx, q(c.metric))
+				if err != nil || len(res) != 1 {
+					t.Fatalf("%s: %v %+v", c.metric, err, res)
+				}
+				got := res[0].Value
+				t.Logf("%s %s: %.0f, wire estimate %.0f (%.3f%%)", tc.name, c.metric, got, c.want, 100*(got-c.want)/c.want)
+				if got < 0.995*c.want || got > 1.005*c.want {
+					t.Errorf("%s %s: %.0f is not within 0.5%% of %.0f", tc.name, c.metric, got, c.want)
+				}
+			}
+		})
+	}
+}

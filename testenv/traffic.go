@@ -50,13 +50,11 @@ func Transfer(ctx context.Context, fromNS, toNS string, dst netip.AddrPort, n in
 		return err
 	}
 	defer c.Close()
-	buf := make([]byte, 64<<10)
-	for left := n; left > 0; {
-		k, err := c.Write(buf[:min(left, len(buf))])
-		if err != nil {
-			return err
-		}
-		left -= k
+	// One write: TCP then fills every segment up to the MSS (writes that
+	// end mid-segment make TSO emit short segments, more packets than the
+	// payload needs).
+	if _, err := c.Write(make([]byte, n)); err != nil {
+		return err
 	}
 	c.(*net.TCPConn).CloseWrite()
 	if err := <-got; err != nil {
