@@ -5,10 +5,7 @@ package agent
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -20,7 +17,6 @@ import (
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/bpf"
-	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
@@ -69,109 +65,14 @@ func twoNodeTopology(t *testing.T) *testnet.Topology {
 	return topo
 }
 
-// pairCounters installs one nftables counter per (source, destination)
-// pair at the agent's hook and priority: the independent reference.
-type pairCounters struct {
-	ns    string
-	pairs []pair
-}
-
-func installPairCounters(t *testing.T, ns string, pairs []pair) *pairCounters {
+// transfer is testnet.Transfer failing the test on error.
+func transfer(t *testing.T, fromNS, toNS string, dst netip.AddrPort, n int) {
 	t.Helper()
-	var rules strings.Builder
-	for i, p := range pairs {
-		fam := "ip"
-		if p.src.Is6() {
-			fam = "ip6"
-		}
-		fmt.Fprintf(&rules, "    %s saddr %s %s daddr %s counter comment \"p%d\"\n", fam, p.src, fam, p.dst, i)
-	}
-	ruleset := fmt.Sprintf("table inet kzn_pairs {\n  chain post {\n    type filter hook postrouting priority %d; policy accept;\n%s  }\n}\n", bpf.DefaultNetfilterPriority, rules.String())
-	if _, err := testnet.Exec(context.Background(), ns, "sh", "-c", "nft -f - <<'EOF'\n"+ruleset+"EOF\n"); err != nil {
-		t.Fatal(err)
-	}
-	return &pairCounters{ns: ns, pairs: pairs}
-}
-
-func (pc *pairCounters) read(t *testing.T) map[pair]flow.Counts {
-	t.Helper()
-	out, err := testnet.Exec(context.Background(), pc.ns, "nft", "-j", "list", "table", "inet", "kzn_pairs")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var doc struct {
-		Nftables []struct {
-			Rule *struct {
-				Comment string                       `json:"comment"`
-				Expr    []map[string]json.RawMessage `json:"expr"`
-			} `json:"rule"`
-		} `json:"nftables"`
-	}
-	if err := json.Unmarshal(out, &doc); err != nil {
-		t.Fatal(err)
-	}
-	res := map[pair]flow.Counts{}
-	for _, o := range doc.Nftables {
-		if o.Rule == nil {
-			continue
-		}
-		var idx int
-		if _, err := fmt.Sscanf(o.Rule.Comment, "p%d", &idx); err != nil {
-			continue
-		}
-		for _, e := range o.Rule.Expr {
-			if raw, ok := e["counter"]; ok {
-				var c struct{ Packets, Bytes uint64 }
-				if err := json.Unmarshal(raw, &c); err != nil {
-					t.Fatal(err)
-				}
-				res[pc.pairs[idx]] = flow.Counts{Bytes: c.Bytes, Packets: c.Packets}
-			}
-		}
-	}
-	return res
-}
-
-// tcpTransfer sends n bytes from one namespace to a listener in another
-// and waits until both sides closed.
-func tcpTransfer(t *testing.T, fromNS, toNS string, dst netip.AddrPort, n int) {
-	t.Helper()
-	network := "tcp4"
-	if dst.Addr().Is6() {
-		network = "tcp6"
-	}
-	l, err := testnet.Listen(toNS, network, dst.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	got := make(chan int64, 1)
-	go func() {
-		c, err := l.Accept()
-		if err != nil {
-			got <- -1
-			return
-		}
-		k, _ := io.Copy(io.Discard, c)
-		c.Close()
-		got <- k
-	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	c, err := testnet.Dial(ctx, fromNS, network, dst.String())
-	if err != nil {
+	if err := testnet.Transfer(ctx, fromNS, toNS, dst, n); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Write(make([]byte, n)); err != nil {
-		t.Fatal(err)
-	}
-	c.(*net.TCPConn).CloseWrite()
-	if k := <-got; k != int64(n) {
-		t.Fatalf("receiver got %d bytes, want %d", k, n)
-	}
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	io.Copy(io.Discard, c)
-	c.Close()
 }
 
 // TestAgentEndToEnd: the agent attached in a node namespace, real traffic
@@ -182,8 +83,8 @@ func TestAgentEndToEnd(t *testing.T) {
 	testutil.RequireRoot(t)
 	topo := twoNodeTopology(t)
 	a, a1, a2, b1 := topo.Node("a"), topo.Pod("a1"), topo.Pod("a2"), topo.Pod("b1")
-	pairs := []pair{
-		{a1.IPv4, b1.IPv4}, {a2.IPv6, b1.IPv6}, {a1.IPv4, a2.IPv4}, {a.IPv4, b1.IPv4},
+	pairs := []testnet.Pair{
+		{Src: a1.IPv4, Dst: b1.IPv4}, {Src: a2.IPv6, Dst: b1.IPv6}, {Src: a1.IPv4, Dst: a2.IPv4}, {Src: a.IPv4, Dst: b1.IPv4},
 	}
 	rcv := newReceiver(t, nil)
 	cfg := testConfig(rcv.srv.URL)
@@ -194,16 +95,22 @@ func TestAgentEndToEnd(t *testing.T) {
 	if err := ra.dp.AttachNetfilter(a.NSPath(), int32(cfg.NetfilterPriority)); err != nil {
 		t.Fatal(err)
 	}
-	ref := installPairCounters(t, a.NS, pairs)
+	ref := testnet.NewReference(bpf.DefaultNetfilterPriority)
+	if err := ref.Watch(context.Background(), a.NS, pairs...); err != nil {
+		t.Fatal(err)
+	}
 	for round := range 3 {
-		tcpTransfer(t, a1.NS, b1.NS, netip.AddrPortFrom(b1.IPv4, 5432), 300_000+round)
-		tcpTransfer(t, a2.NS, b1.NS, netip.AddrPortFrom(b1.IPv6, 443), 200_000)
-		tcpTransfer(t, a1.NS, a2.NS, netip.AddrPortFrom(a2.IPv4, 8080), 50_000)
-		tcpTransfer(t, a.NS, b1.NS, netip.AddrPortFrom(b1.IPv4, 9100), 10_000)
+		transfer(t, a1.NS, b1.NS, netip.AddrPortFrom(b1.IPv4, 5432), 300_000+round)
+		transfer(t, a2.NS, b1.NS, netip.AddrPortFrom(b1.IPv6, 443), 200_000)
+		transfer(t, a1.NS, a2.NS, netip.AddrPortFrom(a2.IPv4, 8080), 50_000)
+		transfer(t, a.NS, b1.NS, netip.AddrPortFrom(b1.IPv4, 9100), 10_000)
 		time.Sleep(150 * time.Millisecond) // at least one flush between rounds
 	}
 	time.Sleep(300 * time.Millisecond)
-	want := ref.read(t)
+	want, err := ref.Read(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := ra.stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -213,10 +120,10 @@ func TestAgentEndToEnd(t *testing.T) {
 	}
 	for _, p := range pairs {
 		if want[p].IsZero() {
-			t.Fatalf("reference counter for %v -> %v is zero: no traffic seen", p.src, p.dst)
+			t.Fatalf("reference counter for %v -> %v is zero: no traffic seen", p.Src, p.Dst)
 		}
-		if got[p] != want[p] {
-			t.Errorf("%v -> %v: received %+v, nftables counted %+v", p.src, p.dst, got[p], want[p])
+		if r := (pair{p.Src, p.Dst}); got[r] != want[p] {
+			t.Errorf("%v -> %v: received %+v, nftables counted %+v", p.Src, p.Dst, got[r], want[p])
 		}
 	}
 }
@@ -230,7 +137,7 @@ func TestSIGTERMFinalDrain(t *testing.T) {
 	bin := kubezonnetBinary(t)
 	topo := twoNodeTopology(t)
 	a, a1, b1 := topo.Node("a"), topo.Pod("a1"), topo.Pod("b1")
-	p := pair{a1.IPv4, b1.IPv4}
+	p := testnet.Pair{Src: a1.IPv4, Dst: b1.IPv4}
 	rcv := newReceiver(t, nil)
 	var prefixes []string
 	for _, pr := range a.LocalPrefixes() {
@@ -263,14 +170,21 @@ func TestSIGTERMFinalDrain(t *testing.T) {
 			break
 		}
 	}
-	ref := installPairCounters(t, a.NS, []pair{p})
+	ref := testnet.NewReference(bpf.DefaultNetfilterPriority)
+	if err := ref.Watch(context.Background(), a.NS, p); err != nil {
+		t.Fatal(err)
+	}
 	links := testutil.NetfilterLinks(t, cmd.Process.Pid)
 	if len(links) != 2 {
 		t.Fatalf("agent holds %d netfilter links, want 2 (IPv4 and IPv6)", len(links))
 	}
-	tcpTransfer(t, a1.NS, b1.NS, netip.AddrPortFrom(b1.IPv4, 6379), 123_456)
+	transfer(t, a1.NS, b1.NS, netip.AddrPortFrom(b1.IPv4, 6379), 123_456)
 	time.Sleep(200 * time.Millisecond)
-	want := ref.read(t)[p]
+	counts, err := ref.Read(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := counts[p]
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -284,8 +198,8 @@ func TestSIGTERMFinalDrain(t *testing.T) {
 	if requests != 1 {
 		t.Errorf("%d requests, want exactly the final one", requests)
 	}
-	if want.IsZero() || got[p] != want {
-		t.Errorf("final batch carried %+v for %v -> %v, nftables counted %+v", got[p], p.src, p.dst, want)
+	if r := (pair{p.Src, p.Dst}); want.IsZero() || got[r] != want {
+		t.Errorf("final batch carried %+v for %v -> %v, nftables counted %+v", got[r], p.Src, p.Dst, want)
 	}
 	for _, id := range links {
 		if testutil.LinkExists(id) {

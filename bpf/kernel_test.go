@@ -6,8 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/netip"
 	"strconv"
 	"testing"
@@ -57,53 +55,16 @@ func attachNode(t *testing.T, n *testnet.Node, cfg Config) *Datapath {
 	return d
 }
 
-// sendTCP sends n bytes over a fresh TCP connection from ns to dst, where a
-// listener in dstNS reads everything, and waits for the connection to be
-// fully closed on both sides.
+// sendTCP sends n bytes over a fresh TCP connection from fromNS to dst,
+// where a listener in dstNS reads everything, and waits for the connection
+// to be fully closed on both sides.
 func sendTCP(t *testing.T, fromNS, dstNS string, dst netip.AddrPort, n int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	network := "tcp4"
-	if dst.Addr().Is6() {
-		network = "tcp6"
-	}
-	l, err := testnet.Listen(dstNS, network, dst.String())
-	if err != nil {
+	if err := testnet.Transfer(ctx, fromNS, dstNS, dst, n); err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	got := make(chan int64, 1)
-	go func() {
-		c, err := l.Accept()
-		if err != nil {
-			got <- -1
-			return
-		}
-		defer c.Close()
-		k, _ := io.Copy(io.Discard, c)
-		got <- k
-	}()
-	c, err := testnet.Dial(ctx, fromNS, network, dst.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, 45*1448)
-	for left := n; left > 0; {
-		chunk := min(left, len(buf))
-		if _, err := c.Write(buf[:chunk]); err != nil {
-			t.Fatal(err)
-		}
-		left -= chunk
-	}
-	c.(*net.TCPConn).CloseWrite()
-	if k := <-got; k != int64(n) {
-		t.Fatalf("receiver got %d bytes, want %d", k, n)
-	}
-	// The receiver closed: wait for its FIN so the exchange is complete.
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	io.Copy(io.Discard, c)
-	c.Close()
 }
 
 // sendUDP sends count datagrams of size bytes from fromNS to dst, where a

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/deploy"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/netns"
@@ -26,7 +27,7 @@ type e2e struct {
 	ctx   context.Context
 	env   *Env
 	stack *Stack
-	ref   *Reference
+	ref   *testnet.Reference
 	// names maps an address to the PromQL matchers (without the src_/dst_
 	// prefix) that select its endpoint in a pod-pair series.
 	names map[netip.Addr]string
@@ -47,29 +48,20 @@ func (e *e2e) pod(p *testnet.Pod, name string) {
 // directions (data and ACKs) in the reference, wherever they are counted.
 func (e *e2e) transfer(fromNS, toNS string, src, dst netip.Addr, port uint16, n int) {
 	e.t.Helper()
-	for _, p := range []Pair{{src, dst}, {dst, src}} {
+	for _, p := range []testnet.Pair{{Src: src, Dst: dst}, {Src: dst, Dst: src}} {
 		if ns, ok := e.nodeNS[p.Src]; ok && !e.watched(p) {
 			if err := e.ref.Watch(e.ctx, ns, p); err != nil {
 				e.t.Fatal(err)
 			}
 		}
 	}
-	if err := Transfer(e.ctx, fromNS, toNS, netip.AddrPortFrom(dst, port), n); err != nil {
+	if err := testnet.Transfer(e.ctx, fromNS, toNS, netip.AddrPortFrom(dst, port), n); err != nil {
 		e.t.Fatal(err)
 	}
 }
 
-func (e *e2e) watched(p Pair) bool {
-	e.ref.mu.Lock()
-	defer e.ref.mu.Unlock()
-	for _, pairs := range e.ref.nodes {
-		for _, q := range pairs {
-			if q == p {
-				return true
-			}
-		}
-	}
-	return false
+func (e *e2e) watched(p testnet.Pair) bool {
+	return e.ref.Watched(p)
 }
 
 // series returns the PromQL selector of the pod-pair series of two
@@ -128,7 +120,7 @@ func (e *e2e) settle(exps []expect) {
 
 // pairTotals adds up reference counts by the endpoints' series selector,
 // as the server aggregates addresses into pods.
-func (e *e2e) pairTotals(counts map[Pair]flow.Counts, keep func(Pair) bool) map[[2]string]flow.Counts {
+func (e *e2e) pairTotals(counts map[testnet.Pair]flow.Counts, keep func(testnet.Pair) bool) map[[2]string]flow.Counts {
 	out := map[[2]string]flow.Counts{}
 	for p, c := range counts {
 		if !keep(p) {
@@ -142,7 +134,7 @@ func (e *e2e) pairTotals(counts map[Pair]flow.Counts, keep func(Pair) bool) map[
 	return out
 }
 
-func (e *e2e) readRef() map[Pair]flow.Counts {
+func (e *e2e) readRef() map[testnet.Pair]flow.Counts {
 	e.t.Helper()
 	time.Sleep(500 * time.Millisecond) // the last ACKs of the transfers
 	c, err := e.ref.Read(e.ctx)
@@ -234,7 +226,7 @@ func TestEndToEnd(t *testing.T) {
 		t.Fatalf("%d netfilter links for %d agents, want two each", len(agentLinks), len(stack.Agents))
 	}
 
-	e := &e2e{t: t, ctx: ctx, env: env, stack: stack, ref: NewReference(), names: map[netip.Addr]string{}, nodeNS: map[netip.Addr]string{}}
+	e := &e2e{t: t, ctx: ctx, env: env, stack: stack, ref: testnet.NewReference(bpf.DefaultNetfilterPriority + 1), names: map[netip.Addr]string{}, nodeNS: map[netip.Addr]string{}}
 	slot := func(workload, node string) (*testnet.Pod, string) {
 		p := env.Cluster.PodOn(workload, node)
 		if p == nil {
@@ -272,7 +264,7 @@ func TestEndToEnd(t *testing.T) {
 	ref1 := e.readRef()
 
 	t.Run("pod, workload and zone pairs equal the traffic", func(t *testing.T) {
-		cross := func(p Pair) bool { return zoneOf[p.Src] != zoneOf[p.Dst] }
+		cross := func(p testnet.Pair) bool { return zoneOf[p.Src] != zoneOf[p.Dst] }
 		var exps []expect
 		for k, c := range e.pairTotals(ref1, cross) {
 			src, dst := "src"+strings.ReplaceAll(k[0], ",", ",src"), "dst"+strings.ReplaceAll(k[1], ",", ",dst")
@@ -329,15 +321,15 @@ func TestEndToEnd(t *testing.T) {
 	time.Sleep(2 * time.Second) // the server's informer sees the new pod
 	e.transfer(db.NS, api.NS, db.IPv4, api.IPv4, 8080, 2<<20)
 	ref2 := e.readRef()
-	moved := ref2[Pair{db.IPv4, api.IPv4}].Bytes - ref1[Pair{db.IPv4, api.IPv4}].Bytes
+	moved := ref2[testnet.Pair{Src: db.IPv4, Dst: api.IPv4}].Bytes - ref1[testnet.Pair{Src: db.IPv4, Dst: api.IPv4}].Bytes
 
 	t.Run("a reused IP attributes bytes to the right pod on each side", func(t *testing.T) {
 		e.settle([]expect{
 			{"new api pod", e.series("kubezonnet_pod_pair_bytes_total", db.IPv4, api.IPv4), float64(moved)},
 			{"old api pod", old, oldValue},
 		})
-		if oldValue != float64(ref1[Pair{db.IPv4, api.IPv4}].Bytes) {
-			t.Errorf("old pod: %v bytes before the change, sent %d", oldValue, ref1[Pair{db.IPv4, api.IPv4}].Bytes)
+		if oldValue != float64(ref1[testnet.Pair{Src: db.IPv4, Dst: api.IPv4}].Bytes) {
+			t.Errorf("old pod: %v bytes before the change, sent %d", oldValue, ref1[testnet.Pair{Src: db.IPv4, Dst: api.IPv4}].Bytes)
 		}
 	})
 
@@ -365,7 +357,7 @@ func TestEndToEnd(t *testing.T) {
 	ref3 := e.readRef()
 
 	t.Run("no byte lost to a remote-write outage or a server restart", func(t *testing.T) {
-		want := ref3[Pair{db.IPv4, api.IPv4}].Bytes - ref1[Pair{db.IPv4, api.IPv4}].Bytes
+		want := ref3[testnet.Pair{Src: db.IPv4, Dst: api.IPv4}].Bytes - ref1[testnet.Pair{Src: db.IPv4, Dst: api.IPv4}].Bytes
 		newPair := e.series("kubezonnet_pod_pair_bytes_total", db.IPv4, api.IPv4)
 		before := e.value(newPair, stopped)
 		if before < float64(moved) {
@@ -480,7 +472,7 @@ func TestEndToEndOffloads(t *testing.T) {
 		{"IPv6", web, api, web.IPv6, api.IPv6, webName, apiName, 10 << 20, 1428, 40 + 32},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if err := Transfer(ctx, tc.from.NS, tc.to.NS, netip.AddrPortFrom(tc.dst, 9000), tc.payload); err != nil {
+			if err := testnet.Transfer(ctx, tc.from.NS, tc.to.NS, netip.AddrPortFrom(tc.dst, 9000), tc.payload); err != nil {
 				t.Fatal(err)
 			}
 			segs := (tc.payload + tc.mss - 1) / tc.mss

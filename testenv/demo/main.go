@@ -131,7 +131,7 @@ func run(duration time.Duration, wait bool) error {
 			if round%j.interval != 0 {
 				continue
 			}
-			if err := testenv.Transfer(ctx, j.fromNS, j.toNS, j.dst, j.bytes); err != nil {
+			if err := testnet.Transfer(ctx, j.fromNS, j.toNS, j.dst, j.bytes); err != nil {
 				return fmt.Errorf("%s: %w", j.what, err)
 			}
 		}

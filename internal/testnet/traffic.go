@@ -1,4 +1,4 @@
-package testenv
+package testnet
 
 import (
 	"context"
@@ -11,9 +11,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
-	"github.com/kubezonnet/kubezonnet/internal/testnet"
 )
 
 // Transfer sends n bytes over one TCP connection from the network
@@ -26,7 +24,7 @@ func Transfer(ctx context.Context, fromNS, toNS string, dst netip.AddrPort, n in
 	if dst.Addr().Is6() {
 		network = "tcp6"
 	}
-	l, err := testnet.Listen(toNS, network, dst.String())
+	l, err := Listen(toNS, network, dst.String())
 	if err != nil {
 		return err
 	}
@@ -45,7 +43,7 @@ func Transfer(ctx context.Context, fromNS, toNS string, dst netip.AddrPort, n in
 		}
 		got <- err
 	}()
-	c, err := testnet.Dial(ctx, fromNS, network, dst.String())
+	c, err := Dial(ctx, fromNS, network, dst.String())
 	if err != nil {
 		return err
 	}
@@ -69,17 +67,21 @@ func Transfer(ctx context.Context, fromNS, toNS string, dst netip.AddrPort, n in
 type Pair struct{ Src, Dst netip.Addr }
 
 // Reference counts, with nftables, the bytes and packets of chosen address
-// pairs at the agents' hook and priority, in the namespace of the node that
-// sends them: the independent truth the end-to-end suite compares
-// Prometheus with. Counters are added as pairs appear; each node has one
-// table.
+// pairs at a POSTROUTING priority, in the namespace of the node that sends
+// them: the independent truth tests compare the datapath's counts with.
+// Counters are added as pairs appear; each namespace has one table.
 type Reference struct {
-	mu    sync.Mutex
-	nodes map[string][]Pair // node namespace -> pairs, rule i counts pairs[i]
+	priority int
+	mu       sync.Mutex
+	nodes    map[string][]Pair // node namespace -> pairs, rule i counts pairs[i]
 }
 
-// NewReference returns an empty reference.
-func NewReference() *Reference { return &Reference{nodes: map[string][]Pair{}} }
+// NewReference returns an empty reference counting at the given hook
+// priority. The kernel refuses a BPF netfilter hook at a priority another
+// hook already uses, so either attach BPF first or count one priority off.
+func NewReference(priority int) *Reference {
+	return &Reference{priority: priority, nodes: map[string][]Pair{}}
+}
 
 // Watch adds counters for pairs sent from the node namespace ns.
 func (r *Reference) Watch(ctx context.Context, ns string, pairs ...Pair) error {
@@ -87,20 +89,34 @@ func (r *Reference) Watch(ctx context.Context, ns string, pairs ...Pair) error {
 	defer r.mu.Unlock()
 	var script strings.Builder
 	if _, ok := r.nodes[ns]; !ok {
-		fmt.Fprintf(&script, "add table inet kzn_ref\nadd chain inet kzn_ref post { type filter hook postrouting priority %d; policy accept; }\n", bpf.DefaultNetfilterPriority+1)
+		fmt.Fprintf(&script, "add table inet kzn_pairs\nadd chain inet kzn_pairs post { type filter hook postrouting priority %d; policy accept; }\n", r.priority)
 	}
 	for _, p := range pairs {
 		fam := "ip"
 		if p.Src.Is6() {
 			fam = "ip6"
 		}
-		fmt.Fprintf(&script, "add rule inet kzn_ref post %s saddr %s %s daddr %s counter comment \"p%d\"\n", fam, p.Src, fam, p.Dst, len(r.nodes[ns]))
+		fmt.Fprintf(&script, "add rule inet kzn_pairs post %s saddr %s %s daddr %s counter comment \"p%d\"\n", fam, p.Src, fam, p.Dst, len(r.nodes[ns]))
 		r.nodes[ns] = append(r.nodes[ns], p)
 	}
-	if _, err := testnet.Exec(ctx, ns, "sh", "-c", "nft -f - <<'EOF'\n"+script.String()+"EOF\n"); err != nil {
+	if _, err := Exec(ctx, ns, "sh", "-c", "nft -f - <<'EOF'\n"+script.String()+"EOF\n"); err != nil {
 		return fmt.Errorf("installing reference counters: %w", err)
 	}
 	return nil
+}
+
+// Watched reports whether p is counted already.
+func (r *Reference) Watched(p Pair) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, pairs := range r.nodes {
+		for _, q := range pairs {
+			if q == p {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // Read returns the counts of every watched pair.
@@ -109,7 +125,7 @@ func (r *Reference) Read(ctx context.Context) (map[Pair]flow.Counts, error) {
 	defer r.mu.Unlock()
 	out := map[Pair]flow.Counts{}
 	for ns, pairs := range r.nodes {
-		raw, err := testnet.Exec(ctx, ns, "nft", "-j", "list", "table", "inet", "kzn_ref")
+		raw, err := Exec(ctx, ns, "nft", "-j", "list", "table", "inet", "kzn_pairs")
 		if err != nil {
 			return nil, err
 		}
