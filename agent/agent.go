@@ -11,12 +11,12 @@ import (
 	"net/http"
 	"net/netip"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
 	"github.com/kubezonnet/kubezonnet/internal/wire"
 )
 
@@ -49,7 +49,7 @@ type Agent struct {
 	log         *slog.Logger
 	dp          Datapath
 	nodes       nodeGetter
-	poster      *poster
+	client      *remotewrite.Client
 	reg         *metrics.Registry
 	m           *agentMetrics
 	buf         *buffer
@@ -75,17 +75,17 @@ func New(cfg Config, dp Datapath, nodes nodeGetter, log *slog.Logger) (*Agent, e
 	if _, err := rand.Read(inc); err != nil {
 		return nil, fmt.Errorf("choosing incarnation: %w", err)
 	}
+	client, err := newClient(cfg)
+	if err != nil {
+		return nil, err
+	}
 	reg := metrics.New(metrics.Label{Name: wire.LabelNode, Value: cfg.NodeName})
 	a := &Agent{
-		cfg:   cfg,
-		log:   log.With("component", "agent", "node", cfg.NodeName),
-		dp:    dp,
-		nodes: nodes,
-		poster: &poster{
-			url:       strings.TrimSuffix(cfg.ServerURL, "/") + "/api/v1/write",
-			tokenFile: cfg.TokenFile,
-			client:    &http.Client{Timeout: max(cfg.FlushInterval, 5*time.Second)},
-		},
+		cfg:         cfg,
+		log:         log.With("component", "agent", "node", cfg.NodeName),
+		dp:          dp,
+		nodes:       nodes,
+		client:      client,
 		reg:         reg,
 		m:           newAgentMetrics(reg),
 		buf:         newBuffer(cfg.MaxBufferedFlows),
@@ -109,7 +109,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.refreshPrefixes(ctx); err != nil {
 		return err
 	}
-	a.log.Info("agent started", "incarnation", a.incarnation, "server", a.poster.url, "prefixes", fmt.Sprint(a.prefixes), "flush_interval", a.cfg.FlushInterval)
+	a.log.Info("agent started", "incarnation", a.incarnation, "server", a.cfg.serverWriteURL(), "prefixes", fmt.Sprint(a.prefixes), "flush_interval", a.cfg.FlushInterval)
 
 	sendCh := make(chan *batch, 1)
 	results := make(chan sendResult, 1)
@@ -220,13 +220,13 @@ func (a *Agent) finish(r sendResult) {
 // sender posts batches one at a time, retrying each until it is accepted,
 // refused for good, or the agent gives up at shutdown.
 func (a *Agent) sender(ctx context.Context, in <-chan *batch, out chan<- sendResult) {
-	bo := &backoff{min: a.cfg.RetryMin, max: a.cfg.RetryMax}
+	bo := &remotewrite.Backoff{Min: a.cfg.RetryMin, Max: a.cfg.RetryMax}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case b := <-in:
-			err := sendWithRetry(ctx, a.poster, bo, b.body, func(err error, wait time.Duration) {
+			err := sendWithRetry(ctx, a.client, bo, b.body, func(err error, wait time.Duration) {
 				a.m.retries.Inc()
 				a.m.failures.Inc()
 				a.log.Warn("sending batch failed; retrying", "seq", b.seq, "err", err, "retry_in", wait.Round(time.Millisecond))

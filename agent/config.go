@@ -105,6 +105,11 @@ func Flags() []cli.Flag {
 	}
 }
 
+// serverWriteURL is where batches go.
+func (c *Config) serverWriteURL() string {
+	return strings.TrimSuffix(c.ServerURL, "/") + "/api/v1/write"
+}
+
 // ConfigFromCLI decodes and validates the flags.
 func ConfigFromCLI(c *cli.Context) (Config, error) {
 	cfg := Config{

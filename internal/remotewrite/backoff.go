@@ -23,12 +23,16 @@ func (e retryableError) Unwrap() error { return e.err }
 // the abandoned request carried.
 var errSuperseded = errors.New("superseded by a newer snapshot")
 
-// backoff is the retry schedule of one shard. It lives as long as the
-// shard, not as long as a request, so that an endpoint that stays down
-// keeps being tried at a growing interval even as newer snapshots replace
-// the request being retried.
-type backoff struct {
-	min, max time.Duration
+// IsSuperseded reports whether Retry gave up because newer was signalled.
+func IsSuperseded(err error) bool { return errors.Is(err, errSuperseded) }
+
+// Backoff is a retry schedule: capped exponential delays with jitter. The
+// pusher keeps one per shard, for as long as the shard lives, so that an
+// endpoint that stays down keeps being tried at a growing interval even as
+// newer snapshots replace the request being retried; the agent keeps one
+// for its batches.
+type Backoff struct {
+	Min, Max time.Duration
 	// next is the base delay of the next wait; zero after a success.
 	next time.Duration
 	// until is when the next attempt may start; a superseding snapshot
@@ -40,12 +44,12 @@ type backoff struct {
 // it gave one, else the current base delay minus up to 20% jitter. The
 // base doubles up to max. Jitter only ever shortens a wait, so consecutive
 // waits still strictly grow (0.8b..b, then 1.6b..2b) until the cap.
-func (b *backoff) wait(retryAfter time.Duration) time.Duration {
+func (b *Backoff) wait(retryAfter time.Duration) time.Duration {
 	if b.next == 0 {
-		b.next = b.min
+		b.next = b.Min
 	}
 	d := b.next - time.Duration(rand.Int64N(int64(b.next)/5+1))
-	b.next = min(2*b.next, b.max)
+	b.next = min(2*b.next, b.Max)
 	if retryAfter > 0 {
 		d = retryAfter
 	}
@@ -53,16 +57,18 @@ func (b *backoff) wait(retryAfter time.Duration) time.Duration {
 }
 
 // reset forgets the failures after a success.
-func (b *backoff) reset() {
+func (b *Backoff) reset() {
 	b.next = 0
 	b.until = time.Time{}
 }
 
-// retry calls send until it succeeds or fails finally, waiting between
-// attempts as b says. It returns ctx's error when ctx ends and
-// errSuperseded when newer is signalled during a wait. onRetry, if not
-// nil, is called after every retryable failure with the coming wait.
-func retry(ctx context.Context, b *backoff, newer <-chan struct{}, send func() error, onRetry func(err error, wait time.Duration)) error {
+// Retry calls send until it succeeds or fails finally (an error that is
+// not retryable, such as a *StatusError), waiting between attempts as b
+// says. It returns ctx's error when ctx ends and, when newer is not nil
+// and is signalled during a wait, an error for which IsSuperseded is true.
+// onRetry, if not nil, is called after every retryable failure with the
+// coming wait.
+func Retry(ctx context.Context, b *Backoff, newer <-chan struct{}, send func() error, onRetry func(err error, wait time.Duration)) error {
 	for {
 		if d := time.Until(b.until); d > 0 {
 			t := time.NewTimer(d)

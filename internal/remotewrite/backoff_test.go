@@ -22,10 +22,10 @@ func TestRetry(t *testing.T) {
 		{"retryable then final", []error{retryable, final}, final, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			b := backoff{min: time.Millisecond, max: 8 * time.Millisecond}
+			b := Backoff{Min: time.Millisecond, Max: 8 * time.Millisecond}
 			n := 0
 			var waits []time.Duration
-			err := retry(context.Background(), &b, nil, func() error {
+			err := Retry(context.Background(), &b, nil, func() error {
 				n++
 				if n-1 < len(tc.results) {
 					return tc.results[n-1]
@@ -51,7 +51,7 @@ func TestRetry(t *testing.T) {
 }
 
 func TestBackoffWaitsGrowToTheCapWithJitter(t *testing.T) {
-	b := backoff{min: 10 * time.Millisecond, max: 80 * time.Millisecond}
+	b := Backoff{Min: 10 * time.Millisecond, Max: 80 * time.Millisecond}
 	var prev time.Duration
 	for i := range 20 {
 		d := b.wait(0)
@@ -59,7 +59,7 @@ func TestBackoffWaitsGrowToTheCapWithJitter(t *testing.T) {
 		if d > base || d < base*4/5 {
 			t.Errorf("wait %d = %v, want within [%v, %v]", i, d, base*4/5, base)
 		}
-		if base < b.max && d <= prev {
+		if base < b.Max && d <= prev {
 			t.Errorf("wait %d = %v did not grow from %v", i, d, prev)
 		}
 		prev = d
@@ -73,16 +73,16 @@ func TestRetryStopsOnContextAndOnNewerData(t *testing.T) {
 	retryable := func() error { return retryableError{err: errors.New("down"), after: time.Hour} }
 
 	ctx, cancel := context.WithCancel(context.Background())
-	b := backoff{min: time.Millisecond, max: time.Hour}
+	b := Backoff{Min: time.Millisecond, Max: time.Hour}
 	go func() { time.Sleep(20 * time.Millisecond); cancel() }()
-	if err := retry(ctx, &b, nil, retryable, nil); !errors.Is(err, context.Canceled) {
+	if err := Retry(ctx, &b, nil, retryable, nil); !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled context: err = %v", err)
 	}
 
 	newer := make(chan struct{}, 1)
-	b = backoff{min: time.Millisecond, max: time.Hour}
+	b = Backoff{Min: time.Millisecond, Max: time.Hour}
 	go func() { time.Sleep(20 * time.Millisecond); newer <- struct{}{} }()
-	if err := retry(context.Background(), &b, newer, retryable, nil); !errors.Is(err, errSuperseded) {
+	if err := Retry(context.Background(), &b, newer, retryable, nil); !errors.Is(err, errSuperseded) {
 		t.Errorf("newer data: err = %v", err)
 	}
 	// The newer batch inherits the hour-long Retry-After wait.

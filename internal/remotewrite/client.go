@@ -48,10 +48,19 @@ type Client struct {
 	token      *fileSecret
 }
 
+// ClientOptions are the client's settings that are not the endpoint's.
+type ClientOptions struct {
+	// RetryOn429 treats 429 Too Many Requests as retryable (honouring
+	// Retry-After); off, a 429 is final, as Cortex uses it for limits.
+	RetryOn429 bool
+	// Component names the sender in the User-Agent ("server", "agent").
+	Component string
+}
+
 // NewClient builds the client of one endpoint. cfg must be validated. It
 // reads the credential and TLS files once, so that a missing file fails at
 // start-up rather than at the first push.
-func NewClient(cfg EndpointConfig, retryOn429 bool) (*Client, error) {
+func NewClient(cfg EndpointConfig, opts ClientOptions) (*Client, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tlsCfg, err := newTLSConfig(cfg.TLS)
 	if err != nil {
@@ -64,7 +73,7 @@ func NewClient(cfg EndpointConfig, retryOn429 bool) (*Client, error) {
 	c := &Client{
 		url:        cfg.URL,
 		timeout:    cfg.Timeout,
-		retryOn429: retryOn429,
+		retryOn429: opts.RetryOn429,
 		headers:    http.Header{},
 		hc:         &http.Client{Transport: tr},
 	}
@@ -74,7 +83,7 @@ func NewClient(cfg EndpointConfig, retryOn429 bool) (*Client, error) {
 	c.headers.Set("Content-Encoding", ContentEncoding)
 	c.headers.Set("Content-Type", ContentType)
 	c.headers.Set(HeaderVersion, ProtocolVersion)
-	c.headers.Set("User-Agent", version.UserAgent("server"))
+	c.headers.Set("User-Agent", version.UserAgent(opts.Component))
 	if cfg.BasicAuth != nil {
 		c.basicUser = cfg.BasicAuth.Username
 		c.password = &fileSecret{path: cfg.BasicAuth.PasswordFile}

@@ -30,7 +30,7 @@ func newTestClient(t *testing.T, cfg EndpointConfig, retryOn429 bool) *Client {
 	if err := pc.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	c, err := NewClient(pc.Endpoints[0], retryOn429)
+	c, err := NewClient(pc.Endpoints[0], ClientOptions{RetryOn429: retryOn429, Component: "server"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,7 +171,7 @@ func TestClientCredentialsFollowTheirFiles(t *testing.T) {
 		t.Errorf("Authorization headers %q, want %q", got, want)
 	}
 
-	if _, err := NewClient(EndpointConfig{Name: "x", URL: srv.URL, BearerTokenFile: filepath.Join(dir, "missing")}, true); err == nil {
+	if _, err := NewClient(EndpointConfig{Name: "x", URL: srv.URL, BearerTokenFile: filepath.Join(dir, "missing")}, ClientOptions{RetryOn429: true}); err == nil {
 		t.Errorf("missing token file accepted at start-up")
 	}
 }

@@ -131,7 +131,7 @@ func NewPusher(cfg PusherConfig, sources []Source, reg *metrics.Registry, log *s
 	}
 	p.extra = mergeExtra(cfg.ExternalLabels, cfg.HA.labels())
 	for _, ec := range cfg.Endpoints {
-		c, err := NewClient(ec, cfg.RetryOn429)
+		c, err := NewClient(ec, ClientOptions{RetryOn429: cfg.RetryOn429, Component: "server"})
 		if err != nil {
 			return nil, err
 		}
@@ -463,7 +463,7 @@ func newEndpoint(p *Pusher, name string, c *Client, reg *metrics.Registry) *endp
 		"Samples handed to the endpoint and not yet sent, dropped or given up.", el)
 	for range p.cfg.Shards {
 		ep.shards = append(ep.shards, &shard{ep: ep, newer: make(chan struct{}, 1),
-			bo: backoff{min: p.cfg.MinBackoff, max: p.cfg.MaxBackoff}})
+			bo: Backoff{Min: p.cfg.MinBackoff, Max: p.cfg.MaxBackoff}})
 	}
 	return ep
 }
@@ -517,7 +517,7 @@ type batch struct {
 // shard sends its batches in order, holding at most one pending.
 type shard struct {
 	ep *endpoint
-	bo backoff
+	bo Backoff
 	// newer holds a token while pending is set and not yet taken, so a
 	// retry wait can notice that a newer batch replaced its data.
 	newer chan struct{}
@@ -603,7 +603,7 @@ func (s *shard) deliver(ctx context.Context, b *batch) {
 	left := b.samples
 	for _, r := range b.reqs {
 		attempts := 0
-		err := retry(ctx, &s.bo, s.newer, func() error {
+		err := Retry(ctx, &s.bo, s.newer, func() error {
 			attempts++
 			code, err := ep.client.Store(ctx, r.body)
 			ep.countCode(code)
