@@ -24,6 +24,20 @@ go test -count=1 -v -timeout 30m ./... 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 
+# Bounded fuzzing of the parsers that face untrusted input: request
+# decoding (the wire contract and the whole ingest handler) and the static
+# endpoints file. FUZZTIME=0 skips it.
+fuzztime=${FUZZTIME:-10s}
+if [ "$fuzztime" != "0" ] && [ "$status" -eq 0 ]; then
+  for target in "FuzzDecode ./internal/wire" "FuzzIngest ./server" "FuzzParseStaticEndpoints ./server/resolve"; do
+    set -- $target
+    echo "fuzzing $1 in $2 for $fuzztime"
+    if ! go test -run '^$' -fuzz "^$1\$" -fuzztime "$fuzztime" "$2" 2>&1 | tail -3; then
+      status=1
+    fi
+  done
+fi
+
 passed=$(grep -c -- '^\s*--- PASS' "$log" || true)
 failed=$(grep -c -- '^\s*--- FAIL' "$log" || true)
 skipped=$(grep -c -- '^\s*--- SKIP' "$log" || true)
