@@ -50,19 +50,10 @@ func kubezonnetBinary(t *testing.T) string {
 
 func twoNodeTopology(t *testing.T) *testnet.Topology {
 	t.Helper()
-	topo, err := testnet.Build(context.Background(), testnet.Spec{Nodes: []testnet.NodeSpec{
+	return testnet.BuildT(t, testnet.Spec{Nodes: []testnet.NodeSpec{
 		{Name: "a", Pods: []string{"a1", "a2"}},
 		{Name: "b", Pods: []string{"b1"}},
 	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := topo.Close(); err != nil {
-			t.Errorf("removing topology: %v", err)
-		}
-	})
-	return topo
 }
 
 // transfer is testnet.Transfer failing the test on error.

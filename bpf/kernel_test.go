@@ -20,22 +20,13 @@ import (
 // the test ends, pass or fail.
 func twoNodes(t *testing.T, offloads bool) *testnet.Topology {
 	t.Helper()
-	topo, err := testnet.Build(context.Background(), testnet.Spec{
+	return testnet.BuildT(t, testnet.Spec{
 		Offloads: offloads,
 		Nodes: []testnet.NodeSpec{
 			{Name: "a", Zone: "zone-a", Pods: []string{"a1", "a2"}},
 			{Name: "b", Zone: "zone-b", Pods: []string{"b1"}},
 		},
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := topo.Close(); err != nil {
-			t.Errorf("removing topology: %v", err)
-		}
-	})
-	return topo
 }
 
 // attachNode loads a datapath for one node, as the node's agent would.

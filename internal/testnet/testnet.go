@@ -407,3 +407,27 @@ func run(ctx context.Context, name string, args ...string) error {
 	}
 	return nil
 }
+
+// TB is the part of testing.TB that BuildT needs.
+type TB interface {
+	Helper()
+	Fatal(args ...any)
+	Errorf(format string, args ...any)
+	Cleanup(func())
+}
+
+// BuildT builds spec for a test and removes it when the test ends, pass or
+// fail; a failure to build fails the test.
+func BuildT(t TB, spec Spec) *Topology {
+	t.Helper()
+	topo, err := Build(context.Background(), spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := topo.Close(); err != nil {
+			t.Errorf("removing topology: %v", err)
+		}
+	})
+	return topo
+}
