@@ -164,9 +164,11 @@ func Load(cfg Config) (*Datapath, error) {
 		d.objs.Close()
 		return nil, err
 	}
-	if err := d.objs.ActiveCache.Put(uint32(0), d.caches[0]); err != nil {
-		d.objs.Close()
-		return nil, fmt.Errorf("activating cache generation 0: %w", err)
+	for g, m := range d.caches {
+		if err := d.objs.Caches.Put(uint32(g), m); err != nil {
+			d.objs.Close()
+			return nil, fmt.Errorf("installing cache generation %d: %w", g, err)
+		}
 	}
 	if err := d.objs.Active.Put(uint32(0), d.gens[0]); err != nil {
 		d.objs.Close()
@@ -313,10 +315,12 @@ func (d *Datapath) Drain(dst *Drained) error {
 	dst.Flows = dst.Flows[:0]
 	old := d.active
 	next := 1 - old
-	// The cache first: once both swaps returned, programs that used the
-	// old cache or evicted into the old hash map have all finished.
-	if err := d.objs.ActiveCache.Put(uint32(0), d.caches[next]); err != nil {
-		return fmt.Errorf("swapping cache generation: %w", err)
+	// The cache first, with a plain write; then the hash map, with a
+	// map-in-map update that returns only after an RCU grace period: by
+	// then every program that could still use the old cache or write to
+	// the old hash map (a flow whose cache slot was taken) has finished.
+	if err := d.objs.CacheGen.Put(uint32(0), uint32(next)); err != nil {
+		return fmt.Errorf("switching cache generation: %w", err)
 	}
 	if err := d.objs.Active.Put(uint32(0), d.gens[next]); err != nil {
 		return fmt.Errorf("swapping flow generation: %w", err)

@@ -167,13 +167,23 @@ struct cache_map {
 struct cache_map cache_0 SEC(".maps");
 struct cache_map cache_1 SEC(".maps");
 
-/* The cache generation programs write to; swapped with `active`. */
+/* Both cache generations, set once at load; cache_gen picks the one in
+ * use. Switching it is a plain array write: the RCU grace period that the
+ * swap of `active` waits for right after covers the cache too, so a drain
+ * waits for one grace period, not two. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__array(values, struct cache_map);
-} active_cache SEC(".maps");
+} caches SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} cache_gen SEC(".maps");
 
 /* Per-CPU flag: a program instance is using this CPU's cache slots. */
 struct {
@@ -303,15 +313,19 @@ static __always_inline int same_key(const struct flow_key *a, const struct flow_
  */
 static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 packets)
 {
-	__u32 zero = 0, meta_idx = CACHE_SLOTS, idx;
+	__u32 zero = 0, meta_idx = CACHE_SLOTS, idx, g;
 	struct cache_slot *meta, *slot;
-	__u32 *busy;
+	__u32 *busy, *gen;
 	void *cache;
 
 	busy = bpf_map_lookup_elem(&cache_busy, &zero);
 	if (!busy || *busy)
 		goto hash;
-	cache = bpf_map_lookup_elem(&active_cache, &zero);
+	gen = bpf_map_lookup_elem(&cache_gen, &zero);
+	if (!gen)
+		goto hash;
+	g = *gen & 1;
+	cache = bpf_map_lookup_elem(&caches, &g);
 	if (!cache)
 		goto hash;
 	meta = bpf_map_lookup_elem(cache, &meta_idx);

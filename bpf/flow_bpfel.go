@@ -70,10 +70,11 @@ type flowPrefixSet struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	flowMapActive           = "active"
-	flowMapActiveCache      = "active_cache"
 	flowMapCache0           = "cache_0"
 	flowMapCache1           = "cache_1"
 	flowMapCacheBusy        = "cache_busy"
+	flowMapCacheGen         = "cache_gen"
+	flowMapCaches           = "caches"
 	flowMapCounters         = "counters"
 	flowMapFlows0           = "flows_0"
 	flowMapFlows1           = "flows_1"
@@ -136,10 +137,11 @@ type flowProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowMapSpecs struct {
 	Active       *ebpf.MapSpec `ebpf:"active"`
-	ActiveCache  *ebpf.MapSpec `ebpf:"active_cache"`
 	Cache0       *ebpf.MapSpec `ebpf:"cache_0"`
 	Cache1       *ebpf.MapSpec `ebpf:"cache_1"`
 	CacheBusy    *ebpf.MapSpec `ebpf:"cache_busy"`
+	CacheGen     *ebpf.MapSpec `ebpf:"cache_gen"`
+	Caches       *ebpf.MapSpec `ebpf:"caches"`
 	Counters     *ebpf.MapSpec `ebpf:"counters"`
 	Flows0       *ebpf.MapSpec `ebpf:"flows_0"`
 	Flows1       *ebpf.MapSpec `ebpf:"flows_1"`
@@ -176,10 +178,11 @@ func (o *flowObjects) Close() error {
 // It can be passed to loadFlowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowMaps struct {
 	Active       *ebpf.Map `ebpf:"active"`
-	ActiveCache  *ebpf.Map `ebpf:"active_cache"`
 	Cache0       *ebpf.Map `ebpf:"cache_0"`
 	Cache1       *ebpf.Map `ebpf:"cache_1"`
 	CacheBusy    *ebpf.Map `ebpf:"cache_busy"`
+	CacheGen     *ebpf.Map `ebpf:"cache_gen"`
+	Caches       *ebpf.Map `ebpf:"caches"`
 	Counters     *ebpf.Map `ebpf:"counters"`
 	Flows0       *ebpf.Map `ebpf:"flows_0"`
 	Flows1       *ebpf.Map `ebpf:"flows_1"`
@@ -190,10 +193,11 @@ type flowMaps struct {
 func (m *flowMaps) Close() error {
 	return _FlowClose(
 		m.Active,
-		m.ActiveCache,
 		m.Cache0,
 		m.Cache1,
 		m.CacheBusy,
+		m.CacheGen,
+		m.Caches,
 		m.Counters,
 		m.Flows0,
 		m.Flows1,

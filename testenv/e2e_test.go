@@ -472,13 +472,23 @@ func TestEndToEndOffloads(t *testing.T) {
 		{"IPv6", web, api, web.IPv6, api.IPv6, webName, apiName, 10 << 20, 1428, 40 + 32},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if err := testnet.Transfer(ctx, tc.from.NS, tc.to.NS, netip.AddrPortFrom(tc.dst, 9000), tc.payload); err != nil {
+			retrans0, err := testnet.RetransSegs(ctx, tc.from.NS)
+			if err != nil {
 				t.Fatal(err)
 			}
-			segs := (tc.payload + tc.mss - 1) / tc.mss
+			if err := testnet.TransferChunked(ctx, tc.from.NS, tc.to.NS, netip.AddrPortFrom(tc.dst, 9000), tc.payload, 45*tc.mss); err != nil {
+				t.Fatal(err)
+			}
+			retrans1, err := testnet.RetransSegs(ctx, tc.from.NS)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Retransmitted segments are on the wire too.
+			retrans := int(retrans1 - retrans0)
+			segs := (tc.payload+tc.mss-1)/tc.mss + retrans
 			// Data segments, then SYN (header + 8 bytes of options over
 			// the timestamps: MSS, SACK, window scale), FIN, final ACK.
-			wantBytes := float64(tc.payload + segs*tc.hdr + (tc.hdr + 8) + 2*tc.hdr)
+			wantBytes := float64(tc.payload + retrans*tc.mss + segs*tc.hdr + (tc.hdr + 8) + 2*tc.hdr)
 			wantPackets := float64(segs + 3)
 			q := func(m string) string {
 				return fmt.Sprintf(`sum(%s{src_pod=%q,dst_pod=%q})`, m, tc.srcN, tc.dstN)

@@ -20,6 +20,16 @@ import (
 // payload is exactly n bytes; what the wire carries on top (headers, the
 // receiver's ACKs) is measured by Reference counters.
 func Transfer(ctx context.Context, fromNS, toNS string, dst netip.AddrPort, n int) error {
+	return TransferChunked(ctx, fromNS, toNS, dst, n, n)
+}
+
+// TransferChunked is Transfer writing chunk bytes at a time. A chunk that
+// is a multiple of the MSS (1448 over IPv4 and 1428 over IPv6 with TCP
+// timestamps on a 1500-byte MTU) keeps every segment full, and paces the
+// sender enough that bulk transfers through TSO do not overflow the veth
+// queues (a drop means retransmitted segments: real bytes, but not the
+// same bytes for two runs to compare).
+func TransferChunked(ctx context.Context, fromNS, toNS string, dst netip.AddrPort, n, chunk int) error {
 	network := "tcp4"
 	if dst.Addr().Is6() {
 		network = "tcp6"
@@ -48,11 +58,15 @@ func Transfer(ctx context.Context, fromNS, toNS string, dst netip.AddrPort, n in
 		return err
 	}
 	defer c.Close()
-	// One write: TCP then fills every segment up to the MSS (writes that
-	// end mid-segment make TSO emit short segments, more packets than the
-	// payload needs).
-	if _, err := c.Write(make([]byte, n)); err != nil {
-		return err
+	// Writes that end mid-segment make TSO emit short segments, more
+	// packets than the payload needs: Transfer writes once.
+	buf := make([]byte, min(n, chunk))
+	for left := n; left > 0; {
+		k, err := c.Write(buf[:min(left, len(buf))])
+		if err != nil {
+			return err
+		}
+		left -= k
 	}
 	c.(*net.TCPConn).CloseWrite()
 	if err := <-got; err != nil {
@@ -162,4 +176,26 @@ func (r *Reference) Read(ctx context.Context) (map[Pair]flow.Counts, error) {
 		}
 	}
 	return out, nil
+}
+
+// RetransSegs returns the TCP segments the namespace ns has retransmitted
+// so far (TcpRetransSegs). Retransmissions are real wire bytes, which the
+// datapath counts; tests that compare a transfer with an estimate of its
+// wire bytes add them in.
+func RetransSegs(ctx context.Context, ns string) (uint64, error) {
+	out, err := Exec(ctx, ns, "nstat", "-asz", "TcpRetransSegs")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 && f[0] == "TcpRetransSegs" {
+			var n uint64
+			if _, err := fmt.Sscanf(f[1], "%d", &n); err != nil {
+				return 0, fmt.Errorf("parsing nstat output %q: %w", line, err)
+			}
+			return n, nil
+		}
+	}
+	return 0, fmt.Errorf("nstat printed no TcpRetransSegs: %s", out)
 }
