@@ -112,8 +112,6 @@ struct udphdr {
 /* kfuncs (kernel 6.4+ for netfilter programs). */
 extern int bpf_dynptr_from_skb(struct sk_buff *skb, __u64 flags,
 			       struct bpf_dynptr *ptr__uninit) __ksym;
-extern void *bpf_dynptr_slice(const struct bpf_dynptr *ptr, __u32 offset,
-			      void *buffer__opt, __u32 buffer__szk) __ksym;
 /* Turns a kernel address into a read-only typed pointer whose loads the
  * verifier turns into fault-tolerant direct loads: much cheaper than a
  * bpf_probe_read_kernel() helper call per field. */
