@@ -3,7 +3,6 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"net/http"
@@ -19,25 +18,6 @@ import (
 	"github.com/kubezonnet/kubezonnet/internal/packet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
-
-// logBuffer collects the agent's JSON logs for assertions and shows them
-// when a test fails.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
 
 func testConfig(serverURL string) Config {
 	return Config{
@@ -55,7 +35,7 @@ func testConfig(serverURL string) Config {
 type runningAgent struct {
 	*Agent
 	dp   *bpf.Datapath
-	logs *logBuffer
+	logs *testutil.SyncBuffer
 	stop func() error
 }
 
@@ -68,7 +48,7 @@ func startAgent(t *testing.T, cfg Config) *runningAgent {
 	if err != nil {
 		t.Fatal(err)
 	}
-	logs := &logBuffer{}
+	logs := &testutil.SyncBuffer{}
 	a, err := New(cfg, dp, nil, slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	if err != nil {
 		dp.Close()

@@ -1,30 +1,18 @@
 package server
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/kubezonnet/kubezonnet/internal/logging"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
 	"github.com/kubezonnet/kubezonnet/server/flowlog"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
 
 // TestIngestFlowLog checks that ingest logs exactly the flows of the
 // configured classes, each with its own addresses and port (a dropped
@@ -33,7 +21,7 @@ func TestIngestFlowLog(t *testing.T) {
 	env := newTestEnv(t, testConfig(), noAuth{}) // for the resolver table
 	cfg := testConfig()
 	cfg.FlowLogClasses, _ = flowlog.ParseClasses([]string{"cross-zone"})
-	out := &lockedBuffer{}
+	out := &testutil.SyncBuffer{}
 	srv, err := newServer(&cfg, deps{resolver: env.res, auth: noAuth{}, reg: metrics.New(), log: logging.Discard(), flowLog: out})
 	if err != nil {
 		t.Fatal(err)
@@ -52,9 +40,9 @@ func TestIngestFlowLog(t *testing.T) {
 	}
 	cancel()
 	<-srv.flog.Done()
-	lines := strings.Split(strings.TrimSpace(out.b.String()), "\n")
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
 	if len(lines) != 1 {
-		t.Fatalf("%d lines, want 1:\n%s", len(lines), out.b.String())
+		t.Fatalf("%d lines, want 1:\n%s", len(lines), out.String())
 	}
 	var got map[string]any
 	if err := json.Unmarshal([]byte(lines[0]), &got); err != nil {

@@ -288,24 +288,6 @@ func metricValue(_ testing.TB, reg *metrics.Registry, name string, labels ...str
 	return found
 }
 
-// syncBuffer is a log sink safe for the pusher's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // eventually polls cond until it holds or the deadline passes. The
 // deadline only bounds a hang; no test asserts how fast anything is.
 func eventually(t *testing.T, what string, cond func() bool) {
@@ -551,7 +533,7 @@ func TestPusher4xxIsFinal(t *testing.T) {
 	src := newTestSource()
 	src.set(podPair("kubezonnet_pod_pair_bytes_total", "api-0", "db-0"), 1)
 	src.set(podPair("kubezonnet_pod_pair_bytes_total", "api-1", "db-0"), 1)
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	reg := metrics.New()
 	cfg := testConfig(rcv.url())
 	cfg.Shards = 1

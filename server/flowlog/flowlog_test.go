@@ -1,17 +1,16 @@
 package flowlog
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
 	"github.com/kubezonnet/kubezonnet/server/resolve"
 )
 
@@ -23,20 +22,8 @@ var (
 	odd = &resolve.Endpoint{Kind: resolve.KindStatic, Workload: "rds \"main\"\n\\ü\xff", WorkloadKind: "Static", Zone: "zone-c"}
 )
 
-// syncBuffer is a bytes.Buffer safe for the writer goroutine and the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
 func TestEventsParseBack(t *testing.T) {
-	out := &syncBuffer{}
+	out := &testutil.SyncBuffer{}
 	reg := metrics.New()
 	set, err := ParseClasses([]string{"cross-zone", "external"})
 	if err != nil {
@@ -64,9 +51,9 @@ func TestEventsParseBack(t *testing.T) {
 	cancel()
 	<-l.Done()
 
-	lines := strings.Split(strings.TrimSuffix(out.b.String(), "\n"), "\n")
+	lines := strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n")
 	if len(lines) != 2 {
-		t.Fatalf("%d lines, want 2:\n%s", len(lines), out.b.String())
+		t.Fatalf("%d lines, want 2:\n%s", len(lines), out.String())
 	}
 	want := []map[string]any{{
 		"time": "2026-01-02T03:04:05.6Z", "level": "INFO", "msg": "flow", "node": "node-a",
