@@ -5,11 +5,9 @@ package agent
 import (
 	"bufio"
 	"context"
-	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -36,11 +34,7 @@ func kubezonnetBinary(t *testing.T) string {
 			buildErr = err
 			return
 		}
-		binPath = filepath.Join(dir, "kubezonnet")
-		out, err := exec.Command("go", "build", "-o", binPath, "..").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %w: %s", err, out)
-		}
+		binPath, buildErr = testutil.BuildKubezonnet(context.Background(), dir)
 	})
 	if buildErr != nil {
 		t.Fatal(buildErr)

@@ -2,7 +2,6 @@ package testenv
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,53 +9,16 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"strings"
 	"syscall"
 	"time"
+
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
 
 // binEnv names the environment variable that points at a folder holding
 // prebuilt kube-apiserver and etcd binaries (it is also read by
 // build-k8s.sh), for machines that keep them outside the repository.
 const binEnv = "KUBEZONNET_TESTENV_BIN"
-
-// modulePath identifies the repository root by its go.mod.
-const modulePath = "github.com/kubezonnet/kubezonnet"
-
-// RepoRoot returns the root of the kubezonnet repository: the nearest
-// ancestor of the working directory whose go.mod declares the module, or
-// failing that the checkout this file was compiled from. The demo and the
-// tests find deploy/ and testenv/ through it wherever they were started.
-func RepoRoot() (string, error) {
-	var starts []string
-	if wd, err := os.Getwd(); err == nil {
-		starts = append(starts, wd)
-	}
-	if _, file, _, ok := runtime.Caller(0); ok && filepath.IsAbs(file) {
-		starts = append(starts, filepath.Dir(file))
-	}
-	for _, dir := range starts {
-		for d := dir; ; d = filepath.Dir(d) {
-			if isRepoRoot(d) {
-				return d, nil
-			}
-			if filepath.Dir(d) == d {
-				break
-			}
-		}
-	}
-	return "", fmt.Errorf("finding the repository root: no go.mod of %s above %s", modulePath, strings.Join(starts, " or "))
-}
-
-func isRepoRoot(dir string) bool {
-	b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
-	if err != nil {
-		return false
-	}
-	line, _, _ := bytes.Cut(b, []byte("\n"))
-	return strings.TrimSpace(string(line)) == "module "+modulePath
-}
 
 // Binaries are the paths of the programs a ControlPlane runs.
 type Binaries struct {
@@ -70,7 +32,7 @@ type Binaries struct {
 // The script's progress goes to progress (nil discards it): the first build
 // takes minutes and the caller should say why it is waiting.
 func FindBinaries(ctx context.Context, progress io.Writer) (Binaries, error) {
-	root, err := RepoRoot()
+	root, err := testutil.RepoRoot()
 	if err != nil {
 		return Binaries{}, err
 	}
@@ -131,21 +93,4 @@ func fresh(bin, root string) bool {
 		return true
 	}
 	return err == nil && bi.ModTime().After(mi.ModTime())
-}
-
-// BuildKubezonnet builds the kubezonnet binary of this checkout into dir
-// and returns its path, for the environment's agents and server.
-func BuildKubezonnet(ctx context.Context, dir string) (string, error) {
-	root, err := RepoRoot()
-	if err != nil {
-		return "", err
-	}
-	bin := filepath.Join(dir, "kubezonnet")
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, ".")
-	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("building kubezonnet: %w: %s", err, bytes.TrimSpace(out))
-	}
-	return bin, nil
 }

@@ -149,7 +149,7 @@ func (e *e2e) readRef() map[testnet.Pair]flow.Counts {
 // group) lowered and its `for` removed. Everything else is as shipped.
 func testRules(t *testing.T) string {
 	t.Helper()
-	root, err := RepoRoot()
+	root, err := testutil.RepoRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,7 +205,7 @@ func TestEndToEnd(t *testing.T) {
 			}
 		}
 	})
-	bin, err := BuildKubezonnet(ctx, env.Dir)
+	bin, err := testutil.BuildKubezonnet(ctx, env.Dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -442,7 +442,7 @@ func TestEndToEndOffloads(t *testing.T) {
 			t.Errorf("closing the environment: %v", err)
 		}
 	})
-	bin, err := BuildKubezonnet(ctx, env.Dir)
+	bin, err := testutil.BuildKubezonnet(ctx, env.Dir)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"sync"
 
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
 
 // The identities deploy/ defines for kubezonnet's programs.
@@ -84,7 +85,7 @@ func StartEnv(ctx context.Context, opts EnvOptions) (_ *Env, err error) {
 	}
 	manifests := opts.Manifests
 	if manifests == nil {
-		root, err := RepoRoot()
+		root, err := testutil.RepoRoot()
 		if err != nil {
 			return nil, err
 		}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
 	"github.com/kubezonnet/kubezonnet/internal/wire"
 )
 
@@ -22,7 +23,7 @@ func TestServerRunsWithItsServiceAccount(t *testing.T) {
 	env := sharedEnv(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	bin, err := BuildKubezonnet(ctx, t.TempDir())
+	bin, err := testutil.BuildKubezonnet(ctx, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -24,6 +24,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
 	"github.com/kubezonnet/kubezonnet/testenv"
 )
 
@@ -72,11 +73,11 @@ func run(duration time.Duration, wait bool) error {
 	}()
 
 	step("building the kubezonnet binary")
-	bin, err := testenv.BuildKubezonnet(ctx, env.Dir)
+	bin, err := testutil.BuildKubezonnet(ctx, env.Dir)
 	if err != nil {
 		return err
 	}
-	root, err := testenv.RepoRoot()
+	root, err := testutil.RepoRoot()
 	if err != nil {
 		return err
 	}
