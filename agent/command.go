@@ -2,11 +2,9 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
 	"log/slog"
@@ -72,7 +70,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	case AttachCgroup:
 		path := cfg.CgroupPath
 		if path == "" {
-			if path, err = cgroup2Root(); err != nil {
+			if path, err = bpf.CgroupV2Mount(); err != nil {
 				break
 			}
 		}
@@ -94,20 +92,4 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}()
 	}
 	return a.Run(ctx)
-}
-
-// cgroup2Root finds the mount point of the cgroup v2 hierarchy (for
-// example /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
-func cgroup2Root() (string, error) {
-	mounts, err := os.ReadFile("/proc/mounts")
-	if err != nil {
-		return "", fmt.Errorf("finding the cgroup v2 mount: %w", err)
-	}
-	for _, line := range strings.Split(string(mounts), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 3 && f[2] == "cgroup2" {
-			return f[1], nil
-		}
-	}
-	return "", errors.New("no cgroup v2 hierarchy mounted: set --cgroup-path or use --attach-mode=netfilter")
 }

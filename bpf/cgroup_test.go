@@ -18,22 +18,6 @@ import (
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
 
-// cgroup2Mount finds the cgroup v2 hierarchy.
-func cgroup2Mount(t *testing.T) string {
-	t.Helper()
-	mounts, err := os.ReadFile("/proc/mounts")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(mounts), "\n") {
-		if f := strings.Fields(line); len(f) >= 3 && f[2] == "cgroup2" {
-			return f[1]
-		}
-	}
-	t.Fatal("no cgroup v2 hierarchy mounted")
-	return ""
-}
-
 // inCgroup runs fn with this process moved into cgroup dir, then moves it
 // back. Sockets remember the cgroup they were created in, so a socket made
 // in fn is seen by programs attached to dir for its whole life.
@@ -68,7 +52,10 @@ func inCgroup(t *testing.T, root, dir string, fn func()) {
 // routine as the netfilter program.
 func TestCgroupEgressMatchesNftables(t *testing.T) {
 	testutil.RequireRoot(t)
-	root := cgroup2Mount(t)
+	root, err := CgroupV2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
 	dir, err := os.MkdirTemp(root, "kzn-test-")
 	if err != nil {
 		t.Fatal(err)

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"strings"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -227,6 +229,22 @@ func (d *Datapath) AttachNetfilter(nsPath string, priority int32) error {
 		}
 		return nil
 	})
+}
+
+// CgroupV2Mount finds the mount point of the cgroup v2 hierarchy (for
+// example /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts): the
+// root to attach the cgroup_skb program to, so that every socket is seen.
+func CgroupV2Mount() (string, error) {
+	mounts, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		return "", fmt.Errorf("finding the cgroup v2 mount: %w", err)
+	}
+	for _, line := range strings.Split(string(mounts), "\n") {
+		if f := strings.Fields(line); len(f) >= 3 && f[2] == "cgroup2" {
+			return f[1], nil
+		}
+	}
+	return "", errors.New("no cgroup v2 hierarchy mounted: set --cgroup-path or use --attach-mode=netfilter")
 }
 
 // AttachCgroup attaches the cgroup_skb egress program to the cgroup v2
