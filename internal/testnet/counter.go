@@ -54,21 +54,42 @@ func InstallCounterMatch(ctx context.Context, ns string, priority int, prefixes 
 
 // Read returns the sum of the counter's rules.
 func (c *Counter) Read(ctx context.Context) (CounterValue, error) {
-	out, err := Exec(ctx, c.ns, "nft", "-j", "list", "table", "inet", "kzn_ref")
+	rules, err := nftCounters(ctx, c.ns, "kzn_ref")
 	if err != nil {
 		return CounterValue{}, err
+	}
+	var v CounterValue
+	for _, r := range rules {
+		v.Bytes += r.Bytes
+		v.Packets += r.Packets
+	}
+	return v, nil
+}
+
+// nftCounter is the counter of one rule and the rule's comment.
+type nftCounter struct {
+	Comment        string
+	Bytes, Packets uint64
+}
+
+// nftCounters lists the counters of the rules of table inet name in ns.
+func nftCounters(ctx context.Context, ns, table string) ([]nftCounter, error) {
+	out, err := Exec(ctx, ns, "nft", "-j", "list", "table", "inet", table)
+	if err != nil {
+		return nil, err
 	}
 	var doc struct {
 		Nftables []struct {
 			Rule *struct {
-				Expr []map[string]json.RawMessage `json:"expr"`
+				Comment string                       `json:"comment"`
+				Expr    []map[string]json.RawMessage `json:"expr"`
 			} `json:"rule"`
 		} `json:"nftables"`
 	}
 	if err := json.Unmarshal(out, &doc); err != nil {
-		return CounterValue{}, fmt.Errorf("parsing nft output: %w", err)
+		return nil, fmt.Errorf("parsing nft output: %w", err)
 	}
-	var v CounterValue
+	var res []nftCounter
 	for _, o := range doc.Nftables {
 		if o.Rule == nil {
 			continue
@@ -80,11 +101,10 @@ func (c *Counter) Read(ctx context.Context) (CounterValue, error) {
 			}
 			var cv struct{ Packets, Bytes uint64 }
 			if err := json.Unmarshal(raw, &cv); err != nil {
-				return CounterValue{}, fmt.Errorf("parsing nft counter: %w", err)
+				return nil, fmt.Errorf("parsing nft counter: %w", err)
 			}
-			v.Bytes += cv.Bytes
-			v.Packets += cv.Packets
+			res = append(res, nftCounter{Comment: o.Rule.Comment, Bytes: cv.Bytes, Packets: cv.Packets})
 		}
 	}
-	return v, nil
+	return res, nil
 }

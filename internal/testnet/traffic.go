@@ -2,7 +2,6 @@ package testnet
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -139,40 +138,18 @@ func (r *Reference) Read(ctx context.Context) (map[Pair]flow.Counts, error) {
 	defer r.mu.Unlock()
 	out := map[Pair]flow.Counts{}
 	for ns, pairs := range r.nodes {
-		raw, err := Exec(ctx, ns, "nft", "-j", "list", "table", "inet", "kzn_pairs")
+		rules, err := nftCounters(ctx, ns, "kzn_pairs")
 		if err != nil {
 			return nil, err
 		}
-		var doc struct {
-			Nftables []struct {
-				Rule *struct {
-					Comment string                       `json:"comment"`
-					Expr    []map[string]json.RawMessage `json:"expr"`
-				} `json:"rule"`
-			} `json:"nftables"`
-		}
-		if err := json.Unmarshal(raw, &doc); err != nil {
-			return nil, fmt.Errorf("parsing nft output: %w", err)
-		}
-		for _, o := range doc.Nftables {
-			if o.Rule == nil {
-				continue
-			}
+		for _, rule := range rules {
 			var i int
-			if _, err := fmt.Sscanf(o.Rule.Comment, "p%d", &i); err != nil || i >= len(pairs) {
+			if _, err := fmt.Sscanf(rule.Comment, "p%d", &i); err != nil || i >= len(pairs) {
 				continue
 			}
-			for _, e := range o.Rule.Expr {
-				if c, ok := e["counter"]; ok {
-					var v struct{ Packets, Bytes uint64 }
-					if err := json.Unmarshal(c, &v); err != nil {
-						return nil, err
-					}
-					sum := out[pairs[i]]
-					sum.Add(flow.Counts{Bytes: v.Bytes, Packets: v.Packets})
-					out[pairs[i]] = sum
-				}
-			}
+			sum := out[pairs[i]]
+			sum.Add(flow.Counts{Bytes: rule.Bytes, Packets: rule.Packets})
+			out[pairs[i]] = sum
 		}
 	}
 	return out, nil
