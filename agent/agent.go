@@ -13,6 +13,8 @@ import (
 	"slices"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
@@ -106,8 +108,12 @@ func (a *Agent) Incarnation() string { return a.incarnation }
 // interval until ctx ends; then it drains and sends one last time within
 // the shutdown timeout. It returns nil after a clean shutdown.
 func (a *Agent) Run(ctx context.Context) error {
-	if err := a.refreshPrefixes(ctx); err != nil {
-		return err
+	// The command sets the prefixes before attaching, so that the hook
+	// counts from its first packet; an agent built otherwise sets them here.
+	if a.prefixes == nil {
+		if err := a.refreshPrefixes(ctx); err != nil {
+			return err
+		}
 	}
 	a.log.Info("agent started", "incarnation", a.incarnation, "server", a.cfg.serverWriteURL(), "prefixes", fmt.Sprint(a.prefixes), "flush_interval", a.cfg.FlushInterval)
 
@@ -308,7 +314,7 @@ func (a *Agent) refreshPrefixes(ctx context.Context) error {
 		}
 		getCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		n, err := a.nodes.Get(getCtx, a.cfg.NodeName, metav1GetOptions)
+		n, err := a.nodes.Get(getCtx, a.cfg.NodeName, metav1.GetOptions{})
 		if err != nil {
 			return fmt.Errorf("reading node %s from the Kubernetes API: %w", a.cfg.NodeName, err)
 		}
@@ -330,7 +336,7 @@ func (a *Agent) refreshPrefixes(ctx context.Context) error {
 	return nil
 }
 
-// ServeHTTP serves /metrics, /healthz and /readyz on addr until ctx ends.
+// Serve serves /metrics, /healthz and /readyz on addr until ctx ends.
 func (a *Agent) Serve(ctx context.Context, addr string) error {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", a.reg.Handler())

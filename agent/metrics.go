@@ -3,14 +3,10 @@ package agent
 import (
 	"sync/atomic"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 )
-
-var metav1GetOptions = metav1.GetOptions{}
 
 // Reasons for uncounted bytes that the agent itself adds to the kernel's.
 var agentReasons = []string{"buffer_full", "rejected"}
