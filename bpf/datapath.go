@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/features"
@@ -27,10 +28,19 @@ var ErrNotSupported = errors.New("not supported by this kernel")
 
 // Defaults, with the reason for each.
 const (
-	// DefaultMaxFlows bounds each of the two flow generations. 65,536
-	// flows cost ~10 MiB per generation on a 64-CPU node (per-CPU values)
-	// and cover a busy node for a 10 s flush interval.
+	// DefaultMaxFlows bounds the hash map of each of the two flow
+	// generations: where flows go that find no slot in the flow table.
+	// 65,536 flows cost ~10 MiB per generation on a 64-CPU node (per-CPU
+	// values) and cover a busy node for a 10 s flush interval.
 	DefaultMaxFlows = 65536
+	// DefaultTableSlots is the flow table's size per CPU and generation:
+	// 8,192 slots of 56 bytes (448 KiB, ~0.9 MiB per CPU for both
+	// generations) keep a CPU that sees 4,000 flows per interval at half
+	// load, where linear probing almost always finds a slot at once.
+	DefaultTableSlots = 8192
+	// MaxTableBytes bounds the whole flow table (both generations, every
+	// CPU): the kernel caps an array map just under 4 GiB.
+	MaxTableBytes = 2 << 30
 	// MaxLocalPrefixes is how many local prefixes the kernel scans (fixed
 	// in flow.c): a node has a handful of pod CIDRs and addresses.
 	MaxLocalPrefixes = len(flowPrefixSet{}.Prefixes)
@@ -82,8 +92,22 @@ func (r Reason) String() string {
 
 // Config sizes the datapath. Zero values take the defaults.
 type Config struct {
-	// MaxFlows is the capacity of each flow generation.
+	// MaxFlows is the capacity of each generation's hash map.
 	MaxFlows uint32
+	// TableSlots is the flow table's number of slots per CPU and
+	// generation, a power of two.
+	TableSlots uint32
+
+	// benchNewFlows makes every run count a new flow (benchmarks only).
+	benchNewFlows bool
+}
+
+// Validate reports the first invalid field, naming it.
+func (c Config) Validate() error {
+	if c.TableSlots != 0 && (c.TableSlots < 64 || c.TableSlots&(c.TableSlots-1) != 0) {
+		return fmt.Errorf("flow table slots %d: must be a power of two, at least 64", c.TableSlots)
+	}
+	return nil
 }
 
 // Drained is the result of one Drain: every flow counted since the previous
@@ -105,29 +129,38 @@ type Datapath struct {
 	links  []link.Link
 	// prefixSlot is the active entry of prefix_sets.
 	prefixSlot uint32
-	// caches are the per-CPU flow caches of the two generations and
-	// epochs the epoch each one uses when active.
-	caches [2]*ebpf.Map
-	// cacheSlots is CACHE_SLOTS of flow.c: the entry at that index of
-	// a cache map holds the map's epoch.
-	cacheSlots uint32
+	// table is the flow table mapped into this process (read only);
+	// tableSlots its slots per CPU and generation; epochs the epoch of
+	// each generation's slots in use.
+	table      []flowTableSlot
+	tableMem   []byte
+	tableSlots int
 	epochs     [2]uint32
-	slotKeys   []uint32
-	slotVals   []flowCacheSlot
-	merge      map[flow.Key]flow.Counts
-	lastCnt    [NumReasons]flow.Counts
-	nCPU       int
-	keys       []flowFlowKey
-	vals       []flowFlowStats
-	cntVals    []flowFlowStats
-	closed     bool
+	// index finds a drained flow in Drained.Flows while merging flows
+	// seen on several CPUs or in both the table and the hash map.
+	index   map[flowFlowKey]int32
+	indexed bool
+	// drained holds the kernel keys of Drained.Flows until indexed.
+	drained []flowFlowKey
+	lastCnt [NumReasons]flow.Counts
+	nCPU    int
+	keys    []flowFlowKey
+	vals    []flowFlowStats
+	cntVals []flowFlowStats
+	closed  bool
 }
 
 // Load checks the kernel, sizes the maps from cfg and loads the programs.
 // Nothing is attached yet.
 func Load(cfg Config) (*Datapath, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
 	if cfg.MaxFlows == 0 {
 		cfg.MaxFlows = DefaultMaxFlows
+	}
+	if cfg.TableSlots == 0 {
+		cfg.TableSlots = DefaultTableSlots
 	}
 	if err := checkKernel(); err != nil {
 		return nil, err
@@ -148,7 +181,20 @@ func Load(cfg Config) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("counting possible CPUs: %w", err)
 	}
-	d := &Datapath{nCPU: ncpu, cacheSlots: spec.Maps["cache_0"].MaxEntries - 1}
+	slotSize := int(unsafe.Sizeof(flowTableSlot{}))
+	if total := 2 * ncpu * int(cfg.TableSlots) * slotSize; total > MaxTableBytes {
+		return nil, fmt.Errorf("flow table of %d slots per CPU: %d MiB for %d CPUs and 2 generations, more than the %d MiB allowed", cfg.TableSlots, total>>20, ncpu, MaxTableBytes>>20)
+	}
+	spec.Maps["flow_table"].MaxEntries = uint32(2 * ncpu * int(cfg.TableSlots))
+	for name, v := range map[string]uint32{"table_slots": cfg.TableSlots, "table_cpus": uint32(ncpu), "bench_new_flows": 0} {
+		if name == "bench_new_flows" && cfg.benchNewFlows {
+			v = 1
+		}
+		if err := spec.Variables[name].Set(v); err != nil {
+			return nil, fmt.Errorf("setting %s: %w", name, err)
+		}
+	}
+	d := &Datapath{nCPU: ncpu, tableSlots: int(cfg.TableSlots), epochs: [2]uint32{1, 2}}
 	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -157,23 +203,20 @@ func Load(cfg Config) (*Datapath, error) {
 		return nil, fmt.Errorf("loading datapath objects: %w", err)
 	}
 	d.gens = [2]*ebpf.Map{d.objs.Flows0, d.objs.Flows1}
-	d.caches = [2]*ebpf.Map{d.objs.Cache0, d.objs.Cache1}
-	if err := d.setEpoch(0, 1); err != nil {
+	size := 2 * ncpu * int(cfg.TableSlots) * slotSize
+	mem, err := unix.Mmap(d.objs.FlowTable.FD(), 0, (size+os.Getpagesize()-1)&^(os.Getpagesize()-1), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
 		d.objs.Close()
-		return nil, err
+		return nil, fmt.Errorf("mapping the flow table (%d MiB): %w", size>>20, err)
 	}
-	if err := d.setEpoch(1, 2); err != nil {
-		d.objs.Close()
+	d.tableMem = mem
+	d.table = unsafe.Slice((*flowTableSlot)(unsafe.Pointer(&mem[0])), 2*ncpu*int(cfg.TableSlots))
+	if err := d.setTableGen(0); err != nil {
+		d.closeObjects()
 		return nil, err
-	}
-	for g, m := range d.caches {
-		if err := d.objs.Caches.Put(uint32(g), m); err != nil {
-			d.objs.Close()
-			return nil, fmt.Errorf("installing cache generation %d: %w", g, err)
-		}
 	}
 	if err := d.objs.Active.Put(uint32(0), d.gens[0]); err != nil {
-		d.objs.Close()
+		d.closeObjects()
 		return nil, fmt.Errorf("activating flow generation 0: %w", err)
 	}
 	return d, nil
@@ -333,91 +376,99 @@ func (d *Datapath) Drain(dst *Drained) error {
 	dst.Flows = dst.Flows[:0]
 	old := d.active
 	next := 1 - old
-	// The cache first, with a plain write; then the hash map, with a
+	// The table first, with a plain write; then the hash map, with a
 	// map-in-map update that returns only after an RCU grace period: by
-	// then every program that could still use the old cache or write to
-	// the old hash map (a flow whose cache slot was taken) has finished.
-	if err := d.objs.CacheGen.Put(uint32(0), uint32(next)); err != nil {
-		return fmt.Errorf("switching cache generation: %w", err)
+	// then every program that could still write to the old table
+	// generation or the old hash map has finished.
+	if err := d.setTableGen(next); err != nil {
+		return err
 	}
 	if err := d.objs.Active.Put(uint32(0), d.gens[next]); err != nil {
 		return fmt.Errorf("swapping flow generation: %w", err)
 	}
 	d.active = next
+	if d.index == nil {
+		d.index = make(map[flowFlowKey]int32)
+	}
+	clear(d.index)
+	d.drained = d.drained[:0]
+	d.indexed = false
+	d.drainTable(old, dst)
 	if err := d.drainMap(d.gens[old], dst); err != nil {
 		return err
 	}
-	if err := d.drainCache(old, dst); err != nil {
+	// Free the drained slots for the generation's next turn. Epoch 0 is
+	// never used: it is what a slot never written holds.
+	e := max(d.epochs[0], d.epochs[1]) + 1
+	if e == 0 {
+		e = 1
+	}
+	d.epochs[old] = e
+	if err := d.setTableGen(next); err != nil {
 		return err
 	}
 	return d.readCounters(dst)
 }
 
-// setEpoch gives cache generation g a new epoch on every CPU, which frees
-// all its slots at once.
-func (d *Datapath) setEpoch(g int, epoch uint32) error {
-	meta := make([]flowCacheSlot, d.nCPU)
-	for i := range meta {
-		meta[i].Epoch = epoch
+// setTableGen makes table generation g the one programs write to, with the
+// current epochs.
+func (d *Datapath) setTableGen(g int) error {
+	ctl := flowTableCtl{Gen: uint32(g), Epoch0: d.epochs[0], Epoch1: d.epochs[1]}
+	if err := d.objs.TableGen.Put(uint32(0), &ctl); err != nil {
+		return fmt.Errorf("switching flow table generation: %w", err)
 	}
-	if err := d.caches[g].Put(d.cacheSlots, meta); err != nil {
-		return fmt.Errorf("setting epoch of cache generation %d: %w", g, err)
-	}
-	d.epochs[g] = epoch
 	return nil
 }
 
-// drainCache adds the slots of idle cache generation g in use in its epoch
-// to dst, merging flows also found in the hash map or on other CPUs, then
-// frees the slots for the generation's next turn.
-func (d *Datapath) drainCache(g int, dst *Drained) error {
-	n := int(d.cacheSlots) + 1
-	if d.slotKeys == nil {
-		d.slotKeys = make([]uint32, n)
-		d.slotVals = make([]flowCacheSlot, n*d.nCPU)
-		d.merge = make(map[flow.Key]flow.Counts)
-	}
-	var cursor ebpf.MapBatchCursor
-	got, err := d.caches[g].BatchLookup(&cursor, d.slotKeys, d.slotVals, nil)
-	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("reading cache generation %d: %w", g, err)
-	}
-	if got != n {
-		return fmt.Errorf("reading cache generation %d: %d of %d slots", g, got, n)
-	}
+// drainTable appends the flows in the slots of idle table generation g to
+// dst, reading the shared mapping: no syscall, no copy.
+func (d *Datapath) drainTable(g int, dst *Drained) {
 	epoch := d.epochs[g]
-	clear(d.merge)
-	for i := range got {
-		if d.slotKeys[i] == d.cacheSlots {
-			continue
+	for cpu := range d.nCPU {
+		// A flow has at most one slot per CPU region: flows of the
+		// first region with any need no merging, the others might.
+		if len(dst.Flows) > 0 {
+			d.indexFlows(dst)
 		}
-		for _, v := range d.slotVals[i*d.nCPU : (i+1)*d.nCPU] {
-			if v.Epoch != epoch {
-				continue
-			}
-			k := convertKey(&v.Key)
-			c := d.merge[k]
-			c.Bytes += v.St.Bytes
-			c.Packets += v.St.Packets
-			d.merge[k] = c
-		}
-	}
-	if len(d.merge) > 0 {
-		for i := range dst.Flows {
-			if c, ok := d.merge[dst.Flows[i].Key]; ok {
-				dst.Flows[i].Counts.Add(c)
-				delete(d.merge, dst.Flows[i].Key)
+		start := (g*d.nCPU + cpu) * d.tableSlots
+		region := d.table[start : start+d.tableSlots]
+		for i := range region {
+			if s := &region[i]; s.Epoch == epoch {
+				d.add(dst, &s.Key, flow.Counts{Bytes: s.St.Bytes, Packets: s.St.Packets})
 			}
 		}
-		for k, c := range d.merge {
-			dst.Flows = append(dst.Flows, flow.Record{Key: k, Counts: c})
-		}
 	}
-	next := max(d.epochs[0], d.epochs[1]) + 1
-	return d.setEpoch(g, next)
 }
 
-// drainMap empties an idle generation into dst.
+// indexFlows starts merging: the flows already in dst are indexed by their
+// kernel key, and every flow added from now on is looked up first.
+func (d *Datapath) indexFlows(dst *Drained) {
+	if d.indexed {
+		return
+	}
+	for i := range d.drained {
+		d.index[d.drained[i]] = int32(i)
+	}
+	d.indexed = true
+}
+
+// add appends one kernel flow to dst, or adds it to the same flow found on
+// another CPU or in the other structure.
+func (d *Datapath) add(dst *Drained, k *flowFlowKey, c flow.Counts) {
+	if d.indexed {
+		if i, ok := d.index[*k]; ok {
+			dst.Flows[i].Counts.Add(c)
+			return
+		}
+		d.index[*k] = int32(len(dst.Flows))
+	} else {
+		d.drained = append(d.drained, *k)
+	}
+	dst.Flows = append(dst.Flows, flow.Record{Key: convertKey(k), Counts: c})
+}
+
+// drainMap empties an idle generation's hash map into dst, merging its
+// flows with those of the table.
 func (d *Datapath) drainMap(m *ebpf.Map, dst *Drained) error {
 	if d.keys == nil {
 		d.keys = make([]flowFlowKey, drainBatch)
@@ -426,13 +477,16 @@ func (d *Datapath) drainMap(m *ebpf.Map, dst *Drained) error {
 	var cursor ebpf.MapBatchCursor
 	for {
 		n, err := m.BatchLookupAndDelete(&cursor, d.keys, d.vals, nil)
+		if n > 0 && len(dst.Flows) > 0 {
+			d.indexFlows(dst)
+		}
 		for i := range n {
 			var c flow.Counts
 			for _, v := range d.vals[i*d.nCPU : (i+1)*d.nCPU] {
 				c.Bytes += v.Bytes
 				c.Packets += v.Packets
 			}
-			dst.Flows = append(dst.Flows, flow.Record{Key: convertKey(&d.keys[i]), Counts: c})
+			d.add(dst, &d.keys[i], c)
 		}
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil
@@ -494,6 +548,22 @@ func (d *Datapath) Close() error {
 		}
 	}
 	d.links = nil
+	if err := d.closeObjects(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// closeObjects unmaps the flow table, then closes the programs and maps.
+func (d *Datapath) closeObjects() error {
+	var errs []error
+	if d.tableMem != nil {
+		d.table = nil
+		if err := unix.Munmap(d.tableMem); err != nil {
+			errs = append(errs, fmt.Errorf("unmapping the flow table: %w", err))
+		}
+		d.tableMem = nil
+	}
 	if err := d.objs.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("closing objects: %w", err))
 	}

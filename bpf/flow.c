@@ -22,12 +22,15 @@
  *     dataplanes that bypass netfilter (Cilium eBPF host routing). It sees
  *     every socket's egress once, at the sender.
  *
- * Lossless drain: flows are counted in one of two per-CPU hash maps (two
- * generations). The outer array-of-maps `active` points at the generation in
- * use. User space swaps the inner map with a map-in-map update, which the
- * kernel only returns from after an RCU grace period (maybe_wait_bpf_programs
- * in kernel/bpf/syscall.c), so when the syscall returns no program can still
- * be writing to the idle generation, which is then drained at leisure.
+ * Lossless drain: flows are counted in one of two generations, each a flow
+ * table region per CPU (see flow_table) backed by a per-CPU hash map for
+ * what does not fit. `table_gen` says which table generation is in use and
+ * the outer array-of-maps `active` points at the hash map in use. User space
+ * flips the first, then swaps the inner map with a map-in-map update, which
+ * the kernel only returns from after an RCU grace period
+ * (maybe_wait_bpf_programs in kernel/bpf/syscall.c), so when the syscall
+ * returns no program can still be writing to the idle generation, which is
+ * then drained at leisure.
  *
  * Nothing silent: a flow that cannot be inserted (map full, or the bucket lock
  * busy because this program interrupted itself on the same CPU) or a packet
@@ -144,54 +147,73 @@ struct flow_map {
 struct flow_map flows_0 SEC(".maps");
 struct flow_map flows_1 SEC(".maps");
 
-/* Per-CPU flow cache slots per generation (a power of two). 4,096 slots
- * hold the heavy flows of a busy node; the rest go to the hash map. */
-#define CACHE_SLOTS 4096
+/*
+ * The flow table: where nearly every flow is counted. One BPF_F_MMAPABLE
+ * array holds, for each of the two generations and each possible CPU, a
+ * region of table_slots slots (an open-addressing hash table with linear
+ * probing). A program only writes to its own CPU's region of the active
+ * generation, with plain loads and stores: the array lookups and
+ * bpf_get_smp_processor_id() are inlined by the verifier, so counting a
+ * flow, new or known, makes no helper call. User space reads an idle
+ * generation through a shared mapping of the array, without a syscall.
+ * Flows that find no slot within TABLE_PROBES probes, and programs that
+ * interrupted another on the same CPU, go to the hash map.
+ *
+ * The geometry is set at load time (the verifier sees these as constants).
+ */
+volatile const __u32 table_slots = 8192; /* per CPU and generation, a power of two */
+volatile const __u32 table_cpus = 1;     /* possible CPUs */
 
-/* A cache slot. A slot is in use in a generation when its epoch equals
- * the generation's epoch, kept in the extra entry at index CACHE_SLOTS, so
- * a generation is emptied by changing one number, not by clearing slots. */
-struct cache_slot {
+/* Benchmarks only: when set at load time, every run counts a new flow (a
+ * run counter is folded into the destination). When 0, as it always is
+ * outside the benchmark, the verifier removes the code: the production
+ * program does not contain it (TestBenchHookCompiledOut checks). */
+volatile const __u32 bench_new_flows = 0;
+__u32 bench_seq;
+
+#define TABLE_PROBES 8
+
+/* A table slot. A slot is in use in a generation when its epoch equals
+ * the generation's current epoch (table_gen), so a generation is emptied
+ * by changing one number, not by clearing slots. Epoch 0 is never used:
+ * a zeroed slot is free. */
+struct table_slot {
 	struct flow_key key;
 	__u32 epoch;
 	struct flow_stats st;
 };
 
-struct cache_map {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct cache_slot);
-	__uint(max_entries, CACHE_SLOTS + 1);
-};
-
-struct cache_map cache_0 SEC(".maps");
-struct cache_map cache_1 SEC(".maps");
-
-/* Both cache generations, set once at load; cache_gen picks the one in
- * use. Switching it is a plain array write: the RCU grace period that the
- * swap of `active` waits for right after covers the cache too, so a drain
- * waits for one grace period, not two. */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
-	__uint(max_entries, 2);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
-	__array(values, struct cache_map);
-} caches SEC(".maps");
+	__type(value, struct table_slot);
+	__uint(max_entries, 1); /* 2 * table_cpus * table_slots, set at load */
+} flow_table SEC(".maps");
+
+/* Which generation of the table is in use, and the epoch of each. User
+ * space flips gen, then swaps `active`: the RCU grace period that the swap
+ * waits for covers the table too, so a drain waits for one grace period. */
+struct table_ctl {
+	__u32 gen;
+	__u32 epoch0;
+	__u32 epoch1;
+};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, struct table_ctl);
 	__uint(max_entries, 1);
-} cache_gen SEC(".maps");
+} table_gen SEC(".maps");
 
-/* Per-CPU flag: a program instance is using this CPU's cache slots. */
+/* Per-CPU flag: a program instance is using this CPU's table region. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
 	__type(value, __u32);
 	__uint(max_entries, 1);
-} cache_busy SEC(".maps");
+} table_busy SEC(".maps");
 
 /* The generation programs write to; user space swaps entry 0. */
 struct {
@@ -277,9 +299,9 @@ static __always_inline void account_hash(struct flow_key *key, __u64 bytes, __u6
 	add_counter(err == -E2BIG ? COUNTER_MAP_FULL : COUNTER_MAP_ERROR, bytes, packets);
 }
 
-/* slot_index spreads flow keys over the cache slots (multiply-xorshift of
+/* slot_hash spreads flow keys over the table slots (multiply-xorshift of
  * the key's words; the key is 36 bytes, 4-byte aligned). */
-static __always_inline __u32 slot_index(const struct flow_key *key)
+static __always_inline __u32 slot_hash(const struct flow_key *key)
 {
 	const __u32 *w = (const __u32 *)key;
 	__u64 h = ((__u64)w[0] << 32 | w[1]) * 0x9E3779B97F4A7C15ULL;
@@ -289,7 +311,7 @@ static __always_inline __u32 slot_index(const struct flow_key *key)
 	h ^= ((__u64)w[6] << 32 | w[7]) * 0x27D4EB2F165667C5ULL;
 	h ^= (__u64)w[8] * 0x94D049BB133111EBULL;
 	h ^= h >> 29;
-	return (__u32)h & (CACHE_SLOTS - 1);
+	return (__u32)h;
 }
 
 static __always_inline int same_key(const struct flow_key *a, const struct flow_key *b)
@@ -301,53 +323,56 @@ static __always_inline int same_key(const struct flow_key *a, const struct flow_
 }
 
 /*
- * account adds one observation to the active generation.
- *
- * The common case is served from a per-CPU, direct-mapped cache of flows:
- * an array slot chosen by hashing the key, read and written with plain
- * loads and stores and no helper call (helper and kfunc calls are what
- * costs on kernels with return-thunk mitigations). A slot belongs to the
- * first flow of a generation that hashes to it; flows that find their slot
- * taken, and programs that interrupted another on the same CPU (the busy
- * flag; softirqs can nest over process context), use the hash map.
+ * account adds one observation to the active generation: in this CPU's
+ * region of the flow table when the flow is there or a free slot is found
+ * within TABLE_PROBES, in the hash map otherwise. Linear probing never
+ * frees a slot within a generation, so a free slot on the probe path
+ * proves the flow is not further along.
  */
 static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 packets)
 {
-	__u32 zero = 0, meta_idx = CACHE_SLOTS, idx, g;
-	struct cache_slot *meta, *slot;
-	__u32 *busy, *gen;
-	void *cache;
+	__u32 zero = 0, base, h, ep;
+	struct table_ctl *ctl;
+	struct table_slot *slot;
+	__u32 *busy;
 
-	busy = bpf_map_lookup_elem(&cache_busy, &zero);
+	if (bench_new_flows) {
+		__u32 *d = (__u32 *)key->daddr;
+
+		d[3] ^= bench_seq++;
+	}
+	busy = bpf_map_lookup_elem(&table_busy, &zero);
 	if (!busy || *busy)
 		goto hash;
-	gen = bpf_map_lookup_elem(&cache_gen, &zero);
-	if (!gen)
+	ctl = bpf_map_lookup_elem(&table_gen, &zero);
+	if (!ctl)
 		goto hash;
-	g = *gen & 1;
-	cache = bpf_map_lookup_elem(&caches, &g);
-	if (!cache)
-		goto hash;
-	meta = bpf_map_lookup_elem(cache, &meta_idx);
-	idx = slot_index(key);
-	slot = bpf_map_lookup_elem(cache, &idx);
-	if (!meta || !slot)
-		goto hash;
+	ep = ctl->gen & 1 ? ctl->epoch1 : ctl->epoch0;
+	base = ((ctl->gen & 1) * table_cpus + bpf_get_smp_processor_id()) * table_slots;
+	h = slot_hash(key);
 	*busy = 1;
-	if (slot->epoch != meta->epoch) {
-		/* Free in this generation: the flow takes it. */
-		__builtin_memcpy(&slot->key, key, sizeof(*key));
-		slot->st.bytes = bytes;
-		slot->st.packets = packets;
-		slot->epoch = meta->epoch;
-		*busy = 0;
-		return;
-	}
-	if (same_key(&slot->key, key)) {
-		slot->st.bytes += bytes;
-		slot->st.packets += packets;
-		*busy = 0;
-		return;
+#pragma unroll
+	for (int i = 0; i < TABLE_PROBES; i++) {
+		__u32 idx = base + ((h + i) & (table_slots - 1));
+
+		slot = bpf_map_lookup_elem(&flow_table, &idx);
+		if (!slot)
+			break;
+		if (slot->epoch != ep) {
+			/* Free in this generation: the flow takes it. */
+			__builtin_memcpy(&slot->key, key, sizeof(*key));
+			slot->st.bytes = bytes;
+			slot->st.packets = packets;
+			slot->epoch = ep;
+			*busy = 0;
+			return;
+		}
+		if (same_key(&slot->key, key)) {
+			slot->st.bytes += bytes;
+			slot->st.packets += packets;
+			*busy = 0;
+			return;
+		}
 	}
 	*busy = 0;
 hash:

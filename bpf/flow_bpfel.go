@@ -13,13 +13,6 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type flowCacheSlot struct {
-	_     structs.HostLayout
-	Key   flowFlowKey
-	Epoch uint32
-	St    flowFlowStats
-}
-
 type flowCounter uint32
 
 const (
@@ -65,23 +58,39 @@ type flowPrefixSet struct {
 	}
 }
 
+type flowTableCtl struct {
+	_      structs.HostLayout
+	Gen    uint32
+	Epoch0 uint32
+	Epoch1 uint32
+}
+
+type flowTableSlot struct {
+	_     structs.HostLayout
+	Key   flowFlowKey
+	Epoch uint32
+	St    flowFlowStats
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	flowMapActive           = "active"
-	flowMapCache0           = "cache_0"
-	flowMapCache1           = "cache_1"
-	flowMapCacheBusy        = "cache_busy"
-	flowMapCacheGen         = "cache_gen"
-	flowMapCaches           = "caches"
 	flowMapCounters         = "counters"
+	flowMapFlowTable        = "flow_table"
 	flowMapFlows0           = "flows_0"
 	flowMapFlows1           = "flows_1"
 	flowMapPrefixActive     = "prefix_active"
 	flowMapPrefixSets       = "prefix_sets"
+	flowMapTableBusy        = "table_busy"
+	flowMapTableGen         = "table_gen"
 	flowProgKznCgroupEgress = "kzn_cgroup_egress"
 	flowProgKznNetfilter    = "kzn_netfilter"
+	flowVarBenchNewFlows    = "bench_new_flows"
+	flowVarBenchSeq         = "bench_seq"
+	flowVarTableCpus        = "table_cpus"
+	flowVarTableSlots       = "table_slots"
 	flowVarUnusedCounter    = "unused_counter"
 	flowVarUnusedFlowFlag   = "unused_flow_flag"
 )
@@ -137,22 +146,24 @@ type flowProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowMapSpecs struct {
 	Active       *ebpf.MapSpec `ebpf:"active"`
-	Cache0       *ebpf.MapSpec `ebpf:"cache_0"`
-	Cache1       *ebpf.MapSpec `ebpf:"cache_1"`
-	CacheBusy    *ebpf.MapSpec `ebpf:"cache_busy"`
-	CacheGen     *ebpf.MapSpec `ebpf:"cache_gen"`
-	Caches       *ebpf.MapSpec `ebpf:"caches"`
 	Counters     *ebpf.MapSpec `ebpf:"counters"`
+	FlowTable    *ebpf.MapSpec `ebpf:"flow_table"`
 	Flows0       *ebpf.MapSpec `ebpf:"flows_0"`
 	Flows1       *ebpf.MapSpec `ebpf:"flows_1"`
 	PrefixActive *ebpf.MapSpec `ebpf:"prefix_active"`
 	PrefixSets   *ebpf.MapSpec `ebpf:"prefix_sets"`
+	TableBusy    *ebpf.MapSpec `ebpf:"table_busy"`
+	TableGen     *ebpf.MapSpec `ebpf:"table_gen"`
 }
 
 // flowVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowVariableSpecs struct {
+	BenchNewFlows  *ebpf.VariableSpec `ebpf:"bench_new_flows"`
+	BenchSeq       *ebpf.VariableSpec `ebpf:"bench_seq"`
+	TableCpus      *ebpf.VariableSpec `ebpf:"table_cpus"`
+	TableSlots     *ebpf.VariableSpec `ebpf:"table_slots"`
 	UnusedCounter  *ebpf.VariableSpec `ebpf:"unused_counter"`
 	UnusedFlowFlag *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
 }
@@ -178,31 +189,27 @@ func (o *flowObjects) Close() error {
 // It can be passed to loadFlowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowMaps struct {
 	Active       *ebpf.Map `ebpf:"active"`
-	Cache0       *ebpf.Map `ebpf:"cache_0"`
-	Cache1       *ebpf.Map `ebpf:"cache_1"`
-	CacheBusy    *ebpf.Map `ebpf:"cache_busy"`
-	CacheGen     *ebpf.Map `ebpf:"cache_gen"`
-	Caches       *ebpf.Map `ebpf:"caches"`
 	Counters     *ebpf.Map `ebpf:"counters"`
+	FlowTable    *ebpf.Map `ebpf:"flow_table"`
 	Flows0       *ebpf.Map `ebpf:"flows_0"`
 	Flows1       *ebpf.Map `ebpf:"flows_1"`
 	PrefixActive *ebpf.Map `ebpf:"prefix_active"`
 	PrefixSets   *ebpf.Map `ebpf:"prefix_sets"`
+	TableBusy    *ebpf.Map `ebpf:"table_busy"`
+	TableGen     *ebpf.Map `ebpf:"table_gen"`
 }
 
 func (m *flowMaps) Close() error {
 	return _FlowClose(
 		m.Active,
-		m.Cache0,
-		m.Cache1,
-		m.CacheBusy,
-		m.CacheGen,
-		m.Caches,
 		m.Counters,
+		m.FlowTable,
 		m.Flows0,
 		m.Flows1,
 		m.PrefixActive,
 		m.PrefixSets,
+		m.TableBusy,
+		m.TableGen,
 	)
 }
 
@@ -210,6 +217,10 @@ func (m *flowMaps) Close() error {
 //
 // It can be passed to loadFlowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowVariables struct {
+	BenchNewFlows  *ebpf.Variable `ebpf:"bench_new_flows"`
+	BenchSeq       *ebpf.Variable `ebpf:"bench_seq"`
+	TableCpus      *ebpf.Variable `ebpf:"table_cpus"`
+	TableSlots     *ebpf.Variable `ebpf:"table_slots"`
 	UnusedCounter  *ebpf.Variable `ebpf:"unused_counter"`
 	UnusedFlowFlag *ebpf.Variable `ebpf:"unused_flow_flag"`
 }

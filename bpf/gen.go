@@ -7,4 +7,4 @@ package bpf
 // Only little-endian BPF is generated: every architecture we ship (amd64,
 // arm64) is little-endian, and one object keeps the repository small.
 // -type emits the structs shared with C so that no layout is written twice.
-//go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror -I/usr/include/$ARCH_TRIPLET" -tags linux -target bpfel -type flow_key -type flow_stats -type prefix_set -type cache_slot -type counter -type flow_flag flow flow.c -- -I./headers
+//go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror -I/usr/include/$ARCH_TRIPLET" -tags linux -target bpfel -type flow_key -type flow_stats -type prefix_set -type table_slot -type table_ctl -type counter -type flow_flag flow flow.c -- -I./headers

@@ -174,13 +174,13 @@ func TestParse(t *testing.T) {
 }
 
 // TestOverflowCountsEveryRefusedByte fills a small flow map with more
-// distinct flows than it and the per-CPU cache hold: whatever is not in a
+// distinct flows than it and the flow table hold: whatever is not in a
 // flow must be in the map_full counter, so counted + overflow = sent,
 // exactly.
 func TestOverflowCountsEveryRefusedByte(t *testing.T) {
 	testutil.RequireRoot(t)
-	const capacity, flows = 32, 20000
-	d := loadLocal(t, Config{MaxFlows: capacity}, "10.0.0.0/8")
+	const capacity, flows, slots = 32, 20000, 64
+	d := loadLocal(t, Config{MaxFlows: capacity, TableSlots: slots}, "10.0.0.0/8")
 	var sent flow.Counts
 	for i := range flows {
 		dst := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
@@ -194,8 +194,8 @@ func TestOverflowCountsEveryRefusedByte(t *testing.T) {
 	dr := drain(t, d)
 	counted := total(dr.Flows)
 	full := dr.Uncounted[ReasonMapFull]
-	if max := capacity + int(d.cacheSlots)*d.nCPU; len(dr.Flows) > max || len(dr.Flows) == 0 {
-		t.Errorf("%d flows in a map of %d and caches of %d", len(dr.Flows), capacity, max-capacity)
+	if max := capacity + slots*d.nCPU; len(dr.Flows) > max || len(dr.Flows) == 0 {
+		t.Errorf("%d flows in a map of %d and a table of %d", len(dr.Flows), capacity, max-capacity)
 	}
 	if full.IsZero() {
 		t.Fatal("nothing counted as map_full although the map overflowed")
