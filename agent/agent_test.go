@@ -23,7 +23,7 @@ func testConfig(serverURL string) Config {
 	return Config{
 		ServerURL: serverURL, NodeName: "node-a",
 		FlushInterval: 100 * time.Millisecond, AttachMode: AttachNetfilter,
-		NetfilterPriority: bpf.DefaultNetfilterPriority, MaxFlows: 4096, MaxBufferedFlows: 4096,
+		NetfilterPriority: bpf.DefaultNetfilterPriority, MaxFlows: 4096, FlowTableSlots: 1024, MaxBufferedFlows: 4096,
 		LocalPrefixes: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/24")},
 		PrefixRefresh: time.Minute, LogLevel: "debug", LogFormat: "json",
 		ShutdownTimeout: 5 * time.Second, RetryMin: 20 * time.Millisecond, RetryMax: 200 * time.Millisecond,
@@ -44,7 +44,7 @@ type runningAgent struct {
 func startAgent(t *testing.T, cfg Config) *runningAgent {
 	t.Helper()
 	testutil.RequireRoot(t)
-	dp, err := bpf.Load(bpf.Config{MaxFlows: uint32(cfg.MaxFlows)})
+	dp, err := bpf.Load(bpf.Config{MaxFlows: uint32(cfg.MaxFlows), TableSlots: uint32(cfg.FlowTableSlots)})
 	if err != nil {
 		t.Fatal(err)
 	}

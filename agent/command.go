@@ -50,7 +50,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return err
 		}
 	}
-	dp, err := bpf.Load(bpf.Config{MaxFlows: uint32(cfg.MaxFlows)})
+	dp, err := bpf.Load(bpf.Config{MaxFlows: uint32(cfg.MaxFlows), TableSlots: uint32(cfg.FlowTableSlots)})
 	if err != nil {
 		return fmt.Errorf("loading the eBPF datapath: %w", err)
 	}

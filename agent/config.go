@@ -61,6 +61,7 @@ type Config struct {
 	NetnsPath         string
 	CgroupPath        string
 	MaxFlows          int
+	FlowTableSlots    int
 	MaxBufferedFlows  int
 	// LocalPrefixes is nil in auto mode.
 	LocalPrefixes      []netip.Prefix
@@ -89,7 +90,8 @@ func Flags() []cli.Flag {
 		&cli.IntFlag{Name: "netfilter-priority", EnvVars: env("NETFILTER_PRIORITY"), Value: bpf.DefaultNetfilterPriority, Usage: "netfilter hook priority; below 100 (source NAT) to see pre-SNAT pod addresses"},
 		&cli.StringFlag{Name: "netns-path", EnvVars: env("NETNS_PATH"), Usage: "attach netfilter hooks in the network namespace at this path instead of the agent's own (the DaemonSet runs in the host namespace)"},
 		&cli.StringFlag{Name: "cgroup-path", EnvVars: env("CGROUP_PATH"), Usage: "cgroup v2 directory for cgroup mode (default: the cgroup v2 root, found in /proc/mounts)"},
-		&cli.IntFlag{Name: "max-flows", EnvVars: env("MAX_FLOWS"), Value: bpf.DefaultMaxFlows, Usage: "capacity of each kernel flow map generation; flows beyond it are counted as dropped (map_full)"},
+		&cli.IntFlag{Name: "max-flows", EnvVars: env("MAX_FLOWS"), Value: bpf.DefaultMaxFlows, Usage: "capacity of each kernel flow map generation (the flows that find no slot in the flow table); flows beyond it are counted as dropped (map_full)"},
+		&cli.IntFlag{Name: "flow-table-slots", EnvVars: env("FLOW_TABLE_SLOTS"), Value: bpf.DefaultTableSlots, Usage: "kernel flow table slots per CPU and generation (a power of two, 56 bytes each); about twice the flows one CPU sends per flush interval keeps new flows fast"},
 		&cli.IntFlag{Name: "max-buffered-flows", EnvVars: env("MAX_BUFFERED_FLOWS"), Value: DefaultMaxBufferedFlows, Usage: "flows held in memory while the server is unreachable; new flows beyond it are counted as dropped (buffer_full)"},
 		&cli.StringFlag{Name: "local-prefixes", EnvVars: env("LOCAL_PREFIXES"), Value: LocalPrefixesAuto, Usage: "sources counted on this node: auto (the Node's spec.podCIDRs and addresses) or comma-separated CIDRs (for IPAMs that do not fill podCIDRs, e.g. Cilium cluster-pool)"},
 		&cli.StringFlag{Name: "extra-local-prefixes", EnvVars: env("EXTRA_LOCAL_PREFIXES"), Usage: "comma-separated CIDRs added to the local prefixes"},
@@ -121,6 +123,7 @@ func ConfigFromCLI(c *cli.Context) (Config, error) {
 		NetnsPath:         c.String("netns-path"),
 		CgroupPath:        c.String("cgroup-path"),
 		MaxFlows:          c.Int("max-flows"),
+		FlowTableSlots:    c.Int("flow-table-slots"),
 		MaxBufferedFlows:  c.Int("max-buffered-flows"),
 		PrefixRefresh:     c.Duration("prefix-refresh-interval"),
 		Kubeconfig:        c.String("kubeconfig"),
@@ -204,6 +207,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxFlows < 1 || c.MaxFlows > 1<<24 {
 		errs = append(errs, fmt.Errorf("--max-flows: %d out of range [1, %d]", c.MaxFlows, 1<<24))
+	}
+	if c.FlowTableSlots < 64 || c.FlowTableSlots > 1<<24 || c.FlowTableSlots&(c.FlowTableSlots-1) != 0 {
+		errs = append(errs, fmt.Errorf("--flow-table-slots: %d must be a power of two in [64, %d]", c.FlowTableSlots, 1<<24))
 	}
 	if c.MaxBufferedFlows < 1 {
 		errs = append(errs, fmt.Errorf("--max-buffered-flows: %d must be positive", c.MaxBufferedFlows))

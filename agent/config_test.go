@@ -45,6 +45,8 @@ func TestConfigErrorsNameTheFlag(t *testing.T) {
 		{"invalid extra CIDR", append(ok, "--extra-local-prefixes", "nope"), `--extra-local-prefixes: invalid CIDR "nope"`},
 		{"flush too short", append(ok, "--flush-interval", "1ms"), "--flush-interval: 1ms is below"},
 		{"max flows zero", append(ok, "--max-flows", "0"), "--max-flows: 0 out of range"},
+		{"table slots not a power of two", append(ok, "--flow-table-slots", "1000"), "--flow-table-slots: 1000 must be a power of two"},
+		{"table slots too few", append(ok, "--flow-table-slots", "32"), "--flow-table-slots: 32 must be a power of two"},
 		{"buffer zero", append(ok, "--max-buffered-flows", "0"), "--max-buffered-flows: 0 must be positive"},
 		{"missing token file", append(ok, "--token-file", "/nonexistent/token"), "--token-file:"},
 		{"missing netns", append(ok, "--netns-path", "/nonexistent/ns"), "--netns-path:"},

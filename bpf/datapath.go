@@ -136,18 +136,13 @@ type Datapath struct {
 	tableMem   []byte
 	tableSlots int
 	epochs     [2]uint32
-	// index finds a drained flow in Drained.Flows while merging flows
-	// seen on several CPUs or in both the table and the hash map.
-	index   map[flowFlowKey]int32
-	indexed bool
-	// drained holds the kernel keys of Drained.Flows until indexed.
-	drained []flowFlowKey
-	lastCnt [NumReasons]flow.Counts
-	nCPU    int
-	keys    []flowFlowKey
-	vals    []flowFlowStats
-	cntVals []flowFlowStats
-	closed  bool
+	merge      merger
+	lastCnt    [NumReasons]flow.Counts
+	nCPU       int
+	keys       []flowFlowKey
+	vals       []flowFlowStats
+	cntVals    []flowFlowStats
+	closed     bool
 }
 
 // Load checks the kernel, sizes the maps from cfg and loads the programs.
@@ -387,12 +382,7 @@ func (d *Datapath) Drain(dst *Drained) error {
 		return fmt.Errorf("swapping flow generation: %w", err)
 	}
 	d.active = next
-	if d.index == nil {
-		d.index = make(map[flowFlowKey]int32)
-	}
-	clear(d.index)
-	d.drained = d.drained[:0]
-	d.indexed = false
+	d.merge.reset()
 	d.drainTable(old, dst)
 	if err := d.drainMap(d.gens[old], dst); err != nil {
 		return err
@@ -425,46 +415,15 @@ func (d *Datapath) setTableGen(g int) error {
 func (d *Datapath) drainTable(g int, dst *Drained) {
 	epoch := d.epochs[g]
 	for cpu := range d.nCPU {
-		// A flow has at most one slot per CPU region: flows of the
-		// first region with any need no merging, the others might.
-		if len(dst.Flows) > 0 {
-			d.indexFlows(dst)
-		}
+		d.merge.startIndex(dst.Flows)
 		start := (g*d.nCPU + cpu) * d.tableSlots
 		region := d.table[start : start+d.tableSlots]
 		for i := range region {
 			if s := &region[i]; s.Epoch == epoch {
-				d.add(dst, &s.Key, flow.Counts{Bytes: s.St.Bytes, Packets: s.St.Packets})
+				dst.Flows = d.merge.add(dst.Flows, &s.Key, flow.Counts{Bytes: s.St.Bytes, Packets: s.St.Packets})
 			}
 		}
 	}
-}
-
-// indexFlows starts merging: the flows already in dst are indexed by their
-// kernel key, and every flow added from now on is looked up first.
-func (d *Datapath) indexFlows(dst *Drained) {
-	if d.indexed {
-		return
-	}
-	for i := range d.drained {
-		d.index[d.drained[i]] = int32(i)
-	}
-	d.indexed = true
-}
-
-// add appends one kernel flow to dst, or adds it to the same flow found on
-// another CPU or in the other structure.
-func (d *Datapath) add(dst *Drained, k *flowFlowKey, c flow.Counts) {
-	if d.indexed {
-		if i, ok := d.index[*k]; ok {
-			dst.Flows[i].Counts.Add(c)
-			return
-		}
-		d.index[*k] = int32(len(dst.Flows))
-	} else {
-		d.drained = append(d.drained, *k)
-	}
-	dst.Flows = append(dst.Flows, flow.Record{Key: convertKey(k), Counts: c})
 }
 
 // drainMap empties an idle generation's hash map into dst, merging its
@@ -477,8 +436,8 @@ func (d *Datapath) drainMap(m *ebpf.Map, dst *Drained) error {
 	var cursor ebpf.MapBatchCursor
 	for {
 		n, err := m.BatchLookupAndDelete(&cursor, d.keys, d.vals, nil)
-		if n > 0 && len(dst.Flows) > 0 {
-			d.indexFlows(dst)
+		if n > 0 {
+			d.merge.startIndex(dst.Flows)
 		}
 		for i := range n {
 			var c flow.Counts
@@ -486,7 +445,7 @@ func (d *Datapath) drainMap(m *ebpf.Map, dst *Drained) error {
 				c.Bytes += v.Bytes
 				c.Packets += v.Packets
 			}
-			d.add(dst, &d.keys[i], c)
+			dst.Flows = d.merge.add(dst.Flows, &d.keys[i], c)
 		}
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/maphash"
 	"log/slog"
 	"slices"
 	"strconv"
@@ -13,7 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/golang/snappy"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 )
 
@@ -52,24 +50,21 @@ type Pusher struct {
 	extra   []extraLabel
 	eps     []*endpoint
 
-	// Snapshot state, guarded by pushMu: the current and previous
-	// snapshot with their label hashes sorted (for finding vanished
-	// series), a map used only when a snapshot has duplicates, and the
-	// encoding buffers reused from push to push.
-	pushMu            sync.Mutex
-	seed              maphash.Seed
-	cur, prev         []Series
-	curRefs, prevRefs []hashRef
-	dedup             map[uint64]int32
-	sb                SeriesBuilder
-	raw               [][]byte
-	rawN              []int
-	reqs              [][]request
-	zbuf              []byte
-	lastTS            int64
-	snapshotSeries    *metrics.Gauge
-	staleMarkers      *metrics.Counter
-	duplicates        *metrics.Counter
+	// Snapshot state, guarded by pushMu: the series table (snapshot.go)
+	// and the encoding buffers reused from push to push.
+	pushMu         sync.Mutex
+	table          seriesTable
+	cur            []Series
+	sb, cmp        SeriesBuilder
+	sample         []byte
+	raw            [][]byte
+	rawN           []int
+	reqs           [][]request
+	zbuf           []byte
+	lastTS         int64
+	snapshotSeries *metrics.Gauge
+	staleMarkers   *metrics.Counter
+	duplicates     *metrics.Counter
 
 	startOnce sync.Once
 	ctx       context.Context
@@ -116,8 +111,7 @@ func NewPusher(cfg PusherConfig, sources []Source, reg *metrics.Registry, log *s
 		cfg:     cfg,
 		sources: slices.Clone(sources),
 		log:     log,
-		seed:    maphash.MakeSeed(),
-		dedup:   map[uint64]int32{},
+		table:   newSeriesTable(encCacheMax),
 		raw:     make([][]byte, cfg.Shards),
 		rawN:    make([]int, cfg.Shards),
 		reqs:    make([][]request, cfg.Shards),
@@ -258,172 +252,6 @@ func (p *Pusher) addActive(d int) {
 	}
 	p.mu.Unlock()
 }
-
-// hashRef is a series' label hash and its index in its snapshot.
-type hashRef struct {
-	h uint64
-	i int32
-}
-
-func cmpRef(a, b hashRef) int {
-	switch {
-	case a.h < b.h:
-		return -1
-	case a.h > b.h:
-		return 1
-	}
-	return 0
-}
-
-// snapshot reads all sources, drops duplicate series, adds stale markers
-// for vanished ones, and encodes everything into compressed requests per
-// shard, all stamped with ts. The returned slices are fresh (endpoints keep
-// them); the scratch buffers behind them are reused.
-//
-// Duplicates and vanished series are found by sorting label hashes and
-// merging them with the previous snapshot's, not with a hash map: at
-// 100,000 series the map's cache misses cost more than the encoding. A
-// snapshot with duplicates (a misbehaving source) is encoded a second
-// time, with a map that drops them.
-func (p *Pusher) snapshot(ts int64) [][]request {
-	p.cur = p.cur[:0]
-	for _, src := range p.sources {
-		p.cur = src.AppendSeries(p.cur)
-	}
-	if p.encode(ts, false) {
-		p.encode(ts, true)
-	}
-	out := make([][]request, len(p.reqs))
-	copy(out, p.reqs)
-	p.cur, p.prev = p.prev, p.cur
-	p.curRefs, p.prevRefs = p.prevRefs, p.curRefs
-	return out
-}
-
-// encode builds the requests of p.cur; with dedup it drops repeated
-// series (compacting p.cur), without it reports whether there are any,
-// leaving the result to be thrown away.
-func (p *Pusher) encode(ts int64, dedup bool) (hasDuplicates bool) {
-	for i := range p.reqs {
-		p.reqs[i] = nil
-		p.raw[i] = p.raw[i][:0]
-		p.rawN[i] = 0
-	}
-	p.curRefs = p.curRefs[:0]
-	clear(p.dedup)
-	w := 0
-	for _, s := range p.cur {
-		// Encode the labels first and hash the encoding: one pass of
-		// maphash over a few hundred contiguous bytes is far cheaper than
-		// hashing label strings one by one. Empty labels are left out of
-		// the encoding, so series that differ only by them (the same series
-		// to Prometheus) hash the same.
-		p.sb.Reset()
-		p.appendLabels(s.Labels)
-		h := maphash.Bytes(p.seed, p.sb.encoded())
-		if dedup {
-			if j, ok := p.dedup[h]; ok && labelsEqual(p.cur[j].Labels, s.Labels) {
-				p.duplicates.Inc()
-				continue
-			}
-			p.dedup[h] = int32(w)
-		}
-		p.cur[w] = s
-		p.curRefs = append(p.curRefs, hashRef{h: h, i: int32(w)})
-		w++
-		p.add(h, s.Value, ts)
-	}
-	clear(p.cur[w:]) // release label slices of dropped duplicates
-	p.cur = p.cur[:w]
-	slices.SortFunc(p.curRefs, cmpRef)
-	if !dedup {
-		for k := 1; k < len(p.curRefs); k++ {
-			a, b := p.curRefs[k-1], p.curRefs[k]
-			if a.h == b.h && labelsEqual(p.cur[a.i].Labels, p.cur[b.i].Labels) {
-				return true
-			}
-		}
-	}
-	p.snapshotSeries.Set(float64(w))
-	// Series of the previous snapshot whose hash is gone get a stale
-	// marker. Both lists are sorted by hash. (Equal hashes are taken as the
-	// same series: a 64-bit collision would only cost one stale marker.)
-	cur := p.curRefs
-	for _, r := range p.prevRefs {
-		for len(cur) > 0 && cur[0].h < r.h {
-			cur = cur[1:]
-		}
-		if len(cur) > 0 && cur[0].h == r.h {
-			continue
-		}
-		p.staleMarkers.Inc()
-		p.sb.Reset()
-		p.appendLabels(p.prev[r.i].Labels)
-		p.add(r.h, StaleNaN, ts)
-	}
-	for sh := range p.raw {
-		p.flushShard(sh)
-	}
-	return false
-}
-
-// add completes the series whose labels p.sb holds with its sample and
-// appends it to its shard's request, closing the request when it is full.
-func (p *Pusher) add(h uint64, v float64, ts int64) {
-	sh := int(h % uint64(len(p.raw)))
-	p.sb.Sample(v, ts)
-	p.raw[sh] = p.sb.AppendTo(p.raw[sh])
-	p.rawN[sh]++
-	if p.rawN[sh] >= p.cfg.MaxSeriesPerRequest {
-		p.flushShard(sh)
-	}
-}
-
-// flushShard compresses the shard's pending series into one request. The
-// compressed body is copied out of a reused scratch buffer so that what
-// endpoints keep is exactly sized.
-func (p *Pusher) flushShard(sh int) {
-	if p.rawN[sh] == 0 {
-		return
-	}
-	p.zbuf = snappy.Encode(p.zbuf[:cap(p.zbuf)], p.raw[sh])
-	body := make([]byte, len(p.zbuf))
-	copy(body, p.zbuf)
-	p.reqs[sh] = append(p.reqs[sh], request{body: body, samples: p.rawN[sh]})
-	p.raw[sh] = p.raw[sh][:0]
-	p.rawN[sh] = 0
-}
-
-// appendLabels writes the series labels merged with the external and HA
-// labels, both sorted, __name__ first. Labels with an empty value are left
-// out: in Prometheus an empty label is an absent one.
-func (p *Pusher) appendLabels(ls []metrics.Label) {
-	if len(ls) > 0 && ls[0].Name == "__name__" {
-		p.sb.Label(ls[0].Name, ls[0].Value)
-		ls = ls[1:]
-	}
-	ex := p.extra
-	for len(ls) > 0 || len(ex) > 0 {
-		var l metrics.Label
-		switch {
-		case len(ex) == 0 || (len(ls) > 0 && ls[0].Name < ex[0].Name):
-			l, ls = ls[0], ls[1:]
-		case len(ls) == 0 || ex[0].Name < ls[0].Name:
-			l, ex = ex[0].Label, ex[1:]
-		default: // same name
-			l = ls[0]
-			if ex[0].override {
-				l = ex[0].Label
-			}
-			ls, ex = ls[1:], ex[1:]
-		}
-		if l.Value != "" {
-			p.sb.Label(l.Name, l.Value)
-		}
-	}
-}
-
-func labelsEqual(a, b []metrics.Label) bool { return slices.Equal(a, b) }
 
 // endpoint is one receiver: its client, shards and self-metrics.
 type endpoint struct {

@@ -3,9 +3,14 @@ package remotewrite
 import "github.com/kubezonnet/kubezonnet/internal/metrics"
 
 // Series is one series of a snapshot with its current cumulative value.
-// Labels are sorted by name with __name__ first; a Series is immutable once
-// a Source returned it, so the pusher may keep it until the next snapshot
-// (it needs the labels of vanished series to send their stale markers).
+// Labels are sorted by name with __name__ first. A Series is immutable once
+// a Source returned it, and so is its label slice, for good: the pusher
+// keeps the slice (it needs the labels of a vanished series for its stale
+// marker), and it recognises a series by the slice's address, reusing the
+// encoding it made of those labels at an earlier push. A Source should
+// therefore return the same slice for a series at every push (building a
+// new one with the same labels is correct but costs an encoding), and must
+// never modify a slice it returned: a changed series needs a new slice.
 type Series struct {
 	Labels []metrics.Label
 	Value  float64

@@ -1,0 +1,454 @@
+package remotewrite
+
+import (
+	"bytes"
+	"cmp"
+	"encoding/binary"
+	"hash/maphash"
+	"math"
+	"slices"
+
+	"github.com/golang/snappy"
+	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"google.golang.org/protobuf/encoding/protowire"
+)
+
+// encCacheMax bounds the bytes of encoded label sets the pusher keeps
+// between pushes (seriesTable.arena). Caching is what makes a snapshot
+// cheap: encoding a pod-pair series' 15 labels costs ~270 ns, copying its
+// cached ~360 bytes a tenth of that. But it costs that memory per series,
+// so the cache stops at 128 MiB (~370,000 such series, the arena growing by
+// half as needed); series beyond it are encoded afresh at every push.
+const encCacheMax = 128 << 20
+
+// seriesTable is what the pusher remembers between snapshots: one entry
+// per series of the last snapshot, found by the identity of the source's
+// label slice.
+//
+// Sources return the same immutable label slice for a series push after
+// push (see Series), so the slice's address identifies the series, and
+// the entry carries what its labels give: the content hash (shard, content
+// index) and, within encCacheMax, the encoded label fields themselves, so
+// that encoding a known series is one copy of its cached bytes plus its
+// sample. Recognising a series needs no hashing either: its entry is
+// almost always the successor of the previous series' entry in the last
+// snapshot (seriesEntry.next), checked by comparing addresses; the map
+// from address to entry is only the fallback, as its cache misses cost
+// ~180 ns a lookup at 100,000 series, more than all the rest of a known
+// series' work. A generation stamp per entry then finds both duplicates
+// (an entry met twice in one snapshot) and vanished series (an entry not
+// met), without sorting or merging anything.
+//
+// A label slice not seen before is encoded and looked up by content hash:
+// it is a new series, a duplicate of one already in this snapshot (a
+// misbehaving source; dropped), or a series whose source rebuilt its label
+// slice with the same labels (the registry source does so at every push),
+// which takes over the entry and so gets no stale marker. Series are the
+// same when their encodings are: labels that differ only by an empty value
+// are one series to a receiver, and so one here.
+type seriesTable struct {
+	seed    maphash.Seed
+	gen     uint32 // current snapshot; entries stamped with it are in it
+	entries []seriesEntry
+	head    int32   // entry of the first series of the last snapshot, or -1
+	free    []int32 // free entry slots, reused first
+	// byID finds an entry by the address of its label slice's first
+	// element. Invariant: byID[id] == i implies &entries[i].labels[0] ==
+	// id, so the entry keeps the address from being reused by another
+	// slice while it is a key.
+	byID map[*metrics.Label]int32
+	// byHash finds an entry by the hash of its encoded labels. On a
+	// 64-bit collision between different label sets the later one is
+	// left out; it is then only found by identity.
+	byHash map[uint64]int32
+	// arena holds the encoded label fields of cached entries; dead counts
+	// the bytes of freed ones, reclaimed by compact.
+	arena []byte
+	dead  int
+	max   int
+	// Below these sizes (freed arena bytes, entry slots) compact leaves
+	// the table alone: reclaiming little is not worth a pass over it.
+	// Variables for the tests.
+	minDead, minEntries int
+}
+
+// seriesEntry is one series of the last snapshot or of the current one.
+type seriesEntry struct {
+	// labels is the source's label slice: the series' identity, and the
+	// labels of its stale marker once it vanishes.
+	labels []metrics.Label
+	hash   uint64 // maphash of the encoded label fields
+	off    uint32 // encoded label fields are arena[off:off+n] when cached
+	n      uint32 // length of the encoded label fields
+	gen    uint32 // last snapshot that contained the series; 0: free slot
+	// next is the entry of the series that followed this one in the
+	// last snapshot: sources return their series in the same order push
+	// after push or, iterating a Go map, in that order rotated to a random
+	// start (per map table), so it is almost always the next series'
+	// entry.
+	next   int32
+	cached bool
+}
+
+func newSeriesTable(limit int) seriesTable {
+	return seriesTable{
+		seed:   maphash.MakeSeed(),
+		byID:   map[*metrics.Label]int32{},
+		byHash: map[uint64]int32{},
+		head:   -1,
+		max:    min(limit, math.MaxUint32),
+
+		minDead:    1 << 20,
+		minEntries: 1024,
+	}
+}
+
+// snapshot reads all sources, drops duplicate series, adds stale markers
+// for vanished ones, and encodes everything into compressed requests per
+// shard, all stamped with ts. The returned slices are fresh (endpoints keep
+// them); the scratch buffers behind them are reused.
+func (p *Pusher) snapshot(ts int64) [][]request {
+	t := &p.table
+	n0 := len(p.cur)
+	p.cur = p.cur[:0]
+	for _, src := range p.sources {
+		p.cur = src.AppendSeries(p.cur)
+	}
+	if len(p.cur) < n0 {
+		clear(p.cur[len(p.cur):n0]) // release label slices we no longer read
+	}
+	t.gen++
+	if t.gen == 0 { // 0 marks free slots
+		t.gen = 1
+	}
+	p.setSample(ts)
+	for i := range p.reqs {
+		p.reqs[i] = nil
+		p.raw[i] = p.raw[i][:0]
+		p.rawN[i] = 0
+	}
+	live := 0
+	prev := int32(-1) // entry of the previous series
+	for i := range p.cur {
+		s := &p.cur[i]
+		guess := t.head
+		if prev >= 0 {
+			guess = t.entries[prev].next
+		}
+		j := p.entryOf(s.Labels, guess)
+		if j < 0 {
+			p.duplicates.Inc()
+			continue
+		}
+		if prev >= 0 {
+			t.entries[prev].next = j
+		} else {
+			t.head = j
+		}
+		prev = j
+		live++
+		p.add(&t.entries[j], s.Value)
+	}
+	p.snapshotSeries.Set(float64(live))
+	// Entries not stamped by this snapshot were in the previous one only:
+	// their series vanished, so they get a stale marker and are forgotten.
+	for i := range t.entries {
+		e := &t.entries[i]
+		if e.gen == 0 || e.gen == t.gen {
+			continue
+		}
+		p.staleMarkers.Inc()
+		p.add(e, StaleNaN)
+		t.release(int32(i))
+	}
+	t.compact()
+	for sh := range p.raw {
+		p.flushShard(sh)
+	}
+	out := make([][]request, len(p.reqs))
+	copy(out, p.reqs)
+	return out
+}
+
+// entryOf returns the index of the entry of the series with labels ls,
+// stamped as part of the current snapshot, or -1 if the snapshot already
+// has that series. guess is the entry the series probably has (or -1):
+// tried first, it saves the map lookup, whose cache misses are the
+// costliest part of recognising a series.
+func (p *Pusher) entryOf(ls []metrics.Label, guess int32) int32 {
+	t := &p.table
+	var id *metrics.Label
+	if len(ls) > 0 {
+		id = &ls[0]
+		i, ok := guess, false
+		if i >= 0 {
+			ok = len(t.entries[i].labels) > 0 && &t.entries[i].labels[0] == id
+		}
+		if !ok {
+			i, ok = t.byID[id]
+		}
+		// Same address and length: the same immutable slice.
+		if ok && len(t.entries[i].labels) == len(ls) {
+			e := &t.entries[i]
+			if e.gen == t.gen {
+				return -1
+			}
+			e.gen = t.gen
+			return i
+		}
+	}
+	// Unknown slice: find the series by content.
+	p.sb.Reset()
+	p.appendLabels(&p.sb, ls)
+	enc := p.sb.encoded()
+	h := maphash.Bytes(t.seed, enc)
+	if i, ok := t.byHash[h]; ok && p.sameEncoding(&t.entries[i], enc) {
+		e := &t.entries[i]
+		if e.gen == t.gen {
+			return -1
+		}
+		t.rebind(i, ls)
+		e.gen = t.gen
+		return i
+	}
+	i := t.alloc()
+	e := &t.entries[i]
+	*e = seriesEntry{labels: ls, hash: h, n: uint32(len(enc)), gen: t.gen, next: -1}
+	if t.cache(enc) {
+		e.off, e.cached = uint32(len(t.arena)), true
+		t.arena = append(t.arena, enc...)
+	}
+	if _, taken := t.byHash[h]; !taken {
+		t.byHash[h] = i
+	}
+	if id != nil {
+		if _, taken := t.byID[id]; !taken {
+			t.byID[id] = i
+		}
+	}
+	return i
+}
+
+// sameEncoding reports whether e's labels encode to enc.
+func (p *Pusher) sameEncoding(e *seriesEntry, enc []byte) bool {
+	if int(e.n) != len(enc) {
+		return false
+	}
+	if e.cached {
+		return bytes.Equal(p.table.arena[e.off:e.off+e.n], enc)
+	}
+	p.cmp.Reset()
+	p.appendLabels(&p.cmp, e.labels)
+	return bytes.Equal(p.cmp.encoded(), enc)
+}
+
+// cache reports whether enc fits in the arena's bound, growing the arena
+// for it if needed. Growth is by half (not append's doubling while small)
+// and never past the bound, so the bound is what the arena may occupy.
+func (t *seriesTable) cache(enc []byte) bool {
+	need := len(t.arena) + len(enc)
+	if need > t.max {
+		return false
+	}
+	if need > cap(t.arena) {
+		c := min(t.max, max(need, cap(t.arena)+cap(t.arena)/2, 64<<10))
+		t.arena = append(make([]byte, 0, c), t.arena...)
+	}
+	return true
+}
+
+// alloc returns a free entry slot.
+func (t *seriesTable) alloc() int32 {
+	if n := len(t.free); n > 0 {
+		i := t.free[n-1]
+		t.free = t.free[:n-1]
+		return i
+	}
+	t.entries = append(t.entries, seriesEntry{})
+	return int32(len(t.entries) - 1)
+}
+
+// rebind makes ls, a new slice with the same labels, entry i's identity.
+func (t *seriesTable) rebind(i int32, ls []metrics.Label) {
+	e := &t.entries[i]
+	if len(e.labels) > 0 {
+		if j, ok := t.byID[&e.labels[0]]; ok && j == i {
+			delete(t.byID, &e.labels[0])
+		}
+	}
+	e.labels = ls
+	if len(ls) > 0 {
+		if _, taken := t.byID[&ls[0]]; !taken {
+			t.byID[&ls[0]] = i
+		}
+	}
+}
+
+// release frees entry i.
+func (t *seriesTable) release(i int32) {
+	e := &t.entries[i]
+	if len(e.labels) > 0 {
+		if j, ok := t.byID[&e.labels[0]]; ok && j == i {
+			delete(t.byID, &e.labels[0])
+		}
+	}
+	if j, ok := t.byHash[e.hash]; ok && j == i {
+		delete(t.byHash, e.hash)
+	}
+	if e.cached {
+		t.dead += int(e.n)
+	}
+	*e = seriesEntry{next: -1}
+	t.free = append(t.free, i)
+}
+
+// compact gives back what vanished series left behind once it is at
+// least half of what is held: entry slots (after a burst of series the
+// table would otherwise keep, and scan at every push, its largest size
+// ever) and arena bytes.
+func (t *seriesTable) compact() {
+	if n := len(t.entries); n >= t.minEntries && len(t.free) > n/2 {
+		t.shrink()
+	}
+	if t.dead < t.minDead || t.dead < len(t.arena)/2 {
+		return
+	}
+	live := make([]int32, 0, len(t.entries)-len(t.free))
+	for i := range t.entries {
+		if t.entries[i].cached {
+			live = append(live, int32(i))
+		}
+	}
+	// In ascending offset order every move goes down, never over bytes
+	// still to be moved.
+	slices.SortFunc(live, func(a, b int32) int { return cmp.Compare(t.entries[a].off, t.entries[b].off) })
+	w := uint32(0)
+	for _, i := range live {
+		e := &t.entries[i]
+		copy(t.arena[w:], t.arena[e.off:e.off+e.n])
+		e.off = w
+		w += e.n
+	}
+	t.arena = t.arena[:w]
+	if cap(t.arena) > 2*len(t.arena) {
+		t.arena = slices.Clone(t.arena)
+	}
+	t.dead = 0
+}
+
+// shrink moves the live entries to a new, exactly sized slice and
+// rebuilds the maps (Go maps never shrink). The successor links are
+// dropped: the next snapshot finds its entries through byID once.
+func (t *seriesTable) shrink() {
+	live := make([]seriesEntry, 0, len(t.entries)-len(t.free))
+	byID := make(map[*metrics.Label]int32, cap(live))
+	byHash := make(map[uint64]int32, cap(live))
+	for _, e := range t.entries {
+		if e.gen == 0 {
+			continue
+		}
+		i := int32(len(live))
+		e.next = -1
+		live = append(live, e)
+		if _, taken := byHash[e.hash]; !taken {
+			byHash[e.hash] = i
+		}
+		if len(e.labels) > 0 {
+			if _, taken := byID[&e.labels[0]]; !taken {
+				byID[&e.labels[0]] = i
+			}
+		}
+	}
+	t.entries, t.free, t.byID, t.byHash, t.head = live, nil, byID, byHash, -1
+}
+
+// setSample prepares p.sample, the encoded samples field of the snapshot
+// (stamp ts, value left zero), exactly as SeriesBuilder.Sample writes it.
+func (p *Pusher) setSample(ts int64) {
+	size := 1 + 8
+	if ts != 0 {
+		size += 1 + protowire.SizeVarint(uint64(ts))
+	}
+	b := append(p.sample[:0],
+		byte(fieldSeriesSamples<<3|protowire.BytesType), byte(size),
+		byte(fieldSampleValue<<3|protowire.Fixed64Type))
+	b = binary.LittleEndian.AppendUint64(b, 0)
+	if ts != 0 {
+		b = append(b, byte(fieldSampleTimestamp<<3|protowire.VarintType))
+		b = protowire.AppendVarint(b, uint64(ts))
+	}
+	p.sample = b
+}
+
+// sampleValueOffset is where the value sits in p.sample: after the field
+// tag, its one-byte length and the value's tag.
+const sampleValueOffset = 3
+
+// add appends e's series with value v to its shard's request as a
+// WriteRequest.timeseries field, closing the request when it is full.
+func (p *Pusher) add(e *seriesEntry, v float64) {
+	sh := int(e.hash % uint64(len(p.raw)))
+	size := int(e.n) + len(p.sample)
+	b := slices.Grow(p.raw[sh], 1+protowire.SizeVarint(uint64(size))+size)
+	b = append(b, byte(fieldWriteRequestTimeseries<<3|protowire.BytesType))
+	b = protowire.AppendVarint(b, uint64(size))
+	if e.cached {
+		b = append(b, p.table.arena[e.off:e.off+e.n]...)
+	} else {
+		d := SeriesBuilder{body: b}
+		p.appendLabels(&d, e.labels)
+		b = d.body
+	}
+	o := len(b)
+	b = append(b, p.sample...)
+	binary.LittleEndian.PutUint64(b[o+sampleValueOffset:], math.Float64bits(v))
+	p.raw[sh] = b
+	p.rawN[sh]++
+	if p.rawN[sh] >= p.cfg.MaxSeriesPerRequest {
+		p.flushShard(sh)
+	}
+}
+
+// flushShard compresses the shard's pending series into one request. The
+// compressed body is copied out of a reused scratch buffer so that what
+// endpoints keep is exactly sized.
+func (p *Pusher) flushShard(sh int) {
+	if p.rawN[sh] == 0 {
+		return
+	}
+	p.zbuf = snappy.Encode(p.zbuf[:cap(p.zbuf)], p.raw[sh])
+	body := make([]byte, len(p.zbuf))
+	copy(body, p.zbuf)
+	p.reqs[sh] = append(p.reqs[sh], request{body: body, samples: p.rawN[sh]})
+	p.raw[sh] = p.raw[sh][:0]
+	p.rawN[sh] = 0
+}
+
+// appendLabels writes to sb the series labels merged with the external
+// and HA labels, both sorted, __name__ first. Labels with an empty value
+// are left out: in Prometheus an empty label is an absent one.
+func (p *Pusher) appendLabels(sb *SeriesBuilder, ls []metrics.Label) {
+	if len(ls) > 0 && ls[0].Name == "__name__" {
+		sb.Label(ls[0].Name, ls[0].Value)
+		ls = ls[1:]
+	}
+	ex := p.extra
+	for len(ls) > 0 || len(ex) > 0 {
+		var l metrics.Label
+		switch {
+		case len(ex) == 0 || (len(ls) > 0 && ls[0].Name < ex[0].Name):
+			l, ls = ls[0], ls[1:]
+		case len(ls) == 0 || ex[0].Name < ls[0].Name:
+			l, ex = ex[0].Label, ex[1:]
+		default: // same name
+			l = ls[0]
+			if ex[0].override {
+				l = ex[0].Label
+			}
+			ls, ex = ls[1:], ex[1:]
+		}
+		if l.Value != "" {
+			sb.Label(l.Name, l.Value)
+		}
+	}
+}
