@@ -167,6 +167,9 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 	}
 	out := make([][]request, len(p.reqs))
 	copy(out, p.reqs)
+	// The shards own the bodies now: holding them here until the next
+	// push would keep a whole snapshot's requests alive after delivery.
+	clear(p.reqs)
 	return out
 }
 
