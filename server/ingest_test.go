@@ -221,7 +221,7 @@ func TestIngestAppliesOnce(t *testing.T) {
 
 func TestIngestRefusals(t *testing.T) {
 	valid := encode(batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1500, 3)))
-	manyFlows := make([]flow.Record, 50)
+	manyFlows := make([]flow.Record, 70) // one series per flow
 	for i := range manyFlows {
 		manyFlows[i] = rec("10.0.1.1", "10.0.2.1", uint16(1000+i), 1, 1)
 	}
@@ -250,7 +250,9 @@ func TestIngestRefusals(t *testing.T) {
 		{"not snappy", req{body: []byte("\xff\xff\xff\xff\xff\xff\xff")}, 400, reasonMalformed, "snappy"},
 		{"not protobuf", req{body: snappy.Encode(nil, []byte("\x0a\xff\xff\xff"))}, 400, reasonMalformed, "malformed remote-write request"},
 		{"empty request", req{body: snappy.Encode(nil, nil)}, 400, reasonMalformed, "empty request"},
-		{"no batch header", req{body: withoutHeader(t)}, 400, reasonMalformed, "first series is"},
+		{"no batch header", req{body: handBuilt(t, false, 1500, 3)}, 400, reasonMalformed, "first series is"},
+		{"flow with one sample", req{body: handBuilt(t, true, 1500)}, 400, reasonMalformed, "kubezonnet_flow series has 1 samples, want 2"},
+		{"flow with negative bytes", req{body: handBuilt(t, true, -1500, 3)}, 400, reasonMalformed, "not a count"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := testConfig()
@@ -293,16 +295,31 @@ func make100k() []flow.Record {
 	return out
 }
 
-// withoutHeader is a well-formed remote-write request that breaks the wire
-// contract: a flow series without the batch header before it.
-func withoutHeader(t *testing.T) []byte {
+// handBuilt is a well-formed remote-write request with one flow series of
+// the given sample values, after a batch header if header: without the
+// header, or with other than two samples, it breaks the wire contract.
+func handBuilt(t *testing.T, header bool, samples ...float64) []byte {
 	t.Helper()
 	var sb remotewrite.SeriesBuilder
-	sb.Label("__name__", wire.MetricBytes)
+	var raw []byte
+	if header {
+		sb.Label("__name__", wire.MetricBatch)
+		sb.Label("incarnation", "1a2b")
+		sb.Label("node", "node-a")
+		sb.Label("seq", "1")
+		sb.Sample(1, 1_700_000_000_000)
+		raw = sb.AppendTo(raw)
+	}
+	sb.Reset()
+	sb.Label("__name__", wire.MetricFlow)
+	sb.Label("dport", "5432")
 	sb.Label("dst", "10.0.2.1")
+	sb.Label("proto", "tcp")
 	sb.Label("src", "10.0.1.1")
-	sb.Sample(1, 1)
-	return snappy.Encode(nil, sb.AppendTo(nil))
+	for _, v := range samples {
+		sb.Sample(v, 0)
+	}
+	return snappy.Encode(nil, sb.AppendTo(raw))
 }
 
 func TestForeignSourceDropped(t *testing.T) {

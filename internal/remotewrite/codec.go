@@ -75,8 +75,8 @@ func (s *SeriesBuilder) LabelBytes(name string, value []byte) {
 }
 
 // AppendLabel appends one encoded label field to b, exactly as LabelBytes
-// adds it to a series. Series that share labels (a flow's bytes and packets
-// series) can encode them once and add them with Raw.
+// adds it to a series: for encoders that write series without a builder,
+// or that compare encoded labels (the wire decoder's flow name).
 func AppendLabel(b []byte, name string, value []byte) []byte {
 	b = protowire.AppendTag(b, fieldSeriesLabels, protowire.BytesType)
 	b = protowire.AppendVarint(b, uint64(labelSize(len(name), len(value))))
@@ -84,9 +84,6 @@ func AppendLabel(b []byte, name string, value []byte) []byte {
 	b = protowire.AppendTag(b, fieldLabelValue, protowire.BytesType)
 	return protowire.AppendBytes(b, value)
 }
-
-// Raw adds label fields encoded with AppendLabel, in their order.
-func (s *SeriesBuilder) Raw(fields []byte) { s.body = append(s.body, fields...) }
 
 // Sample adds a sample. Samples of one series must be in timestamp order.
 func (s *SeriesBuilder) Sample(v float64, ts int64) {

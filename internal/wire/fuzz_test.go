@@ -1,6 +1,7 @@
 package wire
 
 import (
+	"errors"
 	"net/netip"
 	"slices"
 	"testing"
@@ -28,6 +29,14 @@ func FuzzDecode(f *testing.F) {
 	}
 	f.Add(slices.Clone(e.Encode(seed)))
 	f.Add(slices.Clone(e.Encode(&Batch{Node: "n", Incarnation: "i", Seq: 1})))
+	f.Add(slices.Clone(e.Encode(&Batch{Node: "n", Incarnation: "i", Seq: 2, Flows: []flow.Record{
+		{Key: flow.Key{Src: netip.MustParseAddr("2001:db8:1234:5678:9abc:def0:1234:5678"), Dst: netip.MustParseAddr("::ffff:10.0.0.1"), Proto: 132, Port: 9}},
+		{Key: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2"), Proto: 250}, Counts: flow.Counts{Bytes: 1 << 40, Packets: 1}},
+	}})))
+	hdr := hdrSeries()
+	f.Add(encodeSeries(hdr, flowS([]float64{1500, 3, 3})))
+	f.Add(encodeSeries(hdr, flowS([]float64{1500, 3}, "proto", "icmp", "dport", "0")))
+	f.Add(encodeSeries(hdr, series{[]string{"__name__", "kubezonnet_flow_bytes", "dst", "10.0.0.2", "proto", "tcp", "sport", "80", "src", "10.0.0.1"}, hdr.samples}))
 	f.Add(snappy.Encode(nil, []byte("\x0a\x02\x0a\x00")))
 	f.Add([]byte{})
 	f.Add([]byte("\xff\xff\xff\xff"))
@@ -41,7 +50,7 @@ func FuzzDecode(f *testing.F) {
 		if b.Node == "" || b.Incarnation == "" || b.Seq == 0 {
 			t.Fatalf("accepted a batch without identity: %+v", b)
 		}
-		if len(b.Flows) > 500 {
+		if len(b.Flows) >= 1000 {
 			t.Fatalf("%d flows exceed the series limit", len(b.Flows))
 		}
 		var e Encoder
@@ -52,6 +61,34 @@ func FuzzDecode(f *testing.F) {
 		if again.Node != b.Node || again.Incarnation != b.Incarnation || again.Seq != b.Seq ||
 			again.Time.UnixMilli() != b.Time.UnixMilli() || !slices.Equal(again.Flows, b.Flows) {
 			t.Fatalf("round trip changed the batch:\n%+v\n%+v", b, again)
+		}
+	})
+}
+
+// FuzzAddr checks the encoder's address formatting and the decoder's
+// address parsing against netip, which they replace on the hot paths.
+func FuzzAddr(f *testing.F) {
+	f.Add([]byte{10, 244, 1, 2}, "10.244.1.2")
+	f.Add([]byte{0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, "fd00::1")
+	f.Add([]byte{0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0}, "1:0:0:1::1:0")
+	f.Add([]byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 1, 2, 3, 4}, "::ffff:1.2.3.4")
+	f.Add([]byte{}, "010.1.1.1")
+	f.Add([]byte{}, "1.2.3.256")
+	f.Add([]byte{}, "1.2.3.4.5")
+	f.Add([]byte{}, "1.2.3.")
+	f.Fuzz(func(t *testing.T, ip []byte, s string) {
+		if a, ok := netip.AddrFromSlice(ip); ok {
+			if got, want := string(appendAddr(nil, a)), a.String(); got != want {
+				t.Errorf("appendAddr(%v) = %q, want %q", ip, got, want)
+			}
+		}
+		want, werr := netip.ParseAddr(s)
+		if werr == nil && want.Zone() != "" {
+			werr = errors.New("zone")
+		}
+		got, err := parseAddr("src", []byte(s))
+		if (err == nil) != (werr == nil) || got != want && werr == nil {
+			t.Errorf("parseAddr(%q) = %v, %v; netip: %v, %v", s, got, err, want, werr)
 		}
 	})
 }

@@ -9,18 +9,31 @@
 //     kubezonnet_agent_batch{incarnation="<hex>", node="<node name>", seq="<n>"}
 //     with one sample: value = number of flows in the batch, timestamp = the
 //     time the agent drained the kernel (ms), i.e. when the flows were seen.
-//  2. Per flow, two series, bytes immediately followed by packets, with the
-//     same labels:
-//     kubezonnet_flow_bytes{dport|sport="<port>", dst="<ip>", proto="<p>", src="<ip>"}
-//     kubezonnet_flow_packets{...same labels...}
-//     Each has one sample without a timestamp (the header's applies): the
-//     bytes (packets) the flow sent since the previous batch of this
-//     incarnation. Bytes
-//     are L3 bytes as on the wire (see the bpf package). dport means the
-//     service port is the destination port (client to service), sport that
-//     it is the source port (service answering); neither label is present
-//     for protocols without ports. proto is tcp, udp, icmp, icmpv6, sctp
-//     or the protocol number.
+//
+//  2. Per flow, exactly one series:
+//     kubezonnet_flow{dport|sport="<port>", dst="<ip>", proto="<p>", src="<ip>"}
+//     with exactly two samples, both without a timestamp (the header's
+//     applies): the first sample's value is the bytes, the second's the
+//     packets the flow sent since the previous batch of this incarnation,
+//     each a non-negative integer. Bytes are L3 bytes as on the wire (see
+//     the bpf package). dport means the service port is the destination
+//     port (client to service), sport that it is the source port (service
+//     answering); neither label is present for protocols without ports
+//     (then the port is 0), and one of them always is for tcp, udp and
+//     sctp. proto is tcp, udp, icmp, icmpv6, sctp or the protocol number.
+//     __name__ comes first and the labels are sorted by name, as
+//     remote-write requires; a flow series has no other label.
+//
+//     Two samples under one label set, rather than a bytes and a packets
+//     series, halve the request and the work to encode and decode it: the
+//     labels are most of a flow's bytes. Remote-write allows it (samples of
+//     one series), and nothing but the kubezonnet server consumes these
+//     series: Prometheus never stores them, so the two samples sharing a
+//     timestamp is no concern. The contract is pre-1.0: the server accepts
+//     only this form, not the former kubezonnet_flow_bytes and
+//     kubezonnet_flow_packets pair, so agents and servers are upgraded
+//     together.
+//
 //  3. The agent's self-metrics, any number: kubezonnet_agent_<name>{node,
 //     ...} with their cumulative value since the agent started, which the
 //     server re-exports so that push-only clusters see them.
@@ -46,9 +59,10 @@ import (
 
 // Series and label names of the contract.
 const (
-	MetricBatch   = "kubezonnet_agent_batch"
-	MetricBytes   = "kubezonnet_flow_bytes"
-	MetricPackets = "kubezonnet_flow_packets"
+	MetricBatch = "kubezonnet_agent_batch"
+	// MetricFlow is the one series per flow; its samples are the bytes
+	// then the packets.
+	MetricFlow = "kubezonnet_flow"
 	// AgentMetricPrefix starts the name of every agent self-metric.
 	AgentMetricPrefix = "kubezonnet_agent_"
 
