@@ -70,6 +70,7 @@ type flowTableSlot struct {
 	Key   flowFlowKey
 	Epoch uint32
 	St    flowFlowStats
+	Pad   uint64
 }
 
 // Names of all BPF objects in the ELF.
