@@ -355,7 +355,7 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 	base = ((ctl->gen & 1) * table_cpus + bpf_get_smp_processor_id()) * table_slots;
 	h = slot_hash(key);
 	*busy = 1;
-#pragma unroll
+#pragma clang loop unroll(disable)
 	for (int i = 0; i < TABLE_PROBES; i++) {
 		__u32 idx = base + ((h + i) & (table_slots - 1));
 
