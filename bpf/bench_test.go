@@ -169,7 +169,7 @@ func benchNewFlows(b *testing.B, pkt []byte, slots uint32, perGen int) {
 
 // BenchmarkDrain measures draining a generation of 100,000 flows, spread
 // over the CPUs as a node's senders spread them, with the flow table sized
-// for that load (131,072 slots per CPU: 7 MiB per CPU per generation).
+// for that load (131,072 slots per CPU: 8 MiB per CPU per generation).
 func BenchmarkDrain(b *testing.B) {
 	testutil.RequireRoot(b)
 	const flows = 100_000

@@ -34,7 +34,7 @@ const (
 	// values) and cover a busy node for a 10 s flush interval.
 	DefaultMaxFlows = 65536
 	// DefaultTableSlots is the flow table's size per CPU and generation:
-	// 8,192 slots of 56 bytes (448 KiB, ~0.9 MiB per CPU for both
+	// 8,192 slots of 64 bytes (512 KiB, 1 MiB per CPU for both
 	// generations) keep a CPU that sees 4,000 flows per interval at half
 	// load, where linear probing almost always finds a slot at once.
 	DefaultTableSlots = 8192
