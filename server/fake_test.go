@@ -2,6 +2,7 @@ package server
 
 import (
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/server/resolve"
@@ -11,8 +12,9 @@ import (
 // informers: it answers from a table of addresses. Ingest only depends on
 // the Resolver interface, and the resolver's own tests cover resolution.
 type fakeResolver struct {
-	eps    map[netip.Addr]*resolve.Endpoint
-	owners map[netip.Addr]string
+	eps      map[netip.Addr]*resolve.Endpoint
+	owners   map[netip.Addr]string
+	unsynced atomic.Bool
 }
 
 var fakeUnknown = &resolve.Endpoint{Kind: resolve.KindUnknown, Workload: "unknown", WorkloadKind: "Unknown",
@@ -24,6 +26,8 @@ func (f *fakeResolver) Resolve(ip netip.Addr, _ time.Time) *resolve.Endpoint {
 	}
 	return fakeUnknown
 }
+
+func (f *fakeResolver) HasSynced() bool { return !f.unsynced.Load() }
 
 func (f *fakeResolver) Owner(ip netip.Addr, _ time.Time) (string, bool) {
 	n, ok := f.owners[ip]

@@ -21,11 +21,14 @@ import (
 )
 
 // Resolver is what ingest needs of server/resolve.Resolver: endpoints for
-// addresses at the time a flow was seen, and the node an address belongs
-// to (to refuse flows an agent may not report).
+// addresses at the time a flow was seen, the node an address belongs to
+// (to refuse flows an agent may not report), and whether its informers
+// have synced (before that, batches are refused so agents send them again
+// instead of having every pod resolved as unknown).
 type Resolver interface {
 	Resolve(ip netip.Addr, at time.Time) *resolve.Endpoint
 	Owner(ip netip.Addr, at time.Time) (node string, ok bool)
+	HasSynced() bool
 }
 
 // Reasons a request is refused: values of the reason label of
@@ -42,11 +45,13 @@ const (
 	reasonMalformed       = "malformed"
 	reasonNodeMismatch    = "node_mismatch"
 	reasonRead            = "read_error"
+	reasonNotSynced       = "not_synced"
 )
 
 var rejectReasons = []string{
 	reasonMethod, reasonContentType, reasonContentEncoding, reasonUnauthenticated, reasonForbidden,
 	reasonAuthUnavailable, reasonBodyTooLarge, reasonLimit, reasonMalformed, reasonNodeMismatch, reasonRead,
+	reasonNotSynced,
 }
 
 // Status codes the handler answers, pre-registered so the hot path only
@@ -158,6 +163,15 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if ce := r.Header.Get("Content-Encoding"); ce != remotewrite.ContentEncoding {
 		in.refuse(w, http.StatusUnsupportedMediaType, reasonContentEncoding,
 			"content encoding %q not supported, want %s", ce, remotewrite.ContentEncoding)
+		return
+	}
+	if !in.res.HasSynced() {
+		// A server just started: pods are not indexed yet. Agents keep
+		// the batch and resend it; applying it now would resolve every
+		// address to unknown and lose its attribution for good.
+		w.Header().Set("Retry-After", "1")
+		in.refuse(w, http.StatusServiceUnavailable, reasonNotSynced,
+			"resolver informers not synced yet: send again shortly")
 		return
 	}
 	id, err := in.auth.authenticate(r.Context(), r)

@@ -219,6 +219,33 @@ func TestIngestAppliesOnce(t *testing.T) {
 	}
 }
 
+// TestIngestRefusesUntilSynced: a server that has just started answers 503
+// (which agents retry) until its resolver has synced, and applies nothing
+// meanwhile; the same batch is then applied once.
+func TestIngestRefusesUntilSynced(t *testing.T) {
+	env := newTestEnv(t, testConfig(), tokenAuth(t))
+	env.res.unsynced.Store(true)
+	body := encode(batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1500, 3)))
+	for range 2 {
+		if code, msg := env.do(t, req{body: body}); code != http.StatusServiceUnavailable || !strings.Contains(msg, "not synced") {
+			t.Fatalf("before sync: %d %q, want 503 saying not synced", code, msg)
+		}
+	}
+	if got := env.series(); slices.ContainsFunc(got, func(s string) bool { return strings.HasPrefix(s, "kubezonnet_pod_pair_bytes_total") }) {
+		t.Fatalf("applied before sync:\n%s", strings.Join(got, "\n"))
+	}
+	if v := env.metric("kubezonnet_server_ingest_rejected_total", "reason=not_synced"); v != 2 {
+		t.Errorf("not_synced refusals = %v, want 2", v)
+	}
+	env.res.unsynced.Store(false)
+	if code, msg := env.do(t, req{body: body}); code != http.StatusNoContent {
+		t.Fatalf("after sync: %d %s", code, msg)
+	}
+	if got := env.series(); !slices.Contains(got, `kubezonnet_pod_pair_bytes_total{`+webToDB+`} 1500`) {
+		t.Errorf("after sync:\n%s", strings.Join(got, "\n"))
+	}
+}
+
 func TestIngestRefusals(t *testing.T) {
 	valid := encode(batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1500, 3)))
 	manyFlows := make([]flow.Record, 70) // one series per flow
