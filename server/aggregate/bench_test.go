@@ -62,14 +62,7 @@ func BenchmarkMemoryPodPairs(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				now := time.Now()
-				flows := make([]Flow, dsts)
-				for i := range n {
-					for j := range dsts {
-						flows[j] = Flow{Src: src[i], Dst: dst[j], Class: ClassCrossZone, Counts: flow.Counts{Bytes: 1, Packets: 1}}
-					}
-					a.Apply(now, flows)
-				}
+				flows := fillPairs(a, src, dst)
 				runtime.GC()
 				runtime.ReadMemStats(&after)
 				if a.podPairs != n*dsts {
@@ -83,4 +76,18 @@ func BenchmarkMemoryPodPairs(b *testing.B) {
 			}
 		})
 	}
+}
+
+// fillPairs makes every src -> dst pair a live cross-zone pod pair of a and
+// returns the flow buffer it used (callers keep it alive while measuring).
+func fillPairs(a *Aggregator, src, dst []*resolve.Endpoint) []Flow {
+	now := time.Now()
+	flows := make([]Flow, len(dst))
+	for i := range src {
+		for j := range dst {
+			flows[j] = Flow{Src: src[i], Dst: dst[j], Class: ClassCrossZone, Counts: flow.Counts{Bytes: 1, Packets: 1}}
+		}
+		a.Apply(now, flows)
+	}
+	return flows
 }

@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/golang/snappy"
-	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
 )
@@ -151,14 +150,7 @@ func BenchmarkMemoryServer(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				now := time.Now()
-				flows := make([]Flow, dsts)
-				for i := range n {
-					for j := range dsts {
-						flows[j] = Flow{Src: src[i], Dst: dst[j], Class: ClassCrossZone, Counts: flow.Counts{Bytes: 1, Packets: 1}}
-					}
-					a.Apply(now, flows)
-				}
+				flows := fillPairs(a, src, dst)
 				if a.podPairs != n*dsts {
 					b.Fatalf("%d pod pairs, want %d", a.podPairs, n*dsts)
 				}
