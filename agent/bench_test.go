@@ -66,6 +66,7 @@ func BenchmarkDrainEncodeFlush(b *testing.B) {
 	var dr bpf.Drained
 	var scratch []flow.Record
 	var cpu time.Duration
+	var sz int
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -86,11 +87,12 @@ func BenchmarkDrainEncodeFlush(b *testing.B) {
 		}
 		buf.add(dr.Flows)
 		scratch = buf.take(scratch)
-		enc.Encode(&wire.Batch{Node: "n", Incarnation: "i", Seq: uint64(i + 1), Time: time.Now(), Flows: scratch})
+		sz = len(enc.Encode(&wire.Batch{Node: "n", Incarnation: "i", Seq: uint64(i + 1), Time: time.Now(), Flows: scratch}))
 		cpu += testutil.CPUTime() - cpu0
 		if len(scratch) != len(flows) {
 			b.Fatalf("%d flows, want %d", len(scratch), len(flows))
 		}
 	}
 	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/op")
+	b.ReportMetric(float64(sz)/float64(len(flows)), "wire-bytes/flow")
 }

@@ -86,6 +86,9 @@ func (e *Encoder) sortOrder() []orderKey {
 	return src
 }
 
+// sortBlock is the number of flows ordered together (see Encode).
+const sortBlock = 4096
+
 // Encode returns the snappy-compressed WriteRequest for b. The returned
 // slice is owned by the encoder and valid until the next call.
 func (e *Encoder) Encode(b *Batch) []byte {
@@ -102,12 +105,21 @@ func (e *Encoder) Encode(b *Batch) []byte {
 	e.sb.Sample(float64(len(b.Flows)), ts)
 	e.raw = e.sb.AppendTo(e.raw)
 
-	e.order = slices.Grow(e.order[:0], len(b.Flows))
-	for i := range b.Flows {
-		e.order = append(e.order, orderKey{k: keyOf(&b.Flows[i]), i: int32(i)})
-	}
-	for _, o := range e.sortOrder() {
-		e.raw = appendFlow(e.raw, &b.Flows[o.i])
+	// Flows are ordered within blocks, not across the whole batch: snappy
+	// only finds repeats within the last 64 KiB (some 600 flows), so a
+	// block of sortBlock flows holds nearly all the repeats a full sort
+	// would bring together, and its records (~300 KB) stay in the CPU's
+	// cache while they are read in key order; a full sort read 100,000
+	// records at random, a cache miss each.
+	for start := 0; start < len(b.Flows); start += sortBlock {
+		block := b.Flows[start:min(start+sortBlock, len(b.Flows))]
+		e.order = slices.Grow(e.order[:0], len(block))
+		for i := range block {
+			e.order = append(e.order, orderKey{k: keyOf(&block[i]), i: int32(i)})
+		}
+		for _, o := range e.sortOrder() {
+			e.raw = appendFlow(e.raw, &block[o.i])
+		}
 	}
 	for i := range b.Metrics {
 		m := &b.Metrics[i]
