@@ -176,15 +176,18 @@ func Load(cfg Config) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("counting possible CPUs: %w", err)
 	}
-	slotSize := int(unsafe.Sizeof(flowTableSlot{}))
-	if total := 2 * ncpu * int(cfg.TableSlots) * slotSize; total > MaxTableBytes {
-		return nil, fmt.Errorf("flow table of %d slots per CPU: %d MiB for %d CPUs and 2 generations, more than the %d MiB allowed", cfg.TableSlots, total>>20, ncpu, MaxTableBytes>>20)
+	// Both generations, every possible CPU.
+	slots := 2 * ncpu * int(cfg.TableSlots)
+	size := slots * int(unsafe.Sizeof(flowTableSlot{}))
+	if size > MaxTableBytes {
+		return nil, fmt.Errorf("flow table of %d slots per CPU: %d MiB for %d CPUs and 2 generations, more than the %d MiB allowed", cfg.TableSlots, size>>20, ncpu, MaxTableBytes>>20)
 	}
-	spec.Maps["flow_table"].MaxEntries = uint32(2 * ncpu * int(cfg.TableSlots))
-	for name, v := range map[string]uint32{"table_slots": cfg.TableSlots, "table_cpus": uint32(ncpu), "bench_new_flows": 0} {
-		if name == "bench_new_flows" && cfg.benchNewFlows {
-			v = 1
-		}
+	spec.Maps["flow_table"].MaxEntries = uint32(slots)
+	bench := uint32(0)
+	if cfg.benchNewFlows {
+		bench = 1
+	}
+	for name, v := range map[string]uint32{"table_slots": cfg.TableSlots, "table_cpus": uint32(ncpu), "bench_new_flows": bench} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return nil, fmt.Errorf("setting %s: %w", name, err)
 		}
@@ -198,14 +201,13 @@ func Load(cfg Config) (*Datapath, error) {
 		return nil, fmt.Errorf("loading datapath objects: %w", err)
 	}
 	d.gens = [2]*ebpf.Map{d.objs.Flows0, d.objs.Flows1}
-	size := 2 * ncpu * int(cfg.TableSlots) * slotSize
 	mem, err := unix.Mmap(d.objs.FlowTable.FD(), 0, (size+os.Getpagesize()-1)&^(os.Getpagesize()-1), unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {
 		d.objs.Close()
 		return nil, fmt.Errorf("mapping the flow table (%d MiB): %w", size>>20, err)
 	}
 	d.tableMem = mem
-	d.table = unsafe.Slice((*flowTableSlot)(unsafe.Pointer(&mem[0])), 2*ncpu*int(cfg.TableSlots))
+	d.table = unsafe.Slice((*flowTableSlot)(unsafe.Pointer(&mem[0])), slots)
 	if err := d.setTableGen(0); err != nil {
 		d.closeObjects()
 		return nil, err
