@@ -10,6 +10,8 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
@@ -67,7 +69,8 @@ const (
 	// ReasonNotLocal is not a loss: the source belongs to another node,
 	// whose agent counts it. Reported for visibility.
 	ReasonNotLocal Reason = Reason(flowCounterCOUNTER_NOT_LOCAL)
-	// ReasonNoMap: the active generation was missing (a bug if non-zero).
+	// ReasonNoMap: a map lookup that cannot fail failed (a bug if
+	// non-zero).
 	ReasonNoMap Reason = Reason(flowCounterCOUNTER_NO_MAP)
 	// NumReasons is the number of reasons.
 	NumReasons = int(flowCounterCOUNTER_MAX)
@@ -133,16 +136,21 @@ type Datapath struct {
 	// tableSlots its slots per CPU and generation; epochs the epoch of
 	// each generation's slots in use.
 	table      []flowTableSlot
-	tableMem   []byte
 	tableSlots int
 	epochs     [2]uint32
-	merge      merger
-	lastCnt    [NumReasons]flow.Counts
-	nCPU       int
-	keys       []flowFlowKey
-	vals       []flowFlowStats
-	cntVals    []flowFlowStats
-	closed     bool
+	// ctl is table_gen's value and inflight the per-CPU counters of
+	// program instances, both mapped into this process (see Drain).
+	ctl      *flowTableCtl
+	inflight []flowCpuInflight
+	// mems are the shared mappings, unmapped at close.
+	mems    [][]byte
+	merge   merger
+	lastCnt [NumReasons]flow.Counts
+	nCPU    int
+	keys    []flowFlowKey
+	vals    []flowFlowStats
+	cntVals []flowFlowStats
+	closed  bool
 }
 
 // Load checks the kernel, sizes the maps from cfg and loads the programs.
@@ -170,7 +178,7 @@ func Load(cfg Config) (*Datapath, error) {
 	for _, name := range []string{"flows_0", "flows_1"} {
 		spec.Maps[name].MaxEntries = cfg.MaxFlows
 	}
-	spec.Maps["active"].InnerMap.MaxEntries = cfg.MaxFlows
+	spec.Maps["flow_maps"].InnerMap.MaxEntries = cfg.MaxFlows
 
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
@@ -183,6 +191,7 @@ func Load(cfg Config) (*Datapath, error) {
 		return nil, fmt.Errorf("flow table of %d slots per CPU: %d MiB for %d CPUs and 2 generations, more than the %d MiB allowed", cfg.TableSlots, size>>20, ncpu, MaxTableBytes>>20)
 	}
 	spec.Maps["flow_table"].MaxEntries = uint32(slots)
+	spec.Maps["inflight"].MaxEntries = uint32(ncpu)
 	bench := uint32(0)
 	if cfg.benchNewFlows {
 		bench = 1
@@ -201,22 +210,53 @@ func Load(cfg Config) (*Datapath, error) {
 		return nil, fmt.Errorf("loading datapath objects: %w", err)
 	}
 	d.gens = [2]*ebpf.Map{d.objs.Flows0, d.objs.Flows1}
-	mem, err := unix.Mmap(d.objs.FlowTable.FD(), 0, (size+os.Getpagesize()-1)&^(os.Getpagesize()-1), unix.PROT_READ, unix.MAP_SHARED)
-	if err != nil {
-		d.objs.Close()
-		return nil, fmt.Errorf("mapping the flow table (%d MiB): %w", size>>20, err)
-	}
-	d.tableMem = mem
-	d.table = unsafe.Slice((*flowTableSlot)(unsafe.Pointer(&mem[0])), slots)
-	if err := d.setTableGen(0); err != nil {
+	if err := d.mapShared(); err != nil {
 		d.closeObjects()
 		return nil, err
 	}
-	if err := d.objs.Active.Put(uint32(0), d.gens[0]); err != nil {
-		d.closeObjects()
-		return nil, fmt.Errorf("activating flow generation 0: %w", err)
+	for g, m := range d.gens {
+		if err := d.objs.FlowMaps.Put(uint32(g), m); err != nil {
+			d.closeObjects()
+			return nil, fmt.Errorf("installing the hash map of flow generation %d: %w", g, err)
+		}
 	}
+	d.publish(0)
 	return d, nil
+}
+
+// mapShared maps the flow table (read only), table_gen (read-write) and
+// the in-flight counters (read only) into this process.
+func (d *Datapath) mapShared() error {
+	table, err := mapArray(d.objs.FlowTable, unix.PROT_READ)
+	if err != nil {
+		return fmt.Errorf("mapping the flow table: %w", err)
+	}
+	d.mems = append(d.mems, table)
+	d.table = unsafe.Slice((*flowTableSlot)(unsafe.Pointer(&table[0])), d.objs.FlowTable.MaxEntries())
+	ctl, err := mapArray(d.objs.TableGen, unix.PROT_READ|unix.PROT_WRITE)
+	if err != nil {
+		return fmt.Errorf("mapping table_gen: %w", err)
+	}
+	d.mems = append(d.mems, ctl)
+	d.ctl = (*flowTableCtl)(unsafe.Pointer(&ctl[0]))
+	fl, err := mapArray(d.objs.Inflight, unix.PROT_READ)
+	if err != nil {
+		return fmt.Errorf("mapping the in-flight counters: %w", err)
+	}
+	d.mems = append(d.mems, fl)
+	d.inflight = unsafe.Slice((*flowCpuInflight)(unsafe.Pointer(&fl[0])), d.nCPU)
+	return nil
+}
+
+// mapArray maps the values of a BPF_F_MMAPABLE array into this process.
+func mapArray(m *ebpf.Map, prot int) ([]byte, error) {
+	size := int(m.MaxEntries()) * int(m.ValueSize())
+	page := os.Getpagesize()
+	mem, err := unix.Mmap(m.FD(), 0, (size+page-1)&^(page-1), prot, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("%d KiB: %w", size>>10, err)
+	}
+	return mem, nil
 }
 
 // ErrPermission is returned when the process may not load BPF programs.
@@ -348,10 +388,11 @@ func (d *Datapath) SetLocalPrefixes(prefixes []netip.Prefix) error {
 		return fmt.Errorf("activating local prefixes: %w", err)
 	}
 	// Wait until no program can still be reading the old set before it
-	// may be overwritten by the next call: re-putting the active flow
-	// generation is a map-in-map update, which returns after an RCU
-	// grace period.
-	if err := d.objs.Active.Put(uint32(0), d.gens[d.active]); err != nil {
+	// may be overwritten by the next call: re-putting a generation's hash
+	// map is a map-in-map update, which returns after an RCU grace period
+	// (maybe_wait_bpf_programs in kernel/bpf/syscall.c). Prefixes change
+	// rarely; a drain, which runs every flush, does not pay for this.
+	if err := d.objs.FlowMaps.Put(uint32(0), d.gens[0]); err != nil {
 		return fmt.Errorf("waiting for readers of the old prefixes: %w", err)
 	}
 	d.prefixSlot = idle
@@ -361,9 +402,11 @@ func (d *Datapath) SetLocalPrefixes(prefixes []netip.Prefix) error {
 // Drain swaps the flow generations and returns everything counted in the
 // generation that was active, appending flows to dst.Flows[:0].
 //
-// It loses nothing: the swap is a map-in-map update, which the kernel only
-// completes after an RCU grace period, so every program that could still
-// write to the old generation has finished before it is read and emptied.
+// It loses nothing: after switching table_gen it waits until it has seen
+// every CPU's in-flight counter at zero, so every program instance that
+// could still write to the old generation has finished before it is read
+// and emptied (the protocol is in flow.c, above account()). The wait is
+// normally a load per CPU: an instance runs for well under a microsecond.
 func (d *Datapath) Drain(dst *Drained) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -373,16 +416,8 @@ func (d *Datapath) Drain(dst *Drained) error {
 	dst.Flows = dst.Flows[:0]
 	old := d.active
 	next := 1 - old
-	// The table first, with a plain write; then the hash map, with a
-	// map-in-map update that returns only after an RCU grace period: by
-	// then every program that could still write to the old table
-	// generation or the old hash map has finished.
-	if err := d.setTableGen(next); err != nil {
-		return err
-	}
-	if err := d.objs.Active.Put(uint32(0), d.gens[next]); err != nil {
-		return fmt.Errorf("swapping flow generation: %w", err)
-	}
+	d.publish(next)
+	d.waitQuiescent()
 	d.active = next
 	d.merge.reset()
 	d.drainTable(old, dst)
@@ -396,20 +431,30 @@ func (d *Datapath) Drain(dst *Drained) error {
 		e = 1
 	}
 	d.epochs[old] = e
-	if err := d.setTableGen(next); err != nil {
-		return err
-	}
 	return d.readCounters(dst)
 }
 
-// setTableGen makes table generation g the one programs write to, with the
-// current epochs.
-func (d *Datapath) setTableGen(g int) error {
-	ctl := flowTableCtl{Gen: uint32(g), Epoch0: d.epochs[0], Epoch1: d.epochs[1]}
-	if err := d.objs.TableGen.Put(uint32(0), &ctl); err != nil {
-		return fmt.Errorf("switching flow table generation: %w", err)
+// publish makes generation g, with its current epoch, the one programs
+// write to: one atomic store, which Go orders before the loads of
+// waitQuiescent.
+func (d *Datapath) publish(g int) {
+	atomic.StoreUint64(&d.ctl.Active, uint64(g)|uint64(d.epochs[g])<<32)
+}
+
+// waitQuiescent returns once it has seen each CPU's in-flight counter at
+// zero after the last publish. A counter stays non-zero only while an
+// instance runs, or is preempted in process context: then it yields and
+// looks again.
+func (d *Datapath) waitQuiescent() {
+	for cpu := range d.inflight {
+		n := &d.inflight[cpu].N
+		for spins := 0; atomic.LoadUint32(n) != 0; spins++ {
+			if spins < 64 {
+				continue
+			}
+			time.Sleep(20 * time.Microsecond)
+		}
 	}
-	return nil
 }
 
 // drainTable appends the flows in the slots of idle table generation g to
@@ -515,16 +560,17 @@ func (d *Datapath) Close() error {
 	return errors.Join(errs...)
 }
 
-// closeObjects unmaps the flow table, then closes the programs and maps.
+// closeObjects unmaps the shared mappings, then closes the programs and
+// maps.
 func (d *Datapath) closeObjects() error {
 	var errs []error
-	if d.tableMem != nil {
-		d.table = nil
-		if err := unix.Munmap(d.tableMem); err != nil {
-			errs = append(errs, fmt.Errorf("unmapping the flow table: %w", err))
+	d.table, d.ctl, d.inflight = nil, nil, nil
+	for _, mem := range d.mems {
+		if err := unix.Munmap(mem); err != nil {
+			errs = append(errs, fmt.Errorf("unmapping a shared map: %w", err))
 		}
-		d.tableMem = nil
 	}
+	d.mems = nil
 	if err := d.objs.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("closing objects: %w", err))
 	}

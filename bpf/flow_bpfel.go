@@ -24,6 +24,12 @@ const (
 	flowCounterCOUNTER_MAX         flowCounter = 5
 )
 
+type flowCpuInflight struct {
+	_   structs.HostLayout
+	N   uint32
+	Pad [15]uint32
+}
+
 type flowFlowFlag uint32
 
 const (
@@ -60,9 +66,7 @@ type flowPrefixSet struct {
 
 type flowTableCtl struct {
 	_      structs.HostLayout
-	Gen    uint32
-	Epoch0 uint32
-	Epoch1 uint32
+	Active uint64
 }
 
 type flowTableSlot struct {
@@ -77,14 +81,14 @@ type flowTableSlot struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	flowMapActive           = "active"
 	flowMapCounters         = "counters"
+	flowMapFlowMaps         = "flow_maps"
 	flowMapFlowTable        = "flow_table"
 	flowMapFlows0           = "flows_0"
 	flowMapFlows1           = "flows_1"
+	flowMapInflight         = "inflight"
 	flowMapPrefixActive     = "prefix_active"
 	flowMapPrefixSets       = "prefix_sets"
-	flowMapTableBusy        = "table_busy"
 	flowMapTableGen         = "table_gen"
 	flowProgKznCgroupEgress = "kzn_cgroup_egress"
 	flowProgKznNetfilter    = "kzn_netfilter"
@@ -146,14 +150,14 @@ type flowProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowMapSpecs struct {
-	Active       *ebpf.MapSpec `ebpf:"active"`
 	Counters     *ebpf.MapSpec `ebpf:"counters"`
+	FlowMaps     *ebpf.MapSpec `ebpf:"flow_maps"`
 	FlowTable    *ebpf.MapSpec `ebpf:"flow_table"`
 	Flows0       *ebpf.MapSpec `ebpf:"flows_0"`
 	Flows1       *ebpf.MapSpec `ebpf:"flows_1"`
+	Inflight     *ebpf.MapSpec `ebpf:"inflight"`
 	PrefixActive *ebpf.MapSpec `ebpf:"prefix_active"`
 	PrefixSets   *ebpf.MapSpec `ebpf:"prefix_sets"`
-	TableBusy    *ebpf.MapSpec `ebpf:"table_busy"`
 	TableGen     *ebpf.MapSpec `ebpf:"table_gen"`
 }
 
@@ -189,27 +193,27 @@ func (o *flowObjects) Close() error {
 //
 // It can be passed to loadFlowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowMaps struct {
-	Active       *ebpf.Map `ebpf:"active"`
 	Counters     *ebpf.Map `ebpf:"counters"`
+	FlowMaps     *ebpf.Map `ebpf:"flow_maps"`
 	FlowTable    *ebpf.Map `ebpf:"flow_table"`
 	Flows0       *ebpf.Map `ebpf:"flows_0"`
 	Flows1       *ebpf.Map `ebpf:"flows_1"`
+	Inflight     *ebpf.Map `ebpf:"inflight"`
 	PrefixActive *ebpf.Map `ebpf:"prefix_active"`
 	PrefixSets   *ebpf.Map `ebpf:"prefix_sets"`
-	TableBusy    *ebpf.Map `ebpf:"table_busy"`
 	TableGen     *ebpf.Map `ebpf:"table_gen"`
 }
 
 func (m *flowMaps) Close() error {
 	return _FlowClose(
-		m.Active,
 		m.Counters,
+		m.FlowMaps,
 		m.FlowTable,
 		m.Flows0,
 		m.Flows1,
+		m.Inflight,
 		m.PrefixActive,
 		m.PrefixSets,
-		m.TableBusy,
 		m.TableGen,
 	)
 }
