@@ -6,8 +6,10 @@ import (
 	"math"
 	"math/bits"
 	"net/netip"
+	"runtime"
 	"slices"
 	"strconv"
+	"sync"
 
 	"github.com/golang/snappy"
 
@@ -18,14 +20,37 @@ import (
 // Encoder turns batches into compressed request bodies. It keeps its
 // buffers between calls, so steady-state encoding allocates nothing; it is
 // not safe for concurrent use.
+//
+// A large batch is encoded and compressed in parts, one goroutine each (up
+// to GOMAXPROCS, at most maxParts), and the parts' snappy output joined
+// into one block: snappy's copies point back within what is already
+// written, so the elements of independently compressed parts decode, one
+// after the other, to the parts' concatenation. Only the length prefix is
+// rewritten. snappy.Encode works in independent 64 KiB blocks anyway, so
+// parts cost no compression.
 type Encoder struct {
 	sb      remotewrite.SeriesBuilder
-	raw     []byte
-	out     []byte
 	scratch []byte
-	order   []orderKey
-	tmp     []orderKey
+	tail    []byte
+	parts   []part
+	out     []byte
+	// nparts fixes the number of parts (tests); 0 lets Encode choose.
+	nparts int
 }
+
+// part is one goroutine's share of a batch: its blocks of flows, encoded
+// and then compressed.
+type part struct {
+	raw   []byte
+	comp  []byte
+	order []orderKey
+	tmp   []orderKey
+}
+
+// maxParts bounds the goroutines one Encode uses: two already bring a
+// flush of 100,000 flows well within its time budget, and an agent should
+// not take every core of a busy node for a moment.
+const maxParts = 4
 
 // orderKey places flows with the same source and nearby destinations next
 // to each other, which is what lets snappy find repeated label bytes; the
@@ -42,10 +67,10 @@ func keyOf(f *flow.Record) uint64 {
 		uint64(d[12])<<24 | uint64(d[13])<<16 | uint64(d[14])<<8 | uint64(d[15])
 }
 
-// sortOrder sorts e.order by key: a least significant digit radix sort,
+// sortOrder sorts p.order by key: a least significant digit radix sort,
 // a byte per pass, skipping the bytes all keys share. It returns the sorted
-// slice (e.order or e.tmp).
-func (e *Encoder) sortOrder() []orderKey {
+// slice (p.order or p.tmp).
+func (e *part) sortOrder() []orderKey {
 	a := e.order
 	if len(a) < 256 {
 		slices.SortFunc(a, func(x, y orderKey) int { return cmp.Compare(x.k, y.k) })
@@ -93,9 +118,22 @@ const sortBlock = 4096
 // slice is owned by the encoder and valid until the next call.
 func (e *Encoder) Encode(b *Batch) []byte {
 	ts := b.Time.UnixMilli()
-	// An IPv4 flow takes about 125 bytes: grow once, not by doubling.
-	e.raw = slices.Grow(e.raw[:0], 256+128*len(b.Flows))
+	blocks := (len(b.Flows) + sortBlock - 1) / sortBlock
+	n := e.nparts
+	if n <= 0 {
+		n = min(runtime.GOMAXPROCS(0), maxParts)
+	}
+	n = max(min(n, blocks), 1)
+	if len(e.parts) < n {
+		e.parts = append(e.parts, make([]part, n-len(e.parts))...)
+	}
+	parts := e.parts[:n]
 
+	// The header opens the first part, the agent's own metrics close the
+	// last; both are written here, before the parts start.
+	p0 := &parts[0]
+	// An IPv4 flow takes about 125 bytes: grow once, not by doubling.
+	p0.raw = slices.Grow(p0.raw[:0], 256+128*len(b.Flows)/n)
 	e.sb.Reset()
 	e.sb.Label(LabelName, MetricBatch)
 	e.sb.Label(LabelIncarnation, b.Incarnation)
@@ -103,24 +141,8 @@ func (e *Encoder) Encode(b *Batch) []byte {
 	e.scratch = strconv.AppendUint(e.scratch[:0], b.Seq, 10)
 	e.sb.LabelBytes(LabelSeq, e.scratch)
 	e.sb.Sample(float64(len(b.Flows)), ts)
-	e.raw = e.sb.AppendTo(e.raw)
-
-	// Flows are ordered within blocks, not across the whole batch: snappy
-	// only finds repeats within the last 64 KiB (some 600 flows), so a
-	// block of sortBlock flows holds nearly all the repeats a full sort
-	// would bring together, and its records (~300 KB) stay in the CPU's
-	// cache while they are read in key order; a full sort read 100,000
-	// records at random, a cache miss each.
-	for start := 0; start < len(b.Flows); start += sortBlock {
-		block := b.Flows[start:min(start+sortBlock, len(b.Flows))]
-		e.order = slices.Grow(e.order[:0], len(block))
-		for i := range block {
-			e.order = append(e.order, orderKey{k: keyOf(&block[i]), i: int32(i)})
-		}
-		for _, o := range e.sortOrder() {
-			e.raw = appendFlow(e.raw, &block[o.i])
-		}
-	}
+	p0.raw = e.sb.AppendTo(p0.raw)
+	e.tail = e.tail[:0]
 	for i := range b.Metrics {
 		m := &b.Metrics[i]
 		e.sb.Reset()
@@ -138,15 +160,76 @@ func (e *Encoder) Encode(b *Batch) []byte {
 			e.sb.Label(LabelNode, b.Node)
 		}
 		e.sb.Sample(m.Value, ts)
-		e.raw = e.sb.AppendTo(e.raw)
+		e.tail = e.sb.AppendTo(e.tail)
 	}
+
+	// Part i takes blocks [i*blocks/n, (i+1)*blocks/n); part 0 runs on
+	// this goroutine, last.
+	var wg sync.WaitGroup
+	for i := n - 1; i >= 0; i-- {
+		p := &parts[i]
+		if i > 0 {
+			p.raw = slices.Grow(p.raw[:0], 128*len(b.Flows)/n)
+		}
+		lo := min(i*blocks/n*sortBlock, len(b.Flows))
+		hi := min((i+1)*blocks/n*sortBlock, len(b.Flows))
+		var tail []byte
+		if i == n-1 {
+			tail = e.tail
+		}
+		if i == 0 {
+			p.encode(b.Flows[lo:hi], tail)
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.encode(b.Flows[lo:hi], tail)
+		}()
+	}
+	wg.Wait()
+	if n == 1 {
+		return parts[0].comp
+	}
+	total := 0
+	for i := range parts {
+		total += len(parts[i].raw)
+	}
+	e.out = binary.AppendUvarint(e.out[:0], uint64(total))
+	for i := range parts {
+		_, hdr := binary.Uvarint(parts[i].comp)
+		e.out = append(e.out, parts[i].comp[hdr:]...)
+	}
+	return e.out
+}
+
+// encode appends the flows to p.raw (which may hold the header already),
+// then tail, and compresses the result into p.comp.
+//
+// Flows are ordered within blocks, not across the whole batch: snappy
+// only finds repeats within the last 64 KiB (some 600 flows), so a block
+// of sortBlock flows holds nearly all the repeats a full sort would bring
+// together, and its records (~300 KB) stay in the CPU's cache while they
+// are read in key order; a full sort read 100,000 records at random, a
+// cache miss each.
+func (p *part) encode(flows []flow.Record, tail []byte) {
+	for start := 0; start < len(flows); start += sortBlock {
+		block := flows[start:min(start+sortBlock, len(flows))]
+		p.order = slices.Grow(p.order[:0], len(block))
+		for i := range block {
+			p.order = append(p.order, orderKey{k: keyOf(&block[i]), i: int32(i)})
+		}
+		for _, o := range p.sortOrder() {
+			p.raw = appendFlow(p.raw, &block[o.i])
+		}
+	}
+	p.raw = append(p.raw, tail...)
 	// Grow the output with headroom: snappy allocates whenever the
 	// destination is a byte short, and batch sizes wobble.
-	if need := snappy.MaxEncodedLen(len(e.raw)); cap(e.out) < need {
-		e.out = make([]byte, need+need/8)
+	if need := snappy.MaxEncodedLen(len(p.raw)); cap(p.comp) < need {
+		p.comp = make([]byte, need+need/8)
 	}
-	e.out = snappy.Encode(e.out[:cap(e.out)], e.raw)
-	return e.out
+	p.comp = snappy.Encode(p.comp[:cap(p.comp)], p.raw)
 }
 
 // hasPort reports whether a flow's series carries a port label: always
