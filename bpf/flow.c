@@ -31,8 +31,8 @@
  * zero: from then on no program can still be writing to the idle
  * generation, which is then drained at leisure. (See account() for the
  * memory ordering.) This replaces an RCU grace period, which user space can
- * only wait for with a map-in-map update: 8 ms per drain on a HZ=250
- * kernel, a sixth of the agent's flush budget.
+ * only wait for with a map-in-map update: 8 ms per drain on our test
+ * machines, a sixth of the agent's flush budget.
  *
  * Nothing silent: a flow that cannot be inserted (map full, or the bucket lock
  * busy because this program interrupted itself on the same CPU) or a packet
