@@ -489,6 +489,7 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 {
 	struct flow_key key = {};
 	__u32 l3len, l4len = 0, segs;
+	__u64 extra;
 	int has_l4 = 1;
 	__u8 proto;
 
@@ -593,10 +594,13 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 	if (segs == 0 && gso_size > 0 && len > l3len + l4len)
 		segs = (len - l3len - l4len + gso_size - 1) / gso_size;
 	if (segs <= 1) {
-		account(&key, len, 1);
-		return PARSED;
+		segs = 1;
+		extra = 0;
+	} else {
+		extra = (__u64)(segs - 1) * (l3len + l4len);
 	}
-	account(&key, (__u64)len + (__u64)(segs - 1) * (l3len + l4len), segs);
+	/* One call site: account() is inlined once per parser copy. */
+	account(&key, (__u64)len + extra, segs);
 	return PARSED;
 }
 
