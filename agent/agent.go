@@ -157,10 +157,11 @@ func (a *Agent) Run(ctx context.Context) error {
 
 // drain moves the kernel's counts into the buffer.
 func (a *Agent) drain() error {
+	start := time.Now()
 	if err := a.dp.Drain(&a.drained); err != nil {
 		return err
 	}
-	a.m.drained(&a.drained)
+	a.m.drained(&a.drained, time.Since(start))
 	if lost := a.buf.add(a.drained.Flows); !lost.IsZero() {
 		a.m.uncounted("buffer_full", lost)
 		a.log.Warn("flow buffer full: new flows dropped", "bytes", lost.Bytes, "packets", lost.Packets, "max_buffered_flows", a.cfg.MaxBufferedFlows)

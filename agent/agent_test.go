@@ -159,6 +159,11 @@ func TestRetriesLoseNothingAndDoubleNothing(t *testing.T) {
 	if r := metricValue(t, ra.Agent, "kubezonnet_agent_send_retries_total", ""); r < 4 {
 		t.Errorf("send_retries_total = %v, want >= 4", r)
 	}
+	drained := metricValue(t, ra.Agent, "kubezonnet_agent_drain_seconds_total", "")
+	waited := metricValue(t, ra.Agent, "kubezonnet_agent_drain_wait_seconds_total", "")
+	if drained <= 0 || waited < 0 || waited > drained {
+		t.Errorf("drain_seconds_total = %v, drain_wait_seconds_total = %v: want drain time > 0 and the wait a part of it", drained, waited)
+	}
 }
 
 // TestRejectedBatchIsNotRetried: a 400 is final: logged, counted, and the

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"sync/atomic"
+	"time"
 
 	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
@@ -19,6 +20,7 @@ type agentMetrics struct {
 	uncountedBytes, uncountedPackets map[string]*metrics.Counter
 	attempts, failures, retries      *metrics.Counter
 	batches, rejected, prefixErrors  *metrics.Counter
+	drainTime, drainWait             *metrics.Counter
 	lastSend                         *metrics.Gauge
 	buffered                         atomic.Int64
 }
@@ -39,6 +41,8 @@ func newAgentMetrics(r *metrics.Registry) *agentMetrics {
 		rejected:         r.Counter("kubezonnet_agent_batches_rejected_total", "Batches the server refused for good (4xx); their counts are in uncounted{reason=\"rejected\"}."),
 		prefixErrors:     r.Counter("kubezonnet_agent_prefix_refresh_errors_total", "Failed refreshes of the local prefixes from the Node object."),
 		lastSend:         r.Gauge("kubezonnet_agent_last_send_timestamp_seconds", "Unix time of the last batch acknowledged by the server."),
+		drainTime:        r.Counter("kubezonnet_agent_drain_seconds_total", "Time spent draining the kernel's flow counts."),
+		drainWait:        r.Counter("kubezonnet_agent_drain_wait_seconds_total", "Part of the drain time spent waiting for kernel programs still counting into the old generation (grows when they are preempted)."),
 	}
 	reasons := agentReasons
 	for i := range bpf.NumReasons {
@@ -54,8 +58,10 @@ func newAgentMetrics(r *metrics.Registry) *agentMetrics {
 	return m
 }
 
-// drained records one drain.
-func (m *agentMetrics) drained(d *bpf.Drained) {
+// drained records one drain, which lasted took.
+func (m *agentMetrics) drained(d *bpf.Drained, took time.Duration) {
+	m.drainTime.Add(took.Seconds())
+	m.drainWait.Add(d.Waited.Seconds())
 	var sum flow.Counts
 	for _, r := range d.Flows {
 		sum.Add(r.Counts)

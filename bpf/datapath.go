@@ -120,6 +120,10 @@ type Drained struct {
 	// Uncounted holds, per Reason, the bytes and packets not counted in
 	// Flows. ReasonNotLocal is informational, the others are losses.
 	Uncounted [NumReasons]flow.Counts
+	// Waited is how long the drain waited for program instances still
+	// running on the old generation: normally zero, it grows when a
+	// program is preempted (process context on a preemptible kernel).
+	Waited time.Duration
 }
 
 // Datapath owns the kernel objects of one loaded program set: the maps, the
@@ -417,7 +421,7 @@ func (d *Datapath) Drain(dst *Drained) error {
 	old := d.active
 	next := 1 - old
 	d.publish(next)
-	d.waitQuiescent()
+	dst.Waited = d.waitQuiescent()
 	d.active = next
 	d.merge.reset()
 	d.drainTable(old, dst)
@@ -442,19 +446,27 @@ func (d *Datapath) publish(g int) {
 }
 
 // waitQuiescent returns once it has seen each CPU's in-flight counter at
-// zero after the last publish. A counter stays non-zero only while an
-// instance runs, or is preempted in process context: then it yields and
-// looks again.
-func (d *Datapath) waitQuiescent() {
+// zero after the last publish, and how long that took when it was not at
+// once. A counter stays non-zero only while an instance runs, or is
+// preempted in process context: then it yields and looks again.
+func (d *Datapath) waitQuiescent() time.Duration {
+	var start time.Time
 	for cpu := range d.inflight {
 		n := &d.inflight[cpu].N
 		for spins := 0; atomic.LoadUint32(n) != 0; spins++ {
+			if start.IsZero() {
+				start = time.Now()
+			}
 			if spins < 64 {
 				continue
 			}
 			time.Sleep(20 * time.Microsecond)
 		}
 	}
+	if start.IsZero() {
+		return 0
+	}
+	return time.Since(start)
 }
 
 // drainTable appends the flows in the slots of idle table generation g to

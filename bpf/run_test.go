@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -287,5 +288,63 @@ func TestDrainUnderLoadLosesNothing(t *testing.T) {
 		if got.Packets != runs || got.Bytes != runs*size {
 			t.Errorf("round %d: counted %+v, the kernel ran the program %d times (%d bytes): lost %d packets", round, got, runs, runs*size, int64(runs)-int64(got.Packets))
 		}
+	}
+}
+
+// TestDrainWaitsForProgramsInFlight: a drain switches generations, then
+// does not return while a CPU's in-flight counter says a program may
+// still be counting into the old generation; it reports how long it
+// waited. A packet counted meanwhile lands in the new generation: not in
+// this drain, in the next. The test stands in for a preempted program by
+// setting the counter itself: a real preemption inside a BPF program
+// cannot be staged on demand.
+func TestDrainWaitsForProgramsInFlight(t *testing.T) {
+	testutil.RequireRoot(t)
+	d := loadLocal(t, Config{}, "10.0.0.0/8")
+	cpu := uint32(d.nCPU - 1)
+	setInflight := func(n uint32) {
+		t.Helper()
+		if err := d.objs.Inflight.Put(cpu, flowCpuInflight{N: n}); err != nil {
+			t.Fatalf("setting the in-flight counter of CPU %d: %v", cpu, err)
+		}
+	}
+	pkt := packet.IPv4(t, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.MustParseAddrPort("10.1.0.1:443"), 100, 0)
+	runNF(t, d, pkt) // counted in the generation the drain takes
+
+	setInflight(1)
+	type result struct {
+		dr  Drained
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		var r result
+		r.err = d.Drain(&r.dr)
+		done <- r
+	}()
+	const held = 100 * time.Millisecond
+	select {
+	case r := <-done:
+		t.Fatalf("drain returned (err %v) while CPU %d had a program in flight", r.err, cpu)
+	case <-time.After(held):
+	}
+	runNF(t, d, pkt) // the generation was switched before the wait
+	setInflight(0)
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if got := total(r.dr.Flows); got.Packets != 1 {
+		t.Errorf("drain during the wait: %d packets, want the 1 sent before it", got.Packets)
+	}
+	if r.dr.Waited < held/2 {
+		t.Errorf("drain reported waiting %v, it was held for %v", r.dr.Waited, held)
+	}
+	next := drain(t, d)
+	if got := total(next.Flows); got.Packets != 1 {
+		t.Errorf("next drain: %d packets, want the 1 sent during the wait", got.Packets)
+	}
+	if next.Waited != 0 {
+		t.Errorf("next drain waited %v with no program in flight", next.Waited)
 	}
 }
