@@ -111,7 +111,7 @@ func NewPusher(cfg PusherConfig, sources []Source, reg *metrics.Registry, log *s
 		cfg:     cfg,
 		sources: slices.Clone(sources),
 		log:     log,
-		table:   newSeriesTable(encCacheMax),
+		table:   newSeriesTable(cfg.LabelCacheMiB << 20),
 		raw:     make([][]byte, cfg.Shards),
 		rawN:    make([]int, cfg.Shards),
 		reqs:    make([][]request, cfg.Shards),

@@ -13,14 +13,6 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 )
 
-// encCacheMax bounds the bytes of encoded label sets the pusher keeps
-// between pushes (seriesTable.arena). Caching is what makes a snapshot
-// cheap: encoding a pod-pair series' 15 labels costs ~270 ns, copying its
-// cached ~360 bytes a tenth of that. But it costs that memory per series,
-// so the cache stops at 128 MiB (~370,000 such series, the arena growing by
-// half as needed); series beyond it are encoded afresh at every push.
-const encCacheMax = 128 << 20
-
 // seriesTable is what the pusher remembers between snapshots: one entry
 // per series of the last snapshot, found by the identity of the source's
 // label slice.
@@ -28,7 +20,7 @@ const encCacheMax = 128 << 20
 // Sources return the same immutable label slice for a series push after
 // push (see Series), so the slice's address identifies the series, and
 // the entry carries what its labels give: the content hash (shard, content
-// index) and, within encCacheMax, the encoded label fields themselves, so
+// index) and, within the cache's bound, the encoded label fields themselves, so
 // that encoding a known series is one copy of its cached bytes plus its
 // sample. Recognising a series needs no hashing either: its entry is
 // almost always the successor of the previous series' entry in the last
@@ -90,6 +82,14 @@ type seriesEntry struct {
 	cached bool
 }
 
+// newSeriesTable returns an empty table whose label cache holds at most
+// limit bytes.
+//
+// Caching is what makes a snapshot cheap: encoding a pod-pair series' 15
+// labels costs ~270 ns, copying its cached ~360 bytes a tenth of that. But
+// it costs that memory per series, so the arena stops at limit bytes
+// (--remote-write-label-cache-mib, growing by half as needed); series
+// beyond it are encoded afresh at every push.
 func newSeriesTable(limit int) seriesTable {
 	return seriesTable{
 		seed:   maphash.MakeSeed(),
