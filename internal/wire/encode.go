@@ -70,8 +70,8 @@ func keyOf(f *flow.Record) uint64 {
 // sortOrder sorts p.order by key: a least significant digit radix sort,
 // a byte per pass, skipping the bytes all keys share. It returns the sorted
 // slice (p.order or p.tmp).
-func (e *part) sortOrder() []orderKey {
-	a := e.order
+func (p *part) sortOrder() []orderKey {
+	a := p.order
 	if len(a) < 256 {
 		slices.SortFunc(a, func(x, y orderKey) int { return cmp.Compare(x.k, y.k) })
 		return a
@@ -88,8 +88,8 @@ func (e *part) sortOrder() []orderKey {
 		counts[6][byte(k>>48)]++
 		counts[7][byte(k>>56)]++
 	}
-	e.tmp = slices.Grow(e.tmp[:0], len(a))[:len(a)]
-	src, dst := a, e.tmp
+	p.tmp = slices.Grow(p.tmp[:0], len(a))[:len(a)]
+	src, dst := a, p.tmp
 	for d := range counts {
 		c := &counts[d]
 		shift := 8 * d
