@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/bits"
 	"net/netip"
 	"os"
 	"strings"
@@ -134,8 +135,8 @@ type Datapath struct {
 	gens   [2]*ebpf.Map
 	active int
 	links  []link.Link
-	// prefixSlot is the active entry of prefix_sets.
-	prefixSlot uint32
+	// prefixes is what local_prefixes holds.
+	prefixes flowPrefixState
 	// table is the flow table mapped into this process (read only);
 	// tableSlots its slots per CPU and generation; epochs the epoch of
 	// each generation's slots in use.
@@ -200,7 +201,7 @@ func Load(cfg Config) (*Datapath, error) {
 	if cfg.benchNewFlows {
 		bench = 1
 	}
-	for name, v := range map[string]uint32{"table_slots": cfg.TableSlots, "table_cpus": uint32(ncpu), "bench_new_flows": bench} {
+	for name, v := range map[string]uint32{"table_slots": cfg.TableSlots, "table_bits": uint32(bits.TrailingZeros32(cfg.TableSlots)), "table_cpus": uint32(ncpu), "bench_new_flows": bench} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return nil, fmt.Errorf("setting %s: %w", name, err)
 		}
@@ -384,11 +385,18 @@ func (d *Datapath) SetLocalPrefixes(prefixes []netip.Prefix) error {
 	if d.closed {
 		return errors.New("setting local prefixes: datapath closed")
 	}
-	idle := 1 - d.prefixSlot
-	if err := d.objs.PrefixSets.Put(idle, &set); err != nil {
+	// Two writes of the whole value: the first fills the idle set, the
+	// second flips active. Each rewrites the set in use with the bytes it
+	// already holds, which a program reading it concurrently cannot tell.
+	lp := &d.prefixes
+	idle := 1 - lp.Active
+	lp.Sets[idle] = set
+	if err := d.objs.LocalPrefixes.Put(uint32(0), lp); err != nil {
 		return fmt.Errorf("writing local prefixes: %w", err)
 	}
-	if err := d.objs.PrefixActive.Put(uint32(0), idle); err != nil {
+	lp.Active = idle
+	if err := d.objs.LocalPrefixes.Put(uint32(0), lp); err != nil {
+		lp.Active = 1 - idle
 		return fmt.Errorf("activating local prefixes: %w", err)
 	}
 	// Wait until no program can still be reading the old set before it
@@ -399,7 +407,6 @@ func (d *Datapath) SetLocalPrefixes(prefixes []netip.Prefix) error {
 	if err := d.objs.FlowMaps.Put(uint32(0), d.gens[0]); err != nil {
 		return fmt.Errorf("waiting for readers of the old prefixes: %w", err)
 	}
-	d.prefixSlot = idle
 	return nil
 }
 

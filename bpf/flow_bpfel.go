@@ -64,6 +64,13 @@ type flowPrefixSet struct {
 	}
 }
 
+type flowPrefixState struct {
+	_      structs.HostLayout
+	Active uint32
+	Pad    uint32
+	Sets   [2]flowPrefixSet
+}
+
 type flowTableCtl struct {
 	_      structs.HostLayout
 	Active uint64
@@ -87,13 +94,13 @@ const (
 	flowMapFlows0           = "flows_0"
 	flowMapFlows1           = "flows_1"
 	flowMapInflight         = "inflight"
-	flowMapPrefixActive     = "prefix_active"
-	flowMapPrefixSets       = "prefix_sets"
+	flowMapLocalPrefixes    = "local_prefixes"
 	flowMapTableGen         = "table_gen"
 	flowProgKznCgroupEgress = "kzn_cgroup_egress"
 	flowProgKznNetfilter    = "kzn_netfilter"
 	flowVarBenchNewFlows    = "bench_new_flows"
 	flowVarBenchSeq         = "bench_seq"
+	flowVarTableBits        = "table_bits"
 	flowVarTableCpus        = "table_cpus"
 	flowVarTableSlots       = "table_slots"
 	flowVarUnusedCounter    = "unused_counter"
@@ -150,15 +157,14 @@ type flowProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowMapSpecs struct {
-	Counters     *ebpf.MapSpec `ebpf:"counters"`
-	FlowMaps     *ebpf.MapSpec `ebpf:"flow_maps"`
-	FlowTable    *ebpf.MapSpec `ebpf:"flow_table"`
-	Flows0       *ebpf.MapSpec `ebpf:"flows_0"`
-	Flows1       *ebpf.MapSpec `ebpf:"flows_1"`
-	Inflight     *ebpf.MapSpec `ebpf:"inflight"`
-	PrefixActive *ebpf.MapSpec `ebpf:"prefix_active"`
-	PrefixSets   *ebpf.MapSpec `ebpf:"prefix_sets"`
-	TableGen     *ebpf.MapSpec `ebpf:"table_gen"`
+	Counters      *ebpf.MapSpec `ebpf:"counters"`
+	FlowMaps      *ebpf.MapSpec `ebpf:"flow_maps"`
+	FlowTable     *ebpf.MapSpec `ebpf:"flow_table"`
+	Flows0        *ebpf.MapSpec `ebpf:"flows_0"`
+	Flows1        *ebpf.MapSpec `ebpf:"flows_1"`
+	Inflight      *ebpf.MapSpec `ebpf:"inflight"`
+	LocalPrefixes *ebpf.MapSpec `ebpf:"local_prefixes"`
+	TableGen      *ebpf.MapSpec `ebpf:"table_gen"`
 }
 
 // flowVariableSpecs contains global variables before they are loaded into the kernel.
@@ -167,6 +173,7 @@ type flowMapSpecs struct {
 type flowVariableSpecs struct {
 	BenchNewFlows  *ebpf.VariableSpec `ebpf:"bench_new_flows"`
 	BenchSeq       *ebpf.VariableSpec `ebpf:"bench_seq"`
+	TableBits      *ebpf.VariableSpec `ebpf:"table_bits"`
 	TableCpus      *ebpf.VariableSpec `ebpf:"table_cpus"`
 	TableSlots     *ebpf.VariableSpec `ebpf:"table_slots"`
 	UnusedCounter  *ebpf.VariableSpec `ebpf:"unused_counter"`
@@ -193,15 +200,14 @@ func (o *flowObjects) Close() error {
 //
 // It can be passed to loadFlowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowMaps struct {
-	Counters     *ebpf.Map `ebpf:"counters"`
-	FlowMaps     *ebpf.Map `ebpf:"flow_maps"`
-	FlowTable    *ebpf.Map `ebpf:"flow_table"`
-	Flows0       *ebpf.Map `ebpf:"flows_0"`
-	Flows1       *ebpf.Map `ebpf:"flows_1"`
-	Inflight     *ebpf.Map `ebpf:"inflight"`
-	PrefixActive *ebpf.Map `ebpf:"prefix_active"`
-	PrefixSets   *ebpf.Map `ebpf:"prefix_sets"`
-	TableGen     *ebpf.Map `ebpf:"table_gen"`
+	Counters      *ebpf.Map `ebpf:"counters"`
+	FlowMaps      *ebpf.Map `ebpf:"flow_maps"`
+	FlowTable     *ebpf.Map `ebpf:"flow_table"`
+	Flows0        *ebpf.Map `ebpf:"flows_0"`
+	Flows1        *ebpf.Map `ebpf:"flows_1"`
+	Inflight      *ebpf.Map `ebpf:"inflight"`
+	LocalPrefixes *ebpf.Map `ebpf:"local_prefixes"`
+	TableGen      *ebpf.Map `ebpf:"table_gen"`
 }
 
 func (m *flowMaps) Close() error {
@@ -212,8 +218,7 @@ func (m *flowMaps) Close() error {
 		m.Flows0,
 		m.Flows1,
 		m.Inflight,
-		m.PrefixActive,
-		m.PrefixSets,
+		m.LocalPrefixes,
 		m.TableGen,
 	)
 }
@@ -224,6 +229,7 @@ func (m *flowMaps) Close() error {
 type flowVariables struct {
 	BenchNewFlows  *ebpf.Variable `ebpf:"bench_new_flows"`
 	BenchSeq       *ebpf.Variable `ebpf:"bench_seq"`
+	TableBits      *ebpf.Variable `ebpf:"table_bits"`
 	TableCpus      *ebpf.Variable `ebpf:"table_cpus"`
 	TableSlots     *ebpf.Variable `ebpf:"table_slots"`
 	UnusedCounter  *ebpf.Variable `ebpf:"unused_counter"`
