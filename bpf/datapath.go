@@ -143,9 +143,8 @@ type Datapath struct {
 	table      []flowTableSlot
 	tableSlots int
 	epochs     [2]uint32
-	// ctl is table_gen's value and inflight the per-CPU counters of
-	// program instances, both mapped into this process (see Drain).
-	ctl      *flowTableCtl
+	// inflight holds each CPU's count of program instances in flight and
+	// its active generation, mapped into this process (see Drain).
 	inflight []flowCpuInflight
 	// mems are the shared mappings, unmapped at close.
 	mems    [][]byte
@@ -229,8 +228,9 @@ func Load(cfg Config) (*Datapath, error) {
 	return d, nil
 }
 
-// mapShared maps the flow table (read only), table_gen (read-write) and
-// the in-flight counters (read only) into this process.
+// mapShared maps the flow table (read only) and the per-CPU in-flight
+// lines (read-write: user space switches their generation) into this
+// process.
 func (d *Datapath) mapShared() error {
 	table, err := mapArray(d.objs.FlowTable, unix.PROT_READ)
 	if err != nil {
@@ -238,13 +238,7 @@ func (d *Datapath) mapShared() error {
 	}
 	d.mems = append(d.mems, table)
 	d.table = unsafe.Slice((*flowTableSlot)(unsafe.Pointer(&table[0])), d.objs.FlowTable.MaxEntries())
-	ctl, err := mapArray(d.objs.TableGen, unix.PROT_READ|unix.PROT_WRITE)
-	if err != nil {
-		return fmt.Errorf("mapping table_gen: %w", err)
-	}
-	d.mems = append(d.mems, ctl)
-	d.ctl = (*flowTableCtl)(unsafe.Pointer(&ctl[0]))
-	fl, err := mapArray(d.objs.Inflight, unix.PROT_READ)
+	fl, err := mapArray(d.objs.Inflight, unix.PROT_READ|unix.PROT_WRITE)
 	if err != nil {
 		return fmt.Errorf("mapping the in-flight counters: %w", err)
 	}
@@ -413,7 +407,7 @@ func (d *Datapath) SetLocalPrefixes(prefixes []netip.Prefix) error {
 // Drain swaps the flow generations and returns everything counted in the
 // generation that was active, appending flows to dst.Flows[:0].
 //
-// It loses nothing: after switching table_gen it waits until it has seen
+// It loses nothing: after switching the generation it waits until it has seen
 // every CPU's in-flight counter at zero, so every program instance that
 // could still write to the old generation has finished before it is read
 // and emptied (the protocol is in flow.c, above account()). The wait is
@@ -446,10 +440,15 @@ func (d *Datapath) Drain(dst *Drained) error {
 }
 
 // publish makes generation g, with its current epoch, the one programs
-// write to: one atomic store, which Go orders before the loads of
+// write to: one atomic store per CPU, which Go orders before the loads of
+// waitQuiescent. While it runs, some CPUs count into the new generation
+// and some still into the old one; the drain reads the old one only after
 // waitQuiescent.
 func (d *Datapath) publish(g int) {
-	atomic.StoreUint64(&d.ctl.Active, uint64(g)|uint64(d.epochs[g])<<32)
+	v := uint64(g) | uint64(d.epochs[g])<<32
+	for cpu := range d.inflight {
+		atomic.StoreUint64(&d.inflight[cpu].Active, v)
+	}
 }
 
 // waitQuiescent returns once it has seen each CPU's in-flight counter at
@@ -583,7 +582,7 @@ func (d *Datapath) Close() error {
 // maps.
 func (d *Datapath) closeObjects() error {
 	var errs []error
-	d.table, d.ctl, d.inflight = nil, nil, nil
+	d.table, d.inflight = nil, nil
 	for _, mem := range d.mems {
 		if err := unix.Munmap(mem); err != nil {
 			errs = append(errs, fmt.Errorf("unmapping a shared map: %w", err))

@@ -24,11 +24,11 @@
  *
  * Lossless drain: flows are counted in one of two generations, each a flow
  * table region per CPU (see flow_table) backed by a per-CPU hash map for
- * what does not fit. `table_gen` says which generation is in use. Every
- * program instance announces itself in its CPU's `inflight` counter before
- * it reads table_gen and withdraws after its last write. User space
- * switches table_gen, then waits until it has seen each CPU's counter at
- * zero: from then on no program can still be writing to the idle
+ * what does not fit. Each CPU's `inflight` line says which generation is
+ * in use. Every program instance announces itself in its CPU's counter
+ * before it reads the generation and withdraws after its last write. User
+ * space switches the generation on every CPU, then waits until it has seen
+ * each CPU's counter at zero: from then on no program can still be writing to the idle
  * generation, which is then drained at leisure. (See account() for the
  * memory ordering.) This replaces an RCU grace period, which user space can
  * only wait for with a map-in-map update: 8 ms per drain on our test
@@ -185,7 +185,7 @@ __u32 bench_seq;
 #define TABLE_PROBES 8
 
 /* A table slot. A slot is in use in a generation when its epoch equals
- * the generation's current epoch (table_gen), so a generation is emptied
+ * the generation's current epoch (see cpu_inflight), so a generation is emptied
  * by changing one number, not by clearing slots. Epoch 0 is never used:
  * a zeroed slot is free. 64 bytes: the array's values start page-aligned,
  * so every slot is exactly one cache line and counting a flow touches one
@@ -206,26 +206,17 @@ struct {
 	__uint(max_entries, 1); /* 2 * table_cpus * table_slots, set at load */
 } flow_table SEC(".maps");
 
-/* Which generation is in use, and the epoch of its table slots, in one
- * word that user space stores atomically through a shared mapping:
- * gen | epoch << 32. */
-struct table_ctl {
-	__u64 active;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__type(key, __u32);
-	__type(value, struct table_ctl);
-	__uint(max_entries, 1);
-} table_gen SEC(".maps");
-
-/* Program instances in flight on a CPU, one cache line per CPU so that
- * CPUs do not share lines. User space reads it through a shared mapping. */
+/* Per CPU, in one cache line of its own: the program instances in flight
+ * on this CPU, and which generation is in use with the epoch of its table
+ * slots (gen | epoch << 32). User space writes `active` to every CPU's
+ * line, with an atomic store through a shared mapping, and reads the
+ * counters the same way. Keeping both in the CPU's line makes them one
+ * map lookup and one cache line per packet. */
 struct cpu_inflight {
 	__u32 n;
-	__u32 pad[15];
+	__u32 pad;
+	__u64 active;
+	__u64 pad2[6];
 };
 
 struct {
@@ -347,14 +338,14 @@ static __always_inline int same_key(const struct flow_key *a, const struct flow_
  *
  * The drain protocol, and why it is safe:
  *  - The instance increments its CPU's inflight counter before it reads
- *    table_gen, and decrements it after its last write. Both are BPF_FETCH
+ *    the CPU's active generation, and decrements it after its last write. Both are BPF_FETCH
  *    atomics, which the kernel's JITs emit fully ordered (x86: lock xadd;
- *    arm64: ldaddal, or an LL/SC loop with dmb ish): the read of table_gen
+ *    arm64: ldaddal, or an LL/SC loop with dmb ish): the read of `active`
  *    cannot move before the increment, nor a write after the decrement.
  *    (The result of the decrement is consumed so that clang emits the
  *    fetch form: the plain atomic add is relaxed on arm64.)
- *  - User space stores table_gen, then loads each counter, with Go's
- *    sequentially consistent atomics. If it loads zero, every instance
+ *  - User space stores each CPU's `active`, then loads each counter, with
+ *    Go's sequentially consistent atomics. If it loads zero, every instance
  *    that read the old generation has already decremented: its writes
  *    are visible. Any instance that increments later reads the new
  *    generation. Counters are per CPU and a program does not migrate, so
@@ -367,8 +358,7 @@ static __always_inline int same_key(const struct flow_key *a, const struct flow_
  */
 static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 packets)
 {
-	__u32 zero = 0, cpu, base, h, ep, gen, nested, left;
-	struct table_ctl *ctl;
+	__u32 cpu, base, h, ep, gen, nested, left;
 	struct table_slot *slot;
 	struct cpu_inflight *fl;
 	__u64 active;
@@ -385,12 +375,7 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 		return;
 	}
 	nested = __sync_fetch_and_add(&fl->n, 1);
-	ctl = bpf_map_lookup_elem(&table_gen, &zero);
-	if (!ctl) {
-		add_counter(COUNTER_NO_MAP, bytes, packets);
-		goto out;
-	}
-	active = *(volatile __u64 *)&ctl->active;
+	active = *(volatile __u64 *)&fl->active;
 	gen = active & 1;
 	if (nested)
 		goto hash;

@@ -25,9 +25,11 @@ const (
 )
 
 type flowCpuInflight struct {
-	_   structs.HostLayout
-	N   uint32
-	Pad [15]uint32
+	_      structs.HostLayout
+	N      uint32
+	Pad    uint32
+	Active uint64
+	Pad2   [6]uint64
 }
 
 type flowFlowFlag uint32
@@ -71,11 +73,6 @@ type flowPrefixState struct {
 	Sets   [2]flowPrefixSet
 }
 
-type flowTableCtl struct {
-	_      structs.HostLayout
-	Active uint64
-}
-
 type flowTableSlot struct {
 	_     structs.HostLayout
 	Key   flowFlowKey
@@ -95,7 +92,6 @@ const (
 	flowMapFlows1           = "flows_1"
 	flowMapInflight         = "inflight"
 	flowMapLocalPrefixes    = "local_prefixes"
-	flowMapTableGen         = "table_gen"
 	flowProgKznCgroupEgress = "kzn_cgroup_egress"
 	flowProgKznNetfilter    = "kzn_netfilter"
 	flowVarBenchNewFlows    = "bench_new_flows"
@@ -164,7 +160,6 @@ type flowMapSpecs struct {
 	Flows1        *ebpf.MapSpec `ebpf:"flows_1"`
 	Inflight      *ebpf.MapSpec `ebpf:"inflight"`
 	LocalPrefixes *ebpf.MapSpec `ebpf:"local_prefixes"`
-	TableGen      *ebpf.MapSpec `ebpf:"table_gen"`
 }
 
 // flowVariableSpecs contains global variables before they are loaded into the kernel.
@@ -207,7 +202,6 @@ type flowMaps struct {
 	Flows1        *ebpf.Map `ebpf:"flows_1"`
 	Inflight      *ebpf.Map `ebpf:"inflight"`
 	LocalPrefixes *ebpf.Map `ebpf:"local_prefixes"`
-	TableGen      *ebpf.Map `ebpf:"table_gen"`
 }
 
 func (m *flowMaps) Close() error {
@@ -219,7 +213,6 @@ func (m *flowMaps) Close() error {
 		m.Flows1,
 		m.Inflight,
 		m.LocalPrefixes,
-		m.TableGen,
 	)
 }
 

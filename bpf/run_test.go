@@ -304,9 +304,9 @@ func TestDrainWaitsForProgramsInFlight(t *testing.T) {
 	cpu := uint32(d.nCPU - 1)
 	setInflight := func(n uint32) {
 		t.Helper()
-		if err := d.objs.Inflight.Put(cpu, flowCpuInflight{N: n}); err != nil {
-			t.Fatalf("setting the in-flight counter of CPU %d: %v", cpu, err)
-		}
+		// Through the shared mapping, as a program would: a map
+		// update would also overwrite the CPU's active generation.
+		atomic.StoreUint32(&d.inflight[cpu].N, n)
 	}
 	pkt := packet.IPv4(t, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.MustParseAddrPort("10.1.0.1:443"), 100, 0)
 	runNF(t, d, pkt) // counted in the generation the drain takes
