@@ -650,8 +650,20 @@ int kzn_netfilter(struct bpf_nf_ctx *ctx)
 	/* skb_shinfo(skb): head + end (an offset on 64-bit kernels). */
 	shinfo = bpf_rdonly_cast(skb->head + skb->end,
 				 bpf_core_type_id_kernel(struct skb_shared_info));
-	segs = shinfo->gso_segs;
-	gso_size = shinfo->gso_size;
+	if (bpf_core_field_offset(struct skb_shared_info, gso_segs) ==
+	    bpf_core_field_offset(struct skb_shared_info, gso_size) + 2) {
+		/* Side by side, as in every kernel so far: one guarded load
+		 * instead of two (the other branch is removed at load). */
+		void *raw = RAW(SRC_CAST, (void *)shinfo +
+					  bpf_core_field_offset(struct skb_shared_info, gso_size));
+		__u32 w = *(__u32 *)raw;
+
+		gso_size = w & 0xffff;
+		segs = w >> 16;
+	} else {
+		segs = shinfo->gso_segs;
+		gso_size = shinfo->gso_size;
+	}
 	r = parse_count(&p, SRC_CAST, ipv6, len, segs, gso_size);
 	if (r == UNREADABLE)
 		r = count_copy(skb, ipv6, len, segs, gso_size);
