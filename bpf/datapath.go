@@ -200,7 +200,7 @@ func Load(cfg Config) (*Datapath, error) {
 	if cfg.benchNewFlows {
 		bench = 1
 	}
-	for name, v := range map[string]uint32{"table_slots": cfg.TableSlots, "table_bits": uint32(bits.TrailingZeros32(cfg.TableSlots)), "table_cpus": uint32(ncpu), "bench_new_flows": bench} {
+	for name, v := range map[string]uint32{"bench_new_flows": bench} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return nil, fmt.Errorf("setting %s: %w", name, err)
 		}
@@ -244,6 +244,15 @@ func (d *Datapath) mapShared() error {
 	}
 	d.mems = append(d.mems, fl)
 	d.inflight = unsafe.Slice((*flowCpuInflight)(unsafe.Pointer(&fl[0])), d.nCPU)
+	// The table's geometry, before any program runs (see flow_table).
+	for cpu := range d.inflight {
+		l := &d.inflight[cpu]
+		l.Shift = uint32(64 - bits.TrailingZeros(uint(d.tableSlots)))
+		l.Mask = uint32(d.tableSlots - 1)
+		for g := range l.Base {
+			l.Base[g] = uint32((g*d.nCPU + cpu) * d.tableSlots)
+		}
+	}
 	return nil
 }
 

@@ -160,8 +160,8 @@ struct flow_map flows_1 SEC(".maps");
 /*
  * The flow table: where nearly every flow is counted. One BPF_F_MMAPABLE
  * array holds, for each of the two generations and each possible CPU, a
- * region of table_slots slots (an open-addressing hash table with linear
- * probing). A program only writes to its own CPU's region of the active
+ * region of slots (an open-addressing hash table with linear probing, a
+ * power of two slots long). A program only writes to its own CPU's region of the active
  * generation, with plain loads and stores: the array lookups and
  * bpf_get_smp_processor_id() are inlined by the verifier, so counting a
  * flow, new or known, makes no helper call. User space reads an idle
@@ -169,11 +169,10 @@ struct flow_map flows_1 SEC(".maps");
  * Flows that find no slot within TABLE_PROBES probes, and programs that
  * interrupted another on the same CPU, go to the hash map.
  *
- * The geometry is set at load time (the verifier sees these as constants).
+ * The geometry is set at load time and kept in each CPU's inflight line
+ * (where the region starts, its mask and the hash shift), which the
+ * program reads anyway: constants from .rodata would cost a load each.
  */
-volatile const __u32 table_slots = 8192; /* per CPU and generation, a power of two */
-volatile const __u32 table_bits = 13;    /* log2(table_slots) */
-volatile const __u32 table_cpus = 1;     /* possible CPUs */
 
 /* Benchmarks only: when set at load time, every run counts a new flow (a
  * run counter is folded into the destination). When 0, as it always is
@@ -203,7 +202,7 @@ struct {
 	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, struct table_slot);
-	__uint(max_entries, 1); /* 2 * table_cpus * table_slots, set at load */
+	__uint(max_entries, 1); /* 2 generations * CPUs * slots per region, set at load */
 } flow_table SEC(".maps");
 
 /* Per CPU, in one cache line of its own: the program instances in flight
@@ -214,9 +213,12 @@ struct {
  * map lookup and one cache line per packet. */
 struct cpu_inflight {
 	__u32 n;
+	__u32 shift;   /* 64 - log2(slots per region), set at load */
+	__u64 active;  /* gen | epoch << 32 */
+	__u32 base[2]; /* first slot of this CPU's region, per generation */
+	__u32 mask;    /* slots per region - 1 */
 	__u32 pad;
-	__u64 active;
-	__u64 pad2[6];
+	__u64 pad2[4];
 };
 
 struct {
@@ -305,19 +307,19 @@ static __always_inline void account_hash(__u32 gen, struct flow_key *key, __u64 
 }
 
 /* slot_hash spreads flow keys over a table region: multiply-xor of the
- * key's 64-bit words, whose top table_bits bits are the slot (the top bits
- * of a product depend on every bit of its input; the bottom ones do not).
+ * key's 64-bit words, whose top bits make the slot (the top bits of a
+ * product depend on every bit of its input; the bottom ones do not).
  * The key must be 8-byte aligned (see parse_count). Addresses are folded
  * before the multiply: for IPv4 one of the words is zero, and the
  * addresses of one family rarely differ in both halves. */
-static __always_inline __u32 slot_hash(const struct flow_key *key)
+static __always_inline __u64 slot_hash(const struct flow_key *key)
 {
 	const __u64 *w = (const __u64 *)key;
 	__u64 h = (w[0] ^ w[1]) * 0x9E3779B97F4A7C15ULL;
 
 	h ^= (w[2] ^ w[3]) * 0xC2B2AE3D27D4EB4FULL;
 	h ^= (__u64)((const __u32 *)key)[8] * 0x165667B19E3779F9ULL;
-	return h >> (64 - table_bits);
+	return h;
 }
 
 /* same_key compares two keys, the first 8-byte aligned. */
@@ -358,7 +360,7 @@ static __always_inline int same_key(const struct flow_key *a, const struct flow_
  */
 static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 packets)
 {
-	__u32 cpu, base, h, ep, gen, nested, left;
+	__u32 cpu, base, mask, h, ep, gen, nested, left;
 	struct table_slot *slot;
 	struct cpu_inflight *fl;
 	__u64 active;
@@ -380,11 +382,12 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 	if (nested)
 		goto hash;
 	ep = active >> 32;
-	base = (gen * table_cpus + cpu) * table_slots;
-	h = slot_hash(key);
+	base = fl->base[gen];
+	mask = fl->mask;
+	h = slot_hash(key) >> fl->shift;
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < TABLE_PROBES; i++) {
-		__u32 idx = base + ((h + i) & (table_slots - 1));
+		__u32 idx = base + ((h + i) & mask);
 
 		slot = bpf_map_lookup_elem(&flow_table, &idx);
 		if (!slot)

@@ -27,9 +27,12 @@ const (
 type flowCpuInflight struct {
 	_      structs.HostLayout
 	N      uint32
-	Pad    uint32
+	Shift  uint32
 	Active uint64
-	Pad2   [6]uint64
+	Base   [2]uint32
+	Mask   uint32
+	Pad    uint32
+	Pad2   [4]uint64
 }
 
 type flowFlowFlag uint32
@@ -96,9 +99,6 @@ const (
 	flowProgKznNetfilter    = "kzn_netfilter"
 	flowVarBenchNewFlows    = "bench_new_flows"
 	flowVarBenchSeq         = "bench_seq"
-	flowVarTableBits        = "table_bits"
-	flowVarTableCpus        = "table_cpus"
-	flowVarTableSlots       = "table_slots"
 	flowVarUnusedCounter    = "unused_counter"
 	flowVarUnusedFlowFlag   = "unused_flow_flag"
 )
@@ -168,9 +168,6 @@ type flowMapSpecs struct {
 type flowVariableSpecs struct {
 	BenchNewFlows  *ebpf.VariableSpec `ebpf:"bench_new_flows"`
 	BenchSeq       *ebpf.VariableSpec `ebpf:"bench_seq"`
-	TableBits      *ebpf.VariableSpec `ebpf:"table_bits"`
-	TableCpus      *ebpf.VariableSpec `ebpf:"table_cpus"`
-	TableSlots     *ebpf.VariableSpec `ebpf:"table_slots"`
 	UnusedCounter  *ebpf.VariableSpec `ebpf:"unused_counter"`
 	UnusedFlowFlag *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
 }
@@ -222,9 +219,6 @@ func (m *flowMaps) Close() error {
 type flowVariables struct {
 	BenchNewFlows  *ebpf.Variable `ebpf:"bench_new_flows"`
 	BenchSeq       *ebpf.Variable `ebpf:"bench_seq"`
-	TableBits      *ebpf.Variable `ebpf:"table_bits"`
-	TableCpus      *ebpf.Variable `ebpf:"table_cpus"`
-	TableSlots     *ebpf.Variable `ebpf:"table_slots"`
 	UnusedCounter  *ebpf.Variable `ebpf:"unused_counter"`
 	UnusedFlowFlag *ebpf.Variable `ebpf:"unused_flow_flag"`
 }
