@@ -522,17 +522,19 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 		}
 	} else {
 		struct ipv6hdr *ip6 = HDR(p, src, ipv6hdr, 0);
+		__u64 w0;
 
 		if (!ip6)
 			return UNREADABLE;
-		if (ip6->version != 6)
+		w0 = *(__u64 *)RAW(src, ip6); /* version ... nexthdr, hop_limit */
+		if ((w0 & 0xf0) != 0x60)
 			return MALFORMED;
 		flags |= FLOW_F_IPV6;
 		ks[0] = *(__u64 *)((void *)ip6 + 8);
 		ks[1] = *(__u64 *)((void *)ip6 + 16);
 		kd[0] = *(__u64 *)((void *)ip6 + 24);
 		kd[1] = *(__u64 *)((void *)ip6 + 32);
-		proto = ip6->nexthdr;
+		proto = w0 >> 48;
 		l3len = sizeof(*ip6);
 		/* Walk a bounded number of extension headers. */
 #pragma unroll
