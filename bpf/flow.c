@@ -27,9 +27,9 @@
  * what does not fit. Each CPU's `inflight` line says which generation is
  * in use. Every program instance announces itself in its CPU's counter
  * before it reads the generation and withdraws after its last write. User
- * space switches the generation on every CPU, then waits until it has seen
- * each CPU's counter at zero: from then on no program can still be writing to the idle
- * generation, which is then drained at leisure. (See account() for the
+ * space switches the generation on every CPU, then waits until it has
+ * seen each CPU's counter at zero: from then on no program can still be
+ * writing to the idle generation, which is then drained at leisure. (See account() for the
  * memory ordering.) This replaces an RCU grace period, which user space can
  * only wait for with a map-in-map update: 8 ms per drain on our test
  * machines, a sixth of the agent's flush budget.
@@ -161,8 +161,8 @@ struct flow_map flows_1 SEC(".maps");
  * The flow table: where nearly every flow is counted. One BPF_F_MMAPABLE
  * array holds, for each of the two generations and each possible CPU, a
  * region of slots (an open-addressing hash table with linear probing, a
- * power of two slots long). A program only writes to its own CPU's region of the active
- * generation, with plain loads and stores: the array lookups and
+ * power of two slots long). A program only writes to its own CPU's region
+ * of the active generation, with plain loads and stores: the array lookups and
  * bpf_get_smp_processor_id() are inlined by the verifier, so counting a
  * flow, new or known, makes no helper call. User space reads an idle
  * generation through a shared mapping of the array, without a syscall.
@@ -184,8 +184,8 @@ __u32 bench_seq;
 #define TABLE_PROBES 8
 
 /* A table slot. A slot is in use in a generation when its epoch equals
- * the generation's current epoch (see cpu_inflight), so a generation is emptied
- * by changing one number, not by clearing slots. Epoch 0 is never used:
+ * the generation's current epoch (see cpu_inflight), so a generation is
+ * emptied by changing one number, not by clearing slots. Epoch 0 is never used:
  * a zeroed slot is free. 64 bytes: the array's values start page-aligned,
  * so every slot is exactly one cache line and counting a flow touches one
  * line (56-byte slots straddle two lines for most slots, which measured
@@ -340,10 +340,11 @@ static __always_inline int same_key(const struct flow_key *a, const struct flow_
  *
  * The drain protocol, and why it is safe:
  *  - The instance increments its CPU's inflight counter before it reads
- *    the CPU's active generation, and decrements it after its last write. Both are BPF_FETCH
- *    atomics, which the kernel's JITs emit fully ordered (x86: lock xadd;
- *    arm64: ldaddal, or an LL/SC loop with dmb ish): the read of `active`
- *    cannot move before the increment, nor a write after the decrement.
+ *    the CPU's active generation, and decrements it after its last write.
+ *    Both are BPF_FETCH atomics, which the kernel's JITs emit fully
+ *    ordered (x86: lock xadd; arm64: ldaddal, or an LL/SC loop with dmb
+ *    ish): the read of `active` cannot move before the increment, nor a
+ *    write after the decrement.
  *    (The result of the decrement is consumed so that clang emits the
  *    fetch form: the plain atomic add is relaxed on arm64.)
  *  - User space stores each CPU's `active`, then loads each counter, with
@@ -470,8 +471,9 @@ struct pkt {
  * boundaries: the verifier allows a load from a kernel type only within
  * one field, or within an array; struct in6_addr is a 16-byte array. */
 #define RAW(src, ptr)                                                                    \
-	((src) == SRC_PKT ? (void *)(ptr) :                                              \
-			    (void *)bpf_rdonly_cast((ptr), bpf_core_type_id_kernel(struct in6_addr)))
+	((src) == SRC_PKT ?                                                              \
+		 (void *)(ptr) :                                                         \
+		 (void *)bpf_rdonly_cast((ptr), bpf_core_type_id_kernel(struct in6_addr)))
 
 #define PARSED 0
 #define UNREADABLE -1 /* headers beyond what p covers: retry on a copy */
