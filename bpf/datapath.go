@@ -200,10 +200,8 @@ func Load(cfg Config) (*Datapath, error) {
 	if cfg.benchNewFlows {
 		bench = 1
 	}
-	for name, v := range map[string]uint32{"bench_new_flows": bench} {
-		if err := spec.Variables[name].Set(v); err != nil {
-			return nil, fmt.Errorf("setting %s: %w", name, err)
-		}
+	if err := spec.Variables["bench_new_flows"].Set(bench); err != nil {
+		return nil, fmt.Errorf("setting bench_new_flows: %w", err)
 	}
 	d := &Datapath{nCPU: ncpu, tableSlots: int(cfg.TableSlots), epochs: [2]uint32{1, 2}}
 	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
@@ -250,7 +248,7 @@ func (d *Datapath) mapShared() error {
 		l.Shift = uint32(64 - bits.TrailingZeros(uint(d.tableSlots)))
 		l.Mask = uint32(d.tableSlots - 1)
 		for g := range l.Base {
-			l.Base[g] = uint32((g*d.nCPU + cpu) * d.tableSlots)
+			l.Base[g] = uint32(d.regionStart(g, cpu))
 		}
 	}
 	return nil
@@ -484,14 +482,25 @@ func (d *Datapath) waitQuiescent() time.Duration {
 	return time.Since(start)
 }
 
+// regionStart is the index in the flow table of the first slot of cpu's
+// region in generation g.
+func (d *Datapath) regionStart(g, cpu int) int {
+	return (g*d.nCPU + cpu) * d.tableSlots
+}
+
+// region is cpu's region of generation g, read through the shared mapping.
+func (d *Datapath) region(g, cpu int) []flowTableSlot {
+	start := d.regionStart(g, cpu)
+	return d.table[start : start+d.tableSlots]
+}
+
 // drainTable appends the flows in the slots of idle table generation g to
 // dst, reading the shared mapping: no syscall, no copy.
 func (d *Datapath) drainTable(g int, dst *Drained) {
 	epoch := d.epochs[g]
 	for cpu := range d.nCPU {
 		d.merge.startIndex(dst.Flows)
-		start := (g*d.nCPU + cpu) * d.tableSlots
-		region := d.table[start : start+d.tableSlots]
+		region := d.region(g, cpu)
 		for i := range region {
 			if s := &region[i]; s.Epoch == epoch {
 				dst.Flows = d.merge.add(dst.Flows, &s.Key, flow.Counts{Bytes: s.St.Bytes, Packets: s.St.Packets})

@@ -38,9 +38,8 @@ func TestConfigValidate(t *testing.T) {
 // read from the shared mapping, as the datapath left them.
 func liveSlots(d *Datapath, cpu int) int {
 	g := d.active
-	start := (g*d.nCPU + cpu) * d.tableSlots
 	n := 0
-	for _, s := range d.table[start : start+d.tableSlots] {
+	for _, s := range d.region(g, cpu) {
 		if s.Epoch == d.epochs[g] {
 			n++
 		}
