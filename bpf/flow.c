@@ -498,7 +498,9 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 	/* Headers are read in 64- and 32-bit words where fields sit side by
 	 * side (the object is little-endian only, see gen.go): in the
 	 * netfilter program every load from the packet is a guarded load
-	 * (BPF_PROBE_MEM), so fewer loads are measurably faster. */
+	 * (BPF_PROBE_MEM, eight x86 instructions), so fewer loads are fewer
+	 * instructions (not measurably faster on their own: see
+	 * BENCHMARKS.md). */
 	if (!ipv6) {
 		struct iphdr *ip = HDR(p, src, iphdr, 0);
 		void *raw;
