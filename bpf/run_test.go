@@ -3,6 +3,7 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -129,6 +130,38 @@ func TestParse(t *testing.T) {
 			},
 			want: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00:1::2"), Proto: 17, Port: 123, PortIsDst: true},
 		},
+		// The shortest packets: every header read must stay within the
+		// bytes there are (the parser reads headers in 64-bit words).
+		{
+			name: "ipv4 last fragment of one byte",
+			pkt: func(t testing.TB) []byte {
+				return shorten(packet.IPv4(t, 17, ap("10.0.0.1:53"), ap("10.1.0.2:33000"), 40, 185), 21)
+			},
+			want: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.1.0.2"), Proto: 17},
+		},
+		{
+			name: "ipv4 header only, a protocol without ports",
+			pkt: func(t testing.TB) []byte {
+				return shorten(packet.IPv4(t, 47, ap("10.0.0.1:0"), ap("10.1.0.2:0"), 40, 0), 20)
+			},
+			want: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.1.0.2"), Proto: 47},
+		},
+		{
+			name: "ipv4 udp with an empty payload",
+			pkt: func(t testing.TB) []byte {
+				return shorten(packet.IPv4(t, 17, ap("10.0.0.1:33000"), ap("10.1.0.2:53"), 40, 0), 28)
+			},
+			want: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.1.0.2"), Proto: 17, Port: 53, PortIsDst: true},
+		},
+		{
+			name: "ipv6 header only, no next header",
+			pkt: func(t testing.TB) []byte {
+				b := shorten(packet.IPv6(t, 6, ap("[fd00::1]:50000"), ap("[fd00:1::2]:5432"), 68, false), 40)
+				b[6] = 59 // IPPROTO_NONE
+				return b
+			},
+			want: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00:1::2"), Proto: 59},
+		},
 		{
 			name:   "source not local",
 			pkt:    func(t testing.TB) []byte { return packet.IPv4(t, 6, ap("10.9.0.1:40000"), ap("10.0.0.1:80"), 500, 0) },
@@ -172,6 +205,17 @@ func TestParse(t *testing.T) {
 			}
 		})
 	}
+}
+
+// shorten cuts b to n bytes and sets the IP length field to match.
+func shorten(b []byte, n int) []byte {
+	b = b[:n]
+	if b[0]>>4 == 4 {
+		binary.BigEndian.PutUint16(b[2:], uint16(n))
+	} else {
+		binary.BigEndian.PutUint16(b[4:], uint16(n-40))
+	}
+	return b
 }
 
 // TestOverflowCountsEveryRefusedByte fills a small flow map with more
