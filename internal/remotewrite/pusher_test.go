@@ -142,15 +142,6 @@ func labelString(ls []prompb.Label) string {
 	return b.String()
 }
 
-func labelValue(ls []prompb.Label, name string) string {
-	for _, l := range ls {
-		if l.Name == name {
-			return l.Value
-		}
-	}
-	return ""
-}
-
 // ---- test source ----------------------------------------------------------
 
 // testSource is a mutable set of series standing in for the server's
@@ -351,13 +342,13 @@ func TestPusherSendsEverySeriesWithHeadersAndLabels(t *testing.T) {
 			t.Errorf("request with %d series, max 3", len(r.series))
 		}
 		for _, ts := range r.series {
-			if labelValue(ts.Labels, "cluster") != "prod-ha" || labelValue(ts.Labels, "__replica__") != "kubezonnet-0" {
+			if testutil.LabelValue(ts.Labels, "cluster") != "prod-ha" || testutil.LabelValue(ts.Labels, "__replica__") != "kubezonnet-0" {
 				t.Errorf("series %s lacks HA labels", labelString(ts.Labels))
 			}
-			if labelValue(ts.Labels, "src_zone") != "zone-a" {
+			if testutil.LabelValue(ts.Labels, "src_zone") != "zone-a" {
 				t.Errorf("external label overrode series label: %s", labelString(ts.Labels))
 			}
-			pod := labelValue(ts.Labels, "src_pod")
+			pod := testutil.LabelValue(ts.Labels, "src_pod")
 			if _, dup := got[pod]; dup {
 				t.Errorf("series of %s sent twice in one push", pod)
 			}
@@ -406,7 +397,7 @@ func TestPusherStaleMarkerOnce(t *testing.T) {
 				m = map[string]float64{}
 				byTS[ts.Samples[0].Timestamp] = m
 			}
-			m[labelValue(ts.Labels, "src_pod")] = ts.Samples[0].Value
+			m[testutil.LabelValue(ts.Labels, "src_pod")] = ts.Samples[0].Value
 		}
 	}
 	stamps := make([]int64, 0, len(byTS))
@@ -641,7 +632,7 @@ func TestPusherOutageThenRecoveryCarriesCumulativeValue(t *testing.T) {
 		seen := map[string]bool{}
 		for _, r := range ep.requests()[nBefore:] {
 			for _, ts := range r.series {
-				seen[labelValue(ts.Labels, "src_pod")] = true
+				seen[testutil.LabelValue(ts.Labels, "src_pod")] = true
 			}
 		}
 		return len(seen) == len(pairs)
@@ -650,7 +641,7 @@ func TestPusherOutageThenRecoveryCarriesCumulativeValue(t *testing.T) {
 	lastTS := map[string]int64{}
 	for i, r := range ep.requests() {
 		for _, ts := range r.series {
-			pod := labelValue(ts.Labels, "src_pod")
+			pod := testutil.LabelValue(ts.Labels, "src_pod")
 			if ts.Samples[0].Timestamp < lastTS[pod] {
 				t.Errorf("%s: timestamps went backwards", pod)
 			}

@@ -83,7 +83,7 @@ func TestRoundTrip(t *testing.T) {
 	for _, f := range in.Flows {
 		found := false
 		for _, ts := range wr.Timeseries {
-			if ts.Labels[0].Value == MetricFlow && lbl(ts.Labels, "src") == f.Src.String() && lbl(ts.Labels, "dst") == f.Dst.String() {
+			if ts.Labels[0].Value == MetricFlow && testutil.LabelValue(ts.Labels, "src") == f.Src.String() && testutil.LabelValue(ts.Labels, "dst") == f.Dst.String() {
 				found = true
 				if ts.Samples[0].Value != float64(f.Bytes) || ts.Samples[1].Value != float64(f.Packets) {
 					t.Errorf("flow %v: samples %v", f, ts.Samples)
@@ -118,15 +118,6 @@ func TestRoundTrip(t *testing.T) {
 	if out.Node != in.Node || out.Incarnation != in.Incarnation || out.Seq != in.Seq || !out.Time.Equal(in.Time) {
 		t.Errorf("header: got %+v", out)
 	}
-}
-
-func lbl(ls []prompb.Label, name string) string {
-	for _, l := range ls {
-		if l.Name == name {
-			return l.Value
-		}
-	}
-	return ""
 }
 
 // series is a hand-built series for TestDecodeRejects: label name and value
