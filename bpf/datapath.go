@@ -16,6 +16,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
@@ -131,12 +132,13 @@ type Drained struct {
 // programs and the links attaching them. It is safe for concurrent use.
 type Datapath struct {
 	mu     sync.Mutex
-	objs   flowObjects
+	objs   objects
 	gens   [2]*ebpf.Map
 	active int
 	links  []link.Link
-	// prefixes is what local_prefixes holds.
-	prefixes flowPrefixState
+	// prefixes is the program's local_prefixes, mapped into this
+	// process (see SetLocalPrefixes).
+	prefixes *flowPrefixState
 	// table is the flow table mapped into this process (read only);
 	// tableSlots its slots per CPU and generation; epochs the epoch of
 	// each generation's slots in use.
@@ -151,6 +153,7 @@ type Datapath struct {
 	merge   merger
 	lastCnt [NumReasons]flow.Counts
 	nCPU    int
+	vars    bssVars
 	keys    []flowFlowKey
 	vals    []flowFlowStats
 	cntVals []flowFlowStats
@@ -195,7 +198,13 @@ func Load(cfg Config) (*Datapath, error) {
 		return nil, fmt.Errorf("flow table of %d slots per CPU: %d MiB for %d CPUs and 2 generations, more than the %d MiB allowed", cfg.TableSlots, size>>20, ncpu, MaxTableBytes>>20)
 	}
 	spec.Maps["flow_table"].MaxEntries = uint32(slots)
-	spec.Maps["inflight"].MaxEntries = uint32(ncpu)
+	vars, err := bssLayout(spec)
+	if err != nil {
+		return nil, err
+	}
+	if ncpu > vars.maxCPUs {
+		return nil, fmt.Errorf("%d possible CPUs: the datapath supports at most %d", ncpu, vars.maxCPUs)
+	}
 	bench := uint32(0)
 	if cfg.benchNewFlows {
 		bench = 1
@@ -203,7 +212,7 @@ func Load(cfg Config) (*Datapath, error) {
 	if err := spec.Variables["bench_new_flows"].Set(bench); err != nil {
 		return nil, fmt.Errorf("setting bench_new_flows: %w", err)
 	}
-	d := &Datapath{nCPU: ncpu, tableSlots: int(cfg.TableSlots), epochs: [2]uint32{1, 2}}
+	d := &Datapath{nCPU: ncpu, tableSlots: int(cfg.TableSlots), epochs: [2]uint32{1, 2}, vars: vars}
 	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -236,12 +245,13 @@ func (d *Datapath) mapShared() error {
 	}
 	d.mems = append(d.mems, table)
 	d.table = unsafe.Slice((*flowTableSlot)(unsafe.Pointer(&table[0])), d.objs.FlowTable.MaxEntries())
-	fl, err := mapArray(d.objs.Inflight, unix.PROT_READ|unix.PROT_WRITE)
+	bss, err := mapArray(d.objs.Bss, unix.PROT_READ|unix.PROT_WRITE)
 	if err != nil {
-		return fmt.Errorf("mapping the in-flight counters: %w", err)
+		return fmt.Errorf("mapping the program's globals: %w", err)
 	}
-	d.mems = append(d.mems, fl)
-	d.inflight = unsafe.Slice((*flowCpuInflight)(unsafe.Pointer(&fl[0])), d.nCPU)
+	d.mems = append(d.mems, bss)
+	d.inflight = unsafe.Slice((*flowCpuInflight)(unsafe.Pointer(&bss[d.vars.inflight])), d.nCPU)
+	d.prefixes = (*flowPrefixState)(unsafe.Pointer(&bss[d.vars.prefixes]))
 	// The table's geometry, before any program runs (see flow_table).
 	for cpu := range d.inflight {
 		l := &d.inflight[cpu]
@@ -252,6 +262,57 @@ func (d *Datapath) mapShared() error {
 		}
 	}
 	return nil
+}
+
+// objects are the generated objects and the .bss map, which holds the
+// globals user space shares with the programs (inflight, local_prefixes).
+type objects struct {
+	flowObjects
+	Bss *ebpf.Map `ebpf:".bss"`
+}
+
+// bssVars is where the shared globals sit in .bss, from the object's BTF.
+type bssVars struct {
+	inflight, prefixes uint32
+	// maxCPUs is the length of inflight (MAX_CPUS in flow.c).
+	maxCPUs int
+}
+
+// bssLayout finds the shared globals in the .bss section and checks their
+// sizes against the generated Go types, so that a change on either side
+// is an error at load, not memory read at the wrong place.
+func bssLayout(spec *ebpf.CollectionSpec) (bssVars, error) {
+	var v bssVars
+	ms, ok := spec.Maps[".bss"]
+	if !ok {
+		return v, errors.New("datapath object has no .bss section")
+	}
+	ds, ok := ms.Value.(*btf.Datasec)
+	if !ok {
+		return v, fmt.Errorf("datapath .bss: value type %T, want a datasec", ms.Value)
+	}
+	found := 0
+	for _, vs := range ds.Vars {
+		switch vs.Type.TypeName() {
+		case "inflight":
+			line := uint32(unsafe.Sizeof(flowCpuInflight{}))
+			if vs.Size%line != 0 || vs.Offset%line != 0 {
+				return v, fmt.Errorf("datapath .bss: inflight is %d bytes at %d, want whole %d-byte lines", vs.Size, vs.Offset, line)
+			}
+			v.inflight, v.maxCPUs = vs.Offset, int(vs.Size/line)
+			found++
+		case "local_prefixes":
+			if want := uint32(unsafe.Sizeof(flowPrefixState{})); vs.Size != want {
+				return v, fmt.Errorf("datapath .bss: local_prefixes is %d bytes, want %d", vs.Size, want)
+			}
+			v.prefixes = vs.Offset
+			found++
+		}
+	}
+	if found != 2 {
+		return v, errors.New("datapath .bss: inflight or local_prefixes missing")
+	}
+	return v, nil
 }
 
 // mapArray maps the values of a BPF_F_MMAPABLE array into this process.
@@ -386,20 +447,14 @@ func (d *Datapath) SetLocalPrefixes(prefixes []netip.Prefix) error {
 	if d.closed {
 		return errors.New("setting local prefixes: datapath closed")
 	}
-	// Two writes of the whole value: the first fills the idle set, the
-	// second flips active. Each rewrites the set in use with the bytes it
-	// already holds, which a program reading it concurrently cannot tell.
-	lp := &d.prefixes
-	idle := 1 - lp.Active
+	// Fill the idle set through the shared mapping, then flip active
+	// with an atomic store (a release: the set is visible first). No
+	// program reads the idle set: the previous call waited for the last
+	// reader of what was then the old set.
+	lp := d.prefixes
+	idle := 1 - atomic.LoadUint32(&lp.Active)
 	lp.Sets[idle] = set
-	if err := d.objs.LocalPrefixes.Put(uint32(0), lp); err != nil {
-		return fmt.Errorf("writing local prefixes: %w", err)
-	}
-	lp.Active = idle
-	if err := d.objs.LocalPrefixes.Put(uint32(0), lp); err != nil {
-		lp.Active = 1 - idle
-		return fmt.Errorf("activating local prefixes: %w", err)
-	}
+	atomic.StoreUint32(&lp.Active, idle)
 	// Wait until no program can still be reading the old set before it
 	// may be overwritten by the next call: re-putting a generation's hash
 	// map is a map-in-map update, which returns after an RCU grace period
@@ -600,7 +655,7 @@ func (d *Datapath) Close() error {
 // maps.
 func (d *Datapath) closeObjects() error {
 	var errs []error
-	d.table, d.inflight = nil, nil
+	d.table, d.inflight, d.prefixes = nil, nil, nil
 	for _, mem := range d.mems {
 		if err := unix.Munmap(mem); err != nil {
 			errs = append(errs, fmt.Errorf("unmapping a shared map: %w", err))

@@ -118,9 +118,9 @@ struct prefix_set {
 };
 
 /* The local prefixes: two sets, and which one is in use. User space writes
- * the idle set (leaving the rest as it is), then flips active in a second
- * write, so a program never sees a set that is half written. One value,
- * so that a packet costs one map lookup, not two. */
+ * the idle set through its mapping of local_prefixes, then flips active
+ * with an atomic store, so a program never sees a set that is half
+ * written. */
 struct prefix_state {
 	__u32 active;
 	__u32 pad;
@@ -210,7 +210,7 @@ struct {
  * slots (gen | epoch << 32). User space writes `active` to every CPU's
  * line, with an atomic store through a shared mapping, and reads the
  * counters the same way. Keeping both in the CPU's line makes them one
- * map lookup and one cache line per packet. */
+ * cache line per packet. */
 struct cpu_inflight {
 	__u32 n;
 	__u32 shift;   /* 64 - log2(slots per region), set at load */
@@ -221,13 +221,16 @@ struct cpu_inflight {
 	__u64 pad2[4];
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__type(key, __u32);
-	__type(value, struct cpu_inflight);
-	__uint(max_entries, 1); /* possible CPUs, set at load */
-} inflight SEC(".maps");
+/* The lines of all CPUs, indexed by CPU number. A global array, not an
+ * array map: its address is a constant in the program, so finding this
+ * CPU's line is a shift and an add. A map lookup would pass the CPU number
+ * through the stack (the helper's key is a pointer) and cost a store, a
+ * dependent load and a bounds check in front of every later access, ~1.5
+ * ns a packet (BENCHMARKS.md). MAX_CPUS is the largest NR_CPUS any kernel
+ * is built with, so every possible CPU has a line: 512 KiB of .bss (which
+ * takes no room in the object file, and which user space maps). */
+#define MAX_CPUS 8192
+struct cpu_inflight inflight[MAX_CPUS] __attribute__((aligned(64)));
 
 /* The hash maps of the two generations, at their generation's index, set
  * once at load. */
@@ -238,13 +241,10 @@ struct {
 	__array(values, struct flow_map);
 } flow_maps SEC(".maps");
 
-/* The prefixes of this node's sources (pod CIDRs and node addresses). */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, struct prefix_state);
-	__uint(max_entries, 1);
-} local_prefixes SEC(".maps");
+/* The prefixes of this node's sources (pod CIDRs and node addresses). A
+ * global, not a one-entry array map, for the reason given at inflight: no
+ * lookup at all. */
+struct prefix_state local_prefixes __attribute__((aligned(64)));
 
 /* Cumulative per-CPU counters, indexed by enum counter. */
 struct {
@@ -372,11 +372,12 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 		d[3] ^= bench_seq++;
 	}
 	cpu = bpf_get_smp_processor_id();
-	fl = bpf_map_lookup_elem(&inflight, &cpu);
-	if (!fl) {
+	if (cpu >= MAX_CPUS) {
+		/* Never: user space refuses to load on a larger machine. */
 		add_counter(COUNTER_NO_MAP, bytes, packets);
 		return;
 	}
+	fl = &inflight[cpu];
 	nested = __sync_fetch_and_add(&fl->n, 1);
 	active = *(volatile __u64 *)&fl->active;
 	gen = active & 1;
@@ -418,14 +419,10 @@ out:
 static __always_inline int is_local(const struct flow_key *key)
 {
 	const __u64 *a = (const __u64 *)key->saddr;
-	struct prefix_state *lp;
-	struct prefix_set *set;
-	__u32 zero = 0;
-
-	lp = bpf_map_lookup_elem(&local_prefixes, &zero);
-	if (!lp)
-		return 0;
-	set = &lp->sets[lp->active & 1];
+	/* The set's address depends on the load of active, which orders the
+	 * two loads (on arm64 too) after user space's store of active,
+	 * itself after the set was written. */
+	struct prefix_set *set = &local_prefixes.sets[local_prefixes.active & 1];
 	for (__u32 i = 0; i < MAX_LOCAL_PREFIXES; i++) {
 		struct prefix *p;
 

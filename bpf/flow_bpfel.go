@@ -73,7 +73,16 @@ type flowPrefixState struct {
 	_      structs.HostLayout
 	Active uint32
 	Pad    uint32
-	Sets   [2]flowPrefixSet
+	Sets   [2]struct {
+		_        structs.HostLayout
+		Count    uint32
+		Pad      uint32
+		Prefixes [32]struct {
+			_    structs.HostLayout
+			Addr [2]uint64
+			Mask [2]uint64
+		}
+	}
 }
 
 type flowTableSlot struct {
@@ -93,12 +102,12 @@ const (
 	flowMapFlowTable        = "flow_table"
 	flowMapFlows0           = "flows_0"
 	flowMapFlows1           = "flows_1"
-	flowMapInflight         = "inflight"
-	flowMapLocalPrefixes    = "local_prefixes"
 	flowProgKznCgroupEgress = "kzn_cgroup_egress"
 	flowProgKznNetfilter    = "kzn_netfilter"
 	flowVarBenchNewFlows    = "bench_new_flows"
 	flowVarBenchSeq         = "bench_seq"
+	flowVarInflight         = "inflight"
+	flowVarLocalPrefixes    = "local_prefixes"
 	flowVarUnusedCounter    = "unused_counter"
 	flowVarUnusedFlowFlag   = "unused_flow_flag"
 )
@@ -153,13 +162,11 @@ type flowProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowMapSpecs struct {
-	Counters      *ebpf.MapSpec `ebpf:"counters"`
-	FlowMaps      *ebpf.MapSpec `ebpf:"flow_maps"`
-	FlowTable     *ebpf.MapSpec `ebpf:"flow_table"`
-	Flows0        *ebpf.MapSpec `ebpf:"flows_0"`
-	Flows1        *ebpf.MapSpec `ebpf:"flows_1"`
-	Inflight      *ebpf.MapSpec `ebpf:"inflight"`
-	LocalPrefixes *ebpf.MapSpec `ebpf:"local_prefixes"`
+	Counters  *ebpf.MapSpec `ebpf:"counters"`
+	FlowMaps  *ebpf.MapSpec `ebpf:"flow_maps"`
+	FlowTable *ebpf.MapSpec `ebpf:"flow_table"`
+	Flows0    *ebpf.MapSpec `ebpf:"flows_0"`
+	Flows1    *ebpf.MapSpec `ebpf:"flows_1"`
 }
 
 // flowVariableSpecs contains global variables before they are loaded into the kernel.
@@ -168,6 +175,8 @@ type flowMapSpecs struct {
 type flowVariableSpecs struct {
 	BenchNewFlows  *ebpf.VariableSpec `ebpf:"bench_new_flows"`
 	BenchSeq       *ebpf.VariableSpec `ebpf:"bench_seq"`
+	Inflight       *ebpf.VariableSpec `ebpf:"inflight"`
+	LocalPrefixes  *ebpf.VariableSpec `ebpf:"local_prefixes"`
 	UnusedCounter  *ebpf.VariableSpec `ebpf:"unused_counter"`
 	UnusedFlowFlag *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
 }
@@ -192,13 +201,11 @@ func (o *flowObjects) Close() error {
 //
 // It can be passed to loadFlowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowMaps struct {
-	Counters      *ebpf.Map `ebpf:"counters"`
-	FlowMaps      *ebpf.Map `ebpf:"flow_maps"`
-	FlowTable     *ebpf.Map `ebpf:"flow_table"`
-	Flows0        *ebpf.Map `ebpf:"flows_0"`
-	Flows1        *ebpf.Map `ebpf:"flows_1"`
-	Inflight      *ebpf.Map `ebpf:"inflight"`
-	LocalPrefixes *ebpf.Map `ebpf:"local_prefixes"`
+	Counters  *ebpf.Map `ebpf:"counters"`
+	FlowMaps  *ebpf.Map `ebpf:"flow_maps"`
+	FlowTable *ebpf.Map `ebpf:"flow_table"`
+	Flows0    *ebpf.Map `ebpf:"flows_0"`
+	Flows1    *ebpf.Map `ebpf:"flows_1"`
 }
 
 func (m *flowMaps) Close() error {
@@ -208,8 +215,6 @@ func (m *flowMaps) Close() error {
 		m.FlowTable,
 		m.Flows0,
 		m.Flows1,
-		m.Inflight,
-		m.LocalPrefixes,
 	)
 }
 
@@ -219,6 +224,8 @@ func (m *flowMaps) Close() error {
 type flowVariables struct {
 	BenchNewFlows  *ebpf.Variable `ebpf:"bench_new_flows"`
 	BenchSeq       *ebpf.Variable `ebpf:"bench_seq"`
+	Inflight       *ebpf.Variable `ebpf:"inflight"`
+	LocalPrefixes  *ebpf.Variable `ebpf:"local_prefixes"`
 	UnusedCounter  *ebpf.Variable `ebpf:"unused_counter"`
 	UnusedFlowFlag *ebpf.Variable `ebpf:"unused_flow_flag"`
 }
