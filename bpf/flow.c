@@ -358,13 +358,33 @@ static __always_inline int same_key(const struct flow_key *a, const struct flow_
  *    while another is preempted (process context on a preemptible kernel),
  *    goes to the hash map, whose updates are atomic. The table region needs
  *    no atomics because it has one writer at a time.
+ *
+ * What happens between the two atomics is paid in full: they are full
+ * barriers, so the processor cannot overlap it with the work before or
+ * after. So the lookup of an existing flow is done before the increment,
+ * and only its two additions after. That lookup is safe without the
+ * counter because of what can change meanwhile:
+ *  - A slot in use holds its key for as long as its generation keeps its
+ *    epoch: the table's writer only takes free slots, and user space
+ *    never writes the table.
+ *  - Epochs are never reused: the drain gives a generation a new one each
+ *    time it is reactivated, so `active` never takes the same value twice.
+ *  So if, before the increment, the slot held this key in the epoch of
+ *  `active`, and `active` is the same after the increment, the slot
+ *  still holds this key. Only its counts may have changed (an instance
+ *  that interrupted this one before its increment, and took the table),
+ *  and the counts are read after the increment. If `active` changed (a
+ *  drain in between), the probe starts over in the new generation.
+ *  Measured: 4-5 ns less per existing flow than doing the lookup after
+ *  the increment (BENCHMARKS.md).
  */
 static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 packets)
 {
-	__u32 cpu, base, mask, h, ep, gen, nested, left;
+	__u32 cpu, mask, h, ep, gen, nested, left, idx;
 	struct table_slot *slot;
 	struct cpu_inflight *fl;
-	__u64 active;
+	__u64 seen, active;
+	int known;
 
 	if (bench_new_flows) {
 		__u32 *d = (__u32 *)key->daddr;
@@ -378,19 +398,30 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 		return;
 	}
 	fl = &inflight[cpu];
+	/* Before the increment: find the flow's first slot in the generation
+	 * in use, and whether the flow is already there (see above). */
+	mask = fl->mask;
+	h = slot_hash(key) >> fl->shift;
+	seen = *(volatile __u64 *)&fl->active;
+	idx = fl->base[seen & 1] + (h & mask);
+	slot = bpf_map_lookup_elem(&flow_table, &idx);
+	known = slot && slot->epoch == (__u32)(seen >> 32) && same_key(&slot->key, key);
+
 	nested = __sync_fetch_and_add(&fl->n, 1);
 	active = *(volatile __u64 *)&fl->active;
 	gen = active & 1;
 	if (nested)
 		goto hash;
+	if (known && active == seen && slot) {
+		/* The common case: a flow already counted. */
+		slot->st.bytes += bytes;
+		slot->st.packets += packets;
+		goto out;
+	}
 	ep = active >> 32;
-	base = fl->base[gen];
-	mask = fl->mask;
-	h = slot_hash(key) >> fl->shift;
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < TABLE_PROBES; i++) {
-		__u32 idx = base + ((h + i) & mask);
-
+		idx = fl->base[gen] + ((h + i) & mask);
 		slot = bpf_map_lookup_elem(&flow_table, &idx);
 		if (!slot)
 			break;
