@@ -503,6 +503,20 @@ struct pkt {
 		 (void *)(ptr) :                                                         \
 		 (void *)bpf_rdonly_cast((ptr), bpf_core_type_id_kernel(struct in6_addr)))
 
+/* RAWHDR is RAW of the header T at offset off, or NULL when T is not
+ * entirely readable: one cast where HDR then RAW would be two (a cast
+ * is a call to the compiler, which keeps fewer values in registers
+ * across it). Only for headers read within their first 16 bytes. */
+#define RAWHDR(p, src, T, off)                                                           \
+	((src) == SRC_PKT ?                                                              \
+		 ((p)->base + (off) + sizeof(struct T) <= (p)->end ?                     \
+			  (void *)((p)->base + (off)) :                                   \
+			  NULL) :                                                        \
+		 ((off) + sizeof(struct T) <= (p)->avail ?                               \
+			  (void *)bpf_rdonly_cast((p)->base + (off),                      \
+						  bpf_core_type_id_kernel(struct in6_addr)) : \
+			  NULL))
+
 #define PARSED 0
 #define UNREADABLE -1 /* headers beyond what p covers: retry on a copy */
 #define MALFORMED -2
@@ -515,8 +529,9 @@ struct pkt {
 static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, __u32 len,
 				       __u32 gso_segs, __u32 gso_size)
 {
-	/* 8-byte aligned: slot_hash and same_key read it in 64-bit words. */
-	struct flow_key key __attribute__((aligned(8))) = {};
+	/* 8-byte aligned: slot_hash and same_key read it in 64-bit words.
+	 * Not zeroed first: every word of it is written below. */
+	struct flow_key key __attribute__((aligned(8)));
 	__u64 *ks = (__u64 *)key.saddr, *kd = (__u64 *)key.daddr;
 	__u32 l3len, l4len = 0, segs, flags = 0, port = 0;
 	__u64 extra;
@@ -545,6 +560,8 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 		if (l3len < sizeof(*ip))
 			return MALFORMED;
 		proto = w1 >> 8;
+		ks[0] = 0;
+		kd[0] = 0;
 		/* IPv4-mapped: ::ffff:a.b.c.d, the address in the top half. */
 		ks[1] = (w1 & 0xffffffff00000000ULL) | 0xffff0000;
 		kd[1] = (__u64)ip->daddr << 32 | 0xffff0000;
@@ -605,24 +622,22 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 		__u32 ports;
 
 		if (proto == IPPROTO_TCP) {
-			struct tcphdr *th = HDR(p, src, tcphdr, l3len);
-			void *raw;
+			void *raw = RAWHDR(p, src, tcphdr, l3len);
 
-			if (!th)
+			if (!raw)
 				return UNREADABLE;
-			raw = RAW(src, th);
 			ports = *(__u32 *)raw; /* source, dest */
 			/* The header length matters only to a GSO packet's
 			 * count: one guarded load fewer for every other. */
-			if (gso_segs > 1 || gso_size > 0)
+			if (gso_size > 0)
 				l4len = (*(__u8 *)(raw + 12) >> 4) * 4; /* doff */
 		} else {
-			struct udphdr *uh = HDR(p, src, udphdr, l3len);
+			void *raw = RAWHDR(p, src, udphdr, l3len);
 
-			if (!uh)
+			if (!raw)
 				return UNREADABLE;
-			ports = (__u32)uh->dest << 16 | uh->source;
-			l4len = sizeof(*uh);
+			ports = *(__u32 *)raw; /* source, dest */
+			l4len = sizeof(struct udphdr);
 		}
 		sport = bpf_ntohs((__u16)ports);
 		dport = bpf_ntohs((__u16)(ports >> 16));
@@ -638,14 +653,18 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 	 * store buffer and waits for them to retire. */
 	((__u32 *)&key)[8] = port | (__u32)proto << 16 | flags << 24;
 
-	segs = gso_segs;
-	if (segs == 0 && gso_size > 0 && len > l3len + l4len)
-		segs = (len - l3len - l4len + gso_size - 1) / gso_size;
-	if (segs <= 1) {
-		segs = 1;
-		extra = 0;
-	} else {
-		extra = (__u64)(segs - 1) * (l3len + l4len);
+	/* A GSO packet is one with a segment size (skb_is_gso()); the
+	 * segment count is then set too, except by old drivers. */
+	segs = 1;
+	extra = 0;
+	if (gso_size > 0) {
+		segs = gso_segs;
+		if (segs == 0 && len > l3len + l4len)
+			segs = (len - l3len - l4len + gso_size - 1) / gso_size;
+		if (segs <= 1)
+			segs = 1;
+		else
+			extra = (__u64)(segs - 1) * (l3len + l4len);
 	}
 	/* One call site: account() is inlined once per parser copy. */
 	account(&key, (__u64)len + extra, segs);
@@ -688,19 +707,19 @@ int kzn_netfilter(struct bpf_nf_ctx *ctx)
 	int r;
 
 	/* skb_shinfo(skb): head + end (an offset on 64-bit kernels). */
-	shinfo = bpf_rdonly_cast(skb->head + skb->end,
-				 bpf_core_type_id_kernel(struct skb_shared_info));
 	if (bpf_core_field_offset(struct skb_shared_info, gso_segs) ==
 	    bpf_core_field_offset(struct skb_shared_info, gso_size) + 2) {
 		/* Side by side, as in every kernel so far: one guarded load
 		 * instead of two (the other branch is removed at load). */
-		void *raw = RAW(SRC_CAST, (void *)shinfo +
+		void *raw = RAW(SRC_CAST, skb->head + skb->end +
 					  bpf_core_field_offset(struct skb_shared_info, gso_size));
 		__u32 w = *(__u32 *)raw;
 
 		gso_size = w & 0xffff;
 		segs = w >> 16;
 	} else {
+		shinfo = bpf_rdonly_cast(skb->head + skb->end,
+					 bpf_core_type_id_kernel(struct skb_shared_info));
 		segs = shinfo->gso_segs;
 		gso_size = shinfo->gso_size;
 	}
