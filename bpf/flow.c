@@ -585,9 +585,10 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 		kd[1] = *(__u64 *)((void *)ip6 + 32);
 		proto = w0 >> 48;
 		l3len = sizeof(*ip6);
-		/* Walk a bounded number of extension headers. */
+		/* Walk a bounded number of extension headers (none for
+		 * nearly every packet: tested first). */
 #pragma unroll
-		for (int i = 0; i < 4; i++) {
+		for (int i = 0; i < 4 && proto != IPPROTO_TCP && proto != IPPROTO_UDP; i++) {
 			if (proto == IPPROTO_FRAGMENT) {
 				struct frag_hdr *fh = HDR(p, src, frag_hdr, l3len);
 
