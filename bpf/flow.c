@@ -517,18 +517,73 @@ struct pkt {
 						  bpf_core_type_id_kernel(struct in6_addr)) : \
 			  NULL))
 
+/* Where the GSO metadata comes from. */
+enum gso_src {
+	GSO_SHINFO, /* skb_shinfo() of a struct sk_buff (netfilter) */
+	GSO_CTX,    /* the struct __sk_buff context (cgroup_skb) */
+};
+
+struct gso {
+	__u32 segs, size;
+};
+
+/* read_gso returns the packet's GSO segment count and size (0 when it is
+ * not a GSO packet). It is called where they are needed, not at entry:
+ * fewer values live across the parse are fewer spills. */
+static __always_inline struct gso read_gso(void *skbp, const int from)
+{
+	struct gso g;
+
+	if (from == GSO_CTX) {
+		struct __sk_buff *skb = skbp;
+
+		g.segs = skb->gso_segs;
+		g.size = skb->gso_size;
+	} else if (bpf_core_field_offset(struct skb_shared_info, gso_segs) ==
+		   bpf_core_field_offset(struct skb_shared_info, gso_size) + 2) {
+		/* skb_shinfo(skb) is head + end (an offset on 64-bit
+		 * kernels). Its two fields side by side, as in every kernel
+		 * so far: one guarded load instead of two (the other branch
+		 * is removed at load). */
+		struct sk_buff *skb = skbp;
+		void *raw = RAW(SRC_CAST, skb->head + skb->end +
+					  bpf_core_field_offset(struct skb_shared_info, gso_size));
+		__u32 w = *(__u32 *)raw;
+
+		g.size = w & 0xffff;
+		g.segs = w >> 16;
+	} else {
+		struct sk_buff *skb = skbp;
+		struct skb_shared_info *shinfo =
+			bpf_rdonly_cast(skb->head + skb->end,
+					bpf_core_type_id_kernel(struct skb_shared_info));
+
+		g.segs = shinfo->gso_segs;
+		g.size = shinfo->gso_size;
+	}
+	return g;
+}
+
+/* packets_of is how many packets a packet stands for, for the counters. */
+static __always_inline __u32 packets_of(struct gso g)
+{
+	return g.segs > 1 ? g.segs : 1;
+}
+
 #define PARSED 0
 #define UNREADABLE -1 /* headers beyond what p covers: retry on a copy */
 #define MALFORMED -2
 
 /*
  * parse_count parses the L3 packet at p and accounts for it. len is the
- * skb length, gso_segs and gso_size the GSO metadata (0 when not a GSO
- * packet). It counts nothing unless it returns PARSED.
+ * skb length; the GSO metadata is read from skb (see read_gso) once the
+ * source is known to be local. It counts nothing unless it returns
+ * PARSED.
  */
 static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, __u32 len,
-				       __u32 gso_segs, __u32 gso_size)
+				       void *skb, const int gso_from)
 {
+	struct gso g;
 	/* 8-byte aligned: slot_hash and same_key read it in 64-bit words.
 	 * Not zeroed first: every word of it is written below. */
 	struct flow_key key __attribute__((aligned(8)));
@@ -614,10 +669,11 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 	}
 
 	if (!is_local(&key)) {
-		add_counter(COUNTER_NOT_LOCAL, len, gso_segs > 1 ? gso_segs : 1);
+		add_counter(COUNTER_NOT_LOCAL, len, packets_of(read_gso(skb, gso_from)));
 		return PARSED;
 	}
 
+	g = read_gso(skb, gso_from);
 	if (has_l4 && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)) {
 		__u16 sport, dport;
 		__u32 ports;
@@ -630,7 +686,7 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 			ports = *(__u32 *)raw; /* source, dest */
 			/* The header length matters only to a GSO packet's
 			 * count: one guarded load fewer for every other. */
-			if (gso_size > 0)
+			if (g.size > 0)
 				l4len = (*(__u8 *)(raw + 12) >> 4) * 4; /* doff */
 		} else {
 			void *raw = RAWHDR(p, src, udphdr, l3len);
@@ -658,10 +714,10 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 	 * segment count is then set too, except by old drivers. */
 	segs = 1;
 	extra = 0;
-	if (gso_size > 0) {
-		segs = gso_segs;
+	if (g.size > 0) {
+		segs = g.segs;
 		if (segs == 0 && len > l3len + l4len)
-			segs = (len - l3len - l4len + gso_size - 1) / gso_size;
+			segs = (len - l3len - l4len + g.size - 1) / g.size;
 		if (segs <= 1)
 			segs = 1;
 		else
@@ -681,8 +737,8 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
  * linear area: it copies the first bytes through a dynptr (which reads
  * paged data too) and parses the copy.
  */
-static __always_inline int count_copy(struct sk_buff *skb, int ipv6, __u32 len, __u32 gso_segs,
-				      __u32 gso_size)
+static __always_inline int count_copy(struct sk_buff *skb, int ipv6, __u32 len,
+				      void *gso_skb, const int gso_from)
 {
 	struct bpf_dynptr ptr;
 	__u8 buf[COPY_LEN];
@@ -693,7 +749,7 @@ static __always_inline int count_copy(struct sk_buff *skb, int ipv6, __u32 len, 
 		return MALFORMED;
 	if (n < 20 || bpf_dynptr_read(buf, n, &ptr, 0, 0))
 		return MALFORMED;
-	return parse_count(&p, SRC_CAST, ipv6, len, gso_segs, gso_size);
+	return parse_count(&p, SRC_CAST, ipv6, len, gso_skb, gso_from);
 }
 
 SEC("netfilter")
@@ -701,34 +757,15 @@ int kzn_netfilter(struct bpf_nf_ctx *ctx)
 {
 	struct sk_buff *skb = ctx->skb;
 	int ipv6 = ctx->state->pf == NFPROTO_IPV6;
-	struct skb_shared_info *shinfo;
 	__u32 len = skb->len, data_len = skb->data_len;
-	__u32 segs, gso_size;
 	struct pkt p = { .base = skb->data, .avail = len > data_len ? len - data_len : 0 };
 	int r;
 
-	/* skb_shinfo(skb): head + end (an offset on 64-bit kernels). */
-	if (bpf_core_field_offset(struct skb_shared_info, gso_segs) ==
-	    bpf_core_field_offset(struct skb_shared_info, gso_size) + 2) {
-		/* Side by side, as in every kernel so far: one guarded load
-		 * instead of two (the other branch is removed at load). */
-		void *raw = RAW(SRC_CAST, skb->head + skb->end +
-					  bpf_core_field_offset(struct skb_shared_info, gso_size));
-		__u32 w = *(__u32 *)raw;
-
-		gso_size = w & 0xffff;
-		segs = w >> 16;
-	} else {
-		shinfo = bpf_rdonly_cast(skb->head + skb->end,
-					 bpf_core_type_id_kernel(struct skb_shared_info));
-		segs = shinfo->gso_segs;
-		gso_size = shinfo->gso_size;
-	}
-	r = parse_count(&p, SRC_CAST, ipv6, len, segs, gso_size);
+	r = parse_count(&p, SRC_CAST, ipv6, len, skb, GSO_SHINFO);
 	if (r == UNREADABLE)
-		r = count_copy(skb, ipv6, len, segs, gso_size);
+		r = count_copy(skb, ipv6, len, skb, GSO_SHINFO);
 	if (r != PARSED)
-		add_counter(COUNTER_PARSE_ERROR, len, segs > 1 ? segs : 1);
+		add_counter(COUNTER_PARSE_ERROR, len, packets_of(read_gso(skb, GSO_SHINFO)));
 	return NF_ACCEPT;
 }
 
@@ -736,14 +773,14 @@ SEC("cgroup_skb/egress")
 int kzn_cgroup_egress(struct __sk_buff *skb)
 {
 	int ipv6 = skb->protocol == bpf_htons(ETH_P_IPV6);
-	__u32 len = skb->len, segs = skb->gso_segs, gso_size = skb->gso_size;
+	__u32 len = skb->len;
 	struct pkt p = { .base = (void *)(long)skb->data, .end = (void *)(long)skb->data_end };
 	int r;
 
-	r = parse_count(&p, SRC_PKT, ipv6, len, segs, gso_size);
+	r = parse_count(&p, SRC_PKT, ipv6, len, skb, GSO_CTX);
 	if (r == UNREADABLE)
-		r = count_copy((struct sk_buff *)skb, ipv6, len, segs, gso_size);
+		r = count_copy((struct sk_buff *)skb, ipv6, len, skb, GSO_CTX);
 	if (r != PARSED)
-		add_counter(COUNTER_PARSE_ERROR, len, segs > 1 ? segs : 1);
+		add_counter(COUNTER_PARSE_ERROR, len, packets_of(read_gso(skb, GSO_CTX)));
 	return SK_PASS;
 }
