@@ -3,8 +3,11 @@
 package bpf
 
 import (
+	"fmt"
 	"net/netip"
+	"os"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 	"unsafe"
@@ -134,6 +137,62 @@ func BenchmarkNetfilter(b *testing.B) {
 		d := loadLocal(b, Config{}, "10.9.0.0/24")
 		benchPaired(b, d.objs.KznNetfilter, v4)
 	})
+}
+
+// BenchmarkNetfilterObjects compares builds of the program in one process:
+// the empty program and each object listed in KZN_BENCH_OBJECTS (bpf2go
+// outputs, e.g. `git show <commit>:bpf/flow_bpfel.o`, comma-separated)
+// run in alternating batches of 100,000, on the packets of
+// BenchmarkNetfilter. It reports the empty program's time and each
+// object's net time (net0-ns/op for the first, and so on). Run one after
+// the other, two builds can land in different host states (see
+// benchPaired); alternated, a difference of 1 ns shows. The objects must
+// be loadable by this package's Go code: the same maps and globals.
+func BenchmarkNetfilterObjects(b *testing.B) {
+	testutil.RequireRoot(b)
+	list := os.Getenv("KZN_BENCH_OBJECTS")
+	if list == "" {
+		b.Skip("KZN_BENCH_OBJECTS is not set: nothing to compare")
+	}
+	objects := strings.Split(list, ",")
+	ap := netip.MustParseAddrPort
+	v4 := packet.IPv4(b, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 1440, 0)
+	v6 := packet.IPv6(b, 6, ap("[fd00::1]:40000"), ap("[fd00:1::2]:443"), 1440, false)
+	for _, c := range []struct {
+		name, prefix string
+		pkt          []byte
+	}{
+		{"existing-flow-ipv4", "10.0.0.0/24", v4},
+		{"existing-flow-ipv6", "fd00::/64", v6},
+		{"not-local", "10.9.0.0/24", v4},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			const batch = 100_000
+			empty := emptyNetfilter(b)
+			progs := make([]*ebpf.Program, len(objects))
+			for i, obj := range objects {
+				progs[i] = loadLocal(b, Config{objectFile: obj}, c.prefix).objs.KznNetfilter
+				progTestRun(b, progs[i], c.pkt, 1) // insert the flow
+			}
+			b.ResetTimer()
+			var base time.Duration
+			totals := make([]time.Duration, len(progs))
+			for left := b.N; left > 0; {
+				n := min(left, batch)
+				base += progTestRun(b, empty, c.pkt, uint32(n)) * time.Duration(n)
+				for i, p := range progs {
+					totals[i] += progTestRun(b, p, c.pkt, uint32(n)) * time.Duration(n)
+				}
+				left -= n
+			}
+			b.StopTimer()
+			perRun := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / float64(b.N) }
+			b.ReportMetric(perRun(base), "empty-ns/op")
+			for i, t := range totals {
+				b.ReportMetric(perRun(t-base), fmt.Sprintf("net%d-ns/op", i))
+			}
+		})
+	}
 }
 
 // BenchmarkNetfilterNewFlow measures runs that count a new flow, in the

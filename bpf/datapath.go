@@ -105,6 +105,10 @@ type Config struct {
 
 	// benchNewFlows makes every run count a new flow (benchmarks only).
 	benchNewFlows bool
+	// objectFile loads the programs from this bpf2go object instead of
+	// the embedded one (benchmarks only: BenchmarkNetfilterObjects
+	// compares builds in one process).
+	objectFile string
 }
 
 // Validate reports the first invalid field, naming it.
@@ -178,7 +182,13 @@ func Load(cfg Config) (*Datapath, error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("removing memlock rlimit: %w", err)
 	}
-	spec, err := loadFlow()
+	var spec *ebpf.CollectionSpec
+	var err error
+	if cfg.objectFile != "" {
+		spec, err = ebpf.LoadCollectionSpec(cfg.objectFile)
+	} else {
+		spec, err = loadFlow()
+	}
 	if err != nil {
 		return nil, fmt.Errorf("loading datapath spec: %w", err)
 	}
