@@ -97,24 +97,55 @@ func benchRun(b *testing.B, prog *ebpf.Program, pkt []byte) {
 // same machine state: on our test machines the host's state can slow
 // every run by a third to a half for seconds at a time, which measured
 // one after the other would land on one side of the difference only.
-func benchPaired(b *testing.B, prog *ebpf.Program, pkt []byte) {
+// With several programs, each one's difference is net0-ns/op, net1-ns/op
+// and so on, in the order given, and all alternate in each batch.
+func benchPaired(b *testing.B, pkt []byte, progs ...*ebpf.Program) {
 	b.Helper()
 	const batch = 100_000
 	empty := emptyNetfilter(b)
-	progTestRun(b, prog, pkt, 1) // insert the flow
+	for _, p := range progs {
+		progTestRun(b, p, pkt, 1) // insert the flow
+	}
 	b.ResetTimer()
-	var total, base time.Duration
+	var base time.Duration
+	totals := make([]time.Duration, len(progs))
 	for left := b.N; left > 0; {
 		n := min(left, batch)
-		total += progTestRun(b, prog, pkt, uint32(n)) * time.Duration(n)
 		base += progTestRun(b, empty, pkt, uint32(n)) * time.Duration(n)
+		for i, p := range progs {
+			totals[i] += progTestRun(b, p, pkt, uint32(n)) * time.Duration(n)
+		}
 		left -= n
 	}
 	b.StopTimer()
 	perRun := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / float64(b.N) }
-	b.ReportMetric(perRun(total), "kernel-ns/op")
 	b.ReportMetric(perRun(base), "empty-ns/op")
-	b.ReportMetric(perRun(total-base), "net-ns/op")
+	if len(progs) == 1 {
+		b.ReportMetric(perRun(totals[0]), "kernel-ns/op")
+		b.ReportMetric(perRun(totals[0]-base), "net-ns/op")
+		return
+	}
+	for i, t := range totals {
+		b.ReportMetric(perRun(t-base), fmt.Sprintf("net%d-ns/op", i))
+	}
+}
+
+// netfilterCase is one of the packets the netfilter benchmarks run: a
+// 1,440-byte TCP packet whose source is, or is not, in the local prefix.
+type netfilterCase struct {
+	name, prefix string
+	pkt          []byte
+}
+
+func netfilterCases(b *testing.B) []netfilterCase {
+	ap := netip.MustParseAddrPort
+	v4 := packet.IPv4(b, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 1440, 0)
+	v6 := packet.IPv6(b, 6, ap("[fd00::1]:40000"), ap("[fd00:1::2]:443"), 1440, false)
+	return []netfilterCase{
+		{"existing-flow-ipv4", "10.0.0.0/24", v4},
+		{"existing-flow-ipv6", "fd00::/64", v6},
+		{"not-local", "10.9.0.0/24", v4},
+	}
 }
 
 // BenchmarkNetfilter measures the program on a 1,440-byte TCP packet of a
@@ -122,32 +153,23 @@ func benchPaired(b *testing.B, prog *ebpf.Program, pkt []byte) {
 // then only tallied), each paired with the empty netfilter program.
 func BenchmarkNetfilter(b *testing.B) {
 	testutil.RequireRoot(b)
-	ap := netip.MustParseAddrPort
-	v4 := packet.IPv4(b, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 1440, 0)
-	v6 := packet.IPv6(b, 6, ap("[fd00::1]:40000"), ap("[fd00:1::2]:443"), 1440, false)
-	b.Run("existing-flow-ipv4", func(b *testing.B) {
-		d := loadLocal(b, Config{}, "10.0.0.0/24")
-		benchPaired(b, d.objs.KznNetfilter, v4)
-	})
-	b.Run("existing-flow-ipv6", func(b *testing.B) {
-		d := loadLocal(b, Config{}, "fd00::/64")
-		benchPaired(b, d.objs.KznNetfilter, v6)
-	})
-	b.Run("not-local", func(b *testing.B) {
-		d := loadLocal(b, Config{}, "10.9.0.0/24")
-		benchPaired(b, d.objs.KznNetfilter, v4)
-	})
+	for _, c := range netfilterCases(b) {
+		b.Run(c.name, func(b *testing.B) {
+			d := loadLocal(b, Config{}, c.prefix)
+			benchPaired(b, c.pkt, d.objs.KznNetfilter)
+		})
+	}
 }
 
 // BenchmarkNetfilterObjects compares builds of the program in one process:
 // the empty program and each object listed in KZN_BENCH_OBJECTS (bpf2go
 // outputs, e.g. `git show <commit>:bpf/flow_bpfel.o`, comma-separated)
-// run in alternating batches of 100,000, on the packets of
-// BenchmarkNetfilter. It reports the empty program's time and each
-// object's net time (net0-ns/op for the first, and so on). Run one after
-// the other, two builds can land in different host states (see
-// benchPaired); alternated, a difference of 1 ns shows. The objects must
-// be loadable by this package's Go code: the same maps and globals.
+// run in alternating batches (benchPaired) on BenchmarkNetfilter's
+// packets, and each object's net time is reported (net0-ns/op for the
+// first, and so on). Run one after the other, two builds can land in
+// different host states; alternated, a difference of 1 ns shows. The
+// objects must be loadable by this package's Go code: the same maps and
+// globals.
 func BenchmarkNetfilterObjects(b *testing.B) {
 	testutil.RequireRoot(b)
 	list := os.Getenv("KZN_BENCH_OBJECTS")
@@ -155,42 +177,13 @@ func BenchmarkNetfilterObjects(b *testing.B) {
 		b.Skip("KZN_BENCH_OBJECTS is not set: nothing to compare")
 	}
 	objects := strings.Split(list, ",")
-	ap := netip.MustParseAddrPort
-	v4 := packet.IPv4(b, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 1440, 0)
-	v6 := packet.IPv6(b, 6, ap("[fd00::1]:40000"), ap("[fd00:1::2]:443"), 1440, false)
-	for _, c := range []struct {
-		name, prefix string
-		pkt          []byte
-	}{
-		{"existing-flow-ipv4", "10.0.0.0/24", v4},
-		{"existing-flow-ipv6", "fd00::/64", v6},
-		{"not-local", "10.9.0.0/24", v4},
-	} {
+	for _, c := range netfilterCases(b) {
 		b.Run(c.name, func(b *testing.B) {
-			const batch = 100_000
-			empty := emptyNetfilter(b)
 			progs := make([]*ebpf.Program, len(objects))
 			for i, obj := range objects {
 				progs[i] = loadLocal(b, Config{objectFile: obj}, c.prefix).objs.KznNetfilter
-				progTestRun(b, progs[i], c.pkt, 1) // insert the flow
 			}
-			b.ResetTimer()
-			var base time.Duration
-			totals := make([]time.Duration, len(progs))
-			for left := b.N; left > 0; {
-				n := min(left, batch)
-				base += progTestRun(b, empty, c.pkt, uint32(n)) * time.Duration(n)
-				for i, p := range progs {
-					totals[i] += progTestRun(b, p, c.pkt, uint32(n)) * time.Duration(n)
-				}
-				left -= n
-			}
-			b.StopTimer()
-			perRun := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / float64(b.N) }
-			b.ReportMetric(perRun(base), "empty-ns/op")
-			for i, t := range totals {
-				b.ReportMetric(perRun(t-base), fmt.Sprintf("net%d-ns/op", i))
-			}
+			benchPaired(b, c.pkt, progs...)
 		})
 	}
 }
