@@ -157,7 +157,6 @@ type Datapath struct {
 	merge   merger
 	lastCnt [NumReasons]flow.Counts
 	nCPU    int
-	vars    bssVars
 	keys    []flowFlowKey
 	vals    []flowFlowStats
 	cntVals []flowFlowStats
@@ -222,7 +221,7 @@ func Load(cfg Config) (*Datapath, error) {
 	if err := spec.Variables["bench_new_flows"].Set(bench); err != nil {
 		return nil, fmt.Errorf("setting bench_new_flows: %w", err)
 	}
-	d := &Datapath{nCPU: ncpu, tableSlots: int(cfg.TableSlots), epochs: [2]uint32{1, 2}, vars: vars}
+	d := &Datapath{nCPU: ncpu, tableSlots: int(cfg.TableSlots), epochs: [2]uint32{1, 2}}
 	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -231,7 +230,7 @@ func Load(cfg Config) (*Datapath, error) {
 		return nil, fmt.Errorf("loading datapath objects: %w", err)
 	}
 	d.gens = [2]*ebpf.Map{d.objs.Flows0, d.objs.Flows1}
-	if err := d.mapShared(); err != nil {
+	if err := d.mapShared(vars); err != nil {
 		d.closeObjects()
 		return nil, err
 	}
@@ -245,10 +244,11 @@ func Load(cfg Config) (*Datapath, error) {
 	return d, nil
 }
 
-// mapShared maps the flow table (read only) and the per-CPU in-flight
-// lines (read-write: user space switches their generation) into this
-// process.
-func (d *Datapath) mapShared() error {
+// mapShared maps the flow table (read only) and the program's .bss
+// (read-write: user space switches each CPU's generation and writes the
+// local prefixes) into this process; vars says where in .bss the
+// in-flight lines and the prefixes are.
+func (d *Datapath) mapShared(vars bssVars) error {
 	table, err := mapArray(d.objs.FlowTable, unix.PROT_READ)
 	if err != nil {
 		return fmt.Errorf("mapping the flow table: %w", err)
@@ -260,8 +260,8 @@ func (d *Datapath) mapShared() error {
 		return fmt.Errorf("mapping the program's globals: %w", err)
 	}
 	d.mems = append(d.mems, bss)
-	d.inflight = unsafe.Slice((*flowCpuInflight)(unsafe.Pointer(&bss[d.vars.inflight])), d.nCPU)
-	d.prefixes = (*flowPrefixState)(unsafe.Pointer(&bss[d.vars.prefixes]))
+	d.inflight = unsafe.Slice((*flowCpuInflight)(unsafe.Pointer(&bss[vars.inflight])), d.nCPU)
+	d.prefixes = (*flowPrefixState)(unsafe.Pointer(&bss[vars.prefixes]))
 	// The table's geometry, before any program runs (see flow_table).
 	for cpu := range d.inflight {
 		l := &d.inflight[cpu]
