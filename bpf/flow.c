@@ -745,7 +745,7 @@ static __always_inline int count_copy(struct sk_buff *skb, int ipv6, __u32 len,
 	__u32 n = len < COPY_LEN ? len : COPY_LEN;
 	struct pkt p = { .base = buf, .avail = n };
 
-	if (bpf_dynptr_from_skb(skb, 0, &ptr))
+	if (bpf_dynptr_from_skb((struct __sk_buff *)skb, 0, &ptr))
 		return MALFORMED;
 	if (n < 20 || bpf_dynptr_read(buf, n, &ptr, 0, 0))
 		return MALFORMED;

@@ -109,8 +109,10 @@ struct udphdr {
 	__sum16 check;
 } __attribute__((preserve_access_index));
 
-/* kfuncs (kernel 6.4+ for netfilter programs). */
-extern int bpf_dynptr_from_skb(struct sk_buff *skb, __u64 flags,
+/* kfuncs (kernel 6.4+ for netfilter programs). The kernel declares the
+ * skb as the context type, struct __sk_buff, though it takes a struct
+ * sk_buff; the loader checks the declaration against the kernel's. */
+extern int bpf_dynptr_from_skb(struct __sk_buff *skb, __u64 flags,
 			       struct bpf_dynptr *ptr__uninit) __ksym;
 /* Turns a kernel address into a read-only typed pointer whose loads the
  * verifier turns into fault-tolerant direct loads: much cheaper than a

@@ -4,4 +4,4 @@
 // tests load it; nothing in kubezonnet imports it.
 package reference
 
-//go:generate go tool bpf2go -cc clang -cflags "-O2 -mcpu=v3 -g -Wall -Werror -I/usr/include/$ARCH_TRIPLET" -tags linux -target bpfel reference reference.c
+//go:generate go tool bpf2go -cc clang -cflags "-O2 -mcpu=v3 -g -Wall -Werror -I/usr/include/$ARCH_TRIPLET" -tags linux -target bpfel reference reference.c -- -I../headers

@@ -18,41 +18,8 @@
  * this host compares with that machine, in the same host state.
  */
 
-#include <linux/types.h>
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
+#include "../headers/kernel.h"
 #include <bpf/bpf_endian.h>
-
-/* Its own few declarations rather than the datapath's headers: the kfunc
- * takes the skb as struct __sk_buff, as the original declared it. */
-struct sk_buff;
-
-struct nf_hook_state {
-	__u8 hook;
-	__u8 pf;
-} __attribute__((preserve_access_index));
-
-struct bpf_nf_ctx {
-	const struct nf_hook_state *state;
-	struct sk_buff *skb;
-} __attribute__((preserve_access_index));
-
-/* The IPv4 header, read from the dynptr's copy: plain memory. */
-struct ipv4_header {
-	__u8 ihl_version;
-	__u8 tos;
-	__be16 tot_len;
-	__be16 id;
-	__be16 frag_off;
-	__u8 ttl;
-	__u8 protocol;
-	__sum16 check;
-	__be32 saddr;
-	__be32 daddr;
-};
-
-extern int bpf_dynptr_from_skb(struct __sk_buff *skb, __u64 flags,
-			       struct bpf_dynptr *ptr__uninit) __ksym;
 
 char __license[] SEC("license") = "Dual MIT/GPL";
 
@@ -82,8 +49,8 @@ SEC("netfilter")
 int reference_netfilter(struct bpf_nf_ctx *ctx)
 {
 	struct bpf_dynptr ptr;
-	__u8 buf[sizeof(struct ipv4_header)] = {};
-	struct ipv4_header *ip;
+	__u8 buf[sizeof(struct iphdr)] = {};
+	struct iphdr *ip;
 	__u64 *bytes;
 
 	if (ctx->state->pf != NFPROTO_IPV4)
