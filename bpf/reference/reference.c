@@ -4,8 +4,9 @@
 /*
  * A yardstick, not part of kubezonnet: a netfilter program built the way
  * the original kubezonnet agent counted (github.com/polarsignals/kubezonnet,
- * agent/kubezonnet.c), written here from its description so that the
- * issue's reference figures can be measured on the machine at hand. It
+ * agent/kubezonnet.c), rewritten here after reading it (nothing copied) so
+ * that the issue's reference figures can be measured on the machine at
+ * hand. It
  * takes the IPv4 header through bpf_dynptr_from_skb() and
  * bpf_dynptr_slice(), checks both addresses against one subnet, and adds
  * the header's tot_len to a hash map keyed by (source, destination): a
