@@ -48,9 +48,10 @@ func emptyNetfilter(b *testing.B) *ebpf.Program {
 // A signal interrupts the kernel's repeat loop (EINTR) after it has run the
 // program some unknown number of times, and the retry runs it again: the
 // flow's counts no longer say how often it ran. The Go runtime preempts
-// goroutines with SIGURG, often enough to hit one run in ten of 5 million,
-// so the call blocks SIGURG on its thread; interruptions by other signals
-// are counted in testRunRetries.
+// goroutines with SIGURG (it hit 2 of the first 22 runs of
+// BenchmarkNetfilterReference at 5 million runs each), so the call blocks
+// SIGURG on its thread; interruptions by other signals are counted in
+// testRunRetries.
 func progTestRun(b testing.TB, prog *ebpf.Program, pkt []byte, repeat uint32) time.Duration {
 	b.Helper()
 	runtime.LockOSThread()
