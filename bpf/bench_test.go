@@ -207,11 +207,11 @@ func BenchmarkNetfilter(b *testing.B) {
 // the empty program and each object listed in KZN_BENCH_OBJECTS (bpf2go
 // outputs, e.g. `git show <commit>:bpf/flow_bpfel.o`, comma-separated)
 // run in alternating batches (benchPaired) on BenchmarkNetfilter's
-// packets, and each object's net time is reported (net0-ns/op for the
-// first, and so on). Run one after the other, two builds can land in
-// different host states; alternated, a difference of 1 ns shows. The
-// objects must be loadable by this package's Go code: the same maps and
-// globals.
+// packets, and each object's time and net time are reported
+// (kernel0-ns/op and net0-ns/op for the first, and so on). Run one after
+// the other, two builds can land in different host states; alternated, a
+// difference of 1 ns shows. The objects must be loadable by this
+// package's Go code: the same maps and globals.
 func BenchmarkNetfilterObjects(b *testing.B) {
 	testutil.RequireRoot(b)
 	list := os.Getenv("KZN_BENCH_OBJECTS")
