@@ -113,8 +113,14 @@ func benchRun(b *testing.B, prog *ebpf.Program, pkt []byte) {
 	b.ReportMetric(float64(total.Nanoseconds())/float64(b.N), "kernel-ns/op")
 }
 
-// benchPaired reports the kernel-measured time per run of prog on pkt
-// (kernel-ns/op), that of the empty program on the same packet
+// benchProg is a program and the packet it runs on.
+type benchProg struct {
+	prog *ebpf.Program
+	pkt  []byte
+}
+
+// benchPaired reports the kernel-measured time per run of a program on
+// its packet (kernel-ns/op), that of the empty program on pkt
 // (empty-ns/op), and their difference (net-ns/op): the cost of counting.
 // The two run in alternating batches of 100,000, so that both see the
 // same machine state: on our test machines the host's state can slow
@@ -123,24 +129,7 @@ func benchRun(b *testing.B, prog *ebpf.Program, pkt []byte) {
 // With several programs, each one's figures are kernel0-ns/op and
 // net0-ns/op, kernel1-ns/op and net1-ns/op and so on, in the order given,
 // and all alternate in each batch.
-func benchPaired(b *testing.B, pkt []byte, progs ...*ebpf.Program) {
-	b.Helper()
-	runs := make([]benchProg, len(progs))
-	for i, p := range progs {
-		runs[i] = benchProg{p, pkt}
-	}
-	benchAlternating(b, pkt, runs...)
-}
-
-// benchProg is a program and the packet it runs on.
-type benchProg struct {
-	prog *ebpf.Program
-	pkt  []byte
-}
-
-// benchAlternating is benchPaired with a packet per program; the empty
-// program runs on pkt.
-func benchAlternating(b *testing.B, pkt []byte, progs ...benchProg) {
+func benchPaired(b *testing.B, pkt []byte, progs ...benchProg) {
 	b.Helper()
 	const batch = 100_000
 	empty := emptyNetfilter(b)
@@ -198,7 +187,7 @@ func BenchmarkNetfilter(b *testing.B) {
 	for _, c := range netfilterCases(b) {
 		b.Run(c.name, func(b *testing.B) {
 			d := loadLocal(b, Config{}, c.prefix)
-			benchPaired(b, c.pkt, d.objs.KznNetfilter)
+			benchPaired(b, c.pkt, benchProg{d.objs.KznNetfilter, c.pkt})
 		})
 	}
 }
@@ -221,9 +210,9 @@ func BenchmarkNetfilterObjects(b *testing.B) {
 	objects := strings.Split(list, ",")
 	for _, c := range netfilterCases(b) {
 		b.Run(c.name, func(b *testing.B) {
-			progs := make([]*ebpf.Program, len(objects))
+			progs := make([]benchProg, len(objects))
 			for i, obj := range objects {
-				progs[i] = loadLocal(b, Config{objectFile: obj}, c.prefix).objs.KznNetfilter
+				progs[i] = benchProg{loadLocal(b, Config{objectFile: obj}, c.prefix).objs.KznNetfilter, c.pkt}
 			}
 			benchPaired(b, c.pkt, progs...)
 		})
@@ -253,12 +242,8 @@ func BenchmarkNetfilterReference(b *testing.B) {
 				b.Fatal(err)
 			}
 			b.Cleanup(func() { ref.Close() })
-			var drained Drained
-			if err := d.Drain(&drained); err != nil {
-				b.Fatal(err)
-			}
 			retries := testRunRetries.Load()
-			benchAlternating(b, v4.pkt, benchProg{d.objs.KznNetfilter, c.pkt}, benchProg{ref.Netfilter(), v4.pkt})
+			benchPaired(b, v4.pkt, benchProg{d.objs.KznNetfilter, c.pkt}, benchProg{ref.Netfilter(), v4.pkt})
 			if n := testRunRetries.Load() - retries; n > 0 {
 				b.Logf("%d runs interrupted by a signal and retried: the counts cannot be checked", n)
 				return
@@ -270,14 +255,7 @@ func BenchmarkNetfilterReference(b *testing.B) {
 			if err != nil || !ok || n != runs*uint64(len(v4.pkt)) {
 				b.Fatalf("reference counted %d bytes (present %v, err %v), want %d runs of %d", n, ok, err, runs, len(v4.pkt))
 			}
-			if err := d.Drain(&drained); err != nil {
-				b.Fatal(err)
-			}
-			var got uint64
-			for _, f := range drained.Flows {
-				got += f.Counts.Packets
-			}
-			if got != runs {
+			if got := total(drain(b, d).Flows).Packets; got != runs {
 				b.Fatalf("kubezonnet counted %d packets, want %d", got, runs)
 			}
 		})

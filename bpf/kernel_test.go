@@ -99,7 +99,7 @@ func ping(t *testing.T, fromNS string, dst netip.Addr, count int) {
 // settle waits for the last in-flight packets (final ACKs) to be sent.
 func settle() { time.Sleep(300 * time.Millisecond) }
 
-func drain(t *testing.T, d *Datapath) *Drained {
+func drain(t testing.TB, d *Datapath) *Drained {
 	t.Helper()
 	var dr Drained
 	if err := d.Drain(&dr); err != nil {
