@@ -100,8 +100,8 @@ func benchIngestWith(b *testing.B, res Resolver, flowLog string) {
 		// overridden after decoding so that de-duplication lets it in.
 		wk.batch.Seq = s
 		now := time.Now()
-		if in.dedup.claim(wk.batch.Node, wk.batch.Incarnation, wk.batch.Seq, now) {
-			in.apply(wk, now)
+		if t, ok := in.dedup.claim(wk.batch.Node, wk.batch.Incarnation, wk.batch.Seq, now); ok {
+			t.applied(in.apply(wk, now))
 		}
 	}
 	// Warm up: routes, series, buffers.

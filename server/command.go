@@ -26,9 +26,14 @@ import (
 	"github.com/kubezonnet/kubezonnet/server/resolve"
 )
 
-// shutdownTimeout bounds each shutdown step: finishing in-flight requests,
-// and the final push.
-const shutdownTimeout = 30 * time.Second
+// checkpointReserve is the part of --shutdown-grace-period kept for the
+// final checkpoint (and closing) rather than given to the final push.
+func checkpointReserve(grace time.Duration, durable bool) time.Duration {
+	if !durable {
+		return grace / 10
+	}
+	return min(grace/3, 10*time.Second)
+}
 
 // tokenRecheck is how often at most the token file's mtime is checked.
 const tokenRecheck = 5 * time.Second
@@ -55,9 +60,11 @@ func Command() *cli.Command {
 	}
 }
 
-// Run runs the server until ctx ends, then shuts down in order: stop
-// accepting and finish in-flight requests, write the queued flow logs,
-// push a final snapshot.
+// Run runs the server until ctx ends, then shuts down within
+// --shutdown-grace-period, in order: refuse new batches (503: agents keep
+// them) and finish the ones being handled, push a final snapshot with
+// what is left of the grace period less the checkpoint's reserve, write a
+// checkpoint, close. Each step is logged with its duration.
 func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	base := log // components add their own "component" attribute
 	log = log.With("component", "server")
@@ -113,11 +120,15 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	if srv.state != nil {
+		defer srv.state.close()
+	}
 	var pusher *remotewrite.Pusher
 	if cfg.RemoteWrite.Enabled() {
 		if pusher, err = remotewrite.NewPusher(cfg.RemoteWrite, srv.Sources(), reg, base); err != nil {
 			return err
 		}
+		pusher.OnDelivered(srv.agg.Delivered)
 	} else {
 		log.Warn("no remote-write endpoint configured: series are only kept, /readyz stays unready")
 	}
@@ -134,7 +145,11 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	log.Info("server starting", "version", version.Version, "listen", ln.Addr().String(),
-		"auth_mode", cfg.AuthMode, "remote_write_endpoints", len(cfg.RemoteWrite.Endpoints))
+		"auth_mode", cfg.AuthMode, "remote_write_endpoints", len(cfg.RemoteWrite.Endpoints),
+		"state_dir", cfg.StateDir, "durable", cfg.StateDir != "")
+	if cfg.StateDir == "" {
+		log.Warn("counters are not durable (no --state-dir): a crash loses what was not pushed yet, and counters restart at zero")
+	}
 
 	var wg sync.WaitGroup
 	resCtx, stopResolver := context.WithCancel(context.Background())
@@ -151,6 +166,11 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if pusher != nil {
 		wg.Go(func() { _ = pusher.Run(pushCtx) })
 	}
+	cpCtx, stopCheckpoints := context.WithCancel(context.Background())
+	defer stopCheckpoints()
+	if srv.state != nil {
+		wg.Go(func() { srv.state.run(cpCtx, cfg.CheckpointInterval) })
+	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- httpSrv.Serve(ln) }()
 
@@ -165,22 +185,74 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		resErr <- err // keep it for the wait below
 	}
 
-	shutCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
-	defer cancel()
-	if err := httpSrv.Shutdown(shutCtx); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		log.Warn("in-flight requests did not finish", "err", err)
-	}
-	stopLog()
-	stopPush()
-	if pusher != nil {
-		flushCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
-		defer cancel()
-		if err := pusher.Flush(flushCtx); err != nil {
-			log.Warn("final push incomplete", "err", err)
-		}
-	}
+	shutdown(shutdownSteps{
+		log: log, grace: cfg.ShutdownGracePeriod, srv: srv, http: httpSrv, pusher: pusher,
+		stop: func() {
+			stopLog()
+			stopPush()
+			stopCheckpoints()
+		},
+	})
 	stopResolver()
 	wg.Wait()
+	if srv.state != nil {
+		if err := srv.state.close(); err != nil {
+			log.Warn("closing the write-ahead log", "err", err)
+		}
+	}
 	log.Info("server stopped")
 	return runErr
+}
+
+// shutdownSteps is what shutdown stops, in order.
+type shutdownSteps struct {
+	log    *slog.Logger
+	grace  time.Duration
+	srv    *Server
+	http   *http.Server
+	pusher *remotewrite.Pusher // nil: nothing to push to
+	stop   func()              // ends the flow log, push and checkpoint loops
+}
+
+// shutdown runs the shutdown steps within the grace period. A step that
+// runs out of time is logged with what it left undone; the next steps
+// still run.
+func shutdown(s shutdownSteps) {
+	start := time.Now()
+	deadline := start.Add(s.grace)
+	durable := s.srv.state != nil
+	step := func(name string, until time.Time, fn func(ctx context.Context) error, attrs ...any) {
+		t := time.Now()
+		ctx, cancel := context.WithDeadline(context.Background(), until)
+		defer cancel()
+		err := fn(ctx)
+		attrs = append([]any{"step", name, "duration", time.Since(t).String()}, attrs...)
+		if err != nil {
+			s.log.Warn("shutdown step incomplete", append(attrs, "err", err)...)
+			return
+		}
+		s.log.Info("shutdown step done", attrs...)
+	}
+	pushUntil := deadline.Add(-checkpointReserve(s.grace, durable))
+	// Agents get 503 from here on and keep their batches; requests being
+	// handled finish (their batches are applied and durable).
+	step("refuse new batches", pushUntil, s.srv.ingest.Drain)
+	s.stop()
+	if s.pusher != nil {
+		lost := "kept in --state-dir, pushed after the restart"
+		if !durable {
+			lost = "lost: no --state-dir"
+		}
+		step("final push", pushUntil, s.pusher.Flush, "if_incomplete", lost)
+	}
+	if durable {
+		step("checkpoint", deadline, s.srv.state.checkpoint)
+	}
+	step("close listener", deadline, func(ctx context.Context) error {
+		if err := s.http.Shutdown(ctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	s.log.Info("shutdown complete", "duration", time.Since(start).String(), "grace_period", s.grace.String())
 }

@@ -31,6 +31,13 @@ const (
 	// DefaultMaxIncarnations: 10x a 1,000-node cluster's agents, so that
 	// restarts never evict a live incarnation.
 	DefaultMaxIncarnations = 10_000
+	// DefaultCheckpointInterval bounds the log a restart replays to about
+	// a minute of ingest, and costs one write of the counters a minute.
+	DefaultCheckpointInterval = time.Minute
+	// DefaultShutdownGracePeriod fits the default 30 s
+	// terminationGracePeriodSeconds of a pod with room to spare: the
+	// manifests set the grace period explicitly to 30 s.
+	DefaultShutdownGracePeriod = 25 * time.Second
 	// DefaultAgentServiceAccount is the agent's identity in the deploy/
 	// manifests.
 	DefaultAgentServiceAccount = "kubezonnet:kubezonnet-agent"
@@ -55,6 +62,11 @@ type Config struct {
 	IncarnationTTL      time.Duration
 	MaxIncarnations     int
 	LogLevel, LogFormat string
+	// StateDir holds the write-ahead log and checkpoints; "" means the
+	// counters are not durable.
+	StateDir            string
+	CheckpointInterval  time.Duration
+	ShutdownGracePeriod time.Duration
 	Resolve             resolve.Config
 	RemoteWrite         remotewrite.PusherConfig
 }
@@ -85,6 +97,9 @@ func Flags() []cli.Flag {
 		&cli.Int64Flag{Name: "max-request-bytes", Value: DefaultMaxBodyBytes, Usage: "largest compressed ingest request body"},
 		&cli.DurationFlag{Name: "incarnation-ttl", Value: DefaultIncarnationTTL, Usage: "how long an agent incarnation's last batch seq is remembered (de-duplication)"},
 		&cli.IntFlag{Name: "max-agent-incarnations", Value: DefaultMaxIncarnations, Usage: "agent incarnations remembered for de-duplication"},
+		&cli.PathFlag{Name: "state-dir", Usage: "directory for the durable state (write-ahead log and checkpoints): acknowledged batches survive a crash and counters continue after a restart; empty means not durable (a crash loses what was not pushed yet, counters restart at zero)"},
+		&cli.DurationFlag{Name: "checkpoint-interval", Value: DefaultCheckpointInterval, Usage: "how often the counters are checkpointed to --state-dir (bounds the log a restart replays)"},
+		&cli.DurationFlag{Name: "shutdown-grace-period", Value: DefaultShutdownGracePeriod, Usage: "time from SIGTERM to exit: refuse new batches (503), final push, checkpoint; keep it below the pod's terminationGracePeriodSeconds"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level (" + strings.Join(logging.Levels, ", ") + ")"},
 		&cli.StringFlag{Name: "log-format", Value: "json", Usage: "log format (" + strings.Join(logging.Formats, ", ") + ")"},
 	}
@@ -133,6 +148,9 @@ func ConfigFromCLI(c *cli.Context) (Config, error) {
 		MaxIncarnations:     c.Int("max-agent-incarnations"),
 		LogLevel:            c.String("log-level"),
 		LogFormat:           c.String("log-format"),
+		StateDir:            c.Path("state-dir"),
+		CheckpointInterval:  c.Duration("checkpoint-interval"),
+		ShutdownGracePeriod: c.Duration("shutdown-grace-period"),
 		Resolve: resolve.Config{
 			StaticEndpointsFile: c.Path("static-endpoints-file"),
 			ReleasedIPTTL:       c.Duration("released-ip-ttl"),
@@ -190,6 +208,12 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxIncarnations <= 0 {
 		errs = append(errs, fmt.Errorf("--max-agent-incarnations %d: must be positive", c.MaxIncarnations))
+	}
+	if c.CheckpointInterval <= 0 {
+		errs = append(errs, fmt.Errorf("--checkpoint-interval %s: must be positive", c.CheckpointInterval))
+	}
+	if c.ShutdownGracePeriod < 2*time.Second {
+		errs = append(errs, fmt.Errorf("--shutdown-grace-period %s: must be at least 2s (a final push and a checkpoint)", c.ShutdownGracePeriod))
 	}
 	if _, err := logging.ParseLevel(c.LogLevel); err != nil {
 		errs = append(errs, fmt.Errorf("--log-level: %w", err))

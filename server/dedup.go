@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/server/aggregate"
 )
 
 // dedup enforces the wire contract's exactly-once rule: per agent node and
@@ -34,6 +35,27 @@ type incState struct {
 	key  incarnation
 	seq  uint64
 	seen time.Time
+	// logged is the highest seq whose record is in the journal (under
+	// the aggregator's lock): what a checkpoint may remember as applied.
+	logged uint64
+	// last is the ticket of the batch that claimed seq: its retries wait
+	// on it before they are acknowledged.
+	last *ticket
+}
+
+// ticket tracks a claimed batch until its effect is applied and handed to
+// the journal: a retry of it (claimed by the original) must not be
+// acknowledged before the original's record is durable.
+type ticket struct {
+	done chan struct{} // closed once pos is set
+	pos  uint64        // journal position of the batch's record (0: none)
+}
+
+// applied records the journal position of a claimed batch and releases
+// its retries.
+func (t *ticket) applied(pos uint64) {
+	t.pos = pos
+	close(t.done)
 }
 
 func newDedup(ttl time.Duration, max int, reg *metrics.Registry) *dedup {
@@ -57,10 +79,14 @@ func newDedup(ttl time.Duration, max int, reg *metrics.Registry) *dedup {
 }
 
 // claim reports whether the batch (node, id, seq) is new, and if so records
-// it as applied. The caller must then apply it: claiming first means a
-// retry racing with its still-running original is acknowledged, not
-// applied twice.
-func (d *dedup) claim(node, id string, seq uint64, now time.Time) bool {
+// it as claimed and returns its ticket, on which the caller must call
+// applied once the batch is applied. Claiming first means a retry racing
+// with its still-running original is acknowledged, not applied twice. For
+// a batch already claimed it returns false and the ticket of the latest
+// batch of the incarnation (nil if none is known), which the caller waits
+// on before acknowledging: a retry is acknowledged only once what it
+// repeats is as durable as the original's acknowledgement would be.
+func (d *dedup) claim(node, id string, seq uint64, now time.Time) (*ticket, bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.expireLocked(now)
@@ -71,17 +97,79 @@ func (d *dedup) claim(node, id string, seq uint64, now time.Time) bool {
 		d.ll.MoveToFront(e)
 		if seq <= st.seq {
 			d.duplicates.Inc()
-			return false
+			return st.last, false
 		}
 		st.seq = seq
-		return true
+		st.last = &ticket{done: make(chan struct{})}
+		return st.last, true
 	}
 	for len(d.m) >= d.max {
 		d.removeLocked(d.ll.Back())
 		d.evicted.Inc()
 	}
-	d.m[k] = d.ll.PushFront(&incState{key: k, seq: seq, seen: now})
-	return true
+	t := &ticket{done: make(chan struct{})}
+	d.m[k] = d.ll.PushFront(&incState{key: k, seq: seq, seen: now, last: t})
+	return t, true
+}
+
+// logged records that batch id's record is in the journal; called under
+// the aggregator's lock, so a checkpoint's copy of the table (taken under
+// that lock too) holds exactly the batches its counters hold.
+func (d *dedup) logged(id *aggregate.BatchID) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if e, ok := d.m[incarnation{id.Node, id.Incarnation}]; ok {
+		st := e.Value.(*incState)
+		st.logged = max(st.logged, id.Seq)
+	}
+}
+
+// appliedBatch is one incarnation's last applied batch, as checkpoints
+// keep it.
+type appliedBatch struct {
+	node, incarnation string
+	seq               uint64
+	seen              time.Time
+}
+
+// loggedBatches returns the incarnations whose batches are in the journal.
+func (d *dedup) loggedBatches() []appliedBatch {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := make([]appliedBatch, 0, len(d.m))
+	for e := d.ll.Back(); e != nil; e = e.Prev() {
+		st := e.Value.(*incState)
+		if st.logged > 0 {
+			out = append(out, appliedBatch{st.key.node, st.key.id, st.logged, st.seen})
+		}
+	}
+	return out
+}
+
+// restore records batches applied before a restart (from the checkpoint
+// and the replayed journal): their retries are duplicates.
+func (d *dedup) restore(b appliedBatch, now time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	k := incarnation{b.node, b.incarnation}
+	if e, ok := d.m[k]; ok {
+		st := e.Value.(*incState)
+		st.seq = max(st.seq, b.seq)
+		st.logged = max(st.logged, b.seq)
+		if b.seen.After(st.seen) {
+			st.seen = b.seen
+		}
+		d.ll.MoveToFront(e)
+		return
+	}
+	if b.seen.Before(now.Add(-d.ttl)) {
+		return
+	}
+	for len(d.m) >= d.max {
+		d.removeLocked(d.ll.Back())
+		d.evicted.Inc()
+	}
+	d.m[k] = d.ll.PushFront(&incState{key: k, seq: b.seq, logged: b.seq, seen: b.seen})
 }
 
 // expireLocked drops incarnations idle for longer than ttl; the list is in

@@ -28,7 +28,7 @@ func TestDedupBounds(t *testing.T) {
 	}
 	for i, s := range steps {
 		now = now.Add(s.after)
-		if got := d.claim(s.node, s.inc, s.seq, now); got != s.want {
+		if _, got := d.claim(s.node, s.inc, s.seq, now); got != s.want {
 			t.Errorf("step %d %+v: claim = %v, want %v", i, s, got, s.want)
 		}
 	}

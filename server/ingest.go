@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -46,12 +47,14 @@ const (
 	reasonNodeMismatch    = "node_mismatch"
 	reasonRead            = "read_error"
 	reasonNotSynced       = "not_synced"
+	reasonShuttingDown    = "shutting_down"
+	reasonNotDurable      = "not_durable"
 )
 
 var rejectReasons = []string{
 	reasonMethod, reasonContentType, reasonContentEncoding, reasonUnauthenticated, reasonForbidden,
 	reasonAuthUnavailable, reasonBodyTooLarge, reasonLimit, reasonMalformed, reasonNodeMismatch, reasonRead,
-	reasonNotSynced,
+	reasonNotSynced, reasonShuttingDown, reasonNotDurable,
 }
 
 // Status codes the handler answers, pre-registered so the hot path only
@@ -65,6 +68,13 @@ var ingestCodes = []int{
 var unresolvedReasons = []string{
 	resolve.ReasonNoPod, resolve.ReasonNoZone, resolve.ReasonNoNode, resolve.ReasonNotSynced,
 	resolve.ReasonInvalidAddress, "other",
+}
+
+// Durability is what ingest needs of the state directory: to wait until a
+// batch's journal record is durable before acknowledging it. Nil means
+// the server is not durable (no --state-dir).
+type Durability interface {
+	Wait(ctx context.Context, pos uint64) error
 }
 
 // IngestConfig configures the ingest handler.
@@ -87,8 +97,18 @@ type Ingest struct {
 	agents *agentMetrics
 	log    *slog.Logger
 	now    func() time.Time
+	state  Durability // nil: not durable
 
 	pool sync.Pool // *work
+
+	// Draining: once set, requests are refused with 503 (agents keep
+	// their batches and send them to the next server); active counts
+	// requests being handled, idle is closed when it drops to zero
+	// while draining.
+	mu       sync.Mutex
+	draining bool
+	active   int
+	idle     chan struct{}
 
 	codes      map[int]*metrics.Counter
 	rejected   map[string]*metrics.Counter
@@ -139,13 +159,60 @@ func newIngest(cfg IngestConfig, res Resolver, agg *aggregate.Aggregator, flog *
 			metrics.Label{Name: "reason", Value: r})
 	}
 	in.pool.New = func() any { return &work{dec: wire.Decoder{Limits: cfg.Limits}} }
+	in.idle = make(chan struct{})
 	return in
+}
+
+// begin counts a request in, unless the handler is draining.
+func (in *Ingest) begin() bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.draining {
+		return false
+	}
+	in.active++
+	return true
+}
+
+func (in *Ingest) end() {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.active--
+	if in.draining && in.active == 0 {
+		close(in.idle)
+	}
+}
+
+// Drain makes every new request be refused with 503 and waits until the
+// requests being handled have been answered, or ctx ends. What it refuses
+// is not lost: agents keep a batch until a server acknowledges it.
+func (in *Ingest) Drain(ctx context.Context) error {
+	in.mu.Lock()
+	if !in.draining {
+		in.draining = true
+		if in.active == 0 {
+			close(in.idle)
+		}
+	}
+	in.mu.Unlock()
+	select {
+	case <-in.idle:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for in-flight ingest requests: %w", ctx.Err())
+	}
 }
 
 // ServeHTTP handles one agent request. Every refusal is answered with a
 // plain-text message saying what was wrong and counted; nothing of a
 // refused request is applied.
 func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !in.begin() {
+		w.Header().Set("Retry-After", "5")
+		in.refuse(w, http.StatusServiceUnavailable, reasonShuttingDown, "server shutting down: send again shortly")
+		return
+	}
+	defer in.end()
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		in.refuse(w, http.StatusMethodNotAllowed, reasonMethod, "method %s not allowed, use POST", r.Method)
@@ -216,8 +283,30 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	now := in.now()
-	if in.dedup.claim(b.Node, b.Incarnation, b.Seq, now) {
-		in.apply(wk, now)
+	t, fresh := in.dedup.claim(b.Node, b.Incarnation, b.Seq, now)
+	var pos uint64
+	switch {
+	case fresh:
+		pos = in.apply(wk, now)
+		t.applied(pos)
+	case t != nil && in.state != nil:
+		// A retry: acknowledged once the original is durable.
+		select {
+		case <-t.done:
+			pos = t.pos
+		case <-r.Context().Done():
+			in.refuse(w, http.StatusServiceUnavailable, reasonNotDurable, "request cancelled while its batch was applied")
+			return
+		}
+	}
+	if in.state != nil {
+		if err := in.state.Wait(r.Context(), pos); err != nil {
+			// Applied in memory, but a crash could lose it: not
+			// acknowledged. The agent's retry waits for the same record.
+			w.Header().Set("Retry-After", "5")
+			in.refuse(w, http.StatusServiceUnavailable, reasonNotDurable, "batch not durable: %v", err)
+			return
+		}
 	}
 	in.codes[http.StatusNoContent].Inc()
 	w.WriteHeader(http.StatusNoContent)
@@ -244,7 +333,7 @@ func (in *Ingest) refuse(w http.ResponseWriter, code int, reason, format string,
 // apply resolves, aggregates and logs the flows of a claimed batch. The
 // aggregator classifies (it caches the class per endpoint pair), so the
 // second loop reads classes and unknown sides from the flows.
-func (in *Ingest) apply(wk *work, now time.Time) {
+func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 	b := &wk.batch
 	flows := wk.flows[:0]
 	var foreign, bytes uint64
@@ -262,7 +351,7 @@ func (in *Ingest) apply(wk *work, now time.Time) {
 		})
 		bytes += f.Bytes
 	}
-	in.agg.Apply(now, flows)
+	pos := in.agg.Apply(now, flows, &aggregate.BatchID{Node: b.Node, Incarnation: b.Incarnation, Seq: b.Seq})
 	wk.flows = flows
 
 	var events []flowlog.Event
@@ -296,6 +385,7 @@ func (in *Ingest) apply(wk *work, now time.Time) {
 	if foreign > 0 {
 		in.foreign.Add(float64(foreign))
 	}
+	return pos
 }
 
 func (in *Ingest) countUnresolved(ep *resolve.Endpoint) {

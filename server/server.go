@@ -33,6 +33,9 @@ type Server struct {
 	agents *agentMetrics
 	flog   *flowlog.Logger
 	ready  func() error
+	// state is the state directory's journal and checkpoints; nil
+	// without --state-dir.
+	state *durable
 }
 
 // deps are what a Server is built from besides its Config: injected so
@@ -52,25 +55,39 @@ func newServer(cfg *Config, d deps) (*Server, error) {
 	if d.now == nil {
 		d.now = time.Now
 	}
-	agg, err := aggregate.New(aggregate.Config{
+	dd := newDedup(cfg.IncarnationTTL, cfg.MaxIncarnations, d.reg)
+	acfg := aggregate.Config{
 		AllPairs:    cfg.AllPairs,
 		MaxPodPairs: cfg.MaxPodPairs,
 		IdleTimeout: cfg.SeriesIdleTimeout,
 		Now:         d.now,
-	}, d.reg)
+	}
+	var st *durable
+	if cfg.StateDir != "" {
+		st = newDurable(cfg.StateDir, dd, d.reg, d.log, d.now)
+		acfg.Journal = st
+	}
+	agg, err := aggregate.New(acfg, d.reg)
 	if err != nil {
 		return nil, err
+	}
+	if st != nil {
+		if err := st.open(agg, d.reg); err != nil {
+			return nil, err
+		}
 	}
 	var flog *flowlog.Logger
 	if d.flowLog != nil && cfg.FlowLogClasses != 0 {
 		flog = flowlog.New(flowlog.Config{Classes: cfg.FlowLogClasses}, d.flowLog, d.reg)
 	}
 	agents := newAgentMetrics(cfg.SeriesIdleTimeout, 100_000, d.reg)
-	dd := newDedup(cfg.IncarnationTTL, cfg.MaxIncarnations, d.reg)
 	in := newIngest(IngestConfig{MaxBodyBytes: cfg.MaxBodyBytes, Limits: cfg.Limits},
 		d.resolver, agg, flog, d.auth, dd, agents, d.reg, d.log)
 	in.now = d.now
-	return &Server{reg: d.reg, log: d.log, ingest: in, agg: agg, agents: agents, flog: flog, ready: d.ready}, nil
+	if st != nil {
+		in.state = st
+	}
+	return &Server{reg: d.reg, log: d.log, ingest: in, agg: agg, agents: agents, flog: flog, ready: d.ready, state: st}, nil
 }
 
 // Handler returns the server's HTTP routes.

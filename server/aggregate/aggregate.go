@@ -10,6 +10,12 @@
 // rebuild an endpoint after an unrelated pod update) still share one
 // series. Label slices are built once, when a series is created, and never
 // change afterwards, so the pusher may keep them.
+//
+// Series live in one slice indexed by a stable numeric ref, reused once a
+// series expired. Refs are what makes the state durable (journal.go,
+// checkpoint.go): a change is recorded as the series it declared (ref and
+// labels, once) and the refs it added counts to, so a checkpoint is the
+// slice written out and the log replays onto it ref for ref.
 package aggregate
 
 import (
@@ -56,7 +62,8 @@ const (
 // Config bounds and shapes the aggregation.
 type Config struct {
 	// AllPairs keeps pod-pair series for every class, not only the
-	// billable ones (cross-zone, cross-region, external).
+	// billable ones and the ones whose bill cannot be told (cross-zone,
+	// cross-region, external, unknown).
 	AllPairs bool
 	// MaxPodPairs bounds the live pod-pair series; beyond it, new pairs
 	// fold into their workload pair's _overflow series.
@@ -65,6 +72,9 @@ type Config struct {
 	IdleTimeout time.Duration
 	// Now is the clock; nil means time.Now (tests inject theirs).
 	Now func() time.Time
+	// Journal, when set, receives every change (durable state); nil
+	// means the counters live in memory only.
+	Journal Journal
 }
 
 // Flow is one resolved flow, the unit Apply consumes.
@@ -84,12 +94,17 @@ type Flow struct {
 type seriesKind uint8
 
 const (
-	kindPair seriesKind = iota // pod pair, counted against MaxPodPairs
+	kindFree seriesKind = iota // a free slot
+	kindPair                   // pod pair, counted against MaxPodPairs
 	kindOverflow
 	kindHostPair // pair without a pod side: already workload-grained
 	kindZone
 	kindCross
+	numKinds
 )
+
+// noRef marks a route without a pair or cross series.
+const noRef = ^uint32(0)
 
 // series is one counter (or a bytes/packets twin). The twin's two label
 // slices are separate allocations on purpose: 14 labels are 448 bytes, a
@@ -101,15 +116,16 @@ type series struct {
 	bytes   uint64
 	packets uint64
 	last    int64 // unix nanoseconds of the last update
+	created int64 // unix milliseconds of the series' creation
 	kind    seriesKind
-	dead    bool
+	// known: every receiver already has the series (restored from the
+	// state directory and created before the last fully delivered
+	// push), so it is pushed without a zero sample at its creation.
+	known bool
 }
 
 // twin reports whether the series carries bytes and packets.
 func (s *series) twin() bool { return s.kind != kindCross }
-
-// labels returns the bytes (or only) label set.
-func (s *series) labels() []metrics.Label { return s.lab }
 
 // routeKey identifies a route by endpoint identity: pointer comparison and
 // hashing are what make the per-flow lookup cheap.
@@ -117,11 +133,12 @@ type routeKey struct {
 	src, dst *resolve.Endpoint
 }
 
-// route says where a flow's counts go (pair and cross may be nil), and
-// caches what the endpoints' labels imply: the class and unknown sides.
+// route says where a flow's counts go (series refs; pair and cross may be
+// noRef), and caches what the endpoints' labels imply: the class and
+// unknown sides.
 type route struct {
-	pair, zone, cross *series
-	class             uint8 // index into classes: keeps the route 32 bytes
+	pair, zone, cross uint32
+	class             uint8 // index into classes
 	unknown           uint8
 }
 
@@ -145,10 +162,18 @@ type Aggregator struct {
 
 	mu       sync.Mutex
 	routes   map[routeKey]route
-	byHash   map[uint64]*series
-	collided map[uint64][]*series // same hash, other labels: practically never
-	podPairs int                  // live kindPair series
+	series   []series // by ref
+	free     []uint32 // free refs, reused first
+	byHash   map[uint64]uint32
+	collided map[uint64][]uint32 // same hash, other labels: practically never
+	podPairs int                 // live kindPair series
 	scratch  []metrics.Label
+	// delivered is the newest push (unix ms) every endpoint accepted
+	// whole: series created before it are known to every receiver.
+	delivered int64
+	// journal state: the record being built and the refs declared in it.
+	rec      []byte
+	declared []uint32
 
 	live    atomic.Int64
 	folded  *metrics.Counter
@@ -170,8 +195,8 @@ func New(cfg Config, reg *metrics.Registry) (*Aggregator, error) {
 		cfg:      cfg,
 		seed:     maphash.MakeSeed(),
 		routes:   map[routeKey]route{},
-		byHash:   map[uint64]*series{},
-		collided: map[uint64][]*series{},
+		byHash:   map[uint64]uint32{},
+		collided: map[uint64][]uint32{},
 		folded: reg.Counter("kubezonnet_server_pod_pairs_folded_total",
 			"Pod pairs folded into an _overflow series because --max-pod-pairs was reached (counted when a pair's route is built, so a pair folds again after its route was evicted)."),
 		expired: reg.Counter("kubezonnet_server_series_expired_total",
@@ -182,17 +207,27 @@ func New(cfg Config, reg *metrics.Registry) (*Aggregator, error) {
 	return a, nil
 }
 
+// Len returns the number of live series (a bytes/packets twin counts once).
+func (a *Aggregator) Len() int { return int(a.live.Load()) }
+
 // maxRoutes bounds the route cache. Routes of untracked (same-zone) pairs
 // have no series behind them, so the cache is bounded on its own and
 // simply emptied when full; flows then rebuild their routes.
 func (a *Aggregator) maxRoutes() int { return 2*a.cfg.MaxPodPairs + 1<<16 }
 
 // Apply adds flows observed at now (the server's receive time, which is
-// what idleness is measured against).
-func (a *Aggregator) Apply(now time.Time, flows []Flow) {
+// what idleness is measured against). With a journal, the change is
+// recorded under the same lock, tagged with the agent batch id (nil for
+// none), and Apply returns the record's journal position, which the
+// caller waits on before acknowledging; without one it returns 0.
+func (a *Aggregator) Apply(now time.Time, flows []Flow, id *BatchID) uint64 {
 	ts := now.UnixNano()
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	j := a.cfg.Journal != nil
+	if j {
+		a.beginBatch(len(flows))
+	}
 	for i := range flows {
 		f := &flows[i]
 		k := routeKey{f.Src, f.Dst}
@@ -205,21 +240,34 @@ func (a *Aggregator) Apply(now time.Time, flows []Flow) {
 			a.routes[k] = r
 		}
 		f.Class, f.Unknown = classes[r.class], r.unknown
-		r.zone.add(f.Counts, ts)
-		if r.pair != nil {
-			r.pair.add(f.Counts, ts)
-		}
-		if r.cross != nil {
-			r.cross.bytes += f.Bytes
-			r.cross.last = ts
+		a.add(r, f.Counts, ts)
+		if j {
+			a.recordFlow(r, f.Counts)
 		}
 	}
+	if !j {
+		return 0
+	}
+	return a.endBatch(id, now)
 }
 
-func (s *series) add(c flow.Counts, ts int64) {
-	s.bytes += c.Bytes
-	s.packets += c.Packets
-	s.last = ts
+// add adds c to the series of route r.
+func (a *Aggregator) add(r route, c flow.Counts, ts int64) {
+	z := &a.series[r.zone]
+	z.bytes += c.Bytes
+	z.packets += c.Packets
+	z.last = ts
+	if r.pair != noRef {
+		p := &a.series[r.pair]
+		p.bytes += c.Bytes
+		p.packets += c.Packets
+		p.last = ts
+	}
+	if r.cross != noRef {
+		x := &a.series[r.cross]
+		x.bytes += c.Bytes
+		x.last = ts
+	}
 }
 
 // tracked reports whether a class gets pod-pair series.
@@ -227,7 +275,10 @@ func (a *Aggregator) tracked(class string) bool {
 	if a.cfg.AllPairs {
 		return true
 	}
-	return class == ClassCrossZone || class == ClassCrossRegion || class == ClassExternal
+	// Unknown pairs are tracked: a pod sending to a private address
+	// outside the cluster (a peered network, an on-premises range) may
+	// be billed, and only the pair says which pod it is.
+	return class != ClassSameZone
 }
 
 // crossesZone reports whether a class counts in the compatibility series.
@@ -238,7 +289,7 @@ func crossesZone(class string) bool {
 // newRoute finds or creates the series a new endpoint pair feeds.
 func (a *Aggregator) newRoute(f *Flow, ts int64) route {
 	f.Class = classes[classIndex(resolve.Classify(f.Src, f.Dst))]
-	r := route{class: classIndex(f.Class)}
+	r := route{class: classIndex(f.Class), pair: noRef, cross: noRef}
 	if f.Src.Kind == resolve.KindUnknown {
 		r.unknown |= SrcUnknown
 	}
@@ -250,8 +301,8 @@ func (a *Aggregator) newRoute(f *Flow, ts int64) route {
 	if a.tracked(f.Class) {
 		a.scratch = pairLabels(a.scratch[:0], MetricPodPairBytes, f, false)
 		hasPod := f.Src.Kind == resolve.KindPod || f.Dst.Kind == resolve.KindPod
-		if s := a.find(); s != nil {
-			r.pair = s
+		if ref, ok := a.find(); ok {
+			r.pair = ref
 		} else if !hasPod {
 			// Nodes, static endpoints and the internet are few: such
 			// pairs need no folding and do not use up pod-pair slots.
@@ -275,10 +326,11 @@ func (a *Aggregator) newRoute(f *Flow, ts int64) route {
 	return r
 }
 
-// findOrCreate looks up the series labelled a.scratch, creating it.
-func (a *Aggregator) findOrCreate(kind seriesKind, ts int64) *series {
-	if s := a.find(); s != nil {
-		return s
+// findOrCreate returns the ref of the series labelled a.scratch, creating
+// it.
+func (a *Aggregator) findOrCreate(kind seriesKind, ts int64) uint32 {
+	if ref, ok := a.find(); ok {
+		return ref
 	}
 	return a.create(kind, ts)
 }
@@ -295,40 +347,67 @@ func (a *Aggregator) hash(labels []metrics.Label) uint64 {
 	return h.Sum64()
 }
 
-// find returns the live series labelled a.scratch, or nil.
-func (a *Aggregator) find() *series {
-	h := a.hash(a.scratch)
-	if s := a.byHash[h]; s != nil && equal(s.labels(), a.scratch) {
-		return s
+// find returns the ref of the live series labelled a.scratch.
+func (a *Aggregator) find() (uint32, bool) {
+	return a.lookup(a.scratch)
+}
+
+func (a *Aggregator) lookup(ls []metrics.Label) (uint32, bool) {
+	h := a.hash(ls)
+	if ref, ok := a.byHash[h]; ok && equal(a.series[ref].lab, ls) {
+		return ref, true
 	}
-	for _, s := range a.collided[h] {
-		if equal(s.labels(), a.scratch) {
-			return s
+	for _, ref := range a.collided[h] {
+		if equal(a.series[ref].lab, ls) {
+			return ref, true
 		}
 	}
-	return nil
+	return 0, false
 }
 
 // create makes the series labelled a.scratch (its bytes name for twins)
 // and indexes it. The label slice allocated here is the only one the
 // series will ever have.
-func (a *Aggregator) create(kind seriesKind, ts int64) *series {
-	s := &series{kind: kind, last: ts, lab: slices.Clone(a.scratch)}
-	if s.twin() {
-		s.pkts = slices.Clone(a.scratch)
-		s.pkts[0].Value = packetsName(a.scratch[0].Value)
+func (a *Aggregator) create(kind seriesKind, ts int64) uint32 {
+	ref := a.alloc()
+	a.install(ref, kind, slices.Clone(a.scratch), ts/int64(time.Millisecond))
+	a.series[ref].last = ts
+	if a.cfg.Journal != nil {
+		a.declared = append(a.declared, ref)
 	}
-	h := a.hash(a.scratch)
+	return ref
+}
+
+// alloc returns a free ref.
+func (a *Aggregator) alloc() uint32 {
+	if n := len(a.free); n > 0 {
+		ref := a.free[n-1]
+		a.free = a.free[:n-1]
+		return ref
+	}
+	a.series = append(a.series, series{})
+	return uint32(len(a.series) - 1)
+}
+
+// install makes ref the series of kind labelled lab (which it keeps),
+// created at created (unix ms), and indexes it.
+func (a *Aggregator) install(ref uint32, kind seriesKind, lab []metrics.Label, created int64) {
+	s := &a.series[ref]
+	*s = series{kind: kind, lab: lab, created: created}
+	if s.twin() {
+		s.pkts = slices.Clone(lab)
+		s.pkts[0].Value = packetsName(lab[0].Value)
+	}
+	h := a.hash(lab)
 	if _, taken := a.byHash[h]; taken {
-		a.collided[h] = append(a.collided[h], s)
+		a.collided[h] = append(a.collided[h], ref)
 	} else {
-		a.byHash[h] = s
+		a.byHash[h] = ref
 	}
 	if kind == kindPair {
 		a.podPairs++
 	}
 	a.live.Add(1)
-	return s
 }
 
 func packetsName(bytesName string) string {
@@ -354,30 +433,49 @@ func equal(a, b []metrics.Label) bool {
 }
 
 // AppendSeries implements remotewrite.Source: it first expires idle
-// series, then appends every live one with its cumulative value.
+// series, then appends every live one with its cumulative value and, for
+// the series a receiver may not have yet, its creation time (so the
+// pusher sends a zero sample first).
 func (a *Aggregator) AppendSeries(dst []remotewrite.Series) []remotewrite.Series {
 	now := a.cfg.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.expireLocked(now)
-	each := func(s *series) {
+	for i := range a.series {
+		s := &a.series[i]
+		if s.kind == kindFree {
+			continue
+		}
+		created := s.created
+		if s.known {
+			created = 0
+		}
 		if s.twin() {
 			dst = append(dst,
-				remotewrite.Series{Labels: s.lab, Value: float64(s.bytes)},
-				remotewrite.Series{Labels: s.pkts, Value: float64(s.packets)})
-			return
+				remotewrite.Series{Labels: s.lab, Value: float64(s.bytes), Created: created},
+				remotewrite.Series{Labels: s.pkts, Value: float64(s.packets), Created: created})
+			continue
 		}
-		dst = append(dst, remotewrite.Series{Labels: s.lab, Value: float64(s.bytes)})
-	}
-	for _, s := range a.byHash {
-		each(s)
-	}
-	for _, list := range a.collided {
-		for _, s := range list {
-			each(s)
-		}
+		dst = append(dst, remotewrite.Series{Labels: s.lab, Value: float64(s.bytes), Created: created})
 	}
 	return dst
+}
+
+// Delivered records that the push stamped ts (unix ms) reached every
+// endpoint whole: the series created until then are known to every
+// receiver, which a restart needs to know (it must not send them a zero
+// sample older than what the receiver holds). It is the pusher's
+// OnDelivered callback.
+func (a *Aggregator) Delivered(ts int64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if ts <= a.delivered {
+		return
+	}
+	a.delivered = ts
+	if a.cfg.Journal != nil {
+		a.cfg.Journal.Append(appendDelivered(nil, ts), nil)
+	}
 }
 
 // Expire removes series idle for longer than the idle timeout at now.
@@ -389,57 +487,63 @@ func (a *Aggregator) Expire(now time.Time) {
 
 func (a *Aggregator) expireLocked(now time.Time) {
 	cutoff := now.Add(-a.cfg.IdleTimeout).UnixNano()
-	n := 0
-	for h, s := range a.byHash {
-		if s.last >= cutoff {
-			continue
+	var dead []uint32
+	for i := range a.series {
+		s := &a.series[i]
+		if s.kind != kindFree && s.last < cutoff {
+			dead = append(dead, uint32(i))
 		}
-		a.drop(s)
-		n++
+	}
+	if len(dead) == 0 {
+		return
+	}
+	for _, ref := range dead {
+		a.remove(ref)
+	}
+	a.expired.Add(float64(len(dead)))
+	// A route is idle whenever every series it feeds is, so dropping the
+	// routes that point at a dead series loses nothing live.
+	isFree := func(ref uint32) bool { return ref != noRef && a.series[ref].kind == kindFree }
+	for k, r := range a.routes {
+		if isFree(r.zone) || isFree(r.pair) || isFree(r.cross) {
+			delete(a.routes, k)
+		}
+	}
+	a.free = append(a.free, dead...)
+	if a.cfg.Journal != nil {
+		a.cfg.Journal.Append(appendExpire(nil, now, dead), nil)
+	}
+}
+
+// remove unindexes ref and marks its slot free (the caller adds it to
+// the free list once no route points at it).
+func (a *Aggregator) remove(ref uint32) {
+	s := &a.series[ref]
+	h := a.hash(s.lab)
+	if cur, ok := a.byHash[h]; ok && cur == ref {
 		if rest := a.collided[h]; len(rest) > 0 {
 			a.byHash[h] = rest[0]
 			a.setCollided(h, rest[1:])
 		} else {
 			delete(a.byHash, h)
 		}
-	}
-	for h, list := range a.collided {
-		kept := list[:0]
-		for _, s := range list {
-			if s.last >= cutoff {
-				kept = append(kept, s)
-				continue
-			}
-			a.drop(s)
-			n++
-		}
-		a.setCollided(h, kept)
-	}
-	if n == 0 {
-		return
-	}
-	a.expired.Add(float64(n))
-	// A route is idle whenever every series it feeds is, so dropping the
-	// routes that point at a dead series loses nothing live.
-	for k, r := range a.routes {
-		if r.zone.dead || (r.pair != nil && r.pair.dead) || (r.cross != nil && r.cross.dead) {
-			delete(a.routes, k)
+	} else {
+		list := a.collided[h]
+		if i := slices.Index(list, ref); i >= 0 {
+			a.setCollided(h, slices.Delete(list, i, i+1))
 		}
 	}
+	if s.kind == kindPair {
+		a.podPairs--
+	}
+	a.live.Add(-1)
+	*s = series{}
 }
 
-func (a *Aggregator) setCollided(h uint64, list []*series) {
+func (a *Aggregator) setCollided(h uint64, list []uint32) {
 	if len(list) == 0 {
 		delete(a.collided, h)
 		return
 	}
 	a.collided[h] = list
-}
-
-func (a *Aggregator) drop(s *series) {
-	s.dead = true
-	if s.kind == kindPair {
-		a.podPairs--
-	}
-	a.live.Add(-1)
 }

@@ -16,12 +16,13 @@ import (
 // Endpoints as the resolver would return them, written out by hand so that
 // the expected label values below are checked against the contract.
 var (
-	webA  = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: "shop", Pod: "web-1", Workload: "web", WorkloadKind: "Deployment", Node: "n-a", Zone: "a", Region: "r1"}
-	webA2 = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: "shop", Pod: "web-2", Workload: "web", WorkloadKind: "Deployment", Node: "n-a", Zone: "a", Region: "r1"}
-	dbB   = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: "shop", Pod: "db-0", Workload: "db", WorkloadKind: "StatefulSet", Node: "n-b", Zone: "b", Region: "r1"}
-	dbA   = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: "shop", Pod: "db-1", Workload: "db", WorkloadKind: "StatefulSet", Node: "n-a", Zone: "a", Region: "r1"}
-	nodeB = &resolve.Endpoint{Kind: resolve.KindNode, Workload: "n-b", WorkloadKind: "Node", Node: "n-b", Zone: "b", Region: "r1"}
-	inet  = &resolve.Endpoint{Kind: resolve.KindExternal, Workload: "external", WorkloadKind: "External", Zone: "external", Region: "external"}
+	webA      = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: "shop", Pod: "web-1", Workload: "web", WorkloadKind: "Deployment", Node: "n-a", Zone: "a", Region: "r1"}
+	webA2     = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: "shop", Pod: "web-2", Workload: "web", WorkloadKind: "Deployment", Node: "n-a", Zone: "a", Region: "r1"}
+	dbB       = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: "shop", Pod: "db-0", Workload: "db", WorkloadKind: "StatefulSet", Node: "n-b", Zone: "b", Region: "r1"}
+	dbA       = &resolve.Endpoint{Kind: resolve.KindPod, Namespace: "shop", Pod: "db-1", Workload: "db", WorkloadKind: "StatefulSet", Node: "n-a", Zone: "a", Region: "r1"}
+	nodeB     = &resolve.Endpoint{Kind: resolve.KindNode, Workload: "n-b", WorkloadKind: "Node", Node: "n-b", Zone: "b", Region: "r1"}
+	unknownEP = &resolve.Endpoint{Kind: resolve.KindUnknown, Workload: "unknown", WorkloadKind: "Unknown", Zone: "unknown", Region: "unknown"}
+	inet      = &resolve.Endpoint{Kind: resolve.KindExternal, Workload: "external", WorkloadKind: "External", Zone: "external", Region: "external"}
 	// dbBCopy has dbB's labels in another allocation, as after a resolver
 	// rebuild of the endpoint.
 	dbBCopy = func() *resolve.Endpoint { c := *dbB; return &c }()
@@ -40,7 +41,7 @@ func apply(t *testing.T, a *Aggregator, now time.Time, flows ...Flow) {
 		want := f.Class
 		batch := []Flow{f}
 		batch[0].Class = ""
-		a.Apply(now, batch)
+		a.Apply(now, batch, nil)
 		if batch[0].Class != want {
 			t.Errorf("%s -> %s: class %q, want %q", f.Src.Pod+f.Src.Workload, f.Dst.Pod+f.Dst.Workload, batch[0].Class, want)
 		}
@@ -124,6 +125,18 @@ func TestAggregate(t *testing.T) {
 			`kubezonnet_pod_pair_packets_total{class="external",dst_kind="external",dst_workload="external",dst_workload_kind="External",dst_zone="external",src_kind="node",src_workload="n-b",src_workload_kind="Node",src_zone="b"} 1`,
 			`kubezonnet_zone_pair_bytes_total{dst_zone="external",src_zone="b"} 42`,
 			`kubezonnet_zone_pair_packets_total{dst_zone="external",src_zone="b"} 1`,
+		},
+	}, {
+		// A pod sending to a private address outside the cluster (a
+		// peered network): billed perhaps, and only the pair says who.
+		name:  "unknown destination gets a pod pair by default",
+		max:   10,
+		flows: []Flow{fl(webA, unknownEP, ClassUnknown, 64, 1)},
+		want: []string{
+			`kubezonnet_pod_pair_bytes_total{class="unknown",dst_kind="unknown",dst_workload="unknown",dst_workload_kind="Unknown",dst_zone="unknown",src_kind="pod",src_namespace="shop",src_pod="web-1",src_workload="web",src_workload_kind="Deployment",src_zone="a"} 64`,
+			`kubezonnet_pod_pair_packets_total{class="unknown",dst_kind="unknown",dst_workload="unknown",dst_workload_kind="Unknown",dst_zone="unknown",src_kind="pod",src_namespace="shop",src_pod="web-1",src_workload="web",src_workload_kind="Deployment",src_zone="a"} 1`,
+			`kubezonnet_zone_pair_bytes_total{dst_zone="unknown",src_zone="a"} 64`,
+			`kubezonnet_zone_pair_packets_total{dst_zone="unknown",src_zone="a"} 1`,
 		},
 	}, {
 		name:  "equal labels in distinct endpoint allocations share a series",

@@ -34,12 +34,12 @@ func BenchmarkApply(b *testing.B) {
 		flows = append(flows, Flow{Src: src[i%100], Dst: dst[i/100], Class: ClassCrossZone, Counts: flow.Counts{Bytes: 1500, Packets: 1}})
 	}
 	now := time.Now()
-	a.Apply(now, flows)
+	a.Apply(now, flows, nil)
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := 0; i < b.N; i += len(flows) {
 		n := min(len(flows), b.N-i)
-		a.Apply(now, flows[:n])
+		a.Apply(now, flows[:n], nil)
 	}
 }
 
@@ -87,7 +87,7 @@ func fillPairs(a *Aggregator, src, dst []*resolve.Endpoint) []Flow {
 		for j := range dst {
 			flows[j] = Flow{Src: src[i], Dst: dst[j], Class: ClassCrossZone, Counts: flow.Counts{Bytes: 1, Packets: 1}}
 		}
-		a.Apply(now, flows)
+		a.Apply(now, flows, nil)
 	}
 	return flows
 }

@@ -1,0 +1,350 @@
+package state
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/prometheus/tsdb/wlog"
+	"github.com/prometheus/prometheus/util/compression"
+
+	"github.com/kubezonnet/kubezonnet/internal/metrics"
+)
+
+// ErrClosed is returned by Wait for records appended after Close.
+var ErrClosed = errors.New("state log closed")
+
+// walDir is the log's directory inside the state directory.
+const walDir = "wal"
+
+// Log is the write-ahead log with group commit. Append and Cut only queue
+// (they run under the caller's ordering lock); the committer goroutine
+// writes and fsyncs; Wait blocks until a position is durable.
+type Log struct {
+	wl  *wlog.WL
+	log *slog.Logger
+
+	mu       sync.Mutex
+	queue    []item
+	spare    []item
+	appended uint64 // position of the last queued item
+	durable  uint64 // position of the last item written and fsynced
+	err      error  // sticky: once writing failed, nothing is durable any more
+	closed   bool
+	round    chan struct{} // closed when durable (or err) changes
+	wake     chan struct{} // capacity 1: work is queued
+	done     chan struct{} // closed when the committer has returned
+
+	fsyncs    *metrics.Counter
+	records   *metrics.Counter
+	bytes     *metrics.Counter
+	failures  *metrics.Counter
+	roundSize *metrics.Gauge
+}
+
+// item is a queued record, or a cut when cut is non-nil.
+type item struct {
+	rec []byte
+	cut *CutPoint
+}
+
+// CutPoint is where Cut closed the log: Segment is the first segment
+// holding records queued after the cut, valid once Wait(Pos) returned nil.
+type CutPoint struct {
+	Pos     uint64
+	Segment int
+}
+
+// LogOptions configure OpenLog.
+type LogOptions struct {
+	// Dir is the state directory; the log is its wal/ subdirectory.
+	Dir string
+	// SegmentSize is the size at which the log starts a new segment
+	// (a multiple of 32 KiB; 0 means wlog's default, 128 MiB).
+	SegmentSize int
+	// Registry receives the log's self-metrics; Logger its messages.
+	Registry *metrics.Registry
+	Logger   *slog.Logger
+}
+
+// OpenLog opens the state directory's log for appending. Records already
+// in it are read with Replay before the first Append.
+func OpenLog(opts LogOptions) (*Log, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Registry == nil {
+		opts.Registry = metrics.New()
+	}
+	size := opts.SegmentSize
+	if size == 0 {
+		size = wlog.DefaultSegmentSize
+	}
+	dir := filepath.Join(opts.Dir, walDir)
+	wl, err := wlog.NewSize(opts.Logger, nil, dir, size, compression.None)
+	if err != nil {
+		return nil, fmt.Errorf("opening write-ahead log %s: %w", dir, err)
+	}
+	reg := opts.Registry
+	l := &Log{
+		wl:    wl,
+		log:   opts.Logger,
+		round: make(chan struct{}),
+		wake:  make(chan struct{}, 1),
+		done:  make(chan struct{}),
+		fsyncs: reg.Counter("kubezonnet_server_state_fsyncs_total",
+			"fsyncs of the write-ahead log: one per group-commit round, however many batches it holds."),
+		records: reg.Counter("kubezonnet_server_state_records_total", "Records written to the write-ahead log."),
+		bytes:   reg.Counter("kubezonnet_server_state_record_bytes_total", "Bytes of the records written to the write-ahead log."),
+		failures: reg.Counter("kubezonnet_server_state_write_failures_total",
+			"Failed write-ahead log writes; after one, batches are refused (503) instead of acknowledged without being durable."),
+		roundSize: reg.Gauge("kubezonnet_server_state_commit_round_records",
+			"Records written by the last group-commit round."),
+	}
+	go l.commit()
+	return l, nil
+}
+
+// Append queues rec (which the log now owns) and returns its position for
+// Wait. Callers append under the lock that orders their changes, so the
+// log's order is theirs.
+func (l *Log) Append(rec []byte) uint64 {
+	return l.enqueue(item{rec: rec})
+}
+
+// Cut queues a segment boundary at this point of the order. A snapshot
+// taken under the same ordering lock holds exactly the records queued
+// before it; once Wait(c.Pos) returned nil, c.Segment is the first
+// segment it does not hold.
+func (l *Log) Cut() *CutPoint {
+	c := &CutPoint{}
+	c.Pos = l.enqueue(item{cut: c})
+	return c
+}
+
+func (l *Log) enqueue(it item) uint64 {
+	l.mu.Lock()
+	l.appended++
+	pos := l.appended
+	if it.cut != nil {
+		it.cut.Pos = pos
+	}
+	l.queue = append(l.queue, it)
+	l.mu.Unlock()
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+	return pos
+}
+
+// Wait blocks until the record at pos is durable, writing failed, or ctx
+// ends.
+func (l *Log) Wait(ctx context.Context, pos uint64) error {
+	for {
+		l.mu.Lock()
+		durable, err, round := l.durable, l.err, l.round
+		l.mu.Unlock()
+		if durable >= pos {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		select {
+		case <-round:
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the write-ahead log: %w", ctx.Err())
+		}
+	}
+}
+
+// commit is the committer goroutine: each round takes everything queued,
+// writes the records up to each cut with one Log call, starts a new
+// segment at each cut, fsyncs once, and wakes the waiters.
+func (l *Log) commit() {
+	defer close(l.done)
+	var recs [][]byte
+	for {
+		l.mu.Lock()
+		for len(l.queue) == 0 && !l.closed {
+			l.mu.Unlock()
+			<-l.wake
+			l.mu.Lock()
+		}
+		if len(l.queue) == 0 && l.closed {
+			l.mu.Unlock()
+			return
+		}
+		batch := l.queue
+		l.queue = l.spare[:0]
+		last := l.appended
+		broken := l.err != nil
+		l.mu.Unlock()
+
+		var err error
+		if !broken {
+			err = l.write(batch, &recs)
+		}
+		clear(batch) // do not pin written records
+		l.mu.Lock()
+		l.spare = batch[:0]
+		if err != nil && l.err == nil {
+			l.err = fmt.Errorf("write-ahead log: %w", err)
+			l.failures.Inc()
+			l.log.Error("write-ahead log write failed: batches are refused until the server restarts", "err", err)
+		}
+		if l.err == nil {
+			l.durable = last
+		}
+		close(l.round)
+		l.round = make(chan struct{})
+		l.mu.Unlock()
+	}
+}
+
+// write logs batch in order and fsyncs once.
+func (l *Log) write(batch []item, recs *[][]byte) error {
+	n, size := 0, 0
+	flush := func() error {
+		if len(*recs) == 0 {
+			return nil
+		}
+		err := l.wl.Log(*recs...)
+		clear(*recs)
+		*recs = (*recs)[:0]
+		return err
+	}
+	for _, it := range batch {
+		if it.cut == nil {
+			*recs = append(*recs, it.rec)
+			n++
+			size += len(it.rec)
+			continue
+		}
+		if err := flush(); err != nil {
+			return err
+		}
+		// NextSegmentSync fsyncs and closes the segment it ends, so
+		// everything before the cut is durable once it returns.
+		seg, err := l.wl.NextSegmentSync()
+		if err != nil {
+			return fmt.Errorf("starting a segment at a checkpoint cut: %w", err)
+		}
+		it.cut.Segment = seg
+		l.fsyncs.Inc()
+	}
+	if err := flush(); err != nil {
+		return err
+	}
+	if n > 0 {
+		if err := l.wl.Sync(); err != nil {
+			return fmt.Errorf("fsync: %w", err)
+		}
+		l.fsyncs.Inc()
+	}
+	l.records.Add(float64(n))
+	l.bytes.Add(float64(size))
+	l.roundSize.Set(float64(n))
+	return nil
+}
+
+// Truncate removes the segments before seg (they are in a checkpoint).
+func (l *Log) Truncate(seg int) error {
+	if err := l.wl.Truncate(seg); err != nil {
+		return fmt.Errorf("truncating the write-ahead log before segment %d: %w", seg, err)
+	}
+	return nil
+}
+
+// Size returns the bytes the log's segments take on disk.
+func (l *Log) Size() (int64, error) { return l.wl.Size() }
+
+// Close writes what is queued, stops the committer and closes the log.
+// Records appended afterwards are never durable.
+func (l *Log) Close() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.closed = true
+	l.mu.Unlock()
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+	<-l.done
+	l.mu.Lock()
+	if l.err == nil {
+		l.err = ErrClosed
+	}
+	close(l.round)
+	l.round = make(chan struct{})
+	l.mu.Unlock()
+	return l.wl.Close()
+}
+
+// ReplayStats says what Replay read.
+type ReplayStats struct {
+	Records  int
+	Bytes    int64
+	Segments int
+	// Repaired is set when a corrupt or torn tail was cut off; Lost says
+	// where (segment and offset), for the log line.
+	Repaired bool
+	Lost     string
+	Duration time.Duration
+}
+
+// Replay calls fn with every record of the segments from first on, in
+// order. A corrupt or torn record ends the replay there: the log is
+// repaired (everything after it removed) and the stats say so. An error
+// of fn ends the replay with that error. Call it before the first Append.
+func (l *Log) Replay(first int, fn func(rec []byte) error) (ReplayStats, error) {
+	start := time.Now()
+	var st ReplayStats
+	dir := l.wl.Dir()
+	_, last, err := wlog.Segments(dir)
+	if err != nil {
+		return st, fmt.Errorf("listing write-ahead log segments: %w", err)
+	}
+	// The newest segment is the one OpenLog created for appending: empty.
+	if last < first {
+		st.Duration = time.Since(start)
+		return st, nil
+	}
+	sr, err := wlog.NewSegmentsRangeReader(wlog.SegmentRange{Dir: dir, First: first, Last: last})
+	if err != nil {
+		return st, fmt.Errorf("opening write-ahead log segments %d-%d: %w", first, last, err)
+	}
+	defer sr.Close()
+	st.Segments = last - first + 1
+	r := wlog.NewReader(sr)
+	for r.Next() {
+		rec := r.Record()
+		st.Records++
+		st.Bytes += int64(len(rec))
+		if err := fn(rec); err != nil {
+			return st, fmt.Errorf("replaying write-ahead log record %d (segment %d, offset %d): %w",
+				st.Records, r.Segment(), r.Offset(), err)
+		}
+	}
+	if err := r.Err(); err != nil {
+		var cerr *wlog.CorruptionErr
+		if !errors.As(err, &cerr) {
+			return st, fmt.Errorf("reading write-ahead log: %w", err)
+		}
+		st.Repaired = true
+		st.Lost = fmt.Sprintf("segment %d offset %d: %v", cerr.Segment, cerr.Offset, cerr.Err)
+		if err := l.wl.Repair(err); err != nil {
+			return st, fmt.Errorf("repairing write-ahead log at %s: %w", st.Lost, err)
+		}
+	}
+	st.Duration = time.Since(start)
+	return st, nil
+}
