@@ -36,6 +36,7 @@ var Kustomizations = []string{
 	"overlays/cgroup",
 	"overlays/mimir",
 	"overlays/per-zone",
+	"overlays/persistent-state",
 	"overlays/prometheus",
 	"overlays/thanos",
 	"overlays/victoriametrics",

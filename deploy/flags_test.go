@@ -26,7 +26,8 @@ var contractFlags = map[string][]string{
 	"server": {"listen-address", "kubeconfig", "auth-mode", "token-file", "static-endpoints-file", "all-pairs",
 		"max-pod-pairs", "series-idle-timeout", "released-ip-ttl", "released-ip-cache-size", "flow-log-classes",
 		"log-level", "log-format", "remote-write-url", "remote-write-config", "push-interval", "external-label",
-		"remote-write-retry-on-429", "remote-write-max-series-per-request", "remote-write-shards", "token-audience"},
+		"remote-write-retry-on-429", "remote-write-max-series-per-request", "remote-write-shards", "token-audience",
+		"state-dir", "checkpoint-interval", "shutdown-grace-period"},
 }
 
 // envTwin is the environment variable of a flag.

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -15,6 +16,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
 )
 
 // TestKustomizationsListed keeps Kustomizations complete: every directory
@@ -260,7 +262,7 @@ func TestAgentDaemonSet(t *testing.T) {
 // TestServerDeployments checks every server Deployment (one, or one per
 // zone): non-root, read-only, probes, config wiring.
 func TestServerDeployments(t *testing.T) {
-	for _, dir := range []string{"base", "overlays/per-zone", "overlays/mimir", "overlays/thanos", "overlays/prometheus", "overlays/victoriametrics"} {
+	for _, dir := range []string{"base", "overlays/per-zone", "overlays/mimir", "overlays/thanos", "overlays/prometheus", "overlays/victoriametrics", "overlays/persistent-state"} {
 		t.Run(dir, func(t *testing.T) {
 			objs := objects(t, dir)
 			deps := ofType[*appsv1.Deployment](objs)
@@ -308,6 +310,7 @@ func TestServerDeployments(t *testing.T) {
 				if d.Spec.Replicas == nil || *d.Spec.Replicas != 1 {
 					t.Errorf("%s: replicas %v, want 1 (retries must reach the server that saw the first attempt)", d.Name, d.Spec.Replicas)
 				}
+				checkDurable(t, d, objs)
 			}
 			// Service and PodDisruptionBudget select exactly the server pods.
 			var svc *corev1.Service
@@ -489,4 +492,56 @@ func projectedToken(pod corev1.PodSpec, c corev1.Container, file string) bool {
 		}
 	}
 	return false
+}
+
+// checkDurable: the server keeps its state on a writable volume, and its
+// shutdown fits the pod's grace period (the kubelet kills it at the end).
+func checkDurable(t *testing.T, d *appsv1.Deployment, objs []runtime.Object) {
+	t.Helper()
+	pod := d.Spec.Template.Spec
+	c := pod.Containers[0]
+	dir := flagValue(c.Args, "state-dir")
+	if dir == "" {
+		t.Errorf("%s: no --state-dir: acknowledged batches die with the process", d.Name)
+		return
+	}
+	m := mountFor(c, dir+"/wal")
+	if m == nil || m.ReadOnly {
+		t.Errorf("%s: --state-dir=%s is not on a writable volume (the root filesystem is read-only)", d.Name, dir)
+		return
+	}
+	for _, v := range pod.Volumes {
+		if v.Name != m.Name {
+			continue
+		}
+		switch {
+		case v.EmptyDir != nil:
+		case v.PersistentVolumeClaim != nil:
+			found := false
+			for _, pvc := range ofType[*corev1.PersistentVolumeClaim](objs) {
+				found = found || pvc.Name == v.PersistentVolumeClaim.ClaimName
+			}
+			if !found {
+				t.Errorf("%s: state volume claims %q, which is not rendered", d.Name, v.PersistentVolumeClaim.ClaimName)
+			}
+			if d.Spec.Strategy.Type != appsv1.RecreateDeploymentStrategyType {
+				t.Errorf("%s: state on a claim needs the Recreate strategy (one writer), got %q", d.Name, d.Spec.Strategy.Type)
+			}
+		default:
+			t.Errorf("%s: state volume %q is neither an emptyDir nor a claim", d.Name, v.Name)
+		}
+	}
+	grace := pod.TerminationGracePeriodSeconds
+	if grace == nil {
+		t.Errorf("%s: terminationGracePeriodSeconds not set explicitly", d.Name)
+		return
+	}
+	sd, err := time.ParseDuration(flagValue(c.Args, "shutdown-grace-period"))
+	if err != nil {
+		t.Errorf("%s: --shutdown-grace-period: %v", d.Name, err)
+		return
+	}
+	if sd >= time.Duration(*grace)*time.Second {
+		t.Errorf("%s: --shutdown-grace-period=%s does not fit terminationGracePeriodSeconds=%d", d.Name, sd, *grace)
+	}
 }
