@@ -87,18 +87,25 @@ func AppendLabel(b []byte, name string, value []byte) []byte {
 
 // Sample adds a sample. Samples of one series must be in timestamp order.
 func (s *SeriesBuilder) Sample(v float64, ts int64) {
+	s.body = appendSample(s.body, v, ts)
+}
+
+// appendSample appends one TimeSeries.samples field to b: the value, and
+// the timestamp unless it is 0 (proto3 leaves default values out).
+func appendSample(b []byte, v float64, ts int64) []byte {
 	size := 1 + 8
 	if ts != 0 {
 		size += 1 + protowire.SizeVarint(uint64(ts))
 	}
-	s.body = protowire.AppendTag(s.body, fieldSeriesSamples, protowire.BytesType)
-	s.body = protowire.AppendVarint(s.body, uint64(size))
-	s.body = protowire.AppendTag(s.body, fieldSampleValue, protowire.Fixed64Type)
-	s.body = protowire.AppendFixed64(s.body, math.Float64bits(v))
+	b = protowire.AppendTag(b, fieldSeriesSamples, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(size))
+	b = protowire.AppendTag(b, fieldSampleValue, protowire.Fixed64Type)
+	b = protowire.AppendFixed64(b, math.Float64bits(v))
 	if ts != 0 {
-		s.body = protowire.AppendTag(s.body, fieldSampleTimestamp, protowire.VarintType)
-		s.body = protowire.AppendVarint(s.body, uint64(ts))
+		b = protowire.AppendTag(b, fieldSampleTimestamp, protowire.VarintType)
+		b = protowire.AppendVarint(b, uint64(ts))
 	}
+	return b
 }
 
 // AppendTo appends the series as a WriteRequest.timeseries field to b.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"slices"
 	"strconv"
 	"strings"
@@ -43,6 +44,29 @@ import (
 // replaced before reaching an endpoint (an outage), its stale markers are
 // lost for that endpoint and the receiver ends the series by its lookback
 // window (5 minutes in Prometheus) instead.
+//
+// Created-timestamp zeros. increase() and rate() only see a counter grow
+// between two of its samples, so a series whose first sample already
+// holds a burst would hide that burst. A series the pusher is not sending
+// yet (new, or back after its stale marker) whose Series.Created is before
+// the snapshot's stamp is therefore sent with two samples: 0 at Created,
+// then its value; a series already being sent never is. A receiver that
+// already has the series (the server restarted and reports a Created it
+// should not have) takes the zero for an out-of-order sample, and
+// Prometheus 2.x then rejects the whole request with a 400. So every
+// request carrying zeros is also encoded without them, as its fallback,
+// and a shard whose request gets a final 4xx other than 429 sends the
+// fallback instead, under the same retry rules, counting the zeros in
+// kubezonnet_server_remote_write_zero_samples_rejected_total. Only when
+// the fallback is rejected too are its samples dropped.
+//
+// Delivery watermark. OnDelivered reports the stamp of the newest snapshot
+// that every endpoint accepted in full (every request answered 2xx,
+// possibly through its fallback), or that one superseding it did: from
+// then on every receiver has every series of that snapshot, which is what
+// the server persists to know, after a restart, which series need no
+// zero. A snapshot with a dropped request, or abandoned by some shard for
+// a newer one, does not advance it.
 type Pusher struct {
 	cfg     PusherConfig
 	sources []Source
@@ -57,14 +81,25 @@ type Pusher struct {
 	cur            []Series
 	sb, cmp        SeriesBuilder
 	sample         []byte
+	zsample        []byte // the zero sample being inserted
 	raw            [][]byte
 	rawN           []int
+	zeros          [][]zeroSpan // zero samples in raw, per shard
+	plain          []byte       // a request without its zeros
 	reqs           [][]request
 	zbuf           []byte
 	lastTS         int64
 	snapshotSeries *metrics.Gauge
 	staleMarkers   *metrics.Counter
 	duplicates     *metrics.Counter
+	// now stamps snapshots: time.Now, or the test's clock.
+	now func() time.Time
+
+	// onDelivered is OnDelivered's callback; wmMu serialises its calls
+	// and guards wmLast, the last stamp reported.
+	onDelivered func(ts int64)
+	wmMu        sync.Mutex
+	wmLast      int64
 
 	startOnce sync.Once
 	ctx       context.Context
@@ -89,8 +124,14 @@ type extraLabel struct {
 // request is one compressed WriteRequest, shared read-only by every
 // endpoint.
 type request struct {
-	body    []byte
-	samples int
+	body []byte
+	// fallback is body without its created-timestamp zeros, nil when it
+	// has none.
+	fallback []byte
+	// samples counts the real samples, one per series (what
+	// kubezonnet_server_remote_write_samples_total counts); zeros counts
+	// the injected zero samples on top of them.
+	samples, zeros int
 }
 
 // NewPusher validates cfg and builds a pusher for sources. Self-metrics go
@@ -114,7 +155,9 @@ func NewPusher(cfg PusherConfig, sources []Source, reg *metrics.Registry, log *s
 		table:   newSeriesTable(cfg.LabelCacheMiB << 20),
 		raw:     make([][]byte, cfg.Shards),
 		rawN:    make([]int, cfg.Shards),
+		zeros:   make([][]zeroSpan, cfg.Shards),
 		reqs:    make([][]request, cfg.Shards),
+		now:     time.Now,
 		idle:    make(chan struct{}),
 		snapshotSeries: reg.Gauge("kubezonnet_server_remote_write_snapshot_series",
 			"Series in the last snapshot pushed, stale markers excluded."),
@@ -149,6 +192,21 @@ func mergeExtra(ext, ha []metrics.Label) []extraLabel {
 	slices.SortFunc(out, func(a, b extraLabel) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
+
+// OnDelivered makes the pusher call f with a snapshot's stamp (milliseconds
+// since the epoch, as in the samples) once that snapshot, or a newer one
+// that superseded it, has been delivered to every endpoint: every request
+// answered 2xx, directly or through its fallback, none dropped. The server
+// persists the stamp to know which series every receiver has. Stamps only
+// grow: a snapshot completing after a newer one is not reported. Calls
+// come from the shard goroutines, never two at a time, and precede the
+// return of the Wait (or Flush) that waits for that snapshot; f must not
+// block for long (it holds up the shard that completed the snapshot) nor
+// call the pusher. With no endpoint every snapshot counts as delivered.
+//
+// OnDelivered must be called before the first Run, Push or Flush; it is
+// not synchronised with them.
+func (p *Pusher) OnDelivered(f func(ts int64)) { p.onDelivered = f }
 
 // start launches the shard goroutines once.
 func (p *Pusher) start() {
@@ -200,12 +258,54 @@ func (p *Pusher) Push() {
 	// Strictly increasing stamps: two pushes within one millisecond (a
 	// Flush right after a tick) must not give a series two different
 	// values at one timestamp, which receivers reject.
-	ts := max(start.UnixMilli(), p.lastTS+1)
+	ts := max(p.now().UnixMilli(), p.lastTS+1)
 	p.lastTS = ts
 	reqs := p.snapshot(ts)
-	for _, ep := range p.eps {
-		ep.hand(reqs, start)
+	d := &delivery{ts: ts}
+	d.remaining.Store(int32(len(p.eps) * p.cfg.Shards))
+	if len(p.eps) == 0 {
+		p.advance(ts)
 	}
+	for _, ep := range p.eps {
+		ep.hand(reqs, start, d)
+	}
+}
+
+// delivery follows one snapshot to every shard of every endpoint, for the
+// watermark (OnDelivered).
+type delivery struct {
+	ts int64
+	// remaining counts the shards that have not finished the snapshot;
+	// a shard that abandons it for a newer one never finishes it.
+	remaining atomic.Int32
+	// dropped is set when a request of the snapshot was rejected for good.
+	dropped atomic.Bool
+}
+
+// finished records that one shard has sent its part of d, ok if no
+// request was dropped, and advances the watermark when d is complete.
+func (p *Pusher) finished(d *delivery, ok bool) {
+	if !ok {
+		d.dropped.Store(true)
+	}
+	if d.remaining.Add(-1) == 0 && !d.dropped.Load() {
+		p.advance(d.ts)
+	}
+}
+
+// advance reports ts to the OnDelivered callback unless a stamp as new
+// was reported already.
+func (p *Pusher) advance(ts int64) {
+	if p.onDelivered == nil {
+		return
+	}
+	p.wmMu.Lock()
+	defer p.wmMu.Unlock()
+	if ts <= p.wmLast {
+		return
+	}
+	p.wmLast = ts
+	p.onDelivered(ts)
 }
 
 // Wait blocks until every endpoint has sent (or given up on) everything
@@ -262,6 +362,7 @@ type endpoint struct {
 	shards []*shard
 
 	sent, failed, dropped, retries *metrics.Counter
+	zeroSamples, zerosRejected     *metrics.Counter
 	lastSuccess, duration, pending *metrics.Gauge
 
 	reg     *metrics.Registry
@@ -270,6 +371,8 @@ type endpoint struct {
 
 	failing     atomic.Bool
 	lastDropLog atomic.Int64
+	// zerosLogged is set once the first rejection of zeros was logged.
+	zerosLogged atomic.Bool
 }
 
 func newEndpoint(p *Pusher, name string, c *Client, reg *metrics.Registry) *endpoint {
@@ -277,12 +380,16 @@ func newEndpoint(p *Pusher, name string, c *Client, reg *metrics.Registry) *endp
 		log: p.log.With("endpoint", name)}
 	el := metrics.Label{Name: "endpoint", Value: name}
 	const samples = "kubezonnet_server_remote_write_samples_total"
-	const samplesHelp = "Samples by outcome: sent (2xx), failed (retryable errors until replaced by a newer snapshot or shut down), dropped (rejected with a 4xx, never retried)."
+	const samplesHelp = "Samples by outcome: sent (2xx), failed (retryable errors until replaced by a newer snapshot or shut down), dropped (rejected with a 4xx, never retried). Created-timestamp zero samples are not included (kubezonnet_server_remote_write_zero_samples_total)."
 	ep.sent = reg.Counter(samples, samplesHelp, el, metrics.Label{Name: "result", Value: "sent"})
 	ep.failed = reg.Counter(samples, samplesHelp, el, metrics.Label{Name: "result", Value: "failed"})
 	ep.dropped = reg.Counter(samples, samplesHelp, el, metrics.Label{Name: "result", Value: "dropped"})
 	ep.retries = reg.Counter("kubezonnet_server_remote_write_retries_total",
 		"Requests retried after a network error, 5xx or 429.", el)
+	ep.zeroSamples = reg.Counter("kubezonnet_server_remote_write_zero_samples_total",
+		"Created-timestamp zero samples (value 0 at a new series' creation time, before its first sample) handed to the endpoint, on top of the samples counted in kubezonnet_server_remote_write_samples_total.", el)
+	ep.zerosRejected = reg.Counter("kubezonnet_server_remote_write_zero_samples_rejected_total",
+		"Created-timestamp zero samples whose request the endpoint rejected with a final 4xx other than 429 (typically as out of order: it already had the series, e.g. after a server restart); the request was resent without them.", el)
 	ep.lastSuccess = reg.Gauge("kubezonnet_server_remote_write_last_success_timestamp_seconds",
 		"Unix time of the last request the endpoint accepted; alert on time() minus this.", el)
 	ep.duration = reg.Gauge("kubezonnet_server_remote_write_push_duration_seconds",
@@ -317,16 +424,19 @@ func (ep *endpoint) countCode(code int) {
 }
 
 // hand gives every shard its part of a snapshot.
-func (ep *endpoint) hand(reqs [][]request, start time.Time) {
+func (ep *endpoint) hand(reqs [][]request, start time.Time, d *delivery) {
 	tr := &pushTrack{start: start}
 	tr.remaining.Store(int32(len(ep.shards)))
+	zeros := 0
 	for i, s := range ep.shards {
-		b := &batch{reqs: reqs[i], track: tr}
+		b := &batch{reqs: reqs[i], track: tr, delivery: d}
 		for _, r := range b.reqs {
 			b.samples += r.samples
+			zeros += r.zeros
 		}
 		s.put(b)
 	}
+	ep.zeroSamples.Add(float64(zeros))
 }
 
 // pushTrack times one snapshot's delivery to one endpoint.
@@ -337,9 +447,10 @@ type pushTrack struct {
 
 // batch is one shard's part of one snapshot.
 type batch struct {
-	reqs    []request
-	samples int
-	track   *pushTrack
+	reqs     []request
+	samples  int // real samples, as request.samples
+	track    *pushTrack
+	delivery *delivery
 }
 
 // shard sends its batches in order, holding at most one pending.
@@ -425,39 +536,38 @@ func (s *shard) run(ctx context.Context) {
 }
 
 // deliver sends a batch's requests in order, retrying each as the backoff
-// allows, until done, replaced by a newer batch, or shut down.
+// allows, until done, replaced by a newer batch, or shut down. A request
+// whose zeros get it rejected is sent again as its fallback.
 func (s *shard) deliver(ctx context.Context, b *batch) {
 	ep := s.ep
 	left := b.samples
+	ok := true
 	for _, r := range b.reqs {
-		attempts := 0
-		err := Retry(ctx, &s.bo, s.newer, func() error {
-			attempts++
-			code, err := ep.client.Store(ctx, r.body)
-			ep.countCode(code)
-			return err
-		}, func(err error, wait time.Duration) {
-			ep.retries.Inc()
-			if !ep.failing.Swap(true) {
-				ep.log.Warn("remote write failing, retrying", "err", err, "wait", wait)
+		err := s.send(ctx, r.body)
+		if se := rejection(err); r.fallback != nil && se != nil {
+			ep.zerosRejected.Add(float64(r.zeros))
+			if !ep.zerosLogged.Swap(true) {
+				// Once per endpoint: after a restart every request with
+				// zeros may be rejected; the counter tells how many.
+				ep.log.Warn("remote write rejected a request with created-timestamp zeros, resending it without them",
+					"code", se.Code, "body", se.Body, "zeros", r.zeros)
 			} else {
-				ep.log.Debug("remote write retry", "err", err, "wait", wait)
+				ep.log.Debug("remote write rejected created-timestamp zeros", "code", se.Code, "body", se.Body, "zeros", r.zeros)
 			}
-		})
+			err = s.send(ctx, r.fallback)
+		}
 		left -= r.samples
 		ep.pending.Add(-float64(r.samples))
 		switch {
 		case err == nil:
 			ep.sent.Add(float64(r.samples))
 			ep.lastSuccess.Set(float64(time.Now().UnixNano()) / 1e9)
-			if ep.failing.Swap(false) {
-				ep.log.Info("remote write recovered", "attempts", attempts)
-			}
 		case errors.Is(err, errSuperseded) || ctx.Err() != nil:
 			ep.failed.Add(float64(r.samples + left))
 			ep.pending.Add(-float64(left))
 			return
 		default:
+			ok = false
 			ep.dropped.Add(float64(r.samples))
 			ep.logDrop(err, r.samples)
 		}
@@ -465,6 +575,45 @@ func (s *shard) deliver(ctx context.Context, b *batch) {
 	if b.track.remaining.Add(-1) == 0 {
 		ep.duration.Set(time.Since(b.track.start).Seconds())
 	}
+	ep.p.finished(b.delivery, ok)
+}
+
+// send sends one request body, retrying as the shard's backoff allows.
+func (s *shard) send(ctx context.Context, body []byte) error {
+	ep := s.ep
+	attempts := 0
+	err := Retry(ctx, &s.bo, s.newer, func() error {
+		attempts++
+		code, err := ep.client.Store(ctx, body)
+		ep.countCode(code)
+		return err
+	}, func(err error, wait time.Duration) {
+		ep.retries.Inc()
+		if !ep.failing.Swap(true) {
+			ep.log.Warn("remote write failing, retrying", "err", err, "wait", wait)
+		} else {
+			ep.log.Debug("remote write retry", "err", err, "wait", wait)
+		}
+	})
+	if err == nil && ep.failing.Swap(false) {
+		ep.log.Info("remote write recovered", "attempts", attempts)
+	}
+	return err
+}
+
+// rejection returns err's *StatusError if err is a final rejection that a
+// request's zeros may have caused: a 4xx other than 429. A 429 (when not
+// retried) is a rate or tenant limit that the same samples without their
+// zeros would hit as well.
+func rejection(err error) *StatusError {
+	if err == nil {
+		return nil // the common case, without errors.As' allocation
+	}
+	var se *StatusError
+	if errors.As(err, &se) && se.Code/100 == 4 && se.Code != http.StatusTooManyRequests {
+		return se
+	}
+	return nil
 }
 
 // logDrop logs a rejected request, at most once per second per endpoint:

@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -41,6 +42,9 @@ type testReceiver struct {
 	t       *testing.T
 	srv     *httptest.Server
 	respond func(n int, w http.ResponseWriter) // nil: 204
+	// judge, if set, answers instead of respond, seeing the request's
+	// series: a receiver that rejects by content.
+	judge func(series []prompb.TimeSeries, w http.ResponseWriter)
 
 	mu   sync.Mutex
 	reqs []received
@@ -48,7 +52,17 @@ type testReceiver struct {
 
 func newTestReceiver(t *testing.T, respond func(n int, w http.ResponseWriter)) *testReceiver {
 	t.Helper()
-	r := &testReceiver{t: t, respond: respond}
+	return startReceiver(t, &testReceiver{t: t, respond: respond})
+}
+
+// newJudgingReceiver returns a receiver that answers as judge says.
+func newJudgingReceiver(t *testing.T, judge func(series []prompb.TimeSeries, w http.ResponseWriter)) *testReceiver {
+	t.Helper()
+	return startReceiver(t, &testReceiver{t: t, judge: judge})
+}
+
+func startReceiver(t *testing.T, r *testReceiver) *testReceiver {
+	t.Helper()
 	r.srv = httptest.NewServer(http.HandlerFunc(r.serve))
 	t.Cleanup(r.srv.Close)
 	return r
@@ -63,6 +77,10 @@ func (r *testReceiver) serve(w http.ResponseWriter, req *http.Request) {
 	n := len(r.reqs)
 	r.reqs = append(r.reqs, received{at: at, header: req.Header.Clone(), series: series})
 	r.mu.Unlock()
+	if r.judge != nil {
+		r.judge(series, w)
+		return
+	}
 	if r.respond == nil {
 		w.WriteHeader(http.StatusNoContent)
 		return
@@ -127,8 +145,14 @@ func checkRequest(t *testing.T, req *http.Request) []prompb.TimeSeries {
 				t.Errorf("series %s: empty label value", key)
 			}
 		}
-		if len(ts.Samples) != 1 {
-			t.Errorf("series %s: %d samples, want 1", key, len(ts.Samples))
+		// One sample, or a created-timestamp zero before it.
+		switch n := len(ts.Samples); {
+		case n == 2:
+			if z, s := ts.Samples[0], ts.Samples[1]; z.Value != 0 || z.Timestamp >= s.Timestamp {
+				t.Errorf("series %s: samples %v, want a zero strictly before the sample", key, ts.Samples)
+			}
+		case n != 1:
+			t.Errorf("series %s: %d samples, want 1 (2 with a created-timestamp zero)", key, n)
 		}
 	}
 	return wr.Timeseries
@@ -772,6 +796,411 @@ func TestPusherDeadEndpointDoesNotBlockLiveOne(t *testing.T) {
 	}
 }
 
+// ---- created-timestamp zeros ------------------------------------------------
+
+// setClock makes p stamp its snapshots with the value of the returned
+// variable (milliseconds since the epoch), so tests know every stamp. Call
+// it before the first push.
+func setClock(p *Pusher, ms int64) *atomic.Int64 {
+	c := new(atomic.Int64)
+	c.Store(ms)
+	p.now = func() time.Time { return time.UnixMilli(c.Load()) }
+	return c
+}
+
+// samplesBySeries returns the samples each src_pod received, in the order
+// they arrived.
+func samplesBySeries(reqs []received) map[string][]prompb.Sample {
+	out := map[string][]prompb.Sample{}
+	for _, r := range reqs {
+		for _, ts := range r.series {
+			pod := testutil.LabelValue(ts.Labels, "src_pod")
+			out[pod] = append(out[pod], ts.Samples...)
+		}
+	}
+	return out
+}
+
+func TestPusherCreatedZero(t *testing.T) {
+	const ts1, ts2 = 1_700_000_000_000, 1_700_000_015_000
+	for _, tc := range []struct {
+		name    string
+		created int64
+		zero    bool
+	}{
+		{"created long before", ts1 - 3_600_000, true},
+		{"created 1 ms before", ts1 - 1, true},
+		{"created at the stamp", ts1, false},
+		{"created after the stamp", ts1 + 1, false},
+		{"unknown", 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rcv := newTestReceiver(t, nil)
+			reg := metrics.New()
+			ls := podPair("kubezonnet_pod_pair_bytes_total", "api-0", "db-0")
+			se := Series{Labels: ls, Value: 1500, Created: tc.created}
+			src := SourceFunc(func(dst []Series) []Series { return append(dst, se) })
+			p := newTestPusher(t, testConfig(rcv.url()), reg, nil, src)
+			clock := setClock(p, ts1)
+			pushAndWait(t, p)
+			// The second push finds the series by content (a rebuilt
+			// slice) and still reports a Created: a known series never
+			// gets a zero.
+			se = Series{Labels: slices.Clone(ls), Value: 2500, Created: tc.created}
+			clock.Store(ts2)
+			pushAndWait(t, p)
+
+			want := []prompb.Sample{{Value: 1500, Timestamp: ts1}, {Value: 2500, Timestamp: ts2}}
+			wantZeros := 0.0
+			if tc.zero {
+				want = append([]prompb.Sample{{Value: 0, Timestamp: tc.created}}, want...)
+				wantZeros = 1
+			}
+			if got := samplesBySeries(rcv.requests())["api-0"]; !slices.EqualFunc(got, want, sameSample) {
+				t.Errorf("received %v, want %v", got, want)
+			}
+			for _, c := range []struct {
+				name   string
+				labels []string
+				want   float64
+			}{
+				{"kubezonnet_server_remote_write_zero_samples_total", nil, wantZeros},
+				{"kubezonnet_server_remote_write_zero_samples_rejected_total", nil, 0},
+				{"kubezonnet_server_remote_write_samples_total", []string{"result", "sent"}, 2},
+			} {
+				if v := metricValue(t, reg, c.name, c.labels...); v != c.want {
+					t.Errorf("%s%v = %v, want %v", c.name, c.labels, v, c.want)
+				}
+			}
+		})
+	}
+}
+
+// TestPusherCreatedZeroAfterStale: a series that vanished (stale marker)
+// and comes back is new to the pusher again, and so gets its zero again.
+func TestPusherCreatedZeroAfterStale(t *testing.T) {
+	const ts1, ts2, ts3 = 1_700_000_000_000, 1_700_000_015_000, 1_700_000_030_000
+	rcv := newTestReceiver(t, nil)
+	src := newTestSource()
+	a := podPair("kubezonnet_pod_pair_bytes_total", "api-0", "db-0")
+	b := podPair("kubezonnet_pod_pair_bytes_total", "api-1", "db-0")
+	src.series[metricKey(a)] = Series{Labels: a, Value: 100, Created: ts1 - 5000}
+	src.series[metricKey(b)] = Series{Labels: b, Value: 7, Created: ts1 - 9000}
+	p := newTestPusher(t, testConfig(rcv.url()), nil, nil, src)
+	clock := setClock(p, ts1)
+	pushAndWait(t, p)
+	src.remove(a)
+	clock.Store(ts2)
+	pushAndWait(t, p)
+	src.mu.Lock()
+	src.series[metricKey(a)] = Series{Labels: a, Value: 40, Created: ts2 + 2000}
+	src.mu.Unlock()
+	clock.Store(ts3)
+	pushAndWait(t, p)
+
+	got := samplesBySeries(rcv.requests())
+	wantA := []prompb.Sample{
+		{Value: 0, Timestamp: ts1 - 5000}, {Value: 100, Timestamp: ts1},
+		{Value: StaleNaN, Timestamp: ts2},
+		{Value: 0, Timestamp: ts2 + 2000}, {Value: 40, Timestamp: ts3},
+	}
+	wantB := []prompb.Sample{{Value: 0, Timestamp: ts1 - 9000}, {Value: 7, Timestamp: ts1}, {Value: 7, Timestamp: ts2}, {Value: 7, Timestamp: ts3}}
+	for pod, want := range map[string][]prompb.Sample{"api-0": wantA, "api-1": wantB} {
+		if !slices.EqualFunc(got[pod], want, sameSample) {
+			t.Errorf("%s received %v, want %v", pod, got[pod], want)
+		}
+	}
+}
+
+// sameSample compares samples bit for bit, so that StaleNaN equals itself.
+func sameSample(a, b prompb.Sample) bool {
+	return a.Timestamp == b.Timestamp && math.Float64bits(a.Value) == math.Float64bits(b.Value)
+}
+
+// TestPusherZeroFallback: a receiver that already has a series rejects
+// the request carrying its zero as out of order (Prometheus 2.x answers
+// 400 for the whole request); the pusher resends the request without its
+// zeros, and only drops samples when that is rejected too.
+func TestPusherZeroFallback(t *testing.T) {
+	const ts1, ts2 = 1_700_000_000_000, 1_700_000_015_000
+	// rejectZeros answers like a Prometheus holding every series up to
+	// the snapshot's stamp already.
+	rejectZeros := func(series []prompb.TimeSeries, w http.ResponseWriter) {
+		for _, ts := range series {
+			for _, s := range ts.Samples {
+				if s.Timestamp != ts1 && s.Timestamp != ts2 {
+					http.Error(w, "out of order sample", http.StatusBadRequest)
+					return
+				}
+			}
+		}
+		w.WriteHeader(http.StatusNoContent)
+	}
+	for _, tc := range []struct {
+		name  string
+		judge func([]prompb.TimeSeries, http.ResponseWriter)
+		// attempts per push: the zeros' request, then its fallback
+		attempts    int
+		wantDropped float64
+		// wantLog is in the log after the two pushes: once for the
+		// fallback's warning, at least once for drops (throttled).
+		wantLog   string
+		wantMarks []int64
+	}{
+		{
+			name: "fallback accepted", judge: rejectZeros, attempts: 2,
+			wantLog: "resending it without them", wantMarks: []int64{ts1, ts2},
+		},
+		{
+			name: "fallback rejected too",
+			judge: func(_ []prompb.TimeSeries, w http.ResponseWriter) {
+				http.Error(w, "out of order sample", http.StatusBadRequest)
+			},
+			attempts: 2, wantDropped: 5, wantLog: "samples dropped",
+		},
+		{
+			// A final 429 is a limit, not the zeros' fault: no fallback.
+			name: "429 not retried",
+			judge: func(_ []prompb.TimeSeries, w http.ResponseWriter) {
+				http.Error(w, "ingestion rate limit", http.StatusTooManyRequests)
+			},
+			attempts: 1, wantDropped: 5, wantLog: "samples dropped",
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rcv := newJudgingReceiver(t, tc.judge)
+			src := newTestSource()
+			known := podPair("kubezonnet_pod_pair_bytes_total", "api-0", "db-0")
+			src.set(known, 10)
+			fresh := podPair("kubezonnet_pod_pair_bytes_total", "api-1", "db-0")
+			src.series[metricKey(fresh)] = Series{Labels: fresh, Value: 20, Created: ts1 - 1000}
+			cfg := testConfig(rcv.url())
+			cfg.Shards = 1
+			cfg.RetryOn429 = false // a 429 is final, as for Cortex and Mimir limits
+			var logs testutil.SyncBuffer
+			reg := metrics.New()
+			p := newTestPusher(t, cfg, reg, slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})), src)
+			var wm watermarks
+			p.OnDelivered(wm.record)
+			clock := setClock(p, ts1)
+			pushAndWait(t, p)
+			// A second new series with a zero: rejected again, logged once.
+			other := podPair("kubezonnet_pod_pair_bytes_total", "api-2", "db-0")
+			src.series[metricKey(other)] = Series{Labels: other, Value: 30, Created: ts2 - 1000}
+			clock.Store(ts2)
+			pushAndWait(t, p)
+
+			reqs := rcv.requests()
+			if len(reqs) != 2*tc.attempts {
+				t.Fatalf("got %d attempts, want %d per push", len(reqs), tc.attempts)
+			}
+			if tc.attempts == 2 {
+				for i, r := range reqs {
+					zeros := 0
+					for _, ts := range r.series {
+						zeros += len(ts.Samples) - 1
+					}
+					if want := 1 - i%2; zeros != want { // the request, then its fallback
+						t.Errorf("attempt %d carries %d zeros, want %d", i, zeros, want)
+					}
+					if want := 2 + i/2; len(r.series) != want {
+						t.Errorf("attempt %d carries %d series, want %d", i, len(r.series), want)
+					}
+				}
+			}
+			rejected := 0.0
+			if tc.attempts == 2 {
+				rejected = 2
+			}
+			for _, c := range []struct {
+				name   string
+				labels []string
+				want   float64
+			}{
+				{"kubezonnet_server_remote_write_zero_samples_total", nil, 2},
+				{"kubezonnet_server_remote_write_zero_samples_rejected_total", nil, rejected},
+				{"kubezonnet_server_remote_write_samples_total", []string{"result", "sent"}, 5 - tc.wantDropped},
+				{"kubezonnet_server_remote_write_samples_total", []string{"result", "dropped"}, tc.wantDropped},
+				{"kubezonnet_server_remote_write_pending_samples", nil, 0},
+				{"kubezonnet_server_remote_write_retries_total", nil, 0},
+			} {
+				if v := metricValue(t, reg, c.name, c.labels...); v != c.want {
+					t.Errorf("%s%v = %v, want %v", c.name, c.labels, v, c.want)
+				}
+			}
+			out := logs.String()
+			if n := strings.Count(out, tc.wantLog); n == 0 || (tc.wantDropped == 0 && n != 1) {
+				t.Errorf("log has %q %d times:\n%s", tc.wantLog, n, out)
+			}
+			if tc.attempts == 2 && (!strings.Contains(out, `"code":400`) || !strings.Contains(out, "out of order sample")) {
+				t.Errorf("log lacks the status and body of the rejection:\n%s", out)
+			}
+			if got := wm.get(); !slices.Equal(got, tc.wantMarks) {
+				t.Errorf("delivery watermark calls %v, want %v", got, tc.wantMarks)
+			}
+		})
+	}
+}
+
+// ---- delivery watermark -----------------------------------------------------
+
+// watermarks records OnDelivered calls.
+type watermarks struct {
+	mu    sync.Mutex
+	calls []int64
+}
+
+func (w *watermarks) record(ts int64) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.calls = append(w.calls, ts)
+}
+
+func (w *watermarks) get() []int64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return slices.Clone(w.calls)
+}
+
+// TestPusherOnDeliveredSlowEndpoint: with one endpoint failing, no
+// snapshot is delivered everywhere; when it recovers, the snapshot that
+// superseded the one it was retrying is reported, and never the older one.
+func TestPusherOnDeliveredSlowEndpoint(t *testing.T) {
+	const ts1, ts2, ts3 = 1_700_000_000_000, 1_700_000_015_000, 1_700_000_030_000
+	fine := newTestReceiver(t, nil)
+	var down atomic.Bool
+	down.Store(true)
+	slow := newTestReceiver(t, func(_ int, w http.ResponseWriter) {
+		if down.Load() {
+			http.Error(w, "unavailable", http.StatusServiceUnavailable)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	src := newTestSource()
+	for i := range 6 {
+		src.set(podPair("kubezonnet_pod_pair_bytes_total", fmt.Sprintf("api-%d", i), "db-0"), float64(i))
+	}
+	cfg := testConfig(fine.url(), slow.url())
+	cfg.Endpoints[0].Name, cfg.Endpoints[1].Name = "fine", "slow"
+	cfg.Shards = 2
+	reg := metrics.New()
+	p := newTestPusher(t, cfg, reg, nil, src)
+	var wm watermarks
+	p.OnDelivered(wm.record)
+	clock := setClock(p, ts1)
+
+	// The conditions polled here are the receivers' (metricValue would
+	// read the registry while shards register their status counters).
+	p.Push()
+	eventually(t, "the slow endpoint to retry", func() bool { return len(slow.requests()) >= 3 })
+	clock.Store(ts2)
+	p.Push()
+	eventually(t, "the fine endpoint to take both snapshots", func() bool {
+		n := 0
+		for _, s := range samplesBySeries(fine.requests()) {
+			n += len(s)
+		}
+		return n == 12
+	})
+	eventually(t, "the slow endpoint to retry the newer snapshot", func() bool {
+		ts := samplesBySeries(slow.requests())
+		for _, s := range ts {
+			if s[len(s)-1].Timestamp == ts2 {
+				return true
+			}
+		}
+		return false
+	})
+	if got := wm.get(); len(got) != 0 {
+		t.Fatalf("watermark advanced to %v while an endpoint had nothing delivered", got)
+	}
+	down.Store(false)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Wait returning means the callback ran: no polling here.
+	if got, want := wm.get(), []int64{ts2}; !slices.Equal(got, want) {
+		t.Fatalf("watermark calls %v after recovery, want %v (the superseded %d never)", got, want, int64(ts1))
+	}
+	if v := metricValue(t, reg, "kubezonnet_server_remote_write_samples_total", "endpoint", "slow", "result", "failed"); v != 6 {
+		t.Errorf("slow endpoint: %v samples failed, want the superseded snapshot's 6", v)
+	}
+	clock.Store(ts3)
+	pushAndWait(t, p)
+	if got, want := wm.get(), []int64{ts2, ts3}; !slices.Equal(got, want) {
+		t.Errorf("watermark calls %v, want %v", got, want)
+	}
+}
+
+// TestPusherOnDeliveredDropped: a snapshot with a dropped request does not
+// advance the watermark; the next one delivered everywhere does.
+func TestPusherOnDeliveredDropped(t *testing.T) {
+	const ts1, ts2 = 1_700_000_000_000, 1_700_000_015_000
+	fine := newTestReceiver(t, nil)
+	picky := newTestReceiver(t, func(n int, w http.ResponseWriter) {
+		if n == 0 {
+			http.Error(w, "invalid label", http.StatusBadRequest)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	src := newTestSource()
+	src.set(podPair("kubezonnet_pod_pair_bytes_total", "api-0", "db-0"), 1)
+	cfg := testConfig(fine.url(), picky.url())
+	cfg.Shards = 1
+	p := newTestPusher(t, cfg, nil, nil, src)
+	var wm watermarks
+	p.OnDelivered(wm.record)
+	clock := setClock(p, ts1)
+	pushAndWait(t, p)
+	if got := wm.get(); len(got) != 0 {
+		t.Fatalf("watermark advanced to %v for a snapshot an endpoint dropped", got)
+	}
+	clock.Store(ts2)
+	pushAndWait(t, p)
+	if got, want := wm.get(), []int64{ts2}; !slices.Equal(got, want) {
+		t.Errorf("watermark calls %v, want %v", got, want)
+	}
+}
+
+// TestPusherOnDeliveredMonotonic: snapshots completing out of order (an
+// older one finishing after a newer one, as shards race) never move the
+// watermark back, and calls never overlap.
+func TestPusherOnDeliveredMonotonic(t *testing.T) {
+	p, err := NewPusher(testConfig(), nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var busy atomic.Bool
+	var wm watermarks
+	p.OnDelivered(func(ts int64) {
+		if busy.Swap(true) {
+			t.Error("OnDelivered calls overlap")
+		}
+		wm.record(ts)
+		busy.Store(false)
+	})
+	var wg sync.WaitGroup
+	for _, ts := range []int64{5, 3, 9, 9, 1, 12, 7} {
+		d := &delivery{ts: ts}
+		d.remaining.Store(2)
+		wg.Add(2)
+		for range 2 {
+			go func() {
+				defer wg.Done()
+				p.finished(d, true)
+			}()
+		}
+		wg.Wait()
+	}
+	if got, want := wm.get(), []int64{5, 9, 12}; !slices.Equal(got, want) {
+		t.Errorf("watermark calls %v, want %v", got, want)
+	}
+}
+
 // ---- benchmarks -------------------------------------------------------------
 
 // staticSource returns the same series every snapshot, as the server's
@@ -884,6 +1313,36 @@ func BenchmarkSnapshotMapOrder100k(b *testing.B) {
 		src[i] = s
 	}
 	benchSnapshots(b, src)
+}
+
+// flipSource returns two disjoint sets of series in turn, so that every
+// series of a snapshot is new to the pusher and every one of the snapshot
+// before vanishes: the pusher's costliest case, pod churn.
+type flipSource struct {
+	sets [2]staticSource
+	n    int
+}
+
+func (s *flipSource) AppendSeries(dst []Series) []Series {
+	s.n++
+	return append(dst, s.sets[s.n%2]...)
+}
+
+// BenchmarkSnapshotNewSeries10k measures snapshots of 10,000 series that
+// are all new (and 10,000 stale markers), without and with a created
+// timestamp: the cost of the zero samples and of the fallback bodies they
+// need, which known series never pay (BenchmarkSnapshot100k).
+func BenchmarkSnapshotNewSeries10k(b *testing.B) {
+	const n = 10_000
+	for _, created := range []int64{0, 1} {
+		b.Run(fmt.Sprintf("created=%v", created != 0), func(b *testing.B) {
+			all := benchSeries(2 * n)
+			for i := range all {
+				all[i].Created = created
+			}
+			benchSnapshots(b, &flipSource{sets: [2]staticSource{all[:n], all[n:]}})
+		})
+	}
 }
 
 // benchSnapshots times b.N snapshots of a pusher over src (with an external

@@ -38,6 +38,9 @@ import (
 // which takes over the entry and so gets no stale marker. Series are the
 // same when their encodings are: labels that differ only by an empty value
 // are one series to a receiver, and so one here.
+//
+// A series that gets a new entry is one the receivers are not being sent:
+// that is where its created-timestamp zero goes in (Series.Created).
 type seriesTable struct {
 	seed    maphash.Seed
 	gen     uint32 // current snapshot; entries stamped with it are in it
@@ -105,8 +108,9 @@ func newSeriesTable(limit int) seriesTable {
 
 // snapshot reads all sources, drops duplicate series, adds stale markers
 // for vanished ones, and encodes everything into compressed requests per
-// shard, all stamped with ts. The returned slices are fresh (endpoints keep
-// them); the scratch buffers behind them are reused.
+// shard, all stamped with ts; a series new to the table whose Created is
+// before ts also gets its zero sample at Created. The returned slices are
+// fresh (endpoints keep them); the scratch buffers behind them are reused.
 func (p *Pusher) snapshot(ts int64) [][]request {
 	t := &p.table
 	n0 := len(p.cur)
@@ -126,6 +130,7 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 		p.reqs[i] = nil
 		p.raw[i] = p.raw[i][:0]
 		p.rawN[i] = 0
+		p.zeros[i] = p.zeros[i][:0]
 	}
 	live := 0
 	prev := int32(-1) // entry of the previous series
@@ -135,7 +140,7 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 		if prev >= 0 {
 			guess = t.entries[prev].next
 		}
-		j := p.entryOf(s.Labels, guess)
+		j, isNew := p.entryOf(s.Labels, guess)
 		if j < 0 {
 			p.duplicates.Inc()
 			continue
@@ -147,6 +152,13 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 		}
 		prev = j
 		live++
+		// The zero must be strictly older than the first real sample: at
+		// the same stamp it would be a second value there, which
+		// receivers reject.
+		if isNew && s.Created != 0 && s.Created < ts {
+			p.addWithZero(&t.entries[j], s.Value, s.Created)
+			continue
+		}
 		p.add(&t.entries[j], s.Value)
 	}
 	p.snapshotSeries.Set(float64(live))
@@ -175,10 +187,11 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 
 // entryOf returns the index of the entry of the series with labels ls,
 // stamped as part of the current snapshot, or -1 if the snapshot already
-// has that series. guess is the entry the series probably has (or -1):
-// tried first, it saves the map lookup, whose cache misses are the
+// has that series; the bool reports a new entry, for a series that was not
+// in the last snapshot. guess is the entry the series probably has (or
+// -1): tried first, it saves the map lookup, whose cache misses are the
 // costliest part of recognising a series.
-func (p *Pusher) entryOf(ls []metrics.Label, guess int32) int32 {
+func (p *Pusher) entryOf(ls []metrics.Label, guess int32) (int32, bool) {
 	t := &p.table
 	var id *metrics.Label
 	if len(ls) > 0 {
@@ -194,10 +207,10 @@ func (p *Pusher) entryOf(ls []metrics.Label, guess int32) int32 {
 		if ok && len(t.entries[i].labels) == len(ls) {
 			e := &t.entries[i]
 			if e.gen == t.gen {
-				return -1
+				return -1, false
 			}
 			e.gen = t.gen
-			return i
+			return i, false
 		}
 	}
 	// Unknown slice: find the series by content.
@@ -208,11 +221,11 @@ func (p *Pusher) entryOf(ls []metrics.Label, guess int32) int32 {
 	if i, ok := t.byHash[h]; ok && p.sameEncoding(&t.entries[i], enc) {
 		e := &t.entries[i]
 		if e.gen == t.gen {
-			return -1
+			return -1, false
 		}
 		t.rebind(i, ls)
 		e.gen = t.gen
-		return i
+		return i, false
 	}
 	i := t.alloc()
 	e := &t.entries[i]
@@ -229,7 +242,7 @@ func (p *Pusher) entryOf(ls []metrics.Label, guess int32) int32 {
 			t.byID[id] = i
 		}
 	}
-	return i
+	return i, true
 }
 
 // sameEncoding reports whether e's labels encode to enc.
@@ -412,19 +425,88 @@ func (p *Pusher) add(e *seriesEntry, v float64) {
 	}
 }
 
-// flushShard compresses the shard's pending series into one request. The
-// compressed body is copied out of a reused scratch buffer so that what
-// endpoints keep is exactly sized.
+// addWithZero is add for a series met for the first time: its
+// TimeSeries carries the zero sample at created, then v at the snapshot's
+// stamp. It records where the zero sits so that flushShard can write the
+// request's fallback, the same request without its zeros. It is add's
+// code with the zero inserted, kept apart so that add, the path of every
+// known series, does no work for zeros.
+func (p *Pusher) addWithZero(e *seriesEntry, v float64, created int64) {
+	sh := int(e.hash % uint64(len(p.raw)))
+	p.zsample = appendSample(p.zsample[:0], 0, created)
+	size := int(e.n) + len(p.zsample) + len(p.sample)
+	b := slices.Grow(p.raw[sh], 1+protowire.SizeVarint(uint64(size))+size)
+	start := len(b)
+	b = append(b, byte(fieldWriteRequestTimeseries<<3|protowire.BytesType))
+	b = protowire.AppendVarint(b, uint64(size))
+	if e.cached {
+		b = append(b, p.table.arena[e.off:e.off+e.n]...)
+	} else {
+		d := SeriesBuilder{body: b}
+		p.appendLabels(&d, e.labels)
+		b = d.body
+	}
+	p.zeros[sh] = append(p.zeros[sh], zeroSpan{start: start, size: size, zero: len(b), n: len(p.zsample)})
+	b = append(b, p.zsample...)
+	o := len(b)
+	b = append(b, p.sample...)
+	binary.LittleEndian.PutUint64(b[o+sampleValueOffset:], math.Float64bits(v))
+	p.raw[sh] = b
+	p.rawN[sh]++
+	if p.rawN[sh] >= p.cfg.MaxSeriesPerRequest {
+		p.flushShard(sh)
+	}
+}
+
+// zeroSpan locates an injected zero sample in a shard's pending request.
+type zeroSpan struct {
+	start int // offset of the series' WriteRequest.timeseries tag
+	size  int // length of the series' message, zero included
+	zero  int // offset of the zero's TimeSeries.samples field
+	n     int // length of that field
+}
+
+// stripZeros appends to dst the uncompressed request raw without the zero
+// samples at spans (in ascending order), each series' length prefix
+// shortened to match: exactly what add would have written for those
+// series.
+func stripZeros(dst, raw []byte, spans []zeroSpan) []byte {
+	o := 0
+	for _, z := range spans {
+		body := z.start + 1 + protowire.SizeVarint(uint64(z.size))
+		dst = append(dst, raw[o:z.start+1]...) // up to the series' tag
+		dst = protowire.AppendVarint(dst, uint64(z.size-z.n))
+		dst = append(dst, raw[body:z.zero]...)
+		o = z.zero + z.n
+	}
+	return append(dst, raw[o:]...)
+}
+
+// flushShard compresses the shard's pending series into one request and,
+// when they include zero samples, the request's fallback without them.
 func (p *Pusher) flushShard(sh int) {
 	if p.rawN[sh] == 0 {
 		return
 	}
-	p.zbuf = snappy.Encode(p.zbuf[:cap(p.zbuf)], p.raw[sh])
-	body := make([]byte, len(p.zbuf))
-	copy(body, p.zbuf)
-	p.reqs[sh] = append(p.reqs[sh], request{body: body, samples: p.rawN[sh]})
+	r := request{body: p.compress(p.raw[sh]), samples: p.rawN[sh]}
+	if z := p.zeros[sh]; len(z) > 0 {
+		p.plain = stripZeros(p.plain[:0], p.raw[sh], z)
+		r.fallback = p.compress(p.plain)
+		r.zeros = len(z)
+		p.zeros[sh] = z[:0]
+	}
+	p.reqs[sh] = append(p.reqs[sh], r)
 	p.raw[sh] = p.raw[sh][:0]
 	p.rawN[sh] = 0
+}
+
+// compress returns raw snappy-compressed. The result is copied out of a
+// reused scratch buffer so that what endpoints keep is exactly sized.
+func (p *Pusher) compress(raw []byte) []byte {
+	p.zbuf = snappy.Encode(p.zbuf[:cap(p.zbuf)], raw)
+	body := make([]byte, len(p.zbuf))
+	copy(body, p.zbuf)
+	return body
 }
 
 // appendLabels writes to sb the series labels merged with the external

@@ -3,7 +3,6 @@ package remotewrite
 import (
 	"bytes"
 	"fmt"
-	"math"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -55,26 +54,42 @@ func modelKey(ls []metrics.Label, ext, ha []metrics.Label) string {
 	return b.String()
 }
 
-// decodeSnapshot returns every series of a snapshot's requests by key,
-// failing on a series sent twice, a request over the size limit, or a
-// series in another shard than in earlier snapshots.
-func decodeSnapshot(t *testing.T, reqs [][]request, maxPerReq int, shardOf map[string]int) map[string]float64 {
+// decodeRequest decodes a compressed WriteRequest with prompb.
+func decodeRequest(t *testing.T, body []byte) []prompb.TimeSeries {
 	t.Helper()
-	got := map[string]float64{}
+	raw, err := snappy.Decode(nil, body)
+	if err != nil {
+		t.Fatalf("snappy: %v", err)
+	}
+	var wr prompb.WriteRequest
+	if err := wr.Unmarshal(raw); err != nil {
+		t.Fatalf("prompb: %v", err)
+	}
+	return wr.Timeseries
+}
+
+// decodeSnapshot returns the samples of every series of a snapshot's
+// requests by key, failing on a series sent twice, a request over the size
+// limit, a series in another shard than in earlier snapshots, or a
+// fallback that is not its request without the zero samples.
+func decodeSnapshot(t *testing.T, reqs [][]request, maxPerReq int, shardOf map[string]int) map[string][]prompb.Sample {
+	t.Helper()
+	got := map[string][]prompb.Sample{}
 	for sh, rs := range reqs {
 		for _, r := range rs {
-			raw, err := snappy.Decode(nil, r.body)
-			if err != nil {
-				t.Fatalf("snappy: %v", err)
+			series := decodeRequest(t, r.body)
+			if len(series) != r.samples || r.samples > maxPerReq {
+				t.Errorf("request with %d series (counted %d), max %d", len(series), r.samples, maxPerReq)
 			}
-			var wr prompb.WriteRequest
-			if err := wr.Unmarshal(raw); err != nil {
-				t.Fatalf("prompb: %v", err)
+			var fallback []prompb.TimeSeries
+			if r.fallback != nil {
+				fallback = decodeRequest(t, r.fallback)
+				if len(fallback) != len(series) {
+					t.Fatalf("fallback with %d series, request with %d", len(fallback), len(series))
+				}
 			}
-			if len(wr.Timeseries) != r.samples || r.samples > maxPerReq {
-				t.Errorf("request with %d series (counted %d), max %d", len(wr.Timeseries), r.samples, maxPerReq)
-			}
-			for _, ts := range wr.Timeseries {
+			zeros := 0
+			for i, ts := range series {
 				var b strings.Builder
 				for _, l := range ts.Labels {
 					fmt.Fprintf(&b, "%s=%q,", l.Name, l.Value)
@@ -83,14 +98,25 @@ func decodeSnapshot(t *testing.T, reqs [][]request, maxPerReq int, shardOf map[s
 				if _, dup := got[k]; dup {
 					t.Errorf("series %s twice in one snapshot", k)
 				}
-				if len(ts.Samples) != 1 {
-					t.Fatalf("series %s: %d samples", k, len(ts.Samples))
+				if n := len(ts.Samples); n != 1 && n != 2 {
+					t.Fatalf("series %s: %d samples", k, n)
 				}
-				got[k] = ts.Samples[0].Value
+				zeros += len(ts.Samples) - 1
+				got[k] = ts.Samples
 				if s, ok := shardOf[k]; ok && s != sh {
 					t.Errorf("series %s moved from shard %d to %d", k, s, sh)
 				}
 				shardOf[k] = sh
+				if fallback != nil {
+					f := fallback[i]
+					if labelString(f.Labels) != labelString(ts.Labels) || len(f.Samples) != 1 ||
+						!sameSample(f.Samples[0], ts.Samples[len(ts.Samples)-1]) {
+						t.Errorf("fallback has %s %v for %s %v", labelString(f.Labels), f.Samples, k, ts.Samples)
+					}
+				}
+			}
+			if zeros != r.zeros || (zeros > 0) != (r.fallback != nil) {
+				t.Errorf("request with %d zeros counts %d, fallback %d bytes", zeros, r.zeros, len(r.fallback))
 			}
 		}
 	}
@@ -104,7 +130,11 @@ func decodeSnapshot(t *testing.T, reqs [][]request, maxPerReq int, shardOf map[s
 // back; order kept, rotated or shuffled; encodings cached, partly cached or
 // not at all; compaction) and checks each one against a plain model: every
 // distinct series once with the value of its first occurrence, and a stale
-// marker for each series of the previous snapshot that is gone.
+// marker for each series of the previous snapshot that is gone. Series
+// carry random creation times; the model's rule for zero samples is that a
+// series not in the previous snapshot gets one when its first occurrence's
+// Created is not 0 and before the stamp, and the fallback of every request
+// is the request without them.
 func TestSnapshotMatchesModel(t *testing.T) {
 	ext := []metrics.Label{{Name: "cluster", Value: "prod"}, {Name: "zone", Value: "z0"}}
 	ha := []metrics.Label{{Name: "__replica__", Value: "r1"}, {Name: "region", Value: "eu"}}
@@ -166,9 +196,23 @@ func TestSnapshotMatchesModel(t *testing.T) {
 			}
 			shardOf := map[string]int{}
 			prev := map[string]bool{}
-			var wantDup, wantStale float64
+			var wantDup, wantStale, wantZeros float64
 			var order []int
 			for push := range 300 {
+				ts := int64(1000 + push)
+				created := func() int64 {
+					switch rng.IntN(8) {
+					case 0, 1, 2:
+						return 0
+					case 3:
+						return ts
+					case 4:
+						return ts + 1
+					case 5:
+						return -int64(rng.IntN(1 << 20)) // before the epoch: a 10-byte varint
+					}
+					return ts - 1 - int64(rng.IntN(1<<rng.IntN(40)))
+				}
 				// Which series exist this push, and their slices.
 				if push == 0 || rng.IntN(4) == 0 {
 					order = order[:0]
@@ -196,21 +240,21 @@ func TestSnapshotMatchesModel(t *testing.T) {
 						slicesOf[i] = content(i)
 					}
 					ls := slicesOf[i]
-					series = append(series, Series{Labels: ls, Value: float64(push*1000 + i)})
+					series = append(series, Series{Labels: ls, Value: float64(push*1000 + i), Created: created()})
 					switch rng.IntN(30) {
 					case 0:
-						series = append(series, Series{Labels: ls, Value: -1}) // same slice again
+						series = append(series, Series{Labels: ls, Value: -1, Created: created()}) // same slice again
 					case 1:
-						series = append(series, Series{Labels: slices.Clone(ls), Value: -2}) // a copy
+						series = append(series, Series{Labels: slices.Clone(ls), Value: -2, Created: created()}) // a copy
 					case 2:
 						if len(ls) > 2 { // a shorter series in the same array
-							series = append(series, Series{Labels: ls[:2], Value: -3})
+							series = append(series, Series{Labels: ls[:2], Value: -3, Created: created()})
 						}
 					}
 				}
 				p.sources = []Source{SourceFunc(func(dst []Series) []Series { return append(dst, series...) })}
 
-				want := map[string]float64{}
+				want := map[string][]prompb.Sample{}
 				cur := map[string]bool{}
 				for _, s := range series {
 					k := modelKey(s.Labels, ext, haLabels)
@@ -219,23 +263,27 @@ func TestSnapshotMatchesModel(t *testing.T) {
 						continue
 					}
 					cur[k] = true
-					want[k] = s.Value
+					want[k] = []prompb.Sample{{Value: s.Value, Timestamp: ts}}
+					if !prev[k] && s.Created != 0 && s.Created < ts {
+						want[k] = append([]prompb.Sample{{Timestamp: s.Created}}, want[k]...)
+						wantZeros++
+					}
 				}
 				for k := range prev {
 					if !cur[k] {
-						want[k] = StaleNaN
+						want[k] = []prompb.Sample{{Value: StaleNaN, Timestamp: ts}}
 						wantStale++
 					}
 				}
 				prev = cur
 
-				got := decodeSnapshot(t, p.snapshot(int64(1000+push)), cfg.MaxSeriesPerRequest, shardOf)
+				got := decodeSnapshot(t, p.snapshot(ts), cfg.MaxSeriesPerRequest, shardOf)
 				for k, w := range want {
 					g, ok := got[k]
 					switch {
 					case !ok:
 						t.Errorf("push %d: %s missing", push, k)
-					case math.Float64bits(g) != math.Float64bits(w):
+					case !slices.EqualFunc(g, w, sameSample):
 						t.Errorf("push %d: %s = %v, want %v", push, k, g, w)
 					}
 				}
@@ -253,6 +301,9 @@ func TestSnapshotMatchesModel(t *testing.T) {
 			}
 			if v := metricValue(t, reg, "kubezonnet_server_remote_write_stale_markers_total"); v != wantStale {
 				t.Errorf("stale markers = %v, want %v", v, wantStale)
+			}
+			if wantZeros == 0 {
+				t.Error("no zero sample in 300 pushes: the test lost its coverage")
 			}
 			// Nothing outlives its series: entries and arena hold only the
 			// last snapshot.
@@ -304,6 +355,69 @@ func TestSnapshotEncodingMatchesBuilder(t *testing.T) {
 			}
 			if !bytes.Equal(raw, want.AppendTo(nil)) {
 				t.Errorf("cache limit %d, stamp %d: snapshot encodes the series differently from SeriesBuilder", limit, ts)
+			}
+		}
+	}
+}
+
+// TestSnapshotZeroEncodingMatchesBuilder checks the bytes of a request
+// with created-timestamp zeros, and of its fallback, against SeriesBuilder:
+// series with and without a zero side by side, cached and not, with label
+// sizes on both sides of a series length that needs a two-byte varint with
+// the zero and one byte without it.
+func TestSnapshotZeroEncodingMatchesBuilder(t *testing.T) {
+	const ts = 1_700_000_000_000
+	for _, limit := range []int{1 << 30, 0} {
+		for _, created := range []int64{ts - 1, 1, -1} {
+			for podLen := 1; podLen < 200; podLen++ {
+				cfg := testConfig()
+				cfg.Shards = 1
+				cfg.ExternalLabels = []metrics.Label{{Name: "cluster", Value: "prod"}}
+				var series []Series
+				for i, c := range []int64{created, 0, created} {
+					ls := []metrics.Label{
+						{Name: "__name__", Value: "kubezonnet_pod_pair_bytes_total"},
+						{Name: "src_pod", Value: fmt.Sprintf("%d%s", i, strings.Repeat("p", podLen))},
+					}
+					series = append(series, Series{Labels: ls, Value: float64(i) + 0.5, Created: c})
+				}
+				src := SourceFunc(func(dst []Series) []Series { return append(dst, series...) })
+				p, err := NewPusher(cfg, []Source{src}, nil, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				p.table.max = limit
+				var body, fallback []byte
+				for _, s := range series {
+					var sb SeriesBuilder
+					p.appendLabels(&sb, s.Labels)
+					plain := sb
+					plain.body = slices.Clone(sb.body)
+					plain.Sample(s.Value, ts)
+					fallback = plain.AppendTo(fallback)
+					if s.Created != 0 {
+						sb.Sample(0, s.Created)
+					}
+					sb.Sample(s.Value, ts)
+					body = sb.AppendTo(body)
+				}
+				reqs := p.snapshot(ts)
+				if len(reqs[0]) != 1 {
+					t.Fatalf("%d requests, want 1", len(reqs[0]))
+				}
+				r := reqs[0][0]
+				gotBody, err := snappy.Decode(nil, r.body)
+				if err != nil {
+					t.Fatal(err)
+				}
+				gotFallback, err := snappy.Decode(nil, r.fallback)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(gotBody, body) || !bytes.Equal(gotFallback, fallback) || r.zeros != 2 || r.samples != 3 {
+					t.Fatalf("cache limit %d, created %d, pod name of %d bytes: request (%d zeros, %d samples) or fallback differs from SeriesBuilder's",
+						limit, created, podLen, r.zeros, r.samples)
+				}
 			}
 		}
 	}

@@ -11,9 +11,25 @@ import "github.com/kubezonnet/kubezonnet/internal/metrics"
 // therefore return the same slice for a series at every push (building a
 // new one with the same labels is correct but costs an encoding), and must
 // never modify a slice it returned: a changed series needs a new slice.
+//
+// Created is the series' creation time in milliseconds since the epoch,
+// for created-timestamp zero injection: PromQL's increase() and rate()
+// cannot see what a counter held at its first sample, so a series whose
+// first cumulative value is already non-zero (a pod pair that talked in
+// a burst shorter than the push interval) would show ~0 in every
+// rate-based panel. When the pusher meets a series it is not sending yet
+// and Created is strictly before the snapshot's timestamp, it sends a
+// sample of value 0 at Created before the series' first real sample, as
+// Prometheus does for scraped counters with created timestamps. 0 means
+// "do not inject": the creation time is unknown, or the receiver is
+// already known to have the series (see Pusher.OnDelivered). A series
+// that vanished and comes back needs a Created after the snapshot that
+// carried its stale marker: the receiver holds that marker, and would
+// reject an older zero (the pusher then resends the request without it).
 type Series struct {
-	Labels []metrics.Label
-	Value  float64
+	Labels  []metrics.Label
+	Value   float64
+	Created int64
 }
 
 // Source is anything whose series the pusher sends: the server's
