@@ -171,6 +171,8 @@ type Aggregator struct {
 	// delivered is the newest push (unix ms) every endpoint accepted
 	// whole: series created before it are known to every receiver.
 	delivered int64
+	// replayStrings interns label strings while a log is replayed.
+	replayStrings map[string]string
 	// journal state: the record being built and the refs declared in it.
 	rec      []byte
 	declared []uint32
@@ -353,7 +355,11 @@ func (a *Aggregator) find() (uint32, bool) {
 }
 
 func (a *Aggregator) lookup(ls []metrics.Label) (uint32, bool) {
-	h := a.hash(ls)
+	return a.lookupHashed(ls, a.hash(ls))
+}
+
+// lookupHashed is lookup for labels whose hash the caller has.
+func (a *Aggregator) lookupHashed(ls []metrics.Label, h uint64) (uint32, bool) {
 	if ref, ok := a.byHash[h]; ok && equal(a.series[ref].lab, ls) {
 		return ref, true
 	}
@@ -392,13 +398,17 @@ func (a *Aggregator) alloc() uint32 {
 // install makes ref the series of kind labelled lab (which it keeps),
 // created at created (unix ms), and indexes it.
 func (a *Aggregator) install(ref uint32, kind seriesKind, lab []metrics.Label, created int64) {
+	a.installHashed(ref, kind, lab, created, a.hash(lab))
+}
+
+// installHashed is install for labels whose hash the caller has.
+func (a *Aggregator) installHashed(ref uint32, kind seriesKind, lab []metrics.Label, created int64, h uint64) {
 	s := &a.series[ref]
 	*s = series{kind: kind, lab: lab, created: created}
 	if s.twin() {
 		s.pkts = slices.Clone(lab)
 		s.pkts[0].Value = packetsName(lab[0].Value)
 	}
-	h := a.hash(lab)
 	if _, taken := a.byHash[h]; taken {
 		a.collided[h] = append(a.collided[h], ref)
 	} else {

@@ -13,6 +13,15 @@ import (
 // checkpointVersion is the first field of a checkpoint body.
 const checkpointVersion = 1
 
+// maxSlots bounds the series slots a checkpoint body may claim. Free
+// slots cost nothing in a body, so the count is all Restore has to size
+// the slice by: a corrupt count must not make it allocate without bound
+// (2^32 slots are hundreds of GiB: the server would crash at every start
+// instead of skipping the checkpoint). An aggregator has at most as many
+// slots as it ever had live series, and 2^26 series are tens of GiB of
+// labels, beyond any server; refs also stay below noRef.
+const maxSlots = 1 << 26
+
 // Snapshot is a copy of the aggregator's series, taken under its lock and
 // written out without it, so a checkpoint holds ingest up only for a copy.
 // Label slices are shared, not copied: they never change.
@@ -138,12 +147,8 @@ func (a *Aggregator) Restore(body []byte) error {
 	}
 	delivered := r.varint()
 	slots := r.uvarint()
-	if r.err == nil && slots > uint64(len(r.b)) && slots > 0 {
-		// Free slots cost nothing in the body, but a live one costs at
-		// least 8 bytes: more slots than bytes is corrupt unless free.
-		if slots > 1<<32 {
-			r.fail("%d series slots", slots)
-		}
+	if r.err == nil && slots > maxSlots {
+		r.fail("%d series slots, at most %d", slots, maxSlots)
 	}
 	ns := r.count(1)
 	strs := make([]string, 0, ns)
@@ -164,7 +169,10 @@ func (a *Aggregator) Restore(body []byte) error {
 	fresh.series = make([]series, slots)
 	str := func() string {
 		i := r.uvarint()
-		if r.err == nil && i >= uint64(len(strs)) {
+		if r.err != nil {
+			return ""
+		}
+		if i >= uint64(len(strs)) {
 			r.fail("string index %d out of range", i)
 			return ""
 		}
@@ -194,11 +202,12 @@ func (a *Aggregator) Restore(body []byte) error {
 			r.err = err
 			break
 		}
-		if _, dup := fresh.lookup(lab); dup {
+		h := fresh.hash(lab)
+		if _, dup := fresh.lookupHashed(lab, h); dup {
 			r.fail("series twice: %v", lab)
 			break
 		}
-		fresh.install(ref, kind, lab, created)
+		fresh.installHashed(ref, kind, lab, created, h)
 		s := &fresh.series[ref]
 		s.last, s.bytes, s.packets = last, bytes, packets
 	}

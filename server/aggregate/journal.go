@@ -255,6 +255,7 @@ type decl struct {
 	kind    seriesKind
 	created int64
 	lab     []metrics.Label
+	hash    uint64
 }
 
 // Replay applies one journal record, as read back from the log after a
@@ -326,6 +327,13 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 	decls := make([]decl, 0, nd)
 	limit := len(a.series)
 	newSlots := map[uint32]seriesKind{}
+	// byLabels indexes decls by label hash: two declarations of one
+	// series would leave the state with a series twice, which no
+	// checkpoint of it could restore.
+	var byLabels map[uint64][]int
+	if nd > 1 {
+		byLabels = make(map[uint64][]int, nd)
+	}
 	for range nd {
 		d := decl{ref: uint32(r.uvarint()), kind: seriesKind(r.byte()), created: r.varint(), lab: r.labels()}
 		if r.err != nil {
@@ -343,11 +351,24 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 		if err := validLabels(d.kind, d.lab); err != nil && r.err == nil {
 			r.err = err
 		}
-		if _, dup := a.lookup(d.lab); dup && r.err == nil {
+		d.hash = a.hash(d.lab)
+		if _, dup := a.lookupHashed(d.lab, d.hash); dup && r.err == nil {
 			r.fail("series declared twice: %v", d.lab)
 		}
 		if r.err != nil {
 			break
+		}
+		if byLabels != nil {
+			h := a.hash(d.lab)
+			for _, i := range byLabels[h] {
+				if equal(decls[i].lab, d.lab) {
+					r.fail("series declared twice in a record: %v", d.lab)
+				}
+			}
+			if r.err != nil {
+				break
+			}
+			byLabels[h] = append(byLabels[h], len(decls))
 		}
 		if int(d.ref) == limit {
 			limit++
@@ -364,6 +385,15 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 	nf := r.count(5)
 	routes := make([]route, 0, nf)
 	counts := make([]flow.Counts, 0, nf)
+	// A counter must not wrap (a receiver would read a reset): the
+	// record's total added to the largest counter it touches must fit.
+	var sumBytes, sumPackets, maxBytes, maxPackets uint64
+	touch := func(ref uint32) {
+		if ref != noRef && int(ref) < len(a.series) { // new slots are free: zero
+			maxBytes = max(maxBytes, a.series[ref].bytes)
+			maxPackets = max(maxPackets, a.series[ref].packets)
+		}
+	}
 	for range nf {
 		rt := route{zone: r.ref(limit), pair: uint32(r.uvarint()) - 1, cross: uint32(r.uvarint()) - 1}
 		c := flow.Counts{Bytes: r.uvarint(), Packets: r.uvarint()}
@@ -387,8 +417,23 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 				r.fail("flow to ref %d, not a cross-zone series", rt.cross)
 			}
 		}
+		if r.err != nil {
+			break
+		}
+		if sumBytes+c.Bytes < sumBytes || sumPackets+c.Packets < sumPackets {
+			r.fail("counts overflow")
+			break
+		}
+		sumBytes += c.Bytes
+		sumPackets += c.Packets
+		touch(rt.zone)
+		touch(rt.pair)
+		touch(rt.cross)
 		routes = append(routes, rt)
 		counts = append(counts, c)
+	}
+	if r.err == nil && (maxBytes+sumBytes < maxBytes || maxPackets+sumPackets < maxPackets) {
+		r.fail("counts overflow a counter")
 	}
 	if r.err == nil && len(r.b) > 0 {
 		r.fail("%d trailing bytes", len(r.b))
@@ -400,7 +445,7 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 		for int(d.ref) >= len(a.series) {
 			a.series = append(a.series, series{})
 		}
-		a.install(d.ref, d.kind, d.lab, d.created)
+		a.installHashed(d.ref, d.kind, d.lab, d.created, d.hash)
 		a.series[d.ref].last = recv
 	}
 	for i, rt := range routes {
