@@ -25,15 +25,17 @@ status=${PIPESTATUS[0]}
 set -e
 
 # Bounded fuzzing of the parsers that face untrusted input: request
-# decoding (the wire contract and the whole ingest handler) and the static
-# endpoints file. FUZZTIME=0 skips it. Inputs that find new coverage are
+# decoding (the wire contract and the whole ingest handler), the static
+# endpoints file, and the durable state read back after a crash (a
+# corrupted write-ahead log, journal records, checkpoint bodies). FUZZTIME=0 skips it. Inputs that find new coverage are
 # not minimized (-fuzzminimizetime 0): minimizing runs the target uncounted
 # for up to a minute per input, which left the 10 s budget mostly idle and
 # sometimes ended in "fuzzing process hung or terminated unexpectedly while
 # minimizing"; a crasher is still written, only unminimized.
 fuzztime=${FUZZTIME:-10s}
 if [ "$fuzztime" != "0" ] && [ "$status" -eq 0 ]; then
-  for target in "FuzzDecode ./internal/wire" "FuzzIngest ./server" "FuzzParseStaticEndpoints ./server/resolve"; do
+  for target in "FuzzDecode ./internal/wire" "FuzzIngest ./server" "FuzzParseStaticEndpoints ./server/resolve" \
+    "FuzzLogReplay ./server/state" "FuzzReplay ./server/aggregate" "FuzzRestore ./server/aggregate"; do
     set -- $target
     echo "fuzzing $1 in $2 for $fuzztime"
     out=$(mktemp)
