@@ -54,28 +54,8 @@ func benchDurable(b *testing.B, agents int, logOn bool) {
 	}
 	in := srv.ingest
 	_, body := benchBody(addrs)
-	ctx := context.Background()
-	// apply runs one batch of agent a with sequence number s.
 	apply := func(wk *work, a int, s uint64) {
-		if err := wk.dec.Decode(body, &wk.batch); err != nil {
-			b.Error(err)
-			return
-		}
-		wk.batch.Incarnation = fmt.Sprint("inc-", a)
-		wk.batch.Seq = s
-		now := time.Now()
-		t, ok := in.dedup.claim(wk.batch.Node, wk.batch.Incarnation, wk.batch.Seq, now)
-		if !ok {
-			b.Error("batch claimed twice")
-			return
-		}
-		pos := in.apply(wk, now)
-		t.applied(pos)
-		if srv.state != nil {
-			if err := srv.state.Wait(ctx, pos); err != nil {
-				b.Error(err)
-			}
-		}
+		ingestBatch(b, srv, wk, body, fmt.Sprint("inc-", a), s)
 	}
 	wk := in.pool.Get().(*work)
 	apply(wk, -1, 1) // warm up: routes, series, buffers
@@ -108,6 +88,33 @@ func benchDurable(b *testing.B, agents int, logOn bool) {
 	}
 }
 
+// ingestBatch is what the ingest handler does with a request body once it
+// is authenticated, as agent incarnation inc's batch seq: decode, claim,
+// apply, and wait for the batch's record to be durable (with a state
+// directory).
+func ingestBatch(b *testing.B, srv *Server, wk *work, body []byte, inc string, seq uint64) {
+	in := srv.ingest
+	if err := wk.dec.Decode(body, &wk.batch); err != nil {
+		b.Error(err)
+		return
+	}
+	wk.batch.Incarnation = inc
+	wk.batch.Seq = seq
+	now := time.Now()
+	t, ok := in.dedup.claim(wk.batch.Node, inc, seq, now)
+	if !ok {
+		b.Error("batch claimed twice")
+		return
+	}
+	pos := in.apply(wk, now)
+	t.applied(pos)
+	if srv.state != nil {
+		if err := srv.state.Wait(context.Background(), pos); err != nil {
+			b.Error(err)
+		}
+	}
+}
+
 // BenchmarkDurableManyAgents is 1,000 agents sending small batches (100
 // flows) at once, each waiting for its acknowledgement before the next:
 // the fsyncs per second the log does under that load (one per
@@ -134,7 +141,6 @@ func BenchmarkDurableManyAgents(b *testing.B) {
 		bt.Flows = full.Flows[(a*perBatch)%len(full.Flows):][:perBatch]
 		bodies[a] = append([]byte(nil), enc.Encode(&bt)...)
 	}
-	ctx := context.Background()
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	fsyncs0 := reg0(reg, "kubezonnet_server_state_fsyncs_total")
@@ -144,19 +150,7 @@ func BenchmarkDurableManyAgents(b *testing.B) {
 			wk := in.pool.Get().(*work)
 			defer in.pool.Put(wk)
 			for s := uint64(1); next.Add(1) <= int64(b.N); s++ {
-				if err := wk.dec.Decode(bodies[a], &wk.batch); err != nil {
-					b.Error(err)
-					return
-				}
-				wk.batch.Incarnation = fmt.Sprint("agent-", a)
-				wk.batch.Seq = s
-				now := time.Now()
-				t, _ := in.dedup.claim(wk.batch.Node, wk.batch.Incarnation, s, now)
-				pos := in.apply(wk, now)
-				t.applied(pos)
-				if err := srv.state.Wait(ctx, pos); err != nil {
-					b.Error(err)
-				}
+				ingestBatch(b, srv, wk, bodies[a], fmt.Sprint("agent-", a), s)
 			}
 		})
 	}

@@ -17,7 +17,6 @@ import (
 
 	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
-	"github.com/kubezonnet/kubezonnet/internal/netns"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
@@ -453,33 +452,7 @@ func TestDurabilityKills(t *testing.T) {
 	testutil.RequireRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	env, err := StartEnv(ctx, EnvOptions{Network: true, ControlPlane: Options{Binaries: testBinaries(t)}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	namespaces := env.Topology.Namespaces()
-	var agentLinks []int
-	t.Cleanup(func() {
-		if err := env.Close(); err != nil {
-			t.Errorf("closing the environment: %v", err)
-		}
-		// Nothing left behind: namespaces, BPF links (processes: Close
-		// kills and reaps every one the Env started).
-		for _, ns := range namespaces {
-			if _, err := os.Stat(netns.Path(ns)); err == nil {
-				t.Errorf("network namespace %s left behind", ns)
-			}
-		}
-		for _, id := range agentLinks {
-			if testutil.LinkExists(id) {
-				t.Errorf("BPF link %d left behind", id)
-			}
-		}
-	})
-	bin, err := testutil.BuildKubezonnet(ctx, env.Dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	env, bin, agentLinks := startNetworkEnv(ctx, t, EnvOptions{Network: true, ControlPlane: Options{Binaries: testBinaries(t)}})
 	flags := serverFlags(t, bin)
 	durable := strings.Contains(flags, "--state-dir")
 	out := &testutil.SyncBuffer{}
@@ -492,7 +465,7 @@ func TestDurabilityKills(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, a := range stack.Agents {
-		agentLinks = append(agentLinks, testutil.NetfilterLinks(t, a.Pid())...)
+		*agentLinks = append(*agentLinks, testutil.NetfilterLinks(t, a.Pid())...)
 	}
 
 	d := &durability{ctx: ctx, stack: stack, out: out,

@@ -184,6 +184,41 @@ func testRules(t *testing.T) string {
 	return path
 }
 
+// startNetworkEnv starts an environment with a network and builds the
+// kubezonnet binary into it. At cleanup it closes the environment and
+// checks that nothing is left behind: namespaces (processes: Close kills
+// and reaps every one the Env started) and the BPF links the caller adds
+// to *links.
+func startNetworkEnv(ctx context.Context, t *testing.T, opts EnvOptions) (env *Env, bin string, links *[]int) {
+	t.Helper()
+	env, err := StartEnv(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	namespaces := env.Topology.Namespaces()
+	links = new([]int)
+	t.Cleanup(func() {
+		if err := env.Close(); err != nil {
+			t.Errorf("closing the environment: %v", err)
+		}
+		for _, ns := range namespaces {
+			if _, err := os.Stat(netns.Path(ns)); err == nil {
+				t.Errorf("network namespace %s left behind", ns)
+			}
+		}
+		for _, id := range *links {
+			if testutil.LinkExists(id) {
+				t.Errorf("BPF link %d left behind", id)
+			}
+		}
+	})
+	bin, err = testutil.BuildKubezonnet(ctx, env.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return env, bin, links
+}
+
 // TestEndToEnd runs the whole system on one host (real API server, eBPF
 // agents in six node namespaces, the server, Prometheus) and checks what
 // users query against nftables counters of the same traffic.
@@ -193,32 +228,7 @@ func TestEndToEnd(t *testing.T) {
 	defer cancel()
 	spec := DefaultSpec()
 	spec.StaticHosts = []string{"billing-db"}
-	env, err := StartEnv(ctx, EnvOptions{Spec: spec, Network: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	namespaces := env.Topology.Namespaces()
-	var agentLinks []int
-	t.Cleanup(func() {
-		if err := env.Close(); err != nil {
-			t.Errorf("closing the environment: %v", err)
-		}
-		// Nothing left behind: namespaces, BPF links, processes.
-		for _, ns := range namespaces {
-			if _, err := os.Stat(netns.Path(ns)); err == nil {
-				t.Errorf("network namespace %s left behind", ns)
-			}
-		}
-		for _, id := range agentLinks {
-			if testutil.LinkExists(id) {
-				t.Errorf("BPF link %d left behind", id)
-			}
-		}
-	})
-	bin, err := testutil.BuildKubezonnet(ctx, env.Dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	env, bin, agentLinks := startNetworkEnv(ctx, t, EnvOptions{Spec: spec, Network: true})
 	billing := env.Topology.Hosts[0]
 	stack, err := StartStack(ctx, env, StackOptions{
 		Bin:        bin,
@@ -230,10 +240,10 @@ func TestEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, a := range stack.Agents {
-		agentLinks = append(agentLinks, testutil.NetfilterLinks(t, a.Pid())...)
+		*agentLinks = append(*agentLinks, testutil.NetfilterLinks(t, a.Pid())...)
 	}
-	if len(agentLinks) != 2*len(stack.Agents) {
-		t.Fatalf("%d netfilter links for %d agents, want two each", len(agentLinks), len(stack.Agents))
+	if len(*agentLinks) != 2*len(stack.Agents) {
+		t.Fatalf("%d netfilter links for %d agents, want two each", len(*agentLinks), len(stack.Agents))
 	}
 
 	e := &e2e{t: t, ctx: ctx, env: env, stack: stack, ref: testnet.NewReference(bpf.DefaultNetfilterPriority + 1), names: map[netip.Addr]string{}, nodeNS: map[netip.Addr]string{}}

@@ -404,50 +404,42 @@ const sampleValueOffset = 3
 // WriteRequest.timeseries field, closing the request when it is full.
 func (p *Pusher) add(e *seriesEntry, v float64) {
 	sh := int(e.hash % uint64(len(p.raw)))
-	size := int(e.n) + len(p.sample)
-	b := slices.Grow(p.raw[sh], 1+protowire.SizeVarint(uint64(size))+size)
-	b = append(b, byte(fieldWriteRequestTimeseries<<3|protowire.BytesType))
-	b = protowire.AppendVarint(b, uint64(size))
-	if e.cached {
-		b = append(b, p.table.arena[e.off:e.off+e.n]...)
-	} else {
-		d := SeriesBuilder{body: b}
-		p.appendLabels(&d, e.labels)
-		b = d.body
-	}
-	o := len(b)
-	b = append(b, p.sample...)
-	binary.LittleEndian.PutUint64(b[o+sampleValueOffset:], math.Float64bits(v))
-	p.raw[sh] = b
-	p.rawN[sh]++
-	if p.rawN[sh] >= p.cfg.MaxSeriesPerRequest {
-		p.flushShard(sh)
-	}
+	b := p.appendHead(p.raw[sh], e, int(e.n)+len(p.sample))
+	p.finish(sh, b, v)
 }
 
 // addWithZero is add for a series met for the first time: its
 // TimeSeries carries the zero sample at created, then v at the snapshot's
 // stamp. It records where the zero sits so that flushShard can write the
-// request's fallback, the same request without its zeros. It is add's
-// code with the zero inserted, kept apart so that add, the path of every
-// known series, does no work for zeros.
+// request's fallback, the same request without its zeros.
 func (p *Pusher) addWithZero(e *seriesEntry, v float64, created int64) {
 	sh := int(e.hash % uint64(len(p.raw)))
 	p.zsample = appendSample(p.zsample[:0], 0, created)
 	size := int(e.n) + len(p.zsample) + len(p.sample)
-	b := slices.Grow(p.raw[sh], 1+protowire.SizeVarint(uint64(size))+size)
-	start := len(b)
+	start := len(p.raw[sh])
+	b := p.appendHead(p.raw[sh], e, size)
+	p.zeros[sh] = append(p.zeros[sh], zeroSpan{start: start, size: size, zero: len(b), n: len(p.zsample)})
+	b = append(b, p.zsample...)
+	p.finish(sh, b, v)
+}
+
+// appendHead appends to b the WriteRequest.timeseries tag and length of a
+// series message of size bytes, and the series' encoded labels.
+func (p *Pusher) appendHead(b []byte, e *seriesEntry, size int) []byte {
+	b = slices.Grow(b, 1+protowire.SizeVarint(uint64(size))+size)
 	b = append(b, byte(fieldWriteRequestTimeseries<<3|protowire.BytesType))
 	b = protowire.AppendVarint(b, uint64(size))
 	if e.cached {
-		b = append(b, p.table.arena[e.off:e.off+e.n]...)
-	} else {
-		d := SeriesBuilder{body: b}
-		p.appendLabels(&d, e.labels)
-		b = d.body
+		return append(b, p.table.arena[e.off:e.off+e.n]...)
 	}
-	p.zeros[sh] = append(p.zeros[sh], zeroSpan{start: start, size: size, zero: len(b), n: len(p.zsample)})
-	b = append(b, p.zsample...)
+	d := SeriesBuilder{body: b}
+	p.appendLabels(&d, e.labels)
+	return d.body
+}
+
+// finish appends the snapshot's sample with value v to shard sh's request
+// b, closing the request when it is full.
+func (p *Pusher) finish(sh int, b []byte, v float64) {
 	o := len(b)
 	b = append(b, p.sample...)
 	binary.LittleEndian.PutUint64(b[o+sampleValueOffset:], math.Float64bits(v))
