@@ -131,6 +131,10 @@ func appendLabels(b []byte, ls []metrics.Label) []byte {
 type reader struct {
 	b   []byte
 	err error
+	// intern, when set, returns one string per distinct label string:
+	// replaying a log of a million series declarations would otherwise
+	// allocate each pod name once per pair it is part of.
+	intern map[string]string
 }
 
 func (r *reader) fail(format string, args ...any) {
@@ -195,9 +199,30 @@ func (r *reader) string() string {
 		r.fail("string of %d bytes exceeds the record", n)
 		return ""
 	}
-	s := string(r.b[:n])
+	raw := r.b[:n]
 	r.b = r.b[n:]
+	if r.intern == nil {
+		return string(raw)
+	}
+	if s, ok := r.intern[string(raw)]; ok {
+		return s
+	}
+	s := string(raw)
+	r.intern[s] = s
 	return s
+}
+
+// optRef reads a ref written plus one, 0 meaning none (noRef).
+func (r *reader) optRef(limit int) uint32 {
+	v := r.uvarint()
+	if v == 0 {
+		return noRef
+	}
+	if r.err == nil && v > uint64(limit) {
+		r.fail("series ref %d out of range", v-1)
+		return noRef
+	}
+	return uint32(v - 1)
 }
 
 func (r *reader) ref(limit int) uint32 {
@@ -266,7 +291,10 @@ type decl struct {
 func (a *Aggregator) Replay(rec []byte) (*BatchID, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	r := &reader{b: rec}
+	if a.replayStrings == nil {
+		a.replayStrings = map[string]string{}
+	}
+	r := &reader{b: rec, intern: a.replayStrings}
 	switch typ := r.byte(); typ {
 	case recBatch:
 		return a.replayBatch(r)
@@ -359,7 +387,7 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 			break
 		}
 		if byLabels != nil {
-			h := a.hash(d.lab)
+			h := d.hash
 			for _, i := range byLabels[h] {
 				if equal(decls[i].lab, d.lab) {
 					r.fail("series declared twice in a record: %v", d.lab)
@@ -395,7 +423,7 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 		}
 	}
 	for range nf {
-		rt := route{zone: r.ref(limit), pair: uint32(r.uvarint()) - 1, cross: uint32(r.uvarint()) - 1}
+		rt := route{zone: r.ref(limit), pair: r.optRef(limit), cross: r.optRef(limit)}
 		c := flow.Counts{Bytes: r.uvarint(), Packets: r.uvarint()}
 		if r.err != nil {
 			break
@@ -460,6 +488,7 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 func (a *Aggregator) FinishReplay() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.replayStrings = nil
 	a.free = a.free[:0]
 	for i := len(a.series) - 1; i >= 0; i-- {
 		s := &a.series[i]

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -36,6 +37,7 @@ type Log struct {
 	err      error  // sticky: once writing failed, nothing is durable any more
 	closed   bool
 	round    chan struct{} // closed when durable (or err) changes
+	seg      int           // segment the committer writes to; -1: not known yet
 	wake     chan struct{} // capacity 1: work is queued
 	done     chan struct{} // closed when the committer has returned
 
@@ -94,6 +96,7 @@ func OpenLog(opts LogOptions) (*Log, error) {
 		wl:    wl,
 		log:   opts.Logger,
 		round: make(chan struct{}),
+		seg:   -1,
 		wake:  make(chan struct{}, 1),
 		done:  make(chan struct{}),
 		fsyncs: reg.Counter("kubezonnet_server_state_fsyncs_total",
@@ -111,8 +114,12 @@ func OpenLog(opts LogOptions) (*Log, error) {
 
 // Append queues rec (which the log now owns) and returns its position for
 // Wait. Callers append under the lock that orders their changes, so the
-// log's order is theirs.
+// log's order is theirs. rec must not be empty: Replay takes an empty
+// record for corruption (a flipped padding byte reads back as one).
 func (l *Log) Append(rec []byte) uint64 {
+	if len(rec) == 0 {
+		panic("state: empty write-ahead log record")
+	}
 	return l.enqueue(item{rec: rec})
 }
 
@@ -210,6 +217,14 @@ func (l *Log) commit() {
 // write logs batch in order and fsyncs once.
 func (l *Log) write(batch []item, recs *[][]byte) error {
 	n, size := 0, 0
+	if l.seg < 0 {
+		seg, _, err := l.wl.LastSegmentAndOffset()
+		if err != nil {
+			return fmt.Errorf("finding the current segment: %w", err)
+		}
+		l.seg = seg
+	}
+	first := l.seg
 	flush := func() error {
 		if len(*recs) == 0 {
 			return nil
@@ -242,6 +257,19 @@ func (l *Log) write(batch []item, recs *[][]byte) error {
 		return err
 	}
 	if n > 0 {
+		// wlog starts a new segment when one is full and fsyncs the old
+		// one in the background: a round that filled a segment fsyncs it
+		// itself before its records count as durable.
+		last, _, err := l.wl.LastSegmentAndOffset()
+		if err != nil {
+			return fmt.Errorf("finding the current segment: %w", err)
+		}
+		for seg := first; seg < last; seg++ {
+			if err := syncSegment(l.wl.Dir(), seg); err != nil {
+				return err
+			}
+		}
+		l.seg = last
 		if err := l.wl.Sync(); err != nil {
 			return fmt.Errorf("fsync: %w", err)
 		}
@@ -250,6 +278,23 @@ func (l *Log) write(batch []item, recs *[][]byte) error {
 	l.records.Add(float64(n))
 	l.bytes.Add(float64(size))
 	l.roundSize.Set(float64(n))
+	return nil
+}
+
+// syncSegment fsyncs a closed segment file (a missing one was truncated:
+// it is in a checkpoint).
+func syncSegment(dir string, seg int) error {
+	f, err := os.Open(wlog.SegmentName(dir, seg))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("opening segment %d for fsync: %w", seg, err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync of segment %d: %w", seg, err)
+	}
 	return nil
 }
 
@@ -305,45 +350,83 @@ type ReplayStats struct {
 // order. A corrupt or torn record ends the replay there: the log is
 // repaired (everything after it removed) and the stats say so. An error
 // of fn ends the replay with that error. Call it before the first Append.
+//
+// Each segment is read on its own, as Prometheus' head does: records never
+// span segments, and a reader carried across a segment boundary would
+// take a first fragment torn at the end of one segment (a crash between
+// two page writes) for the start of a record continued in the next, and
+// blame the next segment, so that the repair cut the records written
+// after the restart instead of the torn one.
 func (l *Log) Replay(first int, fn func(rec []byte) error) (ReplayStats, error) {
 	start := time.Now()
 	var st ReplayStats
 	dir := l.wl.Dir()
-	_, last, err := wlog.Segments(dir)
+	oldest, last, err := wlog.Segments(dir)
 	if err != nil {
 		return st, fmt.Errorf("listing write-ahead log segments: %w", err)
 	}
-	// The newest segment is the one OpenLog created for appending: empty.
-	if last < first {
-		st.Duration = time.Since(start)
-		return st, nil
-	}
-	sr, err := wlog.NewSegmentsRangeReader(wlog.SegmentRange{Dir: dir, First: first, Last: last})
-	if err != nil {
-		return st, fmt.Errorf("opening write-ahead log segments %d-%d: %w", first, last, err)
-	}
-	defer sr.Close()
-	st.Segments = last - first + 1
-	r := wlog.NewReader(sr)
-	for r.Next() {
-		rec := r.Record()
-		st.Records++
-		st.Bytes += int64(len(rec))
-		if err := fn(rec); err != nil {
-			return st, fmt.Errorf("replaying write-ahead log record %d (segment %d, offset %d): %w",
-				st.Records, r.Segment(), r.Offset(), err)
+	first = max(first, oldest) // segments before the oldest were truncated
+	for seg := first; seg <= last; seg++ {
+		s, err := wlog.OpenReadSegment(wlog.SegmentName(dir, seg))
+		if err != nil {
+			return st, fmt.Errorf("opening write-ahead log segment %d: %w", seg, err)
 		}
-	}
-	if err := r.Err(); err != nil {
+		fi, err := s.Stat()
+		if err != nil {
+			s.Close()
+			return st, fmt.Errorf("opening write-ahead log segment %d: %w", seg, err)
+		}
+		st.Segments++
+		r := wlog.NewReader(wlog.NewSegmentBufReader(s))
+		var corrupt error
+		for r.Next() {
+			rec := r.Record()
+			// wlog's reader pads a short segment with zeros to its page
+			// end, so a fragment header torn after its first byte or two
+			// reads back as [type, 0...]: a fragment of length 0 whose
+			// CRC (0) matches. As a last fragment, it ends a record with
+			// its first fragment's bytes only; as a full one, it is an
+			// empty record. Such a record ends past the segment's real
+			// end. An empty record within it is a flipped padding byte:
+			// Append takes no empty record.
+			var torn string
+			switch {
+			case r.Offset() > fi.Size():
+				torn = "record completed by the padding past the segment's end (a torn header)"
+			case len(rec) == 0:
+				torn = "empty record"
+			}
+			if torn != "" {
+				corrupt = &wlog.CorruptionErr{Dir: dir, Segment: seg, Offset: r.Offset(), Err: errors.New(torn)}
+				break
+			}
+			st.Records++
+			st.Bytes += int64(len(rec))
+			if err := fn(rec); err != nil {
+				s.Close()
+				return st, fmt.Errorf("replaying write-ahead log record %d (segment %d, offset %d): %w",
+					st.Records, seg, r.Offset(), err)
+			}
+		}
+		if corrupt == nil {
+			corrupt = r.Err()
+		}
+		s.Close()
+		if corrupt == nil {
+			continue
+		}
 		var cerr *wlog.CorruptionErr
-		if !errors.As(err, &cerr) {
-			return st, fmt.Errorf("reading write-ahead log: %w", err)
+		if !errors.As(corrupt, &cerr) {
+			return st, fmt.Errorf("reading write-ahead log: %w", corrupt)
 		}
 		st.Repaired = true
 		st.Lost = fmt.Sprintf("segment %d offset %d: %v", cerr.Segment, cerr.Offset, cerr.Err)
-		if err := l.wl.Repair(err); err != nil {
+		// Repair keeps the segment's records before the offset and
+		// removes every later segment.
+		if err := l.wl.Repair(corrupt); err != nil {
 			return st, fmt.Errorf("repairing write-ahead log at %s: %w", st.Lost, err)
 		}
+		break
 	}
 	st.Duration = time.Since(start)
 	return st, nil
