@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"sync"
 	"syscall"
 	"time"
@@ -68,6 +69,9 @@ func Command() *cli.Command {
 func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	base := log // components add their own "component" attribute
 	log = log.With("component", "server")
+	bound := maxPodPairs(&cfg, debug.SetMemoryLimit(-1), "/")
+	bound.logStart(log)
+	cfg.MaxPodPairs = bound.pairs
 	restCfg, err := clientcmd.BuildConfigFromFlags("", cfg.Kubeconfig)
 	if err != nil {
 		return fmt.Errorf("kubernetes client config (--kubeconfig %q): %w", cfg.Kubeconfig, err)

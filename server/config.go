@@ -17,9 +17,6 @@ import (
 
 // Defaults of the server flags, with the reason for each.
 const (
-	// DefaultMaxPodPairs: ~1.1 KiB per live pod pair (two series; see
-	// BENCHMARKS.md), so the default bounds the aggregate at ~540 MiB.
-	DefaultMaxPodPairs = 500_000
 	// DefaultSeriesIdleTimeout outlives several agent flush intervals and
 	// remote-write outages, yet ends the series of deleted pods promptly.
 	DefaultSeriesIdleTimeout = 10 * time.Minute
@@ -52,7 +49,7 @@ type Config struct {
 	AgentServiceAccount string // namespace:name, for --auth-mode tokenreview
 	TokenAudience       string // audience of the agents' projected tokens ("" = API server's)
 	AllPairs            bool
-	MaxPodPairs         int
+	MaxPodPairs         int // 0: derived from the memory limit by Run (memlimit.go)
 	SeriesIdleTimeout   time.Duration
 	FlowLogClasses      flowlog.ClassSet
 	FlowLogFile         string // "" or "-": stdout
@@ -88,7 +85,7 @@ func Flags() []cli.Flag {
 		&cli.StringFlag{Name: "token-audience", Usage: "audience of the agents' projected ServiceAccount tokens (--auth-mode tokenreview); empty means the API server's default"},
 		&cli.PathFlag{Name: "static-endpoints-file", Usage: "YAML file of static endpoints (name, zone, region, CIDRs)"},
 		&cli.BoolFlag{Name: "all-pairs", Usage: "keep pod-pair series for every class, same-zone included"},
-		&cli.IntFlag{Name: "max-pod-pairs", Value: DefaultMaxPodPairs, Usage: "live pod-pair series before new pairs fold into their workload pair (_overflow)"},
+		&cli.IntFlag{Name: "max-pod-pairs", Usage: "live pod-pair series before new pairs fold into their workload pair (_overflow); 0 derives it from the memory limit (GOMEMLIMIT, else the cgroup v2 memory.max; ~4.2 KB of limit per pair)"},
 		&cli.DurationFlag{Name: "series-idle-timeout", Value: DefaultSeriesIdleTimeout, Usage: "series without traffic for this long expire"},
 		&cli.DurationFlag{Name: "released-ip-ttl", Value: resolve.DefaultReleasedIPTTL, Usage: "how long a deleted pod's address still resolves to it for flows seen before"},
 		&cli.IntFlag{Name: "released-ip-cache-size", Value: resolve.DefaultReleasedIPCacheSize, Usage: "released addresses remembered"},
@@ -194,8 +191,8 @@ func (c *Config) Validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("--auth-mode %q: want %s, %s or %s", c.AuthMode, AuthToken, AuthTokenReview, AuthNone))
 	}
-	if c.MaxPodPairs <= 0 {
-		errs = append(errs, fmt.Errorf("--max-pod-pairs %d: must be positive", c.MaxPodPairs))
+	if c.MaxPodPairs < 0 {
+		errs = append(errs, fmt.Errorf("--max-pod-pairs %d: must not be negative (0 derives it from the memory limit)", c.MaxPodPairs))
 	}
 	if c.SeriesIdleTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--series-idle-timeout %s: must be positive", c.SeriesIdleTimeout))

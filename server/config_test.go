@@ -41,7 +41,7 @@ func TestConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.ListenAddress != ":8080" || cfg.AuthMode != AuthToken || cfg.MaxPodPairs != DefaultMaxPodPairs ||
+	if cfg.ListenAddress != ":8080" || cfg.AuthMode != AuthToken || cfg.MaxPodPairs != 0 ||
 		cfg.SeriesIdleTimeout != DefaultSeriesIdleTimeout || cfg.AllPairs {
 		t.Errorf("defaults: %+v", cfg)
 	}
@@ -68,7 +68,7 @@ func TestConfig(t *testing.T) {
 		{[]string{"--auth-mode", "token"}, "--token-file: required"},
 		{[]string{"--auth-mode", "magic"}, `--auth-mode "magic"`},
 		{[]string{"--auth-mode", "tokenreview", "--agent-service-account", "nocolon"}, `--agent-service-account "nocolon"`},
-		{[]string{"--auth-mode", "none", "--max-pod-pairs", "0"}, "--max-pod-pairs 0"},
+		{[]string{"--auth-mode", "none", "--max-pod-pairs", "-1"}, "--max-pod-pairs -1: must not be negative"},
 		{[]string{"--auth-mode", "none", "--series-idle-timeout", "-1s"}, "--series-idle-timeout -1s"},
 		{[]string{"--auth-mode", "none", "--flow-log-classes", "cross_zone"}, `--flow-log-classes "cross_zone"`},
 		{[]string{"--auth-mode", "none", "--log-level", "loud"}, `invalid log level "loud"`},

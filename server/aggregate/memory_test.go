@@ -86,11 +86,13 @@ func (r *countingReceiver) serve(w http.ResponseWriter, req *http.Request) {
 		case MetricPodPairBytes, MetricPodPairPackets:
 			c.podPair++
 		}
-		if len(s.Samples) != 1 {
+		// One sample, or a new series' zero at its creation first.
+		zero := len(s.Samples) == 2 && s.Samples[0].Value == 0 && s.Samples[0].Timestamp < s.Samples[1].Timestamp
+		if len(s.Samples) != 1 && !zero {
 			c.badSamples++
 			return nil
 		}
-		if remotewrite.IsStaleNaN(s.Samples[0].Value) {
+		if remotewrite.IsStaleNaN(s.Samples[len(s.Samples)-1].Value) {
 			c.stale++
 		}
 		return nil

@@ -1,0 +1,276 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"math"
+	"os"
+	"path"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// The default --max-pod-pairs (0) follows the memory the server has: the
+// Go memory limit (GOMEMLIMIT) or, without one, the cgroup v2 memory limit
+// of the process. The model:
+//
+//	live heap budget = (limit - runtimeResidentBytes) x liveHeapFraction
+//	pairs = (live heap budget - fixed heap) / (podPairHeapBytes + checkpointCopyBytes)
+//
+// where the fixed heap is what does not grow with pod pairs: the
+// remote-write label cache (--remote-write-label-cache-mib), the released-IP
+// cache (--released-ip-cache-size), the informer caches and the ingest
+// buffers. In the form pairs = (limit - overhead) x fraction / bytes per
+// pair, the overhead is runtimeResidentBytes + fixed heap / liveHeapFraction.
+// The figures hold with the default GC (GOGC=100) and no GOMEMLIMIT at all;
+// with GOMEMLIMIT at the limit the GC has more room still.
+const (
+	// podPairHeapBytes is the live heap one pod pair (its bytes and
+	// packets series) adds besides the label cache, which the fixed heap
+	// counts at its full size: the aggregator's ~1,130 B (BENCHMARKS.md
+	// "Memory of pod-pair series": 539.4 MiB for 500,000 pairs) and the
+	// pusher's per-series table and snapshot slots. The whole heap grows
+	// 1,468 B a pair from 500,000 to 1,000,000 pairs there (837.0 to
+	// 1,537 MiB); BenchmarkMemoryServer at 200,000, 300,000 and 500,000
+	// pairs grew 1,560-1,580 B a pair (the pusher's maps grow in steps).
+	// Rounded up.
+	podPairHeapBytes = 1_600
+	// checkpointCopyBytes is what a checkpoint adds per pair while it
+	// runs: it copies the series table, whose record for a pair is ~90 B
+	// (BENCHMARKS.md: "80 B the series record", plus slice slack).
+	checkpointCopyBytes = 90
+	// liveHeapFraction is the share of the memory limit (less
+	// runtimeResidentBytes) the live heap may take; the rest is the GC's room (with GOGC=100 the heap grows
+	// to twice the live heap before a collection) and the transients of
+	// pushes (request bodies) that a measured resident size includes.
+	// BENCHMARKS.md: "A process holding 837 MiB live grows to ~2 GiB
+	// resident with the default GC settings" (x2.45, pushes included);
+	// 0.4 is 1/2.5.
+	liveHeapFraction = 0.4
+	// runtimeResidentBytes is the server's resident memory before any
+	// series or cache: `kubezonnet server` against an unreachable API
+	// server (informers empty) measured 45 MB VmRSS, 39 MB of it the
+	// binary's text.
+	runtimeResidentBytes = 48 << 20
+	// informerHeapBytes is the informer caches and address index of a
+	// 10,000-pod cluster: 1,064 B of index state and 1,919 B of cached
+	// Pod per pod (BENCHMARKS.md "server/resolve", BenchmarkIndexMemory).
+	// A larger cluster takes ~30 MB live (~75 MB of the limit) per
+	// further 10,000 pods from the GC's room.
+	informerHeapBytes = 10_000 * (1_064 + 1_919)
+	// releasedIPHeapBytes is the heap of one released address (slot, LRU
+	// entry, retained endpoint), times --released-ip-cache-size
+	// (BENCHMARKS.md "server/resolve": 486 B).
+	releasedIPHeapBytes = 486
+	// ingestHeapBytes is an allowance for the pooled request scratch of
+	// a few agent batches decoded at once (bodies up to 8 MiB are kept
+	// for reuse), the agents' self-metric series and the de-duplication
+	// entries.
+	ingestHeapBytes = 32 << 20
+	// fallbackMaxPodPairs applies when no memory limit is found: about
+	// what a 1 GiB limit derives (~1 GB resident at full cardinality).
+	fallbackMaxPodPairs = 100_000
+	// minDerivedPodPairs is the least a limit derives: a limit below the
+	// modelled fixed overhead still runs a small cluster, whose informer
+	// and label caches are far below the allowances (10,000 pairs are
+	// ~17 MB of live heap).
+	minDerivedPodPairs = 10_000
+)
+
+// Sources of a memory limit, as logged in "derived_from".
+const (
+	limitFromGo       = "GOMEMLIMIT"
+	limitFromFlag     = "--max-pod-pairs"
+	limitFromFallback = "fallback"
+)
+
+// memLimit is a memory limit and where it was found.
+type memLimit struct {
+	bytes int64  // 0: no limit found
+	from  string // limitFromGo or the cgroup file read
+}
+
+// findMemLimit returns the Go memory limit when one is set (goLimit is
+// debug.SetMemoryLimit(-1), math.MaxInt64 when unset), else the cgroup v2
+// memory limit of the process, read from the filesystem under root ("/"
+// outside tests). Finding no limit is a zero memLimit and no error; a limit
+// file that is neither a byte count nor "max" is an error.
+func findMemLimit(goLimit int64, root string) (memLimit, error) {
+	if goLimit > 0 && goLimit < math.MaxInt64 {
+		return memLimit{bytes: goLimit, from: limitFromGo}, nil
+	}
+	return cgroupMemLimit(root)
+}
+
+// cgroupMemLimit returns the cgroup v2 memory limit of the process. With
+// a cgroup namespace (the default for containers on cgroup v2) the
+// process's cgroup is /sys/fs/cgroup itself. Otherwise it is the
+// "0::<path>" line of /proc/self/cgroup under the cgroup2 mount of
+// /proc/mounts; the limit is the least memory.max from there up to the
+// mount (a parent's limit binds its children). The root cgroup has no
+// memory.max, so the first lookup finds nothing outside a namespace.
+func cgroupMemLimit(root string) (memLimit, error) {
+	own := filepath.Join(root, "sys/fs/cgroup/memory.max")
+	n, ok, err := readMemoryMax(own)
+	if err != nil || ok {
+		return memLimit{bytes: n, from: own}, err
+	}
+	cg, err := procCgroupV2(filepath.Join(root, "proc/self/cgroup"))
+	if err != nil || cg == "" {
+		return memLimit{}, err
+	}
+	mnt, err := cgroup2Mount(filepath.Join(root, "proc/mounts"))
+	if err != nil || mnt == "" {
+		return memLimit{}, err
+	}
+	var lim memLimit
+	for dir := path.Clean("/" + cg); ; dir = path.Dir(dir) {
+		file := filepath.Join(root, mnt, dir, "memory.max")
+		n, ok, err := readMemoryMax(file)
+		if err != nil {
+			return memLimit{}, err
+		}
+		if ok && n > 0 && (lim.bytes == 0 || n < lim.bytes) {
+			lim = memLimit{bytes: n, from: file}
+		}
+		if dir == "/" {
+			return lim, nil
+		}
+	}
+}
+
+// readMemoryMax reads a cgroup v2 memory.max file: ok is false when the
+// file does not exist, n is 0 for "max" (no limit).
+func readMemoryMax(file string) (n int64, ok bool, err error) {
+	b, err := os.ReadFile(file)
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("reading the cgroup memory limit: %w", err)
+	}
+	s := strings.TrimSpace(string(b))
+	if s == "max" {
+		return 0, true, nil
+	}
+	n, err = strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 {
+		return 0, false, fmt.Errorf("cgroup memory limit %s: %q is neither a positive byte count nor \"max\"", file, s)
+	}
+	return n, true, nil
+}
+
+// procCgroupV2 returns the cgroup v2 path of the "0::<path>" line of a
+// /proc/<pid>/cgroup file, "" when there is none (cgroup v1 only, or no
+// /proc).
+func procCgroupV2(file string) (string, error) {
+	b, err := os.ReadFile(file)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("reading the process's cgroup: %w", err)
+	}
+	for line := range strings.Lines(string(b)) {
+		if p, ok := strings.CutPrefix(strings.TrimSpace(line), "0::"); ok {
+			return p, nil
+		}
+	}
+	return "", nil
+}
+
+// cgroup2Mount returns the mount point of the cgroup2 filesystem listed
+// in a /proc/mounts file, "" when there is none.
+func cgroup2Mount(file string) (string, error) {
+	b, err := os.ReadFile(file)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("reading the mounts: %w", err)
+	}
+	for line := range strings.Lines(string(b)) {
+		// device mountpoint fstype options dump pass
+		if f := strings.Fields(line); len(f) >= 3 && f[2] == "cgroup2" {
+			return f[1], nil
+		}
+	}
+	return "", nil
+}
+
+// fixedHeapBytes is the live heap that does not grow with pod pairs,
+// sized by the flags that size it.
+func fixedHeapBytes(cfg *Config) int64 {
+	return int64(cfg.RemoteWrite.LabelCacheMiB)<<20 +
+		int64(cfg.Resolve.ReleasedIPCacheSize)*releasedIPHeapBytes +
+		informerHeapBytes + ingestHeapBytes
+}
+
+// podPairsFor returns the pod pairs a memory limit holds with fixed bytes
+// of fixed heap, and false when the limit leaves less than
+// minDerivedPodPairs (which it then returns).
+func podPairsFor(limit, fixed int64) (int, bool) {
+	budget := float64(limit-runtimeResidentBytes)*liveHeapFraction - float64(fixed)
+	pairs := budget / (podPairHeapBytes + checkpointCopyBytes)
+	if pairs < minDerivedPodPairs {
+		return minDerivedPodPairs, false
+	}
+	return int(min(pairs, math.MaxInt32)), true // an int on any platform
+}
+
+// podPairBound is how --max-pod-pairs was settled, for the start log.
+type podPairBound struct {
+	pairs int
+	from  string // limitFromFlag, limitFromGo, a cgroup file or limitFromFallback
+	limit int64  // memory limit found; 0: none
+	// warn, when set, says why the bound may not fit the memory (err
+	// holds the failure behind it, if any).
+	warn string
+	err  error
+}
+
+// maxPodPairs settles the pod-pair bound: --max-pod-pairs when set, else
+// derived from the memory limit (goLimit and root as for findMemLimit),
+// else fallbackMaxPodPairs.
+func maxPodPairs(cfg *Config, goLimit int64, root string) podPairBound {
+	lim, err := findMemLimit(goLimit, root)
+	fixed := fixedHeapBytes(cfg)
+	if cfg.MaxPodPairs > 0 {
+		b := podPairBound{pairs: cfg.MaxPodPairs, from: limitFromFlag, limit: lim.bytes}
+		if derived, _ := podPairsFor(lim.bytes, fixed); lim.bytes > 0 && cfg.MaxPodPairs > derived {
+			b.warn = fmt.Sprintf("--max-pod-pairs is above the %d pairs the memory limit (%s) holds: at full cardinality the server may run out of memory", derived, lim.from)
+		}
+		return b
+	}
+	if err != nil {
+		return podPairBound{pairs: fallbackMaxPodPairs, from: limitFromFallback, err: err,
+			warn: "memory limit unreadable: --max-pod-pairs falls back to a fixed value; set the flag"}
+	}
+	if lim.bytes == 0 {
+		return podPairBound{pairs: fallbackMaxPodPairs, from: limitFromFallback,
+			warn: "no memory limit found (GOMEMLIMIT or cgroup v2 memory.max): --max-pod-pairs falls back to a fixed value; set a memory limit or the flag"}
+	}
+	pairs, ok := podPairsFor(lim.bytes, fixed)
+	b := podPairBound{pairs: pairs, from: lim.from, limit: lim.bytes}
+	if !ok {
+		b.warn = fmt.Sprintf("the memory limit leaves little room for pod pairs beside the fixed overhead (%d MiB of live heap: label cache, informer and released-IP caches, ingest buffers): using the minimum; raise the limit or set --max-pod-pairs", fixed>>20)
+	}
+	return b
+}
+
+// logStart logs the bound and where it came from, and warns when it may
+// not fit the memory.
+func (b podPairBound) logStart(log *slog.Logger) {
+	attrs := []any{"max_pod_pairs", b.pairs, "derived_from", b.from, "memory_limit_bytes", b.limit}
+	log.Info("pod-pair series bounded", attrs...)
+	if b.warn == "" {
+		return
+	}
+	if b.err != nil {
+		attrs = append(attrs, "err", b.err)
+	}
+	log.Warn(b.warn, attrs...)
+}
