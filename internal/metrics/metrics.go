@@ -123,13 +123,17 @@ func (r *Registry) CounterFunc(name, help string, fn func() float64, labels ...L
 	r.add(name, help, "counter", labels, fn)
 }
 
-// sorted returns the families in name order.
+// sorted returns copies of the families in name order. A copy holds the
+// series slice as it is under the lock: a series registered meanwhile (the
+// pusher adds a counter for each new status code) appends to the family,
+// never to the copy being read.
 func (r *Registry) sorted() []*family {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	fams := make([]*family, 0, len(r.families))
 	for _, f := range r.families {
-		fams = append(fams, f)
+		c := *f
+		fams = append(fams, &c)
 	}
 	slices.SortFunc(fams, func(a, b *family) int { return strings.Compare(a.name, b.name) })
 	return fams

@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -32,5 +33,33 @@ kubezonnet_agent_sends_total{node="n1",result="failed"} 1
 	r.Each(func(name string, labels []Label, v float64) { n++ })
 	if n != 3 {
 		t.Errorf("Each visited %d series, want 3", n)
+	}
+}
+
+// Reading the registry while series are registered (the pusher adds a
+// counter per new status code while a push reads every series) is safe:
+// go test -race fails on this test without the copy in sorted.
+func TestEachWhileRegistering(t *testing.T) {
+	r := New()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range 200 {
+			r.Counter("requests_total", "Requests.", Label{Name: "code", Value: strconv.Itoa(i)})
+		}
+	}()
+	for {
+		n := 0
+		r.Each(func(string, []Label, float64) { n++ })
+		select {
+		case <-done:
+			n = 0
+			r.Each(func(string, []Label, float64) { n++ })
+			if n != 200 {
+				t.Fatalf("%d series, want 200", n)
+			}
+			return
+		default:
+		}
 	}
 }
