@@ -116,7 +116,11 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 	n0 := len(p.cur)
 	p.cur = p.cur[:0]
 	for _, src := range p.sources {
-		p.cur = src.AppendSeries(p.cur)
+		if ss, ok := src.(StampedSource); ok {
+			p.cur = ss.AppendSeriesAt(p.cur, ts)
+		} else {
+			p.cur = src.AppendSeries(p.cur)
+		}
 	}
 	if len(p.cur) < n0 {
 		clear(p.cur[len(p.cur):n0]) // release label slices we no longer read

@@ -118,10 +118,11 @@ type series struct {
 	last    int64 // unix nanoseconds of the last update
 	created int64 // unix milliseconds of the series' creation
 	kind    seriesKind
-	// known: every receiver already has the series (restored from the
-	// state directory and created before the last fully delivered
-	// push), so it is pushed without a zero sample at its creation.
-	known bool
+	// pushed is the stamp (unix ms) of the first push snapshot that held
+	// the series, 0 before. Once a push at least that new reached every
+	// endpoint (delivered), every receiver has the series: it is pushed
+	// without a zero sample at its creation, also after a restart.
+	pushed int64
 }
 
 // twin reports whether the series carries bytes and packets.
@@ -169,8 +170,11 @@ type Aggregator struct {
 	podPairs int                 // live kindPair series
 	scratch  []metrics.Label
 	// delivered is the newest push (unix ms) every endpoint accepted
-	// whole: series created before it are known to every receiver.
+	// whole: series first pushed no later are known to every receiver.
 	delivered int64
+	// unpushed lists, while a log is replayed, the refs declared since
+	// the last push marker (a push marks them pushed).
+	unpushed []uint32
 	// replayStrings interns label strings while a log is replayed.
 	replayStrings map[string]string
 	// journal state: the record being built and the refs declared in it.
@@ -445,19 +449,37 @@ func equal(a, b []metrics.Label) bool {
 // AppendSeries implements remotewrite.Source: it first expires idle
 // series, then appends every live one with its cumulative value and, for
 // the series a receiver may not have yet, its creation time (so the
-// pusher sends a zero sample first).
+// pusher sends a zero sample first). It is a view: the pusher reads
+// through AppendSeriesAt.
 func (a *Aggregator) AppendSeries(dst []remotewrite.Series) []remotewrite.Series {
+	return a.appendSeries(dst, 0)
+}
+
+// AppendSeriesAt implements remotewrite.StampedSource: AppendSeries for
+// the push snapshot stamped ts, which also records ts as the first push
+// of the series it holds for the first time (and, with a journal, logs
+// that), so that Delivered can tell which series every receiver has.
+func (a *Aggregator) AppendSeriesAt(dst []remotewrite.Series, ts int64) []remotewrite.Series {
+	return a.appendSeries(dst, ts)
+}
+
+func (a *Aggregator) appendSeries(dst []remotewrite.Series, ts int64) []remotewrite.Series {
 	now := a.cfg.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.expireLocked(now)
+	newly := false
 	for i := range a.series {
 		s := &a.series[i]
 		if s.kind == kindFree {
 			continue
 		}
+		if ts != 0 && s.pushed == 0 {
+			s.pushed = ts
+			newly = true
+		}
 		created := s.created
-		if s.known {
+		if s.pushed != 0 && s.pushed <= a.delivered {
 			created = 0
 		}
 		if s.twin() {
@@ -468,14 +490,16 @@ func (a *Aggregator) AppendSeries(dst []remotewrite.Series) []remotewrite.Series
 		}
 		dst = append(dst, remotewrite.Series{Labels: s.lab, Value: float64(s.bytes), Created: created})
 	}
+	if newly && a.cfg.Journal != nil {
+		a.cfg.Journal.Append(appendPushed(nil, ts), nil)
+	}
 	return dst
 }
 
 // Delivered records that the push stamped ts (unix ms) reached every
-// endpoint whole: the series created until then are known to every
-// receiver, which a restart needs to know (it must not send them a zero
-// sample older than what the receiver holds). It is the pusher's
-// OnDelivered callback.
+// endpoint whole: the series it held are known to every receiver, which a
+// restart needs to know (it must not send them a zero sample older than
+// what the receiver holds). It is the pusher's OnDelivered callback.
 func (a *Aggregator) Delivered(ts int64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()

@@ -11,7 +11,7 @@ import (
 )
 
 // checkpointVersion is the first field of a checkpoint body.
-const checkpointVersion = 1
+const checkpointVersion = 2
 
 // maxSlots bounds the series slots a checkpoint body may claim. Free
 // slots cost nothing in a body, so the count is all Restore has to size
@@ -104,6 +104,7 @@ func (s *Snapshot) WriteTo(w io.Writer) (int64, error) {
 		b = append(b, byte(sr.kind))
 		b = binary.AppendVarint(b, sr.created)
 		b = binary.AppendVarint(b, sr.last)
+		b = binary.AppendVarint(b, sr.pushed)
 		b = binary.AppendUvarint(b, sr.bytes)
 		b = binary.AppendUvarint(b, sr.packets)
 		b = binary.AppendUvarint(b, uint64(len(sr.lab)))
@@ -181,7 +182,7 @@ func (a *Aggregator) Restore(body []byte) error {
 	for range nl {
 		ref := r.ref(int(slots))
 		kind := seriesKind(r.byte())
-		created, last := r.varint(), r.varint()
+		created, last, pushed := r.varint(), r.varint(), r.varint()
 		bytes, packets := r.uvarint(), r.uvarint()
 		n := r.count(2)
 		if r.err != nil {
@@ -209,7 +210,10 @@ func (a *Aggregator) Restore(body []byte) error {
 		}
 		fresh.installHashed(ref, kind, lab, created, h)
 		s := &fresh.series[ref]
-		s.last, s.bytes, s.packets = last, bytes, packets
+		s.last, s.bytes, s.packets, s.pushed = last, bytes, packets, pushed
+		if pushed == 0 {
+			fresh.unpushed = append(fresh.unpushed, ref)
+		}
 	}
 	if r.err == nil && len(r.b) > 0 {
 		r.fail("%d trailing bytes", len(r.b))
@@ -222,6 +226,7 @@ func (a *Aggregator) Restore(body []byte) error {
 	a.live.Add(-a.live.Load() + fresh.live.Load())
 	a.series, a.byHash, a.collided, a.podPairs = fresh.series, fresh.byHash, fresh.collided, fresh.podPairs
 	a.delivered = delivered
+	a.unpushed = fresh.unpushed
 	a.free = a.free[:0]
 	clear(a.routes)
 	return nil

@@ -26,6 +26,7 @@ type bodySeries struct {
 	ref            uint64
 	kind           byte
 	created, last  int64
+	pushed         int64
 	bytes, packets uint64
 	labels         []uint64 // string indices, name and value alternating
 }
@@ -48,6 +49,7 @@ func (b body) encode() []byte {
 		out = append(out, s.kind)
 		out = binary.AppendVarint(out, s.created)
 		out = binary.AppendVarint(out, s.last)
+		out = binary.AppendVarint(out, s.pushed)
 		out = binary.AppendUvarint(out, s.bytes)
 		out = binary.AppendUvarint(out, s.packets)
 		out = binary.AppendUvarint(out, uint64(len(s.labels)/2))
@@ -82,7 +84,7 @@ func TestRestoreRefuses(t *testing.T) {
 		body []byte
 	}{
 		{"empty", nil},
-		{"other version", with(func(b *body) { b.version = 2 })},
+		{"other version", with(func(b *body) { b.version = checkpointVersion + 1 })},
 		{"truncated", valid.encode()[:len(valid.encode())-1]},
 		{"trailing bytes", with(func(b *body) { b.trailing = []byte{0} })},
 		{"more live series than slots", with(func(b *body) { b.slots = 0 })},

@@ -87,7 +87,7 @@ func dump(a *Aggregator) string {
 		num(s.last)
 		b = strconv.AppendUint(append(b, ' '), s.bytes, 10)
 		b = strconv.AppendUint(append(b, ' '), s.packets, 10)
-		b = strconv.AppendBool(append(b, ' '), s.known)
+		num(s.pushed)
 		for _, ls := range [][]metrics.Label{s.lab, s.pkts} {
 			b = append(b, " {"...)
 			for _, l := range ls {

@@ -35,6 +35,8 @@ type BatchID struct {
 //	           flows (zone ref, pair ref+1, cross ref+1, bytes, packets)
 //	expire:    time (ns), refs
 //	delivered: push stamp (ms)
+//	pushed:    push stamp (ms): the series declared before it, not
+//	           pushed yet, were first pushed then
 //
 // A flow names refs rather than labels, and a series' labels are written
 // once, by the batch that created it: a batch of known pairs costs a few
@@ -43,6 +45,7 @@ const (
 	recBatch     byte = 1
 	recExpire    byte = 2
 	recDelivered byte = 3
+	recPushed    byte = 4
 )
 
 // errRecord wraps every reason a record is refused at replay.
@@ -106,6 +109,11 @@ func appendExpire(b []byte, now time.Time, refs []uint32) []byte {
 		b = binary.AppendUvarint(b, uint64(r))
 	}
 	return b
+}
+
+func appendPushed(b []byte, ts int64) []byte {
+	b = append(b, recPushed)
+	return binary.AppendVarint(b, ts)
 }
 
 func appendDelivered(b []byte, ts int64) []byte {
@@ -323,6 +331,24 @@ func (a *Aggregator) Replay(rec []byte) (*BatchID, error) {
 		}
 		a.expired.Add(float64(len(refs)))
 		return nil, nil
+	case recPushed:
+		ts := r.varint()
+		if r.err == nil && len(r.b) > 0 {
+			r.fail("%d trailing bytes", len(r.b))
+		}
+		if r.err == nil && ts <= 0 {
+			r.fail("push stamp %d", ts)
+		}
+		if r.err != nil {
+			return nil, r.err
+		}
+		for _, ref := range a.unpushed {
+			if s := &a.series[ref]; s.kind != kindFree && s.pushed == 0 {
+				s.pushed = ts
+			}
+		}
+		a.unpushed = a.unpushed[:0]
+		return nil, nil
 	case recDelivered:
 		ts := r.varint()
 		if r.err == nil && len(r.b) > 0 {
@@ -474,6 +500,7 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 			a.series = append(a.series, series{})
 		}
 		a.installHashed(d.ref, d.kind, d.lab, d.created, d.hash)
+		a.unpushed = append(a.unpushed, d.ref)
 		a.series[d.ref].last = recv
 	}
 	for i, rt := range routes {
@@ -483,20 +510,17 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 }
 
 // FinishReplay makes the aggregator ready for traffic after Restore and
-// Replay: it rebuilds the free list and marks as known the series every
-// receiver already has (created before the last fully delivered push).
+// Replay: it rebuilds the free list.
 func (a *Aggregator) FinishReplay() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.replayStrings = nil
+	a.unpushed = nil
 	a.free = a.free[:0]
 	for i := len(a.series) - 1; i >= 0; i-- {
-		s := &a.series[i]
-		if s.kind == kindFree {
+		if a.series[i].kind == kindFree {
 			a.free = append(a.free, uint32(i))
-			continue
 		}
-		s.known = s.created <= a.delivered
 	}
 	clear(a.routes)
 }

@@ -68,9 +68,10 @@ type mSeries struct {
 	created        int64 // unix ms
 	last           int64 // unix ns
 	pair           bool  // counts against max pod pairs
-	// known: restored at the last restart and created no later than the
-	// newest delivered push then: pushed without a creation time.
-	known bool
+	// pushed: the stamp of the first push that held the series (0:
+	// none). Once a push at least as new is delivered, the series is
+	// pushed without a creation time.
+	pushed int64
 }
 
 // mRoute holds the series a route feeds ("" for none).
@@ -220,13 +221,20 @@ func (m *model) expire(now time.Time) {
 
 func (m *model) deliver(ts int64) { m.delivered = max(m.delivered, ts) }
 
-// restart is what a restart changes: the route cache is gone, and the
-// series created no later than the newest delivered push are known.
+// push is a push snapshot stamped ts: after expiring at now, it is the
+// first push of every series that had none.
+func (m *model) push(now time.Time, ts int64) {
+	m.expire(now)
+	for _, s := range m.series {
+		if s.pushed == 0 {
+			s.pushed = ts
+		}
+	}
+}
+
+// restart is what a restart changes: the route cache is gone.
 func (m *model) restart() {
 	clear(m.routes)
-	for _, s := range m.series {
-		s.known = s.created <= m.delivered
-	}
 }
 
 // lines renders the model's series after expiring at now, as seriesLines
@@ -236,7 +244,7 @@ func (m *model) lines(now time.Time, created bool) []string {
 	var out []string
 	for k, s := range m.series {
 		c := s.created
-		if s.known {
+		if s.pushed != 0 && s.pushed <= m.delivered {
 			c = 0
 		}
 		out = append(out, line(k, s.bytes, c, created))
@@ -349,6 +357,8 @@ func runDifferential(t *testing.T, rng *rand.Rand, allPairs bool, maxPairs, step
 	liveModel := refModel.clone()
 	var cps []checkpoint
 	var seq uint64
+	var pushes []int64 // stamps of the push snapshots taken
+	var lastPush int64
 	var stats struct {
 		batches, restarts, fromNone, fromOlder, compared, crossCompared, reused int
 	}
@@ -408,10 +418,20 @@ func runDifferential(t *testing.T, rng *rand.Rand, allPairs bool, maxPairs, step
 				}
 			}
 			stats.batches++
-		case op < 58: // a push delivered, possibly an old one
-			ts := clock.UnixMilli()
+		case op < 54: // a push snapshot
+			lastPush = max(clock.UnixMilli(), lastPush+1)
+			pushes = append(pushes, lastPush)
+			ref.AppendSeriesAt(nil, lastPush)
+			live.AppendSeriesAt(nil, lastPush)
+			refModel.push(clock, lastPush)
+			liveModel.push(clock, lastPush)
+		case op < 58: // a push delivered, the newest or an older one
+			if len(pushes) == 0 {
+				break
+			}
+			ts := pushes[len(pushes)-1]
 			if rng.IntN(2) == 0 {
-				ts -= int64(rng.IntN(30_000))
+				ts = pushes[rng.IntN(len(pushes))]
 			}
 			ref.Delivered(ts)
 			live.Delivered(ts)
@@ -494,5 +514,57 @@ func runDifferential(t *testing.T, rng *rand.Rand, allPairs bool, maxPairs, step
 		steps, stats.batches, len(j.recs), len(cps), stats.restarts, stats.fromNone, stats.fromOlder, stats.compared, stats.crossCompared, stats.reused)
 	if stats.restarts == 0 || stats.reused == 0 {
 		t.Errorf("the run did not exercise restarts (%d) and ref reuse after one (%d): lengthen it", stats.restarts, stats.reused)
+	}
+}
+
+// A series whose batch was received before a push was stamped, but
+// applied after the push read the series, was not in that push: once the
+// push is delivered, the series still gets its zero sample, also after a
+// restart (its creation time is no later than the delivered stamp, so a
+// rule on creation times would call it known).
+func TestFirstPushDecidesKnown(t *testing.T) {
+	t0 := time.UnixMilli(1_700_000_000_000)
+	j := &memJournal{}
+	newAgg := func() *Aggregator {
+		a, err := New(Config{MaxPodPairs: 10, IdleTimeout: time.Hour, Now: func() time.Time { return t0 }, Journal: j}, metrics.New())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	a := newAgg()
+	a.Apply(t0, []Flow{fl(webA, dbB, "", 100, 1)}, nil)
+	stamp := t0.UnixMilli() + 5
+	a.AppendSeriesAt(nil, stamp)
+	// Received at t0 (before the stamp), applied after the push read.
+	a.Apply(t0, []Flow{fl(cacheC, webA, "", 7, 1)}, nil)
+	a.Delivered(stamp)
+
+	created := func(a *Aggregator) map[string]int64 {
+		out := map[string]int64{}
+		for _, s := range a.AppendSeries(nil) {
+			if s.Labels[0].Value == MetricPodPairBytes {
+				for _, l := range s.Labels {
+					if l.Name == "src_pod" {
+						out[l.Value] = s.Created
+					}
+				}
+			}
+		}
+		return out
+	}
+	want := map[string]int64{"web-1": 0, cacheC.Pod: t0.UnixMilli()}
+	if got := created(a); !maps.Equal(got, want) {
+		t.Errorf("before a restart: creation times %v, want %v", got, want)
+	}
+	restored := newAgg()
+	for _, rec := range slices.Clone(j.recs) {
+		if _, err := restored.Replay(rec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	restored.FinishReplay()
+	if got := created(restored); !maps.Equal(got, want) {
+		t.Errorf("after a restart: creation times %v, want %v", got, want)
 	}
 }
