@@ -91,10 +91,11 @@ func startProcess(t *testing.T, ready string, name string, args ...string) {
 	}
 }
 
-// instantQuery runs a PromQL instant query and returns value by src_pod.
-func instantQuery(t *testing.T, base, query string) map[string]float64 {
+// getQuery GETs a Prometheus API URL for query and decodes the answer into
+// v, failing the test on any error.
+func getQuery(t *testing.T, u, query string, v any) {
 	t.Helper()
-	resp, err := http.Get(base + "/api/v1/query?query=" + url.QueryEscape(query))
+	resp, err := http.Get(u)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,6 +104,14 @@ func instantQuery(t *testing.T, base, query string) map[string]float64 {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("query %s: %s: %s", query, resp.Status, body)
 	}
+	if err := json.Unmarshal(body, v); err != nil {
+		t.Fatalf("query %s: %v: %s", query, err, body)
+	}
+}
+
+// instantQuery runs a PromQL instant query and returns value by src_pod.
+func instantQuery(t *testing.T, base, query string) map[string]float64 {
+	t.Helper()
 	var r struct {
 		Status string
 		Data   struct {
@@ -113,9 +122,7 @@ func instantQuery(t *testing.T, base, query string) map[string]float64 {
 			}
 		}
 	}
-	if err := json.Unmarshal(body, &r); err != nil {
-		t.Fatalf("query %s: %v: %s", query, err, body)
-	}
+	getQuery(t, base+"/api/v1/query?query="+url.QueryEscape(query), query, &r)
 	out := map[string]float64{}
 	for _, s := range r.Data.Result {
 		str, _ := s.Value[1].(string)
@@ -258,32 +265,21 @@ func forceFlush(t *testing.T, base string) {
 func scalarQuery(t *testing.T, base, query string, at time.Time) (v float64, ok bool) {
 	t.Helper()
 	q := url.Values{"query": {query}, "time": {strconv.FormatFloat(float64(at.UnixMilli())/1000, 'f', 3, 64)}}
-	resp, err := http.Get(base + "/api/v1/query?" + q.Encode())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("query %s: %s: %s", query, resp.Status, body)
-	}
 	var r struct {
 		Data struct {
 			Result []struct{ Value [2]any }
 		}
 	}
-	if err := json.Unmarshal(body, &r); err != nil {
-		t.Fatalf("query %s: %v: %s", query, err, body)
-	}
+	getQuery(t, base+"/api/v1/query?"+q.Encode(), query, &r)
 	switch len(r.Data.Result) {
 	case 0:
 		return 0, false
 	case 1:
 	default:
-		t.Fatalf("query %s: %d series, want 1: %s", query, len(r.Data.Result), body)
+		t.Fatalf("query %s: %d series, want 1: %v", query, len(r.Data.Result), r.Data.Result)
 	}
 	str, _ := r.Data.Result[0].Value[1].(string)
-	v, err = strconv.ParseFloat(str, 64)
+	v, err := strconv.ParseFloat(str, 64)
 	if err != nil {
 		t.Fatalf("query %s: value %v: %v", query, r.Data.Result[0].Value[1], err)
 	}
