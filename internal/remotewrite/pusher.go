@@ -371,6 +371,10 @@ type endpoint struct {
 
 	failing     atomic.Bool
 	lastDropLog atomic.Int64
+	// overruns counts snapshots handed over while an older one was
+	// still being sent: the push took longer than its interval.
+	overruns       *metrics.Counter
+	lastOverrunLog atomic.Int64
 	// zerosLogged is set once the first rejection of zeros was logged.
 	zerosLogged atomic.Bool
 }
@@ -383,6 +387,8 @@ func newEndpoint(p *Pusher, name string, c *Client, reg *metrics.Registry) *endp
 	const samplesHelp = "Samples by outcome: sent (2xx), failed (retryable errors until replaced by a newer snapshot or shut down), dropped (rejected with a 4xx, never retried). Created-timestamp zero samples are not included (kubezonnet_server_remote_write_zero_samples_total)."
 	ep.sent = reg.Counter(samples, samplesHelp, el, metrics.Label{Name: "result", Value: "sent"})
 	ep.failed = reg.Counter(samples, samplesHelp, el, metrics.Label{Name: "result", Value: "failed"})
+	ep.overruns = reg.Counter("kubezonnet_server_remote_write_push_overruns_total",
+		"Snapshots handed to the endpoint while it was still sending an older one (a push longer than the interval, or retries); the newer snapshot replaces the unsent part.", el)
 	ep.dropped = reg.Counter(samples, samplesHelp, el, metrics.Label{Name: "result", Value: "dropped"})
 	ep.retries = reg.Counter("kubezonnet_server_remote_write_retries_total",
 		"Requests retried after a network error, 5xx or 429.", el)
@@ -428,15 +434,34 @@ func (ep *endpoint) hand(reqs [][]request, start time.Time, d *delivery) {
 	tr := &pushTrack{start: start}
 	tr.remaining.Store(int32(len(ep.shards)))
 	zeros := 0
+	overran := false
 	for i, s := range ep.shards {
 		b := &batch{reqs: reqs[i], track: tr, delivery: d}
 		for _, r := range b.reqs {
 			b.samples += r.samples
 			zeros += r.zeros
 		}
-		s.put(b)
+		if s.put(b) {
+			overran = true
+		}
 	}
 	ep.zeroSamples.Add(float64(zeros))
+	if overran {
+		ep.overruns.Inc()
+		ep.logOverrun()
+	}
+}
+
+// logOverrun warns that a push overran its interval, at most once a minute
+// per endpoint.
+func (ep *endpoint) logOverrun() {
+	now := time.Now().UnixNano()
+	last := ep.lastOverrunLog.Load()
+	if now-last < int64(time.Minute) || !ep.lastOverrunLog.CompareAndSwap(last, now) {
+		return
+	}
+	ep.log.Warn("remote write push overran its interval: the previous snapshot was still being sent; the newer one replaces what is not sent yet (counters are cumulative, nothing is lost)",
+		"interval", ep.p.cfg.Interval, "overruns", ep.overruns.Value())
 }
 
 // pushTrack times one snapshot's delivery to one endpoint.
@@ -468,11 +493,13 @@ type shard struct {
 
 // put makes b the shard's pending batch, replacing (and counting as
 // failed) a pending batch not yet started.
-func (s *shard) put(b *batch) {
+// It reports whether the shard was still sending an older snapshot.
+func (s *shard) put(b *batch) (busy bool) {
 	ep := s.ep
 	s.mu.Lock()
 	old := s.pending
 	s.pending = b
+	busy = s.busy
 	if !s.busy {
 		s.busy = true
 		ep.p.addActive(1)
@@ -487,6 +514,7 @@ func (s *shard) put(b *batch) {
 		ep.pending.Add(-float64(old.samples))
 		ep.failed.Add(float64(old.samples))
 	}
+	return busy
 }
 
 // take waits for the pending batch; nil when ctx ends.

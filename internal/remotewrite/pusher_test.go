@@ -1369,3 +1369,75 @@ func benchSnapshots(b *testing.B, src Source) (*Pusher, [][]request) {
 	b.ReportMetric(float64((testutil.CPUTime()-cpu0).Nanoseconds())/float64(b.N), "cpu-ns/op")
 	return p, reqs
 }
+
+// A push that is still being sent when the next one is taken is an
+// overrun: counted once per snapshot and endpoint, and the newer snapshot
+// is what the endpoint ends up with.
+func TestPusherOverrun(t *testing.T) {
+	release := make(chan struct{})
+	var got atomic.Int64 // last value received
+	var requests atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if requests.Add(1) == 1 {
+			<-release // the first request hangs until the test lets it go
+		}
+		body, _ := io.ReadAll(r.Body)
+		raw, err := snappy.Decode(nil, body)
+		var wr prompb.WriteRequest
+		if err == nil {
+			err = wr.Unmarshal(raw)
+		}
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		for _, ts := range wr.Timeseries {
+			got.Store(int64(ts.Samples[len(ts.Samples)-1].Value))
+		}
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	t.Cleanup(srv.Close)
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	cfg := testConfig(srv.URL)
+	cfg.Shards = 1
+	reg := metrics.New()
+	var v atomic.Int64
+	src := SourceFunc(func(dst []Series) []Series {
+		return append(dst, Series{Labels: []metrics.Label{{Name: "__name__", Value: "x_total"}}, Value: float64(v.Load())})
+	})
+	p := newTestPusher(t, cfg, reg, nil, src)
+	v.Store(1)
+	p.Push()
+	deadline := time.Now().Add(10 * time.Second)
+	for requests.Load() == 0 { // wait until the first snapshot is being sent
+		if time.Now().After(deadline) {
+			t.Fatal("the first push never reached the endpoint")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if n := metricValue(t, reg, "kubezonnet_server_remote_write_push_overruns_total"); n != 0 {
+		t.Fatalf("overruns before a second push: %v", n)
+	}
+	v.Store(2)
+	p.Push()
+	v.Store(3)
+	p.Push()
+	if n := metricValue(t, reg, "kubezonnet_server_remote_write_push_overruns_total"); n != 2 {
+		t.Errorf("overruns after two pushes during a hanging one: %v, want 2", n)
+	}
+	close(release)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if g := got.Load(); g != 3 {
+		t.Errorf("endpoint holds %d, want the newest value 3", g)
+	}
+}
