@@ -28,9 +28,12 @@ import (
 	"github.com/kubezonnet/kubezonnet/testenv"
 )
 
-// pricePerGB is the cross-zone price the cost estimate uses (USD per GB,
-// each direction, as AWS and GCP charge within a region).
-const pricePerGB = 0.01
+// pricePerGiB is the cross-zone price the cost estimate uses: USD per GiB
+// (2^30 bytes, the unit clouds bill), each direction, as AWS and GCP
+// charge within a region. The recording rules (deploy/rules) and the
+// dashboard use the same price and unit, so the demo's figures are the
+// dashboard's.
+const pricePerGiB = 0.01
 
 func main() {
 	duration := flag.Duration("duration", time.Minute, "how long to run traffic")
@@ -173,7 +176,7 @@ func run(duration time.Duration, wait bool) error {
 // and their monthly cost at the run's rate.
 func report(ctx context.Context, s *testenv.Stack, elapsed time.Duration) error {
 	monthly := func(bytes float64) float64 {
-		return bytes / elapsed.Seconds() * 2629800 / 1e9 * pricePerGB
+		return bytes / elapsed.Seconds() * 2629800 / (1 << 30) * pricePerGiB
 	}
 	zones, err := s.Query(ctx, `sum by (src_zone, dst_zone) (kubezonnet_zone_pair_bytes_total)`)
 	if err != nil {
@@ -233,7 +236,7 @@ func report(ctx context.Context, s *testenv.Stack, elapsed time.Duration) error 
 		[]string{"src_pod", "src_workload", "src_zone", "dst_pod", "dst_workload", "dst_zone"}); err != nil {
 		return err
 	}
-	fmt.Printf("\nCost: $%.2f per GB across zones; bytes are L3 bytes as on the wire, every segment's headers counted.\n", pricePerGB)
+	fmt.Printf("\nCost: $%.2f per GiB across zones (as the recording rules and the dashboard count it); bytes are L3 bytes as on the wire, every segment's headers counted.\n", pricePerGiB)
 	return nil
 }
 
