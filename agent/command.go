@@ -30,6 +30,7 @@ func Command() *cli.Command {
 			if err != nil {
 				return err
 			}
+			logging.RouteKlog(log)
 			ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			if err := run(ctx, cfg, log); err != nil {

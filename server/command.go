@@ -54,6 +54,7 @@ func Command() *cli.Command {
 			if err != nil {
 				return err
 			}
+			logging.RouteKlog(log)
 			ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			return Run(ctx, cfg, log)

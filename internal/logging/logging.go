@@ -1,5 +1,7 @@
 // Package logging builds the *slog.Logger that every component receives by
-// injection. There is no global logger: tests pass their own.
+// injection. There is no global logger of ours: tests pass their own. The
+// one process-wide logger is klog, which the Kubernetes client libraries
+// use; RouteKlog sends it through the injected logger.
 package logging
 
 import (
@@ -7,6 +9,8 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+
+	"k8s.io/klog/v2"
 )
 
 // Formats and levels accepted by New, listed for flag help and errors.
@@ -51,4 +55,13 @@ func contains(list []string, s string) bool {
 		}
 	}
 	return false
+}
+
+// RouteKlog makes client-go's logging (klog, process-wide by design: the
+// Kubernetes libraries log through it) go through log, so that its
+// warnings, such as an API server that cannot be reached while informers
+// sync, appear in the same format as the rest of the log instead of as
+// plain text in the middle of JSON lines.
+func RouteKlog(log *slog.Logger) {
+	klog.SetSlogLogger(log.With("component", "client-go"))
 }
