@@ -82,6 +82,7 @@ type Pusher struct {
 	sb, cmp        SeriesBuilder
 	sample         []byte
 	zsample        []byte // the zero sample being inserted
+	maybe          []deferredZero
 	raw            [][]byte
 	rawN           []int
 	zeros          [][]zeroSpan // zero samples in raw, per shard

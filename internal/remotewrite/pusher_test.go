@@ -1441,3 +1441,63 @@ func TestPusherOverrun(t *testing.T) {
 		t.Errorf("endpoint holds %d, want the newest value 3", g)
 	}
 }
+
+// A zero that the receiver may refuse (MayExist: a restarted source that
+// cannot tell whether the series was delivered) travels in a request of
+// its own: when the receiver refuses it, the zero of a series that is new
+// for certain still arrives, and the refused one's value arrives without
+// its zero.
+func TestPusherMayExistZerosApart(t *testing.T) {
+	var mu sync.Mutex
+	samples := map[string][]prompb.Sample{} // accepted, by series
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		raw, err := snappy.Decode(nil, body)
+		var wr prompb.WriteRequest
+		if err == nil {
+			err = wr.Unmarshal(raw)
+		}
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		// Like Prometheus for a series it holds: an older sample is out
+		// of order, and the whole request is refused.
+		for _, ts := range wr.Timeseries {
+			if testutil.LabelValue(ts.Labels, "s") == "held" && len(ts.Samples) > 1 {
+				http.Error(w, "out of order sample", http.StatusBadRequest)
+				return
+			}
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		for _, ts := range wr.Timeseries {
+			k := testutil.LabelValue(ts.Labels, "s")
+			samples[k] = append(samples[k], ts.Samples...)
+		}
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	t.Cleanup(srv.Close)
+	cfg := testConfig(srv.URL)
+	cfg.Shards = 1 // both series in one shard: they would share a request
+	reg := metrics.New()
+	created := time.Now().Add(-time.Minute).UnixMilli()
+	src := SourceFunc(func(dst []Series) []Series {
+		return append(dst,
+			Series{Labels: []metrics.Label{{Name: "__name__", Value: "x_total"}, {Name: "s", Value: "held"}}, Value: 5, Created: created, MayExist: true},
+			Series{Labels: []metrics.Label{{Name: "__name__", Value: "x_total"}, {Name: "s", Value: "new"}}, Value: 7, Created: created})
+	})
+	p := newTestPusher(t, cfg, reg, nil, src)
+	pushAndWait(t, p)
+	mu.Lock()
+	defer mu.Unlock()
+	if s := samples["new"]; len(s) != 2 || s[0].Value != 0 || s[0].Timestamp != created || s[1].Value != 7 {
+		t.Errorf("the new series arrived as %v, want its zero at %d, then 7", s, created)
+	}
+	if s := samples["held"]; len(s) != 1 || s[0].Value != 5 {
+		t.Errorf("the held series arrived as %v, want 5 alone (its zero refused)", s)
+	}
+	if n := metricValue(t, reg, "kubezonnet_server_remote_write_zero_samples_rejected_total"); n != 1 {
+		t.Errorf("zeros rejected: %v, want 1", n)
+	}
+}

@@ -160,6 +160,10 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 		// the same stamp it would be a second value there, which
 		// receivers reject.
 		if isNew && s.Created != 0 && s.Created < ts {
+			if s.MayExist {
+				p.maybe = append(p.maybe, deferredZero{entry: j, value: s.Value, created: s.Created})
+				continue
+			}
 			p.addWithZero(&t.entries[j], s.Value, s.Created)
 			continue
 		}
@@ -177,10 +181,22 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 		p.add(e, StaleNaN)
 		t.release(int32(i))
 	}
-	t.compact()
 	for sh := range p.raw {
 		p.flushShard(sh)
 	}
+	// Zeros a receiver may refuse go in requests of their own, after the
+	// others of their shard (a series is in one request per snapshot, so
+	// its samples stay in order).
+	if len(p.maybe) > 0 {
+		for _, d := range p.maybe {
+			p.addWithZero(&t.entries[d.entry], d.value, d.created)
+		}
+		p.maybe = p.maybe[:0]
+		for sh := range p.raw {
+			p.flushShard(sh)
+		}
+	}
+	t.compact()
 	out := make([][]request, len(p.reqs))
 	copy(out, p.reqs)
 	// The shards own the bodies now: holding them here until the next
@@ -452,6 +468,14 @@ func (p *Pusher) finish(sh int, b []byte, v float64) {
 	if p.rawN[sh] >= p.cfg.MaxSeriesPerRequest {
 		p.flushShard(sh)
 	}
+}
+
+// deferredZero is a series whose zero sample goes in a request of its own
+// (Series.MayExist).
+type deferredZero struct {
+	entry   int32
+	value   float64
+	created int64
 }
 
 // zeroSpan locates an injected zero sample in a shard's pending request.

@@ -26,10 +26,18 @@ import "github.com/kubezonnet/kubezonnet/internal/metrics"
 // that vanished and comes back needs a Created after the snapshot that
 // carried its stale marker: the receiver holds that marker, and would
 // reject an older zero (the pusher then resends the request without it).
+//
+// MayExist says that a receiver may hold the series already although its
+// zero is asked for: a source that restarted and cannot tell whether the
+// push that first held the series was delivered. Such a zero may be
+// refused, and a receiver refuses the whole request it is in, so these
+// series travel in requests of their own: a refusal then costs only
+// their zeros, never the zero of a series that is new for certain.
 type Series struct {
-	Labels  []metrics.Label
-	Value   float64
-	Created int64
+	Labels   []metrics.Label
+	Value    float64
+	Created  int64
+	MayExist bool
 }
 
 // Source is anything whose series the pusher sends: the server's

@@ -123,6 +123,10 @@ type series struct {
 	// endpoint (delivered), every receiver has the series: it is pushed
 	// without a zero sample at its creation, also after a restart.
 	pushed int64
+	// restored: the series comes from the state directory. Unless its
+	// first push is known to be delivered, a receiver may or may not
+	// hold it: its zero is sent apart (remotewrite.Series.MayExist).
+	restored bool
 }
 
 // twin reports whether the series carries bytes and packets.
@@ -478,17 +482,17 @@ func (a *Aggregator) appendSeries(dst []remotewrite.Series, ts int64) []remotewr
 			s.pushed = ts
 			newly = true
 		}
-		created := s.created
+		created, mayExist := s.created, s.restored
 		if s.pushed != 0 && s.pushed <= a.delivered {
-			created = 0
+			created, mayExist = 0, false
 		}
 		if s.twin() {
 			dst = append(dst,
-				remotewrite.Series{Labels: s.lab, Value: float64(s.bytes), Created: created},
-				remotewrite.Series{Labels: s.pkts, Value: float64(s.packets), Created: created})
+				remotewrite.Series{Labels: s.lab, Value: float64(s.bytes), Created: created, MayExist: mayExist},
+				remotewrite.Series{Labels: s.pkts, Value: float64(s.packets), Created: created, MayExist: mayExist})
 			continue
 		}
-		dst = append(dst, remotewrite.Series{Labels: s.lab, Value: float64(s.bytes), Created: created})
+		dst = append(dst, remotewrite.Series{Labels: s.lab, Value: float64(s.bytes), Created: created, MayExist: mayExist})
 	}
 	if newly && a.cfg.Journal != nil {
 		a.cfg.Journal.Append(appendPushed(nil, ts), nil)

@@ -211,6 +211,7 @@ func (a *Aggregator) Restore(body []byte) error {
 		fresh.installHashed(ref, kind, lab, created, h)
 		s := &fresh.series[ref]
 		s.last, s.bytes, s.packets, s.pushed = last, bytes, packets, pushed
+		s.restored = true
 		if pushed == 0 {
 			fresh.unpushed = append(fresh.unpushed, ref)
 		}

@@ -500,6 +500,7 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 			a.series = append(a.series, series{})
 		}
 		a.installHashed(d.ref, d.kind, d.lab, d.created, d.hash)
+		a.series[d.ref].restored = true
 		a.unpushed = append(a.unpushed, d.ref)
 		a.series[d.ref].last = recv
 	}

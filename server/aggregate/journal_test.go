@@ -567,4 +567,22 @@ func TestFirstPushDecidesKnown(t *testing.T) {
 	if got := created(restored); !maps.Equal(got, want) {
 		t.Errorf("after a restart: creation times %v, want %v", got, want)
 	}
+	// A restored series whose zero is still asked for may be held by a
+	// receiver already (the crash may have come after its push arrived):
+	// it says so, and its zero travels apart. A new series does not.
+	restored.Apply(t0, []Flow{fl(webA2, dbB, "", 1, 1)}, nil)
+	for _, s := range restored.AppendSeries(nil) {
+		if s.Labels[0].Value != MetricPodPairBytes {
+			continue
+		}
+		pod := ""
+		for _, l := range s.Labels {
+			if l.Name == "src_pod" {
+				pod = l.Value
+			}
+		}
+		if want := pod == cacheC.Pod; s.MayExist != want {
+			t.Errorf("pair from %s: MayExist %v, want %v", pod, s.MayExist, want)
+		}
+	}
 }
