@@ -340,6 +340,13 @@ func (d *durability) verify(t *testing.T, scenario string, checks []check) {
 	for _, s := range series {
 		fmt.Fprintf(&all, "  %v = %.0f\n", s.Labels, s.Value)
 	}
+	// Series without a zero first sample, with their smallest value.
+	for _, m := range pairMetrics {
+		nz, _ := d.stack.Query(d.ctx, fmt.Sprintf(`min_over_time(%s{scenario=%q}[%s]) > 0`, m, scenario, maxWindow))
+		for _, s := range nz {
+			fmt.Fprintf(&all, "  first sample not 0: %v, smallest value %.0f\n", s.Labels, s.Value)
+		}
+	}
 	t.Errorf("%s: %d of %d comparisons with the reference fail:\n%s\nzone-pair series in Prometheus:\n%s\n%s",
 		scenario, bad, len(checks), table.String(), all.String(), d.serverLog(400))
 }

@@ -19,6 +19,7 @@
 package aggregate
 
 import (
+	"context"
 	"fmt"
 	"hash/maphash"
 	"slices"
@@ -468,6 +469,18 @@ func (a *Aggregator) AppendSeriesAt(dst []remotewrite.Series, ts int64) []remote
 }
 
 func (a *Aggregator) appendSeries(dst []remotewrite.Series, ts int64) []remotewrite.Series {
+	dst, pos := a.appendSeriesLocked(dst, ts)
+	if pos != 0 {
+		// The record of first pushes is durable before the push's
+		// requests leave. A failed log is the ingest path's to report.
+		_ = a.cfg.Journal.Wait(context.Background(), pos)
+	}
+	return dst
+}
+
+// appendSeriesLocked is appendSeries under the lock; pos is the journal
+// position of its record of first pushes, 0 for none.
+func (a *Aggregator) appendSeriesLocked(dst []remotewrite.Series, ts int64) (_ []remotewrite.Series, pos uint64) {
 	now := a.cfg.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -482,7 +495,10 @@ func (a *Aggregator) appendSeries(dst []remotewrite.Series, ts int64) []remotewr
 			s.pushed = ts
 			newly = true
 		}
-		created, mayExist := s.created, s.restored
+		// A restored series first pushed in a push not known to be
+		// delivered may be held by a receiver or not: its zero goes
+		// apart. One never pushed is new to every receiver.
+		created, mayExist := s.created, s.restored && s.pushed != 0
 		if s.pushed != 0 && s.pushed <= a.delivered {
 			created, mayExist = 0, false
 		}
@@ -495,9 +511,9 @@ func (a *Aggregator) appendSeries(dst []remotewrite.Series, ts int64) []remotewr
 		dst = append(dst, remotewrite.Series{Labels: s.lab, Value: float64(s.bytes), Created: created, MayExist: mayExist})
 	}
 	if newly && a.cfg.Journal != nil {
-		a.cfg.Journal.Append(appendPushed(nil, ts), nil)
+		pos = a.cfg.Journal.Append(appendPushed(nil, ts), nil)
 	}
-	return dst
+	return dst, pos
 }
 
 // Delivered records that the push stamped ts (unix ms) reached every

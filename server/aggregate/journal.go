@@ -1,6 +1,7 @@
 package aggregate
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -15,8 +16,14 @@ import (
 // Append is called under the aggregator's lock, in the order the changes
 // were made, with a record the journal now owns and, for an agent batch,
 // its id; it must only queue, and returns the position to wait on.
+//
+// Wait blocks until the record at a position is durable (or writing
+// failed): a push waits for its record of first pushes before any of its
+// requests leave, so that after a crash a series the log says was never
+// pushed is new to every receiver for certain.
 type Journal interface {
 	Append(rec []byte, id *BatchID) uint64
+	Wait(ctx context.Context, pos uint64) error
 }
 
 // BatchID identifies an agent batch (the wire contract's exactly-once

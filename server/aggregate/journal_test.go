@@ -2,6 +2,7 @@ package aggregate
 
 import (
 	"bytes"
+	"context"
 	"flag"
 	"fmt"
 	"maps"
@@ -26,6 +27,9 @@ type memJournal struct {
 	recs [][]byte
 	ids  []*BatchID
 }
+
+// Wait: every record of memJournal is durable once appended.
+func (j *memJournal) Wait(context.Context, uint64) error { return nil }
 
 func (j *memJournal) Append(rec []byte, id *BatchID) uint64 {
 	j.recs = append(j.recs, rec) // the journal owns rec: no copy
@@ -539,6 +543,10 @@ func TestFirstPushDecidesKnown(t *testing.T) {
 	// Received at t0 (before the stamp), applied after the push read.
 	a.Apply(t0, []Flow{fl(cacheC, webA, "", 7, 1)}, nil)
 	a.Delivered(stamp)
+	// A second push holds cacheC's pair first and is not delivered; a
+	// pair made after it is never pushed.
+	a.AppendSeriesAt(nil, stamp+1)
+	a.Apply(t0, []Flow{fl(dbB, webA2, "", 3, 1)}, nil)
 
 	created := func(a *Aggregator) map[string]int64 {
 		out := map[string]int64{}
@@ -553,7 +561,7 @@ func TestFirstPushDecidesKnown(t *testing.T) {
 		}
 		return out
 	}
-	want := map[string]int64{"web-1": 0, cacheC.Pod: t0.UnixMilli()}
+	want := map[string]int64{"web-1": 0, cacheC.Pod: t0.UnixMilli(), "db-0": t0.UnixMilli()}
 	if got := created(a); !maps.Equal(got, want) {
 		t.Errorf("before a restart: creation times %v, want %v", got, want)
 	}
@@ -567,9 +575,10 @@ func TestFirstPushDecidesKnown(t *testing.T) {
 	if got := created(restored); !maps.Equal(got, want) {
 		t.Errorf("after a restart: creation times %v, want %v", got, want)
 	}
-	// A restored series whose zero is still asked for may be held by a
-	// receiver already (the crash may have come after its push arrived):
-	// it says so, and its zero travels apart. A new series does not.
+	// A restored series first pushed in a push not known to be delivered
+	// may be held by a receiver already (the crash may have come after
+	// the push arrived): it says so, and its zero travels apart. One
+	// never pushed, and a series made after the restart, do not.
 	restored.Apply(t0, []Flow{fl(webA2, dbB, "", 1, 1)}, nil)
 	for _, s := range restored.AppendSeries(nil) {
 		if s.Labels[0].Value != MetricPodPairBytes {
