@@ -1485,7 +1485,10 @@ func TestPusherMayExistZerosApart(t *testing.T) {
 	src := SourceFunc(func(dst []Series) []Series {
 		return append(dst,
 			Series{Labels: []metrics.Label{{Name: "__name__", Value: "x_total"}, {Name: "s", Value: "held"}}, Value: 5, Created: created, MayExist: true},
-			Series{Labels: []metrics.Label{{Name: "__name__", Value: "x_total"}, {Name: "s", Value: "new"}}, Value: 7, Created: created})
+			Series{Labels: []metrics.Label{{Name: "__name__", Value: "x_total"}, {Name: "s", Value: "new"}}, Value: 7, Created: created},
+			// Uncertain too, but not held: its zero must not go down
+			// with the held one's.
+			Series{Labels: []metrics.Label{{Name: "__name__", Value: "x_total"}, {Name: "s", Value: "unsure"}}, Value: 9, Created: created, MayExist: true})
 	})
 	p := newTestPusher(t, cfg, reg, nil, src)
 	pushAndWait(t, p)
@@ -1493,6 +1496,9 @@ func TestPusherMayExistZerosApart(t *testing.T) {
 	defer mu.Unlock()
 	if s := samples["new"]; len(s) != 2 || s[0].Value != 0 || s[0].Timestamp != created || s[1].Value != 7 {
 		t.Errorf("the new series arrived as %v, want its zero at %d, then 7", s, created)
+	}
+	if s := samples["unsure"]; len(s) != 2 || s[0].Value != 0 || s[1].Value != 9 {
+		t.Errorf("the uncertain series the receiver does not hold arrived as %v, want its zero, then 9", s)
 	}
 	if s := samples["held"]; len(s) != 1 || s[0].Value != 5 {
 		t.Errorf("the held series arrived as %v, want 5 alone (its zero refused)", s)

@@ -184,18 +184,17 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 	for sh := range p.raw {
 		p.flushShard(sh)
 	}
-	// Zeros a receiver may refuse go in requests of their own, after the
-	// others of their shard (a series is in one request per snapshot, so
-	// its samples stay in order).
-	if len(p.maybe) > 0 {
-		for _, d := range p.maybe {
-			p.addWithZero(&t.entries[d.entry], d.value, d.created)
-		}
-		p.maybe = p.maybe[:0]
-		for sh := range p.raw {
-			p.flushShard(sh)
-		}
+	// A zero a receiver may refuse goes in a request of its own, after
+	// the others of its shard (a series is in one request per snapshot,
+	// so its samples stay in order): a refusal then costs that zero only,
+	// never the zero of a series the receiver does not hold. There are
+	// few: the series first pushed by the last pushes before a restart.
+	for _, d := range p.maybe {
+		e := &t.entries[d.entry]
+		p.addWithZero(e, d.value, d.created)
+		p.flushShard(int(e.hash % uint64(len(p.raw))))
 	}
+	p.maybe = p.maybe[:0]
 	t.compact()
 	out := make([][]request, len(p.reqs))
 	copy(out, p.reqs)

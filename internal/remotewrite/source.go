@@ -30,9 +30,9 @@ import "github.com/kubezonnet/kubezonnet/internal/metrics"
 // MayExist says that a receiver may hold the series already although its
 // zero is asked for: a source that restarted and cannot tell whether the
 // push that first held the series was delivered. Such a zero may be
-// refused, and a receiver refuses the whole request it is in, so these
-// series travel in requests of their own: a refusal then costs only
-// their zeros, never the zero of a series that is new for certain.
+// refused, and a receiver refuses the whole request it is in, so each of
+// these series travels in a request of its own: a refusal then costs its
+// zero only, never the zero of another series.
 type Series struct {
 	Labels   []metrics.Label
 	Value    float64
