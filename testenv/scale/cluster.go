@@ -1,0 +1,262 @@
+package scale
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/kubezonnet/kubezonnet/testenv"
+)
+
+// Namespace holds the simulated pods.
+const Namespace = "scale"
+
+// createWorkers is how many pods are created at once: enough to keep the
+// API server busy on two cores (it registers ~230 pods/s there).
+const createWorkers = 32
+
+// slot is a place a pod runs: a node and an address. Churn replaces the pod
+// in a slot, keeping the address.
+type slot struct {
+	node int
+	ip   netip.Addr
+	// pod and uid name the pod that holds ip now; vacant is set while the
+	// pod is being replaced, when no pod holds the address.
+	pod    string
+	uid    types.UID
+	vacant bool
+	gen    int
+	// peers are the slots this pod sends to: a pod talks to a few peers,
+	// not to every pod of the cluster.
+	peers []int
+}
+
+// world is the simulated cluster: the slots, who holds each address now,
+// and which pods were deleted and when.
+type world struct {
+	opts   Options
+	client kubernetes.Interface
+
+	mu      sync.RWMutex
+	slots   []slot
+	deleted map[string]time.Time // pod name -> deletion
+}
+
+// zoneOf names node n's zone.
+func (w *world) zoneOf(node int) string { return fmt.Sprintf("zone-%c", 'a'+node%w.opts.Zones) }
+
+// nodeName names node n.
+func nodeName(n int) string { return fmt.Sprintf("node-%04d", n) }
+
+// podCIDR is node n's pod range, 10.64.0.0/10 split into /24s: room for
+// 16,384 nodes of 250 pods.
+func podCIDR(n int) netip.Prefix {
+	return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(64 + n>>8), byte(n), 0}), 24)
+}
+
+func newWorld(opts Options, c kubernetes.Interface, rng *rand.Rand) *world {
+	w := &world{opts: opts, client: c, deleted: map[string]time.Time{}}
+	total := opts.Nodes * opts.PodsPerNode
+	w.slots = make([]slot, total)
+	for i := range w.slots {
+		n, k := i/opts.PodsPerNode, i%opts.PodsPerNode
+		base := podCIDR(n).Addr().As4()
+		base[3] = byte(2 + k)
+		s := &w.slots[i]
+		s.node, s.ip = n, netip.AddrFrom4(base)
+		s.pod = podName(n, k, 0)
+		for len(s.peers) < min(opts.PeersPerPod, total-1) {
+			if p := rng.IntN(total); p != i {
+				s.peers = append(s.peers, p)
+			}
+		}
+	}
+	return w
+}
+
+func podName(node, k, gen int) string { return fmt.Sprintf("app-%04d-%03d-g%d", node, k, gen) }
+
+// create creates the Nodes, the namespace and every slot's first pod.
+func (w *world) create(ctx context.Context) error {
+	for n := range w.opts.Nodes {
+		node := &corev1.Node{
+			ObjectMeta: metav1.ObjectMeta{Name: nodeName(n), Labels: map[string]string{
+				testenv.LabelZone:        w.zoneOf(n),
+				testenv.LabelRegion:      "region-1",
+				"kubernetes.io/hostname": nodeName(n),
+			}},
+			Spec: corev1.NodeSpec{PodCIDR: podCIDR(n).String(), PodCIDRs: []string{podCIDR(n).String()}},
+		}
+		if _, err := w.client.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
+			return fmt.Errorf("creating node %s: %w", node.Name, err)
+		}
+	}
+	work := make(chan int)
+	errs := make(chan error, createWorkers)
+	var wg sync.WaitGroup
+	for range createWorkers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range work {
+				s := &w.slots[i]
+				uid, err := w.createPod(ctx, s.node, s.pod, s.ip)
+				if err != nil {
+					errs <- err
+					return
+				}
+				s.uid = uid
+			}
+		}()
+	}
+	var err error
+feed:
+	for i := range w.slots {
+		select {
+		case work <- i:
+		case err = <-errs:
+			break feed
+		}
+	}
+	close(work)
+	wg.Wait()
+	if err == nil {
+		select {
+		case err = <-errs:
+		default:
+		}
+	}
+	return err
+}
+
+// createPod creates a pod on node (spec.nodeName set, as the scheduler
+// would) and sets it Running with ip through pods/status, as the kubelet
+// would.
+func (w *world) createPod(ctx context.Context, node int, name string, ip netip.Addr) (types.UID, error) {
+	zero := int64(0)
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: Namespace, Labels: map[string]string{"app": "app"}},
+		Spec: corev1.PodSpec{
+			NodeName:                      nodeName(node),
+			TerminationGracePeriodSeconds: &zero,
+			// Nothing pulls it: no kubelet runs.
+			Containers: []corev1.Container{{Name: "main", Image: "registry.invalid/kubezonnet-scale/app:v1"}},
+		},
+	}
+	created, err := w.client.CoreV1().Pods(Namespace).Create(ctx, pod, metav1.CreateOptions{})
+	if err != nil {
+		return "", fmt.Errorf("creating pod %s: %w", name, err)
+	}
+	now := metav1.Now()
+	status := corev1.PodStatus{
+		Phase:  corev1.PodRunning,
+		PodIP:  ip.String(),
+		PodIPs: []corev1.PodIP{{IP: ip.String()}},
+		Conditions: []corev1.PodCondition{
+			{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now},
+			{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
+		},
+		StartTime: &now,
+	}
+	body, err := json.Marshal(map[string]any{"status": status})
+	if err != nil {
+		return "", fmt.Errorf("encoding the status of pod %s: %w", name, err)
+	}
+	if _, err := w.client.CoreV1().Pods(Namespace).Patch(ctx, name, types.StrategicMergePatchType, body, metav1.PatchOptions{}, "status"); err != nil {
+		return "", fmt.Errorf("patching pods/status of %s: %w", name, err)
+	}
+	return created.UID, nil
+}
+
+// replace deletes the pod of slot i and creates its successor with the
+// same address. No flow is generated for the address in between: the
+// slot is vacant from before the deletion until the successor is Running
+// in the API server.
+func (w *world) replace(ctx context.Context, i int) error {
+	w.mu.Lock()
+	s := &w.slots[i]
+	s.vacant = true
+	old, uid := s.pod, s.uid
+	s.gen++
+	next := podName(s.node, i%w.opts.PodsPerNode, s.gen)
+	node, ip := s.node, s.ip
+	w.mu.Unlock()
+
+	zero := int64(0)
+	err := w.client.CoreV1().Pods(Namespace).Delete(ctx, old, metav1.DeleteOptions{
+		GracePeriodSeconds: &zero, Preconditions: &metav1.Preconditions{UID: &uid},
+	})
+	if err != nil {
+		return fmt.Errorf("deleting pod %s: %w", old, err)
+	}
+	w.mu.Lock()
+	w.deleted[old] = time.Now()
+	w.mu.Unlock()
+	newUID, err := w.createPod(ctx, node, next, ip)
+	if err != nil {
+		return err
+	}
+	w.mu.Lock()
+	s.pod, s.uid, s.vacant = next, newUID, false
+	w.mu.Unlock()
+	return nil
+}
+
+// churn replaces a random pod perSecond times a second (as far as the API
+// server keeps up) until stop is closed, and returns how many it replaced.
+func (w *world) churn(ctx context.Context, perSecond float64, rng *rand.Rand, stop <-chan struct{}) (int, error) {
+	if perSecond <= 0 {
+		return 0, nil
+	}
+	tick := time.NewTicker(time.Duration(float64(time.Second) / perSecond))
+	defer tick.Stop()
+	done := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return done, ctx.Err()
+		case <-stop:
+			return done, nil
+		case <-tick.C:
+		}
+		if err := w.replace(ctx, rng.IntN(len(w.slots))); err != nil {
+			return done, err
+		}
+		done++
+	}
+}
+
+// nodeOfPod returns the node whose pod range holds addr (see podCIDR).
+func (w *world) nodeOfPod(addr netip.Addr) int {
+	b := addr.As4()
+	return int(b[1]-64)<<8 | int(b[2])
+}
+
+// deletedPods returns the names of the pods deleted so far.
+func (w *world) deletedPods() map[string]bool {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	out := make(map[string]bool, len(w.deleted))
+	for name := range w.deleted {
+		out[name] = true
+	}
+	return out
+}
+
+// nodeOfName returns the node of a pod from its name (see podName).
+func (w *world) nodeOfName(pod string) int {
+	var n, k, gen int
+	if _, err := fmt.Sscanf(pod, "app-%d-%d-g%d", &n, &k, &gen); err != nil {
+		return -1
+	}
+	return n
+}

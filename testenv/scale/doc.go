@@ -1,0 +1,24 @@
+// Package scale measures the server under a simulated cluster: a real
+// kube-apiserver and etcd (testenv.StartControlPlane) holding Nodes in three
+// zones and pods whose addresses are patched into their status (no kubelet,
+// no network namespaces), the real kubezonnet server resolving them through
+// its informers, and a real VictoriaMetrics receiving its remote-write.
+//
+// The agents are simulated: one goroutine per node (up to Options.Agents)
+// posts batches by the wire contract (internal/wire), one at a time, resending
+// the same bytes on a retryable answer as the real agent does, at an offered
+// rate. Pods churn meanwhile: a pod is deleted and another one, with a new
+// name and UID, created with the same address, as a Deployment rollout with a
+// sticky-IP CNI would.
+//
+// Run keeps its own ground truth, the bytes and packets acknowledged per
+// (source pod, destination pod) pair, each flow attributed to the pods that
+// held its addresses when the simulated agent generated it, and compares it
+// with what VictoriaMetrics holds after the server's last push: totals and
+// per zone pair must be exact; pod-pair series credited to a pod that was
+// deleted before the flows were generated count as misattributed.
+//
+// The result is a table (Result.WriteTable) of throughput, server CPU and
+// memory per flow and per pod pair, ingest latency, push duration, exactness
+// and misattribution.
+package scale

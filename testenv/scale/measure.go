@@ -1,0 +1,178 @@
+package scale
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// clockTicks is USER_HZ, the unit of utime and stime in /proc/<pid>/stat:
+// 100 on every Linux architecture Go supports.
+const clockTicks = 100
+
+// cpuTime returns the user plus system CPU time of process pid.
+func cpuTime(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, fmt.Errorf("reading CPU time: %w", err)
+	}
+	// The command name (field 2) may hold spaces: count fields after the
+	// closing parenthesis. utime and stime are fields 14 and 15.
+	s := string(b)
+	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(fields) < 13 {
+		return 0, fmt.Errorf("reading CPU time: short /proc/%d/stat", pid)
+	}
+	var ticks int64
+	for _, f := range fields[11:13] {
+		v, err := strconv.ParseInt(f, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("reading CPU time: %w", err)
+		}
+		ticks += v
+	}
+	return time.Duration(ticks) * time.Second / clockTicks, nil
+}
+
+// peakRSS returns VmHWM, the peak resident set of process pid, in bytes.
+func peakRSS(pid int) (int64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, fmt.Errorf("reading VmHWM: %w", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("reading VmHWM: %w", err)
+			}
+			return kb << 10, nil
+		}
+	}
+	return 0, fmt.Errorf("reading VmHWM: not in /proc/%d/status", pid)
+}
+
+// scrape reads a Prometheus text exposition and returns, per metric name,
+// the sum and the maximum over its series.
+type scraped map[string]struct{ sum, max float64 }
+
+func scrape(ctx context.Context, u string) (scraped, error) {
+	body, err := get(ctx, u)
+	if err != nil {
+		return nil, err
+	}
+	out := scraped{}
+	for _, line := range strings.Split(body, "\n") {
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		name, rest, _ := strings.Cut(line, " ")
+		if i := strings.IndexByte(line, '{'); i >= 0 && i < len(name) {
+			name = line[:i]
+			rest = line[strings.LastIndexByte(line, '}')+1:]
+		}
+		fs := strings.Fields(rest)
+		if len(fs) == 0 {
+			continue
+		}
+		v, err := strconv.ParseFloat(fs[0], 64)
+		if err != nil {
+			continue
+		}
+		e, seen := out[name]
+		e.sum += v
+		if !seen || v > e.max {
+			e.max = v
+		}
+		out[name] = e
+	}
+	return out, nil
+}
+
+func get(ctx context.Context, u string) (string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("GET %s: %s: %s", u, resp.Status, strings.TrimSpace(string(b)))
+	}
+	return string(b), nil
+}
+
+// sample is one series of an instant query.
+type sample struct {
+	labels map[string]string
+	value  float64
+}
+
+// vm is the VictoriaMetrics the server pushes to.
+type vm struct{ url string }
+
+// flush makes everything received so far queryable.
+func (v vm) flush(ctx context.Context) error {
+	_, err := get(ctx, v.url+"/internal/force_flush")
+	return err
+}
+
+// query runs an instant query.
+func (v vm) query(ctx context.Context, q string) ([]sample, error) {
+	body, err := get(ctx, v.url+"/api/v1/query?query="+url.QueryEscape(q))
+	if err != nil {
+		return nil, err
+	}
+	var resp struct {
+		Status string `json:"status"`
+		Error  string `json:"error"`
+		Data   struct {
+			Result []struct {
+				Metric map[string]string `json:"metric"`
+				Value  [2]any            `json:"value"`
+			} `json:"result"`
+		} `json:"data"`
+	}
+	if err := json.Unmarshal([]byte(body), &resp); err != nil {
+		return nil, fmt.Errorf("query %q: %w", q, err)
+	}
+	if resp.Status != "success" {
+		return nil, fmt.Errorf("query %q: %s", q, resp.Error)
+	}
+	out := make([]sample, 0, len(resp.Data.Result))
+	for _, r := range resp.Data.Result {
+		str, _ := r.Value[1].(string)
+		val, err := strconv.ParseFloat(str, 64)
+		if err != nil {
+			return nil, fmt.Errorf("query %q: value %q: %w", q, str, err)
+		}
+		out = append(out, sample{labels: r.Metric, value: val})
+	}
+	return out, nil
+}
+
+// scalar runs a query expected to return at most one series; none is 0.
+func (v vm) scalar(ctx context.Context, q string) (float64, error) {
+	s, err := v.query(ctx, q)
+	if err != nil || len(s) == 0 {
+		return 0, err
+	}
+	return s[0].value, nil
+}

@@ -1,0 +1,214 @@
+package scale
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+)
+
+// Result is what a run measured.
+type Result struct {
+	// Options are the run's, defaults applied.
+	Options Options
+	// Setup is the time from the start to the first batch (control
+	// plane, pods, VictoriaMetrics, server); Sending the time the agents
+	// sent, up to the last acknowledgement.
+	Setup, Sending time.Duration
+	// Flows and Batches acknowledged; Retries of batches answered with a
+	// retryable status or not at all.
+	Flows, Batches, Retries int64
+	// Churned is the number of pods replaced.
+	Churned int
+	// ServerCPU is the server's user plus system CPU time while the
+	// agents sent.
+	ServerCPU time.Duration
+	// PeakRSS is the server's VmHWM at the end, in bytes.
+	PeakRSS int64
+	// ServerSeries is the server's kubezonnet_server_series gauge at the
+	// end; CrossZonePairs the distinct cross-zone pod pairs of the ground
+	// truth (the pairs that get pod-pair series by default).
+	ServerSeries, CrossZonePairs int64
+	// Folded pod pairs (beyond --max-pod-pairs) and unresolved flows, by
+	// the server's counters.
+	Folded, Unresolved int64
+	// PushDuration is the longest kubezonnet_server_remote_write_push_duration_seconds.
+	PushDuration time.Duration
+	// SentBytes and SentPackets were acknowledged; VMBytes and VMPackets
+	// are the sums of the zone-pair series in VictoriaMetrics.
+	SentBytes, SentPackets uint64
+	VMBytes, VMPackets     float64
+	// ZonePairs compared, and the differences found ("a->b: bytes sent X,
+	// stored Y").
+	ZonePairs          int
+	ZonePairMismatches []string
+	// MisattributedSeries are pod-pair series in VictoriaMetrics naming a
+	// pod deleted during the run with more bytes than were sent while it
+	// held its address; MisattributedBytes the sum of the excess.
+	MisattributedSeries int
+	MisattributedBytes  float64
+	// PodPairSeries is the number of pod pairs VictoriaMetrics holds;
+	// DeletedPodSeries those naming a pod deleted during the run.
+	PodPairSeries, DeletedPodSeries int
+
+	latencies []time.Duration
+}
+
+// Exact reports whether VictoriaMetrics holds exactly what was sent, in
+// total and per zone pair.
+func (r *Result) Exact() bool {
+	return float64(r.SentBytes) == r.VMBytes && float64(r.SentPackets) == r.VMPackets && len(r.ZonePairMismatches) == 0
+}
+
+// Latency returns the q-quantile (0..1) of the POST round trips.
+func (r *Result) Latency(q float64) time.Duration {
+	if len(r.latencies) == 0 {
+		return 0
+	}
+	return r.latencies[min(len(r.latencies)-1, int(math.Ceil(q*float64(len(r.latencies))))-1)]
+}
+
+// compare polls VictoriaMetrics until its zone-pair totals equal what was
+// sent or timeout passes, then compares per zone pair and per pod pair.
+func (r *Result) compare(ctx context.Context, v vm, w *world, truth map[pair]flow.Counts, zones map[zonePair]flow.Counts, timeout time.Duration) error {
+	const bytesQ = "sum(last_over_time(kubezonnet_zone_pair_bytes_total[1h]))"
+	const pktsQ = "sum(last_over_time(kubezonnet_zone_pair_packets_total[1h]))"
+	deadline := time.Now().Add(timeout)
+	for {
+		if err := v.flush(ctx); err != nil {
+			return err
+		}
+		var err error
+		if r.VMBytes, err = v.scalar(ctx, bytesQ); err != nil {
+			return err
+		}
+		if r.VMPackets, err = v.scalar(ctx, pktsQ); err != nil {
+			return err
+		}
+		if (r.VMBytes == float64(r.SentBytes) && r.VMPackets == float64(r.SentPackets)) || time.Now().After(deadline) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+
+	stored := map[zonePair][2]float64{}
+	for i, q := range []string{
+		"sum by (src_zone, dst_zone) (last_over_time(kubezonnet_zone_pair_bytes_total[1h]))",
+		"sum by (src_zone, dst_zone) (last_over_time(kubezonnet_zone_pair_packets_total[1h]))",
+	} {
+		s, err := v.query(ctx, q)
+		if err != nil {
+			return err
+		}
+		for _, x := range s {
+			zp := zonePair{x.labels["src_zone"], x.labels["dst_zone"]}
+			e := stored[zp]
+			e[i] = x.value
+			stored[zp] = e
+		}
+	}
+	all := map[zonePair]bool{}
+	for zp := range stored {
+		all[zp] = true
+	}
+	for zp := range zones {
+		all[zp] = true
+	}
+	r.ZonePairs = len(all)
+	for zp := range all {
+		sent, got := zones[zp], stored[zp]
+		if float64(sent.Bytes) != got[0] || float64(sent.Packets) != got[1] {
+			r.ZonePairMismatches = append(r.ZonePairMismatches, fmt.Sprintf("%s->%s: sent %d bytes %d packets, stored %.0f bytes %.0f packets",
+				zp.src, zp.dst, sent.Bytes, sent.Packets, got[0], got[1]))
+		}
+	}
+	sort.Strings(r.ZonePairMismatches)
+
+	// A replaced pod's name is never reused, so a series naming it with
+	// more than the truth holds was credited flows generated after its
+	// deletion, which belong to its successor.
+	deleted := w.deletedPods()
+	pairs, err := v.query(ctx, "sum by (src_pod, dst_pod) (last_over_time(kubezonnet_pod_pair_bytes_total[1h]))")
+	if err != nil {
+		return err
+	}
+	r.PodPairSeries = len(pairs)
+	for _, x := range pairs {
+		p := pair{x.labels["src_pod"], x.labels["dst_pod"]}
+		if !deleted[p.src] && !deleted[p.dst] {
+			continue
+		}
+		r.DeletedPodSeries++
+		if excess := x.value - float64(truth[p].Bytes); excess > 0 {
+			r.MisattributedSeries++
+			r.MisattributedBytes += excess
+		}
+	}
+	return nil
+}
+
+// WriteTable writes the result as one table, a row per measure.
+func (r *Result) WriteTable(out io.Writer) error {
+	o := r.Options
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	row := func(measure, value, note string) { fmt.Fprintf(tw, "%s\t%s\t%s\n", measure, value, note) }
+	row("MEASURE", "VALUE", "NOTE")
+	row("profile", fmt.Sprintf("%d nodes x %d pods, %d zones", o.Nodes, o.PodsPerNode, o.Zones),
+		fmt.Sprintf("%d agents, %d flows/batch, %d peers/pod, %s sending, push every %s", o.Agents, o.FlowsPerBatch, o.PeersPerPod, o.Duration, o.PushInterval))
+	offered := o.BatchesPerSecond * float64(o.FlowsPerBatch)
+	achieved := float64(r.Flows) / r.Sending.Seconds()
+	row("flows/s offered vs achieved", fmt.Sprintf("%.0f / %.0f", offered, achieved),
+		fmt.Sprintf("%d flows in %d batches acknowledged, %d retries (flows merged by key count once)", r.Flows, r.Batches, r.Retries))
+	cpuPerM := 0.0
+	if r.Flows > 0 {
+		cpuPerM = r.ServerCPU.Seconds() / (float64(r.Flows) / 1e6)
+	}
+	row("server CPU s per million flows", fmt.Sprintf("%.2f", cpuPerM),
+		fmt.Sprintf("%.1f s CPU over %.1f s sending (utime+stime), pushes included", r.ServerCPU.Seconds(), r.Sending.Seconds()))
+	perSeries, perPair := "-", "-"
+	if r.ServerSeries > 0 {
+		perSeries = fmt.Sprintf("%.0f", float64(r.PeakRSS)/float64(r.ServerSeries))
+	}
+	if r.CrossZonePairs > 0 {
+		perPair = fmt.Sprintf("%.0f", float64(r.PeakRSS)/float64(r.CrossZonePairs))
+	}
+	row("server VmHWM", fmt.Sprintf("%.1f MiB", float64(r.PeakRSS)/(1<<20)), "peak resident set, whole process (informer cache of all pods included)")
+	row("bytes per live series / pod pair", perSeries+" / "+perPair,
+		fmt.Sprintf("VmHWM / kubezonnet_server_series (%d) / cross-zone pod pairs sent (%d); %d folded", r.ServerSeries, r.CrossZonePairs, r.Folded))
+	row("ingest latency p50 / p99", fmt.Sprintf("%s / %s", r.Latency(0.5).Round(time.Microsecond), r.Latency(0.99).Round(time.Microsecond)),
+		fmt.Sprintf("client-side POST round trip, %d attempts", len(r.latencies)))
+	row("push duration vs interval", fmt.Sprintf("%s / %s", r.PushDuration.Round(time.Millisecond), o.PushInterval),
+		"kubezonnet_server_remote_write_push_duration_seconds at the end")
+	row("exactness bytes", exactness(float64(r.SentBytes), r.VMBytes), fmt.Sprintf("sent %d, VictoriaMetrics %.0f (sum of zone-pair series)", r.SentBytes, r.VMBytes))
+	row("exactness packets", exactness(float64(r.SentPackets), r.VMPackets), fmt.Sprintf("sent %d, VictoriaMetrics %.0f", r.SentPackets, r.VMPackets))
+	zoneNote := "every zone pair equal"
+	if len(r.ZonePairMismatches) > 0 {
+		zoneNote = strings.Join(r.ZonePairMismatches, "; ")
+	}
+	zoneValue := "EXACT"
+	if len(r.ZonePairMismatches) > 0 {
+		zoneValue = fmt.Sprintf("%d of %d differ", len(r.ZonePairMismatches), r.ZonePairs)
+	}
+	row("exactness per zone pair", zoneValue, zoneNote)
+	row("misattributed under churn", fmt.Sprintf("%d series, %.0f bytes", r.MisattributedSeries, r.MisattributedBytes),
+		fmt.Sprintf("series naming a deleted pod with more than it sent (of %d naming one, %d in all); %d pods replaced (%.2f/s), %d unresolved flows", r.DeletedPodSeries, r.PodPairSeries, r.Churned, float64(r.Churned)/r.Sending.Seconds(), r.Unresolved))
+	row("setup / sending", fmt.Sprintf("%s / %s", r.Setup.Round(time.Second), r.Sending.Round(time.Second)), "control plane, pods, VictoriaMetrics and server; then traffic")
+	return tw.Flush()
+}
+
+func exactness(sent, stored float64) string {
+	if sent == stored {
+		return "EXACT"
+	}
+	return fmt.Sprintf("%+.0f", stored-sent)
+}

@@ -1,0 +1,64 @@
+package scale_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/testenv/scale"
+)
+
+// TestScaleSmall runs a tiny profile end to end and asserts that
+// VictoriaMetrics ends up with exactly the bytes and packets acknowledged,
+// in total and per zone pair. Timings are not asserted. Misattribution
+// under churn is logged, not asserted: attributing a reused address by
+// informer time is a known open problem.
+//
+// Like the other control-plane tests it needs no root, so it never skips.
+func TestScaleSmall(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	res, err := scale.Run(ctx, scale.Options{
+		Nodes: 6, PodsPerNode: 5, Zones: 3, PeersPerPod: 5,
+		Agents: 3, FlowsPerBatch: 50, BatchesPerSecond: 6,
+		Duration: 20 * time.Second, ChurnPerSecond: 1,
+		PushInterval: 2 * time.Second,
+		Output:       tWriter{t},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var table strings.Builder
+	if err := res.WriteTable(&table); err != nil {
+		t.Fatal(err)
+	}
+	t.Log("\n" + table.String())
+	if res.Flows == 0 || res.SentBytes == 0 {
+		t.Fatalf("nothing was sent: %d flows, %d bytes", res.Flows, res.SentBytes)
+	}
+	if float64(res.SentBytes) != res.VMBytes {
+		t.Errorf("bytes: sent %d, VictoriaMetrics holds %.0f", res.SentBytes, res.VMBytes)
+	}
+	if float64(res.SentPackets) != res.VMPackets {
+		t.Errorf("packets: sent %d, VictoriaMetrics holds %.0f", res.SentPackets, res.VMPackets)
+	}
+	for _, m := range res.ZonePairMismatches {
+		t.Errorf("zone pair %s", m)
+	}
+	if res.Churned == 0 {
+		t.Errorf("no pod was replaced")
+	}
+	if res.MisattributedSeries > 0 {
+		t.Logf("misattributed under churn (known open problem, not asserted): %d pod-pair series, %.0f bytes",
+			res.MisattributedSeries, res.MisattributedBytes)
+	}
+}
+
+// tWriter writes progress lines to the test log.
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
