@@ -236,7 +236,14 @@ func (s *Stack) Query(ctx context.Context, q string) ([]Sample, error) {
 
 // QueryAt runs an instant query evaluated at t (now when zero).
 func (s *Stack) QueryAt(ctx context.Context, q string, t time.Time) ([]Sample, error) {
-	u := s.PrometheusURL + "/api/v1/query?query=" + url.QueryEscape(q)
+	return QueryAPI(ctx, s.PrometheusURL, q, t)
+}
+
+// QueryAPI runs an instant query against the Prometheus HTTP API at base
+// (Prometheus, or VictoriaMetrics, which serves the same API), evaluated
+// at t (now when zero).
+func QueryAPI(ctx context.Context, base, q string, t time.Time) ([]Sample, error) {
+	u := base + "/api/v1/query?query=" + url.QueryEscape(q)
 	if !t.IsZero() {
 		u += fmt.Sprintf("&time=%.3f", float64(t.UnixMilli())/1000)
 	}

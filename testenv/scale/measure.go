@@ -3,15 +3,15 @@ package scale
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"os"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/kubezonnet/kubezonnet/testenv"
 )
 
 // clockTicks is USER_HZ, the unit of utime and stime in /proc/<pid>/stat:
@@ -119,12 +119,6 @@ func get(ctx context.Context, u string) (string, error) {
 	return string(b), nil
 }
 
-// sample is one series of an instant query.
-type sample struct {
-	labels map[string]string
-	value  float64
-}
-
 // vm is the VictoriaMetrics the server pushes to.
 type vm struct{ url string }
 
@@ -135,37 +129,8 @@ func (v vm) flush(ctx context.Context) error {
 }
 
 // query runs an instant query.
-func (v vm) query(ctx context.Context, q string) ([]sample, error) {
-	body, err := get(ctx, v.url+"/api/v1/query?query="+url.QueryEscape(q))
-	if err != nil {
-		return nil, err
-	}
-	var resp struct {
-		Status string `json:"status"`
-		Error  string `json:"error"`
-		Data   struct {
-			Result []struct {
-				Metric map[string]string `json:"metric"`
-				Value  [2]any            `json:"value"`
-			} `json:"result"`
-		} `json:"data"`
-	}
-	if err := json.Unmarshal([]byte(body), &resp); err != nil {
-		return nil, fmt.Errorf("query %q: %w", q, err)
-	}
-	if resp.Status != "success" {
-		return nil, fmt.Errorf("query %q: %s", q, resp.Error)
-	}
-	out := make([]sample, 0, len(resp.Data.Result))
-	for _, r := range resp.Data.Result {
-		str, _ := r.Value[1].(string)
-		val, err := strconv.ParseFloat(str, 64)
-		if err != nil {
-			return nil, fmt.Errorf("query %q: value %q: %w", q, str, err)
-		}
-		out = append(out, sample{labels: r.Metric, value: val})
-	}
-	return out, nil
+func (v vm) query(ctx context.Context, q string) ([]testenv.Sample, error) {
+	return testenv.QueryAPI(ctx, v.url, q, time.Time{})
 }
 
 // scalar runs a query expected to return at most one series; none is 0.
@@ -174,5 +139,5 @@ func (v vm) scalar(ctx context.Context, q string) (float64, error) {
 	if err != nil || len(s) == 0 {
 		return 0, err
 	}
-	return s[0].value, nil
+	return s[0].Value, nil
 }

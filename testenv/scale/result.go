@@ -111,9 +111,9 @@ func (r *Result) compare(ctx context.Context, v vm, w *world, truth map[pair]flo
 			return err
 		}
 		for _, x := range s {
-			zp := zonePair{x.labels["src_zone"], x.labels["dst_zone"]}
+			zp := zonePair{x.Labels["src_zone"], x.Labels["dst_zone"]}
 			e := stored[zp]
-			e[i] = x.value
+			e[i] = x.Value
 			stored[zp] = e
 		}
 	}
@@ -144,12 +144,12 @@ func (r *Result) compare(ctx context.Context, v vm, w *world, truth map[pair]flo
 	}
 	r.PodPairSeries = len(pairs)
 	for _, x := range pairs {
-		p := pair{x.labels["src_pod"], x.labels["dst_pod"]}
+		p := pair{x.Labels["src_pod"], x.Labels["dst_pod"]}
 		if !deleted[p.src] && !deleted[p.dst] {
 			continue
 		}
 		r.DeletedPodSeries++
-		if excess := x.value - float64(truth[p].Bytes); excess > 0 {
+		if excess := x.Value - float64(truth[p].Bytes); excess > 0 {
 			r.MisattributedSeries++
 			r.MisattributedBytes += excess
 		}
