@@ -61,21 +61,10 @@ func benchDurable(b *testing.B, agents int, logOn bool) {
 	apply(wk, -1, 1) // warm up: routes, series, buffers
 	in.pool.Put(wk)
 	fsyncs0 := reg0(reg, "kubezonnet_server_state_fsyncs_total")
-	var next atomic.Int64
-	var wg sync.WaitGroup
 	b.ReportAllocs()
 	cpu0 := cpuTime()
 	b.ResetTimer()
-	for a := range agents {
-		wg.Go(func() {
-			wk := in.pool.Get().(*work)
-			defer in.pool.Put(wk)
-			for s := uint64(1); next.Add(1) <= int64(b.N); s++ {
-				apply(wk, a, s)
-			}
-		})
-	}
-	wg.Wait()
+	runAgents(b, srv, agents, apply)
 	b.StopTimer()
 	flows := float64(b.N) * batchFlows
 	sec := b.Elapsed().Seconds()
@@ -86,6 +75,25 @@ func benchDurable(b *testing.B, agents int, logOn bool) {
 		b.ReportMetric(f/float64(b.N), "fsyncs/batch")
 		b.ReportMetric(reg0(reg, "kubezonnet_server_state_record_bytes_total")/(float64(b.N+1)*batchFlows), "log-bytes/flow")
 	}
+}
+
+// runAgents runs b.N batches spread over agents goroutines, each with its
+// own pooled work and sequence numbers from 1: send(wk, a, seq) sends
+// agent a's batch.
+func runAgents(b *testing.B, srv *Server, agents int, send func(wk *work, a int, seq uint64)) {
+	in := srv.ingest
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for a := range agents {
+		wg.Go(func() {
+			wk := in.pool.Get().(*work)
+			defer in.pool.Put(wk)
+			for s := uint64(1); next.Add(1) <= int64(b.N); s++ {
+				send(wk, a, s)
+			}
+		})
+	}
+	wg.Wait()
 }
 
 // ingestBatch is what the ingest handler does with a request body once it
@@ -132,7 +140,6 @@ func BenchmarkDurableManyAgents(b *testing.B) {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { srv.state.close() })
-	in := srv.ingest
 	full, _ := benchBody(addrs)
 	var enc wire.Encoder
 	bodies := make([][]byte, agents)
@@ -141,20 +148,11 @@ func BenchmarkDurableManyAgents(b *testing.B) {
 		bt.Flows = full.Flows[(a*perBatch)%len(full.Flows):][:perBatch]
 		bodies[a] = append([]byte(nil), enc.Encode(&bt)...)
 	}
-	var next atomic.Int64
-	var wg sync.WaitGroup
 	fsyncs0 := reg0(reg, "kubezonnet_server_state_fsyncs_total")
 	b.ResetTimer()
-	for a := range agents {
-		wg.Go(func() {
-			wk := in.pool.Get().(*work)
-			defer in.pool.Put(wk)
-			for s := uint64(1); next.Add(1) <= int64(b.N); s++ {
-				ingestBatch(b, srv, wk, bodies[a], fmt.Sprint("agent-", a), s)
-			}
-		})
-	}
-	wg.Wait()
+	runAgents(b, srv, agents, func(wk *work, a int, s uint64) {
+		ingestBatch(b, srv, wk, bodies[a], fmt.Sprint("agent-", a), s)
+	})
 	b.StopTimer()
 	f := reg0(reg, "kubezonnet_server_state_fsyncs_total") - fsyncs0
 	sec := b.Elapsed().Seconds()

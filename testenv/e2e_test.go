@@ -435,7 +435,7 @@ func TestEndToEnd(t *testing.T) {
 					res, err := stack.Query(ctx, q)
 					fmt.Fprintf(&dump, "%s: %v %+v\n", q, err, res)
 				}
-				rules, _ := httpGet(ctx, stack.PrometheusURL+"/api/v1/rules")
+				rules, _ := HTTPGet(ctx, stack.PrometheusURL+"/api/v1/rules")
 				t.Fatalf("the cross-zone alert never fired for db -> api:\n%s\nrules: %.3000s", dump.String(), rules)
 			}
 			time.Sleep(time.Second)

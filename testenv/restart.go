@@ -85,7 +85,7 @@ func (s *Stack) AgentURL(node string) string { return s.agentURLs[node] }
 // an agent) and returns the sum of every metric's samples by metric name,
 // whatever their labels.
 func ScrapeMetrics(ctx context.Context, url string) (map[string]float64, error) {
-	body, err := httpGet(ctx, url)
+	body, err := HTTPGet(ctx, url)
 	if err != nil {
 		return nil, err
 	}

@@ -194,7 +194,7 @@ func (s *Stack) waitAgents(ctx context.Context) error {
 	for {
 		ready := 0
 		for _, u := range s.agentURLs {
-			if _, err := httpGet(ctx, u+"/readyz"); err == nil {
+			if _, err := HTTPGet(ctx, u+"/readyz"); err == nil {
 				ready++
 			}
 		}
@@ -247,7 +247,7 @@ func QueryAPI(ctx context.Context, base, q string, t time.Time) ([]Sample, error
 	if !t.IsZero() {
 		u += fmt.Sprintf("&time=%.3f", float64(t.UnixMilli())/1000)
 	}
-	body, err := httpGet(ctx, u)
+	body, err := HTTPGet(ctx, u)
 	if err != nil {
 		return nil, err
 	}
@@ -311,7 +311,9 @@ func waitHTTP(ctx context.Context, u string, p *Process) error {
 	return fmt.Errorf("waiting for %s: %v; output:\n%s", u, last, p.Output())
 }
 
-func httpGet(ctx context.Context, u string) (string, error) {
+// HTTPGet GETs u and returns the body of a 200 answer; any other status
+// is an error quoting the body.
+func HTTPGet(ctx context.Context, u string) (string, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return "", err

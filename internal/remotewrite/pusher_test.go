@@ -1377,26 +1377,15 @@ func TestPusherOverrun(t *testing.T) {
 	release := make(chan struct{})
 	var got atomic.Int64 // last value received
 	var requests atomic.Int64
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	rcv := newJudgingReceiver(t, func(series []prompb.TimeSeries, w http.ResponseWriter) {
 		if requests.Add(1) == 1 {
 			<-release // the first request hangs until the test lets it go
 		}
-		body, _ := io.ReadAll(r.Body)
-		raw, err := snappy.Decode(nil, body)
-		var wr prompb.WriteRequest
-		if err == nil {
-			err = wr.Unmarshal(raw)
-		}
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusBadRequest)
-			return
-		}
-		for _, ts := range wr.Timeseries {
+		for _, ts := range series {
 			got.Store(int64(ts.Samples[len(ts.Samples)-1].Value))
 		}
 		w.WriteHeader(http.StatusNoContent)
-	}))
-	t.Cleanup(srv.Close)
+	})
 	t.Cleanup(func() {
 		select {
 		case <-release:
@@ -1404,7 +1393,7 @@ func TestPusherOverrun(t *testing.T) {
 			close(release)
 		}
 	})
-	cfg := testConfig(srv.URL)
+	cfg := testConfig(rcv.url())
 	cfg.Shards = 1
 	reg := metrics.New()
 	var v atomic.Int64
@@ -1450,20 +1439,10 @@ func TestPusherOverrun(t *testing.T) {
 func TestPusherMayExistZerosApart(t *testing.T) {
 	var mu sync.Mutex
 	samples := map[string][]prompb.Sample{} // accepted, by series
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		raw, err := snappy.Decode(nil, body)
-		var wr prompb.WriteRequest
-		if err == nil {
-			err = wr.Unmarshal(raw)
-		}
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusBadRequest)
-			return
-		}
+	rcv := newJudgingReceiver(t, func(series []prompb.TimeSeries, w http.ResponseWriter) {
 		// Like Prometheus for a series it holds: an older sample is out
 		// of order, and the whole request is refused.
-		for _, ts := range wr.Timeseries {
+		for _, ts := range series {
 			if testutil.LabelValue(ts.Labels, "s") == "held" && len(ts.Samples) > 1 {
 				http.Error(w, "out of order sample", http.StatusBadRequest)
 				return
@@ -1471,14 +1450,13 @@ func TestPusherMayExistZerosApart(t *testing.T) {
 		}
 		mu.Lock()
 		defer mu.Unlock()
-		for _, ts := range wr.Timeseries {
+		for _, ts := range series {
 			k := testutil.LabelValue(ts.Labels, "s")
 			samples[k] = append(samples[k], ts.Samples...)
 		}
 		w.WriteHeader(http.StatusNoContent)
-	}))
-	t.Cleanup(srv.Close)
-	cfg := testConfig(srv.URL)
+	})
+	cfg := testConfig(rcv.url())
 	cfg.Shards = 1 // both series in one shard: they would share a request
 	reg := metrics.New()
 	created := time.Now().Add(-time.Minute).UnixMilli()

@@ -4,8 +4,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -67,7 +65,7 @@ func peakRSS(pid int) (int64, error) {
 type scraped map[string]struct{ sum, max float64 }
 
 func scrape(ctx context.Context, u string) (scraped, error) {
-	body, err := get(ctx, u)
+	body, err := testenv.HTTPGet(ctx, u)
 	if err != nil {
 		return nil, err
 	}
@@ -99,32 +97,12 @@ func scrape(ctx context.Context, u string) (scraped, error) {
 	return out, nil
 }
 
-func get(ctx context.Context, u string) (string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return "", err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return "", err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("GET %s: %s: %s", u, resp.Status, strings.TrimSpace(string(b)))
-	}
-	return string(b), nil
-}
-
 // vm is the VictoriaMetrics the server pushes to.
 type vm struct{ url string }
 
 // flush makes everything received so far queryable.
 func (v vm) flush(ctx context.Context) error {
-	_, err := get(ctx, v.url+"/internal/force_flush")
+	_, err := testenv.HTTPGet(ctx, v.url+"/internal/force_flush")
 	return err
 }
 

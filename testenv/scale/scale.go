@@ -359,7 +359,7 @@ func waitPush(ctx context.Context, serverURL string, lastAck time.Time, timeout 
 func waitOK(ctx context.Context, u string, p *testenv.Process) error {
 	deadline := time.Now().Add(time.Minute)
 	for {
-		_, err := get(ctx, u)
+		_, err := testenv.HTTPGet(ctx, u)
 		if err == nil {
 			return nil
 		}
