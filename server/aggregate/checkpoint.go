@@ -1,7 +1,6 @@
 package aggregate
 
 import (
-	"bufio"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -78,8 +77,8 @@ func (s *Snapshot) WriteTo(w io.Writer) (int64, error) {
 			intern(l.Value)
 		}
 	}
-	bw := bufio.NewWriterSize(w, 256<<10)
-	cw := &countWriter{w: bw}
+	// Written in chunks of about 64 KiB: no buffering needed on top.
+	cw := &countWriter{w: w}
 	var b []byte
 	b = binary.AppendUvarint(b, checkpointVersion)
 	b = binary.AppendVarint(b, s.delivered)
@@ -122,7 +121,7 @@ func (s *Snapshot) WriteTo(w io.Writer) (int64, error) {
 	if _, err := cw.Write(b); err != nil {
 		return cw.n, err
 	}
-	return cw.n, bw.Flush()
+	return cw.n, nil
 }
 
 type countWriter struct {
