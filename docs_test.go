@@ -1,8 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"flag"
 	"os"
+	"os/exec"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -38,4 +41,35 @@ func TestREADMEFlags(t *testing.T) {
 		return
 	}
 	t.Errorf("README.md's configuration reference is stale: run `make docs`")
+}
+
+// historyWords are phrases that tell how the work was organised rather
+// than what the product does; the project's files speak of the product
+// only, so a reader sees what holds now.
+var historyWords = regexp.MustCompile(`(?i)session [0-9]|the issue`)
+
+// TestNoHistoryInFiles checks every tracked text file for historyWords.
+func TestNoHistoryInFiles(t *testing.T) {
+	out, err := exec.Command("git", "ls-files", "-z").Output()
+	if err != nil {
+		t.Skipf("not a git checkout (git ls-files: %v)", err)
+	}
+	for _, name := range strings.Split(strings.TrimRight(string(out), "\x00"), "\x00") {
+		if name == "docs_test.go" {
+			continue // the pattern itself
+		}
+		data, err := os.ReadFile(name)
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+			continue
+		}
+		if bytes.IndexByte(data, 0) >= 0 {
+			continue // binary (eBPF objects)
+		}
+		for i, line := range strings.Split(string(data), "\n") {
+			if m := historyWords.FindString(line); m != "" {
+				t.Errorf("%s:%d: %q speaks of how the work was organised, not of the product: %s", name, i+1, m, strings.TrimSpace(line))
+			}
+		}
+	}
 }

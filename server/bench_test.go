@@ -157,7 +157,7 @@ func reg0(reg *metrics.Registry, name string) float64 {
 // BenchmarkIngestPath: one op is one batch of 10,000 flows, i.e. 10,000
 // kubezonnet_flow series of 2 samples (bytes, packets) each; see the
 // ns/flow and flows/s metrics. samples/s is 2 x flows/s, the flow samples
-// the target counts (2,000,000 samples/s on one core = 1,000,000
+// the ingest budget counts (2,000,000 samples/s on one core = 1,000,000
 // flows/s). The resolver is the table-driven fake (fake_test.go) holding
 // 10,000 pods.
 func BenchmarkIngestPath(b *testing.B) { benchIngest(b, "") }

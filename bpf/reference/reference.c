@@ -5,18 +5,17 @@
  * A yardstick, not part of kubezonnet: a netfilter program built the way
  * the original kubezonnet agent counted (github.com/polarsignals/kubezonnet,
  * agent/kubezonnet.c), rewritten here after reading it (nothing copied) so
- * that the issue's reference figures can be measured on the machine at
- * hand. It
- * takes the IPv4 header through bpf_dynptr_from_skb() and
+ * that the original's per-packet cost can be measured on the machine at
+ * hand. It takes the IPv4 header through bpf_dynptr_from_skb() and
  * bpf_dynptr_slice(), checks both addresses against one subnet, and adds
  * the header's tot_len to a hash map keyed by (source, destination): a
  * lookup and an atomic add for a known pair, an update for a new one. No
  * IPv6, no packet counts, no GSO, no drain protocol, a 1,024-entry map.
  *
- * The issue measured this shape at 92 ns an existing flow against 26 ns
- * for an empty program on its reference machine. Run next to kubezonnet's
- * program and the empty one (BenchmarkNetfilterReference), it tells how
- * this host compares with that machine, in the same host state.
+ * Run next to kubezonnet's program and an empty one
+ * (BenchmarkNetfilterReference), it shows what the original's shape costs
+ * on this host, in the same host state: the ratio depends on the CPU and
+ * its mitigations (BENCHMARKS.md).
  */
 
 #include "../headers/kernel.h"
