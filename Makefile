@@ -25,8 +25,10 @@ generate:
 check-generate: generate
 	git diff --exit-code -- bpf/
 
+# build compiles the binary; hack/step.sh shows progress while the Go
+# build cache fills (minutes on a first run) and says when it was reused.
 build:
-	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) .
+	./hack/step.sh --count "packages compiled" "building $(BIN)" -- env CGO_ENABLED=0 $(GO) build -v -ldflags '$(LDFLAGS)' -o $(BIN) .
 
 # test runs formatting and vet checks and every test, kernel tests included
 # (they need root; as root a skipped privileged test fails the run).
@@ -41,8 +43,12 @@ k8s:
 bench: deps
 	./hack/bench.sh
 
+# demo runs the simulated cluster (testenv/demo). On a terminal it stays up
+# after the report until Ctrl-C; HOLD=1 keeps it up without one too.
+HOLD ?=
 demo: deps build
-	$(GO) run ./testenv/demo
+	./hack/step.sh --count "packages compiled" "building the demo (bin/demo)" -- $(GO) build -v -o bin/demo ./testenv/demo
+	./bin/demo -bin $(BIN) $(if $(HOLD),-wait)
 
 # scale runs the scale simulation (testenv/scale) and prints one table:
 # a real kube-apiserver, etcd, server and VictoriaMetrics, with simulated

@@ -92,7 +92,7 @@ func TestDashboardPanels(t *testing.T) {
 		"Zone-pair matrix":                "groupingToMatrix",
 		"Top cross-zone workload pairs":   "",
 		"Top cross-zone sending pods":     "",
-		"Estimated cross-zone cost":       "",
+		"Estimated traffic cost":          "",
 		"Monthly cost by workload pair":   "",
 		"Seconds since each agent's last": "",
 		"Remote-write samples":            "",

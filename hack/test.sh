@@ -10,7 +10,7 @@ unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go')
 if [ -n "$unformatted" ]; then
   echo "gofmt would change:"; echo "$unformatted"; exit 1
 fi
-go vet ./...
+./hack/step.sh "go vet (compiles every package: minutes on a first run)" -- go vet ./...
 
 # deploy/'s tests need kubectl; testenv/build-k8s.sh builds one where the
 # machine has none.
@@ -20,7 +20,8 @@ fi
 
 log=.test.log
 set +e
-go test -count=1 -v -timeout 30m ./... 2>&1 | tee "$log"
+./hack/step.sh "running every test (compiles the test binaries first; about 8 minutes on 2 cores once compiled)" -- \
+  go test -count=1 -v -timeout 30m ./... 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 

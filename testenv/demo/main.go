@@ -6,15 +6,23 @@
 // prints, from Prometheus, who sent what across zones and what it would
 // cost. It needs root (namespaces, eBPF) and removes everything it made,
 // also on Ctrl-C.
+//
+// On a terminal the cluster stays up after the report until Ctrl-C, so
+// that Prometheus can be queried; without one (or with -wait=false) the
+// demo removes everything once the report is printed and exits 0.
+// `make demo HOLD=1` passes -wait to keep it up anyway.
 package main
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"sort"
 	"strings"
 	"syscall"
@@ -28,18 +36,25 @@ import (
 	"github.com/kubezonnet/kubezonnet/testenv"
 )
 
-// pricePerGiB is the cross-zone price the cost estimate uses: USD per GiB
-// (2^30 bytes, the unit clouds bill), each direction, as AWS and GCP
-// charge within a region. The recording rules (deploy/rules) and the
-// dashboard use the same price and unit, so the demo's figures are the
-// dashboard's.
-const pricePerGiB = 0.01
+// secondsPerMonth is the month the cost rules (deploy/rules) price:
+// 30.4375 days.
+const secondsPerMonth = 2629800
+
+// monthlyCost is what bytes sent in elapsed cost in a month at the same
+// rate, at pricePerGiB USD per GiB (2^30 bytes, the unit clouds bill).
+// It is the recording rule kubezonnet:workload_pair_monthly_cost:usd
+// applied to a steady rate; main_test.go checks the two agree through
+// promtool.
+func monthlyCost(bytes float64, elapsed time.Duration, pricePerGiB float64) float64 {
+	return bytes / elapsed.Seconds() * secondsPerMonth / (1 << 30) * pricePerGiB
+}
 
 func main() {
 	duration := flag.Duration("duration", time.Minute, "how long to run traffic")
-	wait := flag.Bool("wait", term.IsTerminal(int(os.Stdin.Fd())), "keep the cluster running after the report until Ctrl-C")
+	wait := flag.Bool("wait", term.IsTerminal(int(os.Stdin.Fd())), "keep the cluster running after the report until Ctrl-C (default: when stdin is a terminal)")
+	bin := flag.String("bin", "", "the kubezonnet binary to run (default: build it from this checkout)")
 	flag.Parse()
-	if err := run(*duration, *wait); err != nil {
+	if err := run(*duration, *wait, *bin); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
@@ -49,7 +64,7 @@ func step(format string, args ...any) {
 	fmt.Printf("==> "+format+"\n", args...)
 }
 
-func run(duration time.Duration, wait bool) error {
+func run(duration time.Duration, wait bool, bin string) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root (network namespaces and eBPF): run it with sudo")
 	}
@@ -59,7 +74,6 @@ func run(duration time.Duration, wait bool) error {
 	spec := testenv.DefaultSpec()
 	spec.StaticHosts = []string{"billing-db"}
 	step("starting a real kube-apiserver and etcd, and building 3 zones x 2 nodes of network namespaces")
-	step("(the first run builds kube-apiserver from source: several minutes; later runs take seconds)")
 	bins, err := testenv.FindBinaries(ctx, os.Stdout)
 	if err != nil {
 		return err
@@ -75,10 +89,11 @@ func run(duration time.Duration, wait bool) error {
 		}
 	}()
 
-	step("building the kubezonnet binary")
-	bin, err := testutil.BuildKubezonnet(ctx, env.Dir)
-	if err != nil {
-		return err
+	if bin == "" {
+		step("building the kubezonnet binary")
+		if bin, err = testutil.BuildKubezonnet(ctx, env.Dir); err != nil {
+			return err
+		}
 	}
 	root, err := testutil.RepoRoot()
 	if err != nil {
@@ -86,8 +101,12 @@ func run(duration time.Duration, wait bool) error {
 	}
 	billing := env.Topology.Hosts[0]
 	step("starting Prometheus, the server and one eBPF agent per node")
+	// The server logs the flows it cannot place (class unknown) so that
+	// the report can say what they were.
+	flowLog := filepath.Join(env.Dir, "flows.log")
 	stack, err := testenv.StartStack(ctx, env, testenv.StackOptions{
 		Bin:        bin,
+		ServerArgs: []string{"--flow-log-classes", "unknown", "--flow-log-file", flowLog},
 		RulesFiles: []string{root + "/deploy/rules/kubezonnet.rules.yaml"},
 		StaticEndpoints: fmt.Sprintf("endpoints:\n  - name: billing-db\n    zone: zone-c\n    region: %s\n    cidrs: [%s/32, %s/128]\n",
 			spec.Region, billing.IPv4, billing.IPv6),
@@ -152,8 +171,12 @@ func run(duration time.Duration, wait bool) error {
 	step("waiting for the last counts to reach Prometheus")
 	time.Sleep(6 * time.Second)
 
-	if err := report(ctx, stack, elapsed); err != nil {
+	if err := report(ctx, stack, elapsed, flowLog); err != nil {
 		return err
+	}
+	if !wait {
+		fmt.Println("\nThe cluster is removed now. To keep it up and query Prometheus, run `make demo HOLD=1` (or the demo with -wait).")
+		return nil
 	}
 	fmt.Printf("\nPrometheus is at %s (this host only). Queries to try:\n", stack.PrometheusURL)
 	for _, q := range []string{
@@ -165,18 +188,25 @@ func run(duration time.Duration, wait bool) error {
 	} {
 		fmt.Println("  ", q)
 	}
-	if wait {
-		step("the cluster keeps running; press Ctrl-C to clean up")
-		<-ctx.Done()
-	}
+	step("the cluster keeps running; press Ctrl-C to clean up")
+	<-ctx.Done()
 	return nil
 }
 
-// report prints the zone matrix, the top cross-zone workload and pod pairs
-// and their monthly cost at the run's rate.
-func report(ctx context.Context, s *testenv.Stack, elapsed time.Duration) error {
-	monthly := func(bytes float64) float64 {
-		return bytes / elapsed.Seconds() * 2629800 / (1 << 30) * pricePerGiB
+// report prints the zone matrix (and what its unknown row or column was),
+// the top cross-zone workload and pod pairs and their monthly cost at the
+// run's rate, priced per class with the rules' kubezonnet:price_per_gib.
+func report(ctx context.Context, s *testenv.Stack, elapsed time.Duration, flowLog string) error {
+	prices := map[string]float64{}
+	ps, err := s.Query(ctx, `kubezonnet:price_per_gib`)
+	if err != nil {
+		return err
+	}
+	for _, p := range ps {
+		prices[p.Labels["class"]] = p.Value
+	}
+	if len(prices) == 0 {
+		return fmt.Errorf("prometheus has no kubezonnet:price_per_gib: are deploy/rules loaded?")
 	}
 	zones, err := s.Query(ctx, `sum by (src_zone, dst_zone) (kubezonnet_zone_pair_bytes_total)`)
 	if err != nil {
@@ -196,7 +226,7 @@ func report(ctx context.Context, s *testenv.Stack, elapsed time.Duration) error 
 		}
 	}
 	sort.Strings(names)
-	fmt.Println("\nBytes by zone pair (rows: source zone, columns: destination zone):")
+	fmt.Println("\nBytes by zone pair (rows: the sender's zone, columns: the receiver's zone; the diagonal stays in its zone):")
 	w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintf(w, "\t%s\t\n", strings.Join(names, "\t"))
 	for _, src := range names {
@@ -207,6 +237,15 @@ func report(ctx context.Context, s *testenv.Stack, elapsed time.Duration) error 
 		fmt.Fprintln(w, "\t")
 	}
 	w.Flush()
+	fmt.Println("zone-a, zone-b, zone-c: the nodes' topology.kubernetes.io/zone; billing-db, a static endpoint, is in zone-c.")
+	if seen["external"] {
+		fmt.Println("external: public addresses outside the cluster (the internet).")
+	}
+	if seen["unknown"] {
+		if err := explainUnknown(flowLog); err != nil {
+			return err
+		}
+	}
 
 	top := func(title, q string, cols []string) error {
 		rows, err := s.Query(ctx, q)
@@ -222,22 +261,96 @@ func report(ctx context.Context, s *testenv.Stack, elapsed time.Duration) error 
 			for _, c := range cols {
 				vals = append(vals, r.Labels[c])
 			}
-			fmt.Fprintf(w, "%s\t%s\t%.2f\n", strings.Join(vals, "\t"), human(r.Value), monthly(r.Value))
+			fmt.Fprintf(w, "%s\t%s\t%.2f\n", strings.Join(vals, "\t"), human(r.Value), monthlyCost(r.Value, elapsed, prices[r.Labels["class"]]))
 		}
 		return w.Flush()
 	}
 	if err := top("Top cross-zone workload pairs",
-		`topk(5, sum by (src_namespace, src_workload, src_zone, dst_namespace, dst_workload, dst_zone) (kubezonnet_pod_pair_bytes_total{class=~"cross-zone|cross-region"}))`,
+		`topk(5, sum by (class, src_namespace, src_workload, src_zone, dst_namespace, dst_workload, dst_zone) (kubezonnet_pod_pair_bytes_total{class=~"cross-zone|cross-region"}))`,
 		[]string{"src_namespace", "src_workload", "src_zone", "dst_namespace", "dst_workload", "dst_zone"}); err != nil {
 		return err
 	}
 	if err := top("Top cross-zone pod pairs",
-		`topk(5, sum by (src_pod, src_workload, src_zone, dst_pod, dst_workload, dst_zone) (kubezonnet_pod_pair_bytes_total{class=~"cross-zone|cross-region"}))`,
+		`topk(5, sum by (class, src_pod, src_workload, src_zone, dst_pod, dst_workload, dst_zone) (kubezonnet_pod_pair_bytes_total{class=~"cross-zone|cross-region"}))`,
 		[]string{"src_pod", "src_workload", "src_zone", "dst_pod", "dst_workload", "dst_zone"}); err != nil {
 		return err
 	}
-	fmt.Printf("\nCost: $%.2f per GiB across zones (as the recording rules and the dashboard count it); bytes are L3 bytes as on the wire, every segment's headers counted.\n", pricePerGiB)
+	fmt.Printf("\nCost: USD per GiB (2^30 bytes) by class, from the recording rules' kubezonnet:price_per_gib (deploy/rules), as the dashboard counts it: cross-zone %.2f, cross-region %.2f, internet %.2f. Bytes are L3 bytes as on the wire, every segment's headers counted.\n",
+		prices["cross-zone"], prices["cross-region"], prices["external"])
 	return nil
+}
+
+// explainUnknown says what the matrix's unknown zone was: the addresses
+// the server could place nowhere (no pod, node, static endpoint, and not
+// public), read from its flow log of class unknown.
+func explainUnknown(flowLog string) error {
+	f, err := os.Open(flowLog)
+	if err != nil {
+		return fmt.Errorf("reading the server's flow log to explain the unknown zone: %w", err)
+	}
+	defer f.Close()
+	type key struct{ side, ip string }
+	bytes := map[key]uint64{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var e struct {
+			SrcIP   string `json:"src_ip"`
+			DstIP   string `json:"dst_ip"`
+			SrcZone string `json:"src_zone"`
+			DstZone string `json:"dst_zone"`
+			Bytes   uint64 `json:"bytes"`
+		}
+		if json.Unmarshal(sc.Bytes(), &e) != nil {
+			continue // not a flow event
+		}
+		if e.DstZone == "unknown" {
+			bytes[key{"to", e.DstIP}] += e.Bytes
+		}
+		if e.SrcZone == "unknown" {
+			bytes[key{"from", e.SrcIP}] += e.Bytes
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("reading the server's flow log: %w", err)
+	}
+	fmt.Println("unknown: addresses that are no pod, node or static endpoint of the cluster and not public, so no zone can be named.")
+	if len(bytes) == 0 {
+		fmt.Println("  (the server's flow log holds none of them yet)")
+		return nil
+	}
+	keys := make([]key, 0, len(bytes))
+	for k := range bytes {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool {
+		return keys[i].ip < keys[j].ip || keys[i].ip == keys[j].ip && keys[i].side < keys[j].side
+	})
+	fmt.Println("  Here:")
+	for _, k := range keys {
+		fmt.Printf("  %s %s: %s (%s)\n", k.side, k.ip, human(float64(bytes[k])), addressKind(k.ip))
+	}
+	return nil
+}
+
+// addressKind names the kind of address an unplaceable flow went to.
+func addressKind(s string) string {
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return "not an address"
+	}
+	switch {
+	case a.IsLinkLocalMulticast() && a.Is6():
+		return "IPv6 link-local multicast: neighbour discovery or MLD, sent by the kernel itself"
+	case a.IsMulticast():
+		return "multicast"
+	case a.IsLinkLocalUnicast():
+		return "link-local: the node's own link, never routed"
+	case a.IsLoopback():
+		return "loopback"
+	case a.IsPrivate():
+		return "a private address no pod, node or static endpoint holds: a deleted pod's, or a network the cluster does not know (name it with --static-endpoints-file)"
+	}
+	return "neither private nor public"
 }
 
 func human(b float64) string {
