@@ -5,7 +5,9 @@
 GO           ?= go
 BIN          ?= bin/kubezonnet
 ARCH_TRIPLET ?= $(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
-VERSION      ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# VERSION is the release this tree builds (the file VERSION: the tag the
+# manifests name and `make image` builds).
+VERSION      ?= $(shell cat VERSION)
 LDFLAGS      := -s -w -X github.com/kubezonnet/kubezonnet/internal/version.Version=$(VERSION)
 
 .PHONY: all deps generate check-generate build test bench demo docs k8s clean scale
@@ -66,7 +68,7 @@ scale: k8s
 
 # image builds the container image (Dockerfile: one static binary on
 # distroless) and tags it $(IMAGE):$(VERSION); deploy/ manifests name the
-# same repository. Needs a running Docker engine (or DOCKER=podman).
+# same repository and tag. Needs a running Docker engine (or DOCKER=podman).
 DOCKER ?= docker
 IMAGE  ?= ghcr.io/kubezonnet/kubezonnet
 .PHONY: image

@@ -37,7 +37,7 @@ var Kustomizations = []string{
 	"overlays/mimir",
 	"overlays/per-zone",
 	"overlays/persistent-state",
-	"overlays/prometheus",
+	"overlays/prometheus-operator",
 	"overlays/thanos",
 	"overlays/victoriametrics",
 	"prometheus-operator",

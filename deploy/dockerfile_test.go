@@ -137,22 +137,47 @@ func TestDockerfile(t *testing.T) {
 	}
 }
 
+// releaseVersion is the content of the file VERSION, checked to be a
+// semantic version tag.
+func releaseVersion(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile("../VERSION")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := strings.TrimSpace(string(b))
+	if !regexp.MustCompile(`^v[0-9]+\.[0-9]+\.[0-9]+$`).MatchString(v) {
+		t.Fatalf("VERSION holds %q, want vMAJOR.MINOR.PATCH", v)
+	}
+	return v
+}
+
 // TestMakeImage checks that `make image` builds this Dockerfile with the
-// repository the manifests use (make -n only prints the commands: no
-// Docker engine runs here).
+// repository and tag the manifests use (the file VERSION), and that a
+// VERSION given to make wins (make -n only prints the commands: no Docker
+// engine runs here).
 func TestMakeImage(t *testing.T) {
 	mk, err := exec.LookPath("make")
 	if err != nil {
 		t.Skipf("make not installed: %v", err)
 	}
-	out, err := exec.Command(mk, "-n", "-C", "..", "image", "VERSION=v9.9.9").CombinedOutput()
-	if err != nil {
-		t.Fatalf("make -n image: %v\n%s", err, out)
-	}
-	cmd := string(out)
-	for _, want := range []string{" build ", "-f Dockerfile", "-t ghcr.io/kubezonnet/kubezonnet:v9.9.9", "VERSION=v9.9.9"} {
-		if !strings.Contains(cmd, want) {
-			t.Errorf("make image runs %q, lacking %q", strings.TrimSpace(cmd), want)
+	version := releaseVersion(t)
+	for _, tc := range []struct {
+		args []string
+		tag  string
+	}{
+		{nil, version},
+		{[]string{"VERSION=v9.9.9"}, "v9.9.9"},
+	} {
+		out, err := exec.Command(mk, append([]string{"-n", "-C", "..", "image"}, tc.args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("make -n image %v: %v\n%s", tc.args, err, out)
+		}
+		cmd := string(out)
+		for _, want := range []string{" build ", "-f Dockerfile", "-t ghcr.io/kubezonnet/kubezonnet:" + tc.tag, "VERSION=" + tc.tag} {
+			if !strings.Contains(cmd, want) {
+				t.Errorf("make image %v runs %q, lacking %q", tc.args, strings.TrimSpace(cmd), want)
+			}
 		}
 	}
 }

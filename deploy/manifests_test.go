@@ -262,7 +262,7 @@ func TestAgentDaemonSet(t *testing.T) {
 // TestServerDeployments checks every server Deployment (one, or one per
 // zone): non-root, read-only, probes, config wiring.
 func TestServerDeployments(t *testing.T) {
-	for _, dir := range []string{"base", "overlays/per-zone", "overlays/mimir", "overlays/thanos", "overlays/prometheus", "overlays/victoriametrics", "overlays/persistent-state"} {
+	for _, dir := range []string{"base", "overlays/per-zone", "overlays/mimir", "overlays/thanos", "overlays/prometheus-operator", "overlays/victoriametrics", "overlays/persistent-state"} {
 		t.Run(dir, func(t *testing.T) {
 			objs := objects(t, dir)
 			deps := ofType[*appsv1.Deployment](objs)
@@ -388,12 +388,14 @@ func TestPerZoneServers(t *testing.T) {
 	}
 }
 
-// TestImages: every container runs the image `make image` builds.
+// TestImages: every container runs the image `make image` builds, tagged
+// with the release in the file VERSION.
 func TestImages(t *testing.T) {
 	makefile, err := os.ReadFile("../Makefile")
 	if err != nil {
 		t.Fatal(err)
 	}
+	version := releaseVersion(t)
 	m := regexp.MustCompile(`(?m)^IMAGE\s*\?=\s*(\S+)`).FindSubmatch(makefile)
 	if m == nil {
 		t.Fatal("Makefile sets no IMAGE")
@@ -402,9 +404,8 @@ func TestImages(t *testing.T) {
 	for _, dir := range Kustomizations {
 		for name, tmpl := range podTemplates(objects(t, dir)) {
 			for _, c := range append(tmpl.Spec.InitContainers, tmpl.Spec.Containers...) {
-				r, tag, _ := strings.Cut(c.Image, ":")
-				if r != repo || tag == "" {
-					t.Errorf("%s: %s container %s runs image %q, want %s:<tag>", dir, name, c.Name, c.Image, repo)
+				if want := repo + ":" + version; c.Image != want {
+					t.Errorf("%s: %s container %s runs image %q, want %s (the file VERSION)", dir, name, c.Name, c.Image, want)
 				}
 			}
 		}
