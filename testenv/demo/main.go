@@ -175,7 +175,7 @@ func run(duration time.Duration, wait bool, bin string) error {
 		return err
 	}
 	if !wait {
-		fmt.Println("\nThe cluster is removed now. To keep it up and query Prometheus, run `make demo HOLD=1` (or the demo with -wait).")
+		fmt.Println("\nNo terminal: the cluster is removed as the demo exits. To keep it up and query Prometheus, run `make demo HOLD=1` (or the demo with -wait).")
 		return nil
 	}
 	fmt.Printf("\nPrometheus is at %s (this host only). Queries to try:\n", stack.PrometheusURL)
@@ -325,7 +325,7 @@ func explainUnknown(flowLog string) error {
 	sort.Slice(keys, func(i, j int) bool {
 		return keys[i].ip < keys[j].ip || keys[i].ip == keys[j].ip && keys[i].side < keys[j].side
 	})
-	fmt.Println("  Here:")
+	fmt.Println("  Here (from the server's flow log, --flow-log-classes unknown):")
 	for _, k := range keys {
 		fmt.Printf("  %s %s: %s (%s)\n", k.side, k.ip, human(float64(bytes[k])), addressKind(k.ip))
 	}
@@ -343,6 +343,8 @@ func addressKind(s string) string {
 		return "IPv6 link-local multicast: neighbour discovery or MLD, sent by the kernel itself"
 	case a.IsMulticast():
 		return "multicast"
+	case a.IsLinkLocalUnicast() && a.Is6():
+		return "IPv6 link-local: neighbour discovery between a pod and its node, sent by the kernel; it never leaves the link"
 	case a.IsLinkLocalUnicast():
 		return "link-local: the node's own link, never routed"
 	case a.IsLoopback():
