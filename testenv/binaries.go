@@ -41,11 +41,12 @@ func FindBinaries(ctx context.Context, progress io.Writer) (Binaries, error) {
 		dir = filepath.Join(root, "testenv", ".cache", "bin")
 	}
 	b := Binaries{KubeAPIServer: filepath.Join(dir, "kube-apiserver"), Etcd: filepath.Join(dir, "etcd")}
-	if fresh(b.KubeAPIServer, root) && fresh(b.Etcd, root) {
-		return b, nil
-	}
 	if progress == nil {
 		progress = io.Discard
+	}
+	if fresh(b.KubeAPIServer, root) && fresh(b.Etcd, root) {
+		fmt.Fprintf(progress, "testenv: reusing kube-apiserver and etcd built earlier in %s\n", dir)
+		return b, nil
 	}
 	fmt.Fprintf(progress, "testenv: kube-apiserver or etcd missing or stale in %s; building them with testenv/build-k8s.sh (minutes the first time)\n", dir)
 	cmd := exec.CommandContext(ctx, filepath.Join(root, "testenv", "build-k8s.sh"))

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"math"
 	"os"
@@ -8,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -103,5 +105,55 @@ func TestCostMatchesRules(t *testing.T) {
 	}
 	if out, err := exec.Command(promtool, "test", "rules", file).CombinedOutput(); err != nil {
 		t.Errorf("the demo's monthly cost differs from the rules' (promtool test rules: %v):\n%s\n%s", err, out, tests.String())
+	}
+}
+
+// TestDemoWithoutTerminal runs the demo as `make demo` does on a machine
+// without a terminal (stdin not a TTY): it must print its report, say the
+// cluster is removed instead of advertising Prometheus' address, remove
+// everything and exit 0. A short traffic phase keeps it quick; the report
+// is the real one.
+func TestDemoWithoutTerminal(t *testing.T) {
+	testutil.RequireRoot(t)
+	if testing.Short() {
+		t.Skip("runs a whole simulated cluster; not with -short")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	bin, err := testutil.BuildKubezonnet(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	demo := filepath.Join(dir, "demo")
+	if out, err := exec.CommandContext(ctx, "go", "build", "-o", demo, ".").CombinedOutput(); err != nil {
+		t.Fatalf("building the demo: %v\n%s", err, out)
+	}
+	cmd := exec.CommandContext(ctx, demo, "-bin", bin, "-duration", "10s")
+	cmd.Stdin = nil // /dev/null: not a terminal
+	var out testutil.SyncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGINT) }
+	cmd.WaitDelay = time.Minute
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("demo without a terminal: %v, want exit 0\n%s", err, out.String())
+	}
+	got := out.String()
+	for _, want := range []string{
+		"Bytes by zone pair",
+		"Top cross-zone workload pairs",
+		"USD/MONTH AT THIS RATE",
+		"No terminal: the cluster is removed",
+		"==> cleaning up",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("the demo's output lacks %q:\n%s", want, got)
+		}
+	}
+	for _, unwanted := range []string{"Prometheus is at", "press Ctrl-C"} {
+		if strings.Contains(got, unwanted) {
+			t.Errorf("the demo advertises %q although it is removing the cluster:\n%s", unwanted, got)
+		}
 	}
 }
