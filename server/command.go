@@ -78,6 +78,10 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return fmt.Errorf("kubernetes client config (--kubeconfig %q): %w", cfg.Kubeconfig, err)
 	}
 	restCfg.UserAgent = version.UserAgent("server")
+	// What the informers' lists and watches fail with, for the warnings
+	// and /readyz while they have not synced.
+	cfg.Resolve.APIServer, cfg.Resolve.Failures = restCfg.Host, new(resolve.Failures)
+	restCfg.Wrap(cfg.Resolve.Failures.Transport)
 	client, err := kubernetes.NewForConfig(restCfg)
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)
@@ -120,7 +124,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		reg:      reg,
 		log:      log,
 		flowLog:  flowOut,
-		ready:    readiness(res.HasSynced, cfg.RemoteWrite.Enabled()),
+		ready:    readiness(res.SyncError),
 	})
 	if err != nil {
 		return err
@@ -135,7 +139,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 		pusher.OnDelivered(srv.agg.Delivered)
 	} else {
-		log.Warn("no remote-write endpoint configured: series are only kept, /readyz stays unready")
+		log.Warn("no remote-write endpoint (--keep-only): series are kept, not pushed")
 	}
 
 	ln, err := net.Listen("tcp", cfg.ListenAddress)
@@ -151,6 +155,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	log.Info("server starting", "version", version.Version, "listen", ln.Addr().String(),
 		"auth_mode", cfg.AuthMode, "remote_write_endpoints", len(cfg.RemoteWrite.Endpoints),
+		"keep_only", cfg.KeepOnly, "api_server", restCfg.Host,
 		"state_dir", cfg.StateDir, "durable", cfg.StateDir != "")
 	if cfg.StateDir == "" {
 		log.Warn("counters are not durable (no --state-dir): a crash loses what was not pushed yet, and counters restart at zero")
@@ -160,7 +165,11 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	resCtx, stopResolver := context.WithCancel(context.Background())
 	defer stopResolver()
 	resErr := make(chan error, 1)
-	wg.Go(func() { resErr <- res.Run(resCtx) })
+	resDone := make(chan struct{}) // not in wg: the exit does not wait for it
+	go func() {
+		defer close(resDone)
+		resErr <- res.Run(resCtx)
+	}()
 	// The flow log outlives ctx until in-flight requests have finished,
 	// so their events are written too.
 	logCtx, stopLog := context.WithCancel(context.Background())
@@ -187,9 +196,11 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		runErr = fmt.Errorf("http server: %w", err)
 	case err := <-resErr:
 		runErr = fmt.Errorf("resolver: %w", err)
-		resErr <- err // keep it for the wait below
 	}
 
+	// The informers stop alongside the shutdown steps; the index they feed
+	// stays readable for the batches still being handled.
+	stopResolver()
 	shutdown(shutdownSteps{
 		log: log, grace: cfg.ShutdownGracePeriod, srv: srv, http: httpSrv, pusher: pusher,
 		stop: func() {
@@ -198,7 +209,14 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			stopCheckpoints()
 		},
 	})
-	stopResolver()
+	// They hold nothing to save, so the exit does not wait for them:
+	// while the API server refuses connections, client-go sleeps out its
+	// retry backoff (up to a minute) before it notices it was stopped.
+	select {
+	case <-resDone:
+	default:
+		log.Info("not waiting for the informers to stop (a client-go retry backoff)")
+	}
 	wg.Wait()
 	if srv.state != nil {
 		if err := srv.state.close(); err != nil {

@@ -64,8 +64,12 @@ type Config struct {
 	StateDir            string
 	CheckpointInterval  time.Duration
 	ShutdownGracePeriod time.Duration
-	Resolve             resolve.Config
-	RemoteWrite         remotewrite.PusherConfig
+	// KeepOnly runs without a remote-write endpoint. Without it, a
+	// configuration with no endpoint is an error rather than a server
+	// that never turns ready.
+	KeepOnly    bool
+	Resolve     resolve.Config
+	RemoteWrite remotewrite.PusherConfig
 }
 
 // envVar is a flag's environment twin: KUBEZONNET_<FLAG_IN_UPPER_SNAKE>.
@@ -97,6 +101,7 @@ func Flags() []cli.Flag {
 		&cli.PathFlag{Name: "state-dir", Usage: "directory for the durable state (write-ahead log and checkpoints): acknowledged batches survive a crash and counters continue after a restart; empty means not durable (a crash loses what was not pushed yet, counters restart at zero)"},
 		&cli.DurationFlag{Name: "checkpoint-interval", Value: DefaultCheckpointInterval, Usage: "how often the counters are checkpointed to --state-dir (bounds the log a restart replays)"},
 		&cli.DurationFlag{Name: "shutdown-grace-period", Value: DefaultShutdownGracePeriod, Usage: "time from SIGTERM to exit: refuse new batches (503), final push, checkpoint; keep it below the pod's terminationGracePeriodSeconds"},
+		&cli.BoolFlag{Name: "keep-only", Usage: "run without a remote-write endpoint (trials, tests): series are kept but not pushed (flows still go to the flow log, counters to --state-dir checkpoints), and /readyz turns ready once the informers have synced. Without it, the server refuses to start with neither --remote-write-url nor --remote-write-config; with either, --keep-only is an error"},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level (" + strings.Join(logging.Levels, ", ") + ")"},
 		&cli.StringFlag{Name: "log-format", Value: "json", Usage: "log format (" + strings.Join(logging.Formats, ", ") + ")"},
 	}
@@ -148,6 +153,7 @@ func ConfigFromCLI(c *cli.Context) (Config, error) {
 		StateDir:            c.Path("state-dir"),
 		CheckpointInterval:  c.Duration("checkpoint-interval"),
 		ShutdownGracePeriod: c.Duration("shutdown-grace-period"),
+		KeepOnly:            c.Bool("keep-only"),
 		Resolve: resolve.Config{
 			StaticEndpointsFile: c.Path("static-endpoints-file"),
 			ReleasedIPTTL:       c.Duration("released-ip-ttl"),
@@ -211,6 +217,15 @@ func (c *Config) Validate() error {
 	}
 	if c.ShutdownGracePeriod < 2*time.Second {
 		errs = append(errs, fmt.Errorf("--shutdown-grace-period %s: must be at least 2s (a final push and a checkpoint)", c.ShutdownGracePeriod))
+	}
+	// A server with nowhere to push would run without ever turning
+	// ready, which looks healthy until someone misses the series: running
+	// without an endpoint must be asked for by name.
+	switch {
+	case !c.RemoteWrite.Enabled() && !c.KeepOnly:
+		errs = append(errs, errors.New("no remote-write endpoint: set --remote-write-url or --remote-write-config (or --keep-only to run without pushing)"))
+	case c.RemoteWrite.Enabled() && c.KeepOnly:
+		errs = append(errs, fmt.Errorf("--keep-only: conflicts with the %d remote-write endpoint(s) of --remote-write-url and --remote-write-config: drop one or the other", len(c.RemoteWrite.Endpoints)))
 	}
 	if _, err := logging.ParseLevel(c.LogLevel); err != nil {
 		errs = append(errs, fmt.Errorf("--log-level: %w", err))

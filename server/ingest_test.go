@@ -23,6 +23,7 @@ import (
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
 	"github.com/kubezonnet/kubezonnet/internal/wire"
+	"github.com/kubezonnet/kubezonnet/server/resolve"
 )
 
 const testToken = "s3cret-token"
@@ -458,20 +459,21 @@ func TestTokenFileReload(t *testing.T) {
 
 func TestHealthAndReady(t *testing.T) {
 	res := newFakeResolver()
-	synced := false
 	cfg := testConfig()
+	refused := fmt.Errorf("%w: nodes: dial tcp 127.0.0.1:1: connect: connection refused", resolve.ErrNotSynced)
 	for _, tc := range []struct {
-		synced, pushing bool
-		code            int
-		msg             string
+		name    string
+		syncErr error
+		code    int
+		msg     string
 	}{
-		{false, true, 503, "not synced"},
-		{true, false, 503, "no remote-write endpoint"},
-		{true, true, 200, "ok"},
+		{"synced", nil, 200, "ok"},
+		{"not synced, no failure yet", resolve.ErrNotSynced, 503, "not ready: resolver informers not synced yet"},
+		// The reason is in the body, for whoever looks at a failing probe.
+		{"not synced, API server refuses", refused, 503, "not synced yet: nodes: dial tcp 127.0.0.1:1: connect: connection refused"},
 	} {
-		synced = tc.synced
 		srv, err := newServer(&cfg, deps{resolver: res, auth: noAuth{}, reg: metrics.New(), log: logging.Discard(),
-			ready: readiness(func() bool { return synced }, tc.pushing)})
+			ready: readiness(func() error { return tc.syncErr })})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -479,7 +481,7 @@ func TestHealthAndReady(t *testing.T) {
 		t.Cleanup(hs.Close)
 		code, msg := get(t, hs.URL+"/readyz")
 		if code != tc.code || !strings.Contains(msg, tc.msg) {
-			t.Errorf("readyz synced=%v pushing=%v: %d %q, want %d %q", tc.synced, tc.pushing, code, msg, tc.code, tc.msg)
+			t.Errorf("%s: readyz %d %q, want %d %q", tc.name, code, msg, tc.code, tc.msg)
 		}
 		if code, _ := get(t, hs.URL+"/healthz"); code != 200 {
 			t.Errorf("healthz: %d", code)

@@ -5,7 +5,8 @@
 // series to remote-write endpoints (internal/remotewrite).
 //
 // HTTP endpoints: POST /api/v1/write (agents), /healthz (alive), /readyz
-// (informers synced and somewhere to push to), /metrics (self-metrics).
+// (informers synced; the body says why not), /metrics (self-metrics). The
+// configuration guarantees somewhere to push to unless --keep-only.
 package server
 
 import (
@@ -123,14 +124,15 @@ func (s *Server) runFlowLog(ctx context.Context) {
 	}
 }
 
-// readiness combines the conditions of /readyz.
-func readiness(synced func() bool, pushing bool) func() error {
+// readiness is the condition of /readyz: the resolver's informers have
+// synced, so that pods are attributed. syncErr says why not (the last
+// failed list or watch) and nil once synced. Somewhere to push to is not
+// checked here: Config.Validate refuses to start without an endpoint
+// unless --keep-only asks for exactly that.
+func readiness(syncErr func() error) func() error {
 	return func() error {
-		if !synced() {
-			return fmt.Errorf("resolver informers not synced yet")
-		}
-		if !pushing {
-			return fmt.Errorf("no remote-write endpoint configured (--remote-write-url or --remote-write-config)")
+		if err := syncErr(); err != nil {
+			return fmt.Errorf("resolver %w", err) // "resolver informers not synced yet: ..."
 		}
 		return nil
 	}

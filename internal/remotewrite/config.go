@@ -127,8 +127,8 @@ func DefaultPusherConfig() PusherConfig {
 	}
 }
 
-// Enabled reports whether there is anywhere to push to; a server without
-// endpoints only serves /metrics.
+// Enabled reports whether there is anywhere to push to; the server runs
+// without endpoints only when --keep-only asks for it.
 func (c PusherConfig) Enabled() bool { return len(c.Endpoints) > 0 }
 
 var labelNameRE = regexp.MustCompile(`^[a-zA-Z_][a-zA-Z0-9_]*$`)

@@ -16,6 +16,12 @@
 // watch on pods and nodes; list and watch on replicasets.apps and jobs.batch
 // for exact owner names.
 //
+// Until the informers have synced, SyncError (the server's /readyz) and a
+// warning every DefaultSyncReportInterval give the API server's last
+// failed list or watch: what the informers report, and what client-go
+// retries without telling them, seen by the client's transport
+// (Failures.Transport).
+//
 // # Resolution order
 //
 //  1. An address held now by a pod on the pod network: that pod, unless the

@@ -1,12 +1,14 @@
 package resolve
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -47,6 +49,13 @@ type Config struct {
 	// permission to list them), the ReplicaSet name pattern is used and Jobs
 	// are reported as Jobs.
 	Metadata metadata.Interface
+	// APIServer is the URL of the API server the client talks to, only
+	// for the warnings while the informers have not synced.
+	APIServer string
+	// Failures, when set, is where the client's transport records failed
+	// lists and watches (Failures.Transport); nil: only what the informers
+	// report is known.
+	Failures *Failures
 }
 
 // Validate checks the configuration; errors name the flag and the value.
@@ -76,6 +85,11 @@ type Resolver struct {
 	static *staticTable
 	synced atomic.Bool
 	ran    atomic.Bool
+	// failures holds the last failed list or watch, for SyncError.
+	failures *Failures
+	// reportEvery is the interval of the "not synced" warnings
+	// (DefaultSyncReportInterval); tests shorten it.
+	reportEvery time.Duration
 	// now is the clock of informer events; tests replace it.
 	now func() time.Time
 	// events counts handled informer events, so tests can wait for one.
@@ -117,6 +131,9 @@ func New(cfg Config, client kubernetes.Interface, log *slog.Logger) (*Resolver, 
 		ix:     ix,
 		static: newStaticTable(entries),
 		now:    time.Now,
+
+		failures:    cmp.Or(cfg.Failures, new(Failures)),
+		reportEvery: DefaultSyncReportInterval,
 	}, nil
 }
 
@@ -162,7 +179,8 @@ func (r *Resolver) Owner(ip netip.Addr, at time.Time) (node string, ok bool) {
 }
 
 // HasSynced reports whether the informers have delivered their initial
-// lists, i.e. whether "no_pod" answers can be trusted (for /readyz).
+// lists, i.e. whether "no_pod" answers can be trusted. SyncError says why
+// not (for /readyz).
 func (r *Resolver) HasSynced() bool { return r.synced.Load() }
 
 // Stats counts what the index holds, for self-metrics.
@@ -196,11 +214,18 @@ var (
 
 // Run starts the informers and blocks until ctx is done. Owners and nodes
 // are synced before pods are listed, so pods are named and placed right from
-// their first event.
+// their first event. Until all have synced, a warning every
+// DefaultSyncReportInterval names the API server and its last error.
 func (r *Resolver) Run(ctx context.Context) error {
 	if !r.ran.CompareAndSwap(false, true) {
 		return errors.New("resolver: Run called twice")
 	}
+	start := time.Now()
+	reportCtx, stopReport := context.WithCancel(ctx)
+	var reporting sync.WaitGroup
+	reporting.Go(func() { r.reportUnsynced(reportCtx, start, r.reportEvery) })
+	defer reporting.Wait()
+	defer stopReport()
 	var synced []cache.InformerSynced
 
 	if r.cfg.Metadata != nil {
@@ -224,6 +249,9 @@ func (r *Resolver) Run(ctx context.Context) error {
 			if err := inf.SetTransform(ownerTransform); err != nil {
 				return fmt.Errorf("setting %s transform: %w", o.gvr.Resource, err)
 			}
+			if err := r.watchErrors(inf, o.gvr.Resource); err != nil {
+				return err
+			}
 			reg, err := inf.AddEventHandler(r.ownerHandler(o.kind))
 			if err != nil {
 				return fmt.Errorf("watching %s: %w", o.gvr.Resource, err)
@@ -243,6 +271,9 @@ func (r *Resolver) Run(ctx context.Context) error {
 	if err := nodeInf.SetTransform(nodeTransform); err != nil {
 		return fmt.Errorf("setting node transform: %w", err)
 	}
+	if err := r.watchErrors(nodeInf, "nodes"); err != nil {
+		return err
+	}
 	nodeReg, err := nodeInf.AddEventHandler(r.nodeHandler())
 	if err != nil {
 		return fmt.Errorf("watching nodes: %w", err)
@@ -258,6 +289,9 @@ func (r *Resolver) Run(ctx context.Context) error {
 	if err := podInf.SetTransform(podTransform(r.cfg.PodLabels)); err != nil {
 		return fmt.Errorf("setting pod transform: %w", err)
 	}
+	if err := r.watchErrors(podInf, "pods"); err != nil {
+		return err
+	}
 	podReg, err := podInf.AddEventHandler(r.podHandler())
 	if err != nil {
 		return fmt.Errorf("watching pods: %w", err)
@@ -268,7 +302,7 @@ func (r *Resolver) Run(ctx context.Context) error {
 	}
 	r.synced.Store(true)
 	st := r.Stats()
-	r.log.Info("resolver synced", "pods", st.Pods, "nodes", st.Nodes, "pod_ips", st.PodIPs, "host_ips", st.HostIPs)
+	r.log.Info("informers synced", "duration", time.Since(start).Round(time.Millisecond).String(), "pods", st.Pods, "nodes", st.Nodes, "pod_ips", st.PodIPs, "host_ips", st.HostIPs)
 	<-ctx.Done()
 	return nil
 }
