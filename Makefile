@@ -42,8 +42,12 @@ test: deps k8s
 k8s:
 	./testenv/build-k8s.sh
 
-bench: deps
-	./hack/bench.sh
+# bench runs the benchmarks of BENCHMARKS.md, writes their raw output to
+# benchmarks/ and renders BENCHMARKS.md's tables from it (hack/benchdoc;
+# ONLY=bpf,agent for some components). Run it on a quiet machine.
+ONLY ?=
+bench: deps k8s
+	$(GO) run ./hack/benchdoc $(if $(ONLY),-only $(ONLY))
 
 # demo runs the simulated cluster (testenv/demo). On a terminal it stays up
 # after the report until Ctrl-C; HOLD=1 keeps it up without one too.

@@ -5,9 +5,13 @@ import (
 	"flag"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/kubezonnet/kubezonnet/internal/benchdoc"
 )
 
 var update = flag.Bool("update", false, "rewrite the README's configuration reference")
@@ -72,4 +76,103 @@ func TestNoHistoryInFiles(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestBenchmarksDoc: every block of BENCHMARKS.md is what its raw file
+// (benchmarks/<component>.txt, written by `make bench`) renders to, the
+// raw file holds the output of the commands the component runs today,
+// every benchmark it shows exists, and every benchmark in the repository
+// is shown somewhere (but the instruments of benchdoc.Tools). A figure in
+// the document is therefore one a benchmark printed.
+func TestBenchmarksDoc(t *testing.T) {
+	doc, err := os.ReadFile("BENCHMARKS.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const module = "github.com/kubezonnet/kubezonnet"
+	shown := map[string]bool{}
+	for _, c := range benchdoc.Components {
+		data, err := os.ReadFile(filepath.Join("benchmarks", c.Name+".txt"))
+		if err != nil {
+			t.Errorf("%s: %v (run `make bench ONLY=%s`)", c.Name, err, c.Name)
+			continue
+		}
+		raw, err := benchdoc.Parse(string(data))
+		if err != nil {
+			t.Errorf("benchmarks/%s.txt: %v", c.Name, err)
+			continue
+		}
+		var cmds []string
+		for _, r := range raw.Runs {
+			cmds = append(cmds, r.Command)
+		}
+		if !slices.Equal(cmds, c.Commands) {
+			t.Errorf("benchmarks/%s.txt holds the output of\n  %s\nbut the component runs\n  %s\n(run `make bench ONLY=%s`)",
+				c.Name, strings.Join(cmds, "\n  "), strings.Join(c.Commands, "\n  "), c.Name)
+		}
+		want, err := benchdoc.Render(c, raw)
+		if err != nil {
+			t.Errorf("benchmarks/%s.txt: %v", c.Name, err)
+			continue
+		}
+		got, err := benchdoc.Block(string(doc), c)
+		if err != nil {
+			t.Error(err)
+			continue
+		}
+		if got != want {
+			t.Errorf("BENCHMARKS.md's block %q is not what benchmarks/%s.txt renders to (run `make bench ONLY=%s`, or `go run ./hack/benchdoc -render`):\n--- in BENCHMARKS.md\n%s\n--- rendered\n%s", c.Name, c.Name, c.Name, got, want)
+		}
+		results, err := raw.Results()
+		if err != nil {
+			t.Errorf("benchmarks/%s.txt: %v", c.Name, err)
+			continue
+		}
+		for _, r := range results {
+			base, _, _ := strings.Cut(r.Name, "/")
+			if i := strings.LastIndexByte(base, '-'); i > 0 {
+				base = base[:i]
+			}
+			dir := "." + strings.TrimPrefix(r.Pkg, module)
+			if !strings.HasPrefix(r.Pkg, module) || !hasFunc(t, dir, base) {
+				t.Errorf("benchmarks/%s.txt shows %s of %q, which no longer exists", c.Name, base, r.Pkg)
+			}
+			shown[dir+" "+base] = true
+		}
+	}
+	out, err := exec.Command("git", "grep", "-n", "-E", `^func Benchmark[A-Za-z0-9_]*\(`, "--", "*_test.go").Output()
+	if err != nil {
+		t.Fatalf("git grep: %v", err)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		file, rest, _ := strings.Cut(line, ":")
+		_, decl, _ := strings.Cut(rest, ":")
+		name := strings.TrimPrefix(decl, "func ")
+		name = name[:strings.IndexByte(name, '(')]
+		if slices.Contains(benchdoc.Tools, name) {
+			continue
+		}
+		if dir := "./" + filepath.Dir(file); !shown[dir+" "+name] {
+			t.Errorf("%s (%s) is in no section of BENCHMARKS.md: add it to a component of internal/benchdoc and run `make bench`", name, file)
+		}
+	}
+}
+
+// hasFunc reports whether a _test.go file of dir declares func name.
+func hasFunc(t *testing.T, dir, name string) bool {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(dir, "*_test.go"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if bytes.Contains(b, []byte("\nfunc "+name+"(")) {
+			return true
+		}
+	}
+	return false
 }
