@@ -4,19 +4,24 @@
 # nothing it says every 15 seconds that the phase is still running and for
 # how long. At the end it says how long the phase took.
 #
-#   hack/step.sh [--count WHAT] LABEL -- COMMAND [ARG...]
+#   hack/step.sh [--count WHAT | --quiet] LABEL -- COMMAND [ARG...]
 #
-# Without --count the command's output passes through as it comes. With
+# Without an option the command's output passes through as it comes. With
 # --count its output (e.g. `go build -v`, one line per package compiled) is
 # kept aside and counted instead, the count shown in the progress lines as
-# "N WHAT"; the output is printed only when the command fails. A phase that
-# finds everything cached ends within a second and says so.
+# "N WHAT"; with --quiet it is kept aside and only its last line shown at
+# the end. Either way the whole output is printed when the command fails.
+# A build that finds everything cached ends within a second and says so.
 set -euo pipefail
 
 count=""
+quiet=0
 if [[ "${1:-}" == "--count" ]]; then
 	count="$2"
 	shift 2
+elif [[ "${1:-}" == "--quiet" ]]; then
+	quiet=1
+	shift
 fi
 label="$1"
 shift
@@ -42,7 +47,7 @@ echo "==> $label" >&2
 pid=$!
 trap 'kill "$pid" 2>/dev/null; rm -f "$log"' EXIT
 trap 'exit 130' INT TERM
-if [[ -z "$count" ]]; then
+if [[ -z "$count" && $quiet == 0 ]]; then
 	tail -n +1 -f --pid "$pid" "$log" &
 fi
 
@@ -52,7 +57,7 @@ last_note=$SECONDS
 while kill -0 "$pid" 2>/dev/null; do
 	sleep 1
 	size=$(stat -c %s "$log")
-	if [[ -z "$count" && $size != "$last_size" ]]; then
+	if [[ -z "$count" && $quiet == 0 && $size != "$last_size" ]]; then
 		last_size=$size
 		quiet_since=$SECONDS
 		continue
@@ -73,7 +78,7 @@ trap - EXIT INT TERM
 
 elapsed=$((SECONDS - start))
 if [[ $rc != 0 ]]; then
-	if [[ -n "$count" ]]; then
+	if [[ -n "$count" || $quiet == 1 ]]; then
 		cat "$log" >&2
 	fi
 	rm -f "$log"
@@ -87,6 +92,8 @@ if [[ -n "$count" ]]; then
 	else
 		echo "    $label: done in ${elapsed}s ($n $count, the rest from the Go build cache)" >&2
 	fi
+elif [[ $quiet == 1 ]]; then
+	echo "    $label: done in ${elapsed}s: $(grep . "$log" | tail -1)" >&2
 else
 	echo "    $label: done in ${elapsed}s" >&2
 fi

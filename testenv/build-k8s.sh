@@ -39,7 +39,9 @@ build() {
 	log="$(mktemp)"
 	start=$SECONDS
 	last=$SECONDS
-	echo "build-k8s: building $name from $pkg (up to $total packages; the first build takes minutes)" >&2
+	# About 250 packages a minute on 2 cores from an empty build cache
+	# (etcd: 566 in 89 s, kube-apiserver: 2,080 in 487 s).
+	echo "build-k8s: building $name from $pkg (up to $total packages: about $(((total + 249) / 250)) minutes on 2 cores from an empty Go build cache, seconds from a warm one)" >&2
 	# In its own session (setsid) so that the whole build, compilers
 	# included, can be stopped with this script (Ctrl-C, or a test that
 	# gives up).
