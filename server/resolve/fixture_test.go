@@ -85,15 +85,7 @@ func newFixture(t *testing.T, o fixtureOpts) *fixture {
 	r.now = f.clock
 	f.r = r
 
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
+	runResolver(t, r)
 	f.waitFor("informers synced", r.HasSynced)
 	// The fake clientsets do not replay events from a resourceVersion:
 	// changes made before the watches are open would be lost.
@@ -346,3 +338,18 @@ func writeFile(t *testing.T, name, content string) string {
 }
 
 func newEmptyClient() *fake.Clientset { return fake.NewClientset() }
+
+// runResolver runs r until the test ends, and fails the test if Run
+// returns an error.
+func runResolver(t *testing.T, r *Resolver) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+}

@@ -68,15 +68,7 @@ func TestSyncErrorAndReport(t *testing.T) {
 		t.Errorf("SyncError before Run = %v, want %v alone", err, ErrNotSynced)
 	}
 
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
+	runResolver(t, r)
 	waitFor := func(what string, cond func() bool) {
 		t.Helper()
 		deadline := time.Now().Add(20 * time.Second) // a hang guard only
