@@ -341,19 +341,24 @@ var ErrPermission = errors.New("loading eBPF needs root or CAP_BPF, CAP_NET_ADMI
 
 // checkKernel turns a missing program or map type into ErrNotSupported with
 // the name of what is missing, instead of a verifier error.
-func checkKernel() error {
+func checkKernel() error { return checkFeatures(features.HaveProgramType, features.HaveMapType) }
+
+// checkFeatures is checkKernel with the kernel probes passed in, so a test
+// can play a kernel that lacks a feature. The errors wrap both our sentinel
+// and the probe's error (e.g. ebpf.ErrNotSupported, unix.EPERM).
+func checkFeatures(haveProg func(ebpf.ProgramType) error, haveMap func(ebpf.MapType) error) error {
 	for _, pt := range []ebpf.ProgramType{ebpf.Netfilter, ebpf.CGroupSKB} {
-		err := features.HaveProgramType(pt)
+		err := haveProg(pt)
 		if errors.Is(err, unix.EPERM) {
-			return fmt.Errorf("%w: %v", ErrPermission, err)
+			return fmt.Errorf("%w: %w", ErrPermission, err)
 		}
 		if err != nil {
-			return fmt.Errorf("program type %s: %w (%v)", pt, ErrNotSupported, err)
+			return fmt.Errorf("program type %s: %w (%w)", pt, ErrNotSupported, err)
 		}
 	}
 	for _, mt := range []ebpf.MapType{ebpf.PerCPUHash, ebpf.ArrayOfMaps, ebpf.PerCPUArray} {
-		if err := features.HaveMapType(mt); err != nil {
-			return fmt.Errorf("map type %s: %w (%v)", mt, ErrNotSupported, err)
+		if err := haveMap(mt); err != nil {
+			return fmt.Errorf("map type %s: %w (%w)", mt, ErrNotSupported, err)
 		}
 	}
 	return nil
@@ -483,7 +488,8 @@ func (d *Datapath) SetLocalPrefixes(prefixes []netip.Prefix) error {
 // every CPU's in-flight counter at zero, so every program instance that
 // could still write to the old generation has finished before it is read
 // and emptied (the protocol is in flow.c, above account()). The wait is
-// normally a load per CPU: an instance runs for well under a microsecond.
+// normally a load per CPU: an instance is short (its cost per packet is in
+// BENCHMARKS.md), so a drain rarely finds one still running.
 func (d *Datapath) Drain(dst *Drained) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

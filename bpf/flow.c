@@ -31,8 +31,8 @@
  * seen each CPU's counter at zero: from then on no program can still be
  * writing to the idle generation, which is then drained at leisure. (See account() for the
  * memory ordering.) This replaces an RCU grace period, which user space can
- * only wait for with a map-in-map update: 8 ms per drain on our test
- * machines, a sixth of the agent's flush budget.
+ * only wait for with a map-in-map update: a wait of its own on every drain,
+ * a large share of the agent's flush budget.
  *
  * Nothing silent: a flow that cannot be inserted (map full, or the bucket lock
  * busy because this program interrupted itself on the same CPU) or a packet
@@ -226,7 +226,8 @@ struct cpu_inflight {
  * CPU's line is a shift and an add. A map lookup would pass the CPU number
  * through the stack (the helper's key is a pointer) and cost a store, a
  * dependent load and a bounds check in front of every later access: with
- * local_prefixes below, 2-4 ns a packet (BENCHMARKS.md). MAX_CPUS is the largest NR_CPUS any kernel
+ * local_prefixes below, a visible share of an existing flow's cost
+ * (Netfilter, BENCHMARKS.md). MAX_CPUS is the largest NR_CPUS any kernel
  * is built with, so every possible CPU has a line: 512 KiB of .bss (which
  * takes no room in the object file, and which user space maps). */
 #define MAX_CPUS 8192
@@ -375,8 +376,9 @@ static __always_inline int same_key(const struct flow_key *a, const struct flow_
  *  that interrupted this one before its increment, and took the table),
  *  and the counts are read after the increment. If `active` changed (a
  *  drain in between), the probe starts over in the new generation.
- *  Measured: 1.4-5.8 ns less per existing flow than doing the lookup
- *  after the increment (BENCHMARKS.md).
+ *  Doing the lookup before the increment rather than after makes an
+ *  existing flow cheaper (builds compared with BenchmarkNetfilterObjects,
+ *  BENCHMARKS.md).
  */
 static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 packets)
 {

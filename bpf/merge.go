@@ -16,9 +16,10 @@ import (
 //
 // A purpose-built index rather than a Go map: the keys are the kernel's
 // 36-byte keys, already in hand, and the index is a flat []int32 reused
-// from drain to drain, which measured several times faster than a
-// map[flowFlowKey]int32 at 100,000 flows (the map's cost is cache misses
-// on its larger entries and on growth).
+// from drain to drain, which was several times faster than a
+// map[flowFlowKey]int32 on the drain benchmark (BenchmarkDrain,
+// BENCHMARKS.md; the map's cost is cache misses on its larger entries and
+// on growth).
 type merger struct {
 	keys    []flowFlowKey // kernel key of each record, in order
 	slots   []int32       // record index + 1; 0 is empty

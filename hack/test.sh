@@ -11,6 +11,7 @@ if [ -n "$unformatted" ]; then
   echo "gofmt would change:"; echo "$unformatted"; exit 1
 fi
 ./hack/step.sh "go vet (compiles every package: about 3 minutes on a first run, seconds later)" -- go vet ./...
+./hack/step.sh "staticcheck (honnef.co/go/tools v0.8.2)" -- go run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
 # deploy/'s tests need kubectl; testenv/build-k8s.sh builds one where the
 # machine has none.

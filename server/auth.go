@@ -261,7 +261,7 @@ func (t *tokenReview) review(ctx context.Context, tok string) (identity, error) 
 	defer cancel()
 	st, err := t.reviewer.Review(ctx, tok)
 	if err != nil {
-		return identity{}, fmt.Errorf("%w: token review: %v", errAuthUnavailable, err)
+		return identity{}, fmt.Errorf("%w: token review: %w", errAuthUnavailable, err)
 	}
 	if !st.Authenticated {
 		msg := st.Error

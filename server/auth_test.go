@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"strings"
@@ -105,5 +106,26 @@ func TestTokenReviewAudience(t *testing.T) {
 	}
 	if code, msg := env.do(t, req{token: "tok-api", body: encode(batch("node-a", 2))}); code != 401 || !strings.Contains(msg, "audiences do not match") {
 		t.Errorf("token for the API server: %d %s, want 401", code, msg)
+	}
+}
+
+// reviewFunc is a tokenReviewer made of a function.
+type reviewFunc func(ctx context.Context, token string) (authv1.TokenReviewStatus, error)
+
+func (f reviewFunc) Review(ctx context.Context, token string) (authv1.TokenReviewStatus, error) {
+	return f(ctx, token)
+}
+
+// TestTokenReviewUnavailableWrapsCause checks that a failed review wraps
+// both errAuthUnavailable (the answer: 503) and its cause, so a caller can
+// still tell a timeout from a refused connection.
+func TestTokenReviewUnavailableWrapsCause(t *testing.T) {
+	tr := newTokenReview(reviewFunc(func(context.Context, string) (authv1.TokenReviewStatus, error) {
+		return authv1.TokenReviewStatus{}, context.DeadlineExceeded
+	}), "system:serviceaccount:kubezonnet:kubezonnet-agent")
+	_, err := tr.review(t.Context(), "tok")
+	if !errors.Is(err, errAuthUnavailable) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("review error %q wraps errAuthUnavailable %v, context.DeadlineExceeded %v, want both",
+			err, errors.Is(err, errAuthUnavailable), errors.Is(err, context.DeadlineExceeded))
 	}
 }

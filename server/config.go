@@ -28,6 +28,10 @@ const (
 	// DefaultMaxIncarnations: 10x a 1,000-node cluster's agents, so that
 	// restarts never evict a live incarnation.
 	DefaultMaxIncarnations = 10_000
+	// DefaultMaxAgentSeries: an agent sends a few dozen self-metric series,
+	// so this holds those of a few thousand nodes while bounding the memory
+	// a misbehaving agent can make the server keep.
+	DefaultMaxAgentSeries = 100_000
 	// DefaultCheckpointInterval bounds the log a restart replays to about
 	// a minute of ingest, and costs one write of the counters a minute.
 	DefaultCheckpointInterval = time.Minute
@@ -58,6 +62,7 @@ type Config struct {
 	Limits              wire.Limits
 	IncarnationTTL      time.Duration
 	MaxIncarnations     int
+	MaxAgentSeries      int
 	LogLevel, LogFormat string
 	// StateDir holds the write-ahead log and checkpoints; "" means the
 	// counters are not durable.
@@ -98,6 +103,7 @@ func Flags() []cli.Flag {
 		&cli.Int64Flag{Name: "max-request-bytes", Value: DefaultMaxBodyBytes, Usage: "largest compressed ingest request body"},
 		&cli.DurationFlag{Name: "incarnation-ttl", Value: DefaultIncarnationTTL, Usage: "how long an agent incarnation's last batch seq is remembered (de-duplication)"},
 		&cli.IntFlag{Name: "max-agent-incarnations", Value: DefaultMaxIncarnations, Usage: "agent incarnations remembered for de-duplication"},
+		&cli.IntFlag{Name: "max-agent-series", Value: DefaultMaxAgentSeries, Usage: "agent self-metric series kept and forwarded (kubezonnet_agent_*, all nodes together); beyond it new series are refused and counted"},
 		&cli.PathFlag{Name: "state-dir", Usage: "directory for the durable state (write-ahead log and checkpoints): acknowledged batches survive a crash and counters continue after a restart; empty means not durable (a crash loses what was not pushed yet, counters restart at zero)"},
 		&cli.DurationFlag{Name: "checkpoint-interval", Value: DefaultCheckpointInterval, Usage: "how often the counters are checkpointed to --state-dir (bounds the log a restart replays)"},
 		&cli.DurationFlag{Name: "shutdown-grace-period", Value: DefaultShutdownGracePeriod, Usage: "time from SIGTERM to exit: refuse new batches (503), final push, checkpoint; keep it below the pod's terminationGracePeriodSeconds"},
@@ -148,6 +154,7 @@ func ConfigFromCLI(c *cli.Context) (Config, error) {
 		MaxBodyBytes:        c.Int64("max-request-bytes"),
 		IncarnationTTL:      c.Duration("incarnation-ttl"),
 		MaxIncarnations:     c.Int("max-agent-incarnations"),
+		MaxAgentSeries:      c.Int("max-agent-series"),
 		LogLevel:            c.String("log-level"),
 		LogFormat:           c.String("log-format"),
 		StateDir:            c.Path("state-dir"),
@@ -211,6 +218,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxIncarnations <= 0 {
 		errs = append(errs, fmt.Errorf("--max-agent-incarnations %d: must be positive", c.MaxIncarnations))
+	}
+	if c.MaxAgentSeries <= 0 {
+		errs = append(errs, fmt.Errorf("--max-agent-series %d: must be positive", c.MaxAgentSeries))
 	}
 	if c.CheckpointInterval <= 0 {
 		errs = append(errs, fmt.Errorf("--checkpoint-interval %s: must be positive", c.CheckpointInterval))

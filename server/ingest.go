@@ -354,9 +354,9 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 	pos := in.agg.Apply(now, flows, &aggregate.BatchID{Node: b.Node, Incarnation: b.Incarnation, Seq: b.Seq})
 	wk.flows = flows
 
-	var events []flowlog.Event
+	var logged *flowlog.Batch
 	if in.flog.Any() {
-		events = in.flog.Buffer()
+		logged = in.flog.Buffer()
 	}
 	for i := range flows {
 		f := &flows[i]
@@ -369,12 +369,12 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 			}
 		}
 		if in.flog.Enabled(f.Class) {
-			events = append(events, flowlog.Event{Time: at, Node: b.Node, Src: f.Src, Dst: f.Dst,
+			logged.Events = append(logged.Events, flowlog.Event{Time: at, Node: b.Node, Src: f.Src, Dst: f.Dst,
 				Record: b.Flows[f.Index], Class: f.Class})
 		}
 	}
-	if events != nil {
-		in.flog.Send(events)
+	if logged != nil {
+		in.flog.Send(logged)
 	}
 	in.agents.update(b.Node, b.Metrics, now)
 	in.batches.Inc()

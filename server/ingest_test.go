@@ -43,6 +43,7 @@ func testConfig() Config {
 		MaxBodyBytes:      1 << 20,
 		IncarnationTTL:    time.Hour,
 		MaxIncarnations:   100,
+		MaxAgentSeries:    1000,
 	}
 }
 

@@ -81,7 +81,7 @@ func newServer(cfg *Config, d deps) (*Server, error) {
 	if d.flowLog != nil && cfg.FlowLogClasses != 0 {
 		flog = flowlog.New(flowlog.Config{Classes: cfg.FlowLogClasses}, d.flowLog, d.reg)
 	}
-	agents := newAgentMetrics(cfg.SeriesIdleTimeout, 100_000, d.reg)
+	agents := newAgentMetrics(cfg.SeriesIdleTimeout, cfg.MaxAgentSeries, d.reg)
 	in := newIngest(IngestConfig{MaxBodyBytes: cfg.MaxBodyBytes, Limits: cfg.Limits},
 		d.resolver, agg, flog, d.auth, dd, agents, d.reg, d.log)
 	in.now = d.now

@@ -251,7 +251,7 @@ func (cp *ControlPlane) waitReady(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("waiting for kube-apiserver at %s to be ready: %w (last: %v); last output:\n%s",
+			return fmt.Errorf("waiting for kube-apiserver at %s to be ready: %w (last: %w); last output:\n%s",
 				cp.URL, ctx.Err(), last, cp.api.out.String())
 		case <-tick.C:
 		}

@@ -47,7 +47,10 @@ func Do(path string, fn func() error) error {
 	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
 		// The thread is stuck in the wrong namespace: keep it locked so
 		// that the runtime destroys it when this goroutine exits.
-		return fmt.Errorf("returning from network namespace %s: %w (after: %v)", path, err, fnErr)
+		if fnErr != nil {
+			return fmt.Errorf("returning from network namespace %s: %w (after: %w)", path, err, fnErr)
+		}
+		return fmt.Errorf("returning from network namespace %s: %w", path, err)
 	}
 	runtime.UnlockOSThread()
 	return fnErr

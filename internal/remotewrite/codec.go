@@ -156,20 +156,20 @@ func WalkSeries(body []byte, s *RawSeries, fn func(*RawSeries) error) error {
 	for len(body) > 0 {
 		num, typ, n := protowire.ConsumeTag(body)
 		if n < 0 {
-			return fmt.Errorf("%w: write request: %v", ErrMalformed, protowire.ParseError(n))
+			return fmt.Errorf("%w: write request: %w", ErrMalformed, protowire.ParseError(n))
 		}
 		body = body[n:]
 		if num != fieldWriteRequestTimeseries || typ != protowire.BytesType {
 			n = protowire.ConsumeFieldValue(num, typ, body)
 			if n < 0 {
-				return fmt.Errorf("%w: write request field %d: %v", ErrMalformed, num, protowire.ParseError(n))
+				return fmt.Errorf("%w: write request field %d: %w", ErrMalformed, num, protowire.ParseError(n))
 			}
 			body = body[n:]
 			continue
 		}
 		msg, n := protowire.ConsumeBytes(body)
 		if n < 0 {
-			return fmt.Errorf("%w: timeseries: %v", ErrMalformed, protowire.ParseError(n))
+			return fmt.Errorf("%w: timeseries: %w", ErrMalformed, protowire.ParseError(n))
 		}
 		body = body[n:]
 		if err := parseSeries(msg, s); err != nil {
@@ -188,14 +188,14 @@ func parseSeries(msg []byte, s *RawSeries) error {
 	for len(msg) > 0 {
 		num, typ, n := protowire.ConsumeTag(msg)
 		if n < 0 {
-			return fmt.Errorf("%w: timeseries field: %v", ErrMalformed, protowire.ParseError(n))
+			return fmt.Errorf("%w: timeseries field: %w", ErrMalformed, protowire.ParseError(n))
 		}
 		msg = msg[n:]
 		switch {
 		case num == fieldSeriesLabels && typ == protowire.BytesType:
 			v, n := protowire.ConsumeBytes(msg)
 			if n < 0 {
-				return fmt.Errorf("%w: label: %v", ErrMalformed, protowire.ParseError(n))
+				return fmt.Errorf("%w: label: %w", ErrMalformed, protowire.ParseError(n))
 			}
 			msg = msg[n:]
 			l, err := parseLabel(v)
@@ -206,7 +206,7 @@ func parseSeries(msg []byte, s *RawSeries) error {
 		case num == fieldSeriesSamples && typ == protowire.BytesType:
 			v, n := protowire.ConsumeBytes(msg)
 			if n < 0 {
-				return fmt.Errorf("%w: sample: %v", ErrMalformed, protowire.ParseError(n))
+				return fmt.Errorf("%w: sample: %w", ErrMalformed, protowire.ParseError(n))
 			}
 			msg = msg[n:]
 			smp, err := parseSample(v)
@@ -217,7 +217,7 @@ func parseSeries(msg []byte, s *RawSeries) error {
 		default:
 			n = protowire.ConsumeFieldValue(num, typ, msg)
 			if n < 0 {
-				return fmt.Errorf("%w: timeseries field %d: %v", ErrMalformed, num, protowire.ParseError(n))
+				return fmt.Errorf("%w: timeseries field %d: %w", ErrMalformed, num, protowire.ParseError(n))
 			}
 			msg = msg[n:]
 		}
@@ -230,13 +230,13 @@ func parseLabel(b []byte) (RawLabel, error) {
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
 		if n < 0 {
-			return l, fmt.Errorf("%w: label field: %v", ErrMalformed, protowire.ParseError(n))
+			return l, fmt.Errorf("%w: label field: %w", ErrMalformed, protowire.ParseError(n))
 		}
 		b = b[n:]
 		if typ == protowire.BytesType && (num == fieldLabelName || num == fieldLabelValue) {
 			v, n := protowire.ConsumeBytes(b)
 			if n < 0 {
-				return l, fmt.Errorf("%w: label string: %v", ErrMalformed, protowire.ParseError(n))
+				return l, fmt.Errorf("%w: label string: %w", ErrMalformed, protowire.ParseError(n))
 			}
 			b = b[n:]
 			if num == fieldLabelName {
@@ -248,7 +248,7 @@ func parseLabel(b []byte) (RawLabel, error) {
 		}
 		n = protowire.ConsumeFieldValue(num, typ, b)
 		if n < 0 {
-			return l, fmt.Errorf("%w: label field %d: %v", ErrMalformed, num, protowire.ParseError(n))
+			return l, fmt.Errorf("%w: label field %d: %w", ErrMalformed, num, protowire.ParseError(n))
 		}
 		b = b[n:]
 	}
@@ -260,28 +260,28 @@ func parseSample(b []byte) (Sample, error) {
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
 		if n < 0 {
-			return s, fmt.Errorf("%w: sample field: %v", ErrMalformed, protowire.ParseError(n))
+			return s, fmt.Errorf("%w: sample field: %w", ErrMalformed, protowire.ParseError(n))
 		}
 		b = b[n:]
 		switch {
 		case num == fieldSampleValue && typ == protowire.Fixed64Type:
 			v, n := protowire.ConsumeFixed64(b)
 			if n < 0 {
-				return s, fmt.Errorf("%w: sample value: %v", ErrMalformed, protowire.ParseError(n))
+				return s, fmt.Errorf("%w: sample value: %w", ErrMalformed, protowire.ParseError(n))
 			}
 			b = b[n:]
 			s.Value = math.Float64frombits(v)
 		case num == fieldSampleTimestamp && typ == protowire.VarintType:
 			v, n := protowire.ConsumeVarint(b)
 			if n < 0 {
-				return s, fmt.Errorf("%w: sample timestamp: %v", ErrMalformed, protowire.ParseError(n))
+				return s, fmt.Errorf("%w: sample timestamp: %w", ErrMalformed, protowire.ParseError(n))
 			}
 			b = b[n:]
 			s.Timestamp = int64(v)
 		default:
 			n = protowire.ConsumeFieldValue(num, typ, b)
 			if n < 0 {
-				return s, fmt.Errorf("%w: sample field %d: %v", ErrMalformed, num, protowire.ParseError(n))
+				return s, fmt.Errorf("%w: sample field %d: %w", ErrMalformed, num, protowire.ParseError(n))
 			}
 			b = b[n:]
 		}

@@ -36,7 +36,7 @@ const (
 	DefaultMaxBackoff = 5 * time.Second
 	// DefaultLabelCacheMiB bounds the encoded label sets kept between
 	// pushes: 128 MiB hold some 370,000 pod-pair series, whose snapshot
-	// then costs a copy per series instead of an encoding (~270 ns).
+	// then costs a copy per series instead of an encoding.
 	DefaultLabelCacheMiB = 128
 	// MaxLabelCacheMiB is what the cache's 32-bit offsets can address.
 	MaxLabelCacheMiB = 4095

@@ -26,8 +26,8 @@ import (
 // almost always the successor of the previous series' entry in the last
 // snapshot (seriesEntry.next), checked by comparing addresses; the map
 // from address to entry is only the fallback, as its cache misses cost
-// ~180 ns a lookup at 100,000 series, more than all the rest of a known
-// series' work. A generation stamp per entry then finds both duplicates
+// more than all the rest of a known series' work (SnapshotMapOrder100k
+// against Snapshot100k, BENCHMARKS.md). A generation stamp per entry then finds both duplicates
 // (an entry met twice in one snapshot) and vanished series (an entry not
 // met), without sorting or merging anything.
 //
@@ -88,9 +88,10 @@ type seriesEntry struct {
 // newSeriesTable returns an empty table whose label cache holds at most
 // limit bytes.
 //
-// Caching is what makes a snapshot cheap: encoding a pod-pair series' 15
-// labels costs ~270 ns, copying its cached ~360 bytes a tenth of that. But
-// it costs that memory per series, so the arena stops at limit bytes
+// Caching is what makes a snapshot cheap: copying a pod-pair series'
+// cached ~360 bytes costs a small fraction of encoding its 15 labels
+// (Snapshot100k against SnapshotNewSeries10k, BENCHMARKS.md). But it costs
+// that memory per series, so the arena stops at limit bytes
 // (--remote-write-label-cache-mib, growing by half as needed); series
 // beyond it are encoded afresh at every push.
 func newSeriesTable(limit int) seriesTable {

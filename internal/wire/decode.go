@@ -58,7 +58,7 @@ func (d *Decoder) Decode(body []byte, b *Batch) error {
 	lim := d.Limits.withDefaults()
 	n, err := snappy.DecodedLen(body)
 	if err != nil {
-		return fmt.Errorf("%w: snappy: %v", remotewrite.ErrMalformed, err)
+		return fmt.Errorf("%w: snappy: %w", remotewrite.ErrMalformed, err)
 	}
 	if n > lim.MaxDecodedBytes {
 		return fmt.Errorf("%w: decoded body of %d bytes exceeds %d", ErrTooLarge, n, lim.MaxDecodedBytes)
@@ -68,7 +68,7 @@ func (d *Decoder) Decode(body []byte, b *Batch) error {
 	}
 	raw, err := snappy.Decode(d.raw[:cap(d.raw)], body)
 	if err != nil {
-		return fmt.Errorf("%w: snappy: %v", remotewrite.ErrMalformed, err)
+		return fmt.Errorf("%w: snappy: %w", remotewrite.ErrMalformed, err)
 	}
 	return d.DecodeRaw(raw, b)
 }
@@ -122,19 +122,19 @@ func (d *Decoder) DecodeRaw(raw []byte, b *Batch) error {
 		default:
 			num, typ, n := protowire.ConsumeTag(raw)
 			if n < 0 {
-				return fmt.Errorf("%w: write request: %v", remotewrite.ErrMalformed, protowire.ParseError(n))
+				return fmt.Errorf("%w: write request: %w", remotewrite.ErrMalformed, protowire.ParseError(n))
 			}
 			if num != 1 || typ != protowire.BytesType {
 				m := protowire.ConsumeFieldValue(num, typ, raw[n:])
 				if m < 0 {
-					return fmt.Errorf("%w: write request field %d: %v", remotewrite.ErrMalformed, num, protowire.ParseError(m))
+					return fmt.Errorf("%w: write request field %d: %w", remotewrite.ErrMalformed, num, protowire.ParseError(m))
 				}
 				raw = raw[n+m:]
 				continue
 			}
 			v, m := protowire.ConsumeBytes(raw[n:])
 			if m < 0 {
-				return fmt.Errorf("%w: timeseries: %v", remotewrite.ErrMalformed, protowire.ParseError(m))
+				return fmt.Errorf("%w: timeseries: %w", remotewrite.ErrMalformed, protowire.ParseError(m))
 			}
 			field, msg, raw = raw[:n+m], v, raw[n+m:]
 		}
@@ -244,21 +244,21 @@ func parseFlow(f *flow.Record, msg []byte, checkLen bool, maxLen int, prev *last
 		default:
 			num, typ, n := protowire.ConsumeTag(msg)
 			if n < 0 {
-				return fmt.Errorf("%w: timeseries field: %v", remotewrite.ErrMalformed, protowire.ParseError(n))
+				return fmt.Errorf("%w: timeseries field: %w", remotewrite.ErrMalformed, protowire.ParseError(n))
 			}
 			msg = msg[n:]
 			if typ != protowire.BytesType || (num != 1 && num != 2) {
 				// Exemplars, histograms, unknown fields: skipped.
 				n = protowire.ConsumeFieldValue(num, typ, msg)
 				if n < 0 {
-					return fmt.Errorf("%w: timeseries field %d: %v", remotewrite.ErrMalformed, num, protowire.ParseError(n))
+					return fmt.Errorf("%w: timeseries field %d: %w", remotewrite.ErrMalformed, num, protowire.ParseError(n))
 				}
 				msg = msg[n:]
 				continue
 			}
 			v, n := protowire.ConsumeBytes(msg)
 			if n < 0 {
-				return fmt.Errorf("%w: timeseries field %d: %v", remotewrite.ErrMalformed, num, protowire.ParseError(n))
+				return fmt.Errorf("%w: timeseries field %d: %w", remotewrite.ErrMalformed, num, protowire.ParseError(n))
 			}
 			msg = msg[n:]
 			var err error
@@ -370,13 +370,13 @@ func parseLabel(b []byte) (name, value []byte, err error) {
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
 		if n < 0 {
-			return nil, nil, fmt.Errorf("%w: label field: %v", remotewrite.ErrMalformed, protowire.ParseError(n))
+			return nil, nil, fmt.Errorf("%w: label field: %w", remotewrite.ErrMalformed, protowire.ParseError(n))
 		}
 		b = b[n:]
 		if typ == protowire.BytesType && (num == 1 || num == 2) {
 			v, n := protowire.ConsumeBytes(b)
 			if n < 0 {
-				return nil, nil, fmt.Errorf("%w: label string: %v", remotewrite.ErrMalformed, protowire.ParseError(n))
+				return nil, nil, fmt.Errorf("%w: label string: %w", remotewrite.ErrMalformed, protowire.ParseError(n))
 			}
 			b = b[n:]
 			if num == 1 {
@@ -388,7 +388,7 @@ func parseLabel(b []byte) (name, value []byte, err error) {
 		}
 		n = protowire.ConsumeFieldValue(num, typ, b)
 		if n < 0 {
-			return nil, nil, fmt.Errorf("%w: label field %d: %v", remotewrite.ErrMalformed, num, protowire.ParseError(n))
+			return nil, nil, fmt.Errorf("%w: label field %d: %w", remotewrite.ErrMalformed, num, protowire.ParseError(n))
 		}
 		b = b[n:]
 	}
@@ -401,28 +401,28 @@ func parseSample(b []byte) (remotewrite.Sample, error) {
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
 		if n < 0 {
-			return s, fmt.Errorf("%w: sample field: %v", remotewrite.ErrMalformed, protowire.ParseError(n))
+			return s, fmt.Errorf("%w: sample field: %w", remotewrite.ErrMalformed, protowire.ParseError(n))
 		}
 		b = b[n:]
 		switch {
 		case num == 1 && typ == protowire.Fixed64Type:
 			v, n := protowire.ConsumeFixed64(b)
 			if n < 0 {
-				return s, fmt.Errorf("%w: sample value: %v", remotewrite.ErrMalformed, protowire.ParseError(n))
+				return s, fmt.Errorf("%w: sample value: %w", remotewrite.ErrMalformed, protowire.ParseError(n))
 			}
 			b = b[n:]
 			s.Value = math.Float64frombits(v)
 		case num == 2 && typ == protowire.VarintType:
 			v, n := protowire.ConsumeVarint(b)
 			if n < 0 {
-				return s, fmt.Errorf("%w: sample timestamp: %v", remotewrite.ErrMalformed, protowire.ParseError(n))
+				return s, fmt.Errorf("%w: sample timestamp: %w", remotewrite.ErrMalformed, protowire.ParseError(n))
 			}
 			b = b[n:]
 			s.Timestamp = int64(v)
 		default:
 			n = protowire.ConsumeFieldValue(num, typ, b)
 			if n < 0 {
-				return s, fmt.Errorf("%w: sample field %d: %v", remotewrite.ErrMalformed, num, protowire.ParseError(n))
+				return s, fmt.Errorf("%w: sample field %d: %w", remotewrite.ErrMalformed, num, protowire.ParseError(n))
 			}
 			b = b[n:]
 		}

@@ -54,8 +54,9 @@ const maxParts = 4
 
 // orderKey places flows with the same source and nearby destinations next
 // to each other, which is what lets snappy find repeated label bytes; the
-// order is not part of the contract. One integer keeps sorting 100,000
-// flows at a few milliseconds (a radix sort, see sortOrder).
+// order is not part of the contract. One integer keeps sorting a flush
+// cheap: it allows a radix sort (see sortOrder; EncodeFlush in
+// BENCHMARKS.md).
 type orderKey struct {
 	k uint64
 	i int32

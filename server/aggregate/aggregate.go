@@ -35,11 +35,11 @@ import (
 
 // Names of the series this package produces (the series contract).
 const (
-	MetricPodPairBytes   = "kubezonnet_pod_pair_bytes_total"
-	MetricPodPairPackets = "kubezonnet_pod_pair_packets_total"
-	MetricZonePairBytes  = "kubezonnet_zone_pair_bytes_total"
-	MetricZonePairPkts   = "kubezonnet_zone_pair_packets_total"
-	MetricPodCrossZone   = "pod_cross_zone_network_traffic_bytes_total"
+	MetricPodPairBytes    = "kubezonnet_pod_pair_bytes_total"
+	MetricPodPairPackets  = "kubezonnet_pod_pair_packets_total"
+	MetricZonePairBytes   = "kubezonnet_zone_pair_bytes_total"
+	MetricZonePairPackets = "kubezonnet_zone_pair_packets_total"
+	MetricPodCrossZone    = "pod_cross_zone_network_traffic_bytes_total"
 	// Overflow is the pod label value of series that fold pod pairs beyond
 	// --max-pod-pairs into their workload pair.
 	Overflow = "_overflow"
@@ -434,7 +434,7 @@ func packetsName(bytesName string) string {
 	case MetricPodPairBytes:
 		return MetricPodPairPackets
 	case MetricZonePairBytes:
-		return MetricZonePairPkts
+		return MetricZonePairPackets
 	}
 	panic("aggregate: no packets twin for " + bytesName)
 }

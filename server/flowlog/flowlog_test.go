@@ -45,9 +45,9 @@ func TestEventsParseBack(t *testing.T) {
 	if !l.Enabled("cross-zone") || !l.Enabled("external") || l.Enabled("same-zone") || l.Enabled("unknown") {
 		t.Fatalf("class set %b does not match cross-zone,external", set)
 	}
-	buf := l.Buffer()
-	buf = append(buf, events...)
-	l.Send(buf)
+	batch := l.Buffer()
+	batch.Events = append(batch.Events, events...)
+	l.Send(batch)
 	cancel()
 	<-l.Done()
 
@@ -101,9 +101,9 @@ func TestSendNeverBlocks(t *testing.T) {
 	// are dropped and counted, and Send returns every time.
 	ev := Event{Src: web, Dst: db, Class: "cross-zone"}
 	for range 5 {
-		buf := l.Buffer()
-		buf = append(buf, ev, ev, ev)
-		l.Send(buf)
+		batch := l.Buffer()
+		batch.Events = append(batch.Events, ev, ev, ev)
+		l.Send(batch)
 	}
 	if v := l.dropped.Value(); v != 9 {
 		t.Errorf("dropped = %v, want 9", v)

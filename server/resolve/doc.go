@@ -62,11 +62,10 @@
 //
 // Resolve does not allocate: one read-locked map probe for pod and host
 // addresses, plus an LRU probe only for addresses with released history, and
-// one map probe per distinct static prefix length. Measured with 10,000 pods
-// indexed (BenchmarkResolve, BENCHMARKS.md): ~70 ns for a pod address, ~50
-// ns for a node address, ~120 ns for an external one. Memory
-// (BenchmarkIndexMemory, dual-stack Deployment pods): ~1.1 KB of index state
-// per pod and ~1.9 KB for its transformed object in the informer cache; a
-// released address ~0.5 KB (its slot, LRU entry and the pod's endpoint),
-// bounded by --released-ip-cache-size (64Ki addresses by default: ~32 MB).
+// one map probe per distinct static prefix length; BenchmarkResolve
+// (BENCHMARKS.md) times it by kind of address. Memory grows with the pods
+// indexed (index state plus each pod's transformed object in the informer
+// cache) and with released addresses (a slot, an LRU entry and the pod's
+// endpoint each), which --released-ip-cache-size bounds (64Ki addresses by
+// default); BenchmarkIndexMemory measures both.
 package resolve

@@ -21,7 +21,7 @@ import (
 const Namespace = "scale"
 
 // createWorkers is how many pods are created at once: enough to keep the
-// API server busy on two cores (it registers ~230 pods/s there).
+// API server busy on two cores.
 const createWorkers = 32
 
 // slot is a place a pod runs: a node and an address. Churn replaces the pod
