@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -34,6 +35,56 @@ type e2e struct {
 	// nodeNS maps a cluster address to the namespace of the node that
 	// sends its traffic, where its reference counters live.
 	nodeNS map[netip.Addr]string
+	// receivers are the namespaces that received a transfer since the
+	// reference was last read (readRef waits for their last ACKs).
+	receivers map[string]bool
+}
+
+// pollInterval is how often waitFor and poll look at the state they wait
+// for.
+const pollInterval = 250 * time.Millisecond
+
+// poll evaluates cond every pollInterval until it holds or timeout passes.
+// A false cond may say why with its error (a true one's is ignored): poll
+// returns the last one at the deadline. Tests wait for what they can observe this way,
+// never for a fixed time: a sleep long enough on a loaded CI machine is
+// needlessly long everywhere else, and still not always long enough.
+func poll(timeout time.Duration, cond func() (bool, error)) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		ok, err := cond()
+		if ok {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			if err == nil {
+				err = errors.New("condition never held")
+			}
+			return fmt.Errorf("after %v: %w", timeout, err)
+		}
+		time.Sleep(pollInterval) // the poll interval, not a wait for the event
+	}
+}
+
+// waitFor is poll that fails the test, naming what it waited for.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() (bool, error)) {
+	t.Helper()
+	if err := poll(timeout, cond); err != nil {
+		t.Fatalf("waiting for %s: %v", what, err)
+	}
+}
+
+// scrapeOne returns the sum of one metric's samples on a /metrics page.
+func scrapeOne(ctx context.Context, url, metric string) (float64, error) {
+	m, err := ScrapeMetrics(ctx, url)
+	if err != nil {
+		return 0, err
+	}
+	v, ok := m[metric]
+	if !ok {
+		return 0, fmt.Errorf("%s has no %s", url, metric)
+	}
+	return v, nil
 }
 
 // endpoint registers the PromQL matchers of a pod's addresses.
@@ -58,6 +109,7 @@ func (e *e2e) transfer(fromNS, toNS string, src, dst netip.Addr, port uint16, n 
 	if err := testnet.Transfer(e.ctx, fromNS, toNS, netip.AddrPortFrom(dst, port), n); err != nil {
 		e.t.Fatal(err)
 	}
+	e.receivers[toNS] = true
 }
 
 func (e *e2e) watched(p testnet.Pair) bool {
@@ -100,21 +152,20 @@ type expect struct {
 // asserted are the values.
 func (e *e2e) settle(exps []expect) {
 	e.t.Helper()
-	deadline := time.Now().Add(90 * time.Second)
-	for {
+	err := poll(90*time.Second, func() (bool, error) {
 		var bad []string
 		for _, x := range exps {
 			if got := e.value(x.query, time.Time{}); got != x.want {
 				bad = append(bad, fmt.Sprintf("%s: Prometheus %.0f, sent %.0f (%s)", x.what, got, x.want, x.query))
 			}
 		}
-		if len(bad) == 0 {
-			return
+		if len(bad) > 0 {
+			return false, errors.New(strings.Join(bad, "\n  "))
 		}
-		if time.Now().After(deadline) {
-			e.t.Fatalf("Prometheus disagrees with what was sent:\n  %s\nserver output:\n%s", strings.Join(bad, "\n  "), e.stack.Server.Output())
-		}
-		time.Sleep(time.Second)
+		return true, nil
+	})
+	if err != nil {
+		e.t.Fatalf("Prometheus disagrees with what was sent: %v\nserver output:\n%s", err, e.stack.Server.Output())
 	}
 }
 
@@ -134,9 +185,27 @@ func (e *e2e) pairTotals(counts map[testnet.Pair]flow.Counts, keep func(testnet.
 	return out
 }
 
+// readRef reads the reference once the transfers since the last read are
+// over on the wire: Transfer returns when the receiver has closed, before
+// the sender's last ACK (of the receiver's FIN) is necessarily counted.
+// The receiver's socket stays in LAST-ACK until that ACK has crossed both
+// nodes, so no LAST-ACK socket left in a receiver's namespace means every
+// packet of its transfers went through the reference's counters.
 func (e *e2e) readRef() map[testnet.Pair]flow.Counts {
 	e.t.Helper()
-	time.Sleep(500 * time.Millisecond) // the last ACKs of the transfers
+	for ns := range e.receivers {
+		waitFor(e.t, 10*time.Second, "the last ACKs of the transfers to "+ns, func() (bool, error) {
+			out, err := testnet.Exec(e.ctx, ns, "ss", "-Htn", "state", "last-ack")
+			if err != nil {
+				return false, err
+			}
+			if s := strings.TrimSpace(string(out)); s != "" {
+				return false, fmt.Errorf("sockets in LAST-ACK: %s", s)
+			}
+			return true, nil
+		})
+	}
+	clear(e.receivers)
 	c, err := e.ref.Read(e.ctx)
 	if err != nil {
 		e.t.Fatal(err)
@@ -246,7 +315,7 @@ func TestEndToEnd(t *testing.T) {
 		t.Fatalf("%d netfilter links for %d agents, want two each", len(*agentLinks), len(stack.Agents))
 	}
 
-	e := &e2e{t: t, ctx: ctx, env: env, stack: stack, ref: testnet.NewReference(bpf.DefaultNetfilterPriority + 1), names: map[netip.Addr]string{}, nodeNS: map[netip.Addr]string{}}
+	e := &e2e{t: t, ctx: ctx, env: env, stack: stack, ref: testnet.NewReference(bpf.DefaultNetfilterPriority + 1), names: map[netip.Addr]string{}, nodeNS: map[netip.Addr]string{}, receivers: map[string]bool{}}
 	slot := func(workload, node string) (*testnet.Pod, string) {
 		p := env.Cluster.PodOn(workload, node)
 		if p == nil {
@@ -260,7 +329,7 @@ func TestEndToEnd(t *testing.T) {
 	db, _ := slot("shop/db", "node-b1")
 	web, _ := slot("shop/web", "node-c1")
 	cache, _ := slot("shop/cache", "node-a2")
-	debug, _ := slot("default/debug", "node-b2")
+	debug, debugName := slot("default/debug", "node-b2")
 	nodeA1 := env.Topology.Node("node-a1")
 	for _, a := range []netip.Addr{nodeA1.IPv4, nodeA1.IPv6} {
 		e.names[a] = `_kind="node",_workload="node-a1"`
@@ -338,7 +407,21 @@ func TestEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.pod(api, replacement.Name)
-	time.Sleep(2 * time.Second) // the server's informer sees the new pod
+	// The server's informer must know the new pod before db sends to its
+	// addresses. The server exposes no count of the pods it knows, so
+	// probe through the attribution itself: small transfers from debug
+	// (a pair no later check looks at, far below the alert's threshold)
+	// until Prometheus shows one attributed to the new pod. The probe's
+	// bytes would go to the old pod (or nowhere) while the informer lags;
+	// they never touch db -> api, whose series are checked below.
+	probe := fmt.Sprintf(`count(kubezonnet_pod_pair_bytes_total{src_pod=%q,dst_pod=%q})`, debugName, replacement.Name)
+	waitFor(t, time.Minute, "the server to attribute traffic to the new api pod", func() (bool, error) {
+		if err := testnet.Transfer(ctx, debug.NS, api.NS, netip.AddrPortFrom(api.IPv4, 7000), 1000); err != nil {
+			return false, err
+		}
+		res, err := stack.Query(ctx, probe)
+		return err == nil && len(res) == 1 && res[0].Value == 1, err
+	})
 	e.transfer(db.NS, api.NS, db.IPv4, api.IPv4, 8080, 2<<20)
 	ref2 := e.readRef()
 	moved := ref2[testnet.Pair{Src: db.IPv4, Dst: api.IPv4}].Bytes - ref1[testnet.Pair{Src: db.IPv4, Dst: api.IPv4}].Bytes
@@ -355,17 +438,33 @@ func TestEndToEnd(t *testing.T) {
 
 	// Phase 3: the remote-write endpoint goes away, then the server
 	// restarts, while traffic flows.
+	const overruns = "kubezonnet_server_remote_write_push_overruns_total"
+	overruns0, err := scrapeOne(ctx, stack.ServerURL+"/metrics", overruns)
+	if err != nil {
+		t.Fatal(err)
+	}
 	stack.Prometheus.Kill()
 	e.transfer(db.NS, api.NS, db.IPv4, api.IPv4, 8080, 1<<20)
-	time.Sleep(time.Minute) // the endpoint stays down for a minute: ~30 failed pushes
+	// The endpoint stays down for ~30 failed pushes (a minute at the
+	// stack's 2 s interval): every push while the shards retry the previous
+	// one is an overrun, its snapshot replacing the unsent one.
+	waitFor(t, 3*time.Minute, "30 pushes into the outage", func() (bool, error) {
+		v, err := scrapeOne(ctx, stack.ServerURL+"/metrics", overruns)
+		if err != nil {
+			return false, err
+		}
+		return v >= overruns0+30, fmt.Errorf("%s went from %v to %v", overruns, overruns0, v)
+	})
 	if err := stack.StartPrometheus(); err != nil {
 		t.Fatal(err)
 	}
 	if err := waitHTTP(ctx, stack.PrometheusURL+"/-/ready", stack.Prometheus); err != nil {
 		t.Fatal(err)
 	}
-	// Let the pusher deliver the outage's counts before the restart.
-	time.Sleep(4 * time.Second)
+	// The pusher delivers the outage's counts before the restart.
+	refOutage := e.readRef()
+	e.settle([]expect{{"the outage's bytes", e.series("kubezonnet_pod_pair_bytes_total", db.IPv4, api.IPv4),
+		float64(refOutage[testnet.Pair{Src: db.IPv4, Dst: api.IPv4}].Bytes - ref1[testnet.Pair{Src: db.IPv4, Dst: api.IPv4}].Bytes)}})
 	if err := stack.Server.Stop(15 * time.Second); err != nil {
 		t.Fatalf("server did not stop cleanly: %v", err)
 	}
@@ -411,34 +510,29 @@ func TestEndToEnd(t *testing.T) {
 	})
 
 	t.Run("the cross-zone alert fires for the heavy workload pair only", func(t *testing.T) {
-		deadline := time.Now().Add(60 * time.Second)
-		for {
-			res, err := stack.Query(ctx, `ALERTS{alertname="KubezonnetWorkloadPairCrossZoneTrafficHigh",alertstate="firing"}`)
-			if err != nil {
-				t.Fatal(err)
+		var res []Sample
+		err := poll(60*time.Second, func() (bool, error) {
+			var err error
+			res, err = stack.Query(ctx, `ALERTS{alertname="KubezonnetWorkloadPairCrossZoneTrafficHigh",alertstate="firing"}`)
+			return len(res) > 0, err
+		})
+		if err != nil {
+			var dump strings.Builder
+			for _, q := range []string{`kubezonnet:workload_pair_bytes:rate5m`, `kubezonnet:workload_pair_alert_threshold_bytes_per_second`, `ALERTS`} {
+				res, err := stack.Query(ctx, q)
+				fmt.Fprintf(&dump, "%s: %v %+v\n", q, err, res)
 			}
-			if len(res) > 0 {
-				for _, r := range res {
-					if r.Labels["src_workload"] != "db" || r.Labels["dst_workload"] != "api" {
-						rates, err := stack.Query(ctx, `kubezonnet:workload_pair_bytes:rate5m{class=~"cross-zone|cross-region"}`)
-						t.Errorf("alert fired for %s -> %s; cross-zone rates (B/s): %v %+v", r.Labels["src_workload"], r.Labels["dst_workload"], err, rates)
-					}
-				}
-				if len(res) != 1 {
-					t.Errorf("%d firing alerts, want 1 (db -> api)", len(res))
-				}
-				return
+			rules, _ := HTTPGet(ctx, stack.PrometheusURL+"/api/v1/rules")
+			t.Fatalf("the cross-zone alert never fired for db -> api: %v\n%s\nrules: %.3000s", err, dump.String(), rules)
+		}
+		for _, r := range res {
+			if r.Labels["src_workload"] != "db" || r.Labels["dst_workload"] != "api" {
+				rates, err := stack.Query(ctx, `kubezonnet:workload_pair_bytes:rate5m{class=~"cross-zone|cross-region"}`)
+				t.Errorf("alert fired for %s -> %s; cross-zone rates (B/s): %v %+v", r.Labels["src_workload"], r.Labels["dst_workload"], err, rates)
 			}
-			if time.Now().After(deadline) {
-				var dump strings.Builder
-				for _, q := range []string{`kubezonnet:workload_pair_bytes:rate5m`, `kubezonnet:workload_pair_alert_threshold_bytes_per_second`, `ALERTS`} {
-					res, err := stack.Query(ctx, q)
-					fmt.Fprintf(&dump, "%s: %v %+v\n", q, err, res)
-				}
-				rules, _ := HTTPGet(ctx, stack.PrometheusURL+"/api/v1/rules")
-				t.Fatalf("the cross-zone alert never fired for db -> api:\n%s\nrules: %.3000s", dump.String(), rules)
-			}
-			time.Sleep(time.Second)
+		}
+		if len(res) != 1 {
+			t.Errorf("%d firing alerts, want 1 (db -> api)", len(res))
 		}
 	})
 }
@@ -514,21 +608,33 @@ func TestEndToEndOffloads(t *testing.T) {
 			q := func(m string) string {
 				return fmt.Sprintf(`sum(%s{src_pod=%q,dst_pod=%q})`, m, tc.srcN, tc.dstN)
 			}
-			deadline := time.Now().Add(60 * time.Second)
-			for {
-				res, err := stack.Query(ctx, q("kubezonnet_pod_pair_bytes_total"))
-				if err != nil {
-					t.Fatal(err)
-				}
-				if len(res) == 1 && res[0].Value >= 0.995*wantBytes {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("Prometheus has %+v, want about %.0f bytes", res, wantBytes)
-				}
-				time.Sleep(time.Second)
+			// The last flush and push: the sender's agent has had a batch
+			// acknowledged that it began draining after the transfer (the
+			// second one from now: the first may have begun before), and
+			// then Prometheus has a sample of each series stamped later
+			// (the server stamps a push's samples when it takes its
+			// snapshot), so the sample holds everything counted.
+			agentMetrics := stack.AgentURL(tc.from.Node.Name) + "/metrics"
+			const batches = "kubezonnet_agent_batches_sent_total"
+			sent0, err := scrapeOne(ctx, agentMetrics, batches)
+			if err != nil {
+				t.Fatal(err)
 			}
-			time.Sleep(4 * time.Second) // the last flush and push
+			waitFor(t, time.Minute, "two batches from "+tc.from.Node.Name+"'s agent", func() (bool, error) {
+				v, err := scrapeOne(ctx, agentMetrics, batches)
+				return v >= sent0+2, err
+			})
+			flushed := time.Now()
+			for _, m := range []string{"kubezonnet_pod_pair_bytes_total", "kubezonnet_pod_pair_packets_total"} {
+				stamp := fmt.Sprintf(`min(timestamp(%s{src_pod=%q,dst_pod=%q}))`, m, tc.srcN, tc.dstN)
+				waitFor(t, time.Minute, "a push of "+m+" after the last flush", func() (bool, error) {
+					res, err := stack.Query(ctx, stamp)
+					if err != nil || len(res) != 1 {
+						return false, fmt.Errorf("%s: %v %+v", stamp, err, res)
+					}
+					return res[0].Value > float64(flushed.UnixMilli())/1000, nil
+				})
+			}
 			for _, c := range []struct {
 				metric string
 				want   float64

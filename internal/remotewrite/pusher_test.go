@@ -3,6 +3,7 @@ package remotewrite
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -312,8 +313,27 @@ func eventually(t *testing.T, what string, cond func() bool) {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond) // the poll interval
 	}
+}
+
+// retryWaits returns the waits a pusher logged before its retries (the
+// "wait" of its JSON log records), in order.
+func retryWaits(t *testing.T, logs string) []time.Duration {
+	t.Helper()
+	var out []time.Duration
+	for _, line := range strings.Split(strings.TrimSpace(logs), "\n") {
+		var rec struct {
+			Wait *time.Duration `json:"wait"`
+		}
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("log line %q: %v", line, err)
+		}
+		if rec.Wait != nil {
+			out = append(out, *rec.Wait)
+		}
+	}
+	return out
 }
 
 // ---- tests ------------------------------------------------------------------
@@ -464,20 +484,25 @@ func TestPusherRetries5xxWithGrowingDelays(t *testing.T) {
 	cfg.Shards = 1
 	cfg.MaxBackoff = 10 * time.Second
 	reg := metrics.New()
-	p := newTestPusher(t, cfg, reg, nil, src)
+	var logs testutil.SyncBuffer
+	p := newTestPusher(t, cfg, reg, slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})), src)
 	pushAndWait(t, p)
 
 	reqs := rcv.requests()
 	if len(reqs) != failures+1 {
 		t.Fatalf("got %d attempts, want %d", len(reqs), failures+1)
 	}
-	var prev time.Duration
-	for i := 1; i < len(reqs); i++ {
-		d := reqs[i].at.Sub(reqs[i-1].at)
-		if d <= prev {
-			t.Errorf("delay %d = %v, not longer than the one before (%v)", i, d, prev)
+	// The waits the shard chose (as logged), not the clock's gaps between
+	// requests: each is the doubling base less up to 20% jitter.
+	waits := retryWaits(t, logs.String())
+	if len(waits) != failures {
+		t.Fatalf("logged %d retry waits %v, want %d", len(waits), waits, failures)
+	}
+	for i, d := range waits {
+		base := min(cfg.MinBackoff<<i, cfg.MaxBackoff)
+		if d > base || d < base*4/5 {
+			t.Errorf("wait %d = %v, want within [%v, %v]", i, d, base*4/5, base)
 		}
-		prev = d
 	}
 	if v := reqs[len(reqs)-1].series[0].Samples[0].Value; v != 42 {
 		t.Errorf("delivered value %v, want 42", v)
@@ -518,7 +543,8 @@ func TestPusher429(t *testing.T) {
 			cfg := testConfig(rcv.url())
 			cfg.RetryOn429 = retryOn429
 			reg := metrics.New()
-			p := newTestPusher(t, cfg, reg, nil, src)
+			var logs testutil.SyncBuffer
+			p := newTestPusher(t, cfg, reg, slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})), src)
 			pushAndWait(t, p)
 			reqs := rcv.requests()
 			if !retryOn429 {
@@ -533,9 +559,10 @@ func TestPusher429(t *testing.T) {
 			if len(reqs) != 2 {
 				t.Fatalf("got %d attempts, want 2", len(reqs))
 			}
-			// Lower bound only: the receiver asked for 1 s.
-			if d := reqs[1].at.Sub(reqs[0].at); d < time.Second {
-				t.Errorf("retried after %v, Retry-After asked for 1s", d)
+			// The receiver asked for 1 s: the shard waits exactly that,
+			// not its own (20 ms) backoff.
+			if waits := retryWaits(t, logs.String()); len(waits) != 1 || waits[0] != time.Second {
+				t.Errorf("retry waits %v, Retry-After asked for [1s]", waits)
 			}
 		})
 	}
@@ -1403,13 +1430,7 @@ func TestPusherOverrun(t *testing.T) {
 	p := newTestPusher(t, cfg, reg, nil, src)
 	v.Store(1)
 	p.Push()
-	deadline := time.Now().Add(10 * time.Second)
-	for requests.Load() == 0 { // wait until the first snapshot is being sent
-		if time.Now().After(deadline) {
-			t.Fatal("the first push never reached the endpoint")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	eventually(t, "the first snapshot to reach the endpoint", func() bool { return requests.Load() > 0 })
 	if n := metricValue(t, reg, "kubezonnet_server_remote_write_push_overruns_total"); n != 0 {
 		t.Fatalf("overruns before a second push: %v", n)
 	}
