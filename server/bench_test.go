@@ -81,7 +81,7 @@ func benchIngestWith(b *testing.B, res Resolver, flowLog string) {
 		}
 		b.Cleanup(func() { f.Close() })
 		d.flowLog = f
-		cfg.FlowLogClasses, _ = flowlog.ParseClasses([]string{resolve.ClassCrossZone})
+		cfg.FlowLogClasses, _ = flowlog.ParseClasses([]string{resolve.ClassCrossZone.String()})
 	}
 	srv, err := newServer(&cfg, d)
 	if err != nil {

@@ -98,7 +98,7 @@ func Flags() []cli.Flag {
 		&cli.DurationFlag{Name: "series-idle-timeout", Value: DefaultSeriesIdleTimeout, Usage: "series without traffic for this long expire"},
 		&cli.DurationFlag{Name: "released-ip-ttl", Value: resolve.DefaultReleasedIPTTL, Usage: "how long a deleted pod's address still resolves to it for flows seen before"},
 		&cli.IntFlag{Name: "released-ip-cache-size", Value: resolve.DefaultReleasedIPCacheSize, Usage: "released addresses remembered"},
-		&cli.StringSliceFlag{Name: "flow-log-classes", Value: cli.NewStringSlice(resolve.ClassCrossZone), Usage: "classes of flows to log (" + strings.Join(flowlog.Classes, ", ") + ", all, none)"},
+		&cli.StringSliceFlag{Name: "flow-log-classes", Value: cli.NewStringSlice(resolve.ClassCrossZone.String()), Usage: "classes of flows to log (" + strings.Join(resolve.ClassNames(), ", ") + ", all, none)"},
 		&cli.StringFlag{Name: "flow-log-file", Usage: "file the flow log is appended to; empty or - means stdout"},
 		&cli.Int64Flag{Name: "max-request-bytes", Value: DefaultMaxBodyBytes, Usage: "largest compressed ingest request body"},
 		&cli.DurationFlag{Name: "incarnation-ttl", Value: DefaultIncarnationTTL, Usage: "how long an agent incarnation's last batch seq is remembered (de-duplication)"},

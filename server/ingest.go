@@ -126,6 +126,9 @@ type work struct {
 	dec   wire.Decoder
 	batch wire.Batch
 	flows []aggregate.Flow
+	// index holds, for each of flows, its position in batch.Flows (the
+	// flows of another node's sources are left out).
+	index []int32
 }
 
 // maxPooledBody: a rare huge request's buffer is not kept for reuse.
@@ -330,12 +333,11 @@ func (in *Ingest) refuse(w http.ResponseWriter, code int, reason, format string,
 	http.Error(w, msg, code)
 }
 
-// apply resolves, aggregates and logs the flows of a claimed batch. The
-// aggregator classifies (it caches the class per endpoint pair), so the
-// second loop reads classes and unknown sides from the flows.
+// apply resolves, classifies, aggregates and logs the flows of a claimed
+// batch.
 func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 	b := &wk.batch
-	flows := wk.flows[:0]
+	flows, index := wk.flows[:0], wk.index[:0]
 	var foreign, bytes uint64
 	at := b.Time
 	for i := range b.Flows {
@@ -346,13 +348,13 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 			foreign++
 			continue
 		}
-		flows = append(flows, aggregate.Flow{
-			Src: in.res.Resolve(f.Src, at), Dst: in.res.Resolve(f.Dst, at), Counts: f.Counts, Index: int32(i),
-		})
+		src, dst := in.res.Resolve(f.Src, at), in.res.Resolve(f.Dst, at)
+		flows = append(flows, aggregate.Flow{Src: src, Dst: dst, Class: resolve.Classify(src, dst), Counts: f.Counts})
+		index = append(index, int32(i))
 		bytes += f.Bytes
 	}
 	pos := in.agg.Apply(now, flows, &aggregate.BatchID{Node: b.Node, Incarnation: b.Incarnation, Seq: b.Seq})
-	wk.flows = flows
+	wk.flows, wk.index = flows, index
 
 	var logged *flowlog.Batch
 	if in.flog.Any() {
@@ -360,17 +362,15 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 	}
 	for i := range flows {
 		f := &flows[i]
-		if f.Unknown != 0 {
-			if f.Unknown&aggregate.SrcUnknown != 0 {
-				in.countUnresolved(f.Src)
-			}
-			if f.Unknown&aggregate.DstUnknown != 0 {
-				in.countUnresolved(f.Dst)
-			}
+		if f.Src.Kind == resolve.KindUnknown {
+			in.countUnresolved(f.Src)
+		}
+		if f.Dst.Kind == resolve.KindUnknown {
+			in.countUnresolved(f.Dst)
 		}
 		if in.flog.Enabled(f.Class) {
 			logged.Events = append(logged.Events, flowlog.Event{Time: at, Node: b.Node, Src: f.Src, Dst: f.Dst,
-				Record: b.Flows[f.Index], Class: f.Class})
+				Record: b.Flows[index[i]], Class: f.Class})
 		}
 	}
 	if logged != nil {

@@ -45,20 +45,6 @@ const (
 	Overflow = "_overflow"
 )
 
-// Classes of a pair, as resolve.Classify names them.
-const (
-	ClassSameZone    = resolve.ClassSameZone
-	ClassCrossZone   = resolve.ClassCrossZone
-	ClassCrossRegion = resolve.ClassCrossRegion
-	ClassExternal    = resolve.ClassExternal
-	ClassUnknown     = resolve.ClassUnknown
-)
-
-// Bits of Flow.Unknown.
-const (
-	SrcUnknown uint8 = 1 << iota
-	DstUnknown
-)
 
 // Config bounds and shapes the aggregation.
 type Config struct {
@@ -81,15 +67,10 @@ type Config struct {
 // Flow is one resolved flow, the unit Apply consumes.
 type Flow struct {
 	Src, Dst *resolve.Endpoint
+	// Class is resolve.Classify(Src, Dst), computed by the caller: Apply
+	// reads it only for a pair it has not seen, and never writes a flow.
+	Class resolve.Class
 	flow.Counts
-	// Class is set by Apply to resolve.Classify(Src, Dst), and Unknown to
-	// which sides are of kind unknown. Both are cached per endpoint pair,
-	// so the hot path touches neither endpoint once the pair is known.
-	Class   string
-	Unknown uint8
-	// Index is the caller's: Apply leaves it alone (ingest keeps the
-	// flow's position in its batch there).
-	Index int32
 }
 
 type seriesKind uint8
@@ -144,21 +125,8 @@ type routeKey struct {
 // unknown sides.
 type route struct {
 	pair, zone, cross uint32
-	class             uint8 // index into classes
-	unknown           uint8
 }
 
-// classes are the values of Flow.Class, indexed by route.class.
-var classes = [...]string{ClassSameZone, ClassCrossZone, ClassCrossRegion, ClassExternal, ClassUnknown}
-
-func classIndex(c string) uint8 {
-	for i, v := range classes {
-		if v == c {
-			return uint8(i)
-		}
-	}
-	return uint8(len(classes) - 1) // unknown
-}
 
 // Aggregator holds the counters. It is safe for concurrent use: Apply
 // takes its lock once per batch.
@@ -250,7 +218,6 @@ func (a *Aggregator) Apply(now time.Time, flows []Flow, id *BatchID) uint64 {
 			r = a.newRoute(f, ts)
 			a.routes[k] = r
 		}
-		f.Class, f.Unknown = classes[r.class], r.unknown
 		a.add(r, f.Counts, ts)
 		if j {
 			a.recordFlow(r, f.Counts)
@@ -282,31 +249,19 @@ func (a *Aggregator) add(r route, c flow.Counts, ts int64) {
 }
 
 // tracked reports whether a class gets pod-pair series.
-func (a *Aggregator) tracked(class string) bool {
+func (a *Aggregator) tracked(class resolve.Class) bool {
 	if a.cfg.AllPairs {
 		return true
 	}
 	// Unknown pairs are tracked: a pod sending to a private address
 	// outside the cluster (a peered network, an on-premises range) may
 	// be billed, and only the pair says which pod it is.
-	return class != ClassSameZone
-}
-
-// crossesZone reports whether a class counts in the compatibility series.
-func crossesZone(class string) bool {
-	return class == ClassCrossZone || class == ClassCrossRegion
+	return class != resolve.ClassSameZone
 }
 
 // newRoute finds or creates the series a new endpoint pair feeds.
 func (a *Aggregator) newRoute(f *Flow, ts int64) route {
-	f.Class = classes[classIndex(resolve.Classify(f.Src, f.Dst))]
-	r := route{class: classIndex(f.Class), pair: noRef, cross: noRef}
-	if f.Src.Kind == resolve.KindUnknown {
-		r.unknown |= SrcUnknown
-	}
-	if f.Dst.Kind == resolve.KindUnknown {
-		r.unknown |= DstUnknown
-	}
+	r := route{pair: noRef, cross: noRef}
 	a.scratch = zoneLabels(a.scratch[:0], MetricZonePairBytes, f.Src.Zone, f.Dst.Zone)
 	r.zone = a.findOrCreate(kindZone, ts)
 	if a.tracked(f.Class) {
@@ -326,7 +281,7 @@ func (a *Aggregator) newRoute(f *Flow, ts int64) route {
 			r.pair = a.findOrCreate(kindOverflow, ts)
 		}
 	}
-	if crossesZone(f.Class) && f.Src.Kind == resolve.KindPod {
+	if f.Class.CrossesZone() && f.Src.Kind == resolve.KindPod {
 		a.scratch = append(a.scratch[:0],
 			metrics.Label{Name: "__name__", Value: MetricPodCrossZone},
 			metrics.Label{Name: "namespace", Value: f.Src.Namespace},

@@ -28,22 +28,29 @@ var (
 	dbBCopy = func() *resolve.Endpoint { c := *dbB; return &c }()
 )
 
-// fl builds a flow; class is what Apply must compute for the pair, and
-// apply checks it.
-func fl(src, dst *resolve.Endpoint, class string, bytes, packets uint64) Flow {
+// fl builds a flow; class is what resolve.Classify gives the pair, which
+// apply checks (the flow's class is the caller's input to Apply).
+func fl(src, dst *resolve.Endpoint, class resolve.Class, bytes, packets uint64) Flow {
 	return Flow{Src: src, Dst: dst, Class: class, Counts: flow.Counts{Bytes: bytes, Packets: packets}}
 }
 
-// apply feeds flows one by one, checking the class Apply sets.
+// cf builds a flow classed by resolve.Classify, as ingest builds them.
+func cf(src, dst *resolve.Endpoint, bytes, packets uint64) Flow {
+	return fl(src, dst, resolve.Classify(src, dst), bytes, packets)
+}
+
+// apply feeds flows one by one, checking that each flow's class is the
+// one resolve.Classify gives and that Apply leaves the flow as it was.
 func apply(t *testing.T, a *Aggregator, now time.Time, flows ...Flow) {
 	t.Helper()
 	for _, f := range flows {
-		want := f.Class
+		if got := resolve.Classify(f.Src, f.Dst); got != f.Class {
+			t.Fatalf("%s -> %s: test flow classed %v, resolve.Classify says %v", f.Src.Pod+f.Src.Workload, f.Dst.Pod+f.Dst.Workload, f.Class, got)
+		}
 		batch := []Flow{f}
-		batch[0].Class = ""
 		a.Apply(now, batch, nil)
-		if batch[0].Class != want {
-			t.Errorf("%s -> %s: class %q, want %q", f.Src.Pod+f.Src.Workload, f.Dst.Pod+f.Dst.Workload, batch[0].Class, want)
+		if batch[0] != f {
+			t.Errorf("%s -> %s: Apply changed the caller's flow to %+v", f.Src.Pod+f.Src.Workload, f.Dst.Pod+f.Dst.Workload, batch[0])
 		}
 	}
 }
@@ -89,7 +96,7 @@ func TestAggregate(t *testing.T) {
 	}{{
 		name:  "cross-zone pod pair",
 		max:   10,
-		flows: []Flow{fl(webA, dbB, ClassCrossZone, 1000, 10), fl(webA, dbB, ClassCrossZone, 500, 5)},
+		flows: []Flow{fl(webA, dbB, resolve.ClassCrossZone, 1000, 10), fl(webA, dbB, resolve.ClassCrossZone, 500, 5)},
 		want: []string{
 			`kubezonnet_pod_pair_bytes_total{` + pairWebDB + `} 1500`,
 			`kubezonnet_pod_pair_packets_total{` + pairWebDB + `} 15`,
@@ -100,7 +107,7 @@ func TestAggregate(t *testing.T) {
 	}, {
 		name:  "same-zone pair only in zone series by default",
 		max:   10,
-		flows: []Flow{fl(webA, dbA, ClassSameZone, 700, 7)},
+		flows: []Flow{fl(webA, dbA, resolve.ClassSameZone, 700, 7)},
 		want: []string{
 			`kubezonnet_zone_pair_bytes_total{dst_zone="a",src_zone="a"} 700`,
 			`kubezonnet_zone_pair_packets_total{dst_zone="a",src_zone="a"} 7`,
@@ -109,7 +116,7 @@ func TestAggregate(t *testing.T) {
 		name:     "same-zone pair with all pairs",
 		allPairs: true,
 		max:      10,
-		flows:    []Flow{fl(webA, dbA, ClassSameZone, 700, 7)},
+		flows:    []Flow{fl(webA, dbA, resolve.ClassSameZone, 700, 7)},
 		want: []string{
 			`kubezonnet_pod_pair_bytes_total{class="same-zone",dst_kind="pod",dst_namespace="shop",dst_pod="db-1",dst_workload="db",dst_workload_kind="StatefulSet",dst_zone="a",src_kind="pod",src_namespace="shop",src_pod="web-1",src_workload="web",src_workload_kind="Deployment",src_zone="a"} 700`,
 			`kubezonnet_pod_pair_packets_total{class="same-zone",dst_kind="pod",dst_namespace="shop",dst_pod="db-1",dst_workload="db",dst_workload_kind="StatefulSet",dst_zone="a",src_kind="pod",src_namespace="shop",src_pod="web-1",src_workload="web",src_workload_kind="Deployment",src_zone="a"} 7`,
@@ -119,7 +126,7 @@ func TestAggregate(t *testing.T) {
 	}, {
 		name:  "node and external endpoints leave empty labels out",
 		max:   10,
-		flows: []Flow{fl(nodeB, inet, ClassExternal, 42, 1)},
+		flows: []Flow{fl(nodeB, inet, resolve.ClassExternal, 42, 1)},
 		want: []string{
 			`kubezonnet_pod_pair_bytes_total{class="external",dst_kind="external",dst_workload="external",dst_workload_kind="External",dst_zone="external",src_kind="node",src_workload="n-b",src_workload_kind="Node",src_zone="b"} 42`,
 			`kubezonnet_pod_pair_packets_total{class="external",dst_kind="external",dst_workload="external",dst_workload_kind="External",dst_zone="external",src_kind="node",src_workload="n-b",src_workload_kind="Node",src_zone="b"} 1`,
@@ -131,7 +138,7 @@ func TestAggregate(t *testing.T) {
 		// peered network): billed perhaps, and only the pair says who.
 		name:  "unknown destination gets a pod pair by default",
 		max:   10,
-		flows: []Flow{fl(webA, unknownEP, ClassUnknown, 64, 1)},
+		flows: []Flow{fl(webA, unknownEP, resolve.ClassUnknown, 64, 1)},
 		want: []string{
 			`kubezonnet_pod_pair_bytes_total{class="unknown",dst_kind="unknown",dst_workload="unknown",dst_workload_kind="Unknown",dst_zone="unknown",src_kind="pod",src_namespace="shop",src_pod="web-1",src_workload="web",src_workload_kind="Deployment",src_zone="a"} 64`,
 			`kubezonnet_pod_pair_packets_total{class="unknown",dst_kind="unknown",dst_workload="unknown",dst_workload_kind="Unknown",dst_zone="unknown",src_kind="pod",src_namespace="shop",src_pod="web-1",src_workload="web",src_workload_kind="Deployment",src_zone="a"} 1`,
@@ -141,7 +148,7 @@ func TestAggregate(t *testing.T) {
 	}, {
 		name:  "equal labels in distinct endpoint allocations share a series",
 		max:   10,
-		flows: []Flow{fl(webA, dbB, ClassCrossZone, 1, 1), fl(webA, dbBCopy, ClassCrossZone, 2, 1)},
+		flows: []Flow{fl(webA, dbB, resolve.ClassCrossZone, 1, 1), fl(webA, dbBCopy, resolve.ClassCrossZone, 2, 1)},
 		want: []string{
 			`kubezonnet_pod_pair_bytes_total{` + pairWebDB + `} 3`,
 			`kubezonnet_pod_pair_packets_total{` + pairWebDB + `} 2`,
@@ -152,7 +159,7 @@ func TestAggregate(t *testing.T) {
 	}, {
 		name:   "pairs beyond the limit fold into the workload pair",
 		max:    1,
-		flows:  []Flow{fl(webA, dbB, ClassCrossZone, 10, 1), fl(webA2, dbB, ClassCrossZone, 20, 2), fl(webA2, dbB, ClassCrossZone, 5, 1)},
+		flows:  []Flow{fl(webA, dbB, resolve.ClassCrossZone, 10, 1), fl(webA2, dbB, resolve.ClassCrossZone, 20, 2), fl(webA2, dbB, resolve.ClassCrossZone, 5, 1)},
 		folded: 1,
 		want: []string{
 			`kubezonnet_pod_pair_bytes_total{` + pairWebDB + `} 10`,
@@ -202,9 +209,9 @@ func TestExpiry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	apply(t, a, now, fl(webA, dbB, ClassCrossZone, 10, 1))
+	apply(t, a, now, fl(webA, dbB, resolve.ClassCrossZone, 10, 1))
 	now = now.Add(30 * time.Second)
-	apply(t, a, now, fl(nodeB, inet, ClassExternal, 5, 1))
+	apply(t, a, now, fl(nodeB, inet, resolve.ClassExternal, 5, 1))
 	if n := len(a.AppendSeries(nil)); n != 9 {
 		t.Fatalf("before expiry: %d series, want 9", n)
 	}
@@ -226,7 +233,7 @@ func TestExpiry(t *testing.T) {
 	}
 	// The pod-pair slot was freed: the pair comes back as its own series
 	// (not folded) and starts from zero, as a new series should.
-	apply(t, a, now, fl(webA, dbB, ClassCrossZone, 7, 1))
+	apply(t, a, now, fl(webA, dbB, resolve.ClassCrossZone, 7, 1))
 	got = render(a.AppendSeries(nil))
 	if !slices.Contains(got, `kubezonnet_pod_pair_bytes_total{`+pairWebDB+`} 7`) {
 		t.Errorf("re-created pair missing:\n%s", strings.Join(got, "\n"))
@@ -243,10 +250,10 @@ func TestLabelsImmutable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	apply(t, a, time.Now(), fl(webA, dbB, ClassCrossZone, 1, 1))
+	apply(t, a, time.Now(), fl(webA, dbB, resolve.ClassCrossZone, 1, 1))
 	first := a.AppendSeries(nil)
 	before := render(first)
-	apply(t, a, time.Now(), fl(webA2, dbB, ClassCrossZone, 1, 1), fl(nodeB, inet, ClassExternal, 1, 1))
+	apply(t, a, time.Now(), fl(webA2, dbB, resolve.ClassCrossZone, 1, 1), fl(nodeB, inet, resolve.ClassExternal, 1, 1))
 	second := a.AppendSeries(nil)
 	for i := range first {
 		first[i].Value = 0 // values are copies; only labels are shared

@@ -136,7 +136,7 @@ func TestRestoreFreeSlots(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.FinishReplay()
-	a.Apply(fuzzStart, []Flow{fl(webA, dbB, "", 1, 1), fl(dbB, webA, "", 2, 1)}, nil)
+	a.Apply(fuzzStart, []Flow{cf(webA, dbB, 1, 1), cf(dbB, webA, 2, 1)}, nil)
 	if len(a.series) != 1000 {
 		t.Errorf("%d slots after new series, want the 1000 restored (free ones reused)", len(a.series))
 	}
@@ -247,9 +247,9 @@ func TestRestoreKeepsIdleTime(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.Apply(now, []Flow{fl(webA, dbB, "", 1, 1)}, nil)
+	a.Apply(now, []Flow{cf(webA, dbB, 1, 1)}, nil)
 	now = now.Add(40 * time.Second)
-	a.Apply(now, []Flow{fl(nodeB, inet, "", 1, 1)}, nil)
+	a.Apply(now, []Flow{cf(nodeB, inet, 1, 1)}, nil)
 	b, err := New(Config{MaxPodPairs: 3, IdleTimeout: time.Minute, Now: func() time.Time { return now }}, metrics.New())
 	if err != nil {
 		t.Fatal(err)

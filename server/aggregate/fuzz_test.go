@@ -34,10 +34,10 @@ func fuzzState(tb testing.TB) []byte {
 		tb.Fatal(err)
 	}
 	t0 := fuzzStart.Add(-5 * time.Minute)
-	a.Apply(t0, []Flow{fl(webA2, cacheC, "", 1, 1), fl(nodeB, unknownEP, "", 2, 1)}, nil) // expire below
+	a.Apply(t0, []Flow{cf(webA2, cacheC, 1, 1), cf(nodeB, unknownEP, 2, 1)}, nil) // expire below
 	a.Apply(fuzzStart, []Flow{
-		fl(webA, dbB, "", 1000, 10), fl(webB, dbA, "", 500, 5), fl(webA2, dbB, "", 70, 1),
-		fl(dbB, webA, "", 30, 1), fl(nodeB, inet, "", 42, 1), fl(webA, unknownEP, "", 64, 1),
+		cf(webA, dbB, 1000, 10), cf(webB, dbA, 500, 5), cf(webA2, dbB, 70, 1),
+		cf(dbB, webA, 30, 1), cf(nodeB, inet, 42, 1), cf(webA, unknownEP, 64, 1),
 	}, nil)
 	a.Expire(fuzzStart)
 	a.Delivered(fuzzStart.UnixMilli() - 1)
@@ -130,16 +130,16 @@ func replaySeeds(tb testing.TB, body []byte) [][]byte {
 	var seeds [][]byte
 	for _, change := range []func(a *Aggregator){
 		func(a *Aggregator) { // known series only
-			a.Apply(fuzzStart.Add(time.Second), []Flow{fl(webA, dbB, "", 5, 1), fl(nodeB, inet, "", 6, 1)}, nil)
+			a.Apply(fuzzStart.Add(time.Second), []Flow{cf(webA, dbB, 5, 1), cf(nodeB, inet, 6, 1)}, nil)
 		},
 		func(a *Aggregator) { // new series in free refs and past the end, a fold
 			a.Apply(fuzzStart.Add(time.Second), []Flow{
-				fl(cacheC, webA, "", 9, 1), fl(inet, nodeB, "", 8, 1), fl(webA2, unknownEP, "", 7, 1),
-				fl(dbA, cacheC, "", 6, 1), fl(webA, webA2, "", 5, 1),
+				cf(cacheC, webA, 9, 1), cf(inet, nodeB, 8, 1), cf(webA2, unknownEP, 7, 1),
+				cf(dbA, cacheC, 6, 1), cf(webA, webA2, 5, 1),
 			}, &BatchID{Node: "n-a", Incarnation: "i1", Seq: 7})
 		},
 		func(a *Aggregator) { // counts a few doublings short of wrapping
-			a.Apply(fuzzStart.Add(time.Second), []Flow{fl(webA, dbB, "", 1<<62, 1<<61), fl(dbB, webA, "", 1<<62, 1)}, nil)
+			a.Apply(fuzzStart.Add(time.Second), []Flow{cf(webA, dbB, 1<<62, 1<<61), cf(dbB, webA, 1<<62, 1)}, nil)
 		},
 		func(a *Aggregator) { a.Expire(fuzzStart.Add(1001 * time.Hour)) },
 		func(a *Aggregator) { a.Delivered(fuzzStart.UnixMilli() + 5) },
@@ -193,7 +193,7 @@ func FuzzReplay(f *testing.F) {
 			t.Fatal("state after an accepted record restores differently")
 		}
 		a.FinishReplay()
-		a.Apply(fuzzStart.Add(2*time.Hour), []Flow{fl(webA, dbB, "", 1, 1), fl(cacheC, webA2, "", 1, 1)}, nil)
+		a.Apply(fuzzStart.Add(2*time.Hour), []Flow{cf(webA, dbB, 1, 1), cf(cacheC, webA2, 1, 1)}, nil)
 	})
 }
 
@@ -245,7 +245,7 @@ func FuzzRestore(f *testing.F) {
 		}
 		a.FinishReplay()
 		a.AppendSeries(nil)
-		a.Apply(fuzzStart.Add(2*time.Hour), []Flow{fl(webA, dbB, "", 1, 1), fl(cacheC, webA2, "", 1, 1), fl(nodeB, inet, "", 1, 1)}, nil)
+		a.Apply(fuzzStart.Add(2*time.Hour), []Flow{cf(webA, dbB, 1, 1), cf(cacheC, webA2, 1, 1), cf(nodeB, inet, 1, 1)}, nil)
 	})
 }
 

@@ -16,7 +16,7 @@ func pairLabels(dst []metrics.Label, name string, f *Flow, fold bool) []metrics.
 	}
 	dst = append(dst,
 		metrics.Label{Name: "__name__", Value: name},
-		metrics.Label{Name: "class", Value: f.Class},
+		metrics.Label{Name: "class", Value: f.Class.String()},
 		metrics.Label{Name: "dst_kind", Value: f.Dst.Kind.String()},
 		metrics.Label{Name: "dst_namespace", Value: f.Dst.Namespace},
 		metrics.Label{Name: "dst_pod", Value: dstPod},

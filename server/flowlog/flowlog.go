@@ -27,7 +27,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,55 +38,34 @@ import (
 	"github.com/kubezonnet/kubezonnet/server/resolve"
 )
 
-// Classes lists the class names --flow-log-classes accepts, besides "all"
-// and "none".
-var Classes = []string{
-	resolve.ClassSameZone, resolve.ClassCrossZone, resolve.ClassCrossRegion,
-	resolve.ClassExternal, resolve.ClassUnknown,
-}
-
-// ClassSet is a set of classes, small enough to test per flow for free.
+// ClassSet is a set of traffic classes, a bit per resolve.Class: small
+// enough to test per flow for free.
 type ClassSet uint8
 
 // ParseClasses parses a list such as ["cross-zone","external"]; "all"
 // selects every class and "none" (or an empty list) disables logging.
 func ParseClasses(list []string) (ClassSet, error) {
 	var s ClassSet
-	for _, c := range list {
-		c = strings.TrimSpace(c)
-		switch c {
+	for _, name := range list {
+		name = strings.TrimSpace(name)
+		switch name {
 		case "all":
-			s = 1<<len(Classes) - 1
+			s = 1<<resolve.NumClasses - 1
 			continue
 		case "none", "":
 			continue
 		}
-		i := slices.Index(Classes, c)
-		if i < 0 {
-			return 0, fmt.Errorf("unknown flow class %q (want all, none or one of %s)", c, strings.Join(Classes, ", "))
+		c, err := resolve.ParseClass(name)
+		if err != nil {
+			return 0, fmt.Errorf("flow log classes: %w (or all, none)", err)
 		}
-		s |= 1 << i
+		s |= 1 << c
 	}
 	return s, nil
 }
 
 // Has reports whether class is in the set.
-func (s ClassSet) Has(class string) bool {
-	// A switch rather than slices.Index: this runs once per flow.
-	switch class {
-	case resolve.ClassSameZone:
-		return s&1 != 0
-	case resolve.ClassCrossZone:
-		return s&2 != 0
-	case resolve.ClassCrossRegion:
-		return s&4 != 0
-	case resolve.ClassExternal:
-		return s&8 != 0
-	case resolve.ClassUnknown:
-		return s&16 != 0
-	}
-	return false
-}
+func (s ClassSet) Has(class resolve.Class) bool { return s&(1<<class) != 0 }
 
 // Event is one flow to log. It holds pointers to shared, immutable
 // endpoints, so queuing it copies no strings.
@@ -98,7 +76,7 @@ type Event struct {
 	Node     string
 	Src, Dst *resolve.Endpoint
 	flow.Record
-	Class string
+	Class resolve.Class
 }
 
 // Batch is the events of one agent batch, queued as a whole. It is handed
@@ -152,7 +130,7 @@ func New(cfg Config, w io.Writer, reg *metrics.Registry) *Logger {
 
 // Enabled reports whether flows of class are logged. A nil logger logs
 // nothing, so callers need no separate switch.
-func (l *Logger) Enabled(class string) bool {
+func (l *Logger) Enabled(class resolve.Class) bool {
 	return l != nil && l.classes.Has(class)
 }
 
@@ -247,7 +225,7 @@ func AppendEvent(b []byte, e *Event) []byte {
 	b = append(b, `,"packets":`...)
 	b = strconv.AppendUint(b, e.Packets, 10)
 	b = append(b, `,"class":`...)
-	b = appendString(b, e.Class)
+	b = appendString(b, e.Class.String())
 	return append(b, "}\n"...)
 }
 

@@ -35,14 +35,14 @@ func TestEventsParseBack(t *testing.T) {
 
 	at := time.Date(2026, 1, 2, 3, 4, 5, 600_000_000, time.UTC)
 	events := []Event{
-		{Time: at, Node: "node-a", Src: web, Dst: db, Class: "cross-zone", Record: flow.Record{
+		{Time: at, Node: "node-a", Src: web, Dst: db, Class: resolve.ClassCrossZone, Record: flow.Record{
 			Key:    flow.Key{Src: netip.MustParseAddr("10.0.1.1"), Dst: netip.MustParseAddr("10.0.2.1"), Proto: 6, Port: 5432, PortIsDst: true},
 			Counts: flow.Counts{Bytes: 123456789012, Packets: 77}}},
-		{Time: at, Node: "node-a", Src: web, Dst: odd, Class: "external", Record: flow.Record{
+		{Time: at, Node: "node-a", Src: web, Dst: odd, Class: resolve.ClassExternal, Record: flow.Record{
 			Key:    flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("2001:db8::5"), Proto: 58},
 			Counts: flow.Counts{Bytes: 64, Packets: 1}}},
 	}
-	if !l.Enabled("cross-zone") || !l.Enabled("external") || l.Enabled("same-zone") || l.Enabled("unknown") {
+	if !l.Enabled(resolve.ClassCrossZone) || !l.Enabled(resolve.ClassExternal) || l.Enabled(resolve.ClassSameZone) || l.Enabled(resolve.ClassUnknown) {
 		t.Fatalf("class set %b does not match cross-zone,external", set)
 	}
 	batch := l.Buffer()
@@ -99,7 +99,7 @@ func TestSendNeverBlocks(t *testing.T) {
 	l := New(Config{Classes: 0xff, QueueBatches: 2}, w, metrics.New())
 	// Without Run nothing drains the queue: two batches fit, the rest
 	// are dropped and counted, and Send returns every time.
-	ev := Event{Src: web, Dst: db, Class: "cross-zone"}
+	ev := Event{Src: web, Dst: db, Class: resolve.ClassCrossZone}
 	for range 5 {
 		batch := l.Buffer()
 		batch.Events = append(batch.Events, ev, ev, ev)
@@ -118,10 +118,10 @@ func TestParseClasses(t *testing.T) {
 		wantErr string
 	}{
 		{in: []string{"cross-zone"}, want: []string{"cross-zone"}},
-		{in: []string{"all"}, want: Classes},
+		{in: []string{"all"}, want: resolve.ClassNames()},
 		{in: []string{"none"}},
 		{in: []string{"same-zone", " unknown"}, want: []string{"same-zone", "unknown"}},
-		{in: []string{"cross_zone"}, wantErr: `unknown flow class "cross_zone"`},
+		{in: []string{"cross_zone"}, wantErr: `unknown traffic class "cross_zone"`},
 	} {
 		set, err := ParseClasses(tc.in)
 		if tc.wantErr != "" {
@@ -133,10 +133,10 @@ func TestParseClasses(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%q: %v", tc.in, err)
 		}
-		for _, c := range Classes {
+		for c := range resolve.NumClasses {
 			want := false
 			for _, w := range tc.want {
-				want = want || w == c
+				want = want || w == c.String()
 			}
 			if set.Has(c) != want {
 				t.Errorf("%q: Has(%s) = %v, want %v", tc.in, c, set.Has(c), want)

@@ -102,41 +102,6 @@ func unknownEndpoint(reason string) *Endpoint {
 		Zone: ValueUnknown, Region: ValueUnknown, Reason: reason}
 }
 
-// Traffic classes of a (source, destination) pair: the class label values.
-const (
-	ClassSameZone    = "same-zone"
-	ClassCrossZone   = "cross-zone"
-	ClassCrossRegion = "cross-region"
-	ClassExternal    = "external"
-	ClassUnknown     = "unknown"
-)
-
-// Classify gives the traffic class of a flow from src to dst.
-//
-// Order of the rules: traffic with the internet on either side is
-// "external" (its price does not depend on the zone of the other side);
-// otherwise any unknown side, or a side without a zone, makes it "unknown";
-// equal zones are "same-zone"; different zones are "cross-region" when both
-// regions are known and differ, and "cross-zone" otherwise (a missing region
-// label never inflates a flow to cross-region).
-func Classify(src, dst *Endpoint) string {
-	if src == nil || dst == nil {
-		return ClassUnknown
-	}
-	if src.Kind == KindExternal || dst.Kind == KindExternal {
-		return ClassExternal
-	}
-	if src.Kind == KindUnknown || dst.Kind == KindUnknown || !knownZone(src.Zone) || !knownZone(dst.Zone) {
-		return ClassUnknown
-	}
-	if src.Zone == dst.Zone {
-		return ClassSameZone
-	}
-	if knownZone(src.Region) && knownZone(dst.Region) && src.Region != dst.Region {
-		return ClassCrossRegion
-	}
-	return ClassCrossZone
-}
 
 // knownZone reports whether a zone or region value names a real place.
 func knownZone(z string) bool {

@@ -1,6 +1,9 @@
 package resolve
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 func TestClassify(t *testing.T) {
 	a1 := podEP("ns", "a", "a", "Pod", "n-a", "z-a", "r-1")
@@ -31,9 +34,29 @@ func TestClassify(t *testing.T) {
 		{"nil source", nil, a1, "unknown"},
 		{"nil destination", a1, nil, "unknown"},
 	} {
-		if got := Classify(tc.src, tc.dst); got != tc.want {
+		if got := Classify(tc.src, tc.dst).String(); got != tc.want {
 			t.Errorf("%s: Classify = %q, want %q", tc.name, got, tc.want)
 		}
+	}
+}
+
+// TestParseClass: every class's label value parses back to it, and
+// anything else is refused with the accepted values named.
+func TestParseClass(t *testing.T) {
+	for c := range NumClasses {
+		got, err := ParseClass(c.String())
+		if err != nil || got != c {
+			t.Errorf("ParseClass(%q) = %v, %v; want %v", c.String(), got, err, c)
+		}
+	}
+	if _, err := ParseClass("cross_zone"); err == nil || !strings.Contains(err.Error(), "cross-zone") {
+		t.Errorf("ParseClass(cross_zone) = %v, want an error naming the classes", err)
+	}
+	if got := NumClasses.String(); got != "class(5)" {
+		t.Errorf("out-of-range class prints %q", got)
+	}
+	if !ClassCrossZone.CrossesZone() || !ClassCrossRegion.CrossesZone() || ClassSameZone.CrossesZone() || ClassExternal.CrossesZone() || ClassUnknown.CrossesZone() {
+		t.Error("CrossesZone holds for exactly cross-zone and cross-region")
 	}
 }
 
