@@ -45,7 +45,6 @@ const (
 	Overflow = "_overflow"
 )
 
-
 // Config bounds and shapes the aggregation.
 type Config struct {
 	// AllPairs keeps pod-pair series for every class, not only the
@@ -126,7 +125,6 @@ type routeKey struct {
 type route struct {
 	pair, zone, cross uint32
 }
-
 
 // Aggregator holds the counters. It is safe for concurrent use: Apply
 // takes its lock once per batch.

@@ -102,7 +102,6 @@ func unknownEndpoint(reason string) *Endpoint {
 		Zone: ValueUnknown, Region: ValueUnknown, Reason: reason}
 }
 
-
 // knownZone reports whether a zone or region value names a real place.
 func knownZone(z string) bool {
 	return z != "" && z != ValueUnknown && z != ValueExternal
