@@ -3,8 +3,9 @@
 package agent
 
 import (
-	"bufio"
+	"bytes"
 	"context"
+	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -50,13 +51,40 @@ func twoNodeTopology(t *testing.T) *testnet.Topology {
 	}})
 }
 
-// transfer is testnet.Transfer failing the test on error.
+// transfer is testnet.Transfer failing the test on error. It returns once
+// every packet of the connection has gone through the nodes' hooks (see
+// waitLastACK).
 func transfer(t *testing.T, fromNS, toNS string, dst netip.AddrPort, n int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := testnet.Transfer(ctx, fromNS, toNS, dst, n); err != nil {
 		t.Fatal(err)
+	}
+	waitLastACK(t, ctx, toNS)
+}
+
+// waitLastACK waits until no TCP socket in ns is in LAST-ACK. A transfer
+// returns once the receiver has closed, before the sender's last ACK (of
+// the receiver's FIN) has necessarily gone through the nodes' hooks; the
+// receiver's socket stays in LAST-ACK until that ACK arrives, so none left
+// means every packet of the connection has been counted. (The bpf kernel
+// tests have the same helper; test helpers do not cross packages.)
+func waitLastACK(t *testing.T, ctx context.Context, ns string) {
+	t.Helper()
+	for {
+		out, err := testnet.Exec(ctx, ns, "ss", "-Htn", "state", "last-ack")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(bytes.TrimSpace(out)) == 0 {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("sockets still in LAST-ACK in %s: %v\n%s", ns, ctx.Err(), out)
+		case <-time.After(10 * time.Millisecond): // the poll interval
+		}
 	}
 }
 
@@ -85,13 +113,21 @@ func TestAgentEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	for round := range 3 {
+		_, _, before := rcv.snapshot()
 		transfer(t, a1.NS, b1.NS, netip.AddrPortFrom(b1.IPv4, 5432), 300_000+round)
 		transfer(t, a2.NS, b1.NS, netip.AddrPortFrom(b1.IPv6, 443), 200_000)
 		transfer(t, a1.NS, a2.NS, netip.AddrPortFrom(a2.IPv4, 8080), 50_000)
 		transfer(t, a.NS, b1.NS, netip.AddrPortFrom(b1.IPv4, 9100), 10_000)
-		time.Sleep(150 * time.Millisecond) // at least one flush between rounds
+		// At least one request per round, so the traffic spans several
+		// flush intervals (the check on requests below); how the rounds
+		// split between batches does not matter.
+		waitFor(t, "a request after the round", func() bool {
+			_, _, n := rcv.snapshot()
+			return n > before
+		})
 	}
-	time.Sleep(300 * time.Millisecond)
+	// transfer waited for every packet to pass the hooks: the reference
+	// is final, and the agent's final drain on stop holds the rest.
 	want, err := ref.Read(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -140,31 +176,36 @@ func TestSIGTERMFinalDrain(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill() })
-	logs := make(chan string, 100)
+	logs := &testutil.SyncBuffer{}
+	exited := make(chan struct{}) // stderr closed: the agent is gone
 	go func() {
-		sc := bufio.NewScanner(stderr)
-		for sc.Scan() {
-			logs <- sc.Text()
-		}
-		close(logs)
+		io.Copy(logs, stderr)
+		close(exited)
 	}()
-	var all []string
-	for line := range logs {
-		all = append(all, line)
-		if strings.Contains(line, "agent started") {
-			break
+	// The agent sets its prefixes, then attaches: its two netfilter links
+	// existing is the event "counting from the next packet".
+	var links []int
+	deadline := time.Now().Add(20 * time.Second)
+	for len(links) < 2 {
+		select {
+		case <-exited:
+			t.Fatalf("agent exited before attaching; logs:\n%s", logs.String())
+		default:
 		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent holds %d netfilter links after 20s, want 2 (IPv4 and IPv6); logs:\n%s", len(links), logs.String())
+		}
+		time.Sleep(10 * time.Millisecond) // the poll interval
+		links = testutil.NetfilterLinks(t, cmd.Process.Pid)
+	}
+	if len(links) != 2 {
+		t.Fatalf("agent holds %d netfilter links, want 2 (IPv4 and IPv6)", len(links))
 	}
 	ref := testnet.NewReference(bpf.DefaultNetfilterPriority)
 	if err := ref.Watch(context.Background(), a.NS, p); err != nil {
 		t.Fatal(err)
 	}
-	links := testutil.NetfilterLinks(t, cmd.Process.Pid)
-	if len(links) != 2 {
-		t.Fatalf("agent holds %d netfilter links, want 2 (IPv4 and IPv6)", len(links))
-	}
 	transfer(t, a1.NS, b1.NS, netip.AddrPortFrom(b1.IPv4, 6379), 123_456)
-	time.Sleep(200 * time.Millisecond)
 	counts, err := ref.Read(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -173,11 +214,9 @@ func TestSIGTERMFinalDrain(t *testing.T) {
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	for line := range logs {
-		all = append(all, line)
-	}
+	<-exited // Wait must not run before the reads from stderr are done
 	if err := cmd.Wait(); err != nil {
-		t.Fatalf("agent exited with %v; logs:\n%s", err, strings.Join(all, "\n"))
+		t.Fatalf("agent exited with %v; logs:\n%s", err, logs.String())
 	}
 	_, got, requests := rcv.snapshot()
 	if requests != 1 {

@@ -124,13 +124,30 @@ func TestCgroupEgressMatchesNftables(t *testing.T) {
 	tcp.SetReadDeadline(time.Now().Add(10 * time.Second))
 	io.Copy(io.Discard, tcp)
 	tcp.Close()
+	// The client's last ACK (of the receiver's FIN) has passed the pod's
+	// egress once the receiver leaves LAST-ACK.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	waitLastACK(t, ctx, b1.NS)
 	for range 25 {
 		if _, err := udp.Write(make([]byte, 900)); err != nil {
 			t.Fatal(err)
 		}
 	}
 	udp.Close()
-	settle()
+	// A datagram read in b1 has gone through a1's egress: read all 25
+	// (they fit the socket's buffer, nothing reads rx before this).
+	rx.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 2048)
+	for i := range 25 {
+		n, _, err := rx.ReadFrom(buf)
+		if err != nil {
+			t.Fatalf("datagram %d of 25: %v", i+1, err)
+		}
+		if n != 900 {
+			t.Fatalf("datagram %d of 25 has %d bytes, want 900", i+1, n)
+		}
+	}
 
 	want, err := ref.Read(context.Background())
 	if err != nil {

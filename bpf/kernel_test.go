@@ -186,15 +186,6 @@ func ping(t *testing.T, fromNS string, dst netip.Addr, count int) {
 	}
 }
 
-// settle waits for the last in-flight packets (final ACKs) to be sent.
-// The tests of this file wait for their traffic instead (sendTCP waits for
-// the last ACK, sendUDP for the datagrams, ping for its replies); only
-// TestCgroupEgressMatchesNftables, which opens its own sockets, still
-// calls this.
-// TODO: wait there for the receiver's LAST-ACK (waitLastACK) and the
-// datagrams instead, and remove this.
-func settle() { time.Sleep(300 * time.Millisecond) }
-
 func drain(t testing.TB, d *Datapath) *Drained {
 	t.Helper()
 	var dr Drained

@@ -68,7 +68,7 @@ func TestManifestsServerDryRun(t *testing.T) {
 		} else if ctx.Err() != nil {
 			t.Fatalf("PrometheusRule CRD never served: %s", out)
 		}
-		time.Sleep(200 * time.Millisecond)
+		time.Sleep(200 * time.Millisecond) // the poll interval (ctx is the deadline)
 	}
 	// Namespaced objects need their namespace to exist even in a dry run.
 	if out, err := kubectl(nil, "create", "namespace", Namespace); err != nil {

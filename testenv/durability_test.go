@@ -231,7 +231,7 @@ func (d *durability) waitPushed(t *testing.T, scenario string, after time.Time) 
 				t.Logf("no push after %s reached Prometheus within 30s (%s = %+v)", after.Format(time.RFC3339Nano), q, res)
 				return
 			}
-			time.Sleep(200 * time.Millisecond)
+			time.Sleep(200 * time.Millisecond) // the poll interval
 		}
 	}
 }
@@ -678,7 +678,7 @@ func (d *durability) pollMove(url string, moved func(first, cur map[string]float
 		} else if time.Now().After(deadline) {
 			return "NOT OBSERVED within 10s, killed anyway: " + err.Error()
 		}
-		time.Sleep(2 * time.Millisecond)
+		time.Sleep(2 * time.Millisecond) // the poll interval
 	}
 }
 

@@ -24,7 +24,7 @@ func TestProcessStopKillsGroup(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the shell's child never appeared; output: %s", p.Output())
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond) // the poll interval
 	}
 	if err := p.Stop(time.Second); err == nil {
 		t.Error("a shell stopped by a signal reported a clean exit")

@@ -414,7 +414,7 @@ func TestServerSIGTERMWithDeadEndpoint(t *testing.T) {
 		if time.Now().After(hang) {
 			t.Fatalf("the server never connected to the remote-write endpoint; stderr:\n%s", srv.stderr.String())
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond) // the poll interval
 	}
 
 	// Past terminationGracePeriodSeconds the kubelet would SIGKILL it;

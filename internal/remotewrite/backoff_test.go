@@ -74,6 +74,9 @@ func TestRetryStopsOnContextAndOnNewerData(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	b := Backoff{Min: time.Millisecond, Max: time.Hour}
+	// Pacing the stimulus, not waiting for anything: cancel while Retry
+	// most likely sits in its hour-long wait. Cancelling earlier gives the
+	// same answer, so the outcome does not depend on the timing.
 	go func() { time.Sleep(20 * time.Millisecond); cancel() }()
 	if err := Retry(ctx, &b, nil, retryable, nil); !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled context: err = %v", err)
@@ -81,6 +84,7 @@ func TestRetryStopsOnContextAndOnNewerData(t *testing.T) {
 
 	newer := make(chan struct{}, 1)
 	b = Backoff{Min: time.Millisecond, Max: time.Hour}
+	// Pacing the stimulus, as above: newer data during the wait.
 	go func() { time.Sleep(20 * time.Millisecond); newer <- struct{}{} }()
 	if err := Retry(context.Background(), &b, newer, retryable, nil); !errors.Is(err, errSuperseded) {
 		t.Errorf("newer data: err = %v", err)

@@ -160,6 +160,9 @@ func WalkSeries(body []byte, s *RawSeries, fn func(*RawSeries) error) error {
 		}
 		body = body[n:]
 		if num != fieldWriteRequestTimeseries || typ != protowire.BytesType {
+			if err := WrongType(MsgWriteRequest, num, typ); err != nil {
+				return err
+			}
 			n = protowire.ConsumeFieldValue(num, typ, body)
 			if n < 0 {
 				return fmt.Errorf("%w: write request field %d: %w", ErrMalformed, num, protowire.ParseError(n))
@@ -215,6 +218,9 @@ func parseSeries(msg []byte, s *RawSeries) error {
 			}
 			s.Samples = append(s.Samples, smp)
 		default:
+			if err := WrongType(MsgTimeSeries, num, typ); err != nil {
+				return err
+			}
 			n = protowire.ConsumeFieldValue(num, typ, msg)
 			if n < 0 {
 				return fmt.Errorf("%w: timeseries field %d: %w", ErrMalformed, num, protowire.ParseError(n))
@@ -245,6 +251,9 @@ func parseLabel(b []byte) (RawLabel, error) {
 				l.Value = v
 			}
 			continue
+		}
+		if err := WrongType(MsgLabel, num, typ); err != nil {
+			return l, err
 		}
 		n = protowire.ConsumeFieldValue(num, typ, b)
 		if n < 0 {
@@ -279,6 +288,9 @@ func parseSample(b []byte) (Sample, error) {
 			b = b[n:]
 			s.Timestamp = int64(v)
 		default:
+			if err := WrongType(MsgSample, num, typ); err != nil {
+				return s, err
+			}
 			n = protowire.ConsumeFieldValue(num, typ, b)
 			if n < 0 {
 				return s, fmt.Errorf("%w: sample field %d: %w", ErrMalformed, num, protowire.ParseError(n))
@@ -317,3 +329,38 @@ func (s *SeriesBuilder) Label(name, value string) {
 // encoded returns the series message built so far; it aliases the
 // builder's buffer and is valid until the next call on s.
 func (s *SeriesBuilder) encoded() []byte { return s.body }
+
+// Message names a remote-write 1.0 message, for WrongType.
+type Message uint8
+
+// The messages of a remote-write 1.0 request.
+const (
+	MsgWriteRequest Message = iota
+	MsgTimeSeries
+	MsgLabel
+	MsgSample
+)
+
+// messageFields are the wire types of each message's fields (prompb); a
+// field not listed is unknown and skipped, as protobuf says.
+var messageFields = [...]struct {
+	name   string
+	fields map[protowire.Number]protowire.Type
+}{
+	MsgWriteRequest: {"write request", map[protowire.Number]protowire.Type{1: protowire.BytesType, 3: protowire.BytesType}},
+	MsgTimeSeries:   {"timeseries", map[protowire.Number]protowire.Type{1: protowire.BytesType, 2: protowire.BytesType, 3: protowire.BytesType, 4: protowire.BytesType}},
+	MsgLabel:        {"label", map[protowire.Number]protowire.Type{1: protowire.BytesType, 2: protowire.BytesType}},
+	MsgSample:       {"sample", map[protowire.Number]protowire.Type{1: protowire.Fixed64Type, 2: protowire.VarintType}},
+}
+
+// WrongType refuses a known field of message m sent with another wire
+// type than its own, as Prometheus' own receiver (prompb) does, so that
+// what is accepted here is what any remote-write receiver would accept.
+// Decoders call it for each field they are about to skip.
+func WrongType(m Message, num protowire.Number, typ protowire.Type) error {
+	mf := messageFields[m]
+	if want, ok := mf.fields[num]; ok && typ != want {
+		return fmt.Errorf("%w: %s field %d: wire type %d, want %d", ErrMalformed, mf.name, num, typ, want)
+	}
+	return nil
+}

@@ -87,7 +87,7 @@ func startProcess(t *testing.T, ready string, name string, args ...string) {
 		if time.Now().After(deadline) {
 			t.Fatalf("%s not ready at %s: %v", name, ready, err)
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond) // the poll interval
 	}
 }
 
@@ -239,7 +239,7 @@ func vmQuery(t *testing.T, base, q string, src *testSource, pairs map[string][]m
 		if match || time.Now().After(deadline) {
 			return got
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(100 * time.Millisecond) // the poll interval
 	}
 }
 

@@ -125,6 +125,9 @@ func (d *Decoder) DecodeRaw(raw []byte, b *Batch) error {
 				return fmt.Errorf("%w: write request: %w", remotewrite.ErrMalformed, protowire.ParseError(n))
 			}
 			if num != 1 || typ != protowire.BytesType {
+				if err := remotewrite.WrongType(remotewrite.MsgWriteRequest, num, typ); err != nil {
+					return err
+				}
 				m := protowire.ConsumeFieldValue(num, typ, raw[n:])
 				if m < 0 {
 					return fmt.Errorf("%w: write request field %d: %w", remotewrite.ErrMalformed, num, protowire.ParseError(m))
@@ -249,6 +252,9 @@ func parseFlow(f *flow.Record, msg []byte, checkLen bool, maxLen int, prev *last
 			msg = msg[n:]
 			if typ != protowire.BytesType || (num != 1 && num != 2) {
 				// Exemplars, histograms, unknown fields: skipped.
+				if err := remotewrite.WrongType(remotewrite.MsgTimeSeries, num, typ); err != nil {
+					return err
+				}
 				n = protowire.ConsumeFieldValue(num, typ, msg)
 				if n < 0 {
 					return fmt.Errorf("%w: timeseries field %d: %w", remotewrite.ErrMalformed, num, protowire.ParseError(n))
@@ -386,6 +392,9 @@ func parseLabel(b []byte) (name, value []byte, err error) {
 			}
 			continue
 		}
+		if err := remotewrite.WrongType(remotewrite.MsgLabel, num, typ); err != nil {
+			return nil, nil, err
+		}
 		n = protowire.ConsumeFieldValue(num, typ, b)
 		if n < 0 {
 			return nil, nil, fmt.Errorf("%w: label field %d: %w", remotewrite.ErrMalformed, num, protowire.ParseError(n))
@@ -420,6 +429,9 @@ func parseSample(b []byte) (remotewrite.Sample, error) {
 			b = b[n:]
 			s.Timestamp = int64(v)
 		default:
+			if err := remotewrite.WrongType(remotewrite.MsgSample, num, typ); err != nil {
+				return s, err
+			}
 			n = protowire.ConsumeFieldValue(num, typ, b)
 			if n < 0 {
 				return s, fmt.Errorf("%w: sample field %d: %w", remotewrite.ErrMalformed, num, protowire.ParseError(n))

@@ -3,21 +3,27 @@ package wire
 import (
 	"cmp"
 	"errors"
+	"math"
 	"net/netip"
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 
 	"github.com/golang/snappy"
+	"github.com/prometheus/prometheus/prompb"
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
 
 // FuzzDecode feeds arbitrary request bodies to the decoder the server
-// uses. It must never panic, must honour its limits, and whatever it
-// accepts must survive an encode/decode round trip unchanged: the decoder
-// never invents a batch that the contract cannot express.
+// uses. It must never panic, must honour its limits, whatever it accepts
+// must read the same through snappy and prompb (the reference decoder),
+// series by series under the contract's mapping (agreeWithPrompb), and
+// must survive an encode/decode round trip unchanged: the decoder never
+// invents a batch that the contract cannot express.
 func FuzzDecode(f *testing.F) {
 	var e Encoder
 	seed := &Batch{Node: "node-a", Incarnation: "1a2b", Seq: 7, Time: time.UnixMilli(1_700_000_000_000),
@@ -66,6 +72,7 @@ func FuzzDecode(f *testing.F) {
 		if len(b.Flows) >= 1000 {
 			t.Fatalf("%d flows exceed the series limit", len(b.Flows))
 		}
+		agreeWithPrompb(t, body, &b)
 		var e Encoder
 		var again Batch
 		if err := (&Decoder{}).Decode(e.Encode(&b), &again); err != nil {
@@ -76,6 +83,119 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("round trip changed the batch:\n%+v\n%+v", b, again)
 		}
 	})
+}
+
+// agreeWithPrompb decodes body, which the decoder accepted as b, with
+// snappy and prompb.WriteRequest, and checks that both read the same
+// request under the contract (package documentation): the first series is
+// the header (node, incarnation, seq labels; one sample whose timestamp is
+// the batch time), each kubezonnet_flow series is one flow in order (src,
+// dst, proto, dport or sport; samples bytes then packets, no timestamps),
+// and every other series is a self-metric in order (labels but __name__
+// and node; one sample's value).
+func agreeWithPrompb(t *testing.T, body []byte, b *Batch) {
+	t.Helper()
+	raw, err := snappy.Decode(nil, body)
+	if err != nil {
+		t.Fatalf("decoder accepted a body snappy refuses: %v", err)
+	}
+	var wr prompb.WriteRequest
+	if err := wr.Unmarshal(raw); err != nil {
+		t.Fatalf("decoder accepted a request prompb refuses: %v\ndecoded: %+v", err, b)
+	}
+	if got, want := len(wr.Timeseries), 1+len(b.Flows)+len(b.Metrics); got != want {
+		t.Fatalf("prompb reads %d series, the decoder 1 header + %d flows + %d metrics", got, len(b.Flows), len(b.Metrics))
+	}
+	hdr := wr.Timeseries[0]
+	if name := testutil.LabelValue(hdr.Labels, LabelName); name != MetricBatch {
+		t.Fatalf("prompb's first series is %q, want %s", name, MetricBatch)
+	}
+	seq, err := strconv.ParseUint(testutil.LabelValue(hdr.Labels, LabelSeq), 10, 64)
+	if err != nil || len(hdr.Samples) != 1 ||
+		testutil.LabelValue(hdr.Labels, LabelNode) != b.Node ||
+		testutil.LabelValue(hdr.Labels, LabelIncarnation) != b.Incarnation ||
+		seq != b.Seq || hdr.Samples[0].Timestamp != b.Time.UnixMilli() {
+		t.Fatalf("header: prompb reads %+v, the decoder node %q incarnation %q seq %d time %d",
+			hdr, b.Node, b.Incarnation, b.Seq, b.Time.UnixMilli())
+	}
+	flows, metrics := b.Flows, b.Metrics
+	for i, ts := range wr.Timeseries[1:] {
+		if testutil.LabelValue(ts.Labels, LabelName) != MetricFlow {
+			if len(metrics) == 0 {
+				t.Fatalf("series %d: prompb reads a self-metric %v beyond the decoder's", i+1, ts.Labels)
+			}
+			want := Metric{}
+			for _, l := range ts.Labels {
+				switch l.Name {
+				case LabelName:
+					want.Name = l.Value
+				case LabelNode:
+				default:
+					want.Labels = append(want.Labels, Label{Name: l.Name, Value: l.Value})
+				}
+			}
+			got := metrics[0]
+			metrics = metrics[1:]
+			if len(ts.Samples) != 1 || got.Name != want.Name || !slices.Equal(got.Labels, want.Labels) ||
+				math.Float64bits(got.Value) != math.Float64bits(ts.Samples[0].Value) {
+				t.Fatalf("series %d: prompb reads %+v, the decoder the self-metric %+v", i+1, ts, got)
+			}
+			continue
+		}
+		if len(flows) == 0 {
+			t.Fatalf("series %d: prompb reads a flow %v beyond the decoder's", i+1, ts.Labels)
+		}
+		got := flows[0]
+		flows = flows[1:]
+		if want, ok := prompbFlow(ts); !ok || got != want {
+			t.Fatalf("series %d: prompb reads %+v (contract: %+v, %v), the decoder %+v", i+1, ts, want, ok, got)
+		}
+	}
+}
+
+// prompbFlow maps a kubezonnet_flow series read by prompb to the flow the
+// contract says it carries, with the standard library's parsers; ok is
+// false when the series breaks the contract.
+func prompbFlow(ts prompb.TimeSeries) (r flow.Record, ok bool) {
+	if len(ts.Samples) != 2 {
+		return r, false
+	}
+	seen := map[string]bool{}
+	for _, l := range ts.Labels {
+		if seen[l.Name] {
+			return r, false
+		}
+		seen[l.Name] = true
+		var err error
+		switch l.Name {
+		case LabelName:
+		case LabelSrc:
+			r.Src, err = netip.ParseAddr(l.Value)
+		case LabelDst:
+			r.Dst, err = netip.ParseAddr(l.Value)
+		case LabelProto:
+			r.Proto, err = flow.ParseProto(l.Value)
+		case LabelDport, LabelSport:
+			var n uint64
+			n, err = strconv.ParseUint(l.Value, 10, 16)
+			r.Port, r.PortIsDst = uint16(n), l.Name == LabelDport
+		default:
+			return r, false
+		}
+		if err != nil {
+			return r, false
+		}
+	}
+	if !seen[LabelSrc] || !seen[LabelDst] || !seen[LabelProto] || seen[LabelDport] && seen[LabelSport] {
+		return r, false
+	}
+	for _, smp := range ts.Samples {
+		if smp.Timestamp != 0 || !(smp.Value >= 0 && smp.Value < 1<<64) || smp.Value != math.Trunc(smp.Value) {
+			return r, false
+		}
+	}
+	r.Bytes, r.Packets = uint64(ts.Samples[0].Value), uint64(ts.Samples[1].Value)
+	return r, true
 }
 
 // sortedFlows returns a sorted copy of fs: the encoder reorders flows
