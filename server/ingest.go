@@ -9,6 +9,7 @@ import (
 	"mime"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -127,8 +128,10 @@ type work struct {
 	batch wire.Batch
 	flows []aggregate.Flow
 	// index holds, for each of flows, its position in batch.Flows (the
-	// flows of another node's sources are left out).
-	index []int32
+	// flows of another node's sources are left out), and placed what the
+	// aggregator placed it as.
+	index  []int32
+	placed []aggregate.Placement
 }
 
 // maxPooledBody: a rare huge request's buffer is not kept for reuse.
@@ -333,8 +336,9 @@ func (in *Ingest) refuse(w http.ResponseWriter, code int, reason, format string,
 	http.Error(w, msg, code)
 }
 
-// apply resolves, classifies, aggregates and logs the flows of a claimed
-// batch.
+// apply resolves, aggregates and logs the flows of a claimed batch; the
+// aggregator reports each flow's class and unknown sides, cached per
+// endpoint pair.
 func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 	b := &wk.batch
 	flows, index := wk.flows[:0], wk.index[:0]
@@ -348,29 +352,31 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 			foreign++
 			continue
 		}
-		src, dst := in.res.Resolve(f.Src, at), in.res.Resolve(f.Dst, at)
-		flows = append(flows, aggregate.Flow{Src: src, Dst: dst, Class: resolve.Classify(src, dst), Counts: f.Counts})
+		flows = append(flows, aggregate.Flow{Src: in.res.Resolve(f.Src, at), Dst: in.res.Resolve(f.Dst, at), Counts: f.Counts})
 		index = append(index, int32(i))
 		bytes += f.Bytes
 	}
-	pos := in.agg.Apply(now, flows, &aggregate.BatchID{Node: b.Node, Incarnation: b.Incarnation, Seq: b.Seq})
-	wk.flows, wk.index = flows, index
+	placed := slices.Grow(wk.placed[:0], len(flows))[:len(flows)]
+	pos := in.agg.ApplyPlaced(now, flows, &aggregate.BatchID{Node: b.Node, Incarnation: b.Incarnation, Seq: b.Seq}, placed)
+	wk.flows, wk.index, wk.placed = flows, index, placed
 
 	var logged *flowlog.Batch
 	if in.flog.Any() {
 		logged = in.flog.Buffer()
 	}
 	for i := range flows {
-		f := &flows[i]
-		if f.Src.Kind == resolve.KindUnknown {
-			in.countUnresolved(f.Src)
+		f, p := &flows[i], placed[i]
+		if p.Unknown != 0 {
+			if p.Unknown&aggregate.SrcUnknown != 0 {
+				in.countUnresolved(f.Src)
+			}
+			if p.Unknown&aggregate.DstUnknown != 0 {
+				in.countUnresolved(f.Dst)
+			}
 		}
-		if f.Dst.Kind == resolve.KindUnknown {
-			in.countUnresolved(f.Dst)
-		}
-		if in.flog.Enabled(f.Class) {
+		if in.flog.Enabled(p.Class) {
 			logged.Events = append(logged.Events, flowlog.Event{Time: at, Node: b.Node, Src: f.Src, Dst: f.Dst,
-				Record: b.Flows[index[i]], Class: f.Class})
+				Record: b.Flows[index[i]], Class: p.Class})
 		}
 	}
 	if logged != nil {

@@ -63,14 +63,29 @@ type Config struct {
 	Journal Journal
 }
 
-// Flow is one resolved flow, the unit Apply consumes.
+// Flow is one resolved flow, the unit Apply consumes; Apply never writes
+// it.
 type Flow struct {
 	Src, Dst *resolve.Endpoint
-	// Class is resolve.Classify(Src, Dst), computed by the caller: Apply
-	// reads it only for a pair it has not seen, and never writes a flow.
-	Class resolve.Class
 	flow.Counts
 }
+
+// Placement is what ApplyPlaced reports of a flow: its class
+// (resolve.Classify of its endpoints) and which of its sides are unknown.
+// Both are cached per endpoint pair, so that once a pair is known neither
+// Apply nor its caller reads an endpoint: the endpoints of thousands of
+// pods do not stay in the CPU's caches, and reading them per flow made
+// ingest markedly slower (BenchmarkIngestPath, BENCHMARKS.md).
+type Placement struct {
+	Class   resolve.Class
+	Unknown uint8
+}
+
+// Bits of Placement.Unknown.
+const (
+	SrcUnknown uint8 = 1 << iota
+	DstUnknown
+)
 
 type seriesKind uint8
 
@@ -120,10 +135,10 @@ type routeKey struct {
 }
 
 // route says where a flow's counts go (series refs; pair and cross may be
-// noRef), and caches what the endpoints' labels imply: the class and
-// unknown sides.
+// noRef), and caches what the endpoints' labels imply: the placement.
 type route struct {
 	pair, zone, cross uint32
+	Placement
 }
 
 // Aggregator holds the counters. It is safe for concurrent use: Apply
@@ -198,6 +213,12 @@ func (a *Aggregator) maxRoutes() int { return 2*a.cfg.MaxPodPairs + 1<<16 }
 // none), and Apply returns the record's journal position, which the
 // caller waits on before acknowledging; without one it returns 0.
 func (a *Aggregator) Apply(now time.Time, flows []Flow, id *BatchID) uint64 {
+	return a.ApplyPlaced(now, flows, id, nil)
+}
+
+// ApplyPlaced is Apply that also reports each flow's placement in
+// placed[i] (placed nil, or at least as long as flows).
+func (a *Aggregator) ApplyPlaced(now time.Time, flows []Flow, id *BatchID, placed []Placement) uint64 {
 	ts := now.UnixNano()
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -215,6 +236,9 @@ func (a *Aggregator) Apply(now time.Time, flows []Flow, id *BatchID) uint64 {
 			}
 			r = a.newRoute(f, ts)
 			a.routes[k] = r
+		}
+		if placed != nil {
+			placed[i] = r.Placement
 		}
 		a.add(r, f.Counts, ts)
 		if j {
@@ -259,11 +283,18 @@ func (a *Aggregator) tracked(class resolve.Class) bool {
 
 // newRoute finds or creates the series a new endpoint pair feeds.
 func (a *Aggregator) newRoute(f *Flow, ts int64) route {
-	r := route{pair: noRef, cross: noRef}
+	class := resolve.Classify(f.Src, f.Dst)
+	r := route{pair: noRef, cross: noRef, Placement: Placement{Class: class}}
+	if f.Src.Kind == resolve.KindUnknown {
+		r.Unknown |= SrcUnknown
+	}
+	if f.Dst.Kind == resolve.KindUnknown {
+		r.Unknown |= DstUnknown
+	}
 	a.scratch = zoneLabels(a.scratch[:0], MetricZonePairBytes, f.Src.Zone, f.Dst.Zone)
 	r.zone = a.findOrCreate(kindZone, ts)
-	if a.tracked(f.Class) {
-		a.scratch = pairLabels(a.scratch[:0], MetricPodPairBytes, f, false)
+	if a.tracked(class) {
+		a.scratch = pairLabels(a.scratch[:0], MetricPodPairBytes, f, class, false)
 		hasPod := f.Src.Kind == resolve.KindPod || f.Dst.Kind == resolve.KindPod
 		if ref, ok := a.find(); ok {
 			r.pair = ref
@@ -275,11 +306,11 @@ func (a *Aggregator) newRoute(f *Flow, ts int64) route {
 			r.pair = a.create(kindPair, ts)
 		} else {
 			a.folded.Inc()
-			a.scratch = pairLabels(a.scratch[:0], MetricPodPairBytes, f, true)
+			a.scratch = pairLabels(a.scratch[:0], MetricPodPairBytes, f, class, true)
 			r.pair = a.findOrCreate(kindOverflow, ts)
 		}
 	}
-	if f.Class.CrossesZone() && f.Src.Kind == resolve.KindPod {
+	if class.CrossesZone() && f.Src.Kind == resolve.KindPod {
 		a.scratch = append(a.scratch[:0],
 			metrics.Label{Name: "__name__", Value: MetricPodCrossZone},
 			metrics.Label{Name: "namespace", Value: f.Src.Namespace},

@@ -28,27 +28,40 @@ var (
 	dbBCopy = func() *resolve.Endpoint { c := *dbB; return &c }()
 )
 
-// fl builds a flow; class is what resolve.Classify gives the pair, which
-// apply checks (the flow's class is the caller's input to Apply).
+// fl builds a flow whose pair resolve.Classify must class as class (a
+// test table's own check of its data); apply checks that Apply places it
+// so.
 func fl(src, dst *resolve.Endpoint, class resolve.Class, bytes, packets uint64) Flow {
-	return Flow{Src: src, Dst: dst, Class: class, Counts: flow.Counts{Bytes: bytes, Packets: packets}}
+	if got := resolve.Classify(src, dst); got != class {
+		panic(fmt.Sprintf("test flow %s -> %s is %v, not %v", src.Pod+src.Workload, dst.Pod+dst.Workload, got, class))
+	}
+	return cf(src, dst, bytes, packets)
 }
 
-// cf builds a flow classed by resolve.Classify, as ingest builds them.
+// cf builds a flow, whatever its class.
 func cf(src, dst *resolve.Endpoint, bytes, packets uint64) Flow {
-	return fl(src, dst, resolve.Classify(src, dst), bytes, packets)
+	return Flow{Src: src, Dst: dst, Counts: flow.Counts{Bytes: bytes, Packets: packets}}
 }
 
-// apply feeds flows one by one, checking that each flow's class is the
-// one resolve.Classify gives and that Apply leaves the flow as it was.
+// apply feeds flows one by one, checking that Apply places each in the
+// class resolve.Classify gives, with its unknown sides, and leaves the
+// flow as it was.
 func apply(t *testing.T, a *Aggregator, now time.Time, flows ...Flow) {
 	t.Helper()
 	for _, f := range flows {
-		if got := resolve.Classify(f.Src, f.Dst); got != f.Class {
-			t.Fatalf("%s -> %s: test flow classed %v, resolve.Classify says %v", f.Src.Pod+f.Src.Workload, f.Dst.Pod+f.Dst.Workload, f.Class, got)
-		}
 		batch := []Flow{f}
-		a.Apply(now, batch, nil)
+		placed := make([]Placement, 1)
+		a.ApplyPlaced(now, batch, nil, placed)
+		want := Placement{Class: resolve.Classify(f.Src, f.Dst)}
+		if f.Src.Kind == resolve.KindUnknown {
+			want.Unknown |= SrcUnknown
+		}
+		if f.Dst.Kind == resolve.KindUnknown {
+			want.Unknown |= DstUnknown
+		}
+		if placed[0] != want {
+			t.Errorf("%s -> %s: placed %+v, want %+v", f.Src.Pod+f.Src.Workload, f.Dst.Pod+f.Dst.Workload, placed[0], want)
+		}
 		if batch[0] != f {
 			t.Errorf("%s -> %s: Apply changed the caller's flow to %+v", f.Src.Pod+f.Src.Workload, f.Dst.Pod+f.Dst.Workload, batch[0])
 		}

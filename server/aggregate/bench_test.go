@@ -31,7 +31,7 @@ func BenchmarkApply(b *testing.B) {
 	src, dst := pods(100, "eu-west-1a", "web"), pods(100, "eu-west-1b", "db")
 	flows := make([]Flow, 0, 10_000)
 	for i := range 10_000 {
-		flows = append(flows, Flow{Src: src[i%100], Dst: dst[i/100], Class: resolve.ClassCrossZone, Counts: flow.Counts{Bytes: 1500, Packets: 1}})
+		flows = append(flows, Flow{Src: src[i%100], Dst: dst[i/100], Counts: flow.Counts{Bytes: 1500, Packets: 1}})
 	}
 	now := time.Now()
 	a.Apply(now, flows, nil)
@@ -85,7 +85,7 @@ func fillPairs(a *Aggregator, src, dst []*resolve.Endpoint) []Flow {
 	flows := make([]Flow, len(dst))
 	for i := range src {
 		for j := range dst {
-			flows[j] = Flow{Src: src[i], Dst: dst[j], Class: resolve.ClassCrossZone, Counts: flow.Counts{Bytes: 1, Packets: 1}}
+			flows[j] = Flow{Src: src[i], Dst: dst[j], Counts: flow.Counts{Bytes: 1, Packets: 1}}
 		}
 		a.Apply(now, flows, nil)
 	}

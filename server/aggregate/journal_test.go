@@ -393,18 +393,14 @@ func runDifferential(t *testing.T, rng *rand.Rand, allPairs bool, maxPairs, step
 		case op < 50: // a batch
 			n := 1 + rng.IntN(8)
 			flows := make([]Flow, n)
+			classes := make([]string, n)
 			for i := range flows {
 				s, d := diffEndpoints[rng.IntN(len(diffEndpoints))], diffEndpoints[rng.IntN(len(diffEndpoints))]
 				c := flow.Counts{Bytes: 1 + uint64(rng.IntN(10_000)), Packets: 1 + uint64(rng.IntN(10))}
-				// Classed as ingest classes it, checked against the model's
-				// own rules.
-				flows[i] = Flow{Src: s, Dst: d, Class: resolve.Classify(s, d), Counts: c}
-				class := refModel.flow(s, d, c, clock)
-				if lc := liveModel.flow(s, d, c, clock); lc != class {
-					t.Fatalf("models disagree on the class of a flow: %s, %s", lc, class)
-				}
-				if flows[i].Class.String() != class {
-					t.Fatalf("step %d: flow %s -> %s classed %v, the model says %q", step, s.Pod+s.Workload, d.Pod+d.Workload, flows[i].Class, class)
+				flows[i] = Flow{Src: s, Dst: d, Counts: c}
+				classes[i] = refModel.flow(s, d, c, clock)
+				if lc := liveModel.flow(s, d, c, clock); lc != classes[i] {
+					t.Fatalf("models disagree on the class of a flow: %s, %s", lc, classes[i])
 				}
 			}
 			var id *BatchID
@@ -414,11 +410,17 @@ func runDifferential(t *testing.T, rng *rand.Rand, allPairs bool, maxPairs, step
 			}
 			ref.Apply(clock, slices.Clone(flows), nil)
 			before := len(live.free)
-			if pos := live.Apply(clock, flows, id); pos != uint64(len(j.recs)) {
+			placed := make([]Placement, n)
+			if pos := live.ApplyPlaced(clock, flows, id, placed); pos != uint64(len(j.recs)) {
 				t.Fatalf("step %d: Apply returned journal position %d, the journal has %d records", step, pos, len(j.recs))
 			}
 			if len(live.free) < before && stats.restarts > 0 {
 				stats.reused++
+			}
+			for i, f := range flows {
+				if placed[i].Class.String() != classes[i] {
+					t.Fatalf("step %d: flow %s -> %s placed in %v, the model says %q", step, f.Src.Pod+f.Src.Workload, f.Dst.Pod+f.Dst.Workload, placed[i].Class, classes[i])
+				}
 			}
 			stats.batches++
 		case op < 54: // a push snapshot

@@ -2,6 +2,7 @@ package aggregate
 
 import (
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/server/resolve"
 )
 
 // pairLabels appends the labels of a pod-pair series named name, sorted by
@@ -9,14 +10,14 @@ import (
 // treats an empty label as an absent one, and so do we, so that the
 // series we push equal the series users query). fold replaces both pod
 // names with Overflow, the series of the workload pair.
-func pairLabels(dst []metrics.Label, name string, f *Flow, fold bool) []metrics.Label {
+func pairLabels(dst []metrics.Label, name string, f *Flow, class resolve.Class, fold bool) []metrics.Label {
 	srcPod, dstPod := f.Src.Pod, f.Dst.Pod
 	if fold {
 		srcPod, dstPod = Overflow, Overflow
 	}
 	dst = append(dst,
 		metrics.Label{Name: "__name__", Value: name},
-		metrics.Label{Name: "class", Value: f.Class.String()},
+		metrics.Label{Name: "class", Value: class.String()},
 		metrics.Label{Name: "dst_kind", Value: f.Dst.Kind.String()},
 		metrics.Label{Name: "dst_namespace", Value: f.Dst.Namespace},
 		metrics.Label{Name: "dst_pod", Value: dstPod},
