@@ -3,7 +3,6 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"io"
 	"net/netip"
@@ -53,7 +52,7 @@ func twoNodeTopology(t *testing.T) *testnet.Topology {
 
 // transfer is testnet.Transfer failing the test on error. It returns once
 // every packet of the connection has gone through the nodes' hooks (see
-// waitLastACK).
+// testnet.WaitNoLastACK).
 func transfer(t *testing.T, fromNS, toNS string, dst netip.AddrPort, n int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -61,30 +60,8 @@ func transfer(t *testing.T, fromNS, toNS string, dst netip.AddrPort, n int) {
 	if err := testnet.Transfer(ctx, fromNS, toNS, dst, n); err != nil {
 		t.Fatal(err)
 	}
-	waitLastACK(t, ctx, toNS)
-}
-
-// waitLastACK waits until no TCP socket in ns is in LAST-ACK. A transfer
-// returns once the receiver has closed, before the sender's last ACK (of
-// the receiver's FIN) has necessarily gone through the nodes' hooks; the
-// receiver's socket stays in LAST-ACK until that ACK arrives, so none left
-// means every packet of the connection has been counted. (The bpf kernel
-// tests have the same helper; test helpers do not cross packages.)
-func waitLastACK(t *testing.T, ctx context.Context, ns string) {
-	t.Helper()
-	for {
-		out, err := testnet.Exec(ctx, ns, "ss", "-Htn", "state", "last-ack")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(bytes.TrimSpace(out)) == 0 {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("sockets still in LAST-ACK in %s: %v\n%s", ns, ctx.Err(), out)
-		case <-time.After(10 * time.Millisecond): // the poll interval
-		}
+	if err := testnet.WaitNoLastACK(ctx, toNS); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -128,7 +128,9 @@ func TestCgroupEgressMatchesNftables(t *testing.T) {
 	// egress once the receiver leaves LAST-ACK.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	waitLastACK(t, ctx, b1.NS)
+	if err := testnet.WaitNoLastACK(ctx, b1.NS); err != nil {
+		t.Fatal(err)
+	}
 	for range 25 {
 		if _, err := udp.Write(make([]byte, 900)); err != nil {
 			t.Fatal(err)

@@ -3,7 +3,6 @@
 package bpf
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -62,29 +61,8 @@ func sendTCP(t *testing.T, fromNS, dstNS string, dst netip.AddrPort, n int) {
 	if err := testnet.TransferChunked(ctx, fromNS, dstNS, dst, n, 45*mss); err != nil {
 		t.Fatal(err)
 	}
-	waitLastACK(t, ctx, dstNS)
-}
-
-// waitLastACK waits until no TCP socket in ns is in LAST-ACK. A transfer
-// returns once the receiver has closed, before the sender's last ACK (of
-// the receiver's FIN) has necessarily gone through the nodes' hooks; the
-// receiver's socket stays in LAST-ACK until that ACK arrives, so none left
-// means every packet of the connection has been counted.
-func waitLastACK(t *testing.T, ctx context.Context, ns string) {
-	t.Helper()
-	for {
-		out, err := testnet.Exec(ctx, ns, "ss", "-Htn", "state", "last-ack")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(bytes.TrimSpace(out)) == 0 {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("sockets still in LAST-ACK in %s: %v\n%s", ns, ctx.Err(), out)
-		case <-time.After(10 * time.Millisecond): // the poll interval
-		}
+	if err := testnet.WaitNoLastACK(ctx, dstNS); err != nil {
+		t.Fatal(err)
 	}
 }
 

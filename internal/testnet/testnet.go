@@ -24,6 +24,7 @@ import (
 	"os/exec"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/netns"
 )
@@ -430,4 +431,27 @@ func BuildT(t TB, spec Spec) *Topology {
 		}
 	})
 	return topo
+}
+
+// WaitNoLastACK waits until no TCP socket in ns is in LAST-ACK, or ctx
+// ends. A transfer returns once the receiver has closed, before the
+// sender's last ACK (of the receiver's FIN) has necessarily gone through
+// the nodes' hooks; the receiver's socket stays in LAST-ACK until that ACK
+// arrives, so none left means every packet of the connection has passed
+// the hooks and been counted.
+func WaitNoLastACK(ctx context.Context, ns string) error {
+	for {
+		out, err := Exec(ctx, ns, "ss", "-Htn", "state", "last-ack")
+		if err != nil {
+			return err
+		}
+		if len(bytes.TrimSpace(out)) == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("sockets still in LAST-ACK in %s: %w\n%s", ns, ctx.Err(), out)
+		case <-time.After(10 * time.Millisecond): // the poll interval
+		}
+	}
 }
