@@ -137,10 +137,22 @@ type work struct {
 // maxPooledBody: a rare huge request's buffer is not kept for reuse.
 const maxPooledBody = 8 << 20
 
-func newIngest(cfg IngestConfig, res Resolver, agg *aggregate.Aggregator, flog *flowlog.Logger,
-	auth authenticator, dd *dedup, agents *agentMetrics, reg *metrics.Registry, log *slog.Logger) *Ingest {
+// ingestDeps are what the ingest handler works with, built by newServer.
+type ingestDeps struct {
+	res    Resolver
+	agg    *aggregate.Aggregator
+	flog   *flowlog.Logger // nil: no flow log
+	auth   authenticator
+	dedup  *dedup
+	agents *agentMetrics
+	reg    *metrics.Registry
+	log    *slog.Logger
+}
+
+func newIngest(cfg IngestConfig, d ingestDeps) *Ingest {
+	reg := d.reg
 	in := &Ingest{
-		cfg: cfg, res: res, agg: agg, flog: flog, auth: auth, dedup: dd, agents: agents, log: log, now: time.Now,
+		cfg: cfg, res: d.res, agg: d.agg, flog: d.flog, auth: d.auth, dedup: d.dedup, agents: d.agents, log: d.log, now: time.Now,
 		codes:      map[int]*metrics.Counter{},
 		rejected:   map[string]*metrics.Counter{},
 		unresolved: map[string]*metrics.Counter{},

@@ -82,8 +82,9 @@ func newServer(cfg *Config, d deps) (*Server, error) {
 		flog = flowlog.New(flowlog.Config{Classes: cfg.FlowLogClasses}, d.flowLog, d.reg)
 	}
 	agents := newAgentMetrics(cfg.SeriesIdleTimeout, cfg.MaxAgentSeries, d.reg)
-	in := newIngest(IngestConfig{MaxBodyBytes: cfg.MaxBodyBytes, Limits: cfg.Limits},
-		d.resolver, agg, flog, d.auth, dd, agents, d.reg, d.log)
+	in := newIngest(IngestConfig{MaxBodyBytes: cfg.MaxBodyBytes, Limits: cfg.Limits}, ingestDeps{
+		res: d.resolver, agg: agg, flog: flog, auth: d.auth, dedup: dd, agents: agents, reg: d.reg, log: d.log,
+	})
 	in.now = d.now
 	if st != nil {
 		in.state = st
