@@ -86,6 +86,21 @@ func TestBenchmarksDoc(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Every benchmark function of the repository, by package directory
+	// and name.
+	out, err := exec.Command("git", "grep", "-n", "-E", `^func Benchmark[A-Za-z0-9_]*\(`, "--", "*_test.go").Output()
+	if err != nil {
+		t.Fatalf("git grep: %v", err)
+	}
+	exists := map[string]string{} // "dir name" -> file
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		file, rest, _ := strings.Cut(line, ":")
+		_, decl, _ := strings.Cut(rest, ":")
+		name := strings.TrimPrefix(decl, "func ")
+		name = name[:strings.IndexByte(name, '(')]
+		exists[filepath.Dir(file)+" "+name] = file
+	}
+
 	const module = "github.com/kubezonnet/kubezonnet"
 	shown := map[string]bool{}
 	for _, c := range benchdoc.Components {
@@ -130,46 +145,17 @@ func TestBenchmarksDoc(t *testing.T) {
 			if i := strings.LastIndexByte(base, '-'); i > 0 {
 				base = base[:i]
 			}
-			dir := "." + strings.TrimPrefix(r.Pkg, module)
-			if !strings.HasPrefix(r.Pkg, module) || !hasFunc(t, dir, base) {
+			key := filepath.Clean("."+strings.TrimPrefix(r.Pkg, module)) + " " + base
+			if _, ok := exists[key]; !ok || !strings.HasPrefix(r.Pkg, module) {
 				t.Errorf("benchmarks/%s.txt shows %s of %q, which no longer exists", c.Name, base, r.Pkg)
 			}
-			shown[dir+" "+base] = true
+			shown[key] = true
 		}
 	}
-	out, err := exec.Command("git", "grep", "-n", "-E", `^func Benchmark[A-Za-z0-9_]*\(`, "--", "*_test.go").Output()
-	if err != nil {
-		t.Fatalf("git grep: %v", err)
-	}
-	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		file, rest, _ := strings.Cut(line, ":")
-		_, decl, _ := strings.Cut(rest, ":")
-		name := strings.TrimPrefix(decl, "func ")
-		name = name[:strings.IndexByte(name, '(')]
-		if slices.Contains(benchdoc.Tools, name) {
-			continue
-		}
-		if dir := "./" + filepath.Dir(file); !shown[dir+" "+name] {
+	for key, file := range exists {
+		name := key[strings.IndexByte(key, ' ')+1:]
+		if !shown[key] && !slices.Contains(benchdoc.Tools, name) {
 			t.Errorf("%s (%s) is in no section of BENCHMARKS.md: add it to a component of internal/benchdoc and run `make bench`", name, file)
 		}
 	}
-}
-
-// hasFunc reports whether a _test.go file of dir declares func name.
-func hasFunc(t *testing.T, dir, name string) bool {
-	t.Helper()
-	files, err := filepath.Glob(filepath.Join(dir, "*_test.go"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range files {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if bytes.Contains(b, []byte("\nfunc "+name+"(")) {
-			return true
-		}
-	}
-	return false
 }

@@ -128,19 +128,15 @@ func (p *serverProc) stop(t *testing.T, limit time.Duration) (time.Duration, err
 	}
 }
 
-// closedPort returns a port of 127.0.0.1 that nothing listens on: a
-// connection to it is refused at once.
+// closedPort returns a port of 127.0.0.1 that nothing listens on (one
+// freePorts found and let go): a connection to it is refused at once.
 func closedPort(t *testing.T) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	ports, err := freePorts(1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	port := l.Addr().(*net.TCPAddr).Port
-	if err := l.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return port
+	return ports[0]
 }
 
 // A server without a remote-write endpoint would never be ready: without

@@ -289,20 +289,28 @@ func Format(v float64) string {
 // Replace returns doc with the block of c replaced by block; an error
 // when doc has no such block.
 func Replace(doc string, c Component, block string) (string, error) {
-	i := strings.Index(doc, Begin(c.Name))
-	j := strings.Index(doc, End(c.Name))
-	if i < 0 || j < i {
-		return "", fmt.Errorf("BENCHMARKS.md has no block %q ... %q", Begin(c.Name), End(c.Name))
+	i, j, err := span(doc, c)
+	if err != nil {
+		return "", err
 	}
-	return doc[:i] + block + doc[j+len(End(c.Name)):], nil
+	return doc[:i] + block + doc[j:], nil
 }
 
 // Block returns the block of c as it stands in doc.
 func Block(doc string, c Component) (string, error) {
+	i, j, err := span(doc, c)
+	if err != nil {
+		return "", err
+	}
+	return doc[i:j], nil
+}
+
+// span returns where the block of c starts and ends in doc, End included.
+func span(doc string, c Component) (start, end int, err error) {
 	i := strings.Index(doc, Begin(c.Name))
 	j := strings.Index(doc, End(c.Name))
 	if i < 0 || j < i {
-		return "", fmt.Errorf("BENCHMARKS.md has no block %q ... %q", Begin(c.Name), End(c.Name))
+		return 0, 0, fmt.Errorf("BENCHMARKS.md has no block %q ... %q", Begin(c.Name), End(c.Name))
 	}
-	return doc[i : j+len(End(c.Name))], nil
+	return i, j + len(End(c.Name)), nil
 }
