@@ -184,17 +184,24 @@ func FuzzReplay(f *testing.F) {
 			}
 		}
 		// What Replay accepted, a checkpoint holds and Restore takes back.
-		after := checkpointOf(t, a)
-		b := fuzzAggregator(t, nil)
-		if err := b.Restore(after); err != nil {
-			t.Fatalf("state after an accepted record does not restore: %v", err)
-		}
-		if got := checkpointOf(t, b); !bytes.Equal(got, after) {
-			t.Fatal("state after an accepted record restores differently")
-		}
+		roundTrips(t, a, "state after an accepted record")
 		a.FinishReplay()
 		a.Apply(fuzzStart.Add(2*time.Hour), []Flow{cf(webA, dbB, 1, 1), cf(cacheC, webA2, 1, 1)}, nil)
 	})
+}
+
+// roundTrips checks that a's checkpoint restores into a fresh aggregator
+// whose checkpoint is the same bytes; what names a's state in failures.
+func roundTrips(t *testing.T, a *Aggregator, what string) {
+	t.Helper()
+	body := checkpointOf(t, a)
+	b := fuzzAggregator(t, nil)
+	if err := b.Restore(body); err != nil {
+		t.Fatalf("%s does not restore: %v", what, err)
+	}
+	if again := checkpointOf(t, b); !bytes.Equal(again, body) {
+		t.Fatalf("%s restores differently", what)
+	}
 }
 
 // maxFuzzSlots bounds the series slots a fuzzed checkpoint body may claim.
@@ -235,14 +242,7 @@ func FuzzRestore(f *testing.F) {
 			}
 			return
 		}
-		got := checkpointOf(t, a)
-		b := fuzzAggregator(t, nil)
-		if err := b.Restore(got); err != nil {
-			t.Fatalf("checkpoint of an accepted body does not restore: %v", err)
-		}
-		if again := checkpointOf(t, b); !bytes.Equal(again, got) {
-			t.Fatal("checkpoint of an accepted body restores differently")
-		}
+		roundTrips(t, a, "checkpoint of an accepted body")
 		a.FinishReplay()
 		a.AppendSeries(nil)
 		a.Apply(fuzzStart.Add(2*time.Hour), []Flow{cf(webA, dbB, 1, 1), cf(cacheC, webA2, 1, 1), cf(nodeB, inet, 1, 1)}, nil)
