@@ -72,7 +72,9 @@ type Pusher struct {
 	sources []Source
 	log     *slog.Logger
 	extra   []extraLabel
-	eps     []*endpoint
+	// extraFields is extra encoded, for EncodingSource series.
+	extraFields []LabelField
+	eps         []*endpoint
 
 	// Snapshot state, guarded by pushMu: the series table (snapshot.go)
 	// and the encoding buffers reused from push to push.
@@ -83,6 +85,7 @@ type Pusher struct {
 	sample         []byte
 	zsample        []byte // the zero sample being inserted
 	maybe          []deferredZero
+	maybeLab       []byte // encoded labels of the deferred zeros' series
 	raw            [][]byte
 	rawN           []int
 	zeros          [][]zeroSpan // zero samples in raw, per shard
@@ -168,6 +171,7 @@ func NewPusher(cfg PusherConfig, sources []Source, reg *metrics.Registry, log *s
 			"Series left out of a snapshot because another source already returned the same labels."),
 	}
 	p.extra = mergeExtra(cfg.ExternalLabels, cfg.HA.labels())
+	p.extraFields = encodeExtra(p.extra)
 	for _, ec := range cfg.Endpoints {
 		c, err := NewClient(ec, ClientOptions{RetryOn429: cfg.RetryOn429, Component: "server"})
 		if err != nil {

@@ -116,7 +116,12 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 	t := &p.table
 	n0 := len(p.cur)
 	p.cur = p.cur[:0]
+	var encoders []EncodingSource
 	for _, src := range p.sources {
+		if es, ok := src.(EncodingSource); ok {
+			encoders = append(encoders, es)
+			continue
+		}
 		if ss, ok := src.(StampedSource); ok {
 			p.cur = ss.AppendSeriesAt(p.cur, ts)
 		} else {
@@ -161,16 +166,11 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 		// the same stamp it would be a second value there, which
 		// receivers reject.
 		if isNew && s.Created != 0 && s.Created < ts {
-			if s.MayExist {
-				p.maybe = append(p.maybe, deferredZero{entry: j, value: s.Value, created: s.Created})
-				continue
-			}
-			p.addWithZero(&t.entries[j], s.Value, s.Created)
+			p.seriesWithZero(t.entries[j].hash, p.entryLabels(&t.entries[j]), s.Value, s.Created, s.MayExist)
 			continue
 		}
-		p.add(&t.entries[j], s.Value)
+		p.put(t.entries[j].hash, p.entryLabels(&t.entries[j]), s.Value)
 	}
-	p.snapshotSeries.Set(float64(live))
 	// Entries not stamped by this snapshot were in the previous one only:
 	// their series vanished, so they get a stale marker and are forgotten.
 	for i := range t.entries {
@@ -179,9 +179,17 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 			continue
 		}
 		p.staleMarkers.Inc()
-		p.add(e, StaleNaN)
+		p.put(e.hash, p.entryLabels(e), StaleNaN)
 		t.release(int32(i))
 	}
+	// Sources that encode their own series (EncodingSource) come last:
+	// they hold many more series than the others, and none of theirs is
+	// in the table.
+	w := &SnapshotWriter{p: p, ts: ts}
+	for _, src := range encoders {
+		src.EncodeSnapshot(ts, w)
+	}
+	p.snapshotSeries.Set(float64(live + w.live))
 	for sh := range p.raw {
 		p.flushShard(sh)
 	}
@@ -191,11 +199,10 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 	// never the zero of a series the receiver does not hold. There are
 	// few: the series first pushed by the last pushes before a restart.
 	for _, d := range p.maybe {
-		e := &t.entries[d.entry]
-		p.addWithZero(e, d.value, d.created)
-		p.flushShard(int(e.hash % uint64(len(p.raw))))
+		p.putWithZero(d.hash, p.maybeLab[d.off:d.off+d.n], d.value, d.created)
+		p.flushShard(p.shardOf(d.hash))
 	}
-	p.maybe = p.maybe[:0]
+	p.maybe, p.maybeLab = p.maybe[:0], p.maybeLab[:0]
 	t.compact()
 	out := make([][]request, len(p.reqs))
 	copy(out, p.reqs)
@@ -420,24 +427,53 @@ func (p *Pusher) setSample(ts int64) {
 // tag, its one-byte length and the value's tag.
 const sampleValueOffset = 3
 
-// add appends e's series with value v to its shard's request as a
-// WriteRequest.timeseries field, closing the request when it is full.
-func (p *Pusher) add(e *seriesEntry, v float64) {
-	sh := int(e.hash % uint64(len(p.raw)))
-	b := p.appendHead(p.raw[sh], e, int(e.n)+len(p.sample))
+// entryLabels returns the encoded label fields of e's series: its cached
+// bytes, or an encoding made in p.sb (valid until the next use of p.sb).
+func (p *Pusher) entryLabels(e *seriesEntry) []byte {
+	if e.cached {
+		return p.table.arena[e.off : e.off+e.n]
+	}
+	p.sb.Reset()
+	p.appendLabels(&p.sb, e.labels)
+	return p.sb.encoded()
+}
+
+// shardOf returns the shard of the series whose labels hash to h.
+func (p *Pusher) shardOf(h uint64) int { return int(h % uint64(len(p.raw))) }
+
+// seriesWithZero queues a series met for the first time, its zero at
+// created included: in the request being built, or, when a receiver may
+// hold the series already (Series.MayExist), in one of its own after the
+// shard's others.
+func (p *Pusher) seriesWithZero(h uint64, labels []byte, v float64, created int64, mayExist bool) {
+	if !mayExist {
+		p.putWithZero(h, labels, v, created)
+		return
+	}
+	off := len(p.maybeLab)
+	p.maybeLab = append(p.maybeLab, labels...)
+	p.maybe = append(p.maybe, deferredZero{hash: h, off: off, n: len(labels), value: v, created: created})
+}
+
+// put appends the series with encoded label fields labels (hashing to h)
+// and value v to its shard's request as a WriteRequest.timeseries field,
+// closing the request when it is full.
+func (p *Pusher) put(h uint64, labels []byte, v float64) {
+	sh := p.shardOf(h)
+	b := p.appendHead(p.raw[sh], labels, len(labels)+len(p.sample))
 	p.finish(sh, b, v)
 }
 
-// addWithZero is add for a series met for the first time: its
-// TimeSeries carries the zero sample at created, then v at the snapshot's
-// stamp. It records where the zero sits so that flushShard can write the
-// request's fallback, the same request without its zeros.
-func (p *Pusher) addWithZero(e *seriesEntry, v float64, created int64) {
-	sh := int(e.hash % uint64(len(p.raw)))
+// putWithZero is put for a series met for the first time: its TimeSeries
+// carries the zero sample at created, then v at the snapshot's stamp. It
+// records where the zero sits so that flushShard can write the request's
+// fallback, the same request without its zeros.
+func (p *Pusher) putWithZero(h uint64, labels []byte, v float64, created int64) {
+	sh := p.shardOf(h)
 	p.zsample = appendSample(p.zsample[:0], 0, created)
-	size := int(e.n) + len(p.zsample) + len(p.sample)
+	size := len(labels) + len(p.zsample) + len(p.sample)
 	start := len(p.raw[sh])
-	b := p.appendHead(p.raw[sh], e, size)
+	b := p.appendHead(p.raw[sh], labels, size)
 	p.zeros[sh] = append(p.zeros[sh], zeroSpan{start: start, size: size, zero: len(b), n: len(p.zsample)})
 	b = append(b, p.zsample...)
 	p.finish(sh, b, v)
@@ -445,16 +481,11 @@ func (p *Pusher) addWithZero(e *seriesEntry, v float64, created int64) {
 
 // appendHead appends to b the WriteRequest.timeseries tag and length of a
 // series message of size bytes, and the series' encoded labels.
-func (p *Pusher) appendHead(b []byte, e *seriesEntry, size int) []byte {
+func (p *Pusher) appendHead(b, labels []byte, size int) []byte {
 	b = slices.Grow(b, 1+protowire.SizeVarint(uint64(size))+size)
 	b = append(b, byte(fieldWriteRequestTimeseries<<3|protowire.BytesType))
 	b = protowire.AppendVarint(b, uint64(size))
-	if e.cached {
-		return append(b, p.table.arena[e.off:e.off+e.n]...)
-	}
-	d := SeriesBuilder{body: b}
-	p.appendLabels(&d, e.labels)
-	return d.body
+	return append(b, labels...)
 }
 
 // finish appends the snapshot's sample with value v to shard sh's request
@@ -473,7 +504,8 @@ func (p *Pusher) finish(sh int, b []byte, v float64) {
 // deferredZero is a series whose zero sample goes in a request of its own
 // (Series.MayExist).
 type deferredZero struct {
-	entry   int32
+	hash    uint64
+	off, n  int // its encoded labels: maybeLab[off:off+n]
 	value   float64
 	created int64
 }
