@@ -8,21 +8,19 @@
 // Routes are only a cache: the series themselves are found by their label
 // content, so two endpoint pointers with identical labels (the resolver may
 // rebuild an endpoint after an unrelated pod update) still share one
-// series. Label slices are built once, when a series is created, and never
-// change afterwards, so the pusher may keep them.
+// series.
 //
-// Series live in one slice indexed by a stable numeric ref, reused once a
-// series expired. Refs are what makes the state durable (journal.go,
-// checkpoint.go): a change is recorded as the series it declared (ref and
-// labels, once) and the refs it added counts to, so a checkpoint is the
-// slice written out and the log replays onto it ref for ref.
+// Series live in a series.Store, by stable numeric ref, reused once a
+// series expired and its stale marker was pushed. Refs are what makes the
+// state durable (journal.go, checkpoint.go): a change is recorded as the
+// series it declared (ref and labels, once) and the refs it added counts
+// to, so a checkpoint is the store written out and the log replays onto it
+// ref for ref. The pusher reads the store directly (EncodeSnapshot).
 package aggregate
 
 import (
 	"context"
 	"fmt"
-	"hash/maphash"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,6 +29,7 @@ import (
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
 	"github.com/kubezonnet/kubezonnet/server/resolve"
+	"github.com/kubezonnet/kubezonnet/server/series"
 )
 
 // Names of the series this package produces (the series contract).
@@ -87,46 +86,23 @@ const (
 	DstUnknown
 )
 
-type seriesKind uint8
+// seriesKind is what a series counts, as the store keeps it.
+type seriesKind = series.Kind
 
 const (
-	kindFree seriesKind = iota // a free slot
-	kindPair                   // pod pair, counted against MaxPodPairs
-	kindOverflow
-	kindHostPair // pair without a pod side: already workload-grained
+	kindFree     = series.Free
+	kindPair     seriesKind = iota // pod pair, counted against MaxPodPairs
+	kindOverflow                   // pod pairs folded into their workload pair
+	kindHostPair                   // pair without a pod side: already workload-grained
 	kindZone
 	kindCross
-	numKinds
 )
 
 // noRef marks a route without a pair or cross series.
 const noRef = ^uint32(0)
 
-// series is one counter (or a bytes/packets twin). The twin's two label
-// slices are separate allocations on purpose: 14 labels are 448 bytes, a
-// size class of their own, while one 896-byte block of pointerful labels
-// gets an 8-byte malloc header and lands in the 1024-byte class.
-type series struct {
-	lab     []metrics.Label // bytes (or only) labels
-	pkts    []metrics.Label // packets labels of twins, nil otherwise
-	bytes   uint64
-	packets uint64
-	last    int64 // unix nanoseconds of the last update
-	created int64 // unix milliseconds of the series' creation
-	kind    seriesKind
-	// pushed is the stamp (unix ms) of the first push snapshot that held
-	// the series, 0 before. Once a push at least that new reached every
-	// endpoint (delivered), every receiver has the series: it is pushed
-	// without a zero sample at its creation, also after a restart.
-	pushed int64
-	// restored: the series comes from the state directory. Unless its
-	// first push is known to be delivered, a receiver may or may not
-	// hold it: its zero is sent apart (remotewrite.Series.MayExist).
-	restored bool
-}
-
-// twin reports whether the series carries bytes and packets.
-func (s *series) twin() bool { return s.kind != kindCross }
+// twin reports whether a series of kind carries bytes and packets.
+func twin(kind seriesKind) bool { return kind != kindCross }
 
 // routeKey identifies a route by endpoint identity: pointer comparison and
 // hashing are what make the per-flow lookup cheap.
@@ -144,17 +120,13 @@ type route struct {
 // Aggregator holds the counters. It is safe for concurrent use: Apply
 // takes its lock once per batch.
 type Aggregator struct {
-	cfg  Config
-	seed maphash.Seed
+	cfg Config
 
-	mu       sync.Mutex
-	routes   map[routeKey]route
-	series   []series // by ref
-	free     []uint32 // free refs, reused first
-	byHash   map[uint64]uint32
-	collided map[uint64][]uint32 // same hash, other labels: practically never
-	podPairs int                 // live kindPair series
-	scratch  []metrics.Label
+	mu      sync.Mutex
+	routes  map[routeKey]route
+	store   *series.Store
+	dead    []uint32 // expiry scratch
+	scratch []metrics.Label
 	// delivered is the newest push (unix ms) every endpoint accepted
 	// whole: series first pushed no later are known to every receiver.
 	delivered int64
@@ -166,6 +138,7 @@ type Aggregator struct {
 	// journal state: the record being built and the refs declared in it.
 	rec      []byte
 	declared []uint32
+	decl     series.Series // scratch for reading a declared series
 
 	live    atomic.Int64
 	folded  *metrics.Counter
@@ -184,11 +157,9 @@ func New(cfg Config, reg *metrics.Registry) (*Aggregator, error) {
 		cfg.Now = time.Now
 	}
 	a := &Aggregator{
-		cfg:      cfg,
-		seed:     maphash.MakeSeed(),
-		routes:   map[routeKey]route{},
-		byHash:   map[uint64]uint32{},
-		collided: map[uint64][]uint32{},
+		cfg:    cfg,
+		routes: map[routeKey]route{},
+		store:  series.New(),
 		folded: reg.Counter("kubezonnet_server_pod_pairs_folded_total",
 			"Pod pairs folded into an _overflow series because --max-pod-pairs was reached (counted when a pair's route is built, so a pair folds again after its route was evicted)."),
 		expired: reg.Counter("kubezonnet_server_series_expired_total",
@@ -253,20 +224,12 @@ func (a *Aggregator) ApplyPlaced(now time.Time, flows []Flow, id *BatchID, place
 
 // add adds c to the series of route r.
 func (a *Aggregator) add(r route, c flow.Counts, ts int64) {
-	z := &a.series[r.zone]
-	z.bytes += c.Bytes
-	z.packets += c.Packets
-	z.last = ts
+	a.store.Add(r.zone, c.Bytes, c.Packets, ts)
 	if r.pair != noRef {
-		p := &a.series[r.pair]
-		p.bytes += c.Bytes
-		p.packets += c.Packets
-		p.last = ts
+		a.store.Add(r.pair, c.Bytes, c.Packets, ts)
 	}
 	if r.cross != noRef {
-		x := &a.series[r.cross]
-		x.bytes += c.Bytes
-		x.last = ts
+		a.store.Add(r.cross, c.Bytes, 0, ts)
 	}
 }
 
@@ -302,7 +265,7 @@ func (a *Aggregator) newRoute(f *Flow, ts int64) route {
 			// Nodes, static endpoints and the internet are few: such
 			// pairs need no folding and do not use up pod-pair slots.
 			r.pair = a.create(kindHostPair, ts)
-		} else if a.podPairs < a.cfg.MaxPodPairs {
+		} else if a.store.Count(kindPair) < a.cfg.MaxPodPairs {
 			r.pair = a.create(kindPair, ts)
 		} else {
 			a.folded.Inc()
@@ -330,174 +293,90 @@ func (a *Aggregator) findOrCreate(kind seriesKind, ts int64) uint32 {
 	return a.create(kind, ts)
 }
 
-func (a *Aggregator) hash(labels []metrics.Label) uint64 {
-	var h maphash.Hash
-	h.SetSeed(a.seed)
-	for _, l := range labels {
-		h.WriteString(l.Name)
-		h.WriteByte(0)
-		h.WriteString(l.Value)
-		h.WriteByte(0)
-	}
-	return h.Sum64()
-}
-
 // find returns the ref of the live series labelled a.scratch.
 func (a *Aggregator) find() (uint32, bool) {
-	return a.lookup(a.scratch)
+	return a.store.Lookup(a.scratch)
 }
 
-func (a *Aggregator) lookup(ls []metrics.Label) (uint32, bool) {
-	return a.lookupHashed(ls, a.hash(ls))
-}
-
-// lookupHashed is lookup for labels whose hash the caller has.
-func (a *Aggregator) lookupHashed(ls []metrics.Label, h uint64) (uint32, bool) {
-	if ref, ok := a.byHash[h]; ok && equal(a.series[ref].lab, ls) {
-		return ref, true
-	}
-	for _, ref := range a.collided[h] {
-		if equal(a.series[ref].lab, ls) {
-			return ref, true
-		}
-	}
-	return 0, false
-}
-
-// create makes the series labelled a.scratch (its bytes name for twins)
-// and indexes it. The label slice allocated here is the only one the
-// series will ever have.
+// create makes the series labelled a.scratch (its bytes name for twins).
 func (a *Aggregator) create(kind seriesKind, ts int64) uint32 {
-	ref := a.alloc()
-	a.install(ref, kind, slices.Clone(a.scratch), ts/int64(time.Millisecond))
-	a.series[ref].last = ts
+	ref := a.store.Create(kind, a.scratch, packetsName(kind, a.scratch), ts/int64(time.Millisecond), ts)
+	a.live.Store(int64(a.store.Len()))
 	if a.cfg.Journal != nil {
 		a.declared = append(a.declared, ref)
 	}
 	return ref
 }
 
-// alloc returns a free ref.
-func (a *Aggregator) alloc() uint32 {
-	if n := len(a.free); n > 0 {
-		ref := a.free[n-1]
-		a.free = a.free[:n-1]
-		return ref
+// packetsName returns the packets twin's name of a series of kind
+// labelled ls, "" for a series without one.
+func packetsName(kind seriesKind, ls []metrics.Label) string {
+	if !twin(kind) {
+		return ""
 	}
-	a.series = append(a.series, series{})
-	return uint32(len(a.series) - 1)
-}
-
-// install makes ref the series of kind labelled lab (which it keeps),
-// created at created (unix ms), and indexes it.
-func (a *Aggregator) install(ref uint32, kind seriesKind, lab []metrics.Label, created int64) {
-	a.installHashed(ref, kind, lab, created, a.hash(lab))
-}
-
-// installHashed is install for labels whose hash the caller has.
-func (a *Aggregator) installHashed(ref uint32, kind seriesKind, lab []metrics.Label, created int64, h uint64) {
-	s := &a.series[ref]
-	*s = series{kind: kind, lab: lab, created: created}
-	if s.twin() {
-		s.pkts = slices.Clone(lab)
-		s.pkts[0].Value = packetsName(lab[0].Value)
-	}
-	if _, taken := a.byHash[h]; taken {
-		a.collided[h] = append(a.collided[h], ref)
-	} else {
-		a.byHash[h] = ref
-	}
-	if kind == kindPair {
-		a.podPairs++
-	}
-	a.live.Add(1)
-}
-
-func packetsName(bytesName string) string {
-	switch bytesName {
+	switch ls[0].Value {
 	case MetricPodPairBytes:
 		return MetricPodPairPackets
 	case MetricZonePairBytes:
 		return MetricZonePairPackets
 	}
-	panic("aggregate: no packets twin for " + bytesName)
+	panic("aggregate: no packets twin for " + ls[0].Value)
 }
 
-func equal(a, b []metrics.Label) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
-}
-
-// AppendSeries implements remotewrite.Source: it first expires idle
-// series, then appends every live one with its cumulative value and, for
-// the series a receiver may not have yet, its creation time (so the
-// pusher sends a zero sample first). It is a view: the pusher reads
-// through AppendSeriesAt.
+// AppendSeries implements remotewrite.Source, as a view for tests and
+// debugging: it first expires idle series, then appends every live one
+// with its cumulative value and, for the series a receiver may not have
+// yet, its creation time, marking nothing pushed. The pusher reads the
+// store through EncodeSnapshot instead.
 func (a *Aggregator) AppendSeries(dst []remotewrite.Series) []remotewrite.Series {
-	return a.appendSeries(dst, 0)
+	now := a.cfg.Now()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.expireLocked(now)
+	var s series.Series
+	a.store.EachLive(func(ref uint32) {
+		a.store.Get(ref, &s)
+		created, mayExist := a.store.Zero(ref, a.delivered)
+		lab := append([]metrics.Label(nil), s.Labels...)
+		dst = append(dst, remotewrite.Series{Labels: lab, Value: float64(s.Bytes), Created: created, MayExist: mayExist})
+		if p := packetsName(s.Kind, lab); p != "" {
+			pl := append([]metrics.Label(nil), lab...)
+			pl[0].Value = p
+			dst = append(dst, remotewrite.Series{Labels: pl, Value: float64(s.Packets), Created: created, MayExist: mayExist})
+		}
+	})
+	return dst
 }
 
-// AppendSeriesAt implements remotewrite.StampedSource: AppendSeries for
-// the push snapshot stamped ts, which also records ts as the first push
-// of the series it holds for the first time (and, with a journal, logs
-// that), so that Delivered can tell which series every receiver has.
-func (a *Aggregator) AppendSeriesAt(dst []remotewrite.Series, ts int64) []remotewrite.Series {
-	return a.appendSeries(dst, ts)
+// EncodeSnapshot implements remotewrite.EncodingSource: it expires idle
+// series, captures every live one's value under the lock (and, with a
+// journal, makes the record of first pushes durable before anything
+// leaves), then encodes without the lock, so ingest goes on while a
+// million series are written.
+func (a *Aggregator) EncodeSnapshot(ts int64, w *remotewrite.SnapshotWriter) {
+	a.capture(ts).Encode(w)
 }
 
-func (a *Aggregator) appendSeries(dst []remotewrite.Series, ts int64) []remotewrite.Series {
-	dst, pos := a.appendSeriesLocked(dst, ts)
+// capture is EncodeSnapshot's part under the lock: it records ts as the
+// first push of the series it holds for the first time (and, with a
+// journal, logs that), so that Delivered can tell which series every
+// receiver has.
+func (a *Aggregator) capture(ts int64) *series.Capture {
+	now := a.cfg.Now()
+	a.mu.Lock()
+	a.expireLocked(now)
+	c, newly := a.store.Capture(ts, a.delivered)
+	var pos uint64
+	if newly && a.cfg.Journal != nil {
+		pos = a.cfg.Journal.Append(appendPushed(nil, ts), nil)
+	}
+	a.mu.Unlock()
 	if pos != 0 {
 		// The record of first pushes is durable before the push's
 		// requests leave. A failed log is the ingest path's to report.
 		_ = a.cfg.Journal.Wait(context.Background(), pos)
 	}
-	return dst
-}
-
-// appendSeriesLocked is appendSeries under the lock; pos is the journal
-// position of its record of first pushes, 0 for none.
-func (a *Aggregator) appendSeriesLocked(dst []remotewrite.Series, ts int64) (_ []remotewrite.Series, pos uint64) {
-	now := a.cfg.Now()
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.expireLocked(now)
-	newly := false
-	for i := range a.series {
-		s := &a.series[i]
-		if s.kind == kindFree {
-			continue
-		}
-		if ts != 0 && s.pushed == 0 {
-			s.pushed = ts
-			newly = true
-		}
-		// A restored series first pushed in a push not known to be
-		// delivered may be held by a receiver or not: its zero goes
-		// apart. One never pushed is new to every receiver.
-		created, mayExist := s.created, s.restored && s.pushed != 0
-		if s.pushed != 0 && s.pushed <= a.delivered {
-			created, mayExist = 0, false
-		}
-		if s.twin() {
-			dst = append(dst,
-				remotewrite.Series{Labels: s.lab, Value: float64(s.bytes), Created: created, MayExist: mayExist},
-				remotewrite.Series{Labels: s.pkts, Value: float64(s.packets), Created: created, MayExist: mayExist})
-			continue
-		}
-		dst = append(dst, remotewrite.Series{Labels: s.lab, Value: float64(s.bytes), Created: created, MayExist: mayExist})
-	}
-	if newly && a.cfg.Journal != nil {
-		pos = a.cfg.Journal.Append(appendPushed(nil, ts), nil)
-	}
-	return dst, pos
+	return c
 }
 
 // Delivered records that the push stamped ts (unix ms) reached every
@@ -525,63 +404,22 @@ func (a *Aggregator) Expire(now time.Time) {
 
 func (a *Aggregator) expireLocked(now time.Time) {
 	cutoff := now.Add(-a.cfg.IdleTimeout).UnixNano()
-	var dead []uint32
-	for i := range a.series {
-		s := &a.series[i]
-		if s.kind != kindFree && s.last < cutoff {
-			dead = append(dead, uint32(i))
-		}
-	}
+	dead := a.store.Expire(cutoff, a.dead[:0])
+	a.dead = dead[:0]
 	if len(dead) == 0 {
 		return
 	}
-	for _, ref := range dead {
-		a.remove(ref)
-	}
+	a.live.Store(int64(a.store.Len()))
 	a.expired.Add(float64(len(dead)))
 	// A route is idle whenever every series it feeds is, so dropping the
 	// routes that point at a dead series loses nothing live.
-	isFree := func(ref uint32) bool { return ref != noRef && a.series[ref].kind == kindFree }
+	isFree := func(ref uint32) bool { return ref != noRef && a.store.Kind(ref) == kindFree }
 	for k, r := range a.routes {
 		if isFree(r.zone) || isFree(r.pair) || isFree(r.cross) {
 			delete(a.routes, k)
 		}
 	}
-	a.free = append(a.free, dead...)
 	if a.cfg.Journal != nil {
 		a.cfg.Journal.Append(appendExpire(nil, now, dead), nil)
 	}
-}
-
-// remove unindexes ref and marks its slot free (the caller adds it to
-// the free list once no route points at it).
-func (a *Aggregator) remove(ref uint32) {
-	s := &a.series[ref]
-	h := a.hash(s.lab)
-	if cur, ok := a.byHash[h]; ok && cur == ref {
-		if rest := a.collided[h]; len(rest) > 0 {
-			a.byHash[h] = rest[0]
-			a.setCollided(h, rest[1:])
-		} else {
-			delete(a.byHash, h)
-		}
-	} else {
-		list := a.collided[h]
-		if i := slices.Index(list, ref); i >= 0 {
-			a.setCollided(h, slices.Delete(list, i, i+1))
-		}
-	}
-	if s.kind == kindPair {
-		a.podPairs--
-	}
-	a.live.Add(-1)
-	*s = series{}
-}
-
-func (a *Aggregator) setCollided(h uint64, list []uint32) {
-	if len(list) == 0 {
-		delete(a.collided, h)
-		return
-	}
-	a.collided[h] = list
 }

@@ -65,8 +65,8 @@ func BenchmarkMemoryPodPairs(b *testing.B) {
 				flows := fillPairs(a, src, dst)
 				runtime.GC()
 				runtime.ReadMemStats(&after)
-				if a.podPairs != n*dsts {
-					b.Fatalf("%d pod pairs, want %d", a.podPairs, n*dsts)
+				if a.store.Count(kindPair) != n*dsts {
+					b.Fatalf("%d pod pairs, want %d", a.store.Count(kindPair), n*dsts)
 				}
 				held := float64(after.HeapAlloc) - float64(before.HeapAlloc)
 				b.ReportMetric(held/float64(n*dsts), "heap-B/pair")

@@ -4,9 +4,9 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
-	"slices"
 
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/server/series"
 )
 
 // checkpointVersion is the first field of a checkpoint body.
@@ -22,23 +22,15 @@ const checkpointVersion = 2
 const maxSlots = 1 << 26
 
 // Snapshot is a copy of the aggregator's series, taken under its lock and
-// written out without it, so a checkpoint holds ingest up only for a copy.
-// Label slices are shared, not copied: they never change.
+// written out without it, so a checkpoint holds ingest up only for a copy
+// of the store's records (labels are interned: a record names them).
 type Snapshot struct {
-	series    []series
+	view      *series.View
 	delivered int64
 }
 
 // Len returns the number of live series in the snapshot.
-func (s *Snapshot) Len() int {
-	n := 0
-	for i := range s.series {
-		if s.series[i].kind != kindFree {
-			n++
-		}
-	}
-	return n
-}
+func (s *Snapshot) Len() int { return s.view.Len() }
 
 // Snapshot copies the series. under, if not nil, runs while the lock is
 // held: the place to cut the journal, so that the snapshot holds exactly
@@ -49,7 +41,7 @@ func (a *Aggregator) Snapshot(under func()) *Snapshot {
 	if under != nil {
 		under()
 	}
-	return &Snapshot{series: slices.Clone(a.series), delivered: a.delivered}
+	return &Snapshot{view: a.store.View(), delivered: a.delivered}
 }
 
 // WriteTo writes the snapshot as a checkpoint body: a table of the
@@ -66,23 +58,19 @@ func (s *Snapshot) WriteTo(w io.Writer) (int64, error) {
 		}
 	}
 	live := 0
-	for i := range s.series {
-		sr := &s.series[i]
-		if sr.kind == kindFree {
-			continue
-		}
+	s.view.Each(func(sr *series.Series) {
 		live++
-		for _, l := range sr.lab {
+		for _, l := range sr.Labels {
 			intern(l.Name)
 			intern(l.Value)
 		}
-	}
+	})
 	// Written in chunks of about 64 KiB: no buffering needed on top.
 	cw := &countWriter{w: w}
 	var b []byte
 	b = binary.AppendUvarint(b, checkpointVersion)
 	b = binary.AppendVarint(b, s.delivered)
-	b = binary.AppendUvarint(b, uint64(len(s.series)))
+	b = binary.AppendUvarint(b, uint64(s.view.Slots()))
 	b = binary.AppendUvarint(b, uint64(len(strs)))
 	for _, v := range strs {
 		b = appendString(b, v)
@@ -94,29 +82,30 @@ func (s *Snapshot) WriteTo(w io.Writer) (int64, error) {
 		}
 	}
 	b = binary.AppendUvarint(b, uint64(live))
-	for i := range s.series {
-		sr := &s.series[i]
-		if sr.kind == kindFree {
-			continue
+	var werr error
+	s.view.Each(func(sr *series.Series) {
+		if werr != nil {
+			return
 		}
-		b = binary.AppendUvarint(b, uint64(i))
-		b = append(b, byte(sr.kind))
-		b = binary.AppendVarint(b, sr.created)
-		b = binary.AppendVarint(b, sr.last)
-		b = binary.AppendVarint(b, sr.pushed)
-		b = binary.AppendUvarint(b, sr.bytes)
-		b = binary.AppendUvarint(b, sr.packets)
-		b = binary.AppendUvarint(b, uint64(len(sr.lab)))
-		for _, l := range sr.lab {
+		b = binary.AppendUvarint(b, uint64(sr.Ref))
+		b = append(b, byte(sr.Kind))
+		b = binary.AppendVarint(b, sr.Created)
+		b = binary.AppendVarint(b, sr.Last)
+		b = binary.AppendVarint(b, sr.Pushed)
+		b = binary.AppendUvarint(b, sr.Bytes)
+		b = binary.AppendUvarint(b, sr.Packets)
+		b = binary.AppendUvarint(b, uint64(len(sr.Labels)))
+		for _, l := range sr.Labels {
 			b = binary.AppendUvarint(b, uint64(idx[l.Name]))
 			b = binary.AppendUvarint(b, uint64(idx[l.Value]))
 		}
 		if len(b) > 64<<10 {
-			if _, err := cw.Write(b); err != nil {
-				return cw.n, err
-			}
+			_, werr = cw.Write(b)
 			b = b[:0]
 		}
+	})
+	if werr != nil {
+		return cw.n, werr
 	}
 	if _, err := cw.Write(b); err != nil {
 		return cw.n, err
@@ -162,11 +151,10 @@ func (a *Aggregator) Restore(body []byte) error {
 	if uint64(nl) > slots {
 		return fmt.Errorf("checkpoint: %w: %d live series in %d slots", errRecord, nl, slots)
 	}
-	// Build into a fresh aggregator state, then swap.
-	fresh := &Aggregator{cfg: a.cfg, seed: a.seed,
-		byHash: map[uint64]uint32{}, collided: map[uint64][]uint32{}, routes: map[routeKey]route{},
-		folded: a.folded, expired: a.expired}
-	fresh.series = make([]series, slots)
+	// Build into a fresh store, then swap.
+	fresh := series.New()
+	var unpushed []uint32
+	used := make([]bool, slots)
 	str := func() string {
 		i := r.uvarint()
 		if r.err != nil {
@@ -194,7 +182,7 @@ func (a *Aggregator) Restore(body []byte) error {
 		if r.err != nil {
 			break
 		}
-		if fresh.series[ref].kind != kindFree {
+		if used[ref] {
 			r.fail("series ref %d twice", ref)
 			break
 		}
@@ -202,17 +190,16 @@ func (a *Aggregator) Restore(body []byte) error {
 			r.err = err
 			break
 		}
-		h := fresh.hash(lab)
-		if _, dup := fresh.lookupHashed(lab, h); dup {
+		h := fresh.Hash(lab)
+		if _, dup := fresh.LookupHashed(lab, h); dup {
 			r.fail("series twice: %v", lab)
 			break
 		}
-		fresh.installHashed(ref, kind, lab, created, h)
-		s := &fresh.series[ref]
-		s.last, s.bytes, s.packets, s.pushed = last, bytes, packets, pushed
-		s.restored = true
+		used[ref] = true
+		fresh.Install(ref, kind, lab, packetsName(kind, lab), created, h)
+		fresh.Restore(ref, bytes, packets, last, pushed)
 		if pushed == 0 {
-			fresh.unpushed = append(fresh.unpushed, ref)
+			unpushed = append(unpushed, ref)
 		}
 	}
 	if r.err == nil && len(r.b) > 0 {
@@ -223,11 +210,12 @@ func (a *Aggregator) Restore(body []byte) error {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.live.Add(-a.live.Load() + fresh.live.Load())
-	a.series, a.byHash, a.collided, a.podPairs = fresh.series, fresh.byHash, fresh.collided, fresh.podPairs
+	fresh.Grow(int(slots))
+	fresh.Rebuild()
+	a.store = fresh
+	a.live.Store(int64(fresh.Len()))
 	a.delivered = delivered
-	a.unpushed = fresh.unpushed
-	a.free = a.free[:0]
+	a.unpushed = unpushed
 	clear(a.routes)
 	return nil
 }

@@ -97,7 +97,7 @@ func TestRestoreRefuses(t *testing.T) {
 			b.series = append(b.series, s)
 		})},
 		{"free kind", with(func(b *body) { b.series[0].kind = byte(kindFree) })},
-		{"unknown kind", with(func(b *body) { b.series[0].kind = byte(numKinds) })},
+		{"unknown kind", with(func(b *body) { b.series[0].kind = byte(kindCross + 1) })},
 		{"labels of another kind", with(func(b *body) { b.series[0].kind = byte(kindCross) })},
 		{"labels unsorted", with(func(b *body) { b.series[0].labels = []uint64{0, 1, 4, 5, 2, 3} })},
 		{"no __name__", with(func(b *body) { b.series[0].labels = zoneIdx[2:] })},
@@ -137,8 +137,8 @@ func TestRestoreFreeSlots(t *testing.T) {
 	}
 	a.FinishReplay()
 	a.Apply(fuzzStart, []Flow{cf(webA, dbB, 1, 1), cf(dbB, webA, 2, 1)}, nil)
-	if len(a.series) != 1000 {
-		t.Errorf("%d slots after new series, want the 1000 restored (free ones reused)", len(a.series))
+	if a.store.Slots() != 1000 {
+		t.Errorf("%d slots after new series, want the 1000 restored (free ones reused)", a.store.Slots())
 	}
 	got := render(a.AppendSeries(nil))
 	if !slices.Contains(got, `kubezonnet_zone_pair_bytes_total{dst_zone="b",src_zone="a"} 11`) {
@@ -155,16 +155,16 @@ func TestReplayRefuses(t *testing.T) {
 	state := fuzzState(t)
 	a := restored(t, state, nil)
 	var zoneRef uint32 = noRef
-	for ref, s := range a.series {
-		if s.kind == kindZone {
-			zoneRef = uint32(ref)
+	for ref := range uint32(a.store.Slots()) {
+		if a.store.Kind(ref) == kindZone {
+			zoneRef = ref
 			break
 		}
 	}
 	if zoneRef == noRef {
 		t.Fatal("fuzz state without a zone pair")
 	}
-	end := uint64(len(a.series))
+	end := uint64(a.store.Slots())
 	zone := func(src, dst string) []metrics.Label {
 		return zoneLabels(nil, MetricZonePairBytes, src, dst)
 	}
@@ -205,7 +205,7 @@ func TestReplayRefuses(t *testing.T) {
 			[]fl5{{zone: end, bytes: 1}})},
 		{"declaration in use", batch([]decl{{z, kindZone, zone("x", "y")}}, nil)},
 		{"declaration past the end", batch([]decl{{end + 1, kindZone, zone("x", "y")}}, nil)},
-		{"declaration of a live series", batch([]decl{{end, kindZone, a.series[zoneRef].lab}}, nil)},
+		{"declaration of a live series", batch([]decl{{end, kindZone, a.store.Labels(nil, zoneRef)}}, nil)},
 		{"declaration twice", batch([]decl{{end, kindZone, zone("x", "y")}, {end, kindZone, zone("x", "z")}}, nil)},
 		// Two new series with the same labels: the state would hold a
 		// series twice, which no checkpoint of it could restore.
@@ -215,9 +215,9 @@ func TestReplayRefuses(t *testing.T) {
 		{"packets overflow", batch(nil, []fl5{{zone: z, bytes: 1, packets: math.MaxUint64 - 1}})},
 		{"overflow over flows", batch(nil, []fl5{{zone: z, bytes: math.MaxUint64 / 2}, {zone: z, bytes: math.MaxUint64 / 2}, {zone: z, bytes: 100}})},
 		{"expire of a free ref", func() []byte {
-			for ref, s := range a.series {
-				if s.kind == kindFree {
-					return appendExpire(nil, fuzzStart, []uint32{uint32(ref)})
+			for ref := range uint32(a.store.Slots()) {
+				if a.store.Kind(ref) == kindFree {
+					return appendExpire(nil, fuzzStart, []uint32{ref})
 				}
 			}
 			t.Fatal("fuzz state without a free ref")

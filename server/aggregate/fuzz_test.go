@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/server/series"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
 )
 
@@ -79,29 +80,21 @@ func dump(a *Aggregator) string {
 	defer a.mu.Unlock()
 	b := make([]byte, 0, 4096)
 	num := func(v int64) { b = strconv.AppendInt(append(b, ' '), v, 10) }
-	for ref := range a.series {
-		s := &a.series[ref]
-		num(int64(ref))
-		num(int64(s.kind))
-		num(s.created)
-		num(s.last)
-		b = strconv.AppendUint(append(b, ' '), s.bytes, 10)
-		b = strconv.AppendUint(append(b, ' '), s.packets, 10)
-		num(s.pushed)
-		for _, ls := range [][]metrics.Label{s.lab, s.pkts} {
-			b = append(b, " {"...)
-			for _, l := range ls {
-				b = strconv.AppendQuote(append(append(b, l.Name...), '='), l.Value)
-			}
-			b = append(b, '}')
+	a.store.View().Each(func(s *series.Series) {
+		num(int64(s.Ref))
+		num(int64(s.Kind))
+		num(s.Created)
+		num(s.Last)
+		b = strconv.AppendUint(append(b, ' '), s.Bytes, 10)
+		b = strconv.AppendUint(append(b, ' '), s.Packets, 10)
+		num(s.Pushed)
+		b = append(b, " {"...)
+		for _, l := range s.Labels {
+			b = strconv.AppendQuote(append(append(b, l.Name...), '='), l.Value)
 		}
-		b = append(b, '\n')
-	}
-	b = append(b, "free"...)
-	for _, ref := range a.free {
-		num(int64(ref))
-	}
-	for _, v := range []int64{a.delivered, int64(a.podPairs), a.live.Load(), int64(len(a.byHash)), int64(len(a.collided)), int64(len(a.routes))} {
+		b = append(b, "}\n"...)
+	})
+	for _, v := range []int64{a.delivered, int64(a.store.Count(kindPair)), a.live.Load(), int64(a.store.Slots()), int64(a.store.Len()), int64(a.store.Symbols()), int64(len(a.routes))} {
 		num(v)
 	}
 	return string(b)

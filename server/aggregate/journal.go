@@ -10,6 +10,7 @@ import (
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/server/series"
 )
 
 // Journal keeps the aggregator's changes durable (server/state's log).
@@ -80,7 +81,8 @@ func (a *Aggregator) endBatch(id *BatchID, now time.Time) uint64 {
 	size := 64 + len(a.rec)
 	for _, ref := range a.declared {
 		size += 16
-		for _, l := range a.series[ref].lab {
+		a.store.Get(ref, &a.decl)
+		for _, l := range a.decl.Labels {
 			size += 4 + len(l.Name) + len(l.Value)
 		}
 	}
@@ -97,11 +99,12 @@ func (a *Aggregator) endBatch(id *BatchID, now time.Time) uint64 {
 	b = binary.AppendVarint(b, now.UnixNano())
 	b = binary.AppendUvarint(b, uint64(len(a.declared)))
 	for _, ref := range a.declared {
-		s := &a.series[ref]
+		s := &a.decl
+		a.store.Get(ref, s)
 		b = binary.AppendUvarint(b, uint64(ref))
-		b = append(b, byte(s.kind))
-		b = binary.AppendVarint(b, s.created)
-		b = appendLabels(b, s.lab)
+		b = append(b, byte(s.Kind))
+		b = binary.AppendVarint(b, s.Created)
+		b = appendLabels(b, s.Labels)
 	}
 	b = append(b, a.rec...)
 	a.declared = a.declared[:0]
@@ -267,6 +270,14 @@ func validLabels(kind seriesKind, ls []metrics.Label) error {
 	if len(ls) == 0 || ls[0].Name != "__name__" {
 		return fmt.Errorf("%w: series without __name__", errRecord)
 	}
+	if len(ls) > series.MaxLabels {
+		return fmt.Errorf("%w: %d labels, at most %d", errRecord, len(ls), series.MaxLabels)
+	}
+	for _, l := range ls {
+		if l.Value == "" {
+			return fmt.Errorf("%w: label %q without a value", errRecord, l.Name)
+		}
+	}
 	var want []string
 	switch kind {
 	case kindPair, kindOverflow, kindHostPair:
@@ -318,8 +329,8 @@ func (a *Aggregator) Replay(rec []byte) (*BatchID, error) {
 		n := r.count(1)
 		refs := make([]uint32, 0, n)
 		for range n {
-			ref := r.ref(len(a.series))
-			if r.err == nil && a.series[ref].kind == kindFree {
+			ref := r.ref(a.store.Slots())
+			if r.err == nil && a.store.Kind(ref) == kindFree {
 				r.fail("expiry of free series ref %d", ref)
 			}
 			refs = append(refs, ref)
@@ -332,10 +343,9 @@ func (a *Aggregator) Replay(rec []byte) (*BatchID, error) {
 		}
 		_ = now
 		for _, ref := range refs {
-			if a.series[ref].kind != kindFree { // listed twice: once is enough
-				a.remove(ref)
-			}
+			a.store.Remove(ref) // listed twice: once is enough
 		}
+		a.live.Store(int64(a.store.Len()))
 		a.expired.Add(float64(len(refs)))
 		return nil, nil
 	case recPushed:
@@ -350,9 +360,7 @@ func (a *Aggregator) Replay(rec []byte) (*BatchID, error) {
 			return nil, r.err
 		}
 		for _, ref := range a.unpushed {
-			if s := &a.series[ref]; s.kind != kindFree && s.pushed == 0 {
-				s.pushed = ts
-			}
+			a.store.SetPushed(ref, ts)
 		}
 		a.unpushed = a.unpushed[:0]
 		return nil, nil
@@ -386,7 +394,7 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 	recv := r.varint()
 	nd := r.count(4)
 	decls := make([]decl, 0, nd)
-	limit := len(a.series)
+	limit := a.store.Slots()
 	newSlots := map[uint32]seriesKind{}
 	// byLabels indexes decls by label hash: two declarations of one
 	// series would leave the state with a series twice, which no
@@ -402,7 +410,7 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 		}
 		// A declaration takes a free slot or the next one past the end.
 		switch {
-		case int(d.ref) < len(a.series) && a.series[d.ref].kind != kindFree:
+		case a.store.Kind(d.ref) != kindFree:
 			r.fail("series ref %d declared while in use", d.ref)
 		case int(d.ref) > limit:
 			r.fail("series ref %d declared past the end (%d)", d.ref, limit)
@@ -412,8 +420,8 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 		if err := validLabels(d.kind, d.lab); err != nil && r.err == nil {
 			r.err = err
 		}
-		d.hash = a.hash(d.lab)
-		if _, dup := a.lookupHashed(d.lab, d.hash); dup && r.err == nil {
+		d.hash = a.store.Hash(d.lab)
+		if _, dup := a.store.LookupHashed(d.lab, d.hash); dup && r.err == nil {
 			r.fail("series declared twice: %v", d.lab)
 		}
 		if r.err != nil {
@@ -422,7 +430,7 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 		if byLabels != nil {
 			h := d.hash
 			for _, i := range byLabels[h] {
-				if equal(decls[i].lab, d.lab) {
+				if slices.Equal(decls[i].lab, d.lab) {
 					r.fail("series declared twice in a record: %v", d.lab)
 				}
 			}
@@ -441,7 +449,7 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 		if k, ok := newSlots[ref]; ok {
 			return k
 		}
-		return a.series[ref].kind
+		return a.store.Kind(ref)
 	}
 	nf := r.count(5)
 	routes := make([]route, 0, nf)
@@ -450,9 +458,9 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 	// record's total added to the largest counter it touches must fit.
 	var sumBytes, sumPackets, maxBytes, maxPackets uint64
 	touch := func(ref uint32) {
-		if ref != noRef && int(ref) < len(a.series) { // new slots are free: zero
-			maxBytes = max(maxBytes, a.series[ref].bytes)
-			maxPackets = max(maxPackets, a.series[ref].packets)
+		if ref != noRef && a.store.Kind(ref) != kindFree { // new slots: zero
+			b, p := a.store.Counts(ref)
+			maxBytes, maxPackets = max(maxBytes, b), max(maxPackets, p)
 		}
 	}
 	for range nf {
@@ -503,14 +511,11 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 		return nil, r.err
 	}
 	for _, d := range decls {
-		for int(d.ref) >= len(a.series) {
-			a.series = append(a.series, series{})
-		}
-		a.installHashed(d.ref, d.kind, d.lab, d.created, d.hash)
-		a.series[d.ref].restored = true
+		a.store.Install(d.ref, d.kind, d.lab, packetsName(d.kind, d.lab), d.created, d.hash)
+		a.store.Restore(d.ref, 0, 0, recv, 0)
 		a.unpushed = append(a.unpushed, d.ref)
-		a.series[d.ref].last = recv
 	}
+	a.live.Store(int64(a.store.Len()))
 	for i, rt := range routes {
 		a.add(rt, counts[i], recv)
 	}
@@ -524,11 +529,6 @@ func (a *Aggregator) FinishReplay() {
 	defer a.mu.Unlock()
 	a.replayStrings = nil
 	a.unpushed = nil
-	a.free = a.free[:0]
-	for i := len(a.series) - 1; i >= 0; i-- {
-		if a.series[i].kind == kindFree {
-			a.free = append(a.free, uint32(i))
-		}
-	}
+	a.store.Rebuild()
 	clear(a.routes)
 }

@@ -409,12 +409,12 @@ func runDifferential(t *testing.T, rng *rand.Rand, allPairs bool, maxPairs, step
 				id = &BatchID{Node: "node-" + strconv.Itoa(rng.IntN(3)), Incarnation: "inc", Seq: seq}
 			}
 			ref.Apply(clock, slices.Clone(flows), nil)
-			before := len(live.free)
+			slots, held := live.store.Slots(), live.store.Len()
 			placed := make([]Placement, n)
 			if pos := live.ApplyPlaced(clock, flows, id, placed); pos != uint64(len(j.recs)) {
 				t.Fatalf("step %d: Apply returned journal position %d, the journal has %d records", step, pos, len(j.recs))
 			}
-			if len(live.free) < before && stats.restarts > 0 {
+			if live.store.Len()-held > live.store.Slots()-slots && stats.restarts > 0 {
 				stats.reused++
 			}
 			for i, f := range flows {
@@ -426,8 +426,8 @@ func runDifferential(t *testing.T, rng *rand.Rand, allPairs bool, maxPairs, step
 		case op < 54: // a push snapshot
 			lastPush = max(clock.UnixMilli(), lastPush+1)
 			pushes = append(pushes, lastPush)
-			ref.AppendSeriesAt(nil, lastPush)
-			live.AppendSeriesAt(nil, lastPush)
+			ref.capture(lastPush)
+			live.capture(lastPush)
 			refModel.push(clock, lastPush)
 			liveModel.push(clock, lastPush)
 		case op < 58: // a push delivered, the newest or an older one
@@ -540,13 +540,13 @@ func TestFirstPushDecidesKnown(t *testing.T) {
 	a := newAgg()
 	a.Apply(t0, []Flow{cf(webA, dbB, 100, 1)}, nil)
 	stamp := t0.UnixMilli() + 5
-	a.AppendSeriesAt(nil, stamp)
+	a.capture(stamp)
 	// Received at t0 (before the stamp), applied after the push read.
 	a.Apply(t0, []Flow{cf(cacheC, webA, 7, 1)}, nil)
 	a.Delivered(stamp)
 	// A second push holds cacheC's pair first and is not delivered; a
 	// pair made after it is never pushed.
-	a.AppendSeriesAt(nil, stamp+1)
+	a.capture(stamp + 1)
 	a.Apply(t0, []Flow{cf(dbB, webA2, 3, 1)}, nil)
 
 	created := func(a *Aggregator) map[string]int64 {

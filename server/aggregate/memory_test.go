@@ -153,8 +153,8 @@ func BenchmarkMemoryServer(b *testing.B) {
 					b.Fatal(err)
 				}
 				flows := fillPairs(a, src, dst)
-				if a.podPairs != n*dsts {
-					b.Fatalf("%d pod pairs, want %d", a.podPairs, n*dsts)
+				if a.store.Count(kindPair) != n*dsts {
+					b.Fatalf("%d pod pairs, want %d", a.store.Count(kindPair), n*dsts)
 				}
 				runtime.GC()
 				runtime.ReadMemStats(&withAgg)

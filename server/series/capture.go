@@ -1,0 +1,231 @@
+package series
+
+import (
+	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+)
+
+// planned is one series of a capture: its ref and what the snapshot
+// sends of it.
+type planned struct {
+	ref      uint32
+	mayExist bool
+	bytes    uint64
+	packets  uint64
+	created  int64 // its zero's stamp, 0 for none
+}
+
+// Capture is what a snapshot sends: the values of every live series and
+// the stale markers of the expired ones, taken under the owner's lock
+// (Store.Capture) and encoded without it (Encode), so that a push of
+// millions of series holds ingest up only for a copy of their counters.
+//
+// Encode reads the records' labels and the symbols without the lock.
+// That is safe because neither changes while a capture may be encoded: a
+// record's labels are written when it is declared, into a free ref, and
+// the refs and symbols a capture reads are freed only by the next
+// Capture, which its owner calls after this one's Encode returned (the
+// pusher encodes one snapshot at a time). Appends to the store may move
+// its slices meanwhile; the capture reads the arrays it was given, whose
+// label fields nobody writes.
+type Capture struct {
+	recs  []record
+	syms  []symbol
+	plan  []planned
+	stale []uint32
+	f     []remotewrite.LabelField
+}
+
+// Capture expires nothing and frees the stale markers the previous
+// capture wrote; it records ts (unix ms) as the first push of the series
+// never pushed (newly reports whether there were any: the owner persists
+// that before the snapshot leaves), and returns the snapshot to encode.
+//
+// delivered is the newest snapshot stamp every receiver accepted whole:
+// a series first pushed no later needs no zero, also after a restart. A
+// series this store's captures already wrote needs none either (the
+// pusher is sending it). Any other series gets its zero at its creation,
+// apart (MayExist) when it was restored from persisted state with a
+// first push that may or may not have arrived.
+func (s *Store) Capture(ts, delivered int64) (c *Capture, newly bool) {
+	for _, ref := range s.stale {
+		s.release(ref)
+	}
+	s.stale = s.stale[:0]
+	prev := s.lastTS
+	s.lastTS = ts
+	plan := s.plan[:0]
+	for i := range s.recs {
+		r := &s.recs[i]
+		if r.state != stateLive {
+			continue
+		}
+		p := planned{ref: uint32(i), bytes: r.bytes, packets: r.packets}
+		if !r.sent {
+			p.created, p.mayExist = r.zero(delivered)
+			if p.created != 0 && !r.restored {
+				// Made after the previous capture: its zero goes after
+				// that one's stamp too, where the receiver may hold the
+				// stale marker of a former series with its labels.
+				p.created = max(p.created, prev+1)
+			}
+			r.sent = true
+		}
+		if r.pushed == 0 {
+			r.pushed = ts
+			newly = true
+		}
+		plan = append(plan, p)
+	}
+	s.plan = plan
+	// An expired series whose labels are live again (a pair that talked
+	// again after its expiry) gets no stale marker: the new series goes
+	// on under its labels, at the receivers a counter reset.
+	for _, ref := range s.dying {
+		r := &s.recs[ref]
+		if r.sent && !s.liveTwin(ref) {
+			s.stale = append(s.stale, ref)
+			r.state = stateStale
+			continue
+		}
+		s.release(ref) // never pushed, or superseded: nothing to end
+	}
+	s.dying = s.dying[:0]
+	return &Capture{recs: s.recs, syms: s.syms.list, plan: plan, stale: s.stale}, newly
+}
+
+// zero returns the stamp of r's zero sample and whether a receiver may
+// hold r already, for a series not sent by this store's captures yet.
+func (r *record) zero(delivered int64) (created int64, mayExist bool) {
+	if r.pushed != 0 && r.pushed <= delivered {
+		return 0, false
+	}
+	return r.created, r.restored && r.pushed != 0
+}
+
+// Zero returns the zero a pusher meeting the live series ref for the
+// first time would send (its stamp, 0 for none, and whether a receiver
+// may hold the series) given delivered, without marking anything.
+func (s *Store) Zero(ref uint32, delivered int64) (created int64, mayExist bool) {
+	return s.recs[ref].zero(delivered)
+}
+
+// liveTwin reports whether a live series has the labels of the expired
+// series ref. Labels are interned, so equal labels are equal symbols.
+func (s *Store) liveTwin(ref uint32) bool {
+	r := &s.recs[ref]
+	same := func(o uint32) bool {
+		q := &s.recs[o]
+		return q.n == r.n && q.syms == r.syms
+	}
+	if o, ok := s.byHash[r.hash]; ok && same(o) {
+		return true
+	}
+	for _, o := range s.collided[r.hash] {
+		if same(o) {
+			return true
+		}
+	}
+	return false
+}
+
+// Len returns the number of live series captured (a twin counts once).
+func (c *Capture) Len() int { return len(c.plan) }
+
+// Encode writes the capture to w: every live series with its value (and
+// zero, if due), then the stale markers.
+func (c *Capture) Encode(w *remotewrite.SnapshotWriter) {
+	for i := range c.plan {
+		p := &c.plan[i]
+		r := &c.recs[p.ref]
+		c.fields(r)
+		w.Series(r.hash, c.f, float64(p.bytes), p.created, p.mayExist)
+		if r.twin {
+			c.f[0].Field = c.syms[r.pname].field
+			w.Series(r.hash, c.f, float64(p.packets), p.created, p.mayExist)
+		}
+	}
+	for _, ref := range c.stale {
+		r := &c.recs[ref]
+		c.fields(r)
+		w.Stale(r.hash, c.f)
+		if r.twin {
+			c.f[0].Field = c.syms[r.pname].field
+			w.Stale(r.hash, c.f)
+		}
+	}
+}
+
+// fields sets c.f to r's label fields.
+func (c *Capture) fields(r *record) {
+	c.f = c.f[:0]
+	for _, id := range r.syms[:r.n] {
+		sym := &c.syms[id]
+		c.f = append(c.f, remotewrite.LabelField{Name: sym.label.Name, Field: sym.field})
+	}
+}
+
+// View is a copy of the store's live series, taken under the owner's
+// lock and read without it (a checkpoint written while ingest goes on).
+type View struct {
+	recs []record
+	syms []symbol
+}
+
+// View copies the records. Symbols are shared: the copy of their slice
+// keeps what the records name, whatever the store frees later.
+func (s *Store) View() *View {
+	return &View{recs: append([]record(nil), s.recs...), syms: append([]symbol(nil), s.syms.list...)}
+}
+
+// Slots returns the refs the view spans (Store.Slots when taken).
+func (v *View) Slots() int { return len(v.recs) }
+
+// Series is one series of a View.
+type Series struct {
+	Ref            uint32
+	Kind           Kind
+	Created        int64 // unix ms
+	Last           int64 // unix ns
+	Pushed         int64 // unix ms, 0 for never
+	Bytes, Packets uint64
+	// Labels are the bytes labels of a twin; valid until the callback
+	// returns.
+	Labels []metrics.Label
+}
+
+// Len returns the number of live series in the view.
+func (v *View) Len() int {
+	n := 0
+	for i := range v.recs {
+		if v.recs[i].state == stateLive {
+			n++
+		}
+	}
+	return n
+}
+
+// Each calls fn with every live series of the view, in ref order.
+func (v *View) Each(fn func(*Series)) {
+	var s Series
+	for i := range v.recs {
+		if v.recs[i].state != stateLive {
+			continue
+		}
+		get(&v.recs[i], uint32(i), v.syms, &s)
+		fn(&s)
+	}
+}
+
+// Get sets *dst to the live series ref (dst.Labels reused).
+func (s *Store) Get(ref uint32, dst *Series) {
+	get(&s.recs[ref], ref, s.syms.list, dst)
+}
+
+func get(r *record, ref uint32, syms []symbol, dst *Series) {
+	*dst = Series{Ref: ref, Kind: r.kind, Created: r.created, Last: r.last, Pushed: r.pushed,
+		Bytes: r.bytes, Packets: r.packets, Labels: dst.Labels[:0]}
+	for _, id := range r.syms[:r.n] {
+		dst.Labels = append(dst.Labels, syms[id].label)
+	}
+}
