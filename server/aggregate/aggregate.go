@@ -90,7 +90,7 @@ const (
 type seriesKind = series.Kind
 
 const (
-	kindFree     = series.Free
+	kindFree                = series.Free
 	kindPair     seriesKind = iota // pod pair, counted against MaxPodPairs
 	kindOverflow                   // pod pairs folded into their workload pair
 	kindHostPair                   // pair without a pod side: already workload-grained

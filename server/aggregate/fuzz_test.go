@@ -8,8 +8,8 @@ import (
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
-	"github.com/kubezonnet/kubezonnet/server/series"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/server/series"
 )
 
 // fuzzStart is the fuzz targets' clock; their idle timeout is long enough
