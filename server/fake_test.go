@@ -29,9 +29,9 @@ func (f *fakeResolver) Resolve(ip netip.Addr, _ time.Time) *resolve.Endpoint {
 
 func (f *fakeResolver) HasSynced() bool { return !f.unsynced.Load() }
 
-func (f *fakeResolver) Owner(ip netip.Addr, _ time.Time) (string, bool) {
+func (f *fakeResolver) Owner(ip netip.Addr, _ time.Time) (string, bool, bool) {
 	n, ok := f.owners[ip]
-	return n, ok
+	return n, false, ok
 }
 
 // add registers a pod endpoint at ip on its node.

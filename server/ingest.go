@@ -24,12 +24,13 @@ import (
 
 // Resolver is what ingest needs of server/resolve.Resolver: endpoints for
 // addresses at the time a flow was seen, the node an address belongs to
-// (to refuse flows an agent may not report), and whether its informers
-// have synced (before that, batches are refused so agents send them again
-// instead of having every pod resolved as unknown).
+// (to refuse flows an agent may not report) and whether it awaits a new
+// pod (to hold a batch back until the informer shows it), and whether
+// its informers have synced (before that, batches are refused so agents
+// send them again instead of having every pod resolved as unknown).
 type Resolver interface {
 	Resolve(ip netip.Addr, at time.Time) *resolve.Endpoint
-	Owner(ip netip.Addr, at time.Time) (node string, ok bool)
+	Owner(ip netip.Addr, at time.Time) (node string, awaiting, ok bool)
 	HasSynced() bool
 }
 
@@ -50,12 +51,13 @@ const (
 	reasonNotSynced       = "not_synced"
 	reasonShuttingDown    = "shutting_down"
 	reasonNotDurable      = "not_durable"
+	reasonAwaitingPod     = "awaiting_pod"
 )
 
 var rejectReasons = []string{
 	reasonMethod, reasonContentType, reasonContentEncoding, reasonUnauthenticated, reasonForbidden,
 	reasonAuthUnavailable, reasonBodyTooLarge, reasonLimit, reasonMalformed, reasonNodeMismatch, reasonRead,
-	reasonNotSynced, reasonShuttingDown, reasonNotDurable,
+	reasonNotSynced, reasonShuttingDown, reasonNotDurable, reasonAwaitingPod,
 }
 
 // Status codes the handler answers, pre-registered so the hot path only
@@ -300,6 +302,16 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			"credentials of node %q may not report for node %q", id.node, b.Node)
 		return
 	}
+	if ip, hold := in.screen(wk); hold {
+		// The address was released by a pod of this node a moment ago
+		// and the informer shows no new pod for it yet, though the agent
+		// saw traffic from it since: applied now, the flows would go to
+		// the deleted pod. The window bounds the wait (ReuseWindow).
+		w.Header().Set("Retry-After", "1")
+		in.refuse(w, http.StatusServiceUnavailable, reasonAwaitingPod,
+			"source address %s was released by a pod of node %q and its new pod is not known yet: send again shortly", ip, b.Node)
+		return
+	}
 	now := in.now()
 	t, fresh := in.dedup.claim(b.Node, b.Incarnation, b.Seq, now)
 	var pos uint64
@@ -348,29 +360,47 @@ func (in *Ingest) refuse(w http.ResponseWriter, code int, reason, format string,
 	http.Error(w, msg, code)
 }
 
-// apply resolves, aggregates and logs the flows of a claimed batch; the
-// aggregator reports each flow's class and unknown sides, cached per
-// endpoint pair.
-func (in *Ingest) apply(wk *work, now time.Time) uint64 {
+// screen checks a batch's sources before anything of it is applied. It
+// sets wk.index to the flows the agent may report, leaving out those
+// whose source address belongs to another node (which reports them
+// itself, or they are spoofed), and reports hold with the address when a
+// source of the agent's own node awaits its new pod (Resolver.Owner).
+func (in *Ingest) screen(wk *work) (ip netip.Addr, hold bool) {
 	b := &wk.batch
-	flows, index := wk.flows[:0], wk.index[:0]
-	var foreign, bytes uint64
-	at := b.Time
+	index := wk.index[:0]
 	for i := range b.Flows {
 		f := &b.Flows[i]
-		// A flow the agent may not report: its source address belongs to
-		// another node, which reports it itself (or it is spoofed).
-		if owner, ok := in.res.Owner(f.Src, at); ok && owner != b.Node {
-			foreign++
+		owner, awaiting, ok := in.res.Owner(f.Src, b.Time)
+		if ok && owner != b.Node {
 			continue
 		}
-		flows = append(flows, aggregate.Flow{Src: in.res.Resolve(f.Src, at), Dst: in.res.Resolve(f.Dst, at), Counts: f.Counts})
+		if awaiting && ok {
+			wk.index = index
+			return f.Src, true
+		}
 		index = append(index, int32(i))
+	}
+	wk.index = index
+	return netip.Addr{}, false
+}
+
+// apply resolves, aggregates and logs the flows screen kept of a claimed
+// batch; the aggregator reports each flow's class and unknown sides,
+// cached per endpoint pair.
+func (in *Ingest) apply(wk *work, now time.Time) uint64 {
+	b := &wk.batch
+	flows, index := wk.flows[:0], wk.index
+	var bytes uint64
+	foreign := uint64(len(b.Flows) - len(index))
+	at := b.Time
+	for _, i := range index {
+		f := &b.Flows[i]
+		flows = append(flows, aggregate.Flow{Src: in.res.Resolve(f.Src, at), Dst: in.res.Resolve(f.Dst, at), Counts: f.Counts})
 		bytes += f.Bytes
 	}
 	placed := slices.Grow(wk.placed[:0], len(flows))[:len(flows)]
 	pos := in.agg.ApplyPlaced(now, flows, &aggregate.BatchID{Node: b.Node, Incarnation: b.Incarnation, Seq: b.Seq}, placed)
-	wk.flows, wk.index, wk.placed = flows, index, placed
+	wk.flows, wk.placed = flows, placed
 
 	var logged *flowlog.Batch
 	if in.flog.Any() {

@@ -21,35 +21,32 @@ import (
 //	pairs = (live heap budget - fixed heap) / (podPairHeapBytes + checkpointCopyBytes)
 //
 // where the fixed heap is what does not grow with pod pairs: the
-// remote-write label cache (--remote-write-label-cache-mib), the released-IP
-// cache (--released-ip-cache-size), the informer caches and the ingest
-// buffers. In the form pairs = (limit - overhead) x fraction / bytes per
+// released-IP cache (--released-ip-cache-size), the informer caches, the
+// ingest buffers and the pusher's own series table. In the form pairs = (limit - overhead) x fraction / bytes per
 // pair, the overhead is runtimeResidentBytes + fixed heap / liveHeapFraction.
 // The figures hold with the default GC (GOGC=100) and no GOMEMLIMIT at all;
 // with GOMEMLIMIT at the limit the GC has more room still.
 const (
 	// podPairHeapBytes is the live heap one pod pair (its bytes and
-	// packets series) adds besides the label cache, which the fixed heap
-	// counts at its full size: the aggregator's ~1,130 B (BENCHMARKS.md
-	// "Memory of pod-pair series": 539.4 MiB for 500,000 pairs) and the
-	// pusher's per-series table and snapshot slots. The whole heap grows
-	// 1,468 B a pair from 500,000 to 1,000,000 pairs there (837.0 to
-	// 1,537 MiB); BenchmarkMemoryServer at 200,000, 300,000 and 500,000
-	// pairs grew 1,560-1,580 B a pair (the pusher's maps grow in steps).
-	// Rounded up.
-	podPairHeapBytes = 1_600
+	// packets series) adds: its series record, index and route entries,
+	// its place in a push's capture, and what the pusher keeps.
+	// BenchmarkMemoryServer (BENCHMARKS.md) measures the whole heap per
+	// series pushed at 1,000,000 pairs (each pair's two series plus the
+	// per-pod and zone-pair ones); twice that, rounded up.
+	podPairHeapBytes = 300
 	// checkpointCopyBytes is what a checkpoint adds per pair while it
-	// runs: it copies the series table, whose record for a pair is ~90 B
-	// (BENCHMARKS.md: "80 B the series record", plus slice slack).
-	checkpointCopyBytes = 90
+	// runs: its view copies each series' counters and times
+	// (series.View, 48 B), into the buffer of the checkpoint before.
+	checkpointCopyBytes = 48
 	// liveHeapFraction is the share of the memory limit (less
-	// runtimeResidentBytes) the live heap may take; the rest is the GC's room (with GOGC=100 the heap grows
-	// to twice the live heap before a collection) and the transients of
-	// pushes (request bodies) that a measured resident size includes.
-	// BENCHMARKS.md: "A process holding 837 MiB live grows to ~2 GiB
-	// resident with the default GC settings" (x2.45, pushes included);
-	// 0.4 is 1/2.5.
-	liveHeapFraction = 0.4
+	// runtimeResidentBytes) the live heap may take; the rest is the GC's
+	// room (with GOGC=100 the heap grows to twice the live heap before a
+	// collection) and the transients of pushes, checkpoints and decoded
+	// batches that a measured resident size includes. The largest
+	// `make scale` profile of BENCHMARKS.md peaks at ~3.4 times the live
+	// heap this model gives it (server pinned to one core, where the GC
+	// lags furthest behind); 0.28 is 1/3.6.
+	liveHeapFraction = 0.28
 	// runtimeResidentBytes is the server's resident memory before any
 	// series or cache: `kubezonnet server` against an unreachable API
 	// server (informers empty) measured 45 MB VmRSS, 39 MB of it the
@@ -70,13 +67,17 @@ const (
 	// for reuse), the agents' self-metric series and the de-duplication
 	// entries.
 	ingestHeapBytes = 32 << 20
+	// pusherTableHeapBytes is the pusher's state for the series it
+	// tracks itself (self-metrics and the agents' series, not the
+	// aggregated ones): its label cache is bounded at 16 MiB.
+	pusherTableHeapBytes = 16 << 20
 	// fallbackMaxPodPairs applies when no memory limit is found: about
-	// what a 1 GiB limit derives (~1 GB resident at full cardinality).
-	fallbackMaxPodPairs = 100_000
+	// what a 1 GiB limit derives.
+	fallbackMaxPodPairs = 500_000
 	// minDerivedPodPairs is the least a limit derives: a limit below the
 	// modelled fixed overhead still runs a small cluster, whose informer
-	// and label caches are far below the allowances (10,000 pairs are
-	// ~17 MB of live heap).
+	// and released-IP caches are far below the allowances (10,000 pairs
+	// are ~3 MB of live heap).
 	minDerivedPodPairs = 10_000
 )
 
@@ -204,9 +205,8 @@ func cgroup2Mount(file string) (string, error) {
 // fixedHeapBytes is the live heap that does not grow with pod pairs,
 // sized by the flags that size it.
 func fixedHeapBytes(cfg *Config) int64 {
-	return int64(cfg.RemoteWrite.LabelCacheMiB)<<20 +
-		int64(cfg.Resolve.ReleasedIPCacheSize)*releasedIPHeapBytes +
-		informerHeapBytes + ingestHeapBytes
+	return int64(cfg.Resolve.ReleasedIPCacheSize)*releasedIPHeapBytes +
+		informerHeapBytes + ingestHeapBytes + pusherTableHeapBytes
 }
 
 // podPairsFor returns the pod pairs a memory limit holds with fixed bytes
@@ -256,7 +256,7 @@ func maxPodPairs(cfg *Config, goLimit int64, root string) podPairBound {
 	pairs, ok := podPairsFor(lim.bytes, fixed)
 	b := podPairBound{pairs: pairs, from: lim.from, limit: lim.bytes}
 	if !ok {
-		b.warn = fmt.Sprintf("the memory limit leaves little room for pod pairs beside the fixed overhead (%d MiB of live heap: label cache, informer and released-IP caches, ingest buffers): using the minimum; raise the limit or set --max-pod-pairs", fixed>>20)
+		b.warn = fmt.Sprintf("the memory limit leaves little room for pod pairs beside the fixed overhead (%d MiB of live heap: informer and released-IP caches, ingest buffers, the pusher's own series): using the minimum; raise the limit or set --max-pod-pairs", fixed>>20)
 	}
 	return b
 }

@@ -122,8 +122,6 @@ func defaultConfig() Config {
 
 func TestPodPairsFor(t *testing.T) {
 	def := defaultConfig()
-	noCache := defaultConfig()
-	noCache.RemoteWrite.LabelCacheMiB = 0
 	for _, tc := range []struct {
 		name  string
 		limit int64
@@ -131,12 +129,12 @@ func TestPodPairsFor(t *testing.T) {
 		want  int
 		ok    bool
 	}{
-		// (limit - 48 MiB) x 0.4 - 218.8 MiB of fixed heap, over 1,690 B.
-		{"1 GiB (the Deployment)", 1 << 30, def, 106_456, true},
-		{"2 GiB", 2 << 30, def, 360_596, true},
-		{"4 GiB", 4 << 30, def, 868_876, true},
-		{"1 GiB without label cache", 1 << 30, noCache, 185_875, true},
-		{"512 MiB: below the fixed overhead", 512 << 20, def, minDerivedPodPairs, false},
+		// (limit - 48 MiB) x 0.28 - 106.8 MiB of fixed heap, over 348 B.
+		{"1 GiB (the Deployment)", 1 << 30, def, 501_559, true},
+		{"2 GiB", 2 << 30, def, 1_365_489, true},
+		{"4 GiB", 4 << 30, def, 3_093_350, true},
+		{"512 MiB", 512 << 20, def, 69_594, true},
+		{"256 MiB: below the fixed overhead", 256 << 20, def, minDerivedPodPairs, false},
 		{"below the runtime itself", 16 << 20, def, minDerivedPodPairs, false},
 		{"absurd limit stays an int", math.MaxInt64 - 1, def, math.MaxInt32, true},
 	} {
@@ -164,10 +162,10 @@ func TestMaxPodPairs(t *testing.T) {
 	}{
 		{name: "flag overrides the limit", flag: 42, goLimit: 1 << 30, want: 42, from: limitFromFlag, limit: 1 << 30},
 		{name: "flag without limit", flag: 42, goLimit: noGoLimit, want: 42, from: limitFromFlag},
-		{name: "flag above what the limit holds", flag: 500_000, goLimit: 1 << 30, want: 500_000, from: limitFromFlag,
-			warn: "above the 106456 pairs", limit: 1 << 30},
-		{name: "GOMEMLIMIT", goLimit: 1 << 30, files: cgroup("max"), want: 106_456, from: limitFromGo, limit: 1 << 30},
-		{name: "cgroup", goLimit: noGoLimit, files: cgroup("2147483648"), want: 360_596,
+		{name: "flag above what the limit holds", flag: 600_000, goLimit: 1 << 30, want: 600_000, from: limitFromFlag,
+			warn: "above the 501559 pairs", limit: 1 << 30},
+		{name: "GOMEMLIMIT", goLimit: 1 << 30, files: cgroup("max"), want: 501_559, from: limitFromGo, limit: 1 << 30},
+		{name: "cgroup", goLimit: noGoLimit, files: cgroup("2147483648"), want: 1_365_489,
 			from: "/sys/fs/cgroup/memory.max", limit: 2 << 30},
 		{name: "cgroup max: fallback", goLimit: noGoLimit, files: cgroup("max"), want: fallbackMaxPodPairs,
 			from: limitFromFallback, warn: "no memory limit found"},

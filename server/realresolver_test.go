@@ -19,6 +19,7 @@ import (
 
 	"github.com/kubezonnet/kubezonnet/internal/logging"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
 	"github.com/kubezonnet/kubezonnet/server/resolve"
 )
 
@@ -48,8 +49,13 @@ func statefulPod(ns, name, owner, nodeName, ip string) *corev1.Pod {
 // realResolver starts a resolver over objs and waits for its informers.
 func realResolver(tb testing.TB, objs ...runtime.Object) *resolve.Resolver {
 	tb.Helper()
-	client := fake.NewClientset(objs...)
-	res, err := resolve.New(resolve.Config{ReleasedIPTTL: time.Minute, ReleasedIPCacheSize: 1024}, client, logging.Discard())
+	return realResolverOn(tb, fake.NewClientset(objs...), resolve.Config{ReleasedIPTTL: time.Minute, ReleasedIPCacheSize: 1024})
+}
+
+// realResolverOn is realResolver over a clientset the test changes.
+func realResolverOn(tb testing.TB, client *fake.Clientset, cfg resolve.Config) *resolve.Resolver {
+	tb.Helper()
+	res, err := resolve.New(cfg, client, logging.Discard())
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -148,4 +154,87 @@ func BenchmarkIngestPathRealResolver(b *testing.B) {
 	}
 	res := realResolver(b, objs...)
 	benchIngestWith(b, res, "")
+}
+
+// TestIngestHoldsReusedAddress: a pod of node-a is deleted and its address
+// given to a new pod the informer does not show yet. A batch of node-a
+// with traffic from the address, stamped after the deletion, is answered
+// 503 with Retry-After and not applied (it would go to the deleted pod);
+// sent again once the new pod is known, it is credited to the new pod.
+func TestIngestHoldsReusedAddress(t *testing.T) {
+	client := fake.NewClientset(node("node-a", "zone-a", "192.168.0.1"), node("node-b", "zone-b", "192.168.0.2"),
+		statefulPod("shop", "web-0", "web", "node-a", "10.0.1.1"),
+		statefulPod("shop", "db-0", "db", "node-b", "10.0.2.1"))
+	// A window far longer than the test: the hold must end because the
+	// new pod shows up, not because time ran out.
+	res := realResolverOn(t, client, resolve.Config{ReleasedIPTTL: 10 * time.Minute, ReleasedIPCacheSize: 1024, ReuseWindow: 10 * time.Minute})
+	cfg := testConfig()
+	reg := metrics.New()
+	srv, err := newServer(&cfg, deps{resolver: res, auth: noAuth{}, reg: reg, log: logging.Discard()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := &testEnv{srv: srv, url: startHTTP(t, srv.Handler()), reg: reg}
+	ctx := context.Background()
+	ip := netip.MustParseAddr("10.0.1.1")
+	if err := client.CoreV1().Pods("shop").Delete(ctx, "web-0", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the deletion seen", func() bool { _, awaiting, _ := res.Owner(ip, time.Now()); return awaiting })
+
+	b := batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1000, 10))
+	b.Time = time.Now()
+	body := encode(b)
+	post := func() (int, string) {
+		hr, err := http.NewRequest(http.MethodPost, env.url+"/api/v1/write", strings.NewReader(string(body)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		hr.Header.Set("Content-Type", remotewrite.ContentType)
+		hr.Header.Set("Content-Encoding", remotewrite.ContentEncoding)
+		resp, err := http.DefaultClient.Do(hr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode, resp.Header.Get("Retry-After")
+	}
+	if code, retry := post(); code != http.StatusServiceUnavailable || retry == "" {
+		t.Fatalf("batch from a released address awaiting its pod: %d, Retry-After %q; want 503 with Retry-After", code, retry)
+	}
+	if got := env.series(); len(got) != 0 {
+		t.Fatalf("a held batch was applied: %v", got)
+	}
+	if v := env.metric("kubezonnet_server_ingest_rejected_total", "reason=awaiting_pod"); v != 1 {
+		t.Errorf("rejected awaiting_pod = %v, want 1", v)
+	}
+
+	next := statefulPod("shop", "web-1", "web", "node-a", "10.0.1.1")
+	if _, err := client.CoreV1().Pods("shop").Create(ctx, next, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the new pod seen", func() bool { return res.Resolve(ip, time.Now()).Pod == "web-1" })
+	if code, _ := post(); code != http.StatusNoContent {
+		t.Fatalf("batch sent again once the new pod is known: %d, want 204", code)
+	}
+	for _, s := range env.series() {
+		if strings.Contains(s, `src_pod="web-0"`) {
+			t.Errorf("traffic after the deletion credited to the deleted pod: %s", s)
+		}
+	}
+	if want := `pod_cross_zone_network_traffic_bytes_total{namespace="shop",pod="web-1"} 1000`; !slices.Contains(env.series(), want) {
+		t.Errorf("no %s in %v", want, env.series())
+	}
+}
+
+// waitUntil polls cond; the deadline only turns a hang into a failure.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }

@@ -51,6 +51,7 @@ var Components = []Component{
 		`go test -run '^$' -bench 'BenchmarkIngestDurable/agents=8/log=off' -benchmem -benchtime 300x -count 3 -cpu 1,2 ./server/`,
 		`go test -run '^$' -bench 'BenchmarkApply' -benchmem -count 3 -cpu 1 ./server/aggregate/`,
 		`go test -run '^$' -bench 'BenchmarkMemoryServer|BenchmarkMemoryPodPairs' -benchmem -benchtime 1x -cpu 1 ./server/aggregate/`,
+		`go test -run '^$' -bench 'BenchmarkLockHold' -benchtime 20x -count 3 -cpu 1 ./server/aggregate/`,
 	}},
 	{Name: "durable", Commands: []string{
 		`go test -run '^$' -bench 'BenchmarkIngestDurable' -benchtime 50x -count 3 -cpu 1 -benchmem ./server/`,
@@ -62,6 +63,7 @@ var Components = []Component{
 	}},
 	{Name: "scale", Verbatim: true, Commands: []string{
 		`go run ./testenv/scale/cmd/scale`,
+		`go run ./testenv/scale/cmd/scale -server-cpus 0 -peers-per-pod 250 -batches-per-second 40 -duration 2m -churn-per-second 20`,
 	}},
 }
 

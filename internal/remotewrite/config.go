@@ -34,12 +34,6 @@ const (
 	// DefaultMinBackoff and DefaultMaxBackoff are Prometheus' defaults.
 	DefaultMinBackoff = 30 * time.Millisecond
 	DefaultMaxBackoff = 5 * time.Second
-	// DefaultLabelCacheMiB bounds the encoded label sets kept between
-	// pushes: 128 MiB hold some 370,000 pod-pair series, whose snapshot
-	// then costs a copy per series instead of an encoding.
-	DefaultLabelCacheMiB = 128
-	// MaxLabelCacheMiB is what the cache's 32-bit offsets can address.
-	MaxLabelCacheMiB = 4095
 	// DefaultHAClusterLabel and DefaultHAReplicaLabel are the label names
 	// Mimir's and Cortex' HA tracker look for.
 	DefaultHAClusterLabel = "cluster"
@@ -108,9 +102,6 @@ type PusherConfig struct {
 	// MinBackoff and MaxBackoff bound the exponential backoff between
 	// retries of one endpoint.
 	MinBackoff, MaxBackoff time.Duration
-	// LabelCacheMiB bounds the memory of encoded label sets kept from
-	// push to push (0: encode every series at every push).
-	LabelCacheMiB int
 }
 
 // DefaultPusherConfig returns a configuration with every default set and
@@ -123,7 +114,6 @@ func DefaultPusherConfig() PusherConfig {
 		Shards:              DefaultShards,
 		MinBackoff:          DefaultMinBackoff,
 		MaxBackoff:          DefaultMaxBackoff,
-		LabelCacheMiB:       DefaultLabelCacheMiB,
 	}
 }
 
@@ -158,9 +148,6 @@ func (c *PusherConfig) Validate() error {
 	}
 	if c.MaxBackoff < c.MinBackoff {
 		errs = append(errs, fmt.Errorf("--remote-write-max-backoff: %v is below --remote-write-min-backoff %v", c.MaxBackoff, c.MinBackoff))
-	}
-	if c.LabelCacheMiB < 0 || c.LabelCacheMiB > MaxLabelCacheMiB {
-		errs = append(errs, fmt.Errorf("--remote-write-label-cache-mib: must be between 0 and %d, got %d", MaxLabelCacheMiB, c.LabelCacheMiB))
 	}
 	seen := map[string]bool{}
 	for _, l := range c.ExternalLabels {

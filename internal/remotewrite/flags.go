@@ -24,7 +24,6 @@ const (
 	flagMaxBackoff     = "remote-write-max-backoff"
 	flagHACluster      = "remote-write-ha-cluster"
 	flagHAReplica      = "remote-write-ha-replica"
-	flagLabelCache     = "remote-write-label-cache-mib"
 	flagCategoryRemote = "Remote write:"
 )
 
@@ -61,8 +60,6 @@ func Flags() []cli.Flag {
 			Usage: "HA tracker cluster label value (Mimir/Cortex); needs --remote-write-ha-replica"},
 		&cli.StringFlag{Name: flagHAReplica, EnvVars: envVar(flagHAReplica), Category: flagCategoryRemote,
 			Usage: "HA tracker replica label value, e.g. the pod name"},
-		&cli.IntFlag{Name: flagLabelCache, EnvVars: envVar(flagLabelCache), Category: flagCategoryRemote,
-			Value: DefaultLabelCacheMiB, Usage: "memory for encoded label sets kept between pushes, in MiB (~360 bytes per pod-pair series; series beyond it are encoded at every push; 0 turns the cache off)"},
 	}
 }
 
@@ -78,7 +75,6 @@ func ConfigFromCLI(c *cli.Context) (PusherConfig, error) {
 	cfg.Shards = c.Int(flagShards)
 	cfg.MinBackoff = c.Duration(flagMinBackoff)
 	cfg.MaxBackoff = c.Duration(flagMaxBackoff)
-	cfg.LabelCacheMiB = c.Int(flagLabelCache)
 	cfg.HA = HAConfig{Cluster: c.String(flagHACluster), Replica: c.String(flagHAReplica)}
 	timeout := c.Duration(flagTimeout)
 	if timeout <= 0 {

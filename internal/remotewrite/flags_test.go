@@ -37,7 +37,6 @@ func TestConfigFromCLI(t *testing.T) {
 		"--remote-write-retry-on-429=false",
 		"--remote-write-max-series-per-request", "500",
 		"--remote-write-shards", "2",
-		"--remote-write-label-cache-mib", "16",
 		"--remote-write-ha-cluster", "prod", "--remote-write-ha-replica", "r1")
 	if err != nil {
 		t.Fatal(err)
@@ -50,7 +49,7 @@ func TestConfigFromCLI(t *testing.T) {
 		t.Errorf("external labels %v, want %v", cfg.ExternalLabels, wantLabels)
 	}
 	if cfg.Interval != 30*time.Second || cfg.RetryOn429 || cfg.MaxSeriesPerRequest != 500 || cfg.Shards != 2 ||
-		cfg.LabelCacheMiB != 16 || cfg.HA.Cluster != "prod" || cfg.HA.Replica != "r1" {
+		cfg.HA.Cluster != "prod" || cfg.HA.Replica != "r1" {
 		t.Errorf("config %+v", cfg)
 	}
 }
@@ -66,7 +65,7 @@ func TestConfigFromCLIDefaultsAndEnv(t *testing.T) {
 		t.Errorf("env not applied: %+v", cfg)
 	}
 	if !cfg.RetryOn429 || cfg.MaxSeriesPerRequest != DefaultMaxSeriesPerRequest || cfg.Shards != DefaultShards ||
-		cfg.Endpoints[0].Timeout != DefaultTimeout || cfg.LabelCacheMiB != DefaultLabelCacheMiB {
+		cfg.Endpoints[0].Timeout != DefaultTimeout {
 		t.Errorf("defaults not applied: %+v", cfg)
 	}
 	for _, f := range Flags() {
@@ -91,7 +90,6 @@ func TestConfigFromCLIErrors(t *testing.T) {
 		{[]string{"--external-label", "cluster=a", "--remote-write-config", clash}, `"cluster" is also set by --external-label`},
 		{[]string{"--remote-write-url", "localhost:9090"}, `url "localhost:9090"`},
 		{[]string{"--remote-write-shards", "0"}, "--remote-write-shards: must be between 1 and 256, got 0"},
-		{[]string{"--remote-write-label-cache-mib", "-5"}, "--remote-write-label-cache-mib: must be between 0 and 4095, got -5"},
 		{[]string{"--remote-write-timeout", "0s"}, "--remote-write-timeout: must be positive, got 0s"},
 		{[]string{"--remote-write-config", filepath.Join(dir, "nope.yaml")}, "--remote-write-config"},
 		{[]string{"--push-interval", "often"}, "often"},

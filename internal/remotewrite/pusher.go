@@ -94,6 +94,7 @@ type Pusher struct {
 	zbuf           []byte
 	lastTS         int64
 	snapshotSeries *metrics.Gauge
+	snapshotTime   *metrics.Gauge
 	staleMarkers   *metrics.Counter
 	duplicates     *metrics.Counter
 	// now stamps snapshots: time.Now, or the test's clock.
@@ -156,7 +157,7 @@ func NewPusher(cfg PusherConfig, sources []Source, reg *metrics.Registry, log *s
 		cfg:     cfg,
 		sources: slices.Clone(sources),
 		log:     log,
-		table:   newSeriesTable(cfg.LabelCacheMiB << 20),
+		table:   newSeriesTable(labelCacheBytes),
 		raw:     make([][]byte, cfg.Shards),
 		rawN:    make([]int, cfg.Shards),
 		zeros:   make([][]zeroSpan, cfg.Shards),
@@ -165,6 +166,8 @@ func NewPusher(cfg PusherConfig, sources []Source, reg *metrics.Registry, log *s
 		idle:    make(chan struct{}),
 		snapshotSeries: reg.Gauge("kubezonnet_server_remote_write_snapshot_series",
 			"Series in the last snapshot pushed, stale markers excluded."),
+		snapshotTime: reg.Gauge("kubezonnet_server_remote_write_snapshot_duration_seconds",
+			"Seconds the last snapshot took to read from the sources and encode: the server's part of a push (kubezonnet_server_remote_write_push_duration_seconds adds the sending)."),
 		staleMarkers: reg.Counter("kubezonnet_server_remote_write_stale_markers_total",
 			"Stale markers generated for series that disappeared between two snapshots."),
 		duplicates: reg.Counter("kubezonnet_server_remote_write_duplicate_series_total",
@@ -266,6 +269,7 @@ func (p *Pusher) Push() {
 	ts := max(p.now().UnixMilli(), p.lastTS+1)
 	p.lastTS = ts
 	reqs := p.snapshot(ts)
+	p.snapshotTime.Set(time.Since(start).Seconds())
 	d := &delivery{ts: ts}
 	d.remaining.Store(int32(len(p.eps) * p.cfg.Shards))
 	if len(p.eps) == 0 {

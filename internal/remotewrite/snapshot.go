@@ -85,15 +85,19 @@ type seriesEntry struct {
 	cached bool
 }
 
+// labelCacheBytes bounds the table's label cache. The table holds the
+// series of sources that are not EncodingSources: self-metrics and the
+// agents' series, some thousands; 16 MiB cache ~45,000 of them.
+const labelCacheBytes = 16 << 20
+
 // newSeriesTable returns an empty table whose label cache holds at most
 // limit bytes.
 //
 // Caching is what makes a snapshot cheap: copying a pod-pair series'
 // cached ~360 bytes costs a small fraction of encoding its 15 labels
 // (Snapshot100k against SnapshotNewSeries10k, BENCHMARKS.md). But it costs
-// that memory per series, so the arena stops at limit bytes
-// (--remote-write-label-cache-mib, growing by half as needed); series
-// beyond it are encoded afresh at every push.
+// that memory per series, so the arena stops at limit bytes (growing by
+// half as needed); series beyond it are encoded afresh at every push.
 func newSeriesTable(limit int) seriesTable {
 	return seriesTable{
 		seed:   maphash.MakeSeed(),

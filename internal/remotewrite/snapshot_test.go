@@ -463,19 +463,3 @@ func TestSnapshotRebuiltSlices(t *testing.T) {
 		t.Errorf("%v stale markers for series that only got new label slices", v)
 	}
 }
-
-// TestLabelCacheBoundFromConfig: --remote-write-label-cache-mib is the
-// arena's bound (TestSnapshotMatchesModel covers every bound's behaviour).
-func TestLabelCacheBoundFromConfig(t *testing.T) {
-	for _, mib := range []int{0, 3, DefaultLabelCacheMiB} {
-		cfg := testConfig()
-		cfg.LabelCacheMiB = mib
-		p, err := NewPusher(cfg, nil, nil, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if p.table.max != mib<<20 {
-			t.Errorf("--remote-write-label-cache-mib=%d: arena bound %d bytes, want %d", mib, p.table.max, mib<<20)
-		}
-	}
-}

@@ -21,12 +21,23 @@ const checkpointVersion = 2
 // labels, beyond any server; refs also stay below noRef.
 const maxSlots = 1 << 26
 
-// Snapshot is a copy of the aggregator's series, taken under its lock and
-// written out without it, so a checkpoint holds ingest up only for a copy
-// of the store's records (labels are interned: a record names them).
+// Snapshot is the aggregator's series at one instant, taken under its
+// lock and written out without it, so a checkpoint holds ingest up only
+// for a copy of the counters (a series.View). It is written once: WriteTo
+// ends its hold on the store, and so does Release without writing.
 type Snapshot struct {
+	a         *Aggregator
+	store     *series.Store // the one viewed (Restore may replace a's)
 	view      *series.View
 	delivered int64
+}
+
+// Release ends the snapshot's hold on the store's records; WriteTo calls
+// it. Calling it again does nothing.
+func (s *Snapshot) Release() {
+	s.a.mu.Lock()
+	defer s.a.mu.Unlock()
+	s.store.Unpin(s.view)
 }
 
 // Len returns the number of live series in the snapshot.
@@ -41,7 +52,7 @@ func (a *Aggregator) Snapshot(under func()) *Snapshot {
 	if under != nil {
 		under()
 	}
-	return &Snapshot{view: a.store.View(), delivered: a.delivered}
+	return &Snapshot{a: a, store: a.store, view: a.store.View(), delivered: a.delivered}
 }
 
 // WriteTo writes the snapshot as a checkpoint body: a table of the
@@ -49,6 +60,7 @@ func (a *Aggregator) Snapshot(under func()) *Snapshot {
 // name is in every pair it is part of), then each live series as its ref,
 // kind, times, counters and string indices.
 func (s *Snapshot) WriteTo(w io.Writer) (int64, error) {
+	defer s.Release()
 	idx := map[string]uint32{}
 	var strs []string
 	intern := func(v string) {

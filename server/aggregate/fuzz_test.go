@@ -80,7 +80,9 @@ func dump(a *Aggregator) string {
 	defer a.mu.Unlock()
 	b := make([]byte, 0, 4096)
 	num := func(v int64) { b = strconv.AppendInt(append(b, ' '), v, 10) }
-	a.store.View().Each(func(s *series.Series) {
+	v := a.store.View()
+	defer a.store.Unpin(v)
+	v.Each(func(s *series.Series) {
 		num(int64(s.Ref))
 		num(int64(s.Kind))
 		num(s.Created)

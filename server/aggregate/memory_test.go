@@ -30,6 +30,7 @@ var memServerProfile = flag.String("memserver.heapprofile", "",
 // pushCount is what a receiver saw of one push.
 type pushCount struct {
 	requests, series, podPair, stale, badSamples int
+	bytes, raw                                   int // compressed and decoded body bytes
 }
 
 // countingReceiver is a remote-write endpoint on 127.0.0.1 that decodes
@@ -79,6 +80,7 @@ func (r *countingReceiver) serve(w http.ResponseWriter, req *http.Request) {
 	}
 	var c pushCount
 	c.requests = 1
+	c.bytes, c.raw = len(z), len(body)
 	var rs remotewrite.RawSeries
 	err = remotewrite.WalkSeries(body, &rs, func(s *remotewrite.RawSeries) error {
 		c.series++
@@ -107,6 +109,8 @@ func (r *countingReceiver) serve(w http.ResponseWriter, req *http.Request) {
 	r.cur.podPair += c.podPair
 	r.cur.stale += c.stale
 	r.cur.badSamples += c.badSamples
+	r.cur.bytes += c.bytes
+	r.cur.raw += c.raw
 	r.mu.Unlock()
 	w.WriteHeader(http.StatusNoContent)
 }
@@ -123,9 +127,8 @@ func (r *countingReceiver) take() (pushCount, error) {
 // BenchmarkMemoryServer is the server's whole heap for live pod-pair
 // series: the aggregator built as in BenchmarkMemoryPodPairs, plus a real
 // remotewrite.Pusher with the aggregator as its source after two pushes to
-// a local receiver (the pusher keeps per-series state between pushes: its
-// series table, the encoded-label cache, the snapshot slice, the last
-// snapshot's requests). Heap is runtime.MemStats.HeapAlloc after a GC, as
+// a local receiver (what a push keeps between pushes: the store's capture
+// plan and the pusher's encoding buffers). Heap is runtime.MemStats.HeapAlloc after a GC, as
 // differences: agg-MiB is the aggregator alone, pusher-MiB what the pusher
 // adds, heap-MiB both; heap-B/series divides that by every series pushed
 // (pod-pair, per-pod and zone-pair). Each push must reach the receiver
@@ -184,8 +187,8 @@ func BenchmarkMemoryServer(b *testing.B) {
 						b.Fatalf("push %d: receiver got %+v, want %d series of which %d pod-pair, no stale marker, one sample each",
 							push, got, wantSeries, wantPodPair)
 					}
-					b.Logf("push %d: %d series in %d requests; encoded in %v, delivered in %v",
-						push, got.series, got.requests, encoded.Round(time.Millisecond), delivered.Round(time.Millisecond))
+					b.Logf("push %d: %d series in %d requests (%d MiB, %d MiB decompressed); encoded in %v, delivered in %v",
+						push, got.series, got.requests, got.bytes>>20, got.raw>>20, encoded.Round(time.Millisecond), delivered.Round(time.Millisecond))
 				}
 				runtime.GC()
 				runtime.ReadMemStats(&withPusher)

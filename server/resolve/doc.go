@@ -49,14 +49,22 @@
 // addresses, up to four previous holders with the time they were seen to
 // release it (pod deleted, terminal phase, or address taken by another pod).
 // A flow goes to the last holder that had the address at or before its
-// time, if that holder still had it or released it less than
-// --released-ip-ttl before; a flow older than every remembered holder goes
-// to the oldest of them. Precision: both times are those at which this
-// server's informer saw the change, so they lag the real change by the watch
-// latency (typically well under a second), and agents stamp flows when they
-// drain them (up to one flush interval after the packets). A reused address
-// can therefore be misattributed only for flows within that lag of the
-// reuse; CNIs normally quarantine released addresses for longer.
+// time and still had it then. A flow after that holder's release goes to
+// the next holder when the informer showed it at most
+// --released-ip-reuse-window after the flow (the informer sees an
+// assignment some time after it happened), else to the released holder
+// if it released the address less than --released-ip-ttl before (a flow
+// drained late), else to nobody. A flow older than every remembered holder
+// goes to the oldest of them. While an address has no holder, within the
+// reuse window of its release, Owner reports it awaiting one, and the
+// server holds back the batches of its node that carry it until the new
+// holder shows up or the window passed. Precision: both times are those at
+// which this server's informer saw the change, so they lag the real change
+// by the watch latency (typically well under a second), and agents stamp
+// flows when they drain them (up to one flush interval after the
+// packets). A reused address can therefore be misattributed for flows
+// stamped between the real release and the informer seeing it; CNIs
+// normally quarantine released addresses for longer.
 //
 // # Cost
 //

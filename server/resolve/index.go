@@ -36,6 +36,8 @@ type index struct {
 	// readers may use them without mu.
 	released *lru.Cache[netip.Addr, []heldBy]
 	ttl      time.Duration
+	// reuse is Config.ReuseWindow in nanoseconds.
+	reuse int64
 
 	podLabels []string
 	owners    *ownerStore
@@ -116,8 +118,9 @@ type heldBy struct {
 // earlier than any flow.
 const heldSinceStart = math.MinInt64
 
-func newIndex(cacheSize int, ttl time.Duration, podLabels []string) (*index, error) {
+func newIndex(cacheSize int, ttl, reuse time.Duration, podLabels []string) (*index, error) {
 	ix := &index{
+		reuse:     int64(reuse),
 		pods:      make(map[string]*podState),
 		nodes:     make(map[string]*nodeState),
 		addrs:     make(map[addrKey]addrSlot),
@@ -151,11 +154,18 @@ func (ix *index) updateSlot(ip netip.Addr, change func(s *addrSlot)) {
 // lookup is the hot path: the endpoint ip (already normalized) had at time
 // at, or nil when no pod, node or recently released pod claims it.
 func (ix *index) lookup(ip netip.Addr, at time.Time) *Endpoint {
+	ep, _ := ix.lookupSlot(ip, at)
+	return ep
+}
+
+// lookupSlot is lookup that also returns the address's slot (zero when
+// the index knows nothing of it).
+func (ix *index) lookupSlot(ip netip.Addr, at time.Time) (*Endpoint, addrSlot) {
 	ix.mu.RLock()
 	s, ok := ix.slot(ip)
 	if !ok {
 		ix.mu.RUnlock()
-		return nil
+		return nil, s
 	}
 	ep := s.ep
 	if ep == nil && s.node != nil {
@@ -165,17 +175,27 @@ func (ix *index) lookup(ip netip.Addr, at time.Time) *Endpoint {
 	if s.released && (ep == nil || at.UnixNano() < s.since) {
 		// No holder now, or observed before the current holder got the
 		// address: an earlier holder, if one is remembered.
-		if old := ix.formerHolder(ip, at); old != nil {
-			return old
+		var cur *Endpoint
+		if s.pod != nil {
+			cur = ep
+		}
+		if old := ix.formerHolder(ip, at, cur, s.since); old != nil {
+			return old, s
 		}
 	}
-	return ep
+	return ep, s
 }
 
-// formerHolder picks, among the released holders of ip, the last one that
-// got the address at or before at, provided at is within the TTL of its
-// release; if at precedes every remembered holder, the earliest one.
-func (ix *index) formerHolder(ip netip.Addr, at time.Time) *Endpoint {
+// formerHolder picks the holder of ip at time at among its released
+// holders and cur, its holder now (nil for none), seen since curSince:
+// the last one that got the address at or before at and still had it
+// then. A flow after a holder's release belongs to the next holder if
+// that one may have had the address then (it was seen at most
+// ReuseWindow after at: the informer sees an assignment after it
+// happened); with no such holder, to the released one within the TTL (a
+// flow drained late), else to nobody. A flow older than every remembered
+// holder goes to the oldest.
+func (ix *index) formerHolder(ip netip.Addr, at time.Time, cur *Endpoint, curSince int64) *Endpoint {
 	hist, ok := ix.released.Peek(ip)
 	if !ok || len(hist) == 0 {
 		return nil
@@ -183,14 +203,43 @@ func (ix *index) formerHolder(ip netip.Addr, at time.Time) *Endpoint {
 	t := at.UnixNano()
 	for i := len(hist) - 1; i >= 0; i-- {
 		h := &hist[i]
-		if t >= h.since {
-			if t < h.until+int64(ix.ttl) {
-				return h.ep
-			}
-			return nil
+		if t < h.since {
+			continue
 		}
+		if t <= h.until {
+			return h.ep
+		}
+		next, nextSince := cur, curSince
+		if i+1 < len(hist) {
+			next, nextSince = hist[i+1].ep, hist[i+1].since
+		}
+		if next != nil && t >= nextSince-ix.reuse {
+			return next
+		}
+		if t < h.until+int64(ix.ttl) {
+			return h.ep
+		}
+		return nil
 	}
 	return hist[0].ep
+}
+
+// awaitsHolder reports whether a flow of ip at time at may belong to a
+// holder the informer has not shown yet: the address has no pod now, its
+// last holder released it before at, and less than ReuseWindow ago (now).
+// Such a flow would go to the released pod, and a moment later to its
+// successor.
+// s is the address's slot, as lookupSlot returned it.
+func (ix *index) awaitsHolder(ip netip.Addr, s *addrSlot, at, now time.Time) bool {
+	if !s.released || s.pod != nil || s.node != nil {
+		return false
+	}
+	hist, ok := ix.released.Peek(ip)
+	if !ok || len(hist) == 0 {
+		return false
+	}
+	last := &hist[len(hist)-1]
+	return at.UnixNano() > last.until && now.UnixNano() < last.until+ix.reuse
 }
 
 // upsertPod applies an added or updated pod. initial marks pods of the

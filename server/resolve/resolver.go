@@ -28,6 +28,10 @@ const (
 	// retry buffer with room to spare: a deleted pod's last flows arrive
 	// well within it, and an IP is rarely reused sooner by the CNI anyway.
 	DefaultReleasedIPTTL = 5 * time.Minute
+	// DefaultReuseWindow is how much earlier than this server's informer
+	// sees it a pod may really hold a reused address: the watch latency
+	// and the kubelet's status update, with room.
+	DefaultReuseWindow = 2 * time.Second
 	// DefaultReleasedIPCacheSize remembers 64Ki released addresses, more
 	// than a 500-node cluster releases within DefaultReleasedIPTTL.
 	DefaultReleasedIPCacheSize = 65536
@@ -42,6 +46,12 @@ type Config struct {
 	ReleasedIPTTL time.Duration
 	// ReleasedIPCacheSize bounds the number of released addresses remembered.
 	ReleasedIPCacheSize int
+	// ReuseWindow is how much earlier than the informer shows it a new
+	// holder of a released address may have it: flows after the release
+	// go to a holder seen within that window of them, and an agent's
+	// batch with such an address of its own node and no holder shown yet
+	// waits for one (AwaitsHolder) that long at most.
+	ReuseWindow time.Duration
 	// PodLabels are pod labels to keep and report in Endpoint.Labels.
 	PodLabels []string
 	// Metadata, when set, reads ReplicaSets and Jobs through the metadata
@@ -62,6 +72,9 @@ type Config struct {
 func (c Config) Validate() error {
 	if c.ReleasedIPTTL <= 0 {
 		return fmt.Errorf("--released-ip-ttl must be positive, got %s", c.ReleasedIPTTL)
+	}
+	if c.ReuseWindow < 0 || c.ReuseWindow > c.ReleasedIPTTL {
+		return fmt.Errorf("--released-ip-reuse-window must be between 0 and --released-ip-ttl (%s), got %s", c.ReleasedIPTTL, c.ReuseWindow)
 	}
 	if c.ReleasedIPCacheSize <= 0 {
 		return fmt.Errorf("--released-ip-cache-size must be positive, got %d", c.ReleasedIPCacheSize)
@@ -120,7 +133,7 @@ func New(cfg Config, client kubernetes.Interface, log *slog.Logger) (*Resolver, 
 			return nil, fmt.Errorf("--static-endpoints-file %q: %w", cfg.StaticEndpointsFile, err)
 		}
 	}
-	ix, err := newIndex(cfg.ReleasedIPCacheSize, cfg.ReleasedIPTTL, cfg.PodLabels)
+	ix, err := newIndex(cfg.ReleasedIPCacheSize, cfg.ReleasedIPTTL, cfg.ReuseWindow, cfg.PodLabels)
 	if err != nil {
 		return nil, fmt.Errorf("--released-ip-cache-size %d: %w", cfg.ReleasedIPCacheSize, err)
 	}
@@ -166,16 +179,26 @@ func (r *Resolver) Resolve(ip netip.Addr, at time.Time) *Endpoint {
 // Owner says which node ip belonged to at time at: a pod's node, or the node
 // of a host address. The server drops flows an agent reports for sources
 // that are not on the agent's own node.
-func (r *Resolver) Owner(ip netip.Addr, at time.Time) (node string, ok bool) {
+//
+// awaiting reports an address that may have a holder the informer has
+// not shown yet (see Config.ReuseWindow): no pod holds it now, and its
+// last pod released it before at, less than the window ago. A flow of it
+// would be credited to the released pod; the server holds the batch back
+// until the new holder shows up or the window passed. The check costs
+// nothing for addresses without released history.
+func (r *Resolver) Owner(ip netip.Addr, at time.Time) (node string, awaiting, ok bool) {
 	ip = normalize(ip)
 	if !ip.IsValid() {
-		return "", false
+		return "", false, false
 	}
-	ep := r.ix.lookup(ip, at)
+	ep, s := r.ix.lookupSlot(ip, at)
+	if s.released {
+		awaiting = r.ix.awaitsHolder(ip, &s, at, r.now())
+	}
 	if ep == nil || ep.Node == "" {
-		return "", false
+		return "", awaiting, false
 	}
-	return ep.Node, true
+	return ep.Node, awaiting, true
 }
 
 // HasSynced reports whether the informers have delivered their initial

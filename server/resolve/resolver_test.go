@@ -279,7 +279,7 @@ func assertResolve(t *testing.T, r *Resolver, stepNo int, c check) {
 	if got == nil || !reflect.DeepEqual(*got, *c.want) {
 		t.Errorf("step %d: Resolve(%s, base%+v) =\n  %+v\nwant\n  %+v", stepNo, c.ip, c.at, deref(got), *c.want)
 	}
-	node, ok := r.Owner(ip, at)
+	node, _, ok := r.Owner(ip, at)
 	if node != c.want.Node || ok != (c.want.Node != "") {
 		t.Errorf("step %d: Owner(%s, base%+v) = %q, %v; want %q", stepNo, c.ip, c.at, node, ok, c.want.Node)
 	}
@@ -472,7 +472,7 @@ func TestResolveDuringChurn(t *testing.T) {
 // TestReleasedMemoryBound checks that addresses forgotten by the LRU leave
 // nothing behind in the index: memory stays bounded by the flag.
 func TestReleasedMemoryBound(t *testing.T) {
-	ix, err := newIndex(2, ttl, nil)
+	ix, err := newIndex(2, ttl, 0, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -493,5 +493,55 @@ func TestReleasedMemoryBound(t *testing.T) {
 	}
 	if len(ix.pods) != 0 {
 		t.Errorf("index still holds %d pods", len(ix.pods))
+	}
+}
+
+// TestReuseWindow: an address released and taken by a new pod. Flows
+// after the release go to the new pod when it may have held the address
+// then (its informer time at most the window after the flow), else to the
+// released pod within the TTL; while no pod holds the address, less than
+// the window after the release, Owner reports it awaiting one.
+func TestReuseWindow(t *testing.T) {
+	const window = 2 * time.Second
+	ip := netip.MustParseAddr("10.5.0.1")
+	release := base.Add(10 * time.Second)
+	for _, tc := range []struct {
+		name string
+		// successor: when the informer shows the new pod (0: never).
+		successor time.Duration
+		// lookups at flow times after base, with the informer clock at now.
+		at, now time.Duration
+		want    string // pod name, "" for unknown
+		await   bool
+	}{
+		{"before the release", 0, 9 * time.Second, 10*time.Second + time.Second/2, "old", false},
+		{"after the release, nothing shown yet", 0, 11 * time.Second, 11 * time.Second, "old", true},
+		{"after the release, window over", 0, 11 * time.Second, 12*time.Second + time.Millisecond, "old", false},
+		{"after the TTL", 0, 10*time.Second + ttl + time.Second, 10*time.Second + ttl + time.Second, "", false},
+		{"successor shown later", 10*time.Second + time.Second/2, 10*time.Second + time.Second/4, 11 * time.Second, "new", false},
+		{"successor shown, flow before the release", 10*time.Second + time.Second/2, 9 * time.Second, 11 * time.Second, "old", false},
+		{"successor shown long after the flow", time.Minute, 11 * time.Second, 61 * time.Second, "old", false},
+		{"successor shown, flow after it", 10*time.Second + time.Second/2, 12 * time.Second, 13 * time.Second, "new", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t, fixtureOpts{cfg: Config{ReleasedIPTTL: ttl, ReuseWindow: window}, objs: []runtime.Object{nodeA(), nodeB()}})
+			f.createPod(base, pod("ns", "old", "n-a", []string{ip.String()}))
+			f.deletePod(release, "ns", "old")
+			if tc.successor != 0 {
+				f.createPod(base.Add(tc.successor), pod("ns", "new", "n-a", []string{ip.String()}))
+			}
+			f.setClock(base.Add(tc.now))
+			at := base.Add(tc.at)
+			if got := f.r.Resolve(ip, at); got.Pod != tc.want {
+				t.Errorf("Resolve at base+%s: pod %q (%+v), want %q", tc.at, got.Pod, *got, tc.want)
+			}
+			node, await, ok := f.r.Owner(ip, at)
+			if await != tc.await {
+				t.Errorf("Owner at base+%s, now base+%s: awaiting %v, want %v", tc.at, tc.now, await, tc.await)
+			}
+			if wantNode := map[bool]string{true: "n-a", false: ""}[tc.want != ""]; node != wantNode || ok != (wantNode != "") {
+				t.Errorf("Owner: node %q, %v; want %q", node, ok, wantNode)
+			}
+		})
 	}
 }

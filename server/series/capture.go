@@ -29,7 +29,7 @@ type planned struct {
 // its slices meanwhile; the capture reads the arrays it was given, whose
 // label fields nobody writes.
 type Capture struct {
-	recs  []record
+	recs  records
 	syms  []symbol
 	plan  []planned
 	stale []uint32
@@ -48,41 +48,50 @@ type Capture struct {
 // apart (MayExist) when it was restored from persisted state with a
 // first push that may or may not have arrived.
 func (s *Store) Capture(ts, delivered int64) (c *Capture, newly bool) {
-	for _, ref := range s.stale {
-		s.release(ref)
-	}
+	// The stale markers of the last capture are written: their series go,
+	// unless a View still reads their labels (then at a later capture).
+	s.held = append(s.held, s.stale...)
 	s.stale = s.stale[:0]
+	if s.pins == 0 {
+		for _, ref := range s.held {
+			s.release(ref)
+		}
+		s.held = s.held[:0]
+	}
 	prev := s.lastTS
 	s.lastTS = ts
 	plan := s.plan[:0]
-	for i := range s.recs {
-		r := &s.recs[i]
-		if r.state != stateLive {
-			continue
-		}
-		p := planned{ref: uint32(i), bytes: r.bytes, packets: r.packets}
-		if !r.sent {
-			p.created, p.mayExist = r.zero(delivered)
-			if p.created != 0 && !r.restored {
-				// Made after the previous capture: its zero goes after
-				// that one's stamp too, where the receiver may hold the
-				// stale marker of a former series with its labels.
-				p.created = max(p.created, prev+1)
+	for ci := range s.recs.chunks {
+		ch, base := s.recs.chunk(ci)
+		for j := range ch {
+			r := &ch[j]
+			if r.state != stateLive {
+				continue
 			}
-			r.sent = true
+			p := planned{ref: base + uint32(j), bytes: r.bytes, packets: r.packets}
+			if !r.sent {
+				p.created, p.mayExist = r.zero(delivered)
+				if p.created != 0 && !r.restored {
+					// Made after the previous capture: its zero goes after
+					// that one's stamp too, where the receiver may hold the
+					// stale marker of a former series with its labels.
+					p.created = max(p.created, prev+1)
+				}
+				r.sent = true
+			}
+			if r.pushed == 0 {
+				r.pushed = ts
+				newly = true
+			}
+			plan = append(plan, p)
 		}
-		if r.pushed == 0 {
-			r.pushed = ts
-			newly = true
-		}
-		plan = append(plan, p)
 	}
 	s.plan = plan
 	// An expired series whose labels are live again (a pair that talked
 	// again after its expiry) gets no stale marker: the new series goes
 	// on under its labels, at the receivers a counter reset.
 	for _, ref := range s.dying {
-		r := &s.recs[ref]
+		r := s.recs.at(ref)
 		if r.sent && !s.liveTwin(ref) {
 			s.stale = append(s.stale, ref)
 			r.state = stateStale
@@ -107,15 +116,15 @@ func (r *record) zero(delivered int64) (created int64, mayExist bool) {
 // first time would send (its stamp, 0 for none, and whether a receiver
 // may hold the series) given delivered, without marking anything.
 func (s *Store) Zero(ref uint32, delivered int64) (created int64, mayExist bool) {
-	return s.recs[ref].zero(delivered)
+	return s.recs.at(ref).zero(delivered)
 }
 
 // liveTwin reports whether a live series has the labels of the expired
 // series ref. Labels are interned, so equal labels are equal symbols.
 func (s *Store) liveTwin(ref uint32) bool {
-	r := &s.recs[ref]
+	r := s.recs.at(ref)
 	same := func(o uint32) bool {
-		q := &s.recs[o]
+		q := s.recs.at(o)
 		return q.n == r.n && q.syms == r.syms
 	}
 	if o, ok := s.byHash[r.hash]; ok && same(o) {
@@ -137,7 +146,7 @@ func (c *Capture) Len() int { return len(c.plan) }
 func (c *Capture) Encode(w *remotewrite.SnapshotWriter) {
 	for i := range c.plan {
 		p := &c.plan[i]
-		r := &c.recs[p.ref]
+		r := c.recs.at(p.ref)
 		c.fields(r)
 		w.Series(r.hash, c.f, float64(p.bytes), p.created, p.mayExist)
 		if r.twin {
@@ -146,7 +155,7 @@ func (c *Capture) Encode(w *remotewrite.SnapshotWriter) {
 		}
 	}
 	for _, ref := range c.stale {
-		r := &c.recs[ref]
+		r := c.recs.at(ref)
 		c.fields(r)
 		w.Stale(r.hash, c.f)
 		if r.twin {
@@ -165,21 +174,65 @@ func (c *Capture) fields(r *record) {
 	}
 }
 
-// View is a copy of the store's live series, taken under the owner's
-// lock and read without it (a checkpoint written while ingest goes on).
+// View is the store's live series at one instant, taken under the
+// owner's lock and read without it (a checkpoint written while ingest goes
+// on). It copies what changes (counters, times) and reads labels from the
+// store itself: a view pins the store's records, so that no series it
+// holds is freed (and its ref or symbols reused) until Unpin.
 type View struct {
-	recs []record
-	syms []symbol
+	recs  records
+	syms  []symbol
+	live  []viewed
+	slots int
+	done  bool
 }
 
-// View copies the records. Symbols are shared: the copy of their slice
-// keeps what the records name, whatever the store frees later.
+// viewed is what a View copies of a series.
+type viewed struct {
+	ref                   uint32
+	kind                  Kind
+	bytes, packets        uint64
+	last, created, pushed int64
+}
+
+// View returns the live series as they are now. The owner calls Unpin
+// with it, under its lock, once done reading.
 func (s *Store) View() *View {
-	return &View{recs: append([]record(nil), s.recs...), syms: append([]symbol(nil), s.syms.list...)}
+	// The copy reuses the last view's when no view is open: checkpoints
+	// follow one another, and a fresh copy of a million series is a
+	// fresh 48 MB to fault in under the lock.
+	buf := s.viewBuf[:0]
+	if s.pins > 0 || cap(buf) < s.live {
+		buf = make([]viewed, 0, s.live+s.live/8)
+	}
+	if s.pins == 0 {
+		s.viewBuf = buf
+	}
+	v := &View{recs: s.recs, syms: s.syms.list, live: buf, slots: s.recs.n}
+	for ci := range s.recs.chunks {
+		ch, base := s.recs.chunk(ci)
+		for j := range ch {
+			if r := &ch[j]; r.state == stateLive {
+				v.live = append(v.live, viewed{ref: base + uint32(j), kind: r.kind, bytes: r.bytes, packets: r.packets,
+					last: r.last, created: r.created, pushed: r.pushed})
+			}
+		}
+	}
+	s.pins++
+	return v
+}
+
+// Unpin ends v's hold on the store's records (the next capture frees what
+// waited for it). Calling it again does nothing.
+func (s *Store) Unpin(v *View) {
+	if !v.done {
+		v.done = true
+		s.pins--
+	}
 }
 
 // Slots returns the refs the view spans (Store.Slots when taken).
-func (v *View) Slots() int { return len(v.recs) }
+func (v *View) Slots() int { return v.slots }
 
 // Series is one series of a View.
 type Series struct {
@@ -195,31 +248,30 @@ type Series struct {
 }
 
 // Len returns the number of live series in the view.
-func (v *View) Len() int {
-	n := 0
-	for i := range v.recs {
-		if v.recs[i].state == stateLive {
-			n++
-		}
-	}
-	return n
-}
+func (v *View) Len() int { return len(v.live) }
 
-// Each calls fn with every live series of the view, in ref order.
+// Each calls fn with every live series of the view, in ref order. It
+// reads the store's labels: call it before Unpin.
 func (v *View) Each(fn func(*Series)) {
+	if v.done {
+		panic("series: View read after Unpin")
+	}
 	var s Series
-	for i := range v.recs {
-		if v.recs[i].state != stateLive {
-			continue
+	for i := range v.live {
+		w := &v.live[i]
+		s = Series{Ref: w.ref, Kind: w.kind, Created: w.created, Last: w.last, Pushed: w.pushed,
+			Bytes: w.bytes, Packets: w.packets, Labels: s.Labels[:0]}
+		r := v.recs.at(w.ref)
+		for _, id := range r.syms[:r.n] {
+			s.Labels = append(s.Labels, v.syms[id].label)
 		}
-		get(&v.recs[i], uint32(i), v.syms, &s)
 		fn(&s)
 	}
 }
 
 // Get sets *dst to the live series ref (dst.Labels reused).
 func (s *Store) Get(ref uint32, dst *Series) {
-	get(&s.recs[ref], ref, s.syms.list, dst)
+	get(s.recs.at(ref), ref, s.syms.list, dst)
 }
 
 func get(r *record, ref uint32, syms []symbol, dst *Series) {

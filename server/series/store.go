@@ -78,23 +78,60 @@ type record struct {
 	pushed int64
 }
 
+// records are the store's records by ref, in chunks of a fixed size:
+// growing never copies what is there (nor holds it twice, old and new
+// array, at the peak), and a record stays at its address, which Capture
+// and View rely on.
+type records struct {
+	chunks [][]record
+	n      int // refs in use: the slots
+}
+
+const (
+	chunkBits = 12
+	chunkSize = 1 << chunkBits
+)
+
+// at returns the record of ref (< n).
+func (rs *records) at(ref uint32) *record {
+	return &rs.chunks[ref>>chunkBits][ref&(chunkSize-1)]
+}
+
+// chunk returns chunk i cut to the refs in use, and its first ref: the
+// walks over every record go chunk by chunk.
+func (rs *records) chunk(i int) ([]record, uint32) {
+	base := i << chunkBits
+	return rs.chunks[i][:min(chunkSize, rs.n-base)], uint32(base)
+}
+
+// add makes one more ref valid, a free record.
+func (rs *records) add() {
+	if rs.n == len(rs.chunks)*chunkSize {
+		rs.chunks = append(rs.chunks, make([]record, chunkSize))
+	}
+	rs.n++
+}
+
 // Store holds the series. The zero value is not usable: call New.
 type Store struct {
 	seed     maphash.Seed
 	syms     symbols
-	recs     []record // by ref
+	recs     records
 	free     []uint32 // free refs, reused first
 	byHash   map[uint64]uint32
 	collided map[uint64][]uint32 // same hash, other labels: practically never
 	perKind  [MaxKinds]int
 	live     int
 	// dying are the refs expired since the last capture; stale the ones
-	// whose stale markers the last capture wrote.
-	dying, stale []uint32
+	// whose stale markers the last capture wrote; held the ones to free
+	// once no View pins the records (pins counts the open ones).
+	dying, stale, held []uint32
+	pins               int
 	// lastTS is the stamp of the last capture.
 	lastTS int64
 	plan   []planned
-	lab    []metrics.Label
+	// viewBuf is the copy of the last View, reused by the next.
+	viewBuf []viewed
 }
 
 // New returns an empty store.
@@ -115,7 +152,7 @@ func (s *Store) Count(k Kind) int { return s.perKind[k] }
 
 // Slots returns one more than the highest ref ever used: the refs a
 // checkpoint may name.
-func (s *Store) Slots() int { return len(s.recs) }
+func (s *Store) Slots() int { return s.recs.n }
 
 // Symbols returns the number of distinct labels held.
 func (s *Store) Symbols() int { return s.syms.len() }
@@ -154,7 +191,7 @@ func (s *Store) LookupHashed(ls []metrics.Label, h uint64) (uint32, bool) {
 
 // equal reports whether ref is labelled ls.
 func (s *Store) equal(ref uint32, ls []metrics.Label) bool {
-	r := &s.recs[ref]
+	r := s.recs.at(ref)
 	if int(r.n) != len(ls) {
 		return false
 	}
@@ -175,7 +212,7 @@ func (s *Store) equal(ref uint32, ls []metrics.Label) bool {
 func (s *Store) Create(k Kind, ls []metrics.Label, packets string, created, last int64) uint32 {
 	ref := s.alloc()
 	s.install(ref, k, ls, packets, created, s.Hash(ls))
-	s.recs[ref].last = last
+	s.recs.at(ref).last = last
 	return ref
 }
 
@@ -183,21 +220,21 @@ func (s *Store) Create(k Kind, ls []metrics.Label, packets string, created, last
 // be free or the first ref past the highest used: replaying persisted
 // state, whose refs are what later records name. h is Hash(ls).
 func (s *Store) Install(ref uint32, k Kind, ls []metrics.Label, packets string, created int64, h uint64) {
-	for int(ref) >= len(s.recs) {
-		s.recs = append(s.recs, record{})
+	for int(ref) >= s.recs.n {
+		s.recs.add()
 	}
-	if s.recs[ref].state != stateFree {
+	if s.recs.at(ref).state != stateFree {
 		panic("series: install over a used ref")
 	}
 	s.install(ref, k, ls, packets, created, h)
-	s.recs[ref].restored = true
+	s.recs.at(ref).restored = true
 }
 
 func (s *Store) install(ref uint32, k Kind, ls []metrics.Label, packets string, created int64, h uint64) {
 	if len(ls) == 0 || len(ls) > MaxLabels || k == Free || k >= MaxKinds {
 		panic("series: bad declaration")
 	}
-	r := &s.recs[ref]
+	r := s.recs.at(ref)
 	*r = record{kind: k, state: stateLive, n: uint8(len(ls)), hash: h, created: created}
 	for i, l := range ls {
 		r.syms[i] = s.syms.intern(l)
@@ -222,13 +259,13 @@ func (s *Store) alloc() uint32 {
 		s.free = s.free[:n-1]
 		return ref
 	}
-	s.recs = append(s.recs, record{})
-	return uint32(len(s.recs) - 1)
+	s.recs.add()
+	return uint32(s.recs.n - 1)
 }
 
 // Add adds counts to the live series ref, updated at ts (unix ns).
 func (s *Store) Add(ref uint32, bytes, packets uint64, ts int64) {
-	r := &s.recs[ref]
+	r := s.recs.at(ref)
 	r.bytes += bytes
 	r.packets += packets
 	r.last = ts
@@ -236,15 +273,15 @@ func (s *Store) Add(ref uint32, bytes, packets uint64, ts int64) {
 
 // Kind returns the kind of ref, Free unless it holds a live series.
 func (s *Store) Kind(ref uint32) Kind {
-	if int(ref) >= len(s.recs) || s.recs[ref].state != stateLive {
+	if int(ref) >= s.recs.n || s.recs.at(ref).state != stateLive {
 		return Free
 	}
-	return s.recs[ref].kind
+	return s.recs.at(ref).kind
 }
 
 // Counts returns the counters of ref.
 func (s *Store) Counts(ref uint32) (bytes, packets uint64) {
-	r := &s.recs[ref]
+	r := s.recs.at(ref)
 	return r.bytes, r.packets
 }
 
@@ -252,24 +289,24 @@ func (s *Store) Counts(ref uint32) (bytes, packets uint64) {
 // declaration: counters, last update (unix ns) and first push (unix ms,
 // 0 for none).
 func (s *Store) Restore(ref uint32, bytes, packets uint64, last, pushed int64) {
-	r := &s.recs[ref]
+	r := s.recs.at(ref)
 	r.bytes, r.packets, r.last, r.pushed = bytes, packets, last, pushed
 }
 
 // Pushed returns the first push stamp of ref (0: never pushed).
-func (s *Store) Pushed(ref uint32) int64 { return s.recs[ref].pushed }
+func (s *Store) Pushed(ref uint32) int64 { return s.recs.at(ref).pushed }
 
 // SetPushed records that the series ref was first pushed at ts (unix ms)
 // when it was not pushed yet (replaying persisted state).
 func (s *Store) SetPushed(ref uint32, ts int64) {
-	if r := &s.recs[ref]; r.state == stateLive && r.pushed == 0 {
+	if r := s.recs.at(ref); r.state == stateLive && r.pushed == 0 {
 		r.pushed = ts
 	}
 }
 
 // Labels appends the labels of ref (its bytes labels, for a twin) to dst.
 func (s *Store) Labels(dst []metrics.Label, ref uint32) []metrics.Label {
-	r := &s.recs[ref]
+	r := s.recs.at(ref)
 	for _, id := range r.syms[:r.n] {
 		dst = append(dst, s.syms.list[id].label)
 	}
@@ -280,13 +317,18 @@ func (s *Store) Labels(dst []metrics.Label, ref uint32) []metrics.Label {
 // of the index, appends their refs to dead and returns it. Their stale
 // markers go in the next capture; their refs are reused after it.
 func (s *Store) Expire(cutoff int64, dead []uint32) []uint32 {
-	for i := range s.recs {
-		r := &s.recs[i]
-		if r.state == stateLive && r.last < cutoff {
-			s.unindex(uint32(i))
+	for ci := range s.recs.chunks {
+		ch, base := s.recs.chunk(ci)
+		for j := range ch {
+			r := &ch[j]
+			if r.state != stateLive || r.last >= cutoff {
+				continue
+			}
+			ref := base + uint32(j)
+			s.unindex(ref)
 			r.state = stateDying
-			s.dying = append(s.dying, uint32(i))
-			dead = append(dead, uint32(i))
+			s.dying = append(s.dying, ref)
+			dead = append(dead, ref)
 		}
 	}
 	return dead
@@ -294,7 +336,7 @@ func (s *Store) Expire(cutoff int64, dead []uint32) []uint32 {
 
 // unindex removes the live series ref from the index and the counts.
 func (s *Store) unindex(ref uint32) {
-	r := &s.recs[ref]
+	r := s.recs.at(ref)
 	h := r.hash
 	if cur, ok := s.byHash[h]; ok && cur == ref {
 		if rest := s.collided[h]; len(rest) > 0 {
@@ -323,7 +365,7 @@ func (s *Store) setCollided(h uint64, list []uint32) {
 
 // release frees ref and its symbols.
 func (s *Store) release(ref uint32) {
-	r := &s.recs[ref]
+	r := s.recs.at(ref)
 	for _, id := range r.syms[:r.n] {
 		s.syms.release(id)
 	}
@@ -337,7 +379,7 @@ func (s *Store) release(ref uint32) {
 // Remove takes the live series ref out at once, ref free for reuse, with
 // no stale marker: replaying persisted state, which no snapshot follows.
 func (s *Store) Remove(ref uint32) {
-	if s.recs[ref].state != stateLive {
+	if s.recs.at(ref).state != stateLive {
 		return
 	}
 	s.unindex(ref)
@@ -348,19 +390,18 @@ func (s *Store) Remove(ref uint32) {
 // are pending or written. For persisted state's replay, where no
 // snapshot follows an expiry and refs must be reusable at once.
 func (s *Store) Drop() {
-	for _, ref := range s.stale {
-		s.release(ref)
+	for _, list := range [][]uint32{s.held, s.stale, s.dying} {
+		for _, ref := range list {
+			s.release(ref)
+		}
 	}
-	for _, ref := range s.dying {
-		s.release(ref)
-	}
-	s.stale, s.dying = s.stale[:0], s.dying[:0]
+	s.held, s.stale, s.dying = s.held[:0], s.stale[:0], s.dying[:0]
 }
 
 // Grow makes refs below n valid (free), for Install in any order.
 func (s *Store) Grow(n int) {
-	for len(s.recs) < n {
-		s.recs = append(s.recs, record{})
+	for s.recs.n < n {
+		s.recs.add()
 	}
 }
 
@@ -368,8 +409,8 @@ func (s *Store) Grow(n int) {
 // chosen refs), lowest ref reused first.
 func (s *Store) Rebuild() {
 	s.free = s.free[:0]
-	for i := len(s.recs) - 1; i >= 0; i-- {
-		if s.recs[i].state == stateFree {
+	for i := s.recs.n - 1; i >= 0; i-- {
+		if s.recs.at(uint32(i)).state == stateFree {
 			s.free = append(s.free, uint32(i))
 		}
 	}
@@ -377,8 +418,8 @@ func (s *Store) Rebuild() {
 
 // EachLive calls fn with every live series' ref, in ref order.
 func (s *Store) EachLive(fn func(ref uint32)) {
-	for i := range s.recs {
-		if s.recs[i].state == stateLive {
+	for i := range s.recs.n {
+		if s.recs.at(uint32(i)).state == stateLive {
 			fn(uint32(i))
 		}
 	}

@@ -61,7 +61,8 @@ func peakRSS(pid int) (int64, error) {
 }
 
 // scrape reads a Prometheus text exposition and returns, per metric name,
-// the sum and the maximum over its series.
+// the sum and the maximum over its series, and per series (name{labels}
+// as exposed) its value in both.
 type scraped map[string]struct{ sum, max float64 }
 
 func scrape(ctx context.Context, u string) (scraped, error) {
@@ -75,9 +76,11 @@ func scrape(ctx context.Context, u string) (scraped, error) {
 			continue
 		}
 		name, rest, _ := strings.Cut(line, " ")
+		series := ""
 		if i := strings.IndexByte(line, '{'); i >= 0 && i < len(name) {
 			name = line[:i]
-			rest = line[strings.LastIndexByte(line, '}')+1:]
+			end := strings.LastIndexByte(line, '}') + 1
+			series, rest = line[:end], line[end:]
 		}
 		fs := strings.Fields(rest)
 		if len(fs) == 0 {
@@ -87,12 +90,17 @@ func scrape(ctx context.Context, u string) (scraped, error) {
 		if err != nil {
 			continue
 		}
-		e, seen := out[name]
-		e.sum += v
-		if !seen || v > e.max {
-			e.max = v
+		for _, key := range []string{name, series} {
+			if key == "" {
+				continue
+			}
+			e, seen := out[key]
+			e.sum += v
+			if !seen || v > e.max {
+				e.max = v
+			}
+			out[key] = e
 		}
-		out[name] = e
 	}
 	return out, nil
 }

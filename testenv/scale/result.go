@@ -40,6 +40,12 @@ type Result struct {
 	Folded, Unresolved int64
 	// PushDuration is the longest kubezonnet_server_remote_write_push_duration_seconds.
 	PushDuration time.Duration
+	// SnapshotDuration is kubezonnet_server_remote_write_snapshot_duration_seconds:
+	// the server's part of the last push.
+	SnapshotDuration time.Duration
+	// Held counts batches answered 503 because a source address awaited
+	// its new pod (reason awaiting_pod).
+	Held int64
 	// SentBytes and SentPackets were acknowledged; VMBytes and VMPackets
 	// are the sums of the zone-pair series in VictoriaMetrics.
 	SentBytes, SentPackets uint64
@@ -188,7 +194,7 @@ func (r *Result) WriteTable(out io.Writer) error {
 	row("ingest latency p50 / p99", fmt.Sprintf("%s / %s", r.Latency(0.5).Round(time.Microsecond), r.Latency(0.99).Round(time.Microsecond)),
 		fmt.Sprintf("client-side POST round trip, %d attempts", len(r.latencies)))
 	row("push duration vs interval", fmt.Sprintf("%s / %s", r.PushDuration.Round(time.Millisecond), o.PushInterval),
-		"kubezonnet_server_remote_write_push_duration_seconds at the end")
+		fmt.Sprintf("kubezonnet_server_remote_write_push_duration_seconds at the end; reading and encoding the snapshot took %s of it", r.SnapshotDuration.Round(time.Millisecond)))
 	row("exactness bytes", exactness(float64(r.SentBytes), r.VMBytes), fmt.Sprintf("sent %d, VictoriaMetrics %.0f (sum of zone-pair series)", r.SentBytes, r.VMBytes))
 	row("exactness packets", exactness(float64(r.SentPackets), r.VMPackets), fmt.Sprintf("sent %d, VictoriaMetrics %.0f", r.SentPackets, r.VMPackets))
 	zoneNote := "every zone pair equal"
@@ -201,7 +207,7 @@ func (r *Result) WriteTable(out io.Writer) error {
 	}
 	row("exactness per zone pair", zoneValue, zoneNote)
 	row("misattributed under churn", fmt.Sprintf("%d series, %.0f bytes", r.MisattributedSeries, r.MisattributedBytes),
-		fmt.Sprintf("series naming a deleted pod with more than it sent (of %d naming one, %d in all); %d pods replaced (%.2f/s), %d unresolved flows", r.DeletedPodSeries, r.PodPairSeries, r.Churned, float64(r.Churned)/r.Sending.Seconds(), r.Unresolved))
+		fmt.Sprintf("series naming a deleted pod with more than it sent (of %d naming one, %d in all); %d pods replaced (%.2f/s), %d unresolved flows, %d batches held for a new pod", r.DeletedPodSeries, r.PodPairSeries, r.Churned, float64(r.Churned)/r.Sending.Seconds(), r.Unresolved, r.Held))
 	row("setup / sending", fmt.Sprintf("%s / %s", r.Setup.Round(time.Second), r.Sending.Round(time.Second)), "control plane, pods, VictoriaMetrics and server; then traffic")
 	return tw.Flush()
 }

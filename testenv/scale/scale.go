@@ -8,12 +8,15 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
@@ -64,6 +67,14 @@ type Options struct {
 	ProgramOutput io.Writer
 	// Seed makes the traffic and the churn reproducible.
 	Seed uint64
+	// ServerCPUs, when set (a taskset list such as "0"), pins the server
+	// to those CPUs and everything else (this process, its agents, the
+	// control plane and VictoriaMetrics) to the others, so the server's
+	// figures are its own.
+	ServerCPUs string
+	// ServerFlags are added to the server's command line (they may
+	// override the simulation's own, which come first).
+	ServerFlags []string
 }
 
 // Defaults are sized for a 2-core machine: about a minute of sending
@@ -162,6 +173,15 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 			return res, err
 		}
 	}
+	serverCmd := []string{bin}
+	if opts.ServerCPUs != "" {
+		others, err := pinOthers(ctx, opts.ServerCPUs)
+		if err != nil {
+			return res, err
+		}
+		say("server on CPUs %s, everything else on %s", opts.ServerCPUs, others)
+		serverCmd = []string{"taskset", "-c", opts.ServerCPUs, bin}
+	}
 
 	say("starting etcd and kube-apiserver")
 	cp, err := testenv.StartControlPlane(ctx, testenv.Options{Output: opts.ProgramOutput, TempDir: dir})
@@ -194,6 +214,8 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 		"-httpListenAddr=127.0.0.1:" + strconv.Itoa(ports[0]),
 		"-storageDataPath=" + filepath.Join(dir, "vm"),
 		"-search.disableCache", "-search.latencyOffset=0s",
+		// The exactness queries read every pod-pair series at once.
+		"-search.maxUniqueTimeseries=100000000", "-search.maxQueryDuration=10m",
 		"-loggerLevel=WARN",
 	}, testenv.ProcessOptions{Output: opts.ProgramOutput})
 	if err != nil {
@@ -210,16 +232,16 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 	}
 	serverURL := "http://127.0.0.1:" + strconv.Itoa(ports[1])
 	say("starting the server")
-	srv, err := testenv.StartProcess("server", bin, []string{
+	srv, err := testenv.StartProcess("server", serverCmd[0], append(append(serverCmd[1:],
 		"server", "--kubeconfig", kubeconfig, "--auth-mode", "none",
-		"--listen-address", "127.0.0.1:" + strconv.Itoa(ports[1]),
-		"--remote-write-url", v.url + "/api/v1/write",
+		"--listen-address", "127.0.0.1:"+strconv.Itoa(ports[1]),
+		"--remote-write-url", v.url+"/api/v1/write",
 		"--push-interval", opts.PushInterval.String(),
 		"--remote-write-min-backoff", "200ms", "--remote-write-max-backoff", "2s",
 		"--state-dir", filepath.Join(dir, "state"),
 		"--max-pod-pairs", strconv.Itoa(opts.MaxPodPairs),
 		"--flow-log-classes", "none", "--log-format", "text", "--log-level", "warn",
-	}, testenv.ProcessOptions{Output: opts.ProgramOutput})
+	), opts.ServerFlags...), testenv.ProcessOptions{Output: opts.ProgramOutput})
 	if err != nil {
 		return res, err
 	}
@@ -320,6 +342,8 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 	}
 	res.ServerSeries = int64(m["kubezonnet_server_series"].sum)
 	res.PushDuration = time.Duration(m["kubezonnet_server_remote_write_push_duration_seconds"].max * float64(time.Second))
+	res.SnapshotDuration = time.Duration(m["kubezonnet_server_remote_write_snapshot_duration_seconds"].max * float64(time.Second))
+	res.Held = int64(m[`kubezonnet_server_ingest_rejected_total{reason="awaiting_pod"}`].sum)
 	res.Folded = int64(m["kubezonnet_server_pod_pairs_folded_total"].sum)
 	res.Unresolved = int64(m["kubezonnet_server_unresolved_total"].sum)
 	if res.PeakRSS, err = peakRSS(srv.Pid()); err != nil {
@@ -388,4 +412,54 @@ func freePorts(n int) ([]int, error) {
 		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
 	return ports, nil
+}
+
+// pinOthers pins this process (every thread; the programs it starts
+// inherit it) to the CPUs it may use other than serverCPUs, a taskset
+// list, and returns them as one.
+func pinOthers(ctx context.Context, serverCPUs string) (string, error) {
+	var server, all unix.CPUSet
+	if err := parseCPUList(serverCPUs, &server); err != nil {
+		return "", err
+	}
+	if err := unix.SchedGetaffinity(0, &all); err != nil {
+		return "", fmt.Errorf("reading this process's CPUs: %w", err)
+	}
+	var others []string
+	for c := range 1024 {
+		if all.IsSet(c) && !server.IsSet(c) {
+			others = append(others, strconv.Itoa(c))
+		}
+		if server.IsSet(c) && !all.IsSet(c) {
+			return "", fmt.Errorf("server CPUs %q: CPU %d is not available here", serverCPUs, c)
+		}
+	}
+	if len(others) == 0 {
+		return "", fmt.Errorf("server CPUs %q leave no CPU for the rest", serverCPUs)
+	}
+	list := strings.Join(others, ",")
+	out, err := exec.CommandContext(ctx, "taskset", "-a", "-p", "-c", list, strconv.Itoa(os.Getpid())).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("taskset: %w: %s", err, out)
+	}
+	return list, nil
+}
+
+// parseCPUList parses a taskset list ("0", "0,2", "1-3") into set.
+func parseCPUList(list string, set *unix.CPUSet) error {
+	for _, part := range strings.Split(list, ",") {
+		lo, hi, isRange := strings.Cut(part, "-")
+		a, err := strconv.Atoi(lo)
+		b := a
+		if err == nil && isRange {
+			b, err = strconv.Atoi(hi)
+		}
+		if err != nil || a < 0 || b < a || b >= 1024 {
+			return fmt.Errorf("server CPUs %q: want a list such as 0 or 0,2 or 1-3", list)
+		}
+		for c := a; c <= b; c++ {
+			set.Set(c)
+		}
+	}
+	return nil
 }

@@ -43,6 +43,11 @@ func parseFlags() (scale.Options, bool) {
 	flag.IntVar(&o.MaxPodPairs, "max-pod-pairs", d.MaxPodPairs, "the server's --max-pod-pairs")
 	flag.StringVar(&o.Bin, "bin", "", "kubezonnet binary; empty builds this checkout")
 	flag.Uint64Var(&o.Seed, "seed", d.Seed, "seed of the traffic and the churn")
+	flag.StringVar(&o.ServerCPUs, "server-cpus", "", `pin the server to these CPUs (taskset list, e.g. "0") and everything else to the others`)
+	flag.Func("server-flag", "a flag added to the server's command line, e.g. --checkpoint-interval=1h (repeatable)", func(v string) error {
+		o.ServerFlags = append(o.ServerFlags, v)
+		return nil
+	})
 	verbose := flag.Bool("v", false, "copy the programs' output to stderr")
 	flag.Parse()
 	return o, *verbose
