@@ -9,8 +9,13 @@ import (
 	"github.com/kubezonnet/kubezonnet/server/series"
 )
 
-// checkpointVersion is the first field of a checkpoint body.
-const checkpointVersion = 2
+// checkpointVersion is the first field of a checkpoint body. Restore
+// also reads version 2, whose label table held strings rather than
+// labels.
+const (
+	checkpointVersion   = 3
+	checkpointVersionV2 = 2
+)
 
 // maxSlots bounds the series slots a checkpoint body may claim. Free
 // slots cost nothing in a body, so the count is all Restore has to size
@@ -56,25 +61,24 @@ func (a *Aggregator) Snapshot(under func()) *Snapshot {
 }
 
 // WriteTo writes the snapshot as a checkpoint body: a table of the
-// distinct label strings (names and values repeat across series: a pod's
-// name is in every pair it is part of), then each live series as its ref,
-// kind, times, counters and string indices.
+// store's symbols (each distinct label once: a pod's name is in every
+// pair it is part of), then each live series as its ref, kind, times,
+// counters and table indices. It is the store written out as it is held,
+// so a checkpoint of a million series costs no lookup per label. The
+// table lists the symbols in the order the series first name them, which
+// makes the body a function of the series alone (not of the order the
+// store interned them in): equal states write equal bytes.
 func (s *Snapshot) WriteTo(w io.Writer) (int64, error) {
 	defer s.Release()
-	idx := map[string]uint32{}
-	var strs []string
-	intern := func(v string) {
-		if _, ok := idx[v]; !ok {
-			idx[v] = uint32(len(strs))
-			strs = append(strs, v)
-		}
-	}
-	live := 0
+	all := s.view.Symbols()
+	index := make([]uint32, len(all)) // symbol -> table position + 1
+	var syms []metrics.Label
 	s.view.Each(func(sr *series.Series) {
-		live++
-		for _, l := range sr.Labels {
-			intern(l.Name)
-			intern(l.Value)
+		for _, id := range sr.Symbols {
+			if index[id] == 0 {
+				syms = append(syms, all[id])
+				index[id] = uint32(len(syms))
+			}
 		}
 	})
 	// Written in chunks of about 64 KiB: no buffering needed on top.
@@ -83,9 +87,10 @@ func (s *Snapshot) WriteTo(w io.Writer) (int64, error) {
 	b = binary.AppendUvarint(b, checkpointVersion)
 	b = binary.AppendVarint(b, s.delivered)
 	b = binary.AppendUvarint(b, uint64(s.view.Slots()))
-	b = binary.AppendUvarint(b, uint64(len(strs)))
-	for _, v := range strs {
-		b = appendString(b, v)
+	b = binary.AppendUvarint(b, uint64(len(syms)))
+	for _, l := range syms {
+		b = appendString(b, l.Name)
+		b = appendString(b, l.Value)
 		if len(b) > 64<<10 {
 			if _, err := cw.Write(b); err != nil {
 				return cw.n, err
@@ -93,7 +98,7 @@ func (s *Snapshot) WriteTo(w io.Writer) (int64, error) {
 			b = b[:0]
 		}
 	}
-	b = binary.AppendUvarint(b, uint64(live))
+	b = binary.AppendUvarint(b, uint64(s.view.Len()))
 	var werr error
 	s.view.Each(func(sr *series.Series) {
 		if werr != nil {
@@ -106,10 +111,9 @@ func (s *Snapshot) WriteTo(w io.Writer) (int64, error) {
 		b = binary.AppendVarint(b, sr.Pushed)
 		b = binary.AppendUvarint(b, sr.Bytes)
 		b = binary.AppendUvarint(b, sr.Packets)
-		b = binary.AppendUvarint(b, uint64(len(sr.Labels)))
-		for _, l := range sr.Labels {
-			b = binary.AppendUvarint(b, uint64(idx[l.Name]))
-			b = binary.AppendUvarint(b, uint64(idx[l.Value]))
+		b = binary.AppendUvarint(b, uint64(len(sr.Symbols)))
+		for _, id := range sr.Symbols {
+			b = binary.AppendUvarint(b, uint64(index[id]-1))
 		}
 		if len(b) > 64<<10 {
 			_, werr = cw.Write(b)
@@ -143,18 +147,30 @@ func (c *countWriter) Write(p []byte) (int, error) {
 // journal's replay.
 func (a *Aggregator) Restore(body []byte) error {
 	r := &reader{b: body}
-	if v := r.uvarint(); r.err == nil && v != checkpointVersion {
-		return fmt.Errorf("%w: checkpoint version %d, want %d", errRecord, v, checkpointVersion)
+	version := r.uvarint()
+	if r.err == nil && version != checkpointVersion && version != checkpointVersionV2 {
+		return fmt.Errorf("%w: checkpoint version %d, want %d or %d", errRecord, version, checkpointVersion, checkpointVersionV2)
 	}
 	delivered := r.varint()
 	slots := r.uvarint()
 	if r.err == nil && slots > maxSlots {
 		r.fail("%d series slots, at most %d", slots, maxSlots)
 	}
+	// The table: labels (version 3) or strings (version 2), one label
+	// being two strings there.
 	ns := r.count(1)
-	strs := make([]string, 0, ns)
-	for range ns {
-		strs = append(strs, r.string())
+	var syms []metrics.Label
+	var strs []string
+	if version == checkpointVersion {
+		syms = make([]metrics.Label, 0, ns)
+		for range ns {
+			syms = append(syms, metrics.Label{Name: r.string(), Value: r.string()})
+		}
+	} else {
+		strs = make([]string, 0, ns)
+		for range ns {
+			strs = append(strs, r.string())
+		}
 	}
 	nl := r.count(8)
 	if r.err != nil {
@@ -178,18 +194,32 @@ func (a *Aggregator) Restore(body []byte) error {
 		}
 		return strs[i]
 	}
+	label := func() metrics.Label {
+		if version == checkpointVersionV2 {
+			return metrics.Label{Name: str(), Value: str()}
+		}
+		i := r.uvarint()
+		if r.err != nil {
+			return metrics.Label{}
+		}
+		if i >= uint64(len(syms)) {
+			r.fail("label index %d out of range", i)
+			return metrics.Label{}
+		}
+		return syms[i]
+	}
 	for range nl {
 		ref := r.ref(int(slots))
 		kind := seriesKind(r.byte())
 		created, last, pushed := r.varint(), r.varint(), r.varint()
 		bytes, packets := r.uvarint(), r.uvarint()
-		n := r.count(2)
+		n := r.count(1)
 		if r.err != nil {
 			break
 		}
 		lab := make([]metrics.Label, n)
 		for i := range lab {
-			lab[i] = metrics.Label{Name: str(), Value: str()}
+			lab[i] = label()
 		}
 		if r.err != nil {
 			break

@@ -2,6 +2,8 @@ package aggregate
 
 import (
 	"encoding/binary"
+	"errors"
+	"maps"
 	"math"
 	"slices"
 	"testing"
@@ -68,7 +70,7 @@ var (
 )
 
 func TestRestoreRefuses(t *testing.T) {
-	valid := body{version: checkpointVersion, slots: 2, strs: zoneStrs,
+	valid := body{version: checkpointVersionV2, slots: 2, strs: zoneStrs,
 		series: []bodySeries{{ref: 1, kind: byte(kindZone), created: 1, last: 1, bytes: 10, packets: 1, labels: zoneIdx}}}
 	if err := fuzzAggregator(t, nil).Restore(valid.encode()); err != nil {
 		t.Fatalf("the valid body the cases start from is refused: %v", err)
@@ -129,7 +131,7 @@ func TestRestoreRefuses(t *testing.T) {
 // TestRestoreFreeSlots checks that slots without a series, which cost
 // nothing in a body, come back as free refs that new series take.
 func TestRestoreFreeSlots(t *testing.T) {
-	b := body{version: checkpointVersion, slots: 1000, delivered: 5, strs: zoneStrs,
+	b := body{version: checkpointVersionV2, slots: 1000, delivered: 5, strs: zoneStrs,
 		series: []bodySeries{{ref: 500, kind: byte(kindZone), created: 1, last: fuzzStart.UnixNano(), bytes: 10, packets: 1, labels: zoneIdx}}}
 	a := fuzzAggregator(t, nil)
 	if err := a.Restore(b.encode()); err != nil {
@@ -261,5 +263,56 @@ func TestRestoreKeepsIdleTime(t *testing.T) {
 	now = now.Add(30 * time.Second) // 70s after the first flow, 30s after the second
 	if got := render(b.AppendSeries(nil)); len(got) != 4 {
 		t.Errorf("after restore and 70s: %d series, want the 4 of the second flow:\n%s", len(got), got)
+	}
+}
+
+// TestRestoreRefusesLabelIndex: a version-3 body naming a label beyond
+// its table is refused and changes nothing, as is one whose table entry
+// is cut short.
+func TestRestoreRefusesLabelIndex(t *testing.T) {
+	head := func(labels ...string) []byte {
+		b := binary.AppendUvarint(nil, checkpointVersion)
+		b = binary.AppendVarint(b, 0)  // delivered
+		b = binary.AppendUvarint(b, 1) // slots
+		b = binary.AppendUvarint(b, uint64(len(labels)/2))
+		for _, s := range labels {
+			b = appendString(b, s)
+		}
+		return b
+	}
+	zone := func(idx ...uint64) []byte {
+		b := head("__name__", MetricZonePairBytes, "dst_zone", "b", "src_zone", "a")
+		b = binary.AppendUvarint(b, 1) // live
+		b = binary.AppendUvarint(b, 0) // ref
+		b = append(b, byte(kindZone))
+		for range 3 { // created, last, pushed
+			b = binary.AppendVarint(b, 1)
+		}
+		b = binary.AppendUvarint(b, 10) // bytes
+		b = binary.AppendUvarint(b, 1)  // packets
+		b = binary.AppendUvarint(b, uint64(len(idx)))
+		for _, i := range idx {
+			b = binary.AppendUvarint(b, i)
+		}
+		return b
+	}
+	a, err := New(Config{MaxPodPairs: 10, IdleTimeout: time.Hour}, metrics.New())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Restore(zone(0, 1, 2)); err != nil {
+		t.Fatalf("the valid body is refused: %v", err)
+	}
+	want := values(a.AppendSeries(nil))
+	for name, body := range map[string][]byte{
+		"label index out of range": zone(0, 1, 3),
+		"table cut short":          head("__name__", MetricZonePairBytes, "dst_zone"),
+	} {
+		if err := a.Restore(body); err == nil || !errors.Is(err, errRecord) {
+			t.Errorf("%s: Restore error %v, want errRecord", name, err)
+		}
+		if got := values(a.AppendSeries(nil)); !maps.Equal(got, want) {
+			t.Errorf("%s: state changed: %v, want %v", name, got, want)
+		}
 	}
 }

@@ -245,6 +245,19 @@ type Series struct {
 	// Labels are the bytes labels of a twin; valid until the callback
 	// returns.
 	Labels []metrics.Label
+	// Symbols are the labels' symbols (View.Each only): indices into
+	// View.Symbols, for a checkpoint that writes each label once.
+	Symbols []uint32
+}
+
+// Symbols returns the label of every symbol slot the view's series may
+// name, by symbol (free slots are the zero Label).
+func (v *View) Symbols() []metrics.Label {
+	out := make([]metrics.Label, len(v.syms))
+	for i := range v.syms {
+		out[i] = v.syms[i].label
+	}
+	return out
 }
 
 // Len returns the number of live series in the view.
@@ -260,11 +273,12 @@ func (v *View) Each(fn func(*Series)) {
 	for i := range v.live {
 		w := &v.live[i]
 		s = Series{Ref: w.ref, Kind: w.kind, Created: w.created, Last: w.last, Pushed: w.pushed,
-			Bytes: w.bytes, Packets: w.packets, Labels: s.Labels[:0]}
+			Bytes: w.bytes, Packets: w.packets, Labels: s.Labels[:0], Symbols: s.Symbols[:0]}
 		r := v.recs.at(w.ref)
 		for _, id := range r.syms[:r.n] {
 			s.Labels = append(s.Labels, v.syms[id].label)
 		}
+		s.Symbols = append(s.Symbols, r.syms[:r.n]...)
 		fn(&s)
 	}
 }
