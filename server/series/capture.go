@@ -97,7 +97,13 @@ func (s *Store) Capture(ts, delivered int64) (c *Capture, newly bool) {
 			r.state = stateStale
 			continue
 		}
-		s.release(ref) // never pushed, or superseded: nothing to end
+		// Never pushed, or superseded: nothing to end. Freed now, unless
+		// a View may still read it.
+		if s.pins > 0 {
+			s.held = append(s.held, ref)
+			continue
+		}
+		s.release(ref)
 	}
 	s.dying = s.dying[:0]
 	return &Capture{recs: s.recs, syms: s.syms.list, plan: plan, stale: s.stale}, newly

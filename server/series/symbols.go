@@ -48,12 +48,6 @@ func (t *symbols) intern(l metrics.Label) uint32 {
 	return id
 }
 
-// find returns the symbol of l without holding it.
-func (t *symbols) find(l metrics.Label) (uint32, bool) {
-	id, ok := t.ids[l]
-	return id, ok
-}
-
 // release lets go of one hold on symbol id, freeing it with the last.
 func (t *symbols) release(id uint32) {
 	s := &t.list[id]
