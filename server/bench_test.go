@@ -41,7 +41,6 @@ func benchResolver() (*fakeResolver, []netip.Addr) {
 		addrs[i] = ip
 		res.eps[ip] = podEP("ns-"+fmt.Sprint(i%50), fmt.Sprintf("pod-%d", i), fmt.Sprintf("wl-%d", i/10),
 			"Deployment", fmt.Sprintf("node-%d", node), fmt.Sprintf("zone-%d", node%benchZones))
-		res.owners[ip] = fmt.Sprintf("node-%d", node)
 	}
 	return res, addrs
 }
@@ -99,6 +98,9 @@ func benchIngestWith(b *testing.B, res Resolver, flowLog string) {
 		// The same body every time, as a new batch: the seq is
 		// overridden after decoding so that de-duplication lets it in.
 		wk.batch.Seq = s
+		if _, hold := in.screen(wk); hold {
+			b.Fatal("batch held")
+		}
 		now := time.Now()
 		if t, ok := in.dedup.claim(wk.batch.Node, wk.batch.Incarnation, wk.batch.Seq, now); ok {
 			t.applied(in.apply(wk, now))

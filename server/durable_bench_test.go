@@ -108,6 +108,10 @@ func ingestBatch(b *testing.B, srv *Server, wk *work, body []byte, inc string, s
 	}
 	wk.batch.Incarnation = inc
 	wk.batch.Seq = seq
+	if _, hold := in.screen(wk); hold {
+		b.Error("batch held")
+		return
+	}
 	now := time.Now()
 	t, ok := in.dedup.claim(wk.batch.Node, inc, seq, now)
 	if !ok {

@@ -13,7 +13,6 @@ import (
 // the Resolver interface, and the resolver's own tests cover resolution.
 type fakeResolver struct {
 	eps      map[netip.Addr]*resolve.Endpoint
-	owners   map[netip.Addr]string
 	unsynced atomic.Bool
 }
 
@@ -29,22 +28,20 @@ func (f *fakeResolver) Resolve(ip netip.Addr, _ time.Time) *resolve.Endpoint {
 
 func (f *fakeResolver) HasSynced() bool { return !f.unsynced.Load() }
 
-func (f *fakeResolver) Owner(ip netip.Addr, _ time.Time) (string, bool, bool) {
-	n, ok := f.owners[ip]
-	return n, false, ok
+// Lookup returns the registered endpoint (whose node owns the address);
+// no address awaits a holder here.
+func (f *fakeResolver) Lookup(ip netip.Addr, at time.Time) (*resolve.Endpoint, bool) {
+	return f.Resolve(ip, at), false
 }
 
 // add registers a pod endpoint at ip on its node.
 func (f *fakeResolver) add(ip string, ep *resolve.Endpoint) {
 	a := netip.MustParseAddr(ip)
 	f.eps[a] = ep
-	if ep.Node != "" {
-		f.owners[a] = ep.Node
-	}
 }
 
 func newFakeResolver() *fakeResolver {
-	return &fakeResolver{eps: map[netip.Addr]*resolve.Endpoint{}, owners: map[netip.Addr]string{}}
+	return &fakeResolver{eps: map[netip.Addr]*resolve.Endpoint{}}
 }
 
 func podEP(ns, pod, workload, kind, node, zone string) *resolve.Endpoint {

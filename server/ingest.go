@@ -29,8 +29,7 @@ import (
 // its informers have synced (before that, batches are refused so agents
 // send them again instead of having every pod resolved as unknown).
 type Resolver interface {
-	Resolve(ip netip.Addr, at time.Time) *resolve.Endpoint
-	Owner(ip netip.Addr, at time.Time) (node string, awaiting, ok bool)
+	Lookup(ip netip.Addr, at time.Time) (ep *resolve.Endpoint, awaiting bool)
 	HasSynced() bool
 }
 
@@ -303,13 +302,13 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if ip, hold := in.screen(wk); hold {
-		// The address was released by a pod of this node a moment ago
-		// and the informer shows no new pod for it yet, though the agent
-		// saw traffic from it since: applied now, the flows would go to
-		// the deleted pod. The window bounds the wait (ReuseWindow).
+		// The address was released by its pod a moment ago and the
+		// informer shows no new pod for it yet, though the batch has
+		// traffic of it since: applied now, the flows would go to the
+		// deleted pod. The reuse window bounds the wait.
 		w.Header().Set("Retry-After", "1")
 		in.refuse(w, http.StatusServiceUnavailable, reasonAwaitingPod,
-			"source address %s was released by a pod of node %q and its new pod is not known yet: send again shortly", ip, b.Node)
+			"address %s was released by its pod and a new pod for it is not known yet: send again shortly", ip)
 		return
 	}
 	now := in.now()
@@ -360,43 +359,46 @@ func (in *Ingest) refuse(w http.ResponseWriter, code int, reason, format string,
 	http.Error(w, msg, code)
 }
 
-// screen checks a batch's sources before anything of it is applied. It
-// sets wk.index to the flows the agent may report, leaving out those
-// whose source address belongs to another node (which reports them
-// itself, or they are spoofed), and reports hold with the address when a
-// source of the agent's own node awaits its new pod (Resolver.Owner).
+// screen resolves a batch's flows before anything of it is applied,
+// into wk.flows (wk.index holding each one's position in the batch). It
+// leaves out the flows whose source address belongs to another node
+// (which reports them itself, or they are spoofed), and reports hold with
+// an address that awaits its new pod (Resolver.Lookup): a source of the
+// agent's own node, or any destination.
 func (in *Ingest) screen(wk *work) (ip netip.Addr, hold bool) {
 	b := &wk.batch
-	index := wk.index[:0]
+	flows, index := wk.flows[:0], wk.index[:0]
+	defer func() { wk.flows, wk.index = flows, index }()
 	for i := range b.Flows {
 		f := &b.Flows[i]
-		owner, awaiting, ok := in.res.Owner(f.Src, b.Time)
-		if ok && owner != b.Node {
+		src, srcAwaits := in.res.Lookup(f.Src, b.Time)
+		if src.Node != "" && src.Node != b.Node {
 			continue
 		}
-		if awaiting && ok {
-			wk.index = index
+		dst, dstAwaits := in.res.Lookup(f.Dst, b.Time)
+		switch {
+		case srcAwaits && src.Node != "":
 			return f.Src, true
+		case dstAwaits:
+			return f.Dst, true
 		}
+		flows = append(flows, aggregate.Flow{Src: src, Dst: dst, Counts: f.Counts})
 		index = append(index, int32(i))
 	}
-	wk.index = index
 	return netip.Addr{}, false
 }
 
-// apply resolves, aggregates and logs the flows screen kept of a claimed
+// apply aggregates and logs the flows screen resolved of a claimed
 // batch; the aggregator reports each flow's class and unknown sides,
 // cached per endpoint pair.
 func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 	b := &wk.batch
-	flows, index := wk.flows[:0], wk.index
+	flows, index := wk.flows, wk.index
 	var bytes uint64
 	foreign := uint64(len(b.Flows) - len(index))
 	at := b.Time
-	for _, i := range index {
-		f := &b.Flows[i]
-		flows = append(flows, aggregate.Flow{Src: in.res.Resolve(f.Src, at), Dst: in.res.Resolve(f.Dst, at), Counts: f.Counts})
-		bytes += f.Bytes
+	for i := range flows {
+		bytes += flows[i].Bytes
 	}
 	placed := slices.Grow(wk.placed[:0], len(flows))[:len(flows)]
 	pos := in.agg.ApplyPlaced(now, flows, &aggregate.BatchID{Node: b.Node, Incarnation: b.Incarnation, Seq: b.Seq}, placed)

@@ -20,6 +20,7 @@ import (
 	"github.com/kubezonnet/kubezonnet/internal/logging"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/internal/wire"
 	"github.com/kubezonnet/kubezonnet/server/resolve"
 )
 
@@ -158,9 +159,10 @@ func BenchmarkIngestPathRealResolver(b *testing.B) {
 
 // TestIngestHoldsReusedAddress: a pod of node-a is deleted and its address
 // given to a new pod the informer does not show yet. A batch of node-a
-// with traffic from the address, stamped after the deletion, is answered
-// 503 with Retry-After and not applied (it would go to the deleted pod);
-// sent again once the new pod is known, it is credited to the new pod.
+// with traffic from the address, and one of node-b with traffic to it,
+// both stamped after the deletion, are answered 503 with Retry-After and
+// not applied (they would go to the deleted pod); sent again once the new
+// pod is known, they are credited to the new pod.
 func TestIngestHoldsReusedAddress(t *testing.T) {
 	client := fake.NewClientset(node("node-a", "zone-a", "192.168.0.1"), node("node-b", "zone-b", "192.168.0.2"),
 		statefulPod("shop", "web-0", "web", "node-a", "10.0.1.1"),
@@ -182,10 +184,11 @@ func TestIngestHoldsReusedAddress(t *testing.T) {
 	}
 	waitUntil(t, "the deletion seen", func() bool { _, awaiting, _ := res.Owner(ip, time.Now()); return awaiting })
 
-	b := batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1000, 10))
-	b.Time = time.Now()
-	body := encode(b)
-	post := func() (int, string) {
+	from := batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1000, 10))
+	to := batch("node-b", 1, rec("10.0.2.1", "10.0.1.1", 8080, 500, 5))
+	from.Time, to.Time = time.Now(), time.Now()
+	post := func(b *wire.Batch) (int, string) {
+		body := encode(b)
 		hr, err := http.NewRequest(http.MethodPost, env.url+"/api/v1/write", strings.NewReader(string(body)))
 		if err != nil {
 			t.Fatal(err)
@@ -199,14 +202,16 @@ func TestIngestHoldsReusedAddress(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode, resp.Header.Get("Retry-After")
 	}
-	if code, retry := post(); code != http.StatusServiceUnavailable || retry == "" {
-		t.Fatalf("batch from a released address awaiting its pod: %d, Retry-After %q; want 503 with Retry-After", code, retry)
+	for name, b := range map[string]*wire.Batch{"from": from, "to": to} {
+		if code, retry := post(b); code != http.StatusServiceUnavailable || retry == "" {
+			t.Fatalf("batch with traffic %s a released address awaiting its pod: %d, Retry-After %q; want 503 with Retry-After", name, code, retry)
+		}
 	}
 	if got := env.series(); len(got) != 0 {
 		t.Fatalf("a held batch was applied: %v", got)
 	}
-	if v := env.metric("kubezonnet_server_ingest_rejected_total", "reason=awaiting_pod"); v != 1 {
-		t.Errorf("rejected awaiting_pod = %v, want 1", v)
+	if v := env.metric("kubezonnet_server_ingest_rejected_total", "reason=awaiting_pod"); v != 2 {
+		t.Errorf("rejected awaiting_pod = %v, want 2", v)
 	}
 
 	next := statefulPod("shop", "web-1", "web", "node-a", "10.0.1.1")
@@ -214,13 +219,18 @@ func TestIngestHoldsReusedAddress(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitUntil(t, "the new pod seen", func() bool { return res.Resolve(ip, time.Now()).Pod == "web-1" })
-	if code, _ := post(); code != http.StatusNoContent {
-		t.Fatalf("batch sent again once the new pod is known: %d, want 204", code)
+	for _, b := range []*wire.Batch{from, to} {
+		if code, _ := post(b); code != http.StatusNoContent {
+			t.Fatalf("batch of %s sent again once the new pod is known: %d, want 204", b.Node, code)
+		}
 	}
 	for _, s := range env.series() {
-		if strings.Contains(s, `src_pod="web-0"`) {
+		if strings.Contains(s, `pod="web-0"`) {
 			t.Errorf("traffic after the deletion credited to the deleted pod: %s", s)
 		}
+	}
+	if want := `dst_pod="web-1"`; !slices.ContainsFunc(env.series(), func(s string) bool { return strings.Contains(s, want) }) {
+		t.Errorf("no series with %s in %v", want, env.series())
 	}
 	if want := `pod_cross_zone_network_traffic_bytes_total{namespace="shop",pod="web-1"} 1000`; !slices.Contains(env.series(), want) {
 		t.Errorf("no %s in %v", want, env.series())

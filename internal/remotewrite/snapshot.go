@@ -126,11 +126,7 @@ func (p *Pusher) snapshot(ts int64) [][]request {
 			encoders = append(encoders, es)
 			continue
 		}
-		if ss, ok := src.(StampedSource); ok {
-			p.cur = ss.AppendSeriesAt(p.cur, ts)
-		} else {
-			p.cur = src.AppendSeries(p.cur)
-		}
+		p.cur = src.AppendSeries(p.cur)
 	}
 	if len(p.cur) < n0 {
 		clear(p.cur[len(p.cur):n0]) // release label slices we no longer read

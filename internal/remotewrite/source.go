@@ -49,15 +49,6 @@ type Source interface {
 	AppendSeries(dst []Series) []Series
 }
 
-// StampedSource is a Source that is told the timestamp of the snapshot it
-// is read for. A source that must later know which of its series a
-// delivered snapshot held (OnDelivered gives that timestamp) implements
-// it; the pusher calls AppendSeriesAt instead of AppendSeries.
-type StampedSource interface {
-	Source
-	AppendSeriesAt(dst []Series, ts int64) []Series
-}
-
 // SourceFunc adapts a function to Source.
 type SourceFunc func(dst []Series) []Series
 

@@ -157,13 +157,36 @@ func New(cfg Config, client kubernetes.Interface, log *slog.Logger) (*Resolver, 
 // flow predates it; a recently released pod; a static endpoint (longest
 // prefix); the internet for public addresses; unknown otherwise.
 func (r *Resolver) Resolve(ip netip.Addr, at time.Time) *Endpoint {
+	ep, _ := r.Lookup(ip, at)
+	return ep
+}
+
+// Lookup is Resolve that also reports whether the address awaits a new
+// holder: no pod holds it now, and its last pod released it before at,
+// less than Config.ReuseWindow ago, so the flow may belong to a pod the
+// informer does not show yet (and would go to the released one). The
+// server holds such a batch back until the new holder shows up or the
+// window passed. The check costs nothing for addresses without released
+// history. A flow's endpoint names its node (Endpoint.Node) for pods and
+// host addresses: the server drops flows an agent reports for sources of
+// another node.
+func (r *Resolver) Lookup(ip netip.Addr, at time.Time) (ep *Endpoint, awaiting bool) {
 	ip = normalize(ip)
 	if !ip.IsValid() || ip.IsUnspecified() {
-		return epInvalidAddress
+		return epInvalidAddress, false
 	}
-	if ep := r.ix.lookup(ip, at); ep != nil {
-		return ep
+	ep, s := r.ix.lookupSlot(ip, at)
+	if s.released {
+		awaiting = r.ix.awaitsHolder(ip, &s, at, r.now())
 	}
+	if ep != nil {
+		return ep, awaiting
+	}
+	return r.outside(ip), awaiting
+}
+
+// outside resolves an address no pod or node claims.
+func (r *Resolver) outside(ip netip.Addr) *Endpoint {
 	if ep := r.static.lookup(ip); ep != nil {
 		return ep
 	}
@@ -176,29 +199,11 @@ func (r *Resolver) Resolve(ip netip.Addr, at time.Time) *Endpoint {
 	return epNoPod
 }
 
-// Owner says which node ip belonged to at time at: a pod's node, or the node
-// of a host address. The server drops flows an agent reports for sources
-// that are not on the agent's own node.
-//
-// awaiting reports an address that may have a holder the informer has
-// not shown yet (see Config.ReuseWindow): no pod holds it now, and its
-// last pod released it before at, less than the window ago. A flow of it
-// would be credited to the released pod; the server holds the batch back
-// until the new holder shows up or the window passed. The check costs
-// nothing for addresses without released history.
+// Owner says which node ip belonged to at time at (a pod's node, or the
+// node of a host address) and whether it awaits a new holder (Lookup).
 func (r *Resolver) Owner(ip netip.Addr, at time.Time) (node string, awaiting, ok bool) {
-	ip = normalize(ip)
-	if !ip.IsValid() {
-		return "", false, false
-	}
-	ep, s := r.ix.lookupSlot(ip, at)
-	if s.released {
-		awaiting = r.ix.awaitsHolder(ip, &s, at, r.now())
-	}
-	if ep == nil || ep.Node == "" {
-		return "", awaiting, false
-	}
-	return ep.Node, awaiting, true
+	ep, awaiting := r.Lookup(ip, at)
+	return ep.Node, awaiting, ep.Node != ""
 }
 
 // HasSynced reports whether the informers have delivered their initial

@@ -59,6 +59,10 @@ type Result struct {
 	// held its address; MisattributedBytes the sum of the excess.
 	MisattributedSeries int
 	MisattributedBytes  float64
+	// MisattributedAsSource counts those whose deleted pod is the source
+	// (the reporting node's own address), the rest naming it as the
+	// destination.
+	MisattributedAsSource int
 	// PodPairSeries is the number of pod pairs VictoriaMetrics holds;
 	// DeletedPodSeries those naming a pod deleted during the run.
 	PodPairSeries, DeletedPodSeries int
@@ -158,6 +162,9 @@ func (r *Result) compare(ctx context.Context, v vm, w *world, truth map[pair]flo
 		if excess := x.Value - float64(truth[p].Bytes); excess > 0 {
 			r.MisattributedSeries++
 			r.MisattributedBytes += excess
+			if deleted[p.src] {
+				r.MisattributedAsSource++
+			}
 		}
 	}
 	return nil
@@ -207,7 +214,7 @@ func (r *Result) WriteTable(out io.Writer) error {
 	}
 	row("exactness per zone pair", zoneValue, zoneNote)
 	row("misattributed under churn", fmt.Sprintf("%d series, %.0f bytes", r.MisattributedSeries, r.MisattributedBytes),
-		fmt.Sprintf("series naming a deleted pod with more than it sent (of %d naming one, %d in all); %d pods replaced (%.2f/s), %d unresolved flows, %d batches held for a new pod", r.DeletedPodSeries, r.PodPairSeries, r.Churned, float64(r.Churned)/r.Sending.Seconds(), r.Unresolved, r.Held))
+		fmt.Sprintf("series naming a deleted pod with more than it sent (%d as the source; of %d naming one, %d in all); %d pods replaced (%.2f/s), %d unresolved flows, %d batches held for a new pod", r.MisattributedAsSource, r.DeletedPodSeries, r.PodPairSeries, r.Churned, float64(r.Churned)/r.Sending.Seconds(), r.Unresolved, r.Held))
 	row("setup / sending", fmt.Sprintf("%s / %s", r.Setup.Round(time.Second), r.Sending.Round(time.Second)), "control plane, pods, VictoriaMetrics and server; then traffic")
 	return tw.Flush()
 }
