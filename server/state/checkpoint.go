@@ -13,8 +13,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-
-	"golang.org/x/sys/unix"
 )
 
 // checkpointPrefix names checkpoint files: checkpoint.NNNNNNNN, the number
@@ -49,7 +47,7 @@ func WriteCheckpoint(dir string, seg int, write func(w io.Writer) error) (int64,
 			os.Remove(tmp)
 		}
 	}()
-	bw := bufio.NewWriterSize(&writeback{f: f}, 1<<20)
+	bw := bufio.NewWriterSize(f, 1<<20)
 	if _, err := bw.Write(checkpointMagic); err != nil {
 		return 0, fmt.Errorf("writing checkpoint %s: %w", tmp, err)
 	}
@@ -80,30 +78,6 @@ func WriteCheckpoint(dir string, seg int, write func(w io.Writer) error) (int64,
 		return 0, err
 	}
 	return int64(len(checkpointMagic)) + cw.n + int64(len(trailer)), nil
-}
-
-// writeback writes to f and starts the write-back of every few MiB as
-// they are written, so that the final fsync has little left to do: one
-// fsync of tens of MiB at the end fills the disk's queue at once, and the
-// log's fsyncs, which ingest acknowledgements wait for, queue behind it.
-type writeback struct {
-	f         *os.File
-	off, done int64
-}
-
-// writebackChunk is how much is written before its write-back starts.
-const writebackChunk = 4 << 20
-
-func (w *writeback) Write(p []byte) (int, error) {
-	n, err := w.f.Write(p)
-	w.off += int64(n)
-	if w.off-w.done >= writebackChunk {
-		// Asynchronous (SYNC_FILE_RANGE_WRITE only starts it); a failure
-		// here is the final fsync's to report.
-		_ = unix.SyncFileRange(int(w.f.Fd()), w.done, w.off-w.done, unix.SYNC_FILE_RANGE_WRITE)
-		w.done = w.off
-	}
-	return n, err
 }
 
 func syncDir(dir string) error {
