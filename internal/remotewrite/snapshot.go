@@ -87,8 +87,10 @@ type seriesEntry struct {
 
 // labelCacheBytes bounds the table's label cache. The table holds the
 // series of sources that are not EncodingSources: self-metrics and the
-// agents' series, some thousands; 16 MiB cache ~45,000 of them.
-const labelCacheBytes = 16 << 20
+// agents' series, some thousands, whose labels take a few MiB; the arena
+// grows only as far as they need, and the bound (some 150,000 pod-pair
+// shaped series) stops a source that misbehaves.
+const labelCacheBytes = 64 << 20
 
 // newSeriesTable returns an empty table whose label cache holds at most
 // limit bytes.
