@@ -53,6 +53,18 @@ func realResolver(tb testing.TB, objs ...runtime.Object) *resolve.Resolver {
 	return realResolverOn(tb, fake.NewClientset(objs...), resolve.Config{ReleasedIPTTL: time.Minute, ReleasedIPCacheSize: 1024})
 }
 
+// realEnv serves a server over res on 127.0.0.1, with test defaults.
+func realEnv(t *testing.T, res *resolve.Resolver) *testEnv {
+	t.Helper()
+	cfg := testConfig()
+	reg := metrics.New()
+	srv, err := newServer(&cfg, deps{resolver: res, auth: noAuth{}, reg: reg, log: logging.Discard()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &testEnv{srv: srv, url: startHTTP(t, srv.Handler()), reg: reg}
+}
+
 // realResolverOn is realResolver over a clientset the test changes.
 func realResolverOn(tb testing.TB, client *fake.Clientset, cfg resolve.Config) *resolve.Resolver {
 	tb.Helper()
@@ -84,13 +96,7 @@ func TestIngestWithRealResolver(t *testing.T) {
 		node("node-a", "zone-a", "192.168.0.1"), node("node-b", "zone-b", "192.168.0.2"),
 		statefulPod("shop", "web-0", "web", "node-a", "10.0.1.1"),
 		statefulPod("shop", "db-0", "db", "node-b", "10.0.2.1"))
-	cfg := testConfig()
-	reg := metrics.New()
-	srv, err := newServer(&cfg, deps{resolver: res, auth: noAuth{}, reg: reg, log: logging.Discard()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	env := &testEnv{srv: srv, url: startHTTP(t, srv.Handler()), reg: reg}
+	env := realEnv(t, res)
 	// node-a reports: web->db (cross-zone), db->web (db is on node-b: a
 	// foreign source, dropped), web->public address (external), and the
 	// node itself -> db (host network, cross-zone).
@@ -170,13 +176,7 @@ func TestIngestHoldsReusedAddress(t *testing.T) {
 	// A window far longer than the test: the hold must end because the
 	// new pod shows up, not because time ran out.
 	res := realResolverOn(t, client, resolve.Config{ReleasedIPTTL: 10 * time.Minute, ReleasedIPCacheSize: 1024, ReuseWindow: 10 * time.Minute})
-	cfg := testConfig()
-	reg := metrics.New()
-	srv, err := newServer(&cfg, deps{resolver: res, auth: noAuth{}, reg: reg, log: logging.Discard()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	env := &testEnv{srv: srv, url: startHTTP(t, srv.Handler()), reg: reg}
+	env := realEnv(t, res)
 	ctx := context.Background()
 	ip := netip.MustParseAddr("10.0.1.1")
 	if err := client.CoreV1().Pods("shop").Delete(ctx, "web-0", metav1.DeleteOptions{}); err != nil {
