@@ -151,15 +151,9 @@ func (ix *index) updateSlot(ip netip.Addr, change func(s *addrSlot)) {
 	}
 }
 
-// lookup is the hot path: the endpoint ip (already normalized) had at time
-// at, or nil when no pod, node or recently released pod claims it.
-func (ix *index) lookup(ip netip.Addr, at time.Time) *Endpoint {
-	ep, _ := ix.lookupSlot(ip, at)
-	return ep
-}
-
-// lookupSlot is lookup that also returns the address's slot (zero when
-// the index knows nothing of it).
+// lookupSlot is the hot path: the endpoint ip (already normalized) had at
+// time at, or nil when no pod, node or recently released pod claims it,
+// and the address's slot (zero when the index knows nothing of it).
 func (ix *index) lookupSlot(ip netip.Addr, at time.Time) (*Endpoint, addrSlot) {
 	ix.mu.RLock()
 	s, ok := ix.slot(ip)
