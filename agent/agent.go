@@ -162,6 +162,10 @@ func (a *Agent) drain() error {
 		return err
 	}
 	a.m.drained(&a.drained, time.Since(start))
+	if stuck := a.drained.Stuck; len(stuck) > 0 {
+		// At most one line per flush interval.
+		a.log.Warn("drain went on without waiting for CPUs whose kernel programs never finished; counts they wrote late may be lost", "cpus", fmt.Sprint(stuck), "waited", a.drained.Waited)
+	}
 	if lost := a.buf.add(a.drained.Flows); !lost.IsZero() {
 		a.m.uncounted("buffer_full", lost)
 		a.log.Warn("flow buffer full: new flows dropped", "bytes", lost.Bytes, "packets", lost.Packets, "max_buffered_flows", a.cfg.MaxBufferedFlows)

@@ -4,6 +4,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"log/slog"
 	"net/http"
 	"net/netip"
@@ -35,12 +36,13 @@ func testConfig(serverURL string) Config {
 type runningAgent struct {
 	*Agent
 	dp   *bpf.Datapath
+	inj  *injector
 	logs *testutil.SyncBuffer
 	stop func() error
 }
 
-// startAgent loads a real datapath (not attached: packets are injected
-// with RunPacket, which runs the same kernel program) and runs an agent.
+// startAgent loads a real datapath, attached in an injector's namespace
+// (see injector), and runs an agent.
 func startAgent(t *testing.T, cfg Config) *runningAgent {
 	t.Helper()
 	testutil.RequireRoot(t)
@@ -48,6 +50,7 @@ func startAgent(t *testing.T, cfg Config) *runningAgent {
 	if err != nil {
 		t.Fatal(err)
 	}
+	inj := newInjector(t, dp)
 	logs := &testutil.SyncBuffer{}
 	a, err := New(cfg, dp, nil, slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	if err != nil {
@@ -79,7 +82,7 @@ func startAgent(t *testing.T, cfg Config) *runningAgent {
 			t.Logf("agent logs:\n%s", logs.String())
 		}
 	})
-	return &runningAgent{Agent: a, dp: dp, logs: logs, stop: stop}
+	return &runningAgent{Agent: a, dp: dp, inj: inj, logs: logs, stop: stop}
 }
 
 // waitFor polls cond for up to 20 s. It is a wait for an event, not a
@@ -101,9 +104,7 @@ func (r *runningAgent) inject(t *testing.T, src, dst string, port uint16, size, 
 	t.Helper()
 	pkt := packet.IPv4(t, 6, netip.AddrPortFrom(netip.MustParseAddr(src), 40000), netip.AddrPortFrom(netip.MustParseAddr(dst), port), size, 0)
 	for range n {
-		if err := r.dp.RunPacket(pkt); err != nil {
-			t.Fatal(err)
-		}
+		r.inj.send(t, pkt)
 	}
 	return flow.Counts{Bytes: uint64(size * n), Packets: uint64(n)}
 }
@@ -281,3 +282,46 @@ func TestOutageKeepsCountsWithinBound(t *testing.T) {
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// stuckDatapath is a datapath whose every drain ran out of its bounded wait
+// for one CPU (bpf.Drained.Stuck), which a real kernel does not do on
+// demand; the bpf package tests the wait itself.
+type stuckDatapath struct{}
+
+func (stuckDatapath) Drain(dst *bpf.Drained) error {
+	*dst = bpf.Drained{Flows: dst.Flows[:0], Waited: time.Second, Stuck: append(dst.Stuck[:0], 3)}
+	return nil
+}
+func (stuckDatapath) SetLocalPrefixes([]netip.Prefix) error { return nil }
+func (stuckDatapath) Close() error                          { return nil }
+
+// TestDrainReportsStuckCPUs: a drain that went on without a CPU is counted
+// in a self-metric and logged with the CPU, once per drain.
+func TestDrainReportsStuckCPUs(t *testing.T) {
+	logs := &testutil.SyncBuffer{}
+	a, err := New(testConfig("http://127.0.0.1:9"), stuckDatapath{}, nil, slog.New(slog.NewJSONHandler(logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if err := a.drain(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if v := metricValue(t, a, "kubezonnet_agent_drain_stuck_cpus_total", ""); v != 2 {
+		t.Errorf("drain_stuck_cpus_total = %v, want 2 (one CPU in each of 2 drains)", v)
+	}
+	var warnings int
+	for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		var rec struct{ Level, Msg, Cpus string }
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("log line %q: %v", line, err)
+		}
+		if rec.Level == "WARN" && strings.Contains(rec.Msg, "CPUs") && rec.Cpus == "[3]" {
+			warnings++
+		}
+	}
+	if warnings != 2 {
+		t.Errorf("%d warnings naming CPU 3, want 2; logs:\n%s", warnings, logs.String())
+	}
+}

@@ -38,8 +38,8 @@ func BenchmarkEncodeFlush(b *testing.B) {
 }
 
 // BenchmarkDrainEncodeFlush adds the kernel drain: 100,000 flows are put in
-// the datapath (untimed, through BPF_PROG_TEST_RUN, spread over the CPUs as
-// a node's senders spread them), then drained, merged, sorted, encoded and
+// the datapath (untimed, sent through its hook by an injector, spread over
+// the CPUs as a node's senders spread them), then drained, merged, sorted, encoded and
 // compressed (timed). The flow table is sized for that load:
 // --flow-table-slots=131072.
 func BenchmarkDrainEncodeFlush(b *testing.B) {
@@ -49,6 +49,7 @@ func BenchmarkDrainEncodeFlush(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer dp.Close()
+	inj := newInjector(b, dp)
 	if err := dp.SetLocalPrefixes([]netip.Prefix{netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("fd00:10:244:1::/64")}); err != nil {
 		b.Fatal(err)
 	}
@@ -74,9 +75,7 @@ func BenchmarkDrainEncodeFlush(b *testing.B) {
 		for cpu := range runtime.NumCPU() {
 			testutil.OnCPU(b, cpu, func() {
 				for i := cpu; i < len(pkts); i += runtime.NumCPU() {
-					if err := dp.RunPacket(pkts[i]); err != nil {
-						b.Fatal(err)
-					}
+					inj.send(b, pkts[i])
 				}
 			})
 		}

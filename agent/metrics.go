@@ -20,7 +20,7 @@ type agentMetrics struct {
 	uncountedBytes, uncountedPackets map[string]*metrics.Counter
 	attempts, failures, retries      *metrics.Counter
 	batches, rejected, prefixErrors  *metrics.Counter
-	drainTime, drainWait             *metrics.Counter
+	drainTime, drainWait, stuckCPUs  *metrics.Counter
 	lastSend                         *metrics.Gauge
 	buffered                         atomic.Int64
 }
@@ -43,6 +43,7 @@ func newAgentMetrics(r *metrics.Registry) *agentMetrics {
 		lastSend:         r.Gauge("kubezonnet_agent_last_send_timestamp_seconds", "Unix time of the last batch acknowledged by the server."),
 		drainTime:        r.Counter("kubezonnet_agent_drain_seconds_total", "Time spent draining the kernel's flow counts."),
 		drainWait:        r.Counter("kubezonnet_agent_drain_wait_seconds_total", "Part of the drain time spent waiting for kernel programs still counting into the old generation (grows when they are preempted)."),
+		stuckCPUs:        r.Counter("kubezonnet_agent_drain_stuck_cpus_total", "CPUs a drain stopped waiting for: their in-flight counter was still not zero when the drain's bounded wait ran out (one per CPU per drain). Counts such a CPU wrote late into the old generation may be lost; normally zero."),
 	}
 	reasons := agentReasons
 	for i := range bpf.NumReasons {
@@ -62,6 +63,7 @@ func newAgentMetrics(r *metrics.Registry) *agentMetrics {
 func (m *agentMetrics) drained(d *bpf.Drained, took time.Duration) {
 	m.drainTime.Add(took.Seconds())
 	m.drainWait.Add(d.Waited.Seconds())
+	m.stuckCPUs.Add(float64(len(d.Stuck)))
 	var sum flow.Counts
 	for _, r := range d.Flows {
 		sum.Add(r.Counts)

@@ -18,6 +18,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 
+	"github.com/kubezonnet/kubezonnet/bpf/internal/nfhook"
 	"github.com/kubezonnet/kubezonnet/bpf/reference"
 	"github.com/kubezonnet/kubezonnet/internal/packet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
@@ -62,10 +63,7 @@ func progTestRun(b testing.TB, prog *ebpf.Program, pkt []byte, repeat uint32) ti
 		b.Fatalf("block SIGURG: %v", err)
 	}
 	defer unix.PthreadSigmask(unix.SIG_SETMASK, &mask, nil)
-	ctx := nfHookState{Hook: nfInetLocalOut, PF: nfprotoIPv4}
-	if pkt[0]>>4 == 6 {
-		ctx.PF = nfprotoIPv6
-	}
+	ctx := nfhook.ForPacket(pkt)
 	attr := struct {
 		progFD, retval, dataSizeIn, dataSizeOut uint32
 		dataIn, dataOut                         uint64
@@ -212,7 +210,7 @@ func BenchmarkNetfilterObjects(b *testing.B) {
 		b.Run(c.name, func(b *testing.B) {
 			progs := make([]benchProg, len(objects))
 			for i, obj := range objects {
-				progs[i] = benchProg{loadLocal(b, Config{objectFile: obj}, c.prefix).objs.KznNetfilter, c.pkt}
+				progs[i] = benchProg{loadWith(b, func(cfg Config) (*Datapath, error) { return loadObjectFile(cfg, obj) }, Config{}, c.prefix).objs.KznNetfilter, c.pkt}
 			}
 			benchPaired(b, c.pkt, progs...)
 		})
@@ -286,7 +284,7 @@ func BenchmarkNetfilterNewFlow(b *testing.B) {
 
 func benchNewFlows(b *testing.B, pkt []byte, slots uint32, perGen int) {
 	const warm = 64
-	d := loadLocal(b, Config{TableSlots: slots, MaxFlows: 65536, benchNewFlows: true}, "10.0.0.0/24")
+	d := loadWith(b, loadBenchNewFlows, Config{TableSlots: slots, MaxFlows: 65536}, "10.0.0.0/24")
 	var dr Drained
 	var total time.Duration
 	var flows int

@@ -12,38 +12,17 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/kubezonnet/kubezonnet/bpf/internal/nfhook"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/packet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
-)
-
-// nfHookState is the part of the kernel's struct nf_hook_state that
-// BPF_PROG_TEST_RUN accepts from user space: the hook and the family. The
-// test run builds an skb without a link-layer header only for LOCAL_OUT, and
-// the program does not look at the hook, so tests run it there.
-type nfHookState struct {
-	Hook uint8
-	PF   uint8
-}
-
-const (
-	nfInetLocalOut = 3
-	nfprotoIPv4    = 2
-	nfprotoIPv6    = 10
 )
 
 // runNF runs the netfilter program once on pkt, as BPF_PROG_TEST_RUN does:
 // exactly once (repeat 1 cannot be interrupted and re-run).
 func runNF(t testing.TB, d *Datapath, pkt []byte) {
 	t.Helper()
-	pf := uint8(nfprotoIPv4)
-	if pkt[0]>>4 == 6 {
-		pf = nfprotoIPv6
-	}
-	ret, err := d.objs.KznNetfilter.Run(&ebpf.RunOptions{
-		Data:    pkt,
-		Context: nfHookState{Hook: nfInetLocalOut, PF: pf},
-	})
+	ret, err := d.objs.KznNetfilter.Run(&ebpf.RunOptions{Data: pkt, Context: nfhook.ForPacket(pkt)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,9 +31,17 @@ func runNF(t testing.TB, d *Datapath, pkt []byte) {
 	}
 }
 
+// loadLocal loads the datapath with cfg and sets its local prefixes.
 func loadLocal(t testing.TB, cfg Config, prefixes ...string) *Datapath {
 	t.Helper()
-	d, err := Load(cfg)
+	return loadWith(t, Load, cfg, prefixes...)
+}
+
+// loadWith is loadLocal loading with load (Load, or a benchmark variant
+// of export_test.go).
+func loadWith(t testing.TB, load func(Config) (*Datapath, error), cfg Config, prefixes ...string) *Datapath {
+	t.Helper()
+	d, err := load(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -293,7 +280,7 @@ func TestDrainUnderLoadLosesNothing(t *testing.T) {
 					// counts what really ran.
 					if _, err := d.objs.KznNetfilter.Run(&ebpf.RunOptions{
 						Data: pkt, Repeat: 50_000,
-						Context: nfHookState{Hook: nfInetLocalOut, PF: nfprotoIPv4},
+						Context: nfhook.ForPacket(pkt),
 					}); err != nil {
 						t.Error(err)
 						return

@@ -6,10 +6,6 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
-	"unsafe"
-
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/btf"
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/packet"
@@ -150,8 +146,12 @@ func TestTableFullSpillsToHash(t *testing.T) {
 // both programs would be the same length, since only a constant differs.
 func TestBenchHookCompiledOut(t *testing.T) {
 	testutil.RequireRoot(t)
-	xlated := func(cfg Config) int {
-		d := loadLocal(t, cfg, "10.0.0.0/8")
+	xlated := func(benchNewFlows bool) int {
+		load := Load
+		if benchNewFlows {
+			load = loadBenchNewFlows
+		}
+		d := loadWith(t, load, Config{}, "10.0.0.0/8")
 		info, err := d.objs.KznNetfilter.Info()
 		if err != nil {
 			t.Fatal(err)
@@ -165,72 +165,17 @@ func TestBenchHookCompiledOut(t *testing.T) {
 		runNF(t, d, pkt)
 		runNF(t, d, pkt)
 		want := 1
-		if cfg.benchNewFlows {
+		if benchNewFlows {
 			want = 2
 		}
 		if n := len(drain(t, d).Flows); n != want {
-			t.Errorf("benchNewFlows=%v: %d flows, want %d", cfg.benchNewFlows, n, want)
+			t.Errorf("benchNewFlows=%v: %d flows, want %d", benchNewFlows, n, want)
 		}
 		return len(insns)
 	}
-	prod, bench := xlated(Config{}), xlated(Config{benchNewFlows: true})
+	prod, bench := xlated(false), xlated(true)
 	t.Logf("instructions: production %d, benchmark %d", prod, bench)
 	if prod >= bench {
 		t.Errorf("production program has %d instructions, the benchmark variant %d: the benchmark code was not removed", prod, bench)
-	}
-}
-
-// TestBSSLayout checks that the shared globals are found in the object, and
-// that a .bss that does not match the generated Go types is refused at load
-// rather than read at the wrong offsets.
-func TestBSSLayout(t *testing.T) {
-	spec, err := loadFlow()
-	if err != nil {
-		t.Fatal(err)
-	}
-	v, err := bssLayout(spec)
-	if err != nil {
-		t.Fatalf("committed object: %v", err)
-	}
-	if line := int(unsafe.Sizeof(flowCpuInflight{})); v.maxCPUs < 1024 || v.inflight%uint32(line) != 0 {
-		t.Errorf("inflight: %d lines at offset %d, want at least 1024 lines, %d-byte aligned", v.maxCPUs, v.inflight, line)
-	}
-	if v.prefixes == v.inflight {
-		t.Errorf("local_prefixes and inflight both at offset %d", v.prefixes)
-	}
-
-	// edit returns a copy of the spec whose .bss variable name is
-	// changed by f.
-	edit := func(name string, f func(*btf.VarSecinfo)) *ebpf.CollectionSpec {
-		s := spec.Copy()
-		ds := s.Maps[".bss"].Value.(*btf.Datasec)
-		for i := range ds.Vars {
-			if ds.Vars[i].Type.TypeName() == name {
-				f(&ds.Vars[i])
-			}
-		}
-		return s
-	}
-	noBSS := spec.Copy()
-	delete(noBSS.Maps, ".bss")
-	tests := []struct {
-		name string
-		spec *ebpf.CollectionSpec
-		want string
-	}{
-		{"no .bss", noBSS, "no .bss"},
-		{"inflight not whole lines", edit("inflight", func(v *btf.VarSecinfo) { v.Size -= 8 }), "whole 64-byte lines"},
-		{"inflight misaligned", edit("inflight", func(v *btf.VarSecinfo) { v.Offset += 8 }), "whole 64-byte lines"},
-		{"local_prefixes size", edit("local_prefixes", func(v *btf.VarSecinfo) { v.Size += 8 }), "local_prefixes is"},
-		{"local_prefixes missing", edit("local_prefixes", func(v *btf.VarSecinfo) { v.Type = &btf.Var{Name: "other", Type: v.Type} }), "missing"},
-	}
-	for _, tt := range tests {
-		_, err := bssLayout(tt.spec)
-		if err == nil || !strings.Contains(err.Error(), tt.want) {
-			t.Errorf("%s: error %v, want one containing %q", tt.name, err, tt.want)
-		}
-	}
-	if _, err := bssLayout(spec); err != nil {
-		t.Errorf("the edits changed the original spec: %v", err)
 	}
 }

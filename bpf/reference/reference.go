@@ -30,9 +30,16 @@ func Load(subnet netip.Prefix) (*Program, error) {
 	// the constants hold the subnet's bytes in network order.
 	addr := subnet.Masked().Addr().As4()
 	mask := netip.PrefixFrom(netip.AddrFrom4([4]byte{255, 255, 255, 255}), subnet.Bits()).Masked().Addr().As4()
-	for name, v := range map[string][4]byte{"subnet": addr, "subnet_mask": mask} {
-		if err := spec.Variables[name].Set(binary.NativeEndian.Uint32(v[:])); err != nil {
-			return nil, fmt.Errorf("reference: set %s: %w", name, err)
+	var vars referenceVariableSpecs
+	if err := spec.Assign(&vars); err != nil {
+		return nil, fmt.Errorf("reference: %w", err)
+	}
+	for _, v := range []struct {
+		spec *ebpf.VariableSpec
+		val  [4]byte
+	}{{vars.Subnet, addr}, {vars.SubnetMask, mask}} {
+		if err := v.spec.Set(binary.NativeEndian.Uint32(v.val[:])); err != nil {
+			return nil, fmt.Errorf("reference: set %s: %w", v.spec.Name, err)
 		}
 	}
 	var p Program

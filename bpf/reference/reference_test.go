@@ -8,6 +8,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/kubezonnet/kubezonnet/bpf/internal/nfhook"
 	"github.com/kubezonnet/kubezonnet/internal/packet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
@@ -24,19 +25,17 @@ func TestCounts(t *testing.T) {
 	t.Cleanup(func() { p.Close() })
 
 	ap := netip.MustParseAddrPort
-	// NF_INET_LOCAL_OUT: BPF_PROG_TEST_RUN takes L3 data for it.
-	type nfHookState struct{ Hook, PF uint8 }
-	run := func(pkt []byte, pf uint8) {
+	run := func(pkt []byte) {
 		t.Helper()
-		ret, err := p.Netfilter().Run(&ebpf.RunOptions{Data: pkt, Context: nfHookState{Hook: 3, PF: pf}})
+		ret, err := p.Netfilter().Run(&ebpf.RunOptions{Data: pkt, Context: nfhook.ForPacket(pkt)})
 		if err != nil || ret != 1 {
 			t.Fatalf("run: verdict %d, %v; want NF_ACCEPT (1)", ret, err)
 		}
 	}
-	run(packet.IPv4(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 1440, 0), 2)
-	run(packet.IPv4(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 600, 0), 2)
-	run(packet.IPv4(t, 6, ap("10.0.0.1:40000"), ap("192.168.0.2:443"), 1440, 0), 2)
-	run(packet.IPv6(t, 6, ap("[fd00::1]:40000"), ap("[fd00:1::2]:443"), 1440, false), 10)
+	run(packet.IPv4(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 1440, 0))
+	run(packet.IPv4(t, 6, ap("10.0.0.1:40000"), ap("10.1.0.2:443"), 600, 0))
+	run(packet.IPv4(t, 6, ap("10.0.0.1:40000"), ap("192.168.0.2:443"), 1440, 0))
+	run(packet.IPv6(t, 6, ap("[fd00::1]:40000"), ap("[fd00:1::2]:443"), 1440, false))
 
 	for _, c := range []struct {
 		src, dst string

@@ -1,0 +1,214 @@
+//go:build linux
+
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+	"os"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
+)
+
+// bssSection is the data section of the globals user space shares with the
+// programs (inflight, local_prefixes): the section the compiler puts
+// zero-initialised globals in.
+const bssSection = ".bss"
+
+// objects are the generated objects and the .bss map, which holds the
+// globals user space shares with the programs.
+//
+// Hand-written, and why: the drain protocol (flow.c, above account()) and
+// SetLocalPrefixes need atomic loads and stores on these globals while
+// programs run. The generated variables (flowObjects.Inflight,
+// .LocalPrefixes) only offer Get and Set, which copy bytes without atomics,
+// and ebpf.VariablePointer, which would give a typed pointer into the shared
+// memory, works only in binaries built with the
+// ebpf_unsafe_memory_experiment tag (without it, it fails at run time). So
+// the .bss map itself, for which bpf2go emits no field, is assigned here by
+// its section name and mapped by mapShared; where the variables sit in it
+// comes from the generated variable specs (bssLayout), not from a walk of
+// the BTF.
+type objects struct {
+	flowObjects
+	Bss *ebpf.Map `ebpf:".bss"`
+}
+
+// Load checks the kernel, sizes the maps from cfg and loads the programs.
+// Nothing is attached yet.
+func Load(cfg Config) (*Datapath, error) {
+	return load(cfg, loadFlow)
+}
+
+// load is Load with the source of the collection spec passed in: the
+// embedded object (loadFlow) for Load, a variant of it in benchmarks
+// (export_test.go).
+func load(cfg Config, loadSpec func() (*ebpf.CollectionSpec, error)) (*Datapath, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.MaxFlows == 0 {
+		cfg.MaxFlows = DefaultMaxFlows
+	}
+	if cfg.TableSlots == 0 {
+		cfg.TableSlots = DefaultTableSlots
+	}
+	if err := checkKernel(); err != nil {
+		return nil, err
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, fmt.Errorf("removing memlock rlimit: %w", err)
+	}
+	spec, err := loadSpec()
+	if err != nil {
+		return nil, fmt.Errorf("loading datapath spec: %w", err)
+	}
+	var specs flowSpecs
+	if err := spec.Assign(&specs); err != nil {
+		return nil, fmt.Errorf("loading datapath spec: %w", err)
+	}
+	specs.Flows0.MaxEntries = cfg.MaxFlows
+	specs.Flows1.MaxEntries = cfg.MaxFlows
+	specs.FlowMaps.InnerMap.MaxEntries = cfg.MaxFlows
+
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, fmt.Errorf("counting possible CPUs: %w", err)
+	}
+	// Both generations, every possible CPU.
+	slots := 2 * ncpu * int(cfg.TableSlots)
+	size := slots * int(unsafe.Sizeof(flowTableSlot{}))
+	if size > MaxTableBytes {
+		return nil, fmt.Errorf("flow table of %d slots per CPU: %d MiB for %d CPUs and 2 generations, more than the %d MiB allowed", cfg.TableSlots, size>>20, ncpu, MaxTableBytes>>20)
+	}
+	specs.FlowTable.MaxEntries = uint32(slots)
+	vars, err := bssLayout(specs.Inflight, specs.LocalPrefixes)
+	if err != nil {
+		return nil, err
+	}
+	if ncpu > vars.maxCPUs {
+		return nil, fmt.Errorf("%d possible CPUs: the datapath supports at most %d", ncpu, vars.maxCPUs)
+	}
+	d := &Datapath{nCPU: ncpu, tableSlots: int(cfg.TableSlots), epochs: [2]uint32{1, 2}}
+	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("loading datapath objects: %+v", ve)
+		}
+		return nil, fmt.Errorf("loading datapath objects: %w", err)
+	}
+	d.gens = [2]*ebpf.Map{d.objs.Flows0, d.objs.Flows1}
+	if err := d.mapShared(vars); err != nil {
+		d.closeObjects()
+		return nil, err
+	}
+	for g, m := range d.gens {
+		if err := d.objs.FlowMaps.Put(uint32(g), m); err != nil {
+			d.closeObjects()
+			return nil, fmt.Errorf("installing the hash map of flow generation %d: %w", g, err)
+		}
+	}
+	d.publish(0)
+	return d, nil
+}
+
+// checkKernel turns a missing program or map type into ErrNotSupported with
+// the name of what is missing, instead of a verifier error.
+func checkKernel() error { return checkFeatures(features.HaveProgramType, features.HaveMapType) }
+
+// checkFeatures is checkKernel with the kernel probes passed in, so a test
+// can play a kernel that lacks a feature. The errors wrap both our sentinel
+// and the probe's error (e.g. ebpf.ErrNotSupported, unix.EPERM).
+func checkFeatures(haveProg func(ebpf.ProgramType) error, haveMap func(ebpf.MapType) error) error {
+	for _, pt := range []ebpf.ProgramType{ebpf.Netfilter, ebpf.CGroupSKB} {
+		err := haveProg(pt)
+		if errors.Is(err, unix.EPERM) {
+			return fmt.Errorf("%w: %w", ErrPermission, err)
+		}
+		if err != nil {
+			return fmt.Errorf("program type %s: %w (%w)", pt, ErrNotSupported, err)
+		}
+	}
+	for _, mt := range []ebpf.MapType{ebpf.PerCPUHash, ebpf.ArrayOfMaps, ebpf.PerCPUArray} {
+		if err := haveMap(mt); err != nil {
+			return fmt.Errorf("map type %s: %w (%w)", mt, ErrNotSupported, err)
+		}
+	}
+	return nil
+}
+
+// bssVars is where the shared globals sit in .bss.
+type bssVars struct {
+	inflight, prefixes uint32
+	// maxCPUs is the length of inflight (MAX_CPUS in flow.c).
+	maxCPUs int
+}
+
+// bssLayout reads where the shared globals sit in .bss from their generated
+// variable specs, and checks their sizes against the generated Go types, so
+// that a change on either side is an error at load, not memory read at the
+// wrong place.
+func bssLayout(inflight, prefixes *ebpf.VariableSpec) (bssVars, error) {
+	var v bssVars
+	for _, vs := range []*ebpf.VariableSpec{inflight, prefixes} {
+		if vs.SectionName != bssSection {
+			return v, fmt.Errorf("datapath globals: %s is in %s, want %s (the section shared with user space)", vs.Name, vs.SectionName, bssSection)
+		}
+	}
+	line := uint32(unsafe.Sizeof(flowCpuInflight{}))
+	if size := inflight.Size(); size == 0 || size%line != 0 || inflight.Offset%line != 0 {
+		return v, fmt.Errorf("datapath .bss: inflight is %d bytes at %d, want whole %d-byte lines", size, inflight.Offset, line)
+	}
+	if want := uint32(unsafe.Sizeof(flowPrefixState{})); prefixes.Size() != want {
+		return v, fmt.Errorf("datapath .bss: local_prefixes is %d bytes, want %d", prefixes.Size(), want)
+	}
+	v.inflight, v.maxCPUs = inflight.Offset, int(inflight.Size()/line)
+	v.prefixes = prefixes.Offset
+	return v, nil
+}
+
+// mapShared maps the flow table (read only) and the program's .bss
+// (read-write: user space switches each CPU's generation and writes the
+// local prefixes) into this process; vars says where in .bss the
+// in-flight lines and the prefixes are.
+func (d *Datapath) mapShared(vars bssVars) error {
+	table, err := mapArray(d.objs.FlowTable, unix.PROT_READ)
+	if err != nil {
+		return fmt.Errorf("mapping the flow table: %w", err)
+	}
+	d.mems = append(d.mems, table)
+	d.table = unsafe.Slice((*flowTableSlot)(unsafe.Pointer(&table[0])), d.objs.FlowTable.MaxEntries())
+	bss, err := mapArray(d.objs.Bss, unix.PROT_READ|unix.PROT_WRITE)
+	if err != nil {
+		return fmt.Errorf("mapping the program's globals: %w", err)
+	}
+	d.mems = append(d.mems, bss)
+	d.inflight = unsafe.Slice((*flowCpuInflight)(unsafe.Pointer(&bss[vars.inflight])), d.nCPU)
+	d.prefixes = (*flowPrefixState)(unsafe.Pointer(&bss[vars.prefixes]))
+	// The table's geometry, before any program runs (see flow_table).
+	for cpu := range d.inflight {
+		l := &d.inflight[cpu]
+		l.Shift = uint32(64 - bits.TrailingZeros(uint(d.tableSlots)))
+		l.Mask = uint32(d.tableSlots - 1)
+		for g := range l.Base {
+			l.Base[g] = uint32(d.regionStart(g, cpu))
+		}
+	}
+	return nil
+}
+
+// mapArray maps the values of a BPF_F_MMAPABLE array into this process.
+func mapArray(m *ebpf.Map, prot int) ([]byte, error) {
+	size := int(m.MaxEntries()) * int(m.ValueSize())
+	page := os.Getpagesize()
+	mem, err := unix.Mmap(m.FD(), 0, (size+page-1)&^(page-1), prot, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("%d KiB: %w", size>>10, err)
+	}
+	return mem, nil
+}
