@@ -19,6 +19,13 @@ import (
 // ErrClosed is returned by Wait for records appended after Close.
 var ErrClosed = errors.New("state log closed")
 
+// wlog's page and fragment header sizes (unexported there): records are
+// split into fragments at page boundaries, each behind a 7-byte header.
+const (
+	wlogPageSize   = 32 << 10
+	wlogHeaderSize = 7
+)
+
 // walDir is the log's directory inside the state directory.
 const walDir = "wal"
 
@@ -388,13 +395,19 @@ func (l *Log) Replay(first int, fn func(rec []byte) error) (ReplayStats, error) 
 			// its first fragment's bytes only; as a full one, it is an
 			// empty record. Such a record ends past the segment's real
 			// end. An empty record within it is a flipped padding byte:
-			// Append takes no empty record.
+			// Append takes no empty record. The same torn header followed
+			// by zeros in the file itself (a crash can leave a file's tail
+			// zero-filled) ends the record with an empty last fragment,
+			// right after a page's first header: wlog writes no empty
+			// fragment but a first one, so no whole record ends there.
 			var torn string
 			switch {
 			case r.Offset() > fi.Size():
 				torn = "record completed by the padding past the segment's end (a torn header)"
 			case len(rec) == 0:
 				torn = "empty record"
+			case r.Offset()%wlogPageSize == wlogHeaderSize:
+				torn = "record ended by an empty fragment (a torn header followed by zeros)"
 			}
 			if torn != "" {
 				corrupt = &wlog.CorruptionErr{Dir: dir, Segment: seg, Offset: r.Offset(), Err: errors.New(torn)}

@@ -20,7 +20,7 @@ import (
 
 // pageSize is wlog's page: records are split into fragments at its
 // boundaries, which is where torn tails are most interesting.
-const pageSize = 32 << 10
+const pageSize = wlogPageSize
 
 // testRecord is record i of a test log, size bytes long (at least 16):
 // it starts with "<iiiiii|" and ends with "|iiiiii>", so that the test can
