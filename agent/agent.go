@@ -98,12 +98,6 @@ func New(cfg Config, dp Datapath, nodes nodeGetter, log *slog.Logger) (*Agent, e
 	return a, nil
 }
 
-// Registry exposes the agent's self-metrics (served on /metrics).
-func (a *Agent) Registry() *metrics.Registry { return a.reg }
-
-// Incarnation is the random id of this agent run (see internal/wire).
-func (a *Agent) Incarnation() string { return a.incarnation }
-
 // Run sets the local prefixes and drains, merges and sends every flush
 // interval until ctx ends; then it drains and sends one last time within
 // the shutdown timeout. It returns nil after a clean shutdown.
