@@ -37,6 +37,8 @@ const (
 	fieldWriteRequestTimeseries = 1
 	fieldSeriesLabels           = 1
 	fieldSeriesSamples          = 2
+	fieldSeriesExemplars        = 3
+	fieldSeriesHistograms       = 4
 	fieldLabelName              = 1
 	fieldLabelValue             = 2
 	fieldSampleValue            = 1
@@ -134,6 +136,10 @@ type RawLabel struct {
 type RawSeries struct {
 	Labels  []RawLabel
 	Samples []Sample
+	// Skipped says the series had exemplars or histograms, which the
+	// walker skips unread: a reader with no use for them refuses such a
+	// series rather than accept what it did not check.
+	Skipped bool
 }
 
 // Label returns the value of the label called name, or nil.
@@ -188,6 +194,7 @@ func WalkSeries(body []byte, s *RawSeries, fn func(*RawSeries) error) error {
 func parseSeries(msg []byte, s *RawSeries) error {
 	s.Labels = s.Labels[:0]
 	s.Samples = s.Samples[:0]
+	s.Skipped = false
 	for len(msg) > 0 {
 		num, typ, n := protowire.ConsumeTag(msg)
 		if n < 0 {
@@ -226,6 +233,9 @@ func parseSeries(msg []byte, s *RawSeries) error {
 				return fmt.Errorf("%w: timeseries field %d: %w", ErrMalformed, num, protowire.ParseError(n))
 			}
 			msg = msg[n:]
+			if num == fieldSeriesExemplars || num == fieldSeriesHistograms {
+				s.Skipped = true
+			}
 		}
 	}
 	return nil

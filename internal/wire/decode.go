@@ -28,6 +28,15 @@ type Limits struct {
 	MaxLabelLength int
 }
 
+// Remote-write 1.0 fields the wire contract has no use for, refused
+// rather than skipped: a message skipped unread may be one remote-write
+// itself refuses.
+const (
+	fieldMetadata   = 3 // WriteRequest.metadata
+	fieldExemplars  = 3 // TimeSeries.exemplars
+	fieldHistograms = 4 // TimeSeries.histograms
+)
+
 func (l Limits) withDefaults() Limits {
 	if l.MaxDecodedBytes == 0 {
 		l.MaxDecodedBytes = 64 << 20
@@ -85,6 +94,9 @@ func (d *Decoder) DecodeRaw(raw []byte, b *Batch) error {
 	header := false
 	var prev lastSrc
 	other := func(s *remotewrite.RawSeries) error {
+		if s.Skipped {
+			return malformed("series with exemplars or histograms: not part of the wire contract")
+		}
 		for _, l := range s.Labels {
 			if len(l.Name) > lim.MaxLabelLength || len(l.Value) > lim.MaxLabelLength {
 				return fmt.Errorf("%w: label %.64q longer than %d bytes", ErrTooLarge, l.Name, lim.MaxLabelLength)
@@ -125,6 +137,9 @@ func (d *Decoder) DecodeRaw(raw []byte, b *Batch) error {
 				return fmt.Errorf("%w: write request: %w", remotewrite.ErrMalformed, protowire.ParseError(n))
 			}
 			if num != 1 || typ != protowire.BytesType {
+				if num == fieldMetadata {
+					return fmt.Errorf("%w: write request field %d (metadata): not part of the wire contract", remotewrite.ErrMalformed, num)
+				}
 				if err := remotewrite.WrongType(remotewrite.MsgWriteRequest, num, typ); err != nil {
 					return err
 				}
@@ -251,7 +266,12 @@ func parseFlow(f *flow.Record, msg []byte, checkLen bool, maxLen int, prev *last
 			}
 			msg = msg[n:]
 			if typ != protowire.BytesType || (num != 1 && num != 2) {
-				// Exemplars, histograms, unknown fields: skipped.
+				// Exemplars and histograms are refused (no agent sends
+				// them, and skipping them unread would accept what
+				// remote-write refuses); unknown fields are skipped.
+				if num == fieldExemplars || num == fieldHistograms {
+					return fmt.Errorf("%w: timeseries field %d (exemplars or histograms): not part of the wire contract", remotewrite.ErrMalformed, num)
+				}
 				if err := remotewrite.WrongType(remotewrite.MsgTimeSeries, num, typ); err != nil {
 					return err
 				}

@@ -294,7 +294,7 @@ func TestDecodeNonCanonical(t *testing.T) {
 	}
 	ts = protowire.AppendTag(ts, 2, protowire.BytesType)
 	ts = protowire.AppendBytes(ts, sample(64))
-	ts = protowire.AppendTag(ts, 3, protowire.BytesType) // exemplars: skipped
+	ts = protowire.AppendTag(ts, 15, protowire.BytesType) // an unknown field: skipped
 	ts = protowire.AppendBytes(ts, bytes.Repeat([]byte{0x0d, 0, 0, 0, 0}, 30))
 	ts = protowire.AppendTag(ts, 2, protowire.BytesType)
 	ts = protowire.AppendBytes(ts, sample(1))
@@ -305,6 +305,26 @@ func TestDecodeNonCanonical(t *testing.T) {
 	var b Batch
 	if err := d.DecodeRaw(raw, &b); err != nil {
 		t.Fatal(err)
+	}
+	// Exemplars and histograms are not skipped but refused, in a flow
+	// series and in the header.
+	hdrReq, _ := snappy.Decode(nil, encodeSeries(hdrSeries()))
+	_, _, n := protowire.ConsumeTag(hdrReq)
+	hdr, _ := protowire.ConsumeBytes(hdrReq[n:])
+	asField := func(series []byte) []byte {
+		return protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), series)
+	}
+	for _, num := range []protowire.Number{3, 4} {
+		extra := protowire.AppendBytes(protowire.AppendTag(nil, num, protowire.BytesType), nil)
+		with := func(series []byte) []byte { return append(slices.Clone(series), extra...) }
+		for name, req := range map[string][]byte{
+			"flow series": append(asField(hdr), asField(with(ts))...),
+			"header":      append(asField(with(hdr)), asField(ts)...),
+		} {
+			if err := d.DecodeRaw(req, &Batch{}); err == nil || !errors.Is(err, remotewrite.ErrMalformed) {
+				t.Errorf("%s with timeseries field %d: error %v, want a malformed request", name, num, err)
+			}
+		}
 	}
 	want := flow.Record{
 		Key:    flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::2"), Proto: 17, Port: 53},
