@@ -38,6 +38,10 @@
 //     ...} with their cumulative value since the agent started, which the
 //     server re-exports so that push-only clusters see them.
 //
+// Exemplars, histograms and metadata are not part of the contract: a
+// request carrying any is refused as malformed. Unknown fields are
+// skipped.
+//
 // # Exactly once
 //
 // The values are deltas, so a batch must be applied exactly once. An agent
