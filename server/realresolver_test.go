@@ -182,7 +182,7 @@ func TestIngestHoldsReusedAddress(t *testing.T) {
 	if err := client.CoreV1().Pods("shop").Delete(ctx, "web-0", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "the deletion seen", func() bool { _, awaiting, _ := res.Owner(ip, time.Now()); return awaiting })
+	waitUntil(t, "the deletion seen", func() bool { _, awaiting := res.Lookup(ip, time.Now()); return awaiting })
 
 	from := batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1000, 10))
 	to := batch("node-b", 1, rec("10.0.2.1", "10.0.1.1", 8080, 500, 5))

@@ -22,7 +22,6 @@ import (
 	"context"
 	"fmt"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
@@ -140,7 +139,6 @@ type Aggregator struct {
 	declared []uint32
 	decl     series.Series // scratch for reading a declared series
 
-	live    atomic.Int64
 	folded  *metrics.Counter
 	expired *metrics.Counter
 }
@@ -166,12 +164,16 @@ func New(cfg Config, reg *metrics.Registry) (*Aggregator, error) {
 			"Aggregated series removed after --series-idle-timeout without traffic."),
 	}
 	reg.GaugeFunc("kubezonnet_server_series", "Live aggregated series (a bytes/packets pair counts once).",
-		func() float64 { return float64(a.live.Load()) })
+		func() float64 { return float64(a.Len()) })
 	return a, nil
 }
 
 // Len returns the number of live series (a bytes/packets twin counts once).
-func (a *Aggregator) Len() int { return int(a.live.Load()) }
+func (a *Aggregator) Len() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.store.Len()
+}
 
 // maxRoutes bounds the route cache. Routes of untracked (same-zone) pairs
 // have no series behind them, so the cache is bounded on its own and
@@ -301,7 +303,6 @@ func (a *Aggregator) find() (uint32, bool) {
 // create makes the series labelled a.scratch (its bytes name for twins).
 func (a *Aggregator) create(kind seriesKind, ts int64) uint32 {
 	ref := a.store.Create(kind, a.scratch, packetsName(kind, a.scratch), ts/int64(time.Millisecond), ts)
-	a.live.Store(int64(a.store.Len()))
 	if a.cfg.Journal != nil {
 		a.declared = append(a.declared, ref)
 	}
@@ -409,7 +410,6 @@ func (a *Aggregator) expireLocked(now time.Time) {
 	if len(dead) == 0 {
 		return
 	}
-	a.live.Store(int64(a.store.Len()))
 	a.expired.Add(float64(len(dead)))
 	// A route is idle whenever every series it feeds is, so dropping the
 	// routes that point at a dead series loses nothing live.

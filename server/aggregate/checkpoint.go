@@ -182,7 +182,6 @@ func (a *Aggregator) Restore(body []byte) error {
 	// Build into a fresh store, then swap.
 	fresh := series.New()
 	var unpushed []uint32
-	used := make([]bool, slots)
 	str := func() string {
 		i := r.uvarint()
 		if r.err != nil {
@@ -224,7 +223,7 @@ func (a *Aggregator) Restore(body []byte) error {
 		if r.err != nil {
 			break
 		}
-		if used[ref] {
+		if fresh.Kind(ref) != kindFree {
 			r.fail("series ref %d twice", ref)
 			break
 		}
@@ -237,7 +236,6 @@ func (a *Aggregator) Restore(body []byte) error {
 			r.fail("series twice: %v", lab)
 			break
 		}
-		used[ref] = true
 		fresh.Install(ref, kind, lab, packetsName(kind, lab), created, h)
 		fresh.Restore(ref, bytes, packets, last, pushed)
 		if pushed == 0 {
@@ -255,7 +253,6 @@ func (a *Aggregator) Restore(body []byte) error {
 	fresh.Grow(int(slots))
 	fresh.Rebuild()
 	a.store = fresh
-	a.live.Store(int64(fresh.Len()))
 	a.delivered = delivered
 	a.unpushed = unpushed
 	clear(a.routes)

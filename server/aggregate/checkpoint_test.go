@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/server/series"
 )
 
 // body assembles a checkpoint body from its fields, for bodies WriteTo
@@ -207,7 +208,7 @@ func TestReplayRefuses(t *testing.T) {
 			[]fl5{{zone: end, bytes: 1}})},
 		{"declaration in use", batch([]decl{{z, kindZone, zone("x", "y")}}, nil)},
 		{"declaration past the end", batch([]decl{{end + 1, kindZone, zone("x", "y")}}, nil)},
-		{"declaration of a live series", batch([]decl{{end, kindZone, a.store.Labels(nil, zoneRef)}}, nil)},
+		{"declaration of a live series", batch([]decl{{end, kindZone, zoneLabelsOf(a, zoneRef)}}, nil)},
 		{"declaration twice", batch([]decl{{end, kindZone, zone("x", "y")}, {end, kindZone, zone("x", "z")}}, nil)},
 		// Two new series with the same labels: the state would hold a
 		// series twice, which no checkpoint of it could restore.
@@ -315,4 +316,11 @@ func TestRestoreRefusesLabelIndex(t *testing.T) {
 			t.Errorf("%s: state changed: %v, want %v", name, got, want)
 		}
 	}
+}
+
+// zoneLabelsOf returns the labels of a's series ref.
+func zoneLabelsOf(a *Aggregator, ref uint32) []metrics.Label {
+	var s series.Series
+	a.store.Get(ref, &s)
+	return s.Labels
 }

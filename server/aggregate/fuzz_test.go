@@ -96,7 +96,7 @@ func dump(a *Aggregator) string {
 		}
 		b = append(b, "}\n"...)
 	})
-	for _, v := range []int64{a.delivered, int64(a.store.Count(kindPair)), a.live.Load(), int64(a.store.Slots()), int64(a.store.Len()), int64(a.store.Symbols()), int64(len(a.routes))} {
+	for _, v := range []int64{a.delivered, int64(a.store.Count(kindPair)), int64(a.store.Slots()), int64(a.store.Len()), int64(a.store.Symbols()), int64(len(a.routes))} {
 		num(v)
 	}
 	return string(b)

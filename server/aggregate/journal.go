@@ -345,7 +345,6 @@ func (a *Aggregator) Replay(rec []byte) (*BatchID, error) {
 		for _, ref := range refs {
 			a.store.Remove(ref) // listed twice: once is enough
 		}
-		a.live.Store(int64(a.store.Len()))
 		a.expired.Add(float64(len(refs)))
 		return nil, nil
 	case recPushed:
@@ -515,7 +514,6 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 		a.store.Restore(d.ref, 0, 0, recv, 0)
 		a.unpushed = append(a.unpushed, d.ref)
 	}
-	a.live.Store(int64(a.store.Len()))
 	for i, rt := range routes {
 		a.add(rt, counts[i], recv)
 	}

@@ -223,9 +223,10 @@ func (ix *index) formerHolder(ip netip.Addr, at time.Time, cur *Endpoint, curSin
 // last holder released it before at, and less than ReuseWindow ago (now).
 // Such a flow would go to the released pod, and a moment later to its
 // successor.
-// s is the address's slot, as lookupSlot returned it.
+// s is the address's slot, as lookupSlot returned it, with released
+// history.
 func (ix *index) awaitsHolder(ip netip.Addr, s *addrSlot, at, now time.Time) bool {
-	if !s.released || s.pod != nil || s.node != nil {
+	if s.pod != nil || s.node != nil {
 		return false
 	}
 	hist, ok := ix.released.Peek(ip)

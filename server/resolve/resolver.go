@@ -199,13 +199,6 @@ func (r *Resolver) outside(ip netip.Addr) *Endpoint {
 	return epNoPod
 }
 
-// Owner says which node ip belonged to at time at (a pod's node, or the
-// node of a host address) and whether it awaits a new holder (Lookup).
-func (r *Resolver) Owner(ip netip.Addr, at time.Time) (node string, awaiting, ok bool) {
-	ep, awaiting := r.Lookup(ip, at)
-	return ep.Node, awaiting, ep.Node != ""
-}
-
 // HasSynced reports whether the informers have delivered their initial
 // lists, i.e. whether "no_pod" answers can be trusted. SyncError says why
 // not (for /readyz).

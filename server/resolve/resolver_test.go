@@ -545,3 +545,10 @@ func TestReuseWindow(t *testing.T) {
 		})
 	}
 }
+
+// Owner says which node ip belonged to at time at (a pod's node, or the
+// node of a host address) and whether it awaits a new holder (Lookup).
+func (r *Resolver) Owner(ip netip.Addr, at time.Time) (node string, awaiting, ok bool) {
+	ep, awaiting := r.Lookup(ip, at)
+	return ep.Node, awaiting, ep.Node != ""
+}

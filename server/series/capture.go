@@ -144,9 +144,6 @@ func (s *Store) liveTwin(ref uint32) bool {
 	return false
 }
 
-// Len returns the number of live series captured (a twin counts once).
-func (c *Capture) Len() int { return len(c.plan) }
-
 // Encode writes the capture to w: every live series with its value (and
 // zero, if due), then the stale markers.
 func (c *Capture) Encode(w *remotewrite.SnapshotWriter) {

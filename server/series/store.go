@@ -293,24 +293,12 @@ func (s *Store) Restore(ref uint32, bytes, packets uint64, last, pushed int64) {
 	r.bytes, r.packets, r.last, r.pushed = bytes, packets, last, pushed
 }
 
-// Pushed returns the first push stamp of ref (0: never pushed).
-func (s *Store) Pushed(ref uint32) int64 { return s.recs.at(ref).pushed }
-
 // SetPushed records that the series ref was first pushed at ts (unix ms)
 // when it was not pushed yet (replaying persisted state).
 func (s *Store) SetPushed(ref uint32, ts int64) {
 	if r := s.recs.at(ref); r.state == stateLive && r.pushed == 0 {
 		r.pushed = ts
 	}
-}
-
-// Labels appends the labels of ref (its bytes labels, for a twin) to dst.
-func (s *Store) Labels(dst []metrics.Label, ref uint32) []metrics.Label {
-	r := s.recs.at(ref)
-	for _, id := range r.syms[:r.n] {
-		dst = append(dst, s.syms.list[id].label)
-	}
-	return dst
 }
 
 // Expire takes the live series last updated before cutoff (unix ns) out
@@ -384,18 +372,6 @@ func (s *Store) Remove(ref uint32) {
 	}
 	s.unindex(ref)
 	s.release(ref)
-}
-
-// Drop frees every series not live: the expired ones whose stale markers
-// are pending or written. For persisted state's replay, where no
-// snapshot follows an expiry and refs must be reusable at once.
-func (s *Store) Drop() {
-	for _, list := range [][]uint32{s.held, s.stale, s.dying} {
-		for _, ref := range list {
-			s.release(ref)
-		}
-	}
-	s.held, s.stale, s.dying = s.held[:0], s.stale[:0], s.dying[:0]
 }
 
 // Grow makes refs below n valid (free), for Install in any order.
