@@ -20,7 +20,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/golang/snappy"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 	"github.com/prometheus/prometheus/prompb"
@@ -113,14 +112,9 @@ func checkRequest(t *testing.T, req *http.Request) []prompb.TimeSeries {
 	if ua := req.Header.Get("User-Agent"); !strings.HasPrefix(ua, "kubezonnet-server/") {
 		t.Errorf("User-Agent %q, want kubezonnet-server/...", ua)
 	}
-	body, err := io.ReadAll(req.Body)
+	raw, _, err := testutil.ReadSnappy(req.Body)
 	if err != nil {
-		t.Errorf("reading body: %v", err)
-		return nil
-	}
-	raw, err := snappy.Decode(nil, body)
-	if err != nil {
-		t.Errorf("snappy block decode: %v", err)
+		t.Error(err)
 		return nil
 	}
 	var wr prompb.WriteRequest

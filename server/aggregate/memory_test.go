@@ -5,7 +5,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -16,9 +15,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/golang/snappy"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
 
 // memServerProfile, when set, makes BenchmarkMemoryServer write a heap
@@ -68,19 +67,14 @@ func (r *countingReceiver) serve(w http.ResponseWriter, req *http.Request) {
 		r.mu.Unlock()
 		http.Error(w, err.Error(), http.StatusBadRequest)
 	}
-	z, err := io.ReadAll(req.Body)
+	body, z, err := testutil.ReadSnappy(req.Body)
 	if err != nil {
 		fail(err)
 		return
 	}
-	body, err := snappy.Decode(nil, z)
-	if err != nil {
-		fail(fmt.Errorf("snappy: %w", err))
-		return
-	}
 	var c pushCount
 	c.requests = 1
-	c.bytes, c.raw = len(z), len(body)
+	c.bytes, c.raw = z, len(body)
 	var rs remotewrite.RawSeries
 	err = remotewrite.WalkSeries(body, &rs, func(s *remotewrite.RawSeries) error {
 		c.series++

@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"net/http"
 	"net/http/httptest"
@@ -20,10 +19,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/golang/snappy"
-
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
 	"github.com/kubezonnet/kubezonnet/server/series"
 )
 
@@ -92,14 +90,9 @@ func (r *receiver) serve(w http.ResponseWriter, req *http.Request) {
 		r.mu.Unlock()
 		http.Error(w, err.Error(), http.StatusBadRequest)
 	}
-	z, err := io.ReadAll(req.Body)
+	body, _, err := testutil.ReadSnappy(req.Body)
 	if err != nil {
 		fail(err)
-		return
-	}
-	body, err := snappy.Decode(nil, z)
-	if err != nil {
-		fail(fmt.Errorf("snappy: %w", err))
 		return
 	}
 	got := map[string][]remotewrite.Sample{}
