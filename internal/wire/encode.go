@@ -34,8 +34,6 @@ type Encoder struct {
 	tail    []byte
 	parts   []part
 	out     []byte
-	// nparts fixes the number of parts (tests); 0 lets Encode choose.
-	nparts int
 }
 
 // part is one goroutine's share of a batch: its blocks of flows, encoded
@@ -118,12 +116,13 @@ const sortBlock = 4096
 // Encode returns the snappy-compressed WriteRequest for b. The returned
 // slice is owned by the encoder and valid until the next call.
 func (e *Encoder) Encode(b *Batch) []byte {
+	return e.encode(b, min(runtime.GOMAXPROCS(0), maxParts))
+}
+
+// encode is Encode in up to n parts.
+func (e *Encoder) encode(b *Batch, n int) []byte {
 	ts := b.Time.UnixMilli()
 	blocks := (len(b.Flows) + sortBlock - 1) / sortBlock
-	n := e.nparts
-	if n <= 0 {
-		n = min(runtime.GOMAXPROCS(0), maxParts)
-	}
 	n = max(min(n, blocks), 1)
 	if len(e.parts) < n {
 		e.parts = append(e.parts, make([]part, n-len(e.parts))...)

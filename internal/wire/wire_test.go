@@ -398,15 +398,15 @@ func TestEncodeParts(t *testing.T) {
 	metrics := testBatch().Metrics
 	for _, nflows := range []int{0, 1, sortBlock, sortBlock + 1, len(flows)} {
 		b := &Batch{Node: "n", Incarnation: "i", Seq: 7, Time: time.UnixMilli(1e12), Flows: flows[:nflows], Metrics: metrics}
-		one := Encoder{nparts: 1}
-		want, err := snappy.Decode(nil, one.Encode(b))
+		var one Encoder
+		want, err := snappy.Decode(nil, one.encode(b, 1))
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, parts := range []int{2, 3, 4, 7} {
-			e := Encoder{nparts: parts}
+			var e Encoder
 			for range 2 { // the second time with the buffers of the first
-				body := e.Encode(b)
+				body := e.encode(b, parts)
 				got, err := snappy.Decode(nil, body)
 				if err != nil {
 					t.Fatalf("%d flows in %d parts: %v", nflows, parts, err)
