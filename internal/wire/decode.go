@@ -476,12 +476,8 @@ func (d *Decoder) header(s *remotewrite.RawSeries, b *Batch) error {
 	return nil
 }
 
-// parseAddr parses an address label; IPv4 addresses, nearly all of them,
-// without netip's generic parser.
+// parseAddr parses an address label.
 func parseAddr(label string, b []byte) (netip.Addr, error) {
-	if a, ok := parseIPv4(b); ok {
-		return a, nil
-	}
 	a, err := netip.ParseAddr(unsafeString(b))
 	if err != nil || a.Zone() != "" {
 		return netip.Addr{}, malformed("%s: invalid address %.64q", label, b)
@@ -489,79 +485,20 @@ func parseAddr(label string, b []byte) (netip.Addr, error) {
 	return a, nil
 }
 
-// parseIPv4 accepts exactly the dotted quads netip.ParseAddr accepts
-// (decimal, no leading zeros); ok false leaves the rest to netip.
-func parseIPv4(b []byte) (_ netip.Addr, ok bool) {
-	var v [4]byte
-	i := 0
-	for k := range v {
-		if k > 0 {
-			if i >= len(b) || b[i] != '.' {
-				return netip.Addr{}, false
-			}
-			i++
-		}
-		n, start := 0, i
-		for i < len(b) && b[i]-'0' <= 9 && i-start < 3 {
-			n = n*10 + int(b[i]-'0')
-			i++
-		}
-		if i == start || n > 255 || (b[start] == '0' && i-start > 1) {
-			return netip.Addr{}, false
-		}
-		v[k] = byte(n)
-	}
-	if i != len(b) {
-		return netip.Addr{}, false
-	}
-	return netip.AddrFrom4(v), true
-}
-
-// parseUint parses a decimal number up to max as strconv.ParseUint(s, 10,
-// bits) does: digits only, leading zeros allowed.
-func parseUint(b []byte, max int) (int, bool) {
-	if len(b) == 0 {
-		return 0, false
-	}
-	n := 0
-	for _, c := range b {
-		if c-'0' > 9 {
-			return 0, false
-		}
-		if n = n*10 + int(c-'0'); n > max {
-			return 0, false
-		}
-	}
-	return n, true
-}
-
 func parsePort(label string, b []byte) (uint16, error) {
-	n, ok := parseUint(b, 0xffff)
-	if !ok {
+	n, err := strconv.ParseUint(unsafeString(b), 10, 16)
+	if err != nil {
 		return 0, malformed("%s: invalid port %.64q", label, b)
 	}
 	return uint16(n), nil
 }
 
-// parseProto is flow.ParseProto without the string.
 func parseProto(b []byte) (uint8, error) {
-	switch string(b) {
-	case "tcp":
-		return 6, nil
-	case "udp":
-		return 17, nil
-	case "icmp":
-		return 1, nil
-	case "icmpv6":
-		return 58, nil
-	case "sctp":
-		return 132, nil
-	}
-	n, ok := parseUint(b, 0xff)
-	if !ok {
+	p, err := flow.ParseProto(unsafeString(b))
+	if err != nil {
 		return 0, malformed("invalid %s %.64q", LabelProto, b)
 	}
-	return uint8(n), nil
+	return p, nil
 }
 
 // count converts a flow sample's value to a count, refusing what no
@@ -598,6 +535,9 @@ func malformed(format string, args ...any) error {
 
 // unsafeString views b as a string without copying; only for parsers that
 // do not retain their input.
+//
+// Kept for the ingest budget of no allocation per flow (BenchmarkDecode,
+// BENCHMARKS.md "Agent"): netip.ParseAddr(unsafeString(b)) allocates per address.
 func unsafeString(b []byte) string {
 	if len(b) == 0 {
 		return ""

@@ -2,7 +2,6 @@ package wire
 
 import (
 	"cmp"
-	"errors"
 	"math"
 	"net/netip"
 	"slices"
@@ -213,32 +212,4 @@ func b2i(b bool) int {
 		return 1
 	}
 	return 0
-}
-
-// FuzzAddr checks the encoder's address formatting and the decoder's
-// address parsing against netip, which they replace on the hot paths.
-func FuzzAddr(f *testing.F) {
-	f.Add([]byte{10, 244, 1, 2}, "10.244.1.2")
-	f.Add([]byte{0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, "fd00::1")
-	f.Add([]byte{0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0}, "1:0:0:1::1:0")
-	f.Add([]byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 1, 2, 3, 4}, "::ffff:1.2.3.4")
-	f.Add([]byte{}, "010.1.1.1")
-	f.Add([]byte{}, "1.2.3.256")
-	f.Add([]byte{}, "1.2.3.4.5")
-	f.Add([]byte{}, "1.2.3.")
-	f.Fuzz(func(t *testing.T, ip []byte, s string) {
-		if a, ok := netip.AddrFromSlice(ip); ok {
-			if got, want := string(appendAddr(nil, a)), a.String(); got != want {
-				t.Errorf("appendAddr(%v) = %q, want %q", ip, got, want)
-			}
-		}
-		want, werr := netip.ParseAddr(s)
-		if werr == nil && want.Zone() != "" {
-			werr = errors.New("zone")
-		}
-		got, err := parseAddr("src", []byte(s))
-		if (err == nil) != (werr == nil) || got != want && werr == nil {
-			t.Errorf("parseAddr(%q) = %v, %v; netip: %v, %v", s, got, err, want, werr)
-		}
-	})
 }

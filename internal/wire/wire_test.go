@@ -2,10 +2,8 @@ package wire
 
 import (
 	"bytes"
-	"cmp"
 	"errors"
 	"math"
-	"math/rand/v2"
 	"net/netip"
 	"reflect"
 	"slices"
@@ -369,98 +367,31 @@ func TestEncodeMatchesBuilder(t *testing.T) {
 		{Key: flow.Key{Src: netip.MustParseAddr("1.20.100.9"), Dst: netip.MustParseAddr("199.9.10.99"), Proto: 58}},
 	} {
 		var sb remotewrite.SeriesBuilder
-		sb.Label(LabelName, MetricFlow)
-		port := strconv.Itoa(int(f.Port))
-		hasPort := f.Port != 0 || f.Proto == 6 || f.Proto == 17 || f.Proto == 132
-		if hasPort && f.PortIsDst {
-			sb.Label(LabelDport, port)
-		}
-		sb.Label(LabelDst, f.Dst.String())
-		sb.Label(LabelProto, flow.ProtoName(f.Proto))
-		if hasPort && !f.PortIsDst {
-			sb.Label(LabelSport, port)
-		}
-		sb.Label(LabelSrc, f.Src.String())
-		sb.Sample(float64(f.Bytes), 0)
-		sb.Sample(float64(f.Packets), 0)
-		if got, want := appendFlow(nil, &f), sb.AppendTo(nil); !bytes.Equal(got, want) {
+		if got, want := appendFlow(nil, &f), builderFlow(&sb, nil, &f); !bytes.Equal(got, want) {
 			t.Errorf("flow %+v:\n got %x\nwant %x", f, got, want)
 		}
 	}
 }
 
-// TestEncodeParts: a batch encoded in parts, compressed apart and joined,
-// decompresses (with the reference snappy decoder) to exactly the bytes of
-// the same batch encoded in one part, for every split of its blocks,
-// including parts left without flows and batches too small to split.
-func TestEncodeParts(t *testing.T) {
-	flows := testutil.ClusterFlows(5*sortBlock + 123)
-	metrics := testBatch().Metrics
-	for _, nflows := range []int{0, 1, sortBlock, sortBlock + 1, len(flows)} {
-		b := &Batch{Node: "n", Incarnation: "i", Seq: 7, Time: time.UnixMilli(1e12), Flows: flows[:nflows], Metrics: metrics}
-		var one Encoder
-		want, err := snappy.Decode(nil, one.encode(b, 1))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, parts := range []int{2, 3, 4, 7} {
-			var e Encoder
-			for range 2 { // the second time with the buffers of the first
-				body := e.encode(b, parts)
-				got, err := snappy.Decode(nil, body)
-				if err != nil {
-					t.Fatalf("%d flows in %d parts: %v", nflows, parts, err)
-				}
-				if !bytes.Equal(got, want) {
-					t.Fatalf("%d flows in %d parts: decoded body differs from the one-part encoding", nflows, parts)
-				}
-				var dec Batch
-				if err := new(Decoder).Decode(body, &dec); err != nil {
-					t.Fatalf("%d flows in %d parts: %v", nflows, parts, err)
-				}
-				if len(dec.Flows) != nflows {
-					t.Fatalf("%d flows in %d parts: decoded %d flows", nflows, parts, len(dec.Flows))
-				}
-			}
-		}
+// builderFlow appends f's series as the contract describes it, built
+// with remotewrite.SeriesBuilder: the reference appendFlow is held to,
+// and its benchmark's baseline.
+func builderFlow(sb *remotewrite.SeriesBuilder, b []byte, f *flow.Record) []byte {
+	sb.Reset()
+	sb.Label(LabelName, MetricFlow)
+	port := strconv.Itoa(int(f.Port))
+	hasPort := f.Port != 0 || f.Proto == 6 || f.Proto == 17 || f.Proto == 132
+	if hasPort && f.PortIsDst {
+		sb.Label(LabelDport, port)
 	}
+	sb.Label(LabelDst, f.Dst.String())
+	sb.Label(LabelProto, flow.ProtoName(f.Proto))
+	if hasPort && !f.PortIsDst {
+		sb.Label(LabelSport, port)
+	}
+	sb.Label(LabelSrc, f.Src.String())
+	sb.Sample(float64(f.Bytes), 0)
+	sb.Sample(float64(f.Packets), 0)
+	return sb.AppendTo(b)
 }
 
-// TestSortOrder: the radix sort orders keys as a comparison sort does,
-// bytes shared by all keys (skipped passes) included.
-func TestSortOrder(t *testing.T) {
-	r := rand.New(rand.NewPCG(1, 2))
-	for _, n := range []int{0, 1, 255, 256, 10_000} {
-		var e part
-		for i := range n {
-			k := r.Uint64()&0x0000_ff00_ffff_00ff | 0x0a00_0000_0000_0000
-			e.order = append(e.order, orderKey{k: k, i: int32(i)})
-		}
-		want := slices.Clone(e.order)
-		slices.SortStableFunc(want, func(x, y orderKey) int { return cmp.Compare(x.k, y.k) })
-		if got := e.sortOrder(); !slices.Equal(got, want) {
-			t.Errorf("n=%d: radix order differs from a stable sort", n)
-		}
-	}
-}
-
-// TestAppendIPv6: every pattern of zero groups, with groups of every
-// length, formats as netip does.
-func TestAppendIPv6(t *testing.T) {
-	vals := []uint16{0x1, 0xab, 0xf00, 0x1234, 0xffff, 0x10, 0x100, 0x1000}
-	for m := range 256 {
-		for shift := range vals {
-			var s [16]byte
-			for i := range 8 {
-				if m>>i&1 == 0 {
-					v := vals[(i+shift)%len(vals)]
-					s[2*i], s[2*i+1] = byte(v>>8), byte(v)
-				}
-			}
-			a := netip.AddrFrom16(s)
-			if got, want := string(appendAddr(nil, a)), a.String(); got != want {
-				t.Fatalf("appendAddr(%x) = %q, want %q", s, got, want)
-			}
-		}
-	}
-}
