@@ -3,7 +3,7 @@
 package bpf
 
 import (
-	"unsafe"
+	"encoding/binary"
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 )
@@ -15,11 +15,12 @@ import (
 // flow is looked up in an open-addressing index of the flows so far.
 //
 // A purpose-built index rather than a Go map: the keys are the kernel's
-// 36-byte keys, already in hand, and the index is a flat []int32 reused
-// from drain to drain, which was several times faster than a
-// map[flowFlowKey]int32 on the drain benchmark (BenchmarkDrain,
-// BENCHMARKS.md; the map's cost is cache misses on its larger entries and
-// on growth).
+// keys, already in hand, and the index is a flat []int32 reused from drain
+// to drain; the map's cost is cache misses on its larger entries and on
+// growth.
+//
+// Kept for the agent's flush budget: BenchmarkMerge's map baseline against
+// DrainEncodeFlush (BENCHMARKS.md, "eBPF datapath" and "Agent").
 type merger struct {
 	keys    []flowFlowKey // kernel key of each record, in order
 	slots   []int32       // record index + 1; 0 is empty
@@ -91,14 +92,17 @@ func (m *merger) add(flows []flow.Record, k *flowFlowKey, c flow.Counts) []flow.
 	return append(flows, flow.Record{Key: convertKey(k), Counts: c})
 }
 
-// keyHash mixes the key's nine 32-bit words (multiply-xorshift).
+// keyHash mixes the key's words, then finishes as MurmurHash3's fmix64
+// so that every input bit reaches the low bits the index masks.
 func keyHash(k *flowFlowKey) uint32 {
-	w := (*[9]uint32)(unsafe.Pointer(k))
-	h := (uint64(w[0])<<32 | uint64(w[1])) * 0x9E3779B97F4A7C15
-	h ^= (uint64(w[2])<<32 | uint64(w[3])) * 0xC2B2AE3D27D4EB4F
-	h ^= (uint64(w[4])<<32 | uint64(w[5])) * 0x165667B19E3779F9
-	h ^= (uint64(w[6])<<32 | uint64(w[7])) * 0x27D4EB2F165667C5
-	h ^= uint64(w[8]) * 0x94D049BB133111EB
-	h ^= h >> 29
-	return uint32(h ^ h>>32)
+	le := binary.LittleEndian
+	h := le.Uint64(k.Saddr[:8]) * 0x9E3779B97F4A7C15
+	h ^= le.Uint64(k.Saddr[8:]) * 0xC2B2AE3D27D4EB4F
+	h ^= le.Uint64(k.Daddr[:8]) * 0x165667B19E3779F9
+	h ^= le.Uint64(k.Daddr[8:]) * 0x27D4EB2F165667C5
+	h ^= (uint64(k.Port) | uint64(k.Proto)<<16 | uint64(k.Flags)<<24) * 0x94D049BB133111EB
+	h ^= h >> 33
+	h *= 0xFF51AFD7ED558CCD
+	h ^= h >> 33
+	return uint32(h)
 }

@@ -36,11 +36,11 @@ var Components = []Component{
 	{Name: "bpf", Commands: []string{
 		`go test -run '^$' -bench 'BenchmarkNetfilter$|BenchmarkNetfilterReference$' -benchtime 5000000x -count 3 -benchmem ./bpf/`,
 		`go test -run '^$' -bench 'BenchmarkNetfilterNewFlow$' -benchtime 2000000x -count 3 -benchmem ./bpf/`,
-		`go test -run '^$' -bench 'BenchmarkDrain$' -benchtime 20x -count 3 -benchmem ./bpf/`,
+		`go test -run '^$' -bench 'BenchmarkDrain$|BenchmarkMerge$' -benchtime 20x -count 3 -benchmem ./bpf/`,
 	}},
 	{Name: "agent", Commands: []string{
-		`go test -run '^$' -bench 'EncodeFlush' -benchmem -benchtime 20x -count 3 -cpu 2,1 ./agent/`,
-		`go test -run '^$' -bench . -benchmem -count 3 ./internal/wire/`,
+		`go test -run '^$' -bench 'EncodeFlush' -benchmem -benchtime 20x -count 3 -cpu 1 ./agent/`,
+		`go test -run '^$' -bench . -benchmem -count 3 -cpu 1 ./internal/wire/`,
 	}},
 	{Name: "remotewrite", Commands: []string{
 		`go test -run '^$' -bench 'Snapshot' -benchmem -benchtime 20x -count 3 ./internal/remotewrite/`,
