@@ -49,6 +49,7 @@ var Components = []Component{
 	{Name: "server", Commands: []string{
 		`go test -run '^$' -bench 'BenchmarkIngestPath|BenchmarkDecodeOnly' -benchmem -benchtime 50x -count 3 -cpu 1 ./server/`,
 		`go test -run '^$' -bench 'BenchmarkIngestDurable/agents=8/log=off' -benchmem -benchtime 300x -count 3 -cpu 1,2 ./server/`,
+		`go test -run '^$' -bench 'BenchmarkAppendEvent' -benchmem -count 3 -cpu 1 ./server/flowlog/`,
 		`go test -run '^$' -bench 'BenchmarkApply' -benchmem -count 3 -cpu 1 ./server/aggregate/`,
 		`go test -run '^$' -bench 'BenchmarkMemoryServer|BenchmarkMemoryPodPairs' -benchmem -benchtime 1x -cpu 1 ./server/aggregate/`,
 		`go test -run '^$' -bench 'BenchmarkLockHold' -benchtime 20x -count 3 -cpu 1 ./server/aggregate/`,

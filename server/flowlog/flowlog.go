@@ -208,7 +208,11 @@ func (l *Logger) flush() {
 	}
 }
 
-// AppendEvent appends the JSON line of e (with its newline) to b.
+// AppendEvent appends the JSON line of e (with its newline) to b: the
+// object log/slog's JSON handler writes for the event.
+//
+// Kept over a slog.Handler for the flow-log budget: BenchmarkAppendEvent's
+// slog baseline against IngestPathFlowLog (BENCHMARKS.md, "Server").
 func AppendEvent(b []byte, e *Event) []byte {
 	b = append(b, `{"time":"`...)
 	b = e.Time.UTC().AppendFormat(b, time.RFC3339Nano) // UTC: comparable across nodes
