@@ -161,7 +161,7 @@ func (a *Agent) drain() error {
 		a.log.Warn("drain went on without waiting for CPUs whose kernel programs never finished; counts they wrote late may be lost", "cpus", fmt.Sprint(stuck), "waited", a.drained.Waited)
 	}
 	if lost := a.buf.add(a.drained.Flows); !lost.IsZero() {
-		a.m.uncounted("buffer_full", lost)
+		a.m.dropped("buffer_full", lost)
 		a.log.Warn("flow buffer full: new flows dropped", "bytes", lost.Bytes, "packets", lost.Packets, "max_buffered_flows", a.cfg.MaxBufferedFlows)
 	}
 	a.m.buffered.Store(int64(a.buf.len()))
@@ -217,7 +217,7 @@ func (a *Agent) finish(r sendResult) {
 	}
 	// A refusal for good (4xx): resending the same bytes cannot succeed.
 	a.m.rejected.Inc()
-	a.m.uncounted("rejected", r.b.sum)
+	a.m.dropped("rejected", r.b.sum)
 	a.m.buffered.Store(int64(a.buf.len()))
 	a.log.Error("server refused a batch; its counts are dropped", "seq", r.b.seq, "flows", r.b.flows, "bytes", r.b.sum.Bytes, "err", r.err)
 }

@@ -200,8 +200,8 @@ func TestRejectedBatchIsNotRetried(t *testing.T) {
 	}
 	total, _, _ := rcv.snapshot()
 	rejected := flow.Counts{
-		Bytes:   uint64(metricValue(t, ra.Agent, "kubezonnet_agent_uncounted_bytes_total", "rejected")),
-		Packets: uint64(metricValue(t, ra.Agent, "kubezonnet_agent_uncounted_packets_total", "rejected")),
+		Bytes:   uint64(metricValue(t, ra.Agent, "kubezonnet_agent_dropped_bytes_total", "rejected")),
+		Packets: uint64(metricValue(t, ra.Agent, "kubezonnet_agent_dropped_packets_total", "rejected")),
 	}
 	var all flow.Counts
 	all.Add(lost)
@@ -249,7 +249,7 @@ func TestOutageKeepsCountsWithinBound(t *testing.T) {
 			sent.Add(ra.inject(t, "10.0.0.1", dst, 443, 200+i, 5))
 		}
 		// Every packet of the round drained into the buffer (it only
-		// holds local flows; none is uncounted in the kernel), so each
+		// holds local flows; the kernel drops none), so each
 		// round meets a buffer that the outage keeps filling.
 		waitFor(t, "the round's drain", func() bool {
 			return metricValue(t, ra.Agent, "kubezonnet_agent_packets_total", "") >= float64(sent.Packets)
@@ -267,8 +267,8 @@ func TestOutageKeepsCountsWithinBound(t *testing.T) {
 	}
 	total, _, _ := rcv.snapshot()
 	dropped := flow.Counts{
-		Bytes:   uint64(metricValue(t, ra.Agent, "kubezonnet_agent_uncounted_bytes_total", "buffer_full")),
-		Packets: uint64(metricValue(t, ra.Agent, "kubezonnet_agent_uncounted_packets_total", "buffer_full")),
+		Bytes:   uint64(metricValue(t, ra.Agent, "kubezonnet_agent_dropped_bytes_total", "buffer_full")),
+		Packets: uint64(metricValue(t, ra.Agent, "kubezonnet_agent_dropped_packets_total", "buffer_full")),
 	}
 	if dropped.IsZero() {
 		t.Error("nothing dropped although 90 flows met a bound of 40: the bound is not enforced")

@@ -9,7 +9,7 @@ import (
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 )
 
-// Reasons for uncounted bytes that the agent itself adds to the kernel's.
+// Reasons for dropped bytes that the agent itself adds to the kernel's.
 var agentReasons = []string{"buffer_full", "rejected"}
 
 // agentMetrics are the agent's self-metrics. They are served on /metrics
@@ -17,7 +17,7 @@ var agentReasons = []string{"buffer_full", "rejected"}
 type agentMetrics struct {
 	flows, bytes, packets            *metrics.Counter
 	notLocalBytes, notLocalPackets   *metrics.Counter
-	uncountedBytes, uncountedPackets map[string]*metrics.Counter
+	droppedBytes, droppedPackets map[string]*metrics.Counter
 	attempts, failures, retries      *metrics.Counter
 	batches, rejected, prefixErrors  *metrics.Counter
 	drainTime, drainWait, stuckCPUs  *metrics.Counter
@@ -32,13 +32,13 @@ func newAgentMetrics(r *metrics.Registry) *agentMetrics {
 		packets:          r.Counter("kubezonnet_agent_packets_total", "Packets counted in flows (GSO segments counted one by one)."),
 		notLocalBytes:    r.Counter("kubezonnet_agent_not_local_bytes_total", "Bytes seen from sources of other nodes, left to their agents (not a loss)."),
 		notLocalPackets:  r.Counter("kubezonnet_agent_not_local_packets_total", "Packets seen from sources of other nodes, left to their agents (not a loss)."),
-		uncountedBytes:   map[string]*metrics.Counter{},
-		uncountedPackets: map[string]*metrics.Counter{},
+		droppedBytes:   map[string]*metrics.Counter{},
+		droppedPackets: map[string]*metrics.Counter{},
 		attempts:         r.Counter("kubezonnet_agent_send_attempts_total", "Batches handed to the sender (each retried until accepted or refused)."),
 		failures:         r.Counter("kubezonnet_agent_send_failures_total", "Failed requests to the server (each retry that failed, and refusals)."),
 		retries:          r.Counter("kubezonnet_agent_send_retries_total", "Requests repeated after a retryable failure."),
 		batches:          r.Counter("kubezonnet_agent_batches_sent_total", "Batches acknowledged by the server."),
-		rejected:         r.Counter("kubezonnet_agent_batches_rejected_total", "Batches the server refused for good (4xx); their counts are in uncounted{reason=\"rejected\"}."),
+		rejected:         r.Counter("kubezonnet_agent_batches_rejected_total", "Batches the server refused for good (4xx); their counts are in dropped{reason=\"rejected\"}."),
 		prefixErrors:     r.Counter("kubezonnet_agent_prefix_refresh_errors_total", "Failed refreshes of the local prefixes from the Node object."),
 		lastSend:         r.Gauge("kubezonnet_agent_last_send_timestamp_seconds", "Unix time of the last batch acknowledged by the server."),
 		drainTime:        r.Counter("kubezonnet_agent_drain_seconds_total", "Time spent draining the kernel's flow counts."),
@@ -53,8 +53,8 @@ func newAgentMetrics(r *metrics.Registry) *agentMetrics {
 	}
 	for _, reason := range reasons {
 		l := metrics.Label{Name: "reason", Value: reason}
-		m.uncountedBytes[reason] = r.Counter("kubezonnet_agent_uncounted_bytes_total", "Bytes that could not be counted in a flow, by reason (map_full: kernel flow map full).", l)
-		m.uncountedPackets[reason] = r.Counter("kubezonnet_agent_uncounted_packets_total", "Packets that could not be counted in a flow, by reason.", l)
+		m.droppedBytes[reason] = r.Counter("kubezonnet_agent_dropped_bytes_total", "Bytes that could not be counted in a flow, by reason (map_full: kernel flow map full).", l)
+		m.droppedPackets[reason] = r.Counter("kubezonnet_agent_dropped_packets_total", "Packets that could not be counted in a flow, by reason.", l)
 	}
 	return m
 }
@@ -80,11 +80,11 @@ func (m *agentMetrics) drained(d *bpf.Drained, took time.Duration) {
 			m.notLocalPackets.Add(float64(c.Packets))
 			continue
 		}
-		m.uncounted(bpf.Reason(i).String(), c)
+		m.dropped(bpf.Reason(i).String(), c)
 	}
 }
 
-func (m *agentMetrics) uncounted(reason string, c flow.Counts) {
-	m.uncountedBytes[reason].Add(float64(c.Bytes))
-	m.uncountedPackets[reason].Add(float64(c.Packets))
+func (m *agentMetrics) dropped(reason string, c flow.Counts) {
+	m.droppedBytes[reason].Add(float64(c.Bytes))
+	m.droppedPackets[reason].Add(float64(c.Packets))
 }

@@ -97,7 +97,7 @@ func TestDashboardPanels(t *testing.T) {
 		"Seconds since each agent's last": "",
 		"Remote-write samples":            "",
 		"Unresolved flows":                "",
-		"Uncounted bytes":                 "",
+		"Dropped bytes":                 "",
 	}
 	for prefix, transform := range want {
 		found := false

@@ -23,7 +23,7 @@ var knownSeries = []string{
 	"kubezonnet_zone_pair_bytes_total",
 	"kubezonnet_agent_last_send_timestamp_seconds",
 	"kubezonnet_agent_flows_total",
-	"kubezonnet_agent_uncounted_bytes_total",
+	"kubezonnet_agent_dropped_bytes_total",
 	"kubezonnet_agent_send_failures_total",
 	"kubezonnet_server_flows_total",
 	"kubezonnet_server_unresolved_total",

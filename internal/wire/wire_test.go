@@ -31,7 +31,7 @@ func testBatch() *Batch {
 			{Key: flow.Key{Src: netip.MustParseAddr("10.244.1.2"), Dst: netip.MustParseAddr("8.8.8.8"), Proto: 1}, Counts: flow.Counts{Bytes: 84, Packets: 1}},
 		},
 		Metrics: []Metric{
-			{Name: "kubezonnet_agent_uncounted_bytes_total", Labels: []Label{{"reason", "map_full"}}, Value: 42},
+			{Name: "kubezonnet_agent_dropped_bytes_total", Labels: []Label{{"reason", "map_full"}}, Value: 42},
 			{Name: "kubezonnet_agent_flows_total", Value: 3},
 		},
 	}
