@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/bpf"
+	"github.com/kubezonnet/kubezonnet/internal/command"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/internal/packet"
@@ -26,7 +27,7 @@ func testConfig(serverURL string) Config {
 		FlushInterval: 100 * time.Millisecond, AttachMode: AttachNetfilter,
 		NetfilterPriority: bpf.DefaultNetfilterPriority, MaxFlows: 4096, FlowTableSlots: 1024, MaxBufferedFlows: 4096,
 		LocalPrefixes: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/24")},
-		PrefixRefresh: time.Minute, LogLevel: "debug", LogFormat: "json",
+		PrefixRefresh: time.Minute, Log: command.Log{Level: "debug", Format: "json"},
 		ShutdownTimeout: 5 * time.Second, RetryMin: 20 * time.Millisecond, RetryMax: 200 * time.Millisecond,
 	}
 }

@@ -3,42 +3,22 @@ package agent
 import (
 	"context"
 	"fmt"
-	"os"
-	"os/signal"
-	"syscall"
 
 	"log/slog"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/kubezonnet/kubezonnet/bpf"
-	"github.com/kubezonnet/kubezonnet/internal/logging"
+	"github.com/kubezonnet/kubezonnet/internal/command"
 )
 
 // Command is `kubezonnet agent`.
 func Command() *cli.Command {
 	return &cli.Command{
-		Name:  "agent",
-		Usage: "count bytes leaving this node's pods with eBPF and send them to the server",
-		Flags: Flags(),
-		Action: func(c *cli.Context) error {
-			cfg, err := ConfigFromCLI(c)
-			if err != nil {
-				return err
-			}
-			log, err := logging.New(os.Stderr, cfg.LogFormat, cfg.LogLevel)
-			if err != nil {
-				return err
-			}
-			logging.RouteKlog(log)
-			ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			if err := run(ctx, cfg, log); err != nil {
-				log.Error("agent failed", "err", err)
-				return err
-			}
-			return nil
-		},
+		Name:   "agent",
+		Usage:  "count bytes leaving this node's pods with eBPF and send them to the server",
+		Flags:  Flags(),
+		Action: command.Action("agent", ConfigFromCLI, func(c *Config) command.Log { return c.Log }, run),
 	}
 }
 

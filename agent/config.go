@@ -16,7 +16,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/kubezonnet/kubezonnet/bpf"
-	"github.com/kubezonnet/kubezonnet/internal/logging"
+	"github.com/kubezonnet/kubezonnet/internal/command"
 )
 
 // Attach modes.
@@ -70,41 +70,37 @@ type Config struct {
 	Kubeconfig         string
 	TokenFile          string
 	ListenAddress      string
-	LogLevel           string
-	LogFormat          string
+	Log                command.Log
 	ShutdownTimeout    time.Duration
 	// RetryMin and RetryMax bound the backoff between send attempts.
 	RetryMin, RetryMax time.Duration
 }
 
-func env(name string) []string { return []string{"KUBEZONNET_" + name} }
-
 // Flags returns the agent's flags; each has a KUBEZONNET_* environment
 // variable twin so a DaemonSet can set them either way.
 func Flags() []cli.Flag {
-	return []cli.Flag{
-		&cli.StringFlag{Name: "server-url", EnvVars: env("SERVER_URL"), Usage: "base URL of the kubezonnet server; batches go to <url>/api/v1/write"},
-		&cli.StringFlag{Name: "node-name", EnvVars: env("NODE_NAME"), Usage: "name of this node (from the downward API: spec.nodeName)"},
-		&cli.DurationFlag{Name: "flush-interval", EnvVars: env("FLUSH_INTERVAL"), Value: DefaultFlushInterval, Usage: "how often the kernel counts are drained and sent"},
-		&cli.StringFlag{Name: "attach-mode", EnvVars: env("ATTACH_MODE"), Value: AttachNetfilter, Usage: "netfilter (POSTROUTING, default) or cgroup (cgroup_skb egress, for Cilium eBPF host routing)"},
-		&cli.IntFlag{Name: "netfilter-priority", EnvVars: env("NETFILTER_PRIORITY"), Value: bpf.DefaultNetfilterPriority, Usage: "netfilter hook priority; below 100 (source NAT) to see pre-SNAT pod addresses"},
-		&cli.StringFlag{Name: "netns-path", EnvVars: env("NETNS_PATH"), Usage: "attach netfilter hooks in the network namespace at this path instead of the agent's own (the DaemonSet runs in the host namespace)"},
-		&cli.StringFlag{Name: "cgroup-path", EnvVars: env("CGROUP_PATH"), Usage: "cgroup v2 directory for cgroup mode (default: the cgroup v2 root, found in /proc/mounts)"},
-		&cli.IntFlag{Name: "max-flows", EnvVars: env("MAX_FLOWS"), Value: bpf.DefaultMaxFlows, Usage: "capacity of each kernel flow map generation (the flows that find no slot in the flow table); flows beyond it are counted as dropped (map_full)"},
-		&cli.IntFlag{Name: "flow-table-slots", EnvVars: env("FLOW_TABLE_SLOTS"), Value: bpf.DefaultTableSlots, Usage: "kernel flow table slots per CPU and generation (a power of two, 64 bytes each); about twice the flows one CPU sends per flush interval keeps new flows fast"},
-		&cli.IntFlag{Name: "max-buffered-flows", EnvVars: env("MAX_BUFFERED_FLOWS"), Value: DefaultMaxBufferedFlows, Usage: "flows held in memory while the server is unreachable; new flows beyond it are counted as dropped (buffer_full)"},
-		&cli.StringFlag{Name: "local-prefixes", EnvVars: env("LOCAL_PREFIXES"), Value: LocalPrefixesAuto, Usage: "sources counted on this node: auto (the Node's spec.podCIDRs and addresses) or comma-separated CIDRs (for IPAMs that do not fill podCIDRs, e.g. Cilium cluster-pool)"},
-		&cli.StringFlag{Name: "extra-local-prefixes", EnvVars: env("EXTRA_LOCAL_PREFIXES"), Usage: "comma-separated CIDRs added to the local prefixes"},
-		&cli.DurationFlag{Name: "prefix-refresh-interval", EnvVars: env("PREFIX_REFRESH_INTERVAL"), Value: DefaultPrefixRefresh, Usage: "how often the Node is re-read in auto mode"},
-		&cli.StringFlag{Name: "kubeconfig", EnvVars: env("KUBECONFIG"), Usage: "kubeconfig for reading this node's Node object (default: in-cluster)"},
-		&cli.StringFlag{Name: "token-file", EnvVars: env("TOKEN_FILE"), Usage: "file with the bearer token sent to the server, re-read before every request"},
-		&cli.StringFlag{Name: "listen-address", EnvVars: env("LISTEN_ADDRESS"), Value: ":9400", Usage: "address of the agent's /metrics, /healthz and /readyz (empty disables)"},
-		&cli.StringFlag{Name: "log-level", EnvVars: env("LOG_LEVEL"), Value: "info", Usage: "debug, info, warn or error"},
-		&cli.StringFlag{Name: "log-format", EnvVars: env("LOG_FORMAT"), Value: "json", Usage: "json or text"},
-		&cli.DurationFlag{Name: "shutdown-timeout", EnvVars: env("SHUTDOWN_TIMEOUT"), Value: DefaultShutdownTimeout, Usage: "time allowed for the final drain and send on SIGTERM"},
-		&cli.DurationFlag{Name: "retry-min-backoff", EnvVars: env("RETRY_MIN_BACKOFF"), Value: 500 * time.Millisecond, Usage: "first delay before resending a failed batch"},
-		&cli.DurationFlag{Name: "retry-max-backoff", EnvVars: env("RETRY_MAX_BACKOFF"), Value: 30 * time.Second, Usage: "cap of the exponential backoff between resends"},
+	fs := []cli.Flag{
+		&cli.StringFlag{Name: "server-url", Usage: "base URL of the kubezonnet server; batches go to <url>/api/v1/write"},
+		&cli.StringFlag{Name: "node-name", Usage: "name of this node (from the downward API: spec.nodeName)"},
+		&cli.DurationFlag{Name: "flush-interval", Value: DefaultFlushInterval, Usage: "how often the kernel counts are drained and sent"},
+		&cli.StringFlag{Name: "attach-mode", Value: AttachNetfilter, Usage: "netfilter (POSTROUTING, default) or cgroup (cgroup_skb egress, for Cilium eBPF host routing)"},
+		&cli.IntFlag{Name: "netfilter-priority", Value: bpf.DefaultNetfilterPriority, Usage: "netfilter hook priority; below 100 (source NAT) to see pre-SNAT pod addresses"},
+		&cli.StringFlag{Name: "netns-path", Usage: "attach netfilter hooks in the network namespace at this path instead of the agent's own (the DaemonSet runs in the host namespace)"},
+		&cli.StringFlag{Name: "cgroup-path", Usage: "cgroup v2 directory for cgroup mode (default: the cgroup v2 root, found in /proc/mounts)"},
+		&cli.IntFlag{Name: "max-flows", Value: bpf.DefaultMaxFlows, Usage: "capacity of each kernel flow map generation (the flows that find no slot in the flow table); flows beyond it are counted as dropped (map_full)"},
+		&cli.IntFlag{Name: "flow-table-slots", Value: bpf.DefaultTableSlots, Usage: "kernel flow table slots per CPU and generation (a power of two, 64 bytes each); about twice the flows one CPU sends per flush interval keeps new flows fast"},
+		&cli.IntFlag{Name: "max-buffered-flows", Value: DefaultMaxBufferedFlows, Usage: "flows held in memory while the server is unreachable; new flows beyond it are counted as dropped (buffer_full)"},
+		&cli.StringFlag{Name: "local-prefixes", Value: LocalPrefixesAuto, Usage: "sources counted on this node: auto (the Node's spec.podCIDRs and addresses) or comma-separated CIDRs (for IPAMs that do not fill podCIDRs, e.g. Cilium cluster-pool)"},
+		&cli.StringFlag{Name: "extra-local-prefixes", Usage: "comma-separated CIDRs added to the local prefixes"},
+		&cli.DurationFlag{Name: "prefix-refresh-interval", Value: DefaultPrefixRefresh, Usage: "how often the Node is re-read in auto mode"},
+		&cli.StringFlag{Name: "kubeconfig", Usage: "kubeconfig for reading this node's Node object (default: in-cluster)"},
+		&cli.StringFlag{Name: "token-file", Usage: "file with the bearer token sent to the server, re-read before every request"},
+		&cli.StringFlag{Name: "listen-address", Value: ":9400", Usage: "address of the agent's /metrics, /healthz and /readyz (empty disables)"},
+		&cli.DurationFlag{Name: "shutdown-timeout", Value: DefaultShutdownTimeout, Usage: "time allowed for the final drain and send on SIGTERM"},
+		&cli.DurationFlag{Name: "retry-min-backoff", Value: 500 * time.Millisecond, Usage: "first delay before resending a failed batch"},
+		&cli.DurationFlag{Name: "retry-max-backoff", Value: 30 * time.Second, Usage: "cap of the exponential backoff between resends"},
 	}
+	return command.WithEnv(append(fs, command.LogFlags()...))
 }
 
 // serverWriteURL is where batches go.
@@ -129,8 +125,7 @@ func ConfigFromCLI(c *cli.Context) (Config, error) {
 		Kubeconfig:        c.String("kubeconfig"),
 		TokenFile:         c.String("token-file"),
 		ListenAddress:     c.String("listen-address"),
-		LogLevel:          c.String("log-level"),
-		LogFormat:         c.String("log-format"),
+		Log:               command.LogFromCLI(c),
 		ShutdownTimeout:   c.Duration("shutdown-timeout"),
 		RetryMin:          c.Duration("retry-min-backoff"),
 		RetryMax:          c.Duration("retry-max-backoff"),
@@ -225,11 +220,8 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("--token-file: %w", err))
 		}
 	}
-	if _, err := logging.ParseLevel(c.LogLevel); err != nil {
-		errs = append(errs, fmt.Errorf("--log-level: %w", err))
-	}
-	if c.LogFormat != "json" && c.LogFormat != "text" {
-		errs = append(errs, fmt.Errorf("--log-format: invalid format %q (want json or text)", c.LogFormat))
+	if err := c.Log.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.ShutdownTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--shutdown-timeout: %s must be positive", c.ShutdownTimeout))

@@ -52,7 +52,7 @@ func TestConfigErrorsNameTheFlag(t *testing.T) {
 		{"missing netns", append(ok, "--netns-path", "/nonexistent/ns"), "--netns-path:"},
 		{"netns with cgroup", append(ok, "--attach-mode", "cgroup", "--netns-path", "/proc/self/ns/net"), "--netns-path: only valid"},
 		{"bad log level", append(ok, "--log-level", "loud"), "--log-level:"},
-		{"bad log format", append(ok, "--log-format", "xml"), "--log-format: invalid format"},
+		{"bad log format", append(ok, "--log-format", "xml"), "--log-format: invalid log format"},
 		{"backoff inverted", append(ok, "--retry-min-backoff", "10s", "--retry-max-backoff", "1s"), "want 0 < min <= max"},
 	}
 	for _, tt := range tests {

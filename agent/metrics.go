@@ -15,35 +15,35 @@ var agentReasons = []string{"buffer_full", "rejected"}
 // agentMetrics are the agent's self-metrics. They are served on /metrics
 // and travel in every batch, so push-only clusters see them too.
 type agentMetrics struct {
-	flows, bytes, packets            *metrics.Counter
-	notLocalBytes, notLocalPackets   *metrics.Counter
-	droppedBytes, droppedPackets map[string]*metrics.Counter
-	attempts, failures, retries      *metrics.Counter
-	batches, rejected, prefixErrors  *metrics.Counter
-	drainTime, drainWait, stuckCPUs  *metrics.Counter
-	lastSend                         *metrics.Gauge
-	buffered                         atomic.Int64
+	flows, bytes, packets           *metrics.Counter
+	notLocalBytes, notLocalPackets  *metrics.Counter
+	droppedBytes, droppedPackets    map[string]*metrics.Counter
+	attempts, failures, retries     *metrics.Counter
+	batches, rejected, prefixErrors *metrics.Counter
+	drainTime, drainWait, stuckCPUs *metrics.Counter
+	lastSend                        *metrics.Gauge
+	buffered                        atomic.Int64
 }
 
 func newAgentMetrics(r *metrics.Registry) *agentMetrics {
 	m := &agentMetrics{
-		flows:            r.Counter("kubezonnet_agent_flows_total", "Flow records drained from the kernel."),
-		bytes:            r.Counter("kubezonnet_agent_bytes_total", "Bytes counted in flows (L3, every segment's headers included)."),
-		packets:          r.Counter("kubezonnet_agent_packets_total", "Packets counted in flows (GSO segments counted one by one)."),
-		notLocalBytes:    r.Counter("kubezonnet_agent_not_local_bytes_total", "Bytes seen from sources of other nodes, left to their agents (not a loss)."),
-		notLocalPackets:  r.Counter("kubezonnet_agent_not_local_packets_total", "Packets seen from sources of other nodes, left to their agents (not a loss)."),
-		droppedBytes:   map[string]*metrics.Counter{},
-		droppedPackets: map[string]*metrics.Counter{},
-		attempts:         r.Counter("kubezonnet_agent_send_attempts_total", "Batches handed to the sender (each retried until accepted or refused)."),
-		failures:         r.Counter("kubezonnet_agent_send_failures_total", "Failed requests to the server (each retry that failed, and refusals)."),
-		retries:          r.Counter("kubezonnet_agent_send_retries_total", "Requests repeated after a retryable failure."),
-		batches:          r.Counter("kubezonnet_agent_batches_sent_total", "Batches acknowledged by the server."),
-		rejected:         r.Counter("kubezonnet_agent_batches_rejected_total", "Batches the server refused for good (4xx); their counts are in dropped{reason=\"rejected\"}."),
-		prefixErrors:     r.Counter("kubezonnet_agent_prefix_refresh_errors_total", "Failed refreshes of the local prefixes from the Node object."),
-		lastSend:         r.Gauge("kubezonnet_agent_last_send_timestamp_seconds", "Unix time of the last batch acknowledged by the server."),
-		drainTime:        r.Counter("kubezonnet_agent_drain_seconds_total", "Time spent draining the kernel's flow counts."),
-		drainWait:        r.Counter("kubezonnet_agent_drain_wait_seconds_total", "Part of the drain time spent waiting for kernel programs still counting into the old generation (grows when they are preempted)."),
-		stuckCPUs:        r.Counter("kubezonnet_agent_drain_stuck_cpus_total", "CPUs a drain stopped waiting for: their in-flight counter was still not zero when the drain's bounded wait ran out (one per CPU per drain). Counts such a CPU wrote late into the old generation may be lost; normally zero."),
+		flows:           r.Counter("kubezonnet_agent_flows_total", "Flow records drained from the kernel."),
+		bytes:           r.Counter("kubezonnet_agent_bytes_total", "Bytes counted in flows (L3, every segment's headers included)."),
+		packets:         r.Counter("kubezonnet_agent_packets_total", "Packets counted in flows (GSO segments counted one by one)."),
+		notLocalBytes:   r.Counter("kubezonnet_agent_not_local_bytes_total", "Bytes seen from sources of other nodes, left to their agents (not a loss)."),
+		notLocalPackets: r.Counter("kubezonnet_agent_not_local_packets_total", "Packets seen from sources of other nodes, left to their agents (not a loss)."),
+		droppedBytes:    map[string]*metrics.Counter{},
+		droppedPackets:  map[string]*metrics.Counter{},
+		attempts:        r.Counter("kubezonnet_agent_send_attempts_total", "Batches handed to the sender (each retried until accepted or refused)."),
+		failures:        r.Counter("kubezonnet_agent_send_failures_total", "Failed requests to the server (each retry that failed, and refusals)."),
+		retries:         r.Counter("kubezonnet_agent_send_retries_total", "Requests repeated after a retryable failure."),
+		batches:         r.Counter("kubezonnet_agent_batches_sent_total", "Batches acknowledged by the server."),
+		rejected:        r.Counter("kubezonnet_agent_batches_rejected_total", "Batches the server refused for good (4xx); their counts are in dropped{reason=\"rejected\"}."),
+		prefixErrors:    r.Counter("kubezonnet_agent_prefix_refresh_errors_total", "Failed refreshes of the local prefixes from the Node object."),
+		lastSend:        r.Gauge("kubezonnet_agent_last_send_timestamp_seconds", "Unix time of the last batch acknowledged by the server."),
+		drainTime:       r.Counter("kubezonnet_agent_drain_seconds_total", "Time spent draining the kernel's flow counts."),
+		drainWait:       r.Counter("kubezonnet_agent_drain_wait_seconds_total", "Part of the drain time spent waiting for kernel programs still counting into the old generation (grows when they are preempted)."),
+		stuckCPUs:       r.Counter("kubezonnet_agent_drain_stuck_cpus_total", "CPUs a drain stopped waiting for: their in-flight counter was still not zero when the drain's bounded wait ran out (one per CPU per drain). Counts such a CPU wrote late into the old generation may be lost; normally zero."),
 	}
 	reasons := agentReasons
 	for i := range bpf.NumReasons {

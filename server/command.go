@@ -9,10 +9,8 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"runtime/debug"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -20,7 +18,7 @@ import (
 	"k8s.io/client-go/metadata"
 	"k8s.io/client-go/tools/clientcmd"
 
-	"github.com/kubezonnet/kubezonnet/internal/logging"
+	"github.com/kubezonnet/kubezonnet/internal/command"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
 	"github.com/kubezonnet/kubezonnet/internal/version"
@@ -42,23 +40,10 @@ const tokenRecheck = 5 * time.Second
 // Command returns `kubezonnet server`.
 func Command() *cli.Command {
 	return &cli.Command{
-		Name:  "server",
-		Usage: "receive agents' flows, attribute them to pods, workloads and zones, push series by remote-write",
-		Flags: Flags(),
-		Action: func(c *cli.Context) error {
-			cfg, err := ConfigFromCLI(c)
-			if err != nil {
-				return err
-			}
-			log, err := logging.New(os.Stderr, cfg.LogFormat, cfg.LogLevel)
-			if err != nil {
-				return err
-			}
-			logging.RouteKlog(log)
-			ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			return Run(ctx, cfg, log)
-		},
+		Name:   "server",
+		Usage:  "receive agents' flows, attribute them to pods, workloads and zones, push series by remote-write",
+		Flags:  Flags(),
+		Action: command.Action("server", ConfigFromCLI, func(c *Config) command.Log { return c.Log }, Run),
 	}
 }
 

@@ -8,7 +8,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/kubezonnet/kubezonnet/internal/logging"
+	"github.com/kubezonnet/kubezonnet/internal/command"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
 	"github.com/kubezonnet/kubezonnet/internal/wire"
 	"github.com/kubezonnet/kubezonnet/server/flowlog"
@@ -59,11 +59,11 @@ type Config struct {
 	FlowLogFile         string // "" or "-": stdout
 	MaxBodyBytes        int64
 	// Limits bound a decoded request; zero fields take wire's defaults.
-	Limits              wire.Limits
-	IncarnationTTL      time.Duration
-	MaxIncarnations     int
-	MaxAgentSeries      int
-	LogLevel, LogFormat string
+	Limits          wire.Limits
+	IncarnationTTL  time.Duration
+	MaxIncarnations int
+	MaxAgentSeries  int
+	Log             command.Log
 	// StateDir holds the write-ahead log and checkpoints; "" means the
 	// counters are not durable.
 	StateDir            string
@@ -75,11 +75,6 @@ type Config struct {
 	KeepOnly    bool
 	Resolve     resolve.Config
 	RemoteWrite remotewrite.PusherConfig
-}
-
-// envVar is a flag's environment twin: KUBEZONNET_<FLAG_IN_UPPER_SNAKE>.
-func envVar(flag string) []string {
-	return []string{"KUBEZONNET_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))}
 }
 
 // Flags returns the server's flags, remote-write ones included. They are
@@ -109,34 +104,9 @@ func Flags() []cli.Flag {
 		&cli.DurationFlag{Name: "checkpoint-interval", Value: DefaultCheckpointInterval, Usage: "how often the counters are checkpointed to --state-dir (bounds the log a restart replays)"},
 		&cli.DurationFlag{Name: "shutdown-grace-period", Value: DefaultShutdownGracePeriod, Usage: "time from SIGTERM to exit: refuse new batches (503), final push, checkpoint; keep it below the pod's terminationGracePeriodSeconds"},
 		&cli.BoolFlag{Name: "keep-only", Usage: "run without a remote-write endpoint (trials, tests): series are kept but not pushed (flows still go to the flow log, counters to --state-dir checkpoints), and /readyz turns ready once the informers have synced. Without it, the server refuses to start with neither --remote-write-url nor --remote-write-config; with either, --keep-only is an error"},
-		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level (" + strings.Join(logging.Levels, ", ") + ")"},
-		&cli.StringFlag{Name: "log-format", Value: "json", Usage: "log format (" + strings.Join(logging.Formats, ", ") + ")"},
 	}
-	for _, f := range fs {
-		setEnv(f)
-	}
-	return append(fs, remotewrite.Flags()...)
-}
-
-// setEnv gives a flag its environment twin.
-func setEnv(f cli.Flag) {
-	name := f.Names()[0]
-	switch f := f.(type) {
-	case *cli.StringFlag:
-		f.EnvVars = envVar(name)
-	case *cli.PathFlag:
-		f.EnvVars = envVar(name)
-	case *cli.BoolFlag:
-		f.EnvVars = envVar(name)
-	case *cli.IntFlag:
-		f.EnvVars = envVar(name)
-	case *cli.Int64Flag:
-		f.EnvVars = envVar(name)
-	case *cli.DurationFlag:
-		f.EnvVars = envVar(name)
-	case *cli.StringSliceFlag:
-		f.EnvVars = envVar(name)
-	}
+	fs = append(fs, command.LogFlags()...)
+	return command.WithEnv(append(fs, remotewrite.Flags()...))
 }
 
 // ConfigFromCLI decodes and validates the flags.
@@ -156,8 +126,7 @@ func ConfigFromCLI(c *cli.Context) (Config, error) {
 		IncarnationTTL:      c.Duration("incarnation-ttl"),
 		MaxIncarnations:     c.Int("max-agent-incarnations"),
 		MaxAgentSeries:      c.Int("max-agent-series"),
-		LogLevel:            c.String("log-level"),
-		LogFormat:           c.String("log-format"),
+		Log:                 command.LogFromCLI(c),
 		StateDir:            c.Path("state-dir"),
 		CheckpointInterval:  c.Duration("checkpoint-interval"),
 		ShutdownGracePeriod: c.Duration("shutdown-grace-period"),
@@ -239,11 +208,8 @@ func (c *Config) Validate() error {
 	case c.RemoteWrite.Enabled() && c.KeepOnly:
 		errs = append(errs, fmt.Errorf("--keep-only: conflicts with the %d remote-write endpoint(s) of --remote-write-url and --remote-write-config: drop one or the other", len(c.RemoteWrite.Endpoints)))
 	}
-	if _, err := logging.ParseLevel(c.LogLevel); err != nil {
-		errs = append(errs, fmt.Errorf("--log-level: %w", err))
-	}
-	if c.LogFormat != "json" && c.LogFormat != "text" {
-		errs = append(errs, fmt.Errorf("--log-format %q: want json or text", c.LogFormat))
+	if err := c.Log.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if err := c.Resolve.Validate(); err != nil {
 		errs = append(errs, err)

@@ -27,38 +27,33 @@ const (
 	flagCategoryRemote = "Remote write:"
 )
 
-// envVar is the environment twin of a flag: KUBEZONNET_<FLAG_IN_UPPER_SNAKE>.
-func envVar(flag string) []string {
-	return []string{"KUBEZONNET_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))}
-}
-
 // Flags returns the remote-write flags for the server command. They are
 // built fresh on each call (no package-level flag state).
 func Flags() []cli.Flag {
 	return []cli.Flag{
-		&cli.StringSliceFlag{Name: flagURL, EnvVars: envVar(flagURL), Category: flagCategoryRemote,
+		&cli.StringSliceFlag{Name: flagURL, Category: flagCategoryRemote,
 			Usage: "remote-write endpoint URL, e.g. http://prometheus:9090/api/v1/write (repeatable; use --remote-write-config for auth, TLS and headers)"},
-		&cli.PathFlag{Name: flagConfig, EnvVars: envVar(flagConfig), Category: flagCategoryRemote,
+		&cli.PathFlag{Name: flagConfig, Category: flagCategoryRemote,
 			Usage: "YAML file listing endpoints (url, name, timeout, basic_auth, bearer_token_file, tls, headers), external_labels and ha"},
-		&cli.DurationFlag{Name: flagInterval, EnvVars: envVar(flagInterval), Category: flagCategoryRemote,
+		&cli.DurationFlag{Name: flagInterval, Category: flagCategoryRemote,
 			Value: DefaultPushInterval, Usage: "how often every live series is pushed"},
-		&cli.StringSliceFlag{Name: flagExternalLabel, EnvVars: envVar(flagExternalLabel), Category: flagCategoryRemote,
+		&cli.StringSliceFlag{Name: flagExternalLabel, Category: flagCategoryRemote,
 			Usage: "name=value label added to every pushed series, e.g. cluster=prod (repeatable)"},
-		&cli.BoolFlag{Name: flagRetryOn429, EnvVars: envVar(flagRetryOn429), Category: flagCategoryRemote,
+		&cli.BoolFlag{Name: flagRetryOn429, Category: flagCategoryRemote,
 			Value: true, Usage: "retry 429 Too Many Requests honouring Retry-After (turn off for Cortex/Mimir limits)"},
-		&cli.IntFlag{Name: flagMaxSeries, EnvVars: envVar(flagMaxSeries), Category: flagCategoryRemote,
+		&cli.IntFlag{Name: flagMaxSeries, Category: flagCategoryRemote,
 			Value: DefaultMaxSeriesPerRequest, Usage: "maximum series in one request"},
-		&cli.IntFlag{Name: flagShards, EnvVars: envVar(flagShards), Category: flagCategoryRemote,
+		&cli.IntFlag{Name: flagShards, Category: flagCategoryRemote,
 			Value: DefaultShards, Usage: "concurrent requests per endpoint"},
-		&cli.DurationFlag{Name: flagTimeout, EnvVars: envVar(flagTimeout), Category: flagCategoryRemote,
+		&cli.DurationFlag{Name: flagTimeout, Category: flagCategoryRemote,
 			Value: DefaultTimeout, Usage: "timeout of one request to an endpoint given with --remote-write-url"},
-		&cli.DurationFlag{Name: flagMinBackoff, EnvVars: envVar(flagMinBackoff), Category: flagCategoryRemote,
+		&cli.DurationFlag{Name: flagMinBackoff, Category: flagCategoryRemote,
 			Value: DefaultMinBackoff, Usage: "first wait before retrying a failed request"},
-		&cli.DurationFlag{Name: flagMaxBackoff, EnvVars: envVar(flagMaxBackoff), Category: flagCategoryRemote,
+		&cli.DurationFlag{Name: flagMaxBackoff, Category: flagCategoryRemote,
 			Value: DefaultMaxBackoff, Usage: "longest wait between retries"},
-		&cli.StringFlag{Name: flagHACluster, EnvVars: envVar(flagHACluster), Category: flagCategoryRemote,
+		&cli.StringFlag{Name: flagHACluster, Category: flagCategoryRemote,
 			Usage: "HA tracker cluster label value (Mimir/Cortex); needs --remote-write-ha-replica"},
-		&cli.StringFlag{Name: flagHAReplica, EnvVars: envVar(flagHAReplica), Category: flagCategoryRemote,
+		&cli.StringFlag{Name: flagHAReplica, Category: flagCategoryRemote,
 			Usage: "HA tracker replica label value, e.g. the pod name"},
 	}
 }

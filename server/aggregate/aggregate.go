@@ -72,8 +72,7 @@ type Flow struct {
 // (resolve.Classify of its endpoints) and which of its sides are unknown.
 // Both are cached per endpoint pair, so that once a pair is known neither
 // Apply nor its caller reads an endpoint: the endpoints of thousands of
-// pods do not stay in the CPU's caches, and reading them per flow made
-// ingest markedly slower (BenchmarkIngestPath, BENCHMARKS.md).
+// pods do not stay in the CPU's caches.
 type Placement struct {
 	Class   resolve.Class
 	Unknown uint8

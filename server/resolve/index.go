@@ -69,8 +69,7 @@ type nodeState struct {
 
 // addrKey is the map key of an address: its 16-byte form, which leaves out
 // the zone handle a netip.Addr carries (addresses are normalized first, so
-// IPv4 and IPv6 keys never collide). A separate uint32-keyed map for IPv4
-// measured slower, see BENCHMARKS.md.
+// IPv4 and IPv6 keys never collide), one map for both families.
 type addrKey [16]byte
 
 // slot returns the slot of a normalized address.
