@@ -394,4 +394,3 @@ func builderFlow(sb *remotewrite.SeriesBuilder, b []byte, f *flow.Record) []byte
 	sb.Sample(float64(f.Packets), 0)
 	return sb.AppendTo(b)
 }
-
