@@ -111,7 +111,9 @@ func TestSyncErrorAndReport(t *testing.T) {
 	if d := logLines(t, logs.String(), "informers synced")[0]["duration"]; d == nil || d == "" {
 		t.Errorf("informers synced without a duration: %v", d)
 	}
-	// No more warnings once synced: three intervals without one.
+	// No more warnings once synced: three intervals without one. An
+	// absence has no event to wait for; the sleep is the window in which a
+	// warning would have come.
 	n := len(logLines(t, logs.String(), msgWait))
 	time.Sleep(3 * every)
 	if got := len(logLines(t, logs.String(), msgWait)); got > n {
