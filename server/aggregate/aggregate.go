@@ -38,10 +38,17 @@ const (
 	MetricZonePairBytes   = "kubezonnet_zone_pair_bytes_total"
 	MetricZonePairPackets = "kubezonnet_zone_pair_packets_total"
 	MetricPodCrossZone    = "pod_cross_zone_network_traffic_bytes_total"
+	MetricServiceBytes    = "kubezonnet_service_bytes_total"
+	MetricServicePackets  = "kubezonnet_service_packets_total"
 	// Overflow is the pod label value of series that fold pod pairs beyond
 	// --max-pod-pairs into their workload pair.
 	Overflow = "_overflow"
 )
+
+// DefaultMaxServiceSeries bounds the workload-to-Service series unless
+// configured: a workload talks to few Services, and each of its series is
+// one per zone pair and avoidability.
+const DefaultMaxServiceSeries = 100_000
 
 // Config bounds and shapes the aggregation.
 type Config struct {
@@ -52,6 +59,10 @@ type Config struct {
 	// MaxPodPairs bounds the live pod-pair series; beyond it, new pairs
 	// fold into their workload pair's _overflow series.
 	MaxPodPairs int
+	// MaxServiceSeries bounds the live Service series of workloads;
+	// beyond it, new ones fold into the Service's _overflow workload. 0
+	// means DefaultMaxServiceSeries.
+	MaxServiceSeries int
 	// IdleTimeout expires series that received nothing for that long.
 	IdleTimeout time.Duration
 	// Now is the clock; nil means time.Now (tests inject theirs).
@@ -65,6 +76,12 @@ type Config struct {
 // it.
 type Flow struct {
 	Src, Dst *resolve.Endpoint
+	// Service is the Service the flow was addressed to, nil when it was
+	// not sent to a Service's virtual IP the resolver knows.
+	Service *resolve.Service
+	// Avoidable says that the flow crossed a zone while a ready endpoint
+	// of Service was in the source's zone (only with a Service).
+	Avoidable bool
 	flow.Counts
 }
 
@@ -94,6 +111,8 @@ const (
 	kindHostPair                   // pair without a pod side: already workload-grained
 	kindZone
 	kindCross
+	kindService       // workload to Service, counted against MaxServiceSeries
+	kindServiceFolded // workloads beyond MaxServiceSeries, per Service
 )
 
 // noRef marks a route without a pair or cross series.
@@ -102,16 +121,19 @@ const noRef = ^uint32(0)
 // twin reports whether a series of kind carries bytes and packets.
 func twin(kind seriesKind) bool { return kind != kindCross }
 
-// routeKey identifies a route by endpoint identity: pointer comparison and
-// hashing are what make the per-flow lookup cheap.
+// routeKey identifies a route by endpoint and Service identity: pointer
+// comparison and hashing are what make the per-flow lookup cheap.
 type routeKey struct {
-	src, dst *resolve.Endpoint
+	src, dst  *resolve.Endpoint
+	svc       *resolve.Service
+	avoidable bool
 }
 
-// route says where a flow's counts go (series refs; pair and cross may be
-// noRef), and caches what the endpoints' labels imply: the placement.
+// route says where a flow's counts go (series refs; pair, cross and svc
+// may be noRef), and caches what the endpoints' labels imply: the
+// placement.
 type route struct {
-	pair, zone, cross uint32
+	pair, zone, cross, svc uint32
 	Placement
 }
 
@@ -138,14 +160,21 @@ type Aggregator struct {
 	declared []uint32
 	decl     series.Series // scratch for reading a declared series
 
-	folded  *metrics.Counter
-	expired *metrics.Counter
+	folded    *metrics.Counter
+	foldedSvc *metrics.Counter
+	expired   *metrics.Counter
 }
 
 // New returns an aggregator registering its self-metrics in reg.
 func New(cfg Config, reg *metrics.Registry) (*Aggregator, error) {
 	if cfg.MaxPodPairs <= 0 {
 		return nil, fmt.Errorf("max pod pairs must be positive, got %d", cfg.MaxPodPairs)
+	}
+	if cfg.MaxServiceSeries < 0 {
+		return nil, fmt.Errorf("max service series must not be negative, got %d", cfg.MaxServiceSeries)
+	}
+	if cfg.MaxServiceSeries == 0 {
+		cfg.MaxServiceSeries = DefaultMaxServiceSeries
 	}
 	if cfg.IdleTimeout <= 0 {
 		return nil, fmt.Errorf("series idle timeout must be positive, got %s", cfg.IdleTimeout)
@@ -157,6 +186,8 @@ func New(cfg Config, reg *metrics.Registry) (*Aggregator, error) {
 		cfg:    cfg,
 		routes: map[routeKey]route{},
 		store:  series.New(),
+		foldedSvc: reg.Counter("kubezonnet_server_service_series_folded_total",
+			"Workload-to-Service series folded into the Service's _overflow workload because --max-service-series was reached (counted when a route is built)."),
 		folded: reg.Counter("kubezonnet_server_pod_pairs_folded_total",
 			"Pod pairs folded into an _overflow series because --max-pod-pairs was reached (counted when a pair's route is built, so a pair folds again after its route was evicted)."),
 		expired: reg.Counter("kubezonnet_server_series_expired_total",
@@ -177,7 +208,7 @@ func (a *Aggregator) Len() int {
 // maxRoutes bounds the route cache. Routes of untracked (same-zone) pairs
 // have no series behind them, so the cache is bounded on its own and
 // simply emptied when full; flows then rebuild their routes.
-func (a *Aggregator) maxRoutes() int { return 2*a.cfg.MaxPodPairs + 1<<16 }
+func (a *Aggregator) maxRoutes() int { return 2*(a.cfg.MaxPodPairs+a.cfg.MaxServiceSeries) + 1<<16 }
 
 // Apply adds flows observed at now (the server's receive time, which is
 // what idleness is measured against). With a journal, the change is
@@ -200,7 +231,7 @@ func (a *Aggregator) ApplyPlaced(now time.Time, flows []Flow, id *BatchID, place
 	}
 	for i := range flows {
 		f := &flows[i]
-		k := routeKey{f.Src, f.Dst}
+		k := routeKey{f.Src, f.Dst, f.Service, f.Avoidable && f.Service != nil}
 		r, ok := a.routes[k]
 		if !ok {
 			if len(a.routes) >= a.maxRoutes() {
@@ -232,6 +263,9 @@ func (a *Aggregator) add(r route, c flow.Counts, ts int64) {
 	if r.cross != noRef {
 		a.store.Add(r.cross, c.Bytes, 0, ts)
 	}
+	if r.svc != noRef {
+		a.store.Add(r.svc, c.Bytes, c.Packets, ts)
+	}
 }
 
 // tracked reports whether a class gets pod-pair series.
@@ -248,7 +282,7 @@ func (a *Aggregator) tracked(class resolve.Class) bool {
 // newRoute finds or creates the series a new endpoint pair feeds.
 func (a *Aggregator) newRoute(f *Flow, ts int64) route {
 	class := resolve.Classify(f.Src, f.Dst)
-	r := route{pair: noRef, cross: noRef, Placement: Placement{Class: class}}
+	r := route{pair: noRef, cross: noRef, svc: noRef, Placement: Placement{Class: class}}
 	if f.Src.Kind == resolve.KindUnknown {
 		r.Unknown |= SrcUnknown
 	}
@@ -281,6 +315,19 @@ func (a *Aggregator) newRoute(f *Flow, ts int64) route {
 			metrics.Label{Name: "pod", Value: f.Src.Pod})
 		a.scratch = dropEmpty(a.scratch)
 		r.cross = a.findOrCreate(kindCross, ts)
+	}
+	if f.Service != nil && f.Src.Kind == resolve.KindPod {
+		avoidable := f.Avoidable && class.CrossesZone()
+		a.scratch = serviceLabels(a.scratch[:0], MetricServiceBytes, f, avoidable, false)
+		if ref, ok := a.find(); ok {
+			r.svc = ref
+		} else if a.store.Count(kindService) < a.cfg.MaxServiceSeries {
+			r.svc = a.create(kindService, ts)
+		} else {
+			a.foldedSvc.Inc()
+			a.scratch = serviceLabels(a.scratch[:0], MetricServiceBytes, f, avoidable, true)
+			r.svc = a.findOrCreate(kindServiceFolded, ts)
+		}
 	}
 	return r
 }
@@ -319,6 +366,8 @@ func packetsName(kind seriesKind, ls []metrics.Label) string {
 		return MetricPodPairPackets
 	case MetricZonePairBytes:
 		return MetricZonePairPackets
+	case MetricServiceBytes:
+		return MetricServicePackets
 	}
 	panic("aggregate: no packets twin for " + ls[0].Value)
 }
@@ -414,7 +463,7 @@ func (a *Aggregator) expireLocked(now time.Time) {
 	// routes that point at a dead series loses nothing live.
 	isFree := func(ref uint32) bool { return ref != noRef && a.store.Kind(ref) == kindFree }
 	for k, r := range a.routes {
-		if isFree(r.zone) || isFree(r.pair) || isFree(r.cross) {
+		if isFree(r.zone) || isFree(r.pair) || isFree(r.cross) || isFree(r.svc) {
 			delete(a.routes, k)
 		}
 	}

@@ -178,7 +178,7 @@ func TestReplayRefuses(t *testing.T) {
 	}
 	type fl5 struct{ zone, pair, cross, bytes, packets uint64 }
 	batch := func(decls []decl, flows []fl5, trailing ...byte) []byte {
-		b := []byte{recBatch, 0}
+		b := []byte{recBatchNoService, 0}
 		b = binary.AppendVarint(b, fuzzStart.UnixNano())
 		b = binary.AppendUvarint(b, uint64(len(decls)))
 		for _, d := range decls {

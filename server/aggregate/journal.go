@@ -40,7 +40,8 @@ type BatchID struct {
 //
 //	batch:     id? (0|1, node, incarnation, seq), receive time (ns),
 //	           declarations (ref, kind, created ms, labels),
-//	           flows (zone ref, pair ref+1, cross ref+1, bytes, packets)
+//	           flows (zone ref, pair ref+1, cross ref+1, service ref+1,
+//	           bytes, packets)
 //	expire:    time (ns), refs
 //	delivered: push stamp (ms)
 //	pushed:    push stamp (ms): the series declared before it, not
@@ -48,12 +49,15 @@ type BatchID struct {
 //
 // A flow names refs rather than labels, and a series' labels are written
 // once, by the batch that created it: a batch of known pairs costs a few
-// bytes per flow.
+// bytes per flow. recBatchNoService is the batch record without the
+// service ref, which logs written by servers without Service series hold;
+// it still replays.
 const (
-	recBatch     byte = 1
-	recExpire    byte = 2
-	recDelivered byte = 3
-	recPushed    byte = 4
+	recBatchNoService byte = 1
+	recExpire         byte = 2
+	recDelivered      byte = 3
+	recPushed         byte = 4
+	recBatch          byte = 5
 )
 
 // errRecord wraps every reason a record is refused at replay.
@@ -71,6 +75,7 @@ func (a *Aggregator) recordFlow(r route, c flow.Counts) {
 	a.rec = binary.AppendUvarint(a.rec, uint64(r.zone))
 	a.rec = binary.AppendUvarint(a.rec, uint64(r.pair+1)) // noRef+1 == 0
 	a.rec = binary.AppendUvarint(a.rec, uint64(r.cross+1))
+	a.rec = binary.AppendUvarint(a.rec, uint64(r.svc+1))
 	a.rec = binary.AppendUvarint(a.rec, c.Bytes)
 	a.rec = binary.AppendUvarint(a.rec, c.Packets)
 }
@@ -286,6 +291,8 @@ func validLabels(kind seriesKind, ls []metrics.Label) error {
 		want = []string{MetricZonePairBytes}
 	case kindCross:
 		want = []string{MetricPodCrossZone}
+	case kindService, kindServiceFolded:
+		want = []string{MetricServiceBytes}
 	default:
 		return fmt.Errorf("%w: series kind %d", errRecord, kind)
 	}
@@ -323,7 +330,9 @@ func (a *Aggregator) Replay(rec []byte) (*BatchID, error) {
 	r := &reader{b: rec, intern: a.replayStrings}
 	switch typ := r.byte(); typ {
 	case recBatch:
-		return a.replayBatch(r)
+		return a.replayBatch(r, true)
+	case recBatchNoService:
+		return a.replayBatch(r, false)
 	case recExpire:
 		now := r.varint()
 		n := r.count(1)
@@ -381,7 +390,7 @@ func (a *Aggregator) Replay(rec []byte) (*BatchID, error) {
 	}
 }
 
-func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
+func (a *Aggregator) replayBatch(r *reader, withService bool) (*BatchID, error) {
 	var id *BatchID
 	switch r.byte() {
 	case 0:
@@ -463,7 +472,10 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 		}
 	}
 	for range nf {
-		rt := route{zone: r.ref(limit), pair: r.optRef(limit), cross: r.optRef(limit)}
+		rt := route{zone: r.ref(limit), pair: r.optRef(limit), cross: r.optRef(limit), svc: noRef}
+		if withService {
+			rt.svc = r.optRef(limit)
+		}
 		c := flow.Counts{Bytes: r.uvarint(), Packets: r.uvarint()}
 		if r.err != nil {
 			break
@@ -485,6 +497,13 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 				r.fail("flow to ref %d, not a cross-zone series", rt.cross)
 			}
 		}
+		if rt.svc != noRef {
+			if int(rt.svc) >= limit {
+				r.fail("service ref %d out of range", rt.svc)
+			} else if k := kindOf(rt.svc); k != kindService && k != kindServiceFolded {
+				r.fail("flow to ref %d, not a Service series", rt.svc)
+			}
+		}
 		if r.err != nil {
 			break
 		}
@@ -497,6 +516,7 @@ func (a *Aggregator) replayBatch(r *reader) (*BatchID, error) {
 		touch(rt.zone)
 		touch(rt.pair)
 		touch(rt.cross)
+		touch(rt.svc)
 		routes = append(routes, rt)
 		counts = append(counts, c)
 	}

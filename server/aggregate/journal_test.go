@@ -50,6 +50,12 @@ var (
 
 var diffEndpoints = []*resolve.Endpoint{webA, webA2, webB, dbB, dbBCopy, dbA, cacheC, nodeB, unknownEP, inet}
 
+// Services the differential test's flows may be addressed to (nil: none).
+var diffServices = []*resolve.Service{nil, nil, nil,
+	{Namespace: "shop", Name: "db", TrafficDistribution: "PreferSameZone"},
+	{Namespace: "infra", Name: "cache"},
+}
+
 // model is the differential test's view of what the aggregator must hold,
 // written from the series contract and Config's documentation rather than
 // from the implementation: series by their rendered labels, and the route
@@ -60,10 +66,19 @@ var diffEndpoints = []*resolve.Endpoint{webA, webA2, webB, dbB, dbBCopy, dbA, ca
 type model struct {
 	allPairs  bool
 	max       int
+	maxSvc    int
 	idle      time.Duration
 	series    map[string]*mSeries // by the bytes series' rendered labels
-	routes    map[[2]*resolve.Endpoint]mRoute
+	routes    map[mRouteKey]mRoute
 	delivered int64
+}
+
+// mRouteKey is what a route is built for: the endpoints, the Service and
+// whether the flow was avoidable (with a Service only).
+type mRouteKey struct {
+	s, d      *resolve.Endpoint
+	svc       *resolve.Service
+	avoidable bool
 }
 
 type mSeries struct {
@@ -72,6 +87,7 @@ type mSeries struct {
 	created        int64 // unix ms
 	last           int64 // unix ns
 	pair           bool  // counts against max pod pairs
+	svc            bool  // counts against max service series
 	// pushed: the stamp of the first push that held the series (0:
 	// none). Once a push at least as new is delivered, the series is
 	// pushed without a creation time.
@@ -79,11 +95,11 @@ type mSeries struct {
 }
 
 // mRoute holds the series a route feeds ("" for none).
-type mRoute struct{ zone, pair, cross string }
+type mRoute struct{ zone, pair, cross, svc string }
 
-func newModel(allPairs bool, max int, idle time.Duration) *model {
-	return &model{allPairs: allPairs, max: max, idle: idle,
-		series: map[string]*mSeries{}, routes: map[[2]*resolve.Endpoint]mRoute{}}
+func newModel(allPairs bool, max, maxSvc int, idle time.Duration) *model {
+	return &model{allPairs: allPairs, max: max, maxSvc: maxSvc, idle: idle,
+		series: map[string]*mSeries{}, routes: map[mRouteKey]mRoute{}}
 }
 
 func (m *model) clone() *model {
@@ -163,10 +179,32 @@ func (m *model) livePairs() int {
 	return n
 }
 
+func (m *model) liveSvc() int {
+	n := 0
+	for _, s := range m.series {
+		if s.svc {
+			n++
+		}
+	}
+	return n
+}
+
+func serviceSeries(metric string, s, d *resolve.Endpoint, svc *resolve.Service, avoidable, fold bool) string {
+	w, wk := s.Workload, s.WorkloadKind
+	if fold {
+		w, wk = "_overflow", ""
+	}
+	return labelString(metric, map[string]string{
+		"service_namespace": svc.Namespace, "service": svc.Name, "traffic_distribution": svc.TrafficDistribution,
+		"src_namespace": s.Namespace, "src_workload": w, "src_workload_kind": wk,
+		"src_zone": s.Zone, "dst_zone": d.Zone, "avoidable": strconv.FormatBool(avoidable),
+	})
+}
+
 // flow adds one flow at now and returns its class.
-func (m *model) flow(s, d *resolve.Endpoint, c flow.Counts, now time.Time) string {
+func (m *model) flow(s, d *resolve.Endpoint, svc *resolve.Service, avoidable bool, c flow.Counts, now time.Time) string {
 	class := modelClass(s, d)
-	k := [2]*resolve.Endpoint{s, d}
+	k := mRouteKey{s, d, svc, avoidable && svc != nil}
 	r, ok := m.routes[k]
 	if !ok {
 		zs := map[string]string{"src_zone": s.Zone, "dst_zone": d.Zone}
@@ -190,9 +228,24 @@ func (m *model) flow(s, d *resolve.Endpoint, c flow.Counts, now time.Time) strin
 			r.cross = m.ensure(labelString("pod_cross_zone_network_traffic_bytes_total",
 				map[string]string{"namespace": s.Namespace, "pod": s.Pod}), "", now, false)
 		}
+		if svc != nil && s.Kind == resolve.KindPod {
+			av := avoidable && (class == "cross-zone" || class == "cross-region")
+			key := serviceSeries("kubezonnet_service_bytes_total", s, d, svc, av, false)
+			pkts := serviceSeries("kubezonnet_service_packets_total", s, d, svc, av, false)
+			switch {
+			case m.series[key] != nil:
+				r.svc = key
+			case m.liveSvc() < m.maxSvc:
+				r.svc = m.ensure(key, pkts, now, false)
+				m.series[key].svc = true
+			default:
+				r.svc = m.ensure(serviceSeries("kubezonnet_service_bytes_total", s, d, svc, av, true),
+					serviceSeries("kubezonnet_service_packets_total", s, d, svc, av, true), now, false)
+			}
+		}
 		m.routes[k] = r
 	}
-	for _, key := range []string{r.zone, r.pair, r.cross} {
+	for _, key := range []string{r.zone, r.pair, r.cross, r.svc} {
 		if key == "" {
 			continue
 		}
@@ -214,7 +267,7 @@ func (m *model) expire(now time.Time) {
 		}
 	}
 	for k, r := range m.routes {
-		for _, key := range []string{r.zone, r.pair, r.cross} {
+		for _, key := range []string{r.zone, r.pair, r.cross, r.svc} {
 			if key != "" && m.series[key] == nil {
 				delete(m.routes, k)
 				break
@@ -343,13 +396,17 @@ func TestJournalDifferential(t *testing.T) {
 	}
 }
 
+// maxSvcSeries is the differential test's --max-service-series: small,
+// so that Service series fold too.
+const maxSvcSeries = 4
+
 func runDifferential(t *testing.T, rng *rand.Rand, allPairs bool, maxPairs, steps int) {
 	const idle = time.Minute
 	clock := time.Unix(1_700_000_000, 0)
 	now := func() time.Time { return clock }
 	j := &memJournal{}
 	newAgg := func(journal Journal) *Aggregator {
-		a, err := New(Config{AllPairs: allPairs, MaxPodPairs: maxPairs, IdleTimeout: idle, Now: now, Journal: journal}, metrics.New())
+		a, err := New(Config{AllPairs: allPairs, MaxPodPairs: maxPairs, MaxServiceSeries: maxSvcSeries, IdleTimeout: idle, Now: now, Journal: journal}, metrics.New())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -357,7 +414,7 @@ func runDifferential(t *testing.T, rng *rand.Rand, allPairs bool, maxPairs, step
 	}
 	ref := newAgg(nil) // never restarted, no journal
 	live := newAgg(j)
-	refModel := newModel(allPairs, maxPairs, idle)
+	refModel := newModel(allPairs, maxPairs, maxSvcSeries, idle)
 	liveModel := refModel.clone()
 	var cps []checkpoint
 	var seq uint64
@@ -397,9 +454,10 @@ func runDifferential(t *testing.T, rng *rand.Rand, allPairs bool, maxPairs, step
 			for i := range flows {
 				s, d := diffEndpoints[rng.IntN(len(diffEndpoints))], diffEndpoints[rng.IntN(len(diffEndpoints))]
 				c := flow.Counts{Bytes: 1 + uint64(rng.IntN(10_000)), Packets: 1 + uint64(rng.IntN(10))}
-				flows[i] = Flow{Src: s, Dst: d, Counts: c}
-				classes[i] = refModel.flow(s, d, c, clock)
-				if lc := liveModel.flow(s, d, c, clock); lc != classes[i] {
+				svc, avoidable := diffServices[rng.IntN(len(diffServices))], rng.IntN(2) == 0
+				flows[i] = Flow{Src: s, Dst: d, Service: svc, Avoidable: avoidable, Counts: c}
+				classes[i] = refModel.flow(s, d, svc, avoidable, c, clock)
+				if lc := liveModel.flow(s, d, svc, avoidable, c, clock); lc != classes[i] {
 					t.Fatalf("models disagree on the class of a flow: %s, %s", lc, classes[i])
 				}
 			}

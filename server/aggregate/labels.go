@@ -1,6 +1,8 @@
 package aggregate
 
 import (
+	"strconv"
+
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/server/resolve"
 )
@@ -30,6 +32,28 @@ func pairLabels(dst []metrics.Label, name string, f *Flow, class resolve.Class, 
 		metrics.Label{Name: "src_workload", Value: f.Src.Workload},
 		metrics.Label{Name: "src_workload_kind", Value: f.Src.WorkloadKind},
 		metrics.Label{Name: "src_zone", Value: f.Src.Zone},
+	)
+	return dropEmpty(dst)
+}
+
+// serviceLabels appends the labels of a workload-to-Service series named
+// name; fold replaces the source workload with Overflow.
+func serviceLabels(dst []metrics.Label, name string, f *Flow, avoidable, fold bool) []metrics.Label {
+	workload, kind := f.Src.Workload, f.Src.WorkloadKind
+	if fold {
+		workload, kind = Overflow, ""
+	}
+	dst = append(dst,
+		metrics.Label{Name: "__name__", Value: name},
+		metrics.Label{Name: "avoidable", Value: strconv.FormatBool(avoidable)},
+		metrics.Label{Name: "dst_zone", Value: f.Dst.Zone},
+		metrics.Label{Name: "service", Value: f.Service.Name},
+		metrics.Label{Name: "service_namespace", Value: f.Service.Namespace},
+		metrics.Label{Name: "src_namespace", Value: f.Src.Namespace},
+		metrics.Label{Name: "src_workload", Value: workload},
+		metrics.Label{Name: "src_workload_kind", Value: kind},
+		metrics.Label{Name: "src_zone", Value: f.Src.Zone},
+		metrics.Label{Name: "traffic_distribution", Value: f.Service.TrafficDistribution},
 	)
 	return dropEmpty(dst)
 }

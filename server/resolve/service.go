@@ -1,0 +1,14 @@
+package resolve
+
+// Service is a Kubernetes Service as the series see it: what a flow
+// addressed to the Service's virtual IP (before kube-proxy rewrote it to
+// a backend) is attributed to. The resolver hands out one pointer per
+// Service and replaces it, never changes it, when a label it carries
+// changes, so that consumers may key caches by the pointer as they do by
+// Endpoint pointers.
+type Service struct {
+	Namespace, Name string
+	// TrafficDistribution is the Service's spec.trafficDistribution
+	// (PreferSameZone, PreferClose, PreferSameNode), empty when unset.
+	TrafficDistribution string
+}
