@@ -420,7 +420,7 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 		}
 		if in.flog.Enabled(p.Class) {
 			logged.Events = append(logged.Events, flowlog.Event{Time: at, Node: b.Node, Src: f.Src, Dst: f.Dst,
-				Record: b.Flows[index[i]], Class: p.Class})
+				Record: b.Flows[index[i]], Class: p.Class, Service: f.Service, Avoidable: f.Avoidable})
 		}
 	}
 	if logged != nil {

@@ -37,6 +37,10 @@ func slogEvent(h slog.Handler, e *Event) error {
 	}
 	r.AddAttrs(slog.Uint64("port", uint64(e.Port)), slog.String("proto", flow.ProtoName(e.Proto)),
 		slog.Uint64("bytes", e.Bytes), slog.Uint64("packets", e.Packets), slog.String("class", e.Class.String()))
+	if e.Service != nil {
+		r.AddAttrs(slog.String("service_namespace", e.Service.Namespace), slog.String("service", e.Service.Name),
+			slog.Bool("avoidable", e.Avoidable))
+	}
 	return h.Handle(context.Background(), r)
 }
 
@@ -53,7 +57,9 @@ func TestAppendEventMatchesSlog(t *testing.T) {
 	e := benchEvent()
 	odd := e
 	odd.Dst = &resolve.Endpoint{Kind: resolve.KindStatic, Workload: "rds \"main\"\n\\ü\x01", WorkloadKind: "Static", Zone: "zone-c"}
-	for _, ev := range []Event{e, odd} {
+	svc := e
+	svc.Service, svc.Avoidable = &resolve.Service{Namespace: "shop", Name: "db", TrafficDistribution: "PreferSameZone"}, true
+	for _, ev := range []Event{e, odd, svc} {
 		var want bytes.Buffer
 		if err := slogEvent(slog.NewJSONHandler(&want, nil), &ev); err != nil {
 			t.Fatal(err)

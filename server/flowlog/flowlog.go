@@ -77,6 +77,10 @@ type Event struct {
 	Src, Dst *resolve.Endpoint
 	flow.Record
 	Class resolve.Class
+	// Service is the Service the flow was addressed to, nil for none;
+	// Avoidable as in aggregate.Flow.
+	Service   *resolve.Service
+	Avoidable bool
 }
 
 // Batch is the events of one agent batch, queued as a whole. It is handed
@@ -230,6 +234,14 @@ func AppendEvent(b []byte, e *Event) []byte {
 	b = strconv.AppendUint(b, e.Packets, 10)
 	b = append(b, `,"class":`...)
 	b = appendString(b, e.Class.String())
+	if e.Service != nil {
+		b = append(b, `,"service_namespace":`...)
+		b = appendString(b, e.Service.Namespace)
+		b = append(b, `,"service":`...)
+		b = appendString(b, e.Service.Name)
+		b = append(b, `,"avoidable":`...)
+		b = strconv.AppendBool(b, e.Avoidable)
+	}
 	return append(b, "}\n"...)
 }
 
