@@ -11,6 +11,7 @@ import (
 	"github.com/kubezonnet/kubezonnet/internal/command"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
 	"github.com/kubezonnet/kubezonnet/internal/wire"
+	"github.com/kubezonnet/kubezonnet/server/aggregate"
 	"github.com/kubezonnet/kubezonnet/server/flowlog"
 	"github.com/kubezonnet/kubezonnet/server/resolve"
 )
@@ -54,6 +55,7 @@ type Config struct {
 	TokenAudience       string // audience of the agents' projected tokens ("" = API server's)
 	AllPairs            bool
 	MaxPodPairs         int // 0: derived from the memory limit by Run (memlimit.go)
+	MaxServiceSeries    int // 0: aggregate.DefaultMaxServiceSeries
 	SeriesIdleTimeout   time.Duration
 	FlowLogClasses      flowlog.ClassSet
 	FlowLogFile         string // "" or "-": stdout
@@ -90,6 +92,7 @@ func Flags() []cli.Flag {
 		&cli.PathFlag{Name: "static-endpoints-file", Usage: "YAML file of static endpoints (name, zone, region, CIDRs)"},
 		&cli.BoolFlag{Name: "all-pairs", Usage: "keep pod-pair series for every class, same-zone included"},
 		&cli.IntFlag{Name: "max-pod-pairs", Usage: "live pod-pair series before new pairs fold into their workload pair (_overflow); 0 derives it from the memory limit (GOMEMLIMIT, else the cgroup v2 memory.max; ~2.1 KB of limit per pair)"},
+		&cli.IntFlag{Name: "max-service-series", Value: aggregate.DefaultMaxServiceSeries, Usage: "live workload-to-Service series (kubezonnet_service_*) before new ones fold into the Service's _overflow workload"},
 		&cli.DurationFlag{Name: "series-idle-timeout", Value: DefaultSeriesIdleTimeout, Usage: "series without traffic for this long expire"},
 		&cli.DurationFlag{Name: "released-ip-ttl", Value: resolve.DefaultReleasedIPTTL, Usage: "how long a deleted pod's address still resolves to it for flows seen before"},
 		&cli.DurationFlag{Name: "released-ip-reuse-window", Value: resolve.DefaultReuseWindow, Usage: "how much earlier than the informer shows it a new pod may hold a released address: flows after the release go to such a pod, and a batch with such a source address of the agent's node is answered 503 until the new pod is known or the window passed (0: flows after a release go to the released pod)"},
@@ -120,6 +123,7 @@ func ConfigFromCLI(c *cli.Context) (Config, error) {
 		TokenAudience:       c.String("token-audience"),
 		AllPairs:            c.Bool("all-pairs"),
 		MaxPodPairs:         c.Int("max-pod-pairs"),
+		MaxServiceSeries:    c.Int("max-service-series"),
 		SeriesIdleTimeout:   c.Duration("series-idle-timeout"),
 		FlowLogFile:         c.String("flow-log-file"),
 		MaxBodyBytes:        c.Int64("max-request-bytes"),
@@ -174,6 +178,9 @@ func (c *Config) Validate() error {
 	case AuthNone:
 	default:
 		errs = append(errs, fmt.Errorf("--auth-mode %q: want %s, %s or %s", c.AuthMode, AuthToken, AuthTokenReview, AuthNone))
+	}
+	if c.MaxServiceSeries < 0 {
+		errs = append(errs, fmt.Errorf("--max-service-series %d: must not be negative", c.MaxServiceSeries))
 	}
 	if c.MaxPodPairs < 0 {
 		errs = append(errs, fmt.Errorf("--max-pod-pairs %d: must not be negative (0 derives it from the memory limit)", c.MaxPodPairs))

@@ -58,10 +58,11 @@ func newServer(cfg *Config, d deps) (*Server, error) {
 	}
 	dd := newDedup(cfg.IncarnationTTL, cfg.MaxIncarnations, d.reg)
 	acfg := aggregate.Config{
-		AllPairs:    cfg.AllPairs,
-		MaxPodPairs: cfg.MaxPodPairs,
-		IdleTimeout: cfg.SeriesIdleTimeout,
-		Now:         d.now,
+		AllPairs:         cfg.AllPairs,
+		MaxPodPairs:      cfg.MaxPodPairs,
+		MaxServiceSeries: cfg.MaxServiceSeries,
+		IdleTimeout:      cfg.SeriesIdleTimeout,
+		Now:              d.now,
 	}
 	var st *durable
 	if cfg.StateDir != "" {
