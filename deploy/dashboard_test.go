@@ -89,15 +89,17 @@ func TestDashboardPanels(t *testing.T) {
 		t.Error("dashboard has no uid (provisioned copies would duplicate)")
 	}
 	want := map[string]string{ // title prefix -> required transformation ("" for none)
-		"Zone-pair matrix":                "groupingToMatrix",
-		"Top cross-zone workload pairs":   "",
-		"Top cross-zone sending pods":     "",
-		"Estimated traffic cost":          "",
-		"Monthly cost by workload pair":   "",
-		"Seconds since each agent's last": "",
-		"Remote-write samples":            "",
-		"Unresolved flows":                "",
-		"Dropped bytes":                 "",
+		"Zone-pair matrix":                 "groupingToMatrix",
+		"Top cross-zone workload pairs":    "",
+		"Top cross-zone sending pods":      "",
+		"Estimated traffic cost":           "",
+		"Monthly cost by workload pair":    "",
+		"Seconds since each agent's last":  "",
+		"Remote-write samples":             "",
+		"Unresolved flows":                 "",
+		"Dropped bytes":                    "",
+		"Services by avoidable cross-zone": "merge",
+		"Avoidable cross-zone bytes/s":     "",
 	}
 	for prefix, transform := range want {
 		found := false

@@ -21,6 +21,8 @@ import (
 var knownSeries = []string{
 	"kubezonnet_pod_pair_bytes_total",
 	"kubezonnet_zone_pair_bytes_total",
+	"kubezonnet_service_bytes_total",
+	"kubezonnet_service_packets_total",
 	"kubezonnet_agent_last_send_timestamp_seconds",
 	"kubezonnet_agent_flows_total",
 	"kubezonnet_agent_dropped_bytes_total",
