@@ -37,10 +37,14 @@ type Cluster struct {
 	owners map[string]metav1.OwnerReference // pods' direct owner by workload key
 	labels map[string]map[string]string     // pods' labels by workload key
 
-	mu    sync.Mutex
-	nodes map[string]*corev1.Node
-	slots map[string]*slot // by slot name (see Pod)
-	gen   int
+	mu       sync.Mutex
+	nodes    map[string]*corev1.Node
+	slots    map[string]*slot // by slot name (see Pod)
+	services map[string]*serviceState
+	// kubeProxy: the nodes' Service rules are programmed (a built
+	// network, ProgramKubeProxy) and follow endpoint readiness.
+	kubeProxy bool
+	gen       int
 }
 
 // slot is a place a pod runs: a topology pod namespace, or a host-network
@@ -66,7 +70,7 @@ func CreateCluster(ctx context.Context, c kubernetes.Interface, spec Spec, topo 
 	cl := &Cluster{
 		Spec: spec, Topology: topo, client: c,
 		owners: map[string]metav1.OwnerReference{}, labels: map[string]map[string]string{},
-		nodes: map[string]*corev1.Node{}, slots: map[string]*slot{},
+		nodes: map[string]*corev1.Node{}, slots: map[string]*slot{}, services: map[string]*serviceState{},
 	}
 	for _, ns := range spec.Nodes {
 		tn := topo.Node(ns.Name)
@@ -108,6 +112,11 @@ func CreateCluster(ctx context.Context, c kubernetes.Interface, spec Spec, topo 
 			}
 			s.pod = pod
 			cl.slots[s.name] = s
+		}
+	}
+	for _, svc := range spec.Services {
+		if err := cl.createService(ctx, svc); err != nil {
+			return nil, err
 		}
 	}
 	return cl, nil

@@ -43,7 +43,8 @@ type Options struct {
 	// os.TempDir().
 	TempDir string
 	// ServiceClusterIPRange is --service-cluster-ip-range; it must not
-	// overlap the pod CIDRs. Empty means 10.96.0.0/16.
+	// overlap the pod CIDRs. Empty means 10.96.0.0/16,fd00:96::/112
+	// (dual-stack Services).
 	ServiceClusterIPRange string
 	// StartTimeout bounds one attempt to get to /readyz once the binaries
 	// exist. Zero means 60s.
@@ -94,7 +95,7 @@ func StartControlPlane(ctx context.Context, opts Options) (*ControlPlane, error)
 		}
 	}
 	if opts.ServiceClusterIPRange == "" {
-		opts.ServiceClusterIPRange = "10.96.0.0/16"
+		opts.ServiceClusterIPRange = "10.96.0.0/16,fd00:96::/112"
 	}
 	if opts.StartTimeout == 0 {
 		opts.StartTimeout = 60 * time.Second

@@ -139,6 +139,11 @@ func StartEnv(ctx context.Context, opts EnvOptions) (_ *Env, err error) {
 	if e.Cluster, err = CreateCluster(ctx, admin, spec, e.Topology); err != nil {
 		return nil, err
 	}
+	if opts.Network {
+		if err := e.Cluster.ProgramKubeProxy(ctx); err != nil {
+			return nil, err
+		}
+	}
 	e.ServerKubeconfig = filepath.Join(dir, "server.kubeconfig")
 	e.AgentKubeconfig = filepath.Join(dir, "agent.kubeconfig")
 	for path, sa := range map[string]string{e.ServerKubeconfig: ServerServiceAccount, e.AgentKubeconfig: AgentServiceAccount} {

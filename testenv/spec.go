@@ -35,6 +35,8 @@ type Spec struct {
 	Offloads bool
 	// StaticHosts are hosts outside the cluster (see testnet.Spec).
 	StaticHosts []string
+	// Services of the cluster, with kube-proxy's rules on a built network.
+	Services []Service
 }
 
 // NodeSpec is one node.
@@ -144,6 +146,20 @@ func (s Spec) Validate() error {
 				return fmt.Errorf("spec: pod name %q of workload %q is not unique", name, w.Key())
 			}
 			pods[name] = true
+		}
+	}
+	byKey := map[string]Workload{}
+	for _, w := range s.Workloads {
+		byKey[w.Key()] = w
+	}
+	services := map[string]bool{}
+	for _, svc := range s.Services {
+		if services[svc.Key()] {
+			return fmt.Errorf("spec: service %q listed twice", svc.Key())
+		}
+		services[svc.Key()] = true
+		if err := svc.validate(byKey); err != nil {
+			return err
 		}
 	}
 	return nil
