@@ -42,6 +42,10 @@ const (
 	// others of the range, so more than a few owners within the window
 	// never happen.
 	maxHoldersPerVIP = 4
+	// maxZones bounds the distinct zone names remembered. Clusters span
+	// a handful of zones; this only guards against endpoints naming
+	// garbage zones, whose readiness is then not tracked.
+	maxZones = 1024
 )
 
 // IP protocol numbers of the protocols a Service port can have.
@@ -133,15 +137,43 @@ type svcState struct {
 	info            *svcInfo              // nil: no Service object now
 	vips            []vipKey              // held now
 	slices          map[string]zoneCounts // by EndpointSlice name
-	zones           map[string]*zoneHistory
+	zones           []zoneHistory
 	deletedAt       int64 // when the Service was seen deleted; 0 if never
 }
 
 // counts are a zone's ready endpoints and ready endpoints hinted for it.
 type counts struct{ ready, hinted int32 }
 
-// zoneCounts are one EndpointSlice's counts per zone.
-type zoneCounts map[string]counts
+// zoneCounts are one EndpointSlice's counts per zone: a short list (a
+// slice spans a few zones), smaller than a map.
+type zoneCounts []zoneCount
+
+type zoneCount struct {
+	zone string
+	counts
+}
+
+// get returns the counts of zone (zero when absent).
+func (zc zoneCounts) get(zone string) counts {
+	for _, c := range zc {
+		if c.zone == zone {
+			return c.counts
+		}
+	}
+	return counts{}
+}
+
+// add adds to the counts of zone.
+func (zc *zoneCounts) add(zone string, ready, hinted int32) {
+	for i := range *zc {
+		if c := &(*zc)[i]; c.zone == zone {
+			c.ready += ready
+			c.hinted += hinted
+			return
+		}
+	}
+	*zc = append(*zc, zoneCount{zone: zone, counts: counts{ready: ready, hinted: hinted}})
+}
 
 // transition is a zone's counts from time at (Unix nanoseconds) on.
 type transition struct {
@@ -149,48 +181,70 @@ type transition struct {
 	counts
 }
 
-// zoneHistory is the recent readiness of one Service in one zone, oldest
-// first. The first transition always starts at heldSinceStart, so every
-// time has a state: a zone that gets endpoints later starts with a zero
-// transition, and when old transitions are forgotten the oldest kept one
-// answers for all earlier times.
+// zoneID is an interned zone name: a lookup compares it instead of a
+// string, which keeps a Service's zones in one small array.
+type zoneID uint16
+
+// zoneHistory is the recent readiness of one Service in one zone: its
+// latest transition and, oldest first, the ones before. The oldest always
+// starts at heldSinceStart, so every time has a state: a zone that gets
+// endpoints later starts with a zero transition, and when old transitions
+// are forgotten the oldest kept one answers for all earlier times. The
+// latest is kept apart so the common query, about the last few seconds,
+// reads no other memory.
 type zoneHistory struct {
-	ts []transition
+	zone  zoneID
+	last  transition
+	older []transition
 }
 
 // at returns the counts at time t.
 func (h *zoneHistory) at(t int64) counts {
-	for i := len(h.ts) - 1; i > 0; i-- {
-		if h.ts[i].at <= t {
-			return h.ts[i].counts
+	if t >= h.last.at {
+		return h.last.counts
+	}
+	for i := len(h.older) - 1; i > 0; i-- {
+		if h.older[i].at <= t {
+			return h.older[i].counts
 		}
 	}
-	return h.ts[0].counts
+	return h.older[0].counts
+}
+
+// len is the number of transitions kept.
+func (h *zoneHistory) len() int { return len(h.older) + 1 }
+
+// nth returns the i-th transition, oldest first.
+func (h *zoneHistory) nth(i int) *transition {
+	if i < len(h.older) {
+		return &h.older[i]
+	}
+	return &h.last
 }
 
 // set records the counts c from time t on, forgetting transitions that
 // can no longer answer a query: those superseded before cutoff (the
 // window) and those beyond maxZoneTransitions.
 func (h *zoneHistory) set(t int64, c counts, cutoff int64) {
-	last := &h.ts[len(h.ts)-1]
 	switch {
-	case last.counts == c:
+	case h.last.counts == c:
 		return
-	case t <= last.at:
+	case t <= h.last.at:
 		// Same informer time (or the clock went back): the newer event
 		// wins.
-		last.counts = c
+		h.last.counts = c
 	default:
-		h.ts = append(h.ts, transition{at: t, counts: c})
+		h.older = append(h.older, h.last)
+		h.last = transition{at: t, counts: c}
 	}
 	drop := 0
-	for drop+1 < len(h.ts) && h.ts[drop+1].at <= cutoff {
+	for drop+1 < h.len() && h.nth(drop+1).at <= cutoff {
 		drop++
 	}
-	drop = max(drop, len(h.ts)-maxZoneTransitions)
+	drop = max(drop, h.len()-maxZoneTransitions)
 	if drop > 0 {
-		h.ts = append(h.ts[:0], h.ts[drop:]...)
-		h.ts[0].at = heldSinceStart
+		h.older = append(h.older[:0], h.older[drop:]...)
+		h.nth(0).at = heldSinceStart
 	}
 }
 
@@ -216,7 +270,9 @@ type serviceTable struct {
 	byName map[string]*svcState // namespace/name
 	// sliceOf is the state each EndpointSlice counts in, by the slice's
 	// namespace/name.
-	sliceOf  map[string]*svcState
+	sliceOf map[string]*svcState
+	// zoneIDs interns the zones EndpointSlices name; at most maxZones.
+	zoneIDs  map[string]zoneID
 	vips     map[vipKey][]vipHolder
 	released []releasedVIP // oldest first
 	deleted  []deletedSvc  // oldest first
@@ -233,6 +289,7 @@ func newServiceTable(window, reuse time.Duration) *serviceTable {
 	return &serviceTable{
 		byName:      make(map[string]*svcState),
 		sliceOf:     make(map[string]*svcState),
+		zoneIDs:     make(map[string]zoneID),
 		vips:        make(map[vipKey][]vipHolder),
 		window:      int64(window),
 		reuse:       int64(reuse),
@@ -291,7 +348,11 @@ func (t *serviceTable) holderAt(hs []vipHolder, at int64) *svcInfo {
 func (t *serviceTable) readyInZone(st *svcState, zone string, at int64) (ready, hinted bool) {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	h := st.zones[zone]
+	id, ok := t.zoneIDs[zone]
+	if !ok {
+		return false, false
+	}
+	h := st.zoneHistory(id)
 	if h == nil {
 		return false, false
 	}
@@ -304,7 +365,7 @@ func (t *serviceTable) stateLocked(namespace, name string) *svcState {
 	k := namespace + "/" + name
 	st := t.byName[k]
 	if st == nil {
-		st = &svcState{namespace: namespace, name: name, slices: make(map[string]zoneCounts), zones: make(map[string]*zoneHistory)}
+		st = &svcState{namespace: namespace, name: name, slices: make(map[string]zoneCounts)}
 		t.byName[k] = st
 	}
 	return st
@@ -495,12 +556,12 @@ func (t *serviceTable) setSliceLocked(st *svcState, slice string, c zoneCounts, 
 	} else {
 		st.slices[slice] = c
 	}
-	for z := range old {
-		t.recountLocked(st, z, at, now)
+	for _, z := range old {
+		t.recountLocked(st, z.zone, at, now)
 	}
-	for z := range c {
-		if _, done := old[z]; !done {
-			t.recountLocked(st, z, at, now)
+	for _, z := range c {
+		if !slices.ContainsFunc(old, func(o zoneCount) bool { return o.zone == z.zone }) {
+			t.recountLocked(st, z.zone, at, now)
 		}
 	}
 	t.gcLocked(st)
@@ -511,52 +572,67 @@ func (t *serviceTable) setSliceLocked(st *svcState, slice string, c zoneCounts, 
 func (t *serviceTable) recountLocked(st *svcState, zone string, at, now int64) {
 	var total counts
 	for _, c := range st.slices {
-		z := c[zone]
+		z := c.get(zone)
 		total.ready += z.ready
 		total.hinted += z.hinted
 	}
-	h := st.zones[zone]
+	id, ok := t.zoneIDs[zone]
+	if !ok {
+		if total == (counts{}) || len(t.zoneIDs) >= maxZones {
+			return
+		}
+		id = zoneID(len(t.zoneIDs))
+		t.zoneIDs[zone] = id
+	}
+	h := st.zoneHistory(id)
 	if h == nil {
 		if total == (counts{}) {
 			return
 		}
-		// Before now, the zone had nothing.
-		h = &zoneHistory{ts: []transition{{at: heldSinceStart}}}
-		st.zones[zone] = h
+		// Before at, the zone had nothing.
+		st.zones = append(st.zones, zoneHistory{zone: id, last: transition{at: heldSinceStart}})
+		h = &st.zones[len(st.zones)-1]
 	}
 	h.set(at, total, now-t.window)
-	if len(h.ts) == 1 && h.ts[0].counts == (counts{}) {
-		delete(st.zones, zone) // nothing in the window: the zero answer
+	if h.len() == 1 && h.last.counts == (counts{}) {
+		// Nothing in the window: the zero answer, which needs no entry.
+		*h = st.zones[len(st.zones)-1]
+		st.zones = st.zones[:len(st.zones)-1]
 	}
+}
+
+// zoneHistory returns the history of zone id, nil if it has none.
+func (st *svcState) zoneHistory(id zoneID) *zoneHistory {
+	for i := range st.zones {
+		if st.zones[i].zone == id {
+			return &st.zones[i]
+		}
+	}
+	return nil
 }
 
 // sliceCounts counts one EndpointSlice's ready endpoints per zone, and
 // per zone the ready endpoints hinted for it. An unset ready condition
 // means ready, as the EndpointSlice API says.
 func sliceCounts(es *discoveryv1.EndpointSlice) zoneCounts {
-	c := make(zoneCounts)
+	c := zoneCounts{}
 	for i := range es.Endpoints {
 		e := &es.Endpoints[i]
 		if e.Conditions.Ready != nil && !*e.Conditions.Ready {
 			continue
 		}
 		if e.Zone != nil && *e.Zone != "" {
-			z := c[*e.Zone]
-			z.ready++
-			c[*e.Zone] = z
+			c.add(*e.Zone, 1, 0)
 		}
 		if e.Hints != nil {
 			for _, fz := range e.Hints.ForZones {
-				if fz.Name == "" {
-					continue
+				if fz.Name != "" {
+					c.add(fz.Name, 0, 1)
 				}
-				z := c[fz.Name]
-				z.hinted++
-				c[fz.Name] = z
 			}
 		}
 	}
-	return c
+	return slices.Clip(c)
 }
 
 // serviceVIPs returns the virtual IP, port and protocol triples of a

@@ -457,16 +457,16 @@ func TestZoneHistory(t *testing.T) {
 	// Ready from 10 to 20, not from 20 to 30, and so on.
 	readyAt := func(x int64) int32 { return int32((x / 10) % 2) }
 	for _, window := range []int64{100, 1 << 40} {
-		h := &zoneHistory{ts: []transition{{at: heldSinceStart}}}
+		h := &zoneHistory{last: transition{at: heldSinceStart}}
 		const changes = 2 * maxZoneTransitions
 		for i := int64(1); i <= changes; i++ {
 			h.set(i*10, counts{ready: readyAt(i * 10)}, i*10-window)
-			if len(h.ts) > maxZoneTransitions {
-				t.Fatalf("window %d, after %d changes: %d transitions kept", window, i, len(h.ts))
+			if h.len() > maxZoneTransitions {
+				t.Fatalf("window %d, after %d changes: %d transitions kept", window, i, h.len())
 			}
 		}
-		if h.ts[0].at != heldSinceStart {
-			t.Errorf("window %d: oldest transition at %d, want heldSinceStart", window, h.ts[0].at)
+		if h.nth(0).at != heldSinceStart {
+			t.Errorf("window %d: oldest transition at %d, want heldSinceStart", window, h.nth(0).at)
 		}
 		last := int64(changes * 10)
 		oldest := max(last-window, last-(maxZoneTransitions-1)*10)
@@ -475,14 +475,14 @@ func TestZoneHistory(t *testing.T) {
 				t.Fatalf("window %d: at %d ready %d, want %d", window, x, got, readyAt(x))
 			}
 		}
-		if got := h.at(math.MinInt64 + 1).ready; got != h.ts[0].ready {
-			t.Errorf("window %d: before every transition: ready %d, want the oldest kept %d", window, got, h.ts[0].ready)
+		if got := h.at(math.MinInt64 + 1).ready; got != h.nth(0).ready {
+			t.Errorf("window %d: before every transition: ready %d, want the oldest kept %d", window, got, h.nth(0).ready)
 		}
 		// The same time twice: the later event wins, no new transition.
-		n := len(h.ts)
+		n := h.len()
 		h.set(last, counts{ready: 5}, last-window)
-		if len(h.ts) != n || h.at(last).ready != 5 {
-			t.Errorf("window %d, same-time change: %d transitions (want %d), ready %d (want 5)", window, len(h.ts), n, h.at(last).ready)
+		if h.len() != n || h.at(last).ready != 5 {
+			t.Errorf("window %d, same-time change: %d transitions (want %d), ready %d (want 5)", window, h.len(), n, h.at(last).ready)
 		}
 	}
 }
