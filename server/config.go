@@ -96,7 +96,7 @@ func Flags() []cli.Flag {
 		&cli.BoolFlag{Name: "all-pairs", Usage: "keep pod-pair series for every class, same-zone included"},
 		&cli.IntFlag{Name: "max-pod-pairs", Usage: "live pod-pair series before new pairs fold into their workload pair (_overflow); 0 derives it from the memory limit (GOMEMLIMIT, else the cgroup v2 memory.max; ~2.1 KB of limit per pair)"},
 		&cli.DurationFlag{Name: "series-idle-timeout", Value: DefaultSeriesIdleTimeout, Usage: "series without traffic for this long expire"},
-		&cli.DurationFlag{Name: "released-ip-ttl", Value: resolve.DefaultReleasedIPTTL, Usage: "how long a deleted pod's address still resolves to it for flows seen before"},
+		&cli.DurationFlag{Name: "released-ip-ttl", Value: resolve.DefaultReleasedIPTTL, Usage: "how long a deleted pod's address still resolves to it for flows seen before; also how long a deleted Service's virtual IP still names it, and how far back the readiness of Service endpoints per zone is remembered"},
 		&cli.DurationFlag{Name: "released-ip-reuse-window", Value: resolve.DefaultReuseWindow, Usage: "how much earlier than the informer shows it a new pod may hold a released address: flows after the release go to such a pod, and a batch with such a source address of the agent's node is answered 503 until the new pod is known or the window passed (0: flows after a release go to the released pod)"},
 		&cli.IntFlag{Name: "released-ip-cache-size", Value: resolve.DefaultReleasedIPCacheSize, Usage: "released addresses remembered"},
 		&cli.StringSliceFlag{Name: "flow-log-classes", Value: cli.NewStringSlice(resolve.ClassCrossZone.String()), Usage: "classes of flows to log (" + strings.Join(resolve.ClassNames(), ", ") + ", all, none)"},
