@@ -407,14 +407,12 @@ func (t *serviceTable) upsertService(s *corev1.Service, now int64, initial bool)
 	if initial {
 		since = heldSinceStart
 	}
-	held := st.vips[:0:0]
 	for _, k := range want {
 		if !slices.Contains(st.vips, k) {
 			t.claimLocked(st.info, k, since, now)
 		}
-		held = append(held, k)
 	}
-	st.vips = held
+	st.vips = want
 }
 
 // deleteService applies a deleted Service (uid "" when unknown): its

@@ -543,3 +543,52 @@ func TestServiceTransforms(t *testing.T) {
 		t.Error("service transform changed a non-Service")
 	}
 }
+
+// TestServiceConcurrent: lookups run while the informers change the
+// Service and its endpoints (run with -race).
+func TestServiceConcurrent(t *testing.T) {
+	f := newFixture(t, fixtureOpts{objs: []runtime.Object{
+		web80(),
+		slice("shop", "web-1", "web", discoveryv1.AddressTypeIPv4, ready("z-a", "z-a")),
+	}})
+	dst := netip.MustParseAddrPort("10.96.1.1:80")
+	stop := make(chan struct{})
+	done := make(chan int)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				done <- n
+				return
+			default:
+			}
+			now := f.clock()
+			if svc, ok := f.r.Service(dst, protoTCP, now); ok {
+				svc.ReadyInZone("z-a", now)
+				n++
+			}
+		}
+	}()
+	for i := 1; i <= 20; i++ {
+		at := base.Add(time.Duration(i) * time.Second)
+		e := ready("z-a", "z-a")
+		if i%2 == 1 {
+			e = notReady("z-a")
+		}
+		f.updateSlice(at, slice("shop", "web-1", "web", discoveryv1.AddressTypeIPv4, e))
+		f.updateService(at, service("shop", "web", []string{"10.96.1.1"}, []string{"80", fmt.Sprint(8000 + i)}))
+	}
+	close(stop)
+	if n := <-done; n == 0 {
+		t.Error("no lookup succeeded")
+	}
+	// The last maxZoneTransitions states are remembered.
+	svc, _ := f.r.Service(dst, protoTCP, base.Add(20*time.Second))
+	for i := 20 - maxZoneTransitions + 1; i <= 20; i++ {
+		at := base.Add(time.Duration(i)*time.Second + time.Millisecond)
+		if ready, hinted := svc.ReadyInZone("z-a", at); ready != (i%2 == 0) || hinted != ready {
+			t.Errorf("at %ds: ready %v, hinted %v; want %v", i, ready, hinted, i%2 == 0)
+		}
+	}
+}
