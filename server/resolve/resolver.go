@@ -212,6 +212,9 @@ func (r *Resolver) HasSynced() bool { return r.synced.Load() }
 // Stats counts what the index holds, for self-metrics.
 type Stats struct {
 	Pods, Nodes, PodIPs, HostIPs, ReleasedIPs int
+	// Services are the Services known now; ServiceVIPs the virtual IP,
+	// port and protocol triples indexed, released ones included.
+	Services, ServiceVIPs int
 }
 
 // Stats returns the current sizes of the index.
@@ -229,6 +232,14 @@ func (r *Resolver) Stats() Stats {
 	}
 	for _, s := range r.ix.addrs {
 		count(s)
+	}
+	r.svc.mu.RLock()
+	defer r.svc.mu.RUnlock()
+	st.ServiceVIPs = len(r.svc.vips)
+	for _, s := range r.svc.byName {
+		if s.info != nil {
+			st.Services++
+		}
 	}
 	return st
 }
@@ -332,7 +343,7 @@ func (r *Resolver) Run(ctx context.Context) error {
 	}
 	r.synced.Store(true)
 	st := r.Stats()
-	r.log.Info("informers synced", "duration", time.Since(start).Round(time.Millisecond).String(), "pods", st.Pods, "nodes", st.Nodes, "pod_ips", st.PodIPs, "host_ips", st.HostIPs)
+	r.log.Info("informers synced", "duration", time.Since(start).Round(time.Millisecond).String(), "pods", st.Pods, "nodes", st.Nodes, "pod_ips", st.PodIPs, "host_ips", st.HostIPs, "services", st.Services, "service_vips", st.ServiceVIPs)
 	<-ctx.Done()
 	return nil
 }

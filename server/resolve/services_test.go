@@ -421,10 +421,16 @@ func TestServiceForgotten(t *testing.T) {
 	if v, s, r, d := sizes(); v != 4 || s != 1 || r != 4 || d != 1 {
 		t.Errorf("within the window: %d virtual IPs, %d states, %d released, %d deleted; want 4, 1, 4, 1", v, s, r, d)
 	}
+	if st := f.r.Stats(); st.Services != 0 || st.ServiceVIPs != 4 {
+		t.Errorf("Stats within the window: %d Services, %d virtual IPs; want 0, 4", st.Services, st.ServiceVIPs)
+	}
 	// Any later event expires what the window no longer covers.
 	f.createService(base.Add(10*time.Second+ttl+time.Second), service("shop", "api", []string{"10.96.1.2"}, []string{"80"}))
 	if v, s, r, d := sizes(); v != 1 || s != 1 || r != 0 || d != 0 {
 		t.Errorf("after the window: %d virtual IPs, %d states, %d released, %d deleted; want 1, 1, 0, 0", v, s, r, d)
+	}
+	if st := f.r.Stats(); st.Services != 1 || st.ServiceVIPs != 1 {
+		t.Errorf("Stats: %d Services, %d virtual IPs; want 1, 1", st.Services, st.ServiceVIPs)
 	}
 }
 
