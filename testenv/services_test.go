@@ -94,21 +94,21 @@ func TestResolverServicesOnAPIServer(t *testing.T) {
 	waitFor("the resolver to sync", res.HasSynced)
 
 	dst := netip.AddrPortFrom(vip, 80)
-	got, ok := res.Service(dst, 6, time.Now())
-	if !ok || got.Namespace != ns || got.Name != "web" || got.TrafficDistribution != td {
-		t.Fatalf("Service(%s, tcp) = %+v, %v; want %s/web with %s", dst, got, ok, ns, td)
+	got := res.Service(dst, 6, time.Now())
+	if got == nil || got.Namespace != ns || got.Name != "web" || got.TrafficDistribution != td {
+		t.Fatalf("Service(%s, tcp) = %+v; want %s/web with %s", dst, got, ns, td)
 	}
-	if got, ok := res.Service(netip.AddrPortFrom(vip, 53), 17, time.Now()); !ok || got.Name != "web" {
-		t.Errorf("Service(%s:53, udp) = %+v, %v; want %s/web", vip, got, ok, ns)
+	if got := res.Service(netip.AddrPortFrom(vip, 53), 17, time.Now()); got == nil || got.Name != "web" {
+		t.Errorf("Service(%s:53, udp) = %+v; want %s/web", vip, got, ns)
 	}
-	if _, ok := res.Service(netip.AddrPortFrom(vip, 53), 6, time.Now()); ok {
-		t.Errorf("Service(%s:53, tcp) found a Service; the port is UDP only", vip)
+	if got := res.Service(netip.AddrPortFrom(vip, 53), 6, time.Now()); got != nil {
+		t.Errorf("Service(%s:53, tcp) = %+v; the port is UDP only", vip, got)
 	}
 	now := time.Now()
-	if r, h := got.ReadyInZone("z-a", now); !r || !h {
+	if r, h := res.ReadyInZone(got, "z-a", now); !r || !h {
 		t.Errorf("z-a: ready %v, hinted %v; want both", r, h)
 	}
-	if r, h := got.ReadyInZone("z-b", now); r || h {
+	if r, h := res.ReadyInZone(got, "z-b", now); r || h {
 		t.Errorf("z-b: ready %v, hinted %v; want neither (its endpoint is not ready)", r, h)
 	}
 
@@ -120,10 +120,10 @@ func TestResolverServicesOnAPIServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor("z-a to turn not ready", func() bool {
-		r, _ := got.ReadyInZone("z-a", time.Now())
+		r, _ := res.ReadyInZone(got, "z-a", time.Now())
 		return !r
 	})
-	if r, _ := got.ReadyInZone("z-a", before); !r {
+	if r, _ := res.ReadyInZone(got, "z-a", before); !r {
 		t.Error("z-a not ready before its endpoint turned not ready")
 	}
 
@@ -132,10 +132,9 @@ func TestResolverServicesOnAPIServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor("the deletion", func() bool {
-		_, ok := res.Service(dst, 6, time.Now().Add(ttl+time.Second))
-		return !ok
+		return res.Service(dst, 6, time.Now().Add(ttl+time.Second)) == nil
 	})
-	if got, ok := res.Service(dst, 6, time.Now()); !ok || got.Name != "web" {
-		t.Errorf("right after the deletion, Service(%s) = %+v, %v; want %s/web", dst, got, ok, ns)
+	if got := res.Service(dst, 6, time.Now()); got == nil || got.Name != "web" {
+		t.Errorf("right after the deletion, Service(%s) = %+v; want %s/web", dst, got, ns)
 	}
 }

@@ -248,14 +248,14 @@ func BenchmarkServiceLookup(b *testing.B) {
 		dsts[i] = netip.AddrPortFrom(ip, 443)
 		unknown[i] = netip.AddrPortFrom(benchIPv4(i), 443)
 		zones[i] = fmt.Sprintf("z-%d", i%benchZones)
-		svc, ok := r.Service(dsts[i], protoTCP, at)
-		if !ok {
+		svc := r.Service(dsts[i], protoTCP, at)
+		if svc == nil {
 			b.Fatalf("%s: no Service", dsts[i])
 		}
-		if ready, hinted := svc.ReadyInZone(zones[i], at); !ready || !hinted {
+		if ready, hinted := r.ReadyInZone(svc, zones[i], at); !ready || !hinted {
 			b.Fatalf("%s in %s: ready %v, hinted %v", dsts[i], zones[i], ready, hinted)
 		}
-		if before, _ := svc.ReadyInZone(zones[i], base.Add(1500*time.Millisecond)); before {
+		if before, _ := r.ReadyInZone(svc, zones[i], base.Add(1500*time.Millisecond)); before {
 			b.Fatalf("%s in %s: ready while its endpoints were not", dsts[i], zones[i])
 		}
 	}
@@ -264,17 +264,14 @@ func BenchmarkServiceLookup(b *testing.B) {
 		run  func(i int) bool
 	}{
 		{"vip", func(i int) bool {
-			_, ok := r.Service(dsts[i], protoTCP, at)
-			return ok
+			return r.Service(dsts[i], protoTCP, at) != nil
 		}},
 		{"vip+zone", func(i int) bool {
-			svc, _ := r.Service(dsts[i], protoTCP, at)
-			ready, _ := svc.ReadyInZone(zones[i], at)
+			ready, _ := r.ReadyInZone(r.Service(dsts[i], protoTCP, at), zones[i], at)
 			return ready
 		}},
 		{"unknown", func(i int) bool {
-			_, ok := r.Service(unknown[i], protoTCP, at)
-			return ok
+			return r.Service(unknown[i], protoTCP, at) != nil
 		}},
 	} {
 		b.Run(c.name, func(b *testing.B) {

@@ -74,11 +74,11 @@
 // # Services
 //
 // Flows may carry the destination the client addressed before kube-proxy
-// translated it: a Service's virtual IP and port. Service maps such a
-// destination (address, port and IP protocol) to the Service, with its
-// spec.trafficDistribution, through an index of every address of
+// translated it: a Service's virtual IP and port. Resolver.Service maps
+// such a destination (address, port and IP protocol) to the *Service,
+// with its spec.trafficDistribution, through an index of every address of
 // spec.clusterIPs with every port; headless and ExternalName Services
-// have no virtual IP. ServiceInfo.ReadyInZone then says whether, when the
+// have no virtual IP. Resolver.ReadyInZone then says whether, when the
 // flow was observed, the Service had a ready endpoint in the client's zone
 // and whether a ready endpoint was hinted for that zone: a Service asking
 // for zone-local routing with a ready endpoint in the client's zone should

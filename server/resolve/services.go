@@ -55,49 +55,34 @@ const (
 	protoSCTP = 132
 )
 
-// ServiceInfo is the Service that a virtual IP, port and protocol belonged
-// to when a flow was observed. It is a small value (strings shared with
-// the resolver, nothing to free) so the ingest path can keep it without
-// allocating; ReadyInZone reads the endpoint history behind it.
-type ServiceInfo struct {
-	// Namespace and Name name the Service.
-	Namespace, Name string
-	// TrafficDistribution is the Service's spec.trafficDistribution as
-	// last seen ("PreferSameZone", "PreferClose", "PreferSameNode", or
-	// empty when unset): whether the Service asked for zone-local routing,
-	// which turns cross-zone bytes to it into a misrouting rather than a
-	// cost of the design.
-	TrafficDistribution string
-
-	st  *svcState
-	tab *serviceTable
-}
-
-// ReadyInZone reports, for the time at, whether the Service had a ready
-// endpoint in zone (an EndpointSlice endpoint with conditions.ready true
-// or unset and that zone) and whether a ready endpoint carried a topology
-// hint for zone (hints.forZones). Both are false for an empty zone, a
-// zone without endpoints, and the zero ServiceInfo. The answer changes at
-// the time this server's informer saw the EndpointSlice change; see
-// doc.go. It does not allocate and is safe for concurrent use.
-func (s ServiceInfo) ReadyInZone(zone string, at time.Time) (ready, hinted bool) {
-	if s.tab == nil || zone == "" {
+// ReadyInZone reports, for the time at, whether svc had a ready endpoint
+// in zone (an EndpointSlice endpoint with conditions.ready true or unset
+// and that zone) and whether a ready endpoint carried a topology hint for
+// zone (hints.forZones): whether a flow from zone to svc had a local
+// endpoint to go to. Both are false for a nil svc, one the resolver did
+// not hand out, an empty zone and a zone without endpoints. The answer
+// changes at the time this server's informer saw the EndpointSlice
+// change (see doc.go). It does not allocate and is safe for concurrent
+// use.
+func (r *Resolver) ReadyInZone(svc *Service, zone string, at time.Time) (ready, hinted bool) {
+	if svc == nil || svc.st == nil || zone == "" {
 		return false, false
 	}
-	return s.tab.readyInZone(s.st, zone, at.UnixNano())
+	return r.svc.readyInZone(svc.st, zone, at.UnixNano())
 }
 
 // Service returns the Service whose virtual IP and port dst was, for
 // protocol proto (an IP protocol number: 6 TCP, 17 UDP, 132 SCTP), when
-// a flow was observed at time at; false when none is known. The address
+// a flow was observed at time at; nil when none is known. The address
 // may be IPv4, IPv6 or IPv4-mapped. Headless and ExternalName Services
 // have no virtual IP and are never returned. A deleted Service, or a port
 // it no longer serves, still answers for flows up to Config.ReleasedIPTTL
 // after the informer saw the change; a flow older than every Service
 // remembered for the address goes to the oldest. Before the informers have
 // synced, Services not listed yet are unknown. It does not allocate and
-// is safe for concurrent use.
-func (r *Resolver) Service(dst netip.AddrPort, proto uint8, at time.Time) (ServiceInfo, bool) {
+// is safe for concurrent use; the *Service is shared and immutable (see
+// Service).
+func (r *Resolver) Service(dst netip.AddrPort, proto uint8, at time.Time) *Service {
 	return r.svc.lookup(dst, proto, at.UnixNano())
 }
 
@@ -114,19 +99,12 @@ type vipKey struct {
 // nanoseconds; heldSinceStart for Services of the initial list, heldNow
 // while it still holds it).
 type vipHolder struct {
-	svc          *svcInfo
+	svc          *Service
 	since, until int64
 }
 
 // heldNow is the "until" of a holder that still holds its address.
 const heldNow = math.MaxInt64
-
-// svcInfo is the part of a Service that lookups return. It is replaced,
-// never modified, when the Service changes.
-type svcInfo struct {
-	namespace, name, trafficDistribution string
-	st                                   *svcState
-}
 
 // svcState is everything known of one namespace/name: the Service object
 // (nil while there is none: not seen yet, or deleted), its EndpointSlices'
@@ -134,7 +112,7 @@ type svcInfo struct {
 type svcState struct {
 	namespace, name string
 	uid             types.UID
-	info            *svcInfo              // nil: no Service object now
+	info            *Service              // handed out; nil: no Service object now
 	vips            []vipKey              // held now
 	slices          map[string]zoneCounts // by EndpointSlice name
 	zones           []zoneHistory
@@ -253,7 +231,7 @@ func (h *zoneHistory) set(t int64, c counts, cutoff int64) {
 type releasedVIP struct {
 	at  int64
 	key vipKey
-	svc *svcInfo
+	svc *Service
 }
 
 // deletedSvc is a Service's deletion, queued likewise.
@@ -299,23 +277,19 @@ func newServiceTable(window, reuse time.Duration) *serviceTable {
 }
 
 // lookup is Resolver.Service with the time in Unix nanoseconds.
-func (t *serviceTable) lookup(dst netip.AddrPort, proto uint8, at int64) (ServiceInfo, bool) {
+func (t *serviceTable) lookup(dst netip.AddrPort, proto uint8, at int64) *Service {
 	ip := normalize(dst.Addr())
 	if !ip.IsValid() {
-		return ServiceInfo{}, false
+		return nil
 	}
 	key := vipKey{addr: ip.As16(), port: dst.Port(), proto: proto}
 	t.mu.RLock()
 	defer t.mu.RUnlock()
 	hs := t.vips[key]
 	if len(hs) == 0 {
-		return ServiceInfo{}, false
+		return nil
 	}
-	svc := t.holderAt(hs, at)
-	if svc == nil {
-		return ServiceInfo{}, false
-	}
-	return ServiceInfo{Namespace: svc.namespace, Name: svc.name, TrafficDistribution: svc.trafficDistribution, st: svc.st, tab: t}, true
+	return t.holderAt(hs, at)
 }
 
 // holderAt picks the Service of a virtual IP at time at among its
@@ -324,7 +298,7 @@ func (t *serviceTable) lookup(dst netip.AddrPort, proto uint8, at int64) (Servic
 // its release, the next holder if it was seen at most the reuse window
 // after at, else the released one within the window, else none. A flow
 // older than every holder goes to the oldest.
-func (t *serviceTable) holderAt(hs []vipHolder, at int64) *svcInfo {
+func (t *serviceTable) holderAt(hs []vipHolder, at int64) *Service {
 	for i := len(hs) - 1; i >= 0; i-- {
 		h := &hs[i]
 		if at < h.since {
@@ -389,8 +363,9 @@ func (t *serviceTable) upsertService(s *corev1.Service, now int64, initial bool)
 	if s.Spec.TrafficDistribution != nil {
 		td = *s.Spec.TrafficDistribution
 	}
-	if st.info == nil || st.info.trafficDistribution != td {
-		info := &svcInfo{namespace: s.Namespace, name: s.Name, trafficDistribution: td, st: st}
+	if st.info == nil || st.info.TrafficDistribution != td {
+		// A new pointer, never a changed one: consumers key by it.
+		info := &Service{Namespace: s.Namespace, Name: s.Name, TrafficDistribution: td, st: st}
 		for _, k := range st.vips {
 			hs := t.vips[k]
 			hs[len(hs)-1].svc = info
@@ -440,7 +415,7 @@ func (t *serviceTable) releaseAllLocked(st *svcState, now int64) {
 
 // claimLocked makes svc the holder of k. A holder that still has it (its
 // change not delivered yet) loses it now.
-func (t *serviceTable) claimLocked(svc *svcInfo, k vipKey, since, now int64) {
+func (t *serviceTable) claimLocked(svc *Service, k vipKey, since, now int64) {
 	hs := t.vips[k]
 	if n := len(hs); n > 0 && hs[n-1].until == heldNow {
 		prev := hs[n-1].svc.st
@@ -463,7 +438,7 @@ func (t *serviceTable) releaseLocked(st *svcState, k vipKey, now int64) {
 	}
 }
 
-func (t *serviceTable) queueReleaseLocked(k vipKey, svc *svcInfo, now int64) {
+func (t *serviceTable) queueReleaseLocked(k vipKey, svc *Service, now int64) {
 	t.released = append(t.released, releasedVIP{at: now, key: k, svc: svc})
 }
 

@@ -387,19 +387,19 @@ func TestService(t *testing.T) {
 func checkService(t *testing.T, r *Resolver, ck svcLookup) {
 	t.Helper()
 	at := base.Add(ck.at)
-	got, ok := r.Service(netip.MustParseAddrPort(ck.dst), ck.proto, at)
-	name := ""
-	if ok {
-		name = got.Namespace + "/" + got.Name
+	got := r.Service(netip.MustParseAddrPort(ck.dst), ck.proto, at)
+	name, td := "", ""
+	if got != nil {
+		name, td = got.Namespace+"/"+got.Name, got.TrafficDistribution
 	}
-	if name != ck.want || got.TrafficDistribution != ck.td {
-		t.Errorf("Service(%s, %d) at %s = %q (%q), want %q (%q)", ck.dst, ck.proto, ck.at, name, got.TrafficDistribution, ck.want, ck.td)
+	if name != ck.want || td != ck.td {
+		t.Errorf("Service(%s, %d) at %s = %q (%q), want %q (%q)", ck.dst, ck.proto, ck.at, name, td, ck.want, ck.td)
 		return
 	}
 	for _, z := range ck.zones {
-		r, h := got.ReadyInZone(z.zone, at)
-		if r != z.ready || h != z.hinted {
-			t.Errorf("%s ReadyInZone(%q) at %s = ready %v, hinted %v; want %v, %v", name, z.zone, ck.at, r, h, z.ready, z.hinted)
+		ready, hinted := r.ReadyInZone(got, z.zone, at)
+		if ready != z.ready || hinted != z.hinted {
+			t.Errorf("%s ReadyInZone(%q) at %s = ready %v, hinted %v; want %v, %v", name, z.zone, ck.at, ready, hinted, z.ready, z.hinted)
 		}
 	}
 }
@@ -448,10 +448,10 @@ func TestServiceBounds(t *testing.T) {
 	if len(tab.released) != 2 || len(tab.deleted) != 1 || len(tab.vips) != 2 {
 		t.Errorf("%d released, %d deleted, %d virtual IPs; want 2, 1, 2", len(tab.released), len(tab.deleted), len(tab.vips))
 	}
-	if _, ok := tab.lookup(netip.MustParseAddrPort("10.96.1.0:80"), protoTCP, now); ok {
+	if tab.lookup(netip.MustParseAddrPort("10.96.1.0:80"), protoTCP, now) != nil {
 		t.Error("the oldest released virtual IP still answers")
 	}
-	if _, ok := tab.lookup(netip.MustParseAddrPort("10.96.1.2:80"), protoTCP, now); !ok {
+	if tab.lookup(netip.MustParseAddrPort("10.96.1.2:80"), protoTCP, now) == nil {
 		t.Error("the newest released virtual IP does not answer")
 	}
 }
@@ -497,11 +497,13 @@ func TestZoneHistory(t *testing.T) {
 // still syncs, and knows no virtual IP.
 func TestServicesForbidden(t *testing.T) {
 	f := newFixture(t, fixtureOpts{forbidServices: true, objs: []runtime.Object{web80()}})
-	if _, ok := f.r.Service(netip.MustParseAddrPort("10.96.1.1:80"), protoTCP, base); ok {
-		t.Error("a Service was found without permission to list them")
+	if svc := f.r.Service(netip.MustParseAddrPort("10.96.1.1:80"), protoTCP, base); svc != nil {
+		t.Errorf("%+v found without permission to list Services", svc)
 	}
-	if r, h := (ServiceInfo{}).ReadyInZone("z-a", base); r || h {
-		t.Error("the zero ServiceInfo is ready or hinted")
+	for _, svc := range []*Service{nil, {Namespace: "shop", Name: "web"}} {
+		if r, h := f.r.ReadyInZone(svc, "z-a", base); r || h {
+			t.Errorf("ReadyInZone(%+v) = %v, %v for a Service the resolver did not hand out", svc, r, h)
+		}
 	}
 }
 
@@ -570,8 +572,8 @@ func TestServiceConcurrent(t *testing.T) {
 			default:
 			}
 			now := f.clock()
-			if svc, ok := f.r.Service(dst, protoTCP, now); ok {
-				svc.ReadyInZone("z-a", now)
+			if svc := f.r.Service(dst, protoTCP, now); svc != nil {
+				f.r.ReadyInZone(svc, "z-a", now)
 				n++
 			}
 		}
@@ -590,11 +592,35 @@ func TestServiceConcurrent(t *testing.T) {
 		t.Error("no lookup succeeded")
 	}
 	// The last maxZoneTransitions states are remembered.
-	svc, _ := f.r.Service(dst, protoTCP, base.Add(20*time.Second))
+	svc := f.r.Service(dst, protoTCP, base.Add(20*time.Second))
 	for i := 20 - maxZoneTransitions + 1; i <= 20; i++ {
 		at := base.Add(time.Duration(i)*time.Second + time.Millisecond)
-		if ready, hinted := svc.ReadyInZone("z-a", at); ready != (i%2 == 0) || hinted != ready {
+		if ready, hinted := f.r.ReadyInZone(svc, "z-a", at); ready != (i%2 == 0) || hinted != ready {
 			t.Errorf("at %ds: ready %v, hinted %v; want %v", i, ready, hinted, i%2 == 0)
 		}
+	}
+}
+
+// TestServicePointer: the resolver hands out one pointer per Service,
+// kept while nothing it carries changes and replaced, never modified,
+// when the traffic distribution changes, so consumers may key by it.
+func TestServicePointer(t *testing.T) {
+	f := newFixture(t, fixtureOpts{objs: []runtime.Object{web80()}})
+	dst := netip.MustParseAddrPort("10.96.1.1:80")
+	first := f.r.Service(dst, protoTCP, base)
+	f.updateService(base.Add(10*time.Second), service("shop", "web", []string{"10.96.1.1"}, []string{"80", "443"}))
+	if got := f.r.Service(dst, protoTCP, base.Add(11*time.Second)); got != first {
+		t.Errorf("a new port gave a new pointer: %p, want %p", got, first)
+	}
+	if got := f.r.Service(netip.MustParseAddrPort("10.96.1.1:443"), protoTCP, base.Add(11*time.Second)); got != first {
+		t.Errorf("the new port's Service is %p, want %p", got, first)
+	}
+	f.updateService(base.Add(20*time.Second), service("shop", "web", []string{"10.96.1.1"}, []string{"80"}, trafficDistribution("PreferSameZone")))
+	second := f.r.Service(dst, protoTCP, base.Add(21*time.Second))
+	if second == first || second.TrafficDistribution != "PreferSameZone" {
+		t.Errorf("after the traffic distribution changed: %p %+v, want a new pointer with PreferSameZone", second, second)
+	}
+	if first.TrafficDistribution != "" {
+		t.Errorf("the former pointer was modified: %+v", first)
 	}
 }
