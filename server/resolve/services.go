@@ -31,8 +31,8 @@ const (
 	maxZoneTransitions = 16
 	// maxReleasedVIPs bounds the virtual IP and port pairs remembered after
 	// their Service was deleted or stopped serving them: more than a
-	// 500-node cluster deletes within --released-ip-ttl, even when tests
-	// create and delete Services in a loop.
+	// 500-node cluster deletes within --released-ip-ttl, even with CI
+	// jobs creating and deleting Services in a loop.
 	maxReleasedVIPs = 16384
 	// maxDeletedServices bounds the deleted Services whose endpoint
 	// history is kept for late flows, for the same reason.
