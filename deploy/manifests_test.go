@@ -106,6 +106,8 @@ func TestServerRBAC(t *testing.T) {
 	want := map[string][]string{ // "group/resource" -> verbs
 		"/pods":                              {"get", "list", "watch"},
 		"/nodes":                             {"get", "list", "watch"},
+		"/services":                          {"list", "watch"},
+		"discovery.k8s.io/endpointslices":    {"list", "watch"},
 		"apps/replicasets":                   {"get", "list", "watch"},
 		"batch/jobs":                         {"get", "list", "watch"},
 		"authentication.k8s.io/tokenreviews": {"create"},

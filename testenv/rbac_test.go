@@ -31,7 +31,8 @@ func clientFromKubeconfig(t *testing.T, path string) *kubernetes.Clientset {
 
 // Issue 6, acceptance 6: the server's ServiceAccount, bound to the
 // ClusterRole in deploy/, can do what the server does (list and watch pods,
-// nodes, replicasets and jobs; create tokenreviews) and cannot read
+// nodes, services, endpointslices, replicasets and jobs; create
+// tokenreviews) and cannot read
 // Secrets. Both the authorizer's answer (SelfSubjectAccessReview) and real
 // requests are checked, through the kubeconfig the server is given.
 func TestServerServiceAccountPermissions(t *testing.T) {
@@ -57,6 +58,12 @@ func TestServerServiceAccountPermissions(t *testing.T) {
 		{"get", "", "pods", "shop", true},
 		{"list", "", "nodes", "", true},
 		{"watch", "", "nodes", "", true},
+		{"list", "", "services", "", true},
+		{"watch", "", "services", "", true},
+		{"list", "discovery.k8s.io", "endpointslices", "", true},
+		{"watch", "discovery.k8s.io", "endpointslices", "", true},
+		{"update", "", "services", "shop", false},
+		{"delete", "discovery.k8s.io", "endpointslices", "shop", false},
 		{"list", "apps", "replicasets", "", true},
 		{"watch", "apps", "replicasets", "", true},
 		{"list", "batch", "jobs", "", true},
@@ -101,6 +108,12 @@ func TestServerServiceAccountPermissions(t *testing.T) {
 	}
 	if _, err := c.BatchV1().Jobs("").List(ctx, metav1.ListOptions{}); err != nil {
 		t.Errorf("list jobs: %v", err)
+	}
+	if _, err := c.CoreV1().Services("").List(ctx, metav1.ListOptions{}); err != nil {
+		t.Errorf("list services: %v", err)
+	}
+	if _, err := c.DiscoveryV1().EndpointSlices("").List(ctx, metav1.ListOptions{}); err != nil {
+		t.Errorf("list endpointslices: %v", err)
 	}
 	w, err := c.CoreV1().Pods("").Watch(ctx, metav1.ListOptions{ResourceVersion: pods.ResourceVersion})
 	if err != nil {

@@ -61,6 +61,7 @@ var Components = []Component{
 	}},
 	{Name: "resolve", Commands: []string{
 		`go test -run '^$' -bench 'BenchmarkResolve|BenchmarkIndexMemory' -benchmem -count 3 -cpu 1 ./server/resolve/`,
+		`go test -run '^$' -bench 'BenchmarkServiceLookup|BenchmarkServiceMemory' -benchmem -count 3 -cpu 1 ./server/resolve/`,
 	}},
 	{Name: "scale", Verbatim: true, Commands: []string{
 		`go run ./testenv/scale/cmd/scale`,

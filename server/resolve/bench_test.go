@@ -9,6 +9,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 )
 
 const (
@@ -165,4 +166,166 @@ func heapInUse() int64 {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	return int64(m.HeapAlloc)
+}
+
+const (
+	benchServices = 5000
+	benchZones    = 3
+)
+
+// benchService is a dual-stack Service with two TCP ports and one UDP
+// port, and its two EndpointSlices (one per family) with an endpoint in
+// each zone, hinted for its own zone.
+func benchService(i int) (*corev1.Service, []*discoveryv1.EndpointSlice) {
+	ns, name := "ns-"+fmt.Sprint(i%50), fmt.Sprintf("svc-%d", i)
+	s := service(ns, name, []string{benchVIPv4(i).String(), benchVIPv6(i).String()}, []string{"80", "443", "53/UDP"},
+		trafficDistribution(corev1.ServiceTrafficDistributionPreferSameZone))
+	var eps []ep
+	for z := range benchZones {
+		eps = append(eps, ready(fmt.Sprintf("z-%d", z), fmt.Sprintf("z-%d", z)))
+	}
+	return s, []*discoveryv1.EndpointSlice{
+		slice(ns, name+"-v4", name, discoveryv1.AddressTypeIPv4, eps...),
+		slice(ns, name+"-v6", name, discoveryv1.AddressTypeIPv6, eps...),
+	}
+}
+
+func benchVIPv4(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)}) }
+
+func benchVIPv6(i int) netip.Addr {
+	return netip.AddrFrom16([16]byte{0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, byte(i >> 8), byte(i)})
+}
+
+// newBenchServices indexes benchServices Services through the same
+// transforms and table updates the informers use; each zone of each
+// Service then turns not ready and ready again, so lookups search a
+// history of a few transitions.
+func newBenchServices(b *testing.B) *serviceTable {
+	b.Helper()
+	tab := newServiceTable(DefaultReleasedIPTTL, DefaultReuseWindow)
+	t0 := base.UnixNano()
+	for i := range benchServices {
+		s, slices := benchService(i)
+		obj, _ := serviceTransform(s)
+		tab.upsertService(obj.(*corev1.Service), t0, true)
+		for _, es := range slices {
+			obj, _ := endpointSliceTransform(es)
+			tab.upsertSlice(obj.(*discoveryv1.EndpointSlice), t0, true)
+		}
+		for k, ready := range []bool{false, true} {
+			for _, es := range slices {
+				es = es.DeepCopy()
+				for j := range es.Endpoints {
+					es.Endpoints[j].Conditions.Ready = &ready
+				}
+				obj, _ := endpointSliceTransform(es)
+				tab.upsertSlice(obj.(*discoveryv1.EndpointSlice), t0+int64(k+1)*int64(time.Second), false)
+			}
+		}
+	}
+	return tab
+}
+
+// BenchmarkServiceLookup measures what the ingest path asks of a flow to
+// a Service's virtual IP, with 5,000 Services indexed: "vip" finds the
+// Service, "vip+zone" also reads whether it had a ready endpoint in the
+// client's zone at the flow's time, "unknown" is an address no Service
+// has (most flows).
+func BenchmarkServiceLookup(b *testing.B) {
+	tab := newBenchServices(b)
+	r := &Resolver{svc: tab}
+	const n = 4096
+	at := base.Add(time.Minute)
+	dsts := make([]netip.AddrPort, n)
+	unknown := make([]netip.AddrPort, n)
+	zones := make([]string, n)
+	for i := range dsts {
+		k := (i * 7919) % benchServices
+		ip := benchVIPv4(k)
+		if i%2 == 1 {
+			ip = benchVIPv6(k)
+		}
+		dsts[i] = netip.AddrPortFrom(ip, 443)
+		unknown[i] = netip.AddrPortFrom(benchIPv4(i), 443)
+		zones[i] = fmt.Sprintf("z-%d", i%benchZones)
+		svc := r.Service(dsts[i], protoTCP, at)
+		if svc == nil {
+			b.Fatalf("%s: no Service", dsts[i])
+		}
+		if ready, hinted := r.ReadyInZone(svc, zones[i], at); !ready || !hinted {
+			b.Fatalf("%s in %s: ready %v, hinted %v", dsts[i], zones[i], ready, hinted)
+		}
+		if before, _ := r.ReadyInZone(svc, zones[i], base.Add(1500*time.Millisecond)); before {
+			b.Fatalf("%s in %s: ready while its endpoints were not", dsts[i], zones[i])
+		}
+	}
+	for _, c := range []struct {
+		name string
+		run  func(i int) bool
+	}{
+		{"vip", func(i int) bool {
+			return r.Service(dsts[i], protoTCP, at) != nil
+		}},
+		{"vip+zone", func(i int) bool {
+			ready, _ := r.ReadyInZone(r.Service(dsts[i], protoTCP, at), zones[i], at)
+			return ready
+		}},
+		{"unknown", func(i int) bool {
+			return r.Service(unknown[i], protoTCP, at) != nil
+		}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			var sink bool
+			i := 0
+			cpu0 := cpuTime()
+			for b.Loop() {
+				sink = c.run(i & (n - 1))
+				i++
+			}
+			b.ReportMetric(float64(cpuTime()-cpu0)/float64(b.N), "cpu-ns/op")
+			_ = sink
+		})
+	}
+}
+
+// BenchmarkServiceMemory reports the heap cost per Service: "table-B/svc"
+// is the table's own state for a Service of the benchmark's shape (six
+// virtual IP entries, three zones with a few transitions each),
+// "cache-B/svc" the transformed Service and EndpointSlices the informer
+// caches keep, and "deleted-B/svc" what a deleted Service costs until the
+// window passes.
+func BenchmarkServiceMemory(b *testing.B) {
+	for b.Loop() {
+		start := heapInUse()
+		var objs []any
+		for i := range benchServices {
+			s, slices := benchService(i)
+			obj, _ := serviceTransform(s)
+			objs = append(objs, obj)
+			for _, es := range slices {
+				obj, _ := endpointSliceTransform(es)
+				objs = append(objs, obj)
+			}
+		}
+		cached := heapInUse()
+		runtime.KeepAlive(objs)
+		objs = nil
+		start2 := heapInUse()
+		tab := newBenchServices(b)
+		indexed := heapInUse()
+		t1 := base.Add(time.Minute).UnixNano()
+		for i := range benchServices {
+			s, slices := benchService(i)
+			tab.deleteService(s.Namespace, s.Name, s.UID, t1)
+			for _, es := range slices {
+				tab.deleteSlice(es.Namespace, es.Name, t1)
+			}
+		}
+		deleted := heapInUse()
+		runtime.KeepAlive(tab)
+		b.ReportMetric(float64(cached-start)/benchServices, "cache-B/svc")
+		b.ReportMetric(float64(indexed-start2)/benchServices, "table-B/svc")
+		b.ReportMetric(float64(deleted-start2)/benchServices, "deleted-B/svc")
+	}
 }

@@ -8,13 +8,18 @@
 // strip each object to what resolution needs (pods: name, namespace, UID,
 // node, addresses, host-network flag, controller reference, phase, deletion
 // time and the labels in Config.PodLabels; nodes: name, zone/region labels,
-// InternalIP/ExternalIP addresses). Workloads are named through the metadata
+// InternalIP/ExternalIP addresses; Services: name, type, cluster IPs,
+// ports and protocols, traffic distribution; EndpointSlices: the
+// kubernetes.io/service-name label and, per endpoint, the ready condition,
+// zone and zone hints). Workloads are named through the metadata
 // API (k8s.io/client-go/metadata): ReplicaSets give their Deployment and Jobs
 // their CronJob. When Config.Metadata is nil, or listing ReplicaSets or Jobs
 // is forbidden, a ReplicaSet named "<name>-<pod-template-hash>" is taken to
 // belong to Deployment "<name>" and Jobs stay Jobs. RBAC needed: list and
-// watch on pods and nodes; list and watch on replicasets.apps and jobs.batch
-// for exact owner names.
+// watch on pods, nodes and services, and on endpointslices.discovery.k8s.io;
+// list and watch on replicasets.apps and jobs.batch for exact owner names.
+// Without permission to list Services or EndpointSlices the resolver warns
+// once and knows no Service rather than never syncing.
 //
 // Until the informers have synced, SyncError (the server's /readyz) and a
 // warning every DefaultSyncReportInterval give the API server's last
@@ -66,12 +71,56 @@
 // stamped between the real release and the informer seeing it; CNIs
 // normally quarantine released addresses for longer.
 //
+// # Services
+//
+// Flows may carry the destination the client addressed before kube-proxy
+// translated it: a Service's virtual IP and port. Resolver.Service maps
+// such a destination (address, port and IP protocol) to the *Service,
+// with its spec.trafficDistribution, through an index of every address of
+// spec.clusterIPs with every port; headless and ExternalName Services
+// have no virtual IP. Resolver.ReadyInZone then says whether, when the
+// flow was observed, the Service had a ready endpoint in the client's zone
+// and whether a ready endpoint was hinted for that zone: a Service asking
+// for zone-local routing with a ready endpoint in the client's zone should
+// not have sent its bytes across zones.
+//
+// Readiness comes from the Service's EndpointSlices (by their
+// kubernetes.io/service-name label, all families and split slices
+// together): per zone, the ready endpoints (ready condition true or
+// unset) and the ready endpoints whose hints.forZones name the zone. Each
+// change is recorded at the time the informer handler saw it, so a query
+// about an earlier time gets the state of that time: the answer changes
+// from the moment the informer saw an endpoint turn ready or not ready,
+// with the same precision as pod addresses (see Time). Services of the
+// initial list, and their slices, count as in that state since forever;
+// a zone that gets endpoints later had none before. History is by
+// namespace and name, so a Service deleted and created again continues
+// its own.
+//
+// The same --released-ip-ttl bounds it all in time: a deleted Service,
+// or a port or address it stopped serving, answers for flows up to that
+// long after the informer saw the change (a later Service given the same
+// address takes over from its own time, with --released-ip-reuse-window
+// as for pods), and readiness older than that is merged into the oldest
+// state kept, which then answers for all earlier times. A query about a
+// time before every Service remembered for an address goes to the oldest
+// of them. Memory is bounded by the Services, EndpointSlices and zones of
+// the cluster, plus what churn leaves within the window, which constants
+// bound: readiness changes per Service and zone (maxZoneTransitions),
+// released virtual IPs (maxReleasedVIPs), deleted Services
+// (maxDeletedServices), Services per virtual IP (maxHoldersPerVIP) and
+// distinct zone names (maxZones). Queries never add state.
+// BenchmarkServiceMemory measures the cost per Service.
+//
 // # Cost
 //
 // Resolve does not allocate: one read-locked map probe for pod and host
 // addresses, plus an LRU probe only for addresses with released history, and
 // one map probe per distinct static prefix length; BenchmarkResolve
-// (BENCHMARKS.md) times it by kind of address. Memory grows with the pods
+// (BENCHMARKS.md) times it by kind of address. Service and ReadyInZone do
+// not allocate either: one read-locked map probe for the virtual IP, and
+// for readiness a probe of the (small) zone names and a scan of the
+// Service's zones; BenchmarkServiceLookup times them. Memory grows with the pods
 // indexed (index state plus each pod's transformed object in the informer
 // cache) and with released addresses (a slot, an LRU entry and the pod's
 // endpoint each), which --released-ip-cache-size bounds (64Ki addresses by

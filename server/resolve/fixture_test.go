@@ -46,6 +46,8 @@ type fixtureOpts struct {
 	owners []runtime.Object // ReplicaSet/Job metadata; nil: no metadata client
 	// forbidOwners makes listing owners fail like a missing RBAC rule.
 	forbidOwners bool
+	// forbidServices does the same to listing Services.
+	forbidServices bool
 }
 
 func newFixture(t *testing.T, o fixtureOpts) *fixture {
@@ -60,7 +62,13 @@ func newFixture(t *testing.T, o fixtureOpts) *fixture {
 	if cfg.ReleasedIPCacheSize == 0 {
 		cfg.ReleasedIPCacheSize = 128
 	}
-	wantWatches := []string{"nodes", "pods"}
+	wantWatches := []string{"nodes", "pods", "services", "endpointslices"}
+	if o.forbidServices {
+		f.kube.PrependReactor("list", "services", func(a k8stesting.Action) (bool, runtime.Object, error) {
+			return true, nil, errForbidden(a.GetResource().Resource)
+		})
+		wantWatches = wantWatches[:2]
+	}
 	if o.owners != nil {
 		scheme := metadatafake.NewTestScheme()
 		if err := metav1.AddMetaToScheme(scheme); err != nil {

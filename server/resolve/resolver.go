@@ -42,7 +42,10 @@ type Config struct {
 	// StaticEndpointsFile is the optional CIDR file (see ParseStaticEndpoints).
 	StaticEndpointsFile string
 	// ReleasedIPTTL is how long after its release an address still resolves
-	// to the pod that held it, for flows observed up to then.
+	// to the pod that held it, for flows observed up to then. It is also
+	// how long a Service's virtual IP answers after the Service was deleted
+	// (or stopped serving the port), and how far back the readiness of its
+	// endpoints per zone is remembered: both serve the same late flows.
 	ReleasedIPTTL time.Duration
 	// ReleasedIPCacheSize bounds the number of released addresses remembered.
 	ReleasedIPCacheSize int
@@ -95,6 +98,7 @@ type Resolver struct {
 	client kubernetes.Interface
 	log    *slog.Logger
 	ix     *index
+	svc    *serviceTable
 	static *staticTable
 	synced atomic.Bool
 	ran    atomic.Bool
@@ -142,6 +146,7 @@ func New(cfg Config, client kubernetes.Interface, log *slog.Logger) (*Resolver, 
 		client: client,
 		log:    log.With("component", "resolve"),
 		ix:     ix,
+		svc:    newServiceTable(cfg.ReleasedIPTTL, cfg.ReuseWindow),
 		static: newStaticTable(entries),
 		now:    time.Now,
 
@@ -207,6 +212,9 @@ func (r *Resolver) HasSynced() bool { return r.synced.Load() }
 // Stats counts what the index holds, for self-metrics.
 type Stats struct {
 	Pods, Nodes, PodIPs, HostIPs, ReleasedIPs int
+	// Services are the Services known now; ServiceVIPs the virtual IP,
+	// port and protocol triples indexed, released ones included.
+	Services, ServiceVIPs int
 }
 
 // Stats returns the current sizes of the index.
@@ -224,6 +232,14 @@ func (r *Resolver) Stats() Stats {
 	}
 	for _, s := range r.ix.addrs {
 		count(s)
+	}
+	r.svc.mu.RLock()
+	defer r.svc.mu.RUnlock()
+	st.ServiceVIPs = len(r.svc.vips)
+	for _, s := range r.svc.byName {
+		if s.info != nil {
+			st.Services++
+		}
 	}
 	return st
 }
@@ -317,13 +333,17 @@ func (r *Resolver) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("watching pods: %w", err)
 	}
+	svcSynced, ok, err := r.watchServices(ctx, f)
+	if err != nil || !ok {
+		return err
+	}
 	f.Start(ctx.Done())
-	if !cache.WaitForCacheSync(ctx.Done(), podReg.HasSynced) {
+	if !cache.WaitForCacheSync(ctx.Done(), append(svcSynced, podReg.HasSynced)...) {
 		return nil
 	}
 	r.synced.Store(true)
 	st := r.Stats()
-	r.log.Info("informers synced", "duration", time.Since(start).Round(time.Millisecond).String(), "pods", st.Pods, "nodes", st.Nodes, "pod_ips", st.PodIPs, "host_ips", st.HostIPs)
+	r.log.Info("informers synced", "duration", time.Since(start).Round(time.Millisecond).String(), "pods", st.Pods, "nodes", st.Nodes, "pod_ips", st.PodIPs, "host_ips", st.HostIPs, "services", st.Services, "service_vips", st.ServiceVIPs)
 	<-ctx.Done()
 	return nil
 }
