@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"strconv"
 
+	corev1 "k8s.io/api/core/v1"
+
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 )
 
@@ -69,7 +71,9 @@ func (w Workload) Key() string { return w.Namespace + "/" + w.Name }
 // DefaultSpec is the demo's and the end-to-end suite's cluster: three zones
 // of one region with two nodes each, an "api" Deployment in zone-a that
 // reads from a "db" StatefulSet in zone-b, a "cache" Deployment next to the
-// api (same-zone chatter), a "web" Deployment in zone-c, a CronJob's pod, a
+// api (same-zone chatter), a "web" Deployment in zone-c, a "catalog"
+// Deployment in zones a and b behind two Services (one with
+// trafficDistribution PreferSameZone), a CronJob's pod, a
 // bare pod, a host-network DaemonSet pod, and kubezonnet's own agent
 // DaemonSet (host network, one pod per node: the pods its ServiceAccount
 // tokens are bound to, see Env.AgentToken).
@@ -86,10 +90,21 @@ func DefaultSpec() Spec {
 			{Namespace: "shop", Name: "cache", Kind: KindDeployment, Nodes: []string{"node-a1", "node-a2"}},
 			{Namespace: "shop", Name: "db", Kind: KindStatefulSet, Nodes: []string{"node-b1", "node-b2"}},
 			{Namespace: "shop", Name: "web", Kind: KindDeployment, Nodes: []string{"node-c1", "node-c2"}},
+			{Namespace: "shop", Name: "catalog", Kind: KindDeployment, Nodes: []string{"node-a2", "node-b2"}},
 			{Namespace: "reports", Name: "nightly", Kind: KindCronJob, Nodes: []string{"node-c1"}},
 			{Namespace: "default", Name: "debug", Kind: KindPod, Nodes: []string{"node-b2"}},
 			{Namespace: "monitoring", Name: "node-exporter", Kind: KindDaemonSet, Nodes: []string{"node-a1"}, HostNetwork: true},
 		},
+	}
+	// The same catalog pods behind two Services: one asking for
+	// zone-local routing, one without (as before a migration), so that
+	// the first keeps zone-a's clients in their zone and the second
+	// sends them across half the time: avoidable bytes.
+	s.Services = []Service{
+		{Namespace: "shop", Name: "catalog", Workload: "catalog", TrafficDistribution: "PreferSameZone",
+			Ports: []ServicePort{{Protocol: corev1.ProtocolTCP, Port: 80, TargetPort: 8080}}},
+		{Namespace: "shop", Name: "catalog-legacy", Workload: "catalog",
+			Ports: []ServicePort{{Protocol: corev1.ProtocolTCP, Port: 80, TargetPort: 8080}, {Protocol: corev1.ProtocolUDP, Port: 53, TargetPort: 5353}}},
 	}
 	agent := Workload{Namespace: Namespace, Name: AgentDaemonSet, Kind: KindDaemonSet, HostNetwork: true, ServiceAccount: AgentServiceAccount}
 	for _, n := range s.Nodes {

@@ -6,9 +6,20 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
+
+var tcp80 = []ServicePort{{Protocol: corev1.ProtocolTCP, Port: 80, TargetPort: 8080}}
+
+// withService is DefaultSpec with one more Service.
+func withService(svc Service) Spec {
+	s := DefaultSpec()
+	s.Services = append(s.Services, svc)
+	return s
+}
 
 func TestSpecValidate(t *testing.T) {
 	node := []NodeSpec{{"n1", "z1"}}
@@ -35,6 +46,12 @@ func TestSpecValidate(t *testing.T) {
 			{Namespace: "a", Name: "db", Kind: KindStatefulSet, Nodes: []string{"n1"}},
 			{Namespace: "b", Name: "db", Kind: KindStatefulSet, Nodes: []string{"n1"}},
 		}}, "not unique"},
+		{"service of an unknown workload", withService(Service{Namespace: "shop", Name: "s", Workload: "nope", Ports: tcp80}), "unknown workload"},
+		{"service of host-network pods", withService(Service{Namespace: "monitoring", Name: "s", Workload: "node-exporter", Ports: tcp80}), "host-network"},
+		{"service without ports", withService(Service{Namespace: "shop", Name: "s", Workload: "db"}), "no ports"},
+		{"service port without target", withService(Service{Namespace: "shop", Name: "s", Workload: "db",
+			Ports: []ServicePort{{Protocol: corev1.ProtocolTCP, Port: 80}}}), "non-zero"},
+		{"service listed twice", withService(DefaultSpec().Services[0]), "twice"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

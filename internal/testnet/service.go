@@ -3,8 +3,11 @@ package testnet
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"strings"
+	"time"
 )
 
 // kubeProxyTable is the nftables table ServiceDNAT writes in a node
@@ -81,4 +84,107 @@ func ServiceDNAT(ctx context.Context, ns string, p ServicePort) error {
 		return fmt.Errorf("programming service port %s (%s %s) in %s: %w", p.Name, p.Proto, p.VIP, ns, err)
 	}
 	return nil
+}
+
+// TransferVia sends n bytes over one connection (TCP or UDP: proto "tcp"
+// or "udp") from namespace fromNS to a Service's virtual address vip,
+// with a listener on every endpoint (endpoints maps each endpoint to its
+// namespace), and returns the endpoint the node's rules chose. Over TCP
+// it returns once both sides have closed; over UDP the n bytes go in
+// datagrams of at most 1000 bytes, and it returns once the endpoint has
+// read them all.
+func TransferVia(ctx context.Context, proto, fromNS string, vip netip.AddrPort, endpoints map[netip.AddrPort]string, n int) (netip.AddrPort, error) {
+	family := "4"
+	if vip.Addr().Is6() {
+		family = "6"
+	}
+	type arrival struct {
+		ep  netip.AddrPort
+		err error
+	}
+	got := make(chan arrival, len(endpoints))
+	var closers []func() error
+	defer func() {
+		for _, c := range closers {
+			c()
+		}
+	}()
+	for ep, ns := range endpoints {
+		switch proto {
+		case "tcp":
+			l, err := Listen(ns, "tcp"+family, ep.String())
+			if err != nil {
+				return netip.AddrPort{}, err
+			}
+			closers = append(closers, l.Close)
+			go func() {
+				c, err := l.Accept()
+				if err != nil {
+					return // closed: another endpoint was chosen
+				}
+				k, err := io.Copy(io.Discard, c)
+				c.Close()
+				if err == nil && k != int64(n) {
+					err = fmt.Errorf("endpoint %s got %d bytes, want %d", ep, k, n)
+				}
+				got <- arrival{ep, err}
+			}()
+		case "udp":
+			pc, err := ListenPacket(ns, "udp"+family, ep.String())
+			if err != nil {
+				return netip.AddrPort{}, err
+			}
+			closers = append(closers, pc.Close)
+			go func() {
+				buf := make([]byte, 2048)
+				for k := 0; k < n; {
+					m, _, err := pc.ReadFrom(buf)
+					if err != nil {
+						if k > 0 {
+							got <- arrival{ep, fmt.Errorf("endpoint %s got %d bytes, want %d: %w", ep, k, n, err)}
+						}
+						return
+					}
+					k += m
+				}
+				got <- arrival{ep, nil}
+			}()
+		default:
+			return netip.AddrPort{}, fmt.Errorf("transfer via %s: protocol %q, want tcp or udp", vip, proto)
+		}
+	}
+	c, err := Dial(ctx, fromNS, proto+family, vip.String())
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	defer c.Close()
+	chunk := n
+	if proto == "udp" {
+		chunk = 1000
+	}
+	buf := make([]byte, min(n, chunk))
+	for left := n; left > 0; {
+		k, err := c.Write(buf[:min(left, len(buf))])
+		if err != nil {
+			return netip.AddrPort{}, err
+		}
+		left -= k
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.CloseWrite()
+	}
+	var a arrival
+	select {
+	case a = <-got:
+	case <-ctx.Done():
+		return netip.AddrPort{}, fmt.Errorf("transfer via %s: no endpoint received it: %w", vip, ctx.Err())
+	}
+	if a.err != nil {
+		return netip.AddrPort{}, a.err
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, _ = io.Copy(io.Discard, tc)
+	}
+	return a.ep, nil
 }
