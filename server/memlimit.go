@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/kubezonnet/kubezonnet/server/aggregate"
 )
 
 // The default --max-pod-pairs (0) follows the memory the server has: the
@@ -206,10 +208,16 @@ func cgroup2Mount(file string) (string, error) {
 }
 
 // fixedHeapBytes is the live heap that does not grow with pod pairs,
-// sized by the flags that size it.
+// sized by the flags that size it. A workload-to-Service series is a
+// record of the same store as a pod pair, so --max-service-series of
+// them are budgeted as that many pairs.
 func fixedHeapBytes(cfg *Config) int64 {
+	services := int64(cfg.MaxServiceSeries)
+	if services == 0 {
+		services = aggregate.DefaultMaxServiceSeries
+	}
 	return int64(cfg.Resolve.ReleasedIPCacheSize)*releasedIPHeapBytes +
-		informerHeapBytes + ingestHeapBytes + pusherTableHeapBytes
+		informerHeapBytes + ingestHeapBytes + pusherTableHeapBytes + services*podPairHeapBytes
 }
 
 // podPairsFor returns the pod pairs a memory limit holds with fixed bytes

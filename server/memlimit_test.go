@@ -129,11 +129,11 @@ func TestPodPairsFor(t *testing.T) {
 		want  int
 		ok    bool
 	}{
-		// (limit - 48 MiB) x 0.28 - 106.8 MiB of fixed heap, over 348 B.
-		{"1 GiB (the Deployment)", 1 << 30, def, 501_559, true},
-		{"2 GiB", 2 << 30, def, 1_365_489, true},
-		{"4 GiB", 4 << 30, def, 3_093_350, true},
-		{"512 MiB", 512 << 20, def, 69_594, true},
+		// (limit - 48 MiB) x 0.28 - 112.5 MiB of fixed heap, over 348 B.
+		{"1 GiB (the Deployment)", 1 << 30, def, 484_318, true},
+		{"2 GiB", 2 << 30, def, 1_348_248, true},
+		{"4 GiB", 4 << 30, def, 3_076_108, true},
+		{"512 MiB", 512 << 20, def, 52_353, true},
 		{"256 MiB: below the fixed overhead", 256 << 20, def, minDerivedPodPairs, false},
 		{"below the runtime itself", 16 << 20, def, minDerivedPodPairs, false},
 		{"absurd limit stays an int", math.MaxInt64 - 1, def, math.MaxInt32, true},
@@ -163,9 +163,9 @@ func TestMaxPodPairs(t *testing.T) {
 		{name: "flag overrides the limit", flag: 42, goLimit: 1 << 30, want: 42, from: limitFromFlag, limit: 1 << 30},
 		{name: "flag without limit", flag: 42, goLimit: noGoLimit, want: 42, from: limitFromFlag},
 		{name: "flag above what the limit holds", flag: 600_000, goLimit: 1 << 30, want: 600_000, from: limitFromFlag,
-			warn: "above the 501559 pairs", limit: 1 << 30},
-		{name: "GOMEMLIMIT", goLimit: 1 << 30, files: cgroup("max"), want: 501_559, from: limitFromGo, limit: 1 << 30},
-		{name: "cgroup", goLimit: noGoLimit, files: cgroup("2147483648"), want: 1_365_489,
+			warn: "above the 484318 pairs", limit: 1 << 30},
+		{name: "GOMEMLIMIT", goLimit: 1 << 30, files: cgroup("max"), want: 484_318, from: limitFromGo, limit: 1 << 30},
+		{name: "cgroup", goLimit: noGoLimit, files: cgroup("2147483648"), want: 1_348_248,
 			from: "/sys/fs/cgroup/memory.max", limit: 2 << 30},
 		{name: "cgroup max: fallback", goLimit: noGoLimit, files: cgroup("max"), want: fallbackMaxPodPairs,
 			from: limitFromFallback, warn: "no memory limit found"},

@@ -48,7 +48,7 @@ const (
 // DefaultMaxServiceSeries bounds the workload-to-Service series unless
 // configured: a workload talks to few Services, and each of its series is
 // one per zone pair and avoidability.
-const DefaultMaxServiceSeries = 100_000
+const DefaultMaxServiceSeries = 20_000
 
 // Config bounds and shapes the aggregation.
 type Config struct {
