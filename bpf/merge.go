@@ -15,7 +15,7 @@ import (
 // flow is looked up in an open-addressing index of the flows so far.
 //
 // A purpose-built index rather than a Go map: the keys are the kernel's
-// 36-byte keys, already in hand, and the index is a flat []int32 reused
+// 56-byte keys, already in hand, and the index is a flat []int32 reused
 // from drain to drain, which was several times faster than a
 // map[flowFlowKey]int32 on the drain benchmark (BenchmarkDrain,
 // BENCHMARKS.md; the map's cost is cache misses on its larger entries and
@@ -91,14 +91,16 @@ func (m *merger) add(flows []flow.Record, k *flowFlowKey, c flow.Counts) []flow.
 	return append(flows, flow.Record{Key: convertKey(k), Counts: c})
 }
 
-// keyHash mixes the key's nine 32-bit words (multiply-xorshift).
+// keyHash mixes the key's seven 64-bit words (multiply-xorshift); the
+// original destination's two are folded into the ports word, as in the
+// kernel's slot_hash: they are zero for most flows.
 func keyHash(k *flowFlowKey) uint32 {
-	w := (*[9]uint32)(unsafe.Pointer(k))
-	h := (uint64(w[0])<<32 | uint64(w[1])) * 0x9E3779B97F4A7C15
-	h ^= (uint64(w[2])<<32 | uint64(w[3])) * 0xC2B2AE3D27D4EB4F
-	h ^= (uint64(w[4])<<32 | uint64(w[5])) * 0x165667B19E3779F9
-	h ^= (uint64(w[6])<<32 | uint64(w[7])) * 0x27D4EB2F165667C5
-	h ^= uint64(w[8]) * 0x94D049BB133111EB
+	w := (*[7]uint64)(unsafe.Pointer(k))
+	h := w[0] * 0x9E3779B97F4A7C15
+	h ^= w[1] * 0xC2B2AE3D27D4EB4F
+	h ^= w[2] * 0x165667B19E3779F9
+	h ^= w[3] * 0x27D4EB2F165667C5
+	h ^= (w[4] ^ w[5] ^ w[6]) * 0x94D049BB133111EB
 	h ^= h >> 29
 	return uint32(h ^ h>>32)
 }
