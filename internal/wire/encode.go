@@ -258,6 +258,11 @@ func appendFlow(b []byte, f *flow.Record) []byte {
 	b, o = labelStart(b, LabelDst)
 	b = appendAddr(b, f.Dst)
 	labelEnd(b, o, len(LabelDst))
+	if f.OrigDst.IsValid() {
+		b, o = labelStart(b, LabelOrigDst)
+		b = appendAddrPort(b, f.OrigDst)
+		labelEnd(b, o, len(LabelOrigDst))
+	}
 	b, o = labelStart(b, LabelProto)
 	b = appendProto(b, f.Proto)
 	labelEnd(b, o, len(LabelProto))
@@ -332,6 +337,21 @@ func appendAddr(b []byte, a netip.Addr) []byte {
 		return appendIPv6(b, a.As16())
 	}
 	return appendIPv4(b, a.As4())
+}
+
+// appendAddrPort formats p exactly as netip.AddrPort.AppendTo does: an
+// IPv6 address (IPv4-mapped ones too) in brackets.
+func appendAddrPort(b []byte, p netip.AddrPort) []byte {
+	a := p.Addr()
+	if a.Is4() {
+		b = appendAddr(b, a)
+	} else {
+		b = append(b, '[')
+		b = appendAddr(b, a)
+		b = append(b, ']')
+	}
+	b = append(b, ':')
+	return appendPort(b, p.Port())
 }
 
 // decimals holds, per byte value, its decimal digits followed by a dot in
