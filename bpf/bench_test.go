@@ -3,7 +3,9 @@
 package bpf
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"runtime"
@@ -17,10 +19,14 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 
 	"github.com/kubezonnet/kubezonnet/bpf/internal/nfhook"
 	"github.com/kubezonnet/kubezonnet/bpf/reference"
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/netns"
 	"github.com/kubezonnet/kubezonnet/internal/packet"
+	"github.com/kubezonnet/kubezonnet/internal/testnet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
 
@@ -346,6 +352,253 @@ func BenchmarkDrain(b *testing.B) {
 		}
 		if len(dr.Flows) != flows {
 			b.Fatalf("drained %d flows, want %d", len(dr.Flows), flows)
+		}
+	}
+}
+
+// BenchmarkNetfilterConntrack measures what reading the packet's conntrack
+// entry (for a flow's original destination, orig_dst in flow.c) costs an
+// existing flow: the program as the agent loads it (kernel0-ns/op,
+// net0-ns/op) against the same build with the read switched off at load
+// time (bench_no_conntrack; kernel1-ns/op, net1-ns/op), and the empty
+// program (empty-ns/op), in one run.
+//
+//   - test-run/*: BenchmarkNetfilter's packets of an existing flow in
+//     BPF_PROG_TEST_RUN, alternated in batches (benchPaired). A test run's
+//     skb has no conntrack entry, so this is what every packet without
+//     one pays (untracked, or on a node without conntrack): the load of
+//     skb->_nfct and a branch.
+//   - dnat/*: real UDP datagrams (64-byte payloads) from a pod to a Service's
+//     virtual IP, DNATed by TestOriginalDestination's kube-proxy-style
+//     nftables rules in the node's namespace to a backend on another
+//     node: every packet has a conntrack entry with IPS_DST_NAT, and the
+//     program reads the status and the original tuple's destination into
+//     the key, which then takes the flow_orig entry too. The three
+//     programs are attached to the node's POSTROUTING, so they see the
+//     same packets: the empty one at priority 97, the two others at 95
+//     and 96, swapping places every 2,000 datagrams (the first to run
+//     takes the cache misses on the packet's lines that the second is
+//     spared). Times are the kernel's run-time statistics
+//     (BPF_ENABLE_STATS: run_time_ns over run_cnt for the timed
+//     datagrams), whose own clock reads are in all three figures alike;
+//     ns/op is the sender's time per datagram, links swapped included. The
+//     benchmark then checks that both programs counted every datagram in
+//     the flow, with the virtual IP as its original destination only in
+//     the first.
+func BenchmarkNetfilterConntrack(b *testing.B) {
+	testutil.RequireRoot(b)
+	for _, c := range netfilterCases(b)[:2] {
+		b.Run("test-run/"+c.name, func(b *testing.B) {
+			with := loadLocal(b, Config{}, c.prefix)
+			without := loadWith(b, loadNoConntrack, Config{}, c.prefix)
+			benchPaired(b, c.pkt, benchProg{with.objs.KznNetfilter, c.pkt}, benchProg{without.objs.KznNetfilter, c.pkt})
+		})
+	}
+	b.Run("dnat", func(b *testing.B) {
+		stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+		if err != nil {
+			b.Fatalf("enabling BPF run statistics: %v", err)
+		}
+		b.Cleanup(func() { stats.Close() })
+		topo := testnet.BuildT(b, testnet.Spec{Nodes: []testnet.NodeSpec{
+			{Name: "a", Zone: "zone-a", Pods: []string{"a1", "a2"}},
+			{Name: "b", Zone: "zone-b", Pods: []string{"b1"}},
+		}})
+		a := topo.Node("a")
+		a1, a2, b1 := topo.Pod("a1"), topo.Pod("a2"), topo.Pod("b1")
+		if _, err := testnet.Exec(context.Background(), a.NS, "sh", "-c", "nft -f - <<'EOF'\n"+serviceRules(a2, b1)+"EOF\n"); err != nil {
+			b.Fatalf("installing the service rules: %v", err)
+		}
+		with := loadWith(b, Load, Config{}, prefixStrings(a.LocalPrefixes())...)
+		without := loadWith(b, loadNoConntrack, Config{}, prefixStrings(a.LocalPrefixes())...)
+		empty := emptyNetfilter(b)
+		// The empty program runs last, after both: the sender is paced
+		// by its runs.
+		for _, l := range attachAt(b, empty, a.NSPath(), 97) {
+			b.Cleanup(func() { l.Close() })
+		}
+		progs := []*ebpf.Program{with.objs.KznNetfilter, without.objs.KznNetfilter, empty}
+		for _, c := range []struct {
+			name     string
+			vip, dst netip.AddrPort
+			src      netip.Addr
+		}{
+			{"udp4", netip.AddrPortFrom(vip4, 53), netip.AddrPortFrom(b1.IPv4, 5353), a1.IPv4},
+			{"udp6", netip.AddrPortFrom(vip6, 53), netip.AddrPortFrom(b1.IPv6, 5353), a1.IPv6},
+		} {
+			b.Run(c.name, func(b *testing.B) {
+				drain(b, with)
+				drain(b, without)
+				tx := newDatagramSender(b, a1.NS, b1.NS, c.vip, c.dst, empty)
+				// Phases of phaseLen datagrams; the two programs swap
+				// priorities from one phase to the next.
+				const phaseLen = 2000
+				attach := func(phase int) []link.Link {
+					first, second := with, without
+					if phase%2 == 1 {
+						first, second = without, with
+					}
+					return append(attachAt(b, first.objs.KznNetfilter, a.NSPath(), 95), attachAt(b, second.objs.KznNetfilter, a.NSPath(), 96)...)
+				}
+				detach := func(links []link.Link) {
+					for _, l := range links {
+						if err := l.Close(); err != nil {
+							b.Fatal(err)
+						}
+					}
+				}
+				links := attach(0)
+				tx.send(b, 64) // the flow exists from here on
+				detach(links)
+				var runs [3]uint64
+				var runtime [3]time.Duration
+				b.ResetTimer()
+				for phase, sent := 0, 0; sent < b.N; phase++ {
+					b.StopTimer()
+					links := attach(phase)
+					b.StartTimer()
+					k := min(phaseLen, b.N-sent)
+					before := progStats(b, progs)
+					tx.send(b, k)
+					after := progStats(b, progs)
+					for i := range progs {
+						runs[i] += after[i].RunCount - before[i].RunCount
+						runtime[i] += after[i].Runtime - before[i].Runtime
+					}
+					sent += k
+					b.StopTimer()
+					detach(links)
+					b.StartTimer()
+				}
+				b.StopTimer()
+				perRun := func(i int) float64 { return float64(runtime[i].Nanoseconds()) / float64(runs[i]) }
+				b.ReportMetric(perRun(2), "empty-ns/op")
+				for i := range 2 {
+					b.ReportMetric(perRun(i), fmt.Sprintf("kernel%d-ns/op", i))
+					b.ReportMetric(perRun(i)-perRun(2), fmt.Sprintf("net%d-ns/op", i))
+				}
+				want := flow.Key{Src: c.src, Dst: c.dst.Addr(), Proto: 17, Port: c.dst.Port(), PortIsDst: true, OrigDst: c.vip}
+				sent := uint64(64 + b.N)
+				for i, d := range []*Datapath{with, without} {
+					got, ok := flow.Counts{}, false
+					for _, f := range drain(b, d).Flows {
+						if f.Key == want {
+							got, ok = f.Counts, true
+						}
+					}
+					if !ok || got.Packets != sent {
+						b.Fatalf("program %d: flow %s counted %+v (present %v), want %d packets", i, keyString(want), got, ok, sent)
+					}
+					want.OrigDst = netip.AddrPort{} // the program without the read
+				}
+			})
+		}
+	})
+}
+
+// prefixStrings formats prefixes for loadWith.
+func prefixStrings(ps []netip.Prefix) []string {
+	var out []string
+	for _, p := range ps {
+		out = append(out, p.String())
+	}
+	return out
+}
+
+// attachAt attaches prog to POSTROUTING for IPv4 and IPv6 in the
+// namespace at nsPath and returns the links.
+func attachAt(b *testing.B, prog *ebpf.Program, nsPath string, priority int32) []link.Link {
+	b.Helper()
+	var links []link.Link
+	err := netns.Do(nsPath, func() error {
+		for _, pf := range []link.NetfilterProtocolFamily{link.NetfilterProtoIPv4, link.NetfilterProtoIPv6} {
+			l, err := link.AttachNetfilter(link.NetfilterOptions{Program: prog, ProtocolFamily: pf, Hook: link.NetfilterInetPostRouting, Priority: priority})
+			if err != nil {
+				return err
+			}
+			links = append(links, l)
+		}
+		return nil
+	})
+	if err != nil {
+		for _, l := range links {
+			l.Close()
+		}
+		b.Fatalf("attaching at priority %d: %v", priority, err)
+	}
+	return links
+}
+
+// progStats reads the kernel's run statistics of each program.
+func progStats(b *testing.B, progs []*ebpf.Program) []*ebpf.ProgramStats {
+	b.Helper()
+	out := make([]*ebpf.ProgramStats, len(progs))
+	for i, p := range progs {
+		s, err := p.Stats()
+		if err != nil {
+			b.Fatal(err)
+		}
+		out[i] = s
+	}
+	return out
+}
+
+// datagramSender sends UDP datagrams from a namespace to dial, which the
+// node DNATs to a socket at dst that discards them.
+type datagramSender struct {
+	conn net.Conn
+	prog *ebpf.Program // a program on the path, whose runs pace the sender
+	buf  []byte
+}
+
+func newDatagramSender(b *testing.B, fromNS, dstNS string, dial, dst netip.AddrPort, prog *ebpf.Program) *datagramSender {
+	b.Helper()
+	network := "udp4"
+	if dst.Addr().Is6() {
+		network = "udp6"
+	}
+	rx, err := testnet.ListenPacket(dstNS, network, dst.String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { rx.Close() })
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			if _, _, err := rx.ReadFrom(buf); err != nil {
+				return
+			}
+		}
+	}()
+	c, err := testnet.Dial(context.Background(), fromNS, network, dial.String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { c.Close() })
+	return &datagramSender{conn: c, prog: prog, buf: make([]byte, 64)}
+}
+
+// send sends n datagrams in bursts, each once the program has run for the
+// ones before it: a burst never overflows the backlog of the node's
+// receiving CPU, which would drop datagrams before the hook.
+func (s *datagramSender) send(b *testing.B, n int) {
+	b.Helper()
+	const burst = 32
+	start := progStats(b, []*ebpf.Program{s.prog})[0].RunCount
+	for sent := 0; sent < n; {
+		k := min(burst, n-sent)
+		for range k {
+			if _, err := s.conn.Write(s.buf); err != nil {
+				b.Fatal(err)
+			}
+		}
+		sent += k
+		deadline := time.Now().Add(5 * time.Second)
+		for progStats(b, []*ebpf.Program{s.prog})[0].RunCount-start < uint64(sent) {
+			if time.Now().After(deadline) {
+				b.Fatalf("%d datagrams sent, the program ran %d times in 5 s: datagrams lost before the hook", sent, progStats(b, []*ebpf.Program{s.prog})[0].RunCount-start)
+			}
+			runtime.Gosched()
 		}
 	}
 }

@@ -16,6 +16,19 @@ import (
 // the verifier, in the program the agent loads): every run counts a new
 // flow.
 func loadBenchNewFlows(cfg Config) (*Datapath, error) {
+	return loadSwitchOn(cfg, func(vs *flowVariableSpecs) *ebpf.VariableSpec { return vs.BenchNewFlows })
+}
+
+// loadNoConntrack loads the datapath with its conntrack read switched off
+// (bench_no_conntrack, a load-time constant that is 0 in the program the
+// agent loads): no flow gets an original destination.
+func loadNoConntrack(cfg Config) (*Datapath, error) {
+	return loadSwitchOn(cfg, func(vs *flowVariableSpecs) *ebpf.VariableSpec { return vs.BenchNoConntrack })
+}
+
+// loadSwitchOn loads the datapath with the benchmark switch that pick
+// returns set to 1.
+func loadSwitchOn(cfg Config, pick func(*flowVariableSpecs) *ebpf.VariableSpec) (*Datapath, error) {
 	return load(cfg, func() (*ebpf.CollectionSpec, error) {
 		spec, err := loadFlow()
 		if err != nil {
@@ -25,8 +38,9 @@ func loadBenchNewFlows(cfg Config) (*Datapath, error) {
 		if err := spec.Assign(&specs); err != nil {
 			return nil, err
 		}
-		if err := specs.BenchNewFlows.Set(uint32(1)); err != nil {
-			return nil, fmt.Errorf("setting bench_new_flows: %w", err)
+		v := pick(&specs)
+		if err := v.Set(uint32(1)); err != nil {
+			return nil, fmt.Errorf("setting %s: %w", v.Name, err)
 		}
 		return spec, nil
 	})
