@@ -3,12 +3,15 @@
 package bpf
 
 import (
+	"maps"
 	"net/netip"
 	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
+	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/packet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
@@ -68,5 +71,80 @@ func TestDrainGoesOnWithoutAStuckCPU(t *testing.T) {
 	}
 	if len(dr.Stuck) != 0 || dr.Waited != 0 {
 		t.Errorf("after the counter returned to zero: stuck %v, waited %v; want none", dr.Stuck, dr.Waited)
+	}
+}
+
+// kernelKey is the kernel's form of k (the inverse of convertKey).
+func kernelKey(k flow.Key) flowFlowKey {
+	kk := flowFlowKey{Saddr: k.Src.As16(), Daddr: k.Dst.As16(), Port: k.Port, Proto: k.Proto}
+	if k.PortIsDst {
+		kk.Flags |= uint8(flowFlowFlagFLOW_F_PORT_DST)
+	}
+	if k.Dst.Is6() {
+		kk.Flags |= uint8(flowFlowFlagFLOW_F_IPV6)
+	}
+	if k.OrigDst.IsValid() {
+		kk.Flags |= uint8(flowFlowFlagFLOW_F_ORIG_DST)
+		kk.OrigDaddr, kk.OrigPort = k.OrigDst.Addr().As16(), k.OrigDst.Port()
+	}
+	return kk
+}
+
+// TestDrainTableOriginalDestination reads table slots laid out as the
+// kernel writes them (no kernel needed: the table and its flow_orig
+// entries are plain memory here): a flow's original destination comes from
+// the flow_orig entry of its slot only when its flags say it has one (the
+// entry of a flow without one holds what an earlier flow left), two flows
+// that differ only in it stay two flows, and a flow seen on two CPUs is
+// merged, with or without one.
+func TestDrainTableOriginalDestination(t *testing.T) {
+	const slots = 64
+	d := &Datapath{nCPU: 2, tableSlots: slots, epochs: [2]uint32{1, 2}}
+	d.table = make([]flowTableSlot, 2*d.nCPU*slots)
+	d.orig = make([]flowOrigSlot, len(d.table))
+	addr, ap := netip.MustParseAddr, netip.MustParseAddrPort
+	viaA := flow.Key{Src: addr("10.244.1.2"), Dst: addr("10.244.2.2"), Proto: 6, Port: 8080, PortIsDst: true, OrigDst: ap("10.96.0.10:80")}
+	viaB := viaA
+	viaB.OrigDst = ap("10.96.0.11:80")
+	direct := viaA
+	direct.OrigDst = netip.AddrPort{}
+	v6 := flow.Key{Src: addr("fd00::1"), Dst: addr("fd00::2"), Proto: 17, Port: 5353, PortIsDst: true, OrigDst: ap("[fd00:96::10]:53")}
+	put := func(cpu, i int, k flow.Key, c flow.Counts) {
+		idx := d.regionStart(0, cpu) + i
+		kk := kernelKey(k)
+		s := &d.table[idx]
+		*s = flowTableSlot{Epoch: d.epochs[0], St: flowFlowStats{Bytes: c.Bytes, Packets: c.Packets}}
+		s.Key = *(*keyHead)(unsafe.Pointer(&kk))
+		// What a flow without an original destination leaves in its
+		// flow_orig entry is whatever an earlier flow wrote there.
+		d.orig[idx] = flowOrigSlot{Daddr: netip.AddrFrom4([4]byte{10, 96, 9, byte(i)}).As16()}
+		if k.OrigDst.IsValid() {
+			d.orig[idx].Daddr = kk.OrigDaddr
+		}
+	}
+	put(0, 3, viaA, flow.Counts{Bytes: 100, Packets: 1})
+	put(0, 9, viaB, flow.Counts{Bytes: 200, Packets: 2})
+	put(0, 20, direct, flow.Counts{Bytes: 300, Packets: 3})
+	put(1, 5, viaA, flow.Counts{Bytes: 400, Packets: 4})
+	put(1, 6, v6, flow.Counts{Bytes: 500, Packets: 5})
+	put(1, 7, direct, flow.Counts{Bytes: 600, Packets: 6})
+	var dr Drained
+	d.merge.reset()
+	d.drainTable(0, &dr)
+	got := map[flow.Key]flow.Counts{}
+	for _, f := range dr.Flows {
+		if _, dup := got[f.Key]; dup {
+			t.Errorf("flow %s drained twice", keyString(f.Key))
+		}
+		got[f.Key] = f.Counts
+	}
+	want := map[flow.Key]flow.Counts{
+		viaA:   {Bytes: 500, Packets: 5},
+		viaB:   {Bytes: 200, Packets: 2},
+		direct: {Bytes: 900, Packets: 9},
+		v6:     {Bytes: 500, Packets: 5},
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("drained %v, want %v", got, want)
 	}
 }
