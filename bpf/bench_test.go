@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -368,12 +369,17 @@ func BenchmarkDrain(b *testing.B) {
 //     skb has no conntrack entry, so this is what every packet without
 //     one pays (untracked, or on a node without conntrack): the load of
 //     skb->_nfct and a branch.
-//   - dnat/*: real UDP datagrams (64-byte payloads) from a pod to a Service's
-//     virtual IP, DNATed by TestOriginalDestination's kube-proxy-style
-//     nftables rules in the node's namespace to a backend on another
+//   - dnat/*: real UDP datagrams (64-byte payloads) from a pod to a
+//     Service's virtual IP, DNATed by kube-proxy-style nftables rules in
+//     the node's namespace (benchServiceRules) to a backend on another
 //     node: every packet has a conntrack entry with IPS_DST_NAT, and the
 //     program reads the status and the original tuple's destination into
-//     the key, which then takes the flow_orig entry too. The three
+//     the key, which then takes the flow_orig entry too. The datagrams go
+//     round-robin to 16 ports of the virtual IP, each DNATed to its own
+//     backend port: 16 flows, whose slots lie in 16 places of the table.
+//     A run on a real packet pays cache misses (the stack evicts the
+//     table's lines between two packets), and what one flow's slot costs
+//     depends on where it lies, by more than the read itself. The three
 //     programs are attached to the node's POSTROUTING, so they see the
 //     same packets: the empty one at priority 97, the two others at 95
 //     and 96, swapping places every 2,000 datagrams (the first to run
@@ -383,15 +389,15 @@ func BenchmarkDrain(b *testing.B) {
 //     datagrams), whose own clock reads are in all three figures alike;
 //     ns/op is the sender's time per datagram, links swapped included. The
 //     benchmark then checks that both programs counted every datagram in
-//     the flow, with the virtual IP as its original destination only in
-//     the first.
+//     the 16 flows, with the virtual IP and port as their original
+//     destination only in the first.
 func BenchmarkNetfilterConntrack(b *testing.B) {
 	testutil.RequireRoot(b)
 	for _, c := range netfilterCases(b)[:2] {
 		b.Run("test-run/"+c.name, func(b *testing.B) {
-			with := loadLocal(b, Config{}, c.prefix)
-			without := loadWith(b, loadNoConntrack, Config{}, c.prefix)
-			benchPaired(b, c.pkt, benchProg{with.objs.KznNetfilter, c.pkt}, benchProg{without.objs.KznNetfilter, c.pkt})
+			d := loadLocal(b, Config{}, c.prefix)
+			without := noConntrackProgram(b, d)
+			benchPaired(b, c.pkt, benchProg{d.objs.KznNetfilter, c.pkt}, benchProg{without, c.pkt})
 		})
 	}
 	b.Run("dnat", func(b *testing.B) {
@@ -405,31 +411,35 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 			{Name: "b", Zone: "zone-b", Pods: []string{"b1"}},
 		}})
 		a := topo.Node("a")
-		a1, a2, b1 := topo.Pod("a1"), topo.Pod("a2"), topo.Pod("b1")
-		if _, err := testnet.Exec(context.Background(), a.NS, "sh", "-c", "nft -f - <<'EOF'\n"+serviceRules(a2, b1)+"EOF\n"); err != nil {
+		a1, b1 := topo.Pod("a1"), topo.Pod("b1")
+		if _, err := testnet.Exec(context.Background(), a.NS, "sh", "-c", "nft -f - <<'EOF'\n"+benchServiceRules(b1)+"EOF\n"); err != nil {
 			b.Fatalf("installing the service rules: %v", err)
 		}
-		with := loadWith(b, Load, Config{}, prefixStrings(a.LocalPrefixes())...)
-		without := loadWith(b, loadNoConntrack, Config{}, prefixStrings(a.LocalPrefixes())...)
+		d := loadWith(b, Load, Config{}, prefixStrings(a.LocalPrefixes())...)
+		with, without := d.objs.KznNetfilter, noConntrackProgram(b, d)
 		empty := emptyNetfilter(b)
 		// The empty program runs last, after both: the sender is paced
 		// by its runs.
 		for _, l := range attachAt(b, empty, a.NSPath(), 97) {
 			b.Cleanup(func() { l.Close() })
 		}
-		progs := []*ebpf.Program{with.objs.KznNetfilter, without.objs.KznNetfilter, empty}
+		progs := []*ebpf.Program{with, without, empty}
 		for _, c := range []struct {
 			name     string
-			vip, dst netip.AddrPort
+			vip, dst netip.Addr
 			src      netip.Addr
 		}{
-			{"udp4", netip.AddrPortFrom(vip4, 53), netip.AddrPortFrom(b1.IPv4, 5353), a1.IPv4},
-			{"udp6", netip.AddrPortFrom(vip6, 53), netip.AddrPortFrom(b1.IPv6, 5353), a1.IPv6},
+			{"udp4", vip4, b1.IPv4, a1.IPv4},
+			{"udp6", vip6, b1.IPv6, a1.IPv6},
 		} {
 			b.Run(c.name, func(b *testing.B) {
-				drain(b, with)
-				drain(b, without)
-				tx := newDatagramSender(b, a1.NS, b1.NS, c.vip, c.dst, empty)
+				drain(b, d)
+				var vips, dsts []netip.AddrPort
+				for i := range benchServicePorts {
+					vips = append(vips, netip.AddrPortFrom(c.vip, benchServicePort+uint16(i)))
+					dsts = append(dsts, netip.AddrPortFrom(c.dst, benchBackendPort+uint16(i)))
+				}
+				tx := newDatagramSender(b, a1.NS, b1.NS, vips, dsts, empty)
 				// Phases of phaseLen datagrams; the two programs swap
 				// priorities from one phase to the next.
 				const phaseLen = 2000
@@ -438,7 +448,7 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 					if phase%2 == 1 {
 						first, second = without, with
 					}
-					return append(attachAt(b, first.objs.KznNetfilter, a.NSPath(), 95), attachAt(b, second.objs.KznNetfilter, a.NSPath(), 96)...)
+					return append(attachAt(b, first, a.NSPath(), 95), attachAt(b, second, a.NSPath(), 96)...)
 				}
 				detach := func(links []link.Link) {
 					for _, l := range links {
@@ -477,23 +487,40 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 					b.ReportMetric(perRun(i), fmt.Sprintf("kernel%d-ns/op", i))
 					b.ReportMetric(perRun(i)-perRun(2), fmt.Sprintf("net%d-ns/op", i))
 				}
-				want := flow.Key{Src: c.src, Dst: c.dst.Addr(), Proto: 17, Port: c.dst.Port(), PortIsDst: true, OrigDst: c.vip}
-				sent := uint64(64 + b.N)
-				for i, d := range []*Datapath{with, without} {
-					got, ok := flow.Counts{}, false
-					for _, f := range drain(b, d).Flows {
-						if f.Key == want {
-							got, ok = f.Counts, true
-						}
+				// Both programs counted every datagram in its flow: the
+				// first with the virtual IP and port as the original
+				// destination, the second without.
+				var got [2]uint64
+				for _, f := range drain(b, d).Flows {
+					k := slices.Index(dsts, netip.AddrPortFrom(f.Dst, f.Port))
+					want := flow.Key{Src: c.src, Dst: c.dst, Proto: 17, Port: f.Port, PortIsDst: true}
+					i := 1
+					if f.OrigDst.IsValid() && k >= 0 {
+						want.OrigDst, i = vips[k], 0
 					}
-					if !ok || got.Packets != sent {
-						b.Fatalf("program %d: flow %s counted %+v (present %v), want %d packets", i, keyString(want), got, ok, sent)
+					if k < 0 || f.Key != want {
+						b.Fatalf("unexpected flow %s", keyString(f.Key))
 					}
-					want.OrigDst = netip.AddrPort{} // the program without the read
+					got[i] += f.Packets
+				}
+				if sent := uint64(64 + b.N); got != [2]uint64{sent, sent} {
+					b.Fatalf("counted %d datagrams with an original destination, %d without; %d sent", got[0], got[1], sent)
 				}
 			})
 		}
 	})
+}
+
+// noConntrackProgram is d.loadNoConntrackProgram, closed when the
+// benchmark ends.
+func noConntrackProgram(b *testing.B, d *Datapath) *ebpf.Program {
+	b.Helper()
+	p, err := d.loadNoConntrackProgram()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { p.Close() })
+	return p
 }
 
 // prefixStrings formats prefixes for loadWith.
@@ -543,39 +570,70 @@ func progStats(b *testing.B, progs []*ebpf.Program) []*ebpf.ProgramStats {
 	return out
 }
 
-// datagramSender sends UDP datagrams from a namespace to dial, which the
-// node DNATs to a socket at dst that discards them.
-type datagramSender struct {
-	conn net.Conn
-	prog *ebpf.Program // a program on the path, whose runs pace the sender
-	buf  []byte
+// The Services of BenchmarkNetfilterConntrack/dnat: benchServicePorts
+// ports of the virtual IPs from benchServicePort up, each DNATed to its
+// own port of the backend from benchBackendPort up.
+const (
+	benchServicePorts = 16
+	benchServicePort  = 1000
+	benchBackendPort  = 5000
+)
+
+// benchServiceRules is the nftables ruleset of
+// BenchmarkNetfilterConntrack/dnat, in kube-proxy's form (see
+// serviceRules): vip4 and vip6 to the backend b1.
+func benchServiceRules(b1 *testnet.Pod) string {
+	var r4, r6 strings.Builder
+	for i := range benchServicePorts {
+		fmt.Fprintf(&r4, "    ip daddr %s udp dport %d dnat to %s:%d\n", vip4, benchServicePort+i, b1.IPv4, benchBackendPort+i)
+		fmt.Fprintf(&r6, "    ip6 daddr %s udp dport %d dnat to [%s]:%d\n", vip6, benchServicePort+i, b1.IPv6, benchBackendPort+i)
+	}
+	const chains = "  chain pre { type nat hook prerouting priority dstnat; policy accept; jump services; }\n"
+	return "table ip kzn_svc {\n  chain services {\n" + r4.String() + "  }\n" + chains + "}\n" +
+		"table ip6 kzn_svc {\n  chain services {\n" + r6.String() + "  }\n" + chains + "}\n"
 }
 
-func newDatagramSender(b *testing.B, fromNS, dstNS string, dial, dst netip.AddrPort, prog *ebpf.Program) *datagramSender {
+// datagramSender sends UDP datagrams from a namespace to a list of
+// destinations in turn, which the node DNATs to sockets that discard them.
+type datagramSender struct {
+	conns []net.Conn
+	next  int
+	prog  *ebpf.Program // a program on the path, whose runs pace the sender
+	buf   []byte
+}
+
+// newDatagramSender connects a socket in fromNS to each of dials, whose
+// datagrams the network delivers to a socket at the same index of dsts in
+// dstNS.
+func newDatagramSender(b *testing.B, fromNS, dstNS string, dials, dsts []netip.AddrPort, prog *ebpf.Program) *datagramSender {
 	b.Helper()
-	network := "udp4"
-	if dst.Addr().Is6() {
-		network = "udp6"
-	}
-	rx, err := testnet.ListenPacket(dstNS, network, dst.String())
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { rx.Close() })
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			if _, _, err := rx.ReadFrom(buf); err != nil {
-				return
-			}
+	s := &datagramSender{prog: prog, buf: make([]byte, 64)}
+	for i, dst := range dsts {
+		network := "udp4"
+		if dst.Addr().Is6() {
+			network = "udp6"
 		}
-	}()
-	c, err := testnet.Dial(context.Background(), fromNS, network, dial.String())
-	if err != nil {
-		b.Fatal(err)
+		rx, err := testnet.ListenPacket(dstNS, network, dst.String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { rx.Close() })
+		go func() {
+			buf := make([]byte, 2048)
+			for {
+				if _, _, err := rx.ReadFrom(buf); err != nil {
+					return
+				}
+			}
+		}()
+		c, err := testnet.Dial(context.Background(), fromNS, network, dials[i].String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { c.Close() })
+		s.conns = append(s.conns, c)
 	}
-	b.Cleanup(func() { c.Close() })
-	return &datagramSender{conn: c, prog: prog, buf: make([]byte, 64)}
+	return s
 }
 
 // send sends n datagrams in bursts, each once the program has run for the
@@ -588,9 +646,10 @@ func (s *datagramSender) send(b *testing.B, n int) {
 	for sent := 0; sent < n; {
 		k := min(burst, n-sent)
 		for range k {
-			if _, err := s.conn.Write(s.buf); err != nil {
+			if _, err := s.conns[s.next].Write(s.buf); err != nil {
 				b.Fatal(err)
 			}
+			s.next = (s.next + 1) % len(s.conns)
 		}
 		sent += k
 		deadline := time.Now().Add(5 * time.Second)
