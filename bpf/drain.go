@@ -3,6 +3,7 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -181,13 +182,19 @@ type keyHead = [len(flowTableSlot{}.Key)]byte
 var _ [unsafe.Offsetof(flowFlowKey{}.OrigDaddr) - unsafe.Sizeof(keyHead{})]struct{}
 var _ [unsafe.Sizeof(keyHead{}) - unsafe.Offsetof(flowFlowKey{}.OrigDaddr)]struct{}
 
-// slotKey sets k to the key of the table slot s, whose original
-// destination address, when the flow has one, is o.
+// slotKey sets k to the key of the table slot s, whose flow_orig entry is
+// o. The original destination address, when the flow has one, is in the
+// slot for IPv4 and in o for IPv6 (table_slot in flow.c).
 func slotKey(k *flowFlowKey, s *flowTableSlot, o *flowOrigSlot) {
 	*(*keyHead)(unsafe.Pointer(k)) = s.Key
 	k.OrigDaddr = [16]byte{}
-	if k.Flags&uint8(flowFlowFlagFLOW_F_ORIG_DST) != 0 {
+	switch {
+	case k.Flags&uint8(flowFlowFlagFLOW_F_ORIG_DST) == 0:
+	case k.Flags&uint8(flowFlowFlagFLOW_F_IPV6) != 0:
 		k.OrigDaddr = o.Daddr
+	default: // IPv4-mapped, as the kernel's keys
+		k.OrigDaddr[10], k.OrigDaddr[11] = 0xff, 0xff
+		binary.LittleEndian.PutUint32(k.OrigDaddr[12:], s.OrigDaddr4) // network order in memory
 	}
 }
 

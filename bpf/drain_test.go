@@ -3,6 +3,7 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"maps"
 	"net/netip"
 	"slices"
@@ -92,11 +93,11 @@ func kernelKey(k flow.Key) flowFlowKey {
 
 // TestDrainTableOriginalDestination reads table slots laid out as the
 // kernel writes them (no kernel needed: the table and its flow_orig
-// entries are plain memory here): a flow's original destination comes from
-// the flow_orig entry of its slot only when its flags say it has one (the
-// entry of a flow without one holds what an earlier flow left), two flows
-// that differ only in it stay two flows, and a flow seen on two CPUs is
-// merged, with or without one.
+// entries are plain memory here): a flow's original destination address
+// comes from its slot (IPv4) or the slot's flow_orig entry (IPv6) only
+// when its flags say it has one (where a flow without one would keep it
+// lies what an earlier flow left), two flows that differ only in it stay
+// two flows, and a flow seen on two CPUs is merged, with or without one.
 func TestDrainTableOriginalDestination(t *testing.T) {
 	const slots = 64
 	d := &Datapath{nCPU: 2, tableSlots: slots, epochs: [2]uint32{1, 2}}
@@ -115,11 +116,16 @@ func TestDrainTableOriginalDestination(t *testing.T) {
 		s := &d.table[idx]
 		*s = flowTableSlot{Epoch: d.epochs[0], St: flowFlowStats{Bytes: c.Bytes, Packets: c.Packets}}
 		s.Key = *(*keyHead)(unsafe.Pointer(&kk))
-		// What a flow without an original destination leaves in its
-		// flow_orig entry is whatever an earlier flow wrote there.
+		// Where a flow keeps no original destination address lies
+		// whatever an earlier flow left there.
 		d.orig[idx] = flowOrigSlot{Daddr: netip.AddrFrom4([4]byte{10, 96, 9, byte(i)}).As16()}
-		if k.OrigDst.IsValid() {
+		s.OrigDaddr4 = binary.LittleEndian.Uint32([]byte{10, 96, 8, byte(i)})
+		switch {
+		case !k.OrigDst.IsValid():
+		case k.OrigDst.Addr().Is6():
 			d.orig[idx].Daddr = kk.OrigDaddr
+		default:
+			s.OrigDaddr4 = binary.LittleEndian.Uint32(kk.OrigDaddr[12:])
 		}
 	}
 	put(0, 3, viaA, flow.Counts{Bytes: 100, Packets: 1})

@@ -116,8 +116,8 @@ struct flow_key {
 	__u8 orig_daddr[16]; /* IPv4-mapped like saddr; 0 unless FLOW_F_ORIG_DST */
 };
 
-/* The bytes of a flow_key a table slot holds: all but orig_daddr, which
- * lives in flow_orig (see table_slot). */
+/* The bytes of a flow_key a table slot holds in its key: all but
+ * orig_daddr (see table_slot). */
 #define KEY_HEAD 40
 _Static_assert(__builtin_offsetof(struct flow_key, orig_daddr) == KEY_HEAD,
 	       "orig_daddr must follow the key's head");
@@ -226,22 +226,25 @@ volatile const __u32 bench_no_conntrack = 0;
  * line (56-byte slots straddle two lines for most slots, which measured
  * slower on new flows).
  *
- * The key's original destination address does not fit in that line: it
- * sits at the same index in flow_orig, an array of 16-byte entries, written
- * and compared only for a flow with FLOW_F_ORIG_DST (in the head, so a
- * flow without one never reads flow_orig). A flow through a Service
- * touches a second line; every other flow keeps to one, and the table
- * grows by a quarter rather than doubling with 128-byte slots. */
+ * The key's original destination address does not fit in that line
+ * whole. An IPv4 one takes the line's spare word, orig_daddr4; an IPv6 one
+ * sits at the same index in flow_orig, an array of 16-byte entries. Both
+ * are written and compared only for a flow with FLOW_F_ORIG_DST (in the
+ * head, with FLOW_F_IPV6), so a flow without one reads neither. A flow
+ * through an IPv4 Service keeps to one line, like every other flow; one
+ * through an IPv6 Service touches a second. The table grows by a quarter
+ * (flow_orig), where 128-byte slots would double it and put every flow on
+ * two lines. */
 struct table_slot {
 	__u8 key[KEY_HEAD]; /* struct flow_key up to orig_daddr */
 	__u32 epoch;
-	__u32 pad;
+	__u32 orig_daddr4; /* network byte order; IPv4 FLOW_F_ORIG_DST flows */
 	struct flow_stats st;
 };
 _Static_assert(sizeof(struct table_slot) == 64, "a table slot is one cache line");
 
-/* A flow's original destination address, for the table slot at the same
- * index. */
+/* An IPv6 flow's original destination address, for the table slot at the
+ * same index. */
 struct orig_slot {
 	__u8 daddr[16];
 };
@@ -254,8 +257,8 @@ struct {
 	__uint(max_entries, 1); /* 2 generations * CPUs * slots per region, set at load */
 } flow_table SEC(".maps");
 
-/* The original destination address of the flow in flow_table's slot of the
- * same index (see table_slot); as long as flow_table, set at load. */
+/* The original destination address of the IPv6 flow in flow_table's slot
+ * of the same index (see table_slot); as long as flow_table, set at load. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_MMAPABLE);
@@ -394,9 +397,16 @@ static __always_inline int same_head(const __u8 *head, const struct flow_key *b)
 		(x[4] ^ y[4])) == 0;
 }
 
-/* same_orig reports whether the original destination address at idx in
+/* orig_daddr4 is an IPv4 key's original destination address (the last
+ * word of the IPv4-mapped orig_daddr). */
+static __always_inline __u32 orig_daddr4(const struct flow_key *key)
+{
+	return ((const __u32 *)key->orig_daddr)[3];
+}
+
+/* same_orig6 reports whether the original destination address at idx in
  * flow_orig is the key's. */
-static __always_inline int same_orig(__u32 idx, const struct flow_key *key)
+static __always_inline int same_orig6(__u32 idx, const struct flow_key *key)
 {
 	const __u64 *o = bpf_map_lookup_elem(&flow_orig, &idx);
 	const __u64 *k = (const __u64 *)key->orig_daddr;
@@ -404,13 +414,39 @@ static __always_inline int same_orig(__u32 idx, const struct flow_key *key)
 	return o && ((o[0] ^ k[0]) | (o[1] ^ k[1])) == 0;
 }
 
-/* same_flow reports whether the slot at idx holds key (its head is
- * compared first: the flags in it say whether flow_orig is involved). */
+/* same_flow reports whether the slot at idx holds key. The head is
+ * compared first: its flags say where the original destination is. */
 static __always_inline int same_flow(struct table_slot *slot, __u32 idx,
 				     const struct flow_key *key)
 {
-	return same_head(slot->key, key) &&
-	       (!(key->flags & FLOW_F_ORIG_DST) || same_orig(idx, key));
+	if (!same_head(slot->key, key))
+		return 0;
+	if (!(key->flags & FLOW_F_ORIG_DST))
+		return 1;
+	if (!(key->flags & FLOW_F_IPV6))
+		return slot->orig_daddr4 == orig_daddr4(key);
+	return same_orig6(idx, key);
+}
+
+/* put_orig stores key's original destination, when it has one, for the
+ * slot at idx. It returns 0 when it cannot (never: flow_orig is as long as
+ * flow_table). */
+static __always_inline int put_orig(struct table_slot *slot, __u32 idx,
+				    const struct flow_key *key)
+{
+	struct orig_slot *o;
+
+	if (!(key->flags & FLOW_F_ORIG_DST))
+		return 1;
+	if (!(key->flags & FLOW_F_IPV6)) {
+		slot->orig_daddr4 = orig_daddr4(key);
+		return 1;
+	}
+	o = bpf_map_lookup_elem(&flow_orig, &idx);
+	if (!o)
+		return 0;
+	__builtin_memcpy(o->daddr, key->orig_daddr, sizeof(o->daddr));
+	return 1;
 }
 
 /*
@@ -510,13 +546,8 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 			break;
 		if (slot->epoch != ep) {
 			/* Free in this generation: the flow takes it. */
-			if (key->flags & FLOW_F_ORIG_DST) {
-				struct orig_slot *o = bpf_map_lookup_elem(&flow_orig, &idx);
-
-				if (!o) /* never: as long as flow_table */
-					break;
-				__builtin_memcpy(o->daddr, key->orig_daddr, sizeof(o->daddr));
-			}
+			if (!put_orig(slot, idx, key))
+				break;
 			__builtin_memcpy(slot->key, key, KEY_HEAD);
 			slot->st.bytes = bytes;
 			slot->st.packets = packets;

@@ -95,11 +95,11 @@ type flowPrefixState struct {
 }
 
 type flowTableSlot struct {
-	_     structs.HostLayout
-	Key   [40]uint8
-	Epoch uint32
-	Pad   uint32
-	St    flowFlowStats
+	_          structs.HostLayout
+	Key        [40]uint8
+	Epoch      uint32
+	OrigDaddr4 uint32
+	St         flowFlowStats
 }
 
 // Names of all BPF objects in the ELF.
