@@ -29,8 +29,8 @@ const (
 	// values) and cover a busy node for a 10 s flush interval.
 	DefaultMaxFlows = 65536
 	// DefaultTableSlots is the flow table's size per CPU and generation:
-	// 8,192 slots of 64 bytes, each with 16 bytes for an original
-	// destination address (640 KiB, 1.25 MiB per CPU for both
+	// 8,192 slots of 64 bytes, each with 16 bytes for an IPv6 flow's
+	// original destination address (640 KiB, 1.25 MiB per CPU for both
 	// generations), keep a CPU that sees 4,000 flows per interval at half
 	// load, where linear probing almost always finds a slot at once.
 	DefaultTableSlots = 8192
@@ -117,8 +117,8 @@ type Datapath struct {
 	// process (see SetLocalPrefixes).
 	prefixes *flowPrefixState
 	// table is the flow table mapped into this process (read only),
-	// orig the original destination addresses of its slots (flow_orig,
-	// same indexes); tableSlots its slots per CPU and generation; epochs
+	// orig the IPv6 original destination addresses of its slots
+	// (flow_orig, same indexes); tableSlots its slots per CPU and generation; epochs
 	// the epoch of each generation's slots in use.
 	table      []flowTableSlot
 	orig       []flowOrigSlot

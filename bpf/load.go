@@ -80,8 +80,8 @@ func load(cfg Config, loadSpec func() (*ebpf.CollectionSpec, error)) (*Datapath,
 	if err != nil {
 		return nil, fmt.Errorf("counting possible CPUs: %w", err)
 	}
-	// Both generations, every possible CPU; each slot with its entry for
-	// an original destination address.
+	// Both generations, every possible CPU; each slot with its flow_orig
+	// entry (an IPv6 flow's original destination address).
 	slots := 2 * ncpu * int(cfg.TableSlots)
 	size := slots * int(unsafe.Sizeof(flowTableSlot{})+unsafe.Sizeof(flowOrigSlot{}))
 	if size > MaxTableBytes {
@@ -188,7 +188,7 @@ func (d *Datapath) mapShared(vars bssVars) error {
 	d.table = unsafe.Slice((*flowTableSlot)(unsafe.Pointer(&table[0])), d.objs.FlowTable.MaxEntries())
 	orig, err := mapArray(d.objs.FlowOrig, unix.PROT_READ)
 	if err != nil {
-		return fmt.Errorf("mapping the flow table's original destinations: %w", err)
+		return fmt.Errorf("mapping the flow table's IPv6 original destinations: %w", err)
 	}
 	d.mems = append(d.mems, orig)
 	d.orig = unsafe.Slice((*flowOrigSlot)(unsafe.Pointer(&orig[0])), d.objs.FlowOrig.MaxEntries())
