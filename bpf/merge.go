@@ -91,16 +91,20 @@ func (m *merger) add(flows []flow.Record, k *flowFlowKey, c flow.Counts) []flow.
 	return append(flows, flow.Record{Key: convertKey(k), Counts: c})
 }
 
-// keyHash mixes the key's seven 64-bit words (multiply-xorshift); the
-// original destination's two are folded into the ports word, as in the
-// kernel's slot_hash: they are zero for most flows.
+// keyHash mixes the key's fourteen 32-bit words (multiply-xorshift). The
+// index takes the result's low bits, which a product's high input bits do
+// not reach: each word that holds an IPv4 address (the last of an
+// IPv4-mapped address) is the low half of a multiplicand, never the high
+// one, or flows that differ only in an address would share their low bits
+// and pile up in a few runs of the index.
 func keyHash(k *flowFlowKey) uint32 {
-	w := (*[7]uint64)(unsafe.Pointer(k))
-	h := w[0] * 0x9E3779B97F4A7C15
-	h ^= w[1] * 0xC2B2AE3D27D4EB4F
-	h ^= w[2] * 0x165667B19E3779F9
-	h ^= w[3] * 0x27D4EB2F165667C5
-	h ^= (w[4] ^ w[5] ^ w[6]) * 0x94D049BB133111EB
+	w := (*[14]uint32)(unsafe.Pointer(k))
+	h := (uint64(w[0])<<32 | uint64(w[1])) * 0x9E3779B97F4A7C15
+	h ^= (uint64(w[2])<<32 | uint64(w[3])) * 0xC2B2AE3D27D4EB4F
+	h ^= (uint64(w[4])<<32 | uint64(w[5])) * 0x165667B19E3779F9
+	h ^= (uint64(w[6])<<32 | uint64(w[7])) * 0x27D4EB2F165667C5
+	h ^= (uint64(w[9])<<32 | uint64(w[8])) * 0x94D049BB133111EB // orig_port; port, proto, flags
+	h ^= (uint64(w[10]^w[11])<<32 | uint64(w[12]^w[13])) * 0xBF58476D1CE4E5B9
 	h ^= h >> 29
 	return uint32(h ^ h>>32)
 }
