@@ -374,9 +374,12 @@ func BenchmarkDrain(b *testing.B) {
 //     the node's namespace (benchServiceRules) to a backend on another
 //     node: every packet has a conntrack entry with IPS_DST_NAT, and the
 //     program reads the status and the original tuple's destination into
-//     the key, which then takes the flow_orig entry too. The datagrams go
-//     round-robin to 16 ports of the virtual IP, each DNATed to its own
-//     backend port: 16 flows, whose slots lie in 16 places of the table.
+//     the key (and an IPv6 one into the flow's flow_orig entry). The
+//     datagrams go round-robin to 16 ports of the virtual IP, each DNATed
+//     to its own backend port: 16 flows, whose slots lie in 16 places of
+//     the table. The -direct variants send to the backend's 16 ports
+//     themselves: a conntrack entry without IPS_DST_NAT, what most
+//     tracked packets have, whose status the program reads and stops.
 //     A run on a real packet pays cache misses (the stack evicts the
 //     table's lines between two packets), and what one flow's slot costs
 //     depends on where it lies, by more than the read itself. The three
@@ -390,7 +393,7 @@ func BenchmarkDrain(b *testing.B) {
 //     ns/op is the sender's time per datagram, links swapped included. The
 //     benchmark then checks that both programs counted every datagram in
 //     the 16 flows, with the virtual IP and port as their original
-//     destination only in the first.
+//     destination only in the first, and only through the Service.
 func BenchmarkNetfilterConntrack(b *testing.B) {
 	testutil.RequireRoot(b)
 	for _, c := range netfilterCases(b)[:2] {
@@ -428,9 +431,12 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 			name     string
 			vip, dst netip.Addr
 			src      netip.Addr
+			direct   bool // to the backend's ports, not through the Service
 		}{
-			{"udp4", vip4, b1.IPv4, a1.IPv4},
-			{"udp6", vip6, b1.IPv6, a1.IPv6},
+			{"udp4", vip4, b1.IPv4, a1.IPv4, false},
+			{"udp6", vip6, b1.IPv6, a1.IPv6, false},
+			{"udp4-direct", vip4, b1.IPv4, a1.IPv4, true},
+			{"udp6-direct", vip6, b1.IPv6, a1.IPv6, true},
 		} {
 			b.Run(c.name, func(b *testing.B) {
 				drain(b, d)
@@ -439,7 +445,11 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 					vips = append(vips, netip.AddrPortFrom(c.vip, benchServicePort+uint16(i)))
 					dsts = append(dsts, netip.AddrPortFrom(c.dst, benchBackendPort+uint16(i)))
 				}
-				tx := newDatagramSender(b, a1.NS, b1.NS, vips, dsts, empty)
+				dials := vips
+				if c.direct {
+					dials = dsts
+				}
+				tx := newDatagramSender(b, a1.NS, b1.NS, dials, dsts, empty)
 				// Phases of phaseLen datagrams; the two programs swap
 				// priorities from one phase to the next.
 				const phaseLen = 2000
@@ -487,15 +497,16 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 					b.ReportMetric(perRun(i), fmt.Sprintf("kernel%d-ns/op", i))
 					b.ReportMetric(perRun(i)-perRun(2), fmt.Sprintf("net%d-ns/op", i))
 				}
-				// Both programs counted every datagram in its flow: the
-				// first with the virtual IP and port as the original
-				// destination, the second without.
-				var got [2]uint64
+				// Both programs counted every datagram in its flow: through
+				// the Service, the first with the virtual IP and port as
+				// the original destination and the second without; sent
+				// directly, both without, in the same flows.
+				var got [2]uint64 // with an original destination, without
 				for _, f := range drain(b, d).Flows {
 					k := slices.Index(dsts, netip.AddrPortFrom(f.Dst, f.Port))
 					want := flow.Key{Src: c.src, Dst: c.dst, Proto: 17, Port: f.Port, PortIsDst: true}
 					i := 1
-					if f.OrigDst.IsValid() && k >= 0 {
+					if f.OrigDst.IsValid() && k >= 0 && !c.direct {
 						want.OrigDst, i = vips[k], 0
 					}
 					if k < 0 || f.Key != want {
@@ -503,8 +514,13 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 					}
 					got[i] += f.Packets
 				}
-				if sent := uint64(64 + b.N); got != [2]uint64{sent, sent} {
-					b.Fatalf("counted %d datagrams with an original destination, %d without; %d sent", got[0], got[1], sent)
+				sent := uint64(64 + b.N)
+				want := [2]uint64{sent, sent}
+				if c.direct {
+					want = [2]uint64{0, 2 * sent}
+				}
+				if got != want {
+					b.Fatalf("counted %d datagrams with an original destination, %d without; want %d and %d", got[0], got[1], want[0], want[1])
 				}
 			})
 		}
