@@ -63,7 +63,8 @@ table inet kzn_raw {
 // directly, for the backend's replies on a DNATed connection, and for
 // untracked packets, which are still counted. Every case's bytes and
 // packets equal an nftables counter of the node's local sources at the
-// hook's priority; a UDP flow's equal what was sent.
+// hook's priority, each flow's a counter of its address pair, and a UDP
+// flow's what was sent.
 func TestOriginalDestination(t *testing.T) {
 	testutil.RequireRoot(t)
 	topo := twoNodes(t, false)
@@ -84,6 +85,9 @@ func TestOriginalDestination(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// And per address pair: each expected flow is the only one of its
+	// pair in its case.
+	pairs := testnet.NewReference(DefaultNetfilterPriority)
 
 	ap := netip.AddrPortFrom
 	const tcpBytes, udpCount, udpSize = 256 << 10, 40, 700
@@ -167,7 +171,18 @@ func TestOriginalDestination(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			drain(t, dp) // what earlier cases left
+			for _, k := range tt.want {
+				if p := (testnet.Pair{Src: k.Src, Dst: k.Dst}); !pairs.Watched(p) {
+					if err := pairs.Watch(ctx, a.NS, p); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
 			before, err := ref.Read(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pairsBefore, err := pairs.Read(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -178,6 +193,10 @@ func TestOriginalDestination(t *testing.T) {
 				sendUDPVia(t, tt.client, tt.backend.NS, tt.dial, tt.dst, udpCount, udpSize)
 			}
 			after, err := ref.Read(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pairsAfter, err := pairs.Read(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -201,8 +220,11 @@ func TestOriginalDestination(t *testing.T) {
 				}
 			}
 			for _, k := range tt.want {
-				if _, ok := got[k]; !ok {
-					t.Errorf("no flow %s", keyString(k))
+				p := testnet.Pair{Src: k.Src, Dst: k.Dst}
+				pb, pa := pairsBefore[p], pairsAfter[p]
+				want := flow.Counts{Bytes: pa.Bytes - pb.Bytes, Packets: pa.Packets - pb.Packets}
+				if c, ok := got[k]; !ok || c != want || want.Packets == 0 {
+					t.Errorf("flow %s counted %+v (present %v), nftables %+v for its addresses", keyString(k), c, ok, want)
 				}
 			}
 			for k, c := range got {
