@@ -44,9 +44,9 @@ func loadObjectFile(cfg Config, path string) (*Datapath, error) {
 // that is 0 in the program the agent loads, so no flow gets an original
 // destination), that counts into d's maps. The two programs then differ in
 // their code only, not in where their flow table, in-flight lines and
-// prefixes lie in memory: separately loaded datapaths measured tens of
-// nanoseconds apart on real packets, the first loaded the faster, whatever
-// their code (BenchmarkNetfilterConntrack).
+// prefixes lie in memory: on real packets, separately loaded datapaths
+// differ by more than the read costs, the first loaded the faster whatever
+// its code (BenchmarkNetfilterConntrack, BENCHMARKS.md).
 func (d *Datapath) loadNoConntrackProgram() (*ebpf.Program, error) {
 	spec, err := loadFlow()
 	if err != nil {
