@@ -88,7 +88,7 @@ func Flags() []cli.Flag {
 		&cli.StringFlag{Name: "netns-path", Usage: "attach netfilter hooks in the network namespace at this path instead of the agent's own (the DaemonSet runs in the host namespace)"},
 		&cli.StringFlag{Name: "cgroup-path", Usage: "cgroup v2 directory for cgroup mode (default: the cgroup v2 root, found in /proc/mounts)"},
 		&cli.IntFlag{Name: "max-flows", Value: bpf.DefaultMaxFlows, Usage: "capacity of each kernel flow map generation (the flows that find no slot in the flow table); flows beyond it are counted as dropped (map_full)"},
-		&cli.IntFlag{Name: "flow-table-slots", Value: bpf.DefaultTableSlots, Usage: "kernel flow table slots per CPU and generation (a power of two, 64 bytes each); about twice the flows one CPU sends per flush interval keeps new flows fast"},
+		&cli.IntFlag{Name: "flow-table-slots", Value: bpf.DefaultTableSlots, Usage: "kernel flow table slots per CPU and generation (a power of two, 80 bytes each); about twice the flows one CPU sends per flush interval keeps new flows fast"},
 		&cli.IntFlag{Name: "max-buffered-flows", Value: DefaultMaxBufferedFlows, Usage: "flows held in memory while the server is unreachable; new flows beyond it are counted as dropped (buffer_full)"},
 		&cli.StringFlag{Name: "local-prefixes", Value: LocalPrefixesAuto, Usage: "sources counted on this node: auto (the Node's spec.podCIDRs and addresses) or comma-separated CIDRs (for IPAMs that do not fill podCIDRs, e.g. Cilium cluster-pool)"},
 		&cli.StringFlag{Name: "extra-local-prefixes", Usage: "comma-separated CIDRs added to the local prefixes"},

@@ -3,10 +3,13 @@
 package bpf
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -17,11 +20,14 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 
 	"github.com/kubezonnet/kubezonnet/bpf/internal/nfhook"
 	"github.com/kubezonnet/kubezonnet/bpf/reference"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/netns"
 	"github.com/kubezonnet/kubezonnet/internal/packet"
+	"github.com/kubezonnet/kubezonnet/internal/testnet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
 
@@ -400,4 +406,324 @@ func BenchmarkMerge(b *testing.B) {
 			}
 		}
 	})
+}
+// BenchmarkNetfilterConntrack measures what reading the packet's conntrack
+// entry (for a flow's original destination, orig_dst in flow.c) costs an
+// existing flow: the program as the agent loads it (kernel0-ns/op,
+// net0-ns/op) against the same build with the read switched off at load
+// time (bench_no_conntrack; kernel1-ns/op, net1-ns/op), and the empty
+// program (empty-ns/op), in one run.
+//
+//   - test-run/*: BenchmarkNetfilter's packets of an existing flow in
+//     BPF_PROG_TEST_RUN, alternated in batches (benchPaired). A test run's
+//     skb has no conntrack entry, so this is what every packet without
+//     one pays (untracked, or on a node without conntrack): the load of
+//     skb->_nfct and a branch.
+//   - dnat/*: real UDP datagrams (64-byte payloads) from a pod to a
+//     Service's virtual IP, DNATed by kube-proxy-style nftables rules in
+//     the node's namespace (benchServiceRules) to a backend on another
+//     node: every packet has a conntrack entry with IPS_DST_NAT, and the
+//     program reads the status and the original tuple's destination into
+//     the key (and an IPv6 one into the flow's flow_orig entry). The
+//     datagrams go round-robin to 16 ports of the virtual IP, each DNATed
+//     to its own backend port: 16 flows, whose slots lie in 16 places of
+//     the table. The -direct variants send to the backend's 16 ports
+//     themselves: a conntrack entry without IPS_DST_NAT, what most
+//     tracked packets have, whose status the program reads and stops.
+//     A run on a real packet pays cache misses (the stack evicts the
+//     table's lines between two packets), and what one flow's slot costs
+//     depends on where it lies, by more than the read itself. The three
+//     programs are attached to the node's POSTROUTING, so they see the
+//     same packets: the empty one at priority 97, the two others at 95
+//     and 96, swapping places every 2,000 datagrams (the first to run
+//     takes the cache misses on the packet's lines that the second is
+//     spared). Times are the kernel's run-time statistics
+//     (BPF_ENABLE_STATS: run_time_ns over run_cnt for the timed
+//     datagrams), whose own clock reads are in all three figures alike;
+//     ns/op is the sender's time per datagram, links swapped included. The
+//     benchmark then checks that both programs counted every datagram in
+//     the 16 flows, with the virtual IP and port as their original
+//     destination only in the first, and only through the Service.
+func BenchmarkNetfilterConntrack(b *testing.B) {
+	testutil.RequireRoot(b)
+	for _, c := range netfilterCases(b)[:2] {
+		b.Run("test-run/"+c.name, func(b *testing.B) {
+			d := loadLocal(b, Config{}, c.prefix)
+			without := noConntrackProgram(b, d)
+			benchPaired(b, c.pkt, benchProg{d.objs.KznNetfilter, c.pkt}, benchProg{without, c.pkt})
+		})
+	}
+	b.Run("dnat", func(b *testing.B) {
+		stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+		if err != nil {
+			b.Fatalf("enabling BPF run statistics: %v", err)
+		}
+		b.Cleanup(func() { stats.Close() })
+		topo := testnet.BuildT(b, testnet.Spec{Nodes: []testnet.NodeSpec{
+			{Name: "a", Zone: "zone-a", Pods: []string{"a1", "a2"}},
+			{Name: "b", Zone: "zone-b", Pods: []string{"b1"}},
+		}})
+		a := topo.Node("a")
+		a1, b1 := topo.Pod("a1"), topo.Pod("b1")
+		if _, err := testnet.Exec(context.Background(), a.NS, "sh", "-c", "nft -f - <<'EOF'\n"+benchServiceRules(b1)+"EOF\n"); err != nil {
+			b.Fatalf("installing the service rules: %v", err)
+		}
+		d := loadWith(b, Load, Config{}, prefixStrings(a.LocalPrefixes())...)
+		with, without := d.objs.KznNetfilter, noConntrackProgram(b, d)
+		empty := emptyNetfilter(b)
+		// The empty program runs last, after both: the sender is paced
+		// by its runs.
+		for _, l := range attachAt(b, empty, a.NSPath(), 97) {
+			b.Cleanup(func() { l.Close() })
+		}
+		progs := []*ebpf.Program{with, without, empty}
+		for _, c := range []struct {
+			name     string
+			vip, dst netip.Addr
+			src      netip.Addr
+			direct   bool // to the backend's ports, not through the Service
+		}{
+			{"udp4", vip4, b1.IPv4, a1.IPv4, false},
+			{"udp6", vip6, b1.IPv6, a1.IPv6, false},
+			{"udp4-direct", vip4, b1.IPv4, a1.IPv4, true},
+			{"udp6-direct", vip6, b1.IPv6, a1.IPv6, true},
+		} {
+			b.Run(c.name, func(b *testing.B) {
+				drain(b, d)
+				var vips, dsts []netip.AddrPort
+				for i := range benchServicePorts {
+					vips = append(vips, netip.AddrPortFrom(c.vip, benchServicePort+uint16(i)))
+					dsts = append(dsts, netip.AddrPortFrom(c.dst, benchBackendPort+uint16(i)))
+				}
+				dials := vips
+				if c.direct {
+					dials = dsts
+				}
+				tx := newDatagramSender(b, a1.NS, b1.NS, dials, dsts, empty)
+				// Phases of phaseLen datagrams; the two programs swap
+				// priorities from one phase to the next.
+				const phaseLen = 2000
+				attach := func(phase int) []link.Link {
+					first, second := with, without
+					if phase%2 == 1 {
+						first, second = without, with
+					}
+					return append(attachAt(b, first, a.NSPath(), 95), attachAt(b, second, a.NSPath(), 96)...)
+				}
+				detach := func(links []link.Link) {
+					for _, l := range links {
+						if err := l.Close(); err != nil {
+							b.Fatal(err)
+						}
+					}
+				}
+				links := attach(0)
+				tx.send(b, 64) // the flow exists from here on
+				detach(links)
+				var runs [3]uint64
+				var runtime [3]time.Duration
+				b.ResetTimer()
+				for phase, sent := 0, 0; sent < b.N; phase++ {
+					b.StopTimer()
+					links := attach(phase)
+					b.StartTimer()
+					k := min(phaseLen, b.N-sent)
+					before := progStats(b, progs)
+					tx.send(b, k)
+					after := progStats(b, progs)
+					for i := range progs {
+						runs[i] += after[i].RunCount - before[i].RunCount
+						runtime[i] += after[i].Runtime - before[i].Runtime
+					}
+					sent += k
+					b.StopTimer()
+					detach(links)
+					b.StartTimer()
+				}
+				b.StopTimer()
+				perRun := func(i int) float64 { return float64(runtime[i].Nanoseconds()) / float64(runs[i]) }
+				b.ReportMetric(perRun(2), "empty-ns/op")
+				for i := range 2 {
+					b.ReportMetric(perRun(i), fmt.Sprintf("kernel%d-ns/op", i))
+					b.ReportMetric(perRun(i)-perRun(2), fmt.Sprintf("net%d-ns/op", i))
+				}
+				// Both programs counted every datagram in its flow: through
+				// the Service, the first with the virtual IP and port as
+				// the original destination and the second without; sent
+				// directly, both without, in the same flows.
+				var got [2]uint64 // with an original destination, without
+				for _, f := range drain(b, d).Flows {
+					k := slices.Index(dsts, netip.AddrPortFrom(f.Dst, f.Port))
+					want := flow.Key{Src: c.src, Dst: c.dst, Proto: 17, Port: f.Port, PortIsDst: true}
+					i := 1
+					if f.OrigDst.IsValid() && k >= 0 && !c.direct {
+						want.OrigDst, i = vips[k], 0
+					}
+					if k < 0 || f.Key != want {
+						b.Fatalf("unexpected flow %s", keyString(f.Key))
+					}
+					got[i] += f.Packets
+				}
+				sent := uint64(64 + b.N)
+				want := [2]uint64{sent, sent}
+				if c.direct {
+					want = [2]uint64{0, 2 * sent}
+				}
+				if got != want {
+					b.Fatalf("counted %d datagrams with an original destination, %d without; want %d and %d", got[0], got[1], want[0], want[1])
+				}
+			})
+		}
+	})
+}
+
+// noConntrackProgram is d.loadNoConntrackProgram, closed when the
+// benchmark ends.
+func noConntrackProgram(b *testing.B, d *Datapath) *ebpf.Program {
+	b.Helper()
+	p, err := d.loadNoConntrackProgram()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { p.Close() })
+	return p
+}
+
+// prefixStrings formats prefixes for loadWith.
+func prefixStrings(ps []netip.Prefix) []string {
+	var out []string
+	for _, p := range ps {
+		out = append(out, p.String())
+	}
+	return out
+}
+
+// attachAt attaches prog to POSTROUTING for IPv4 and IPv6 in the
+// namespace at nsPath and returns the links.
+func attachAt(b *testing.B, prog *ebpf.Program, nsPath string, priority int32) []link.Link {
+	b.Helper()
+	var links []link.Link
+	err := netns.Do(nsPath, func() error {
+		for _, pf := range []link.NetfilterProtocolFamily{link.NetfilterProtoIPv4, link.NetfilterProtoIPv6} {
+			l, err := link.AttachNetfilter(link.NetfilterOptions{Program: prog, ProtocolFamily: pf, Hook: link.NetfilterInetPostRouting, Priority: priority})
+			if err != nil {
+				return err
+			}
+			links = append(links, l)
+		}
+		return nil
+	})
+	if err != nil {
+		for _, l := range links {
+			l.Close()
+		}
+		b.Fatalf("attaching at priority %d: %v", priority, err)
+	}
+	return links
+}
+
+// progStats reads the kernel's run statistics of each program.
+func progStats(b *testing.B, progs []*ebpf.Program) []*ebpf.ProgramStats {
+	b.Helper()
+	out := make([]*ebpf.ProgramStats, len(progs))
+	for i, p := range progs {
+		s, err := p.Stats()
+		if err != nil {
+			b.Fatal(err)
+		}
+		out[i] = s
+	}
+	return out
+}
+
+// The Services of BenchmarkNetfilterConntrack/dnat: benchServicePorts
+// ports of the virtual IPs from benchServicePort up, each DNATed to its
+// own port of the backend from benchBackendPort up.
+const (
+	benchServicePorts = 16
+	benchServicePort  = 1000
+	benchBackendPort  = 5000
+)
+
+// benchServiceRules is the nftables ruleset of
+// BenchmarkNetfilterConntrack/dnat, in kube-proxy's form (see
+// serviceRules): vip4 and vip6 to the backend b1.
+func benchServiceRules(b1 *testnet.Pod) string {
+	var r4, r6 strings.Builder
+	for i := range benchServicePorts {
+		fmt.Fprintf(&r4, "    ip daddr %s udp dport %d dnat to %s:%d\n", vip4, benchServicePort+i, b1.IPv4, benchBackendPort+i)
+		fmt.Fprintf(&r6, "    ip6 daddr %s udp dport %d dnat to [%s]:%d\n", vip6, benchServicePort+i, b1.IPv6, benchBackendPort+i)
+	}
+	const chains = "  chain pre { type nat hook prerouting priority dstnat; policy accept; jump services; }\n"
+	return "table ip kzn_svc {\n  chain services {\n" + r4.String() + "  }\n" + chains + "}\n" +
+		"table ip6 kzn_svc {\n  chain services {\n" + r6.String() + "  }\n" + chains + "}\n"
+}
+
+// datagramSender sends UDP datagrams from a namespace to a list of
+// destinations in turn, which the node DNATs to sockets that discard them.
+type datagramSender struct {
+	conns []net.Conn
+	next  int
+	prog  *ebpf.Program // a program on the path, whose runs pace the sender
+	buf   []byte
+}
+
+// newDatagramSender connects a socket in fromNS to each of dials, whose
+// datagrams the network delivers to a socket at the same index of dsts in
+// dstNS.
+func newDatagramSender(b *testing.B, fromNS, dstNS string, dials, dsts []netip.AddrPort, prog *ebpf.Program) *datagramSender {
+	b.Helper()
+	s := &datagramSender{prog: prog, buf: make([]byte, 64)}
+	for i, dst := range dsts {
+		network := "udp4"
+		if dst.Addr().Is6() {
+			network = "udp6"
+		}
+		rx, err := testnet.ListenPacket(dstNS, network, dst.String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { rx.Close() })
+		go func() {
+			buf := make([]byte, 2048)
+			for {
+				if _, _, err := rx.ReadFrom(buf); err != nil {
+					return
+				}
+			}
+		}()
+		c, err := testnet.Dial(context.Background(), fromNS, network, dials[i].String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { c.Close() })
+		s.conns = append(s.conns, c)
+	}
+	return s
+}
+
+// send sends n datagrams in bursts, each once the program has run for the
+// ones before it: a burst never overflows the backlog of the node's
+// receiving CPU, which would drop datagrams before the hook.
+func (s *datagramSender) send(b *testing.B, n int) {
+	b.Helper()
+	const burst = 32
+	start := progStats(b, []*ebpf.Program{s.prog})[0].RunCount
+	for sent := 0; sent < n; {
+		k := min(burst, n-sent)
+		for range k {
+			if _, err := s.conns[s.next].Write(s.buf); err != nil {
+				b.Fatal(err)
+			}
+			s.next = (s.next + 1) % len(s.conns)
+		}
+		sent += k
+		deadline := time.Now().Add(5 * time.Second)
+		for progStats(b, []*ebpf.Program{s.prog})[0].RunCount-start < uint64(sent) {
+			if time.Now().After(deadline) {
+				b.Fatalf("%d datagrams sent, the program ran %d times in 5 s: datagrams lost before the hook", sent, progStats(b, []*ebpf.Program{s.prog})[0].RunCount-start)
+			}
+			runtime.Gosched()
+		}
+	}
 }

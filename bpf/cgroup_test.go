@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
@@ -167,4 +168,65 @@ func TestCgroupEgressMatchesNftables(t *testing.T) {
 		t.Errorf("tcp flow = %+v, want at least the %d payload bytes", c, payload)
 	}
 	t.Logf("cgroup egress: %d flows, %+v (nftables %+v)", len(dr.Flows), gotC, want)
+}
+
+// TestCgroupEgressKeepsServiceAddress: the cgroup_skb program runs at the
+// sending socket, before the node's netfilter hooks where kube-proxy's
+// DNAT happens, so a datagram to a Service is counted to the virtual IP
+// itself, with no original destination (the backend is not known there).
+func TestCgroupEgressKeepsServiceAddress(t *testing.T) {
+	testutil.RequireRoot(t)
+	root, err := CgroupV2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp(root, "kzn-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(dir) })
+
+	topo := twoNodes(t, false)
+	a, a1, a2, b1 := topo.Node("a"), topo.Pod("a1"), topo.Pod("a2"), topo.Pod("b1")
+	if _, err := testnet.Exec(context.Background(), a.NS, "sh", "-c", "nft -f - <<'EOF'\n"+serviceRules(a2, b1)+"EOF\n"); err != nil {
+		t.Fatalf("installing the service rules: %v", err)
+	}
+	d := loadLocal(t, Config{}, a1.Node.PodCIDRs[0].String(), a1.Node.PodCIDRs[1].String())
+	if err := d.AttachCgroup(dir); err != nil {
+		t.Fatal(err)
+	}
+	vip, backend := netip.AddrPortFrom(vip4, 53), netip.AddrPortFrom(b1.IPv4, 5353)
+	rx, err := testnet.ListenPacket(b1.NS, "udp4", backend.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rx.Close()
+	var c net.Conn
+	inCgroup(t, root, dir, func() {
+		if c, err = testnet.Dial(context.Background(), a1.NS, "udp4", vip.String()); err != nil {
+			t.Fatal(err)
+		}
+	})
+	defer c.Close()
+	const count, size = 10, 500
+	for range count {
+		if _, err := c.Write(make([]byte, size)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A datagram read at the backend has gone through a1's egress.
+	rx.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 2048)
+	for i := range count {
+		if _, _, err := rx.ReadFrom(buf); err != nil {
+			t.Fatalf("datagram %d of %d at the backend: %v", i+1, count, err)
+		}
+	}
+	want := flow.Record{
+		Key:    flow.Key{Src: a1.IPv4, Dst: vip4, Proto: 17, Port: 53, PortIsDst: true},
+		Counts: flow.Counts{Bytes: count * (size + 28), Packets: count},
+	}
+	if dr := drain(t, d); len(dr.Flows) != 1 || dr.Flows[0] != want {
+		t.Errorf("flows %+v, want %+v", dr.Flows, want)
+	}
 }

@@ -29,8 +29,9 @@ const (
 	// values) and cover a busy node for a 10 s flush interval.
 	DefaultMaxFlows = 65536
 	// DefaultTableSlots is the flow table's size per CPU and generation:
-	// 8,192 slots of 64 bytes (512 KiB, 1 MiB per CPU for both
-	// generations) keep a CPU that sees 4,000 flows per interval at half
+	// 8,192 slots of 64 bytes, each with 16 bytes for an IPv6 flow's
+	// original destination address (640 KiB, 1.25 MiB per CPU for both
+	// generations), keep a CPU that sees 4,000 flows per interval at half
 	// load, where linear probing almost always finds a slot at once.
 	DefaultTableSlots = 8192
 	// MaxTableBytes bounds the whole flow table (both generations, every
@@ -115,10 +116,12 @@ type Datapath struct {
 	// prefixes is the program's local_prefixes, mapped into this
 	// process (see SetLocalPrefixes).
 	prefixes *flowPrefixState
-	// table is the flow table mapped into this process (read only);
-	// tableSlots its slots per CPU and generation; epochs the epoch of
-	// each generation's slots in use.
+	// table is the flow table mapped into this process (read only),
+	// orig the IPv6 original destination addresses of its slots
+	// (flow_orig, same indexes); tableSlots its slots per CPU and generation; epochs
+	// the epoch of each generation's slots in use.
 	table      []flowTableSlot
+	orig       []flowOrigSlot
 	tableSlots int
 	epochs     [2]uint32
 	// inflight holds each CPU's count of program instances in flight and
@@ -161,7 +164,7 @@ func (d *Datapath) Close() error {
 // maps.
 func (d *Datapath) closeObjects() error {
 	var errs []error
-	d.table, d.inflight, d.prefixes = nil, nil, nil
+	d.table, d.orig, d.inflight, d.prefixes = nil, nil, nil, nil
 	for _, mem := range d.mems {
 		if err := unix.Munmap(mem); err != nil {
 			errs = append(errs, fmt.Errorf("unmapping a shared map: %w", err))

@@ -3,11 +3,13 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 
@@ -143,24 +145,56 @@ func (d *Datapath) regionStart(g, cpu int) int {
 	return (g*d.nCPU + cpu) * d.tableSlots
 }
 
-// region is cpu's region of generation g, read through the shared mapping.
-func (d *Datapath) region(g, cpu int) []flowTableSlot {
+// region is cpu's region of generation g, read through the shared
+// mappings: its table slots and their original destination addresses.
+func (d *Datapath) region(g, cpu int) ([]flowTableSlot, []flowOrigSlot) {
 	start := d.regionStart(g, cpu)
-	return d.table[start : start+d.tableSlots]
+	return d.table[start : start+d.tableSlots], d.orig[start : start+d.tableSlots]
 }
 
 // drainTable appends the flows in the slots of idle table generation g to
-// dst, reading the shared mapping: no syscall, no copy.
+// dst, reading the shared mappings: no syscall.
 func (d *Datapath) drainTable(g int, dst *Drained) {
 	epoch := d.epochs[g]
+	// 8-byte aligned, as the keys keyHash reads in 64-bit words.
+	var kb struct {
+		_ [0]uint64
+		k flowFlowKey
+	}
+	k := &kb.k
 	for cpu := range d.nCPU {
 		d.merge.startIndex(dst.Flows)
-		region := d.region(g, cpu)
+		region, orig := d.region(g, cpu)
 		for i := range region {
 			if s := &region[i]; s.Epoch == epoch {
-				dst.Flows = d.merge.add(dst.Flows, &s.Key, flow.Counts{Bytes: s.St.Bytes, Packets: s.St.Packets})
+				slotKey(k, s, &orig[i])
+				dst.Flows = d.merge.add(dst.Flows, k, flow.Counts{Bytes: s.St.Bytes, Packets: s.St.Packets})
 			}
 		}
+	}
+}
+
+// keyHead is the part of a flowFlowKey a table slot holds: all but
+// OrigDaddr, which is in the flow_orig entry of the same index (see
+// table_slot in flow.c). The compiler checks that OrigDaddr comes last.
+type keyHead = [len(flowTableSlot{}.Key)]byte
+
+var _ [unsafe.Offsetof(flowFlowKey{}.OrigDaddr) - unsafe.Sizeof(keyHead{})]struct{}
+var _ [unsafe.Sizeof(keyHead{}) - unsafe.Offsetof(flowFlowKey{}.OrigDaddr)]struct{}
+
+// slotKey sets k to the key of the table slot s, whose flow_orig entry is
+// o. The original destination address, when the flow has one, is in the
+// slot for IPv4 and in o for IPv6 (table_slot in flow.c).
+func slotKey(k *flowFlowKey, s *flowTableSlot, o *flowOrigSlot) {
+	*(*keyHead)(unsafe.Pointer(k)) = s.Key
+	k.OrigDaddr = [16]byte{}
+	switch {
+	case k.Flags&uint8(flowFlowFlagFLOW_F_ORIG_DST) == 0:
+	case k.Flags&uint8(flowFlowFlagFLOW_F_IPV6) != 0:
+		k.OrigDaddr = o.Daddr
+	default: // IPv4-mapped, as the kernel's keys
+		k.OrigDaddr[10], k.OrigDaddr[11] = 0xff, 0xff
+		binary.LittleEndian.PutUint32(k.OrigDaddr[12:], s.OrigDaddr4) // network order in memory
 	}
 }
 
@@ -220,11 +254,15 @@ func (d *Datapath) readCounters(dst *Drained) error {
 
 // convertKey turns the kernel's key into the shared flow model.
 func convertKey(k *flowFlowKey) flow.Key {
-	return flow.Key{
+	key := flow.Key{
 		Src:       netip.AddrFrom16(k.Saddr).Unmap(),
 		Dst:       netip.AddrFrom16(k.Daddr).Unmap(),
 		Proto:     k.Proto,
 		Port:      k.Port,
 		PortIsDst: k.Flags&uint8(flowFlowFlagFLOW_F_PORT_DST) != 0,
 	}
+	if k.Flags&uint8(flowFlowFlagFLOW_F_ORIG_DST) != 0 {
+		key.OrigDst = netip.AddrPortFrom(netip.AddrFrom16(k.OrigDaddr).Unmap(), k.OrigPort)
+	}
+	return key
 }

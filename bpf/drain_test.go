@@ -3,12 +3,16 @@
 package bpf
 
 import (
+	"encoding/binary"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
+	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/packet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
@@ -68,5 +72,142 @@ func TestDrainGoesOnWithoutAStuckCPU(t *testing.T) {
 	}
 	if len(dr.Stuck) != 0 || dr.Waited != 0 {
 		t.Errorf("after the counter returned to zero: stuck %v, waited %v; want none", dr.Stuck, dr.Waited)
+	}
+}
+
+// kernelKey is the kernel's form of k (the inverse of convertKey).
+func kernelKey(k flow.Key) flowFlowKey {
+	kk := flowFlowKey{Saddr: k.Src.As16(), Daddr: k.Dst.As16(), Port: k.Port, Proto: k.Proto}
+	if k.PortIsDst {
+		kk.Flags |= uint8(flowFlowFlagFLOW_F_PORT_DST)
+	}
+	if k.Dst.Is6() {
+		kk.Flags |= uint8(flowFlowFlagFLOW_F_IPV6)
+	}
+	if k.OrigDst.IsValid() {
+		kk.Flags |= uint8(flowFlowFlagFLOW_F_ORIG_DST)
+		kk.OrigDaddr, kk.OrigPort = k.OrigDst.Addr().As16(), k.OrigDst.Port()
+	}
+	return kk
+}
+
+// TestDrainTableOriginalDestination reads table slots laid out as the
+// kernel writes them (no kernel needed: the table and its flow_orig
+// entries are plain memory here): a flow's original destination address
+// comes from its slot (IPv4) or the slot's flow_orig entry (IPv6) only
+// when its flags say it has one (where a flow without one would keep it
+// lies what an earlier flow left), two flows that differ only in it stay
+// two flows, and a flow seen on two CPUs is merged, with or without one.
+func TestDrainTableOriginalDestination(t *testing.T) {
+	const slots = 64
+	d := &Datapath{nCPU: 2, tableSlots: slots, epochs: [2]uint32{1, 2}}
+	d.table = make([]flowTableSlot, 2*d.nCPU*slots)
+	d.orig = make([]flowOrigSlot, len(d.table))
+	addr, ap := netip.MustParseAddr, netip.MustParseAddrPort
+	viaA := flow.Key{Src: addr("10.244.1.2"), Dst: addr("10.244.2.2"), Proto: 6, Port: 8080, PortIsDst: true, OrigDst: ap("10.96.0.10:80")}
+	viaB := viaA
+	viaB.OrigDst = ap("10.96.0.11:80")
+	direct := viaA
+	direct.OrigDst = netip.AddrPort{}
+	v6 := flow.Key{Src: addr("fd00::1"), Dst: addr("fd00::2"), Proto: 17, Port: 5353, PortIsDst: true, OrigDst: ap("[fd00:96::10]:53")}
+	put := func(cpu, i int, k flow.Key, c flow.Counts) {
+		idx := d.regionStart(0, cpu) + i
+		kk := kernelKey(k)
+		s := &d.table[idx]
+		*s = flowTableSlot{Epoch: d.epochs[0], St: flowFlowStats{Bytes: c.Bytes, Packets: c.Packets}}
+		s.Key = *(*keyHead)(unsafe.Pointer(&kk))
+		// Where a flow keeps no original destination address lies
+		// whatever an earlier flow left there.
+		d.orig[idx] = flowOrigSlot{Daddr: netip.AddrFrom4([4]byte{10, 96, 9, byte(i)}).As16()}
+		s.OrigDaddr4 = binary.LittleEndian.Uint32([]byte{10, 96, 8, byte(i)})
+		switch {
+		case !k.OrigDst.IsValid():
+		case k.OrigDst.Addr().Is6():
+			d.orig[idx].Daddr = kk.OrigDaddr
+		default:
+			s.OrigDaddr4 = binary.LittleEndian.Uint32(kk.OrigDaddr[12:])
+		}
+	}
+	put(0, 3, viaA, flow.Counts{Bytes: 100, Packets: 1})
+	put(0, 9, viaB, flow.Counts{Bytes: 200, Packets: 2})
+	put(0, 20, direct, flow.Counts{Bytes: 300, Packets: 3})
+	put(1, 5, viaA, flow.Counts{Bytes: 400, Packets: 4})
+	put(1, 6, v6, flow.Counts{Bytes: 500, Packets: 5})
+	put(1, 7, direct, flow.Counts{Bytes: 600, Packets: 6})
+	var dr Drained
+	d.merge.reset()
+	d.drainTable(0, &dr)
+	got := map[flow.Key]flow.Counts{}
+	for _, f := range dr.Flows {
+		if _, dup := got[f.Key]; dup {
+			t.Errorf("flow %s drained twice", keyString(f.Key))
+		}
+		got[f.Key] = f.Counts
+	}
+	want := map[flow.Key]flow.Counts{
+		viaA:   {Bytes: 500, Packets: 5},
+		viaB:   {Bytes: 200, Packets: 2},
+		direct: {Bytes: 900, Packets: 9},
+		v6:     {Bytes: 500, Packets: 5},
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("drained %v, want %v", got, want)
+	}
+}
+
+// TestKeyHashSpreads: keys that differ in one field only spread over the
+// merger's index, whose slot is the hash's low bits. 4,096 keys into
+// 4,096 buckets fill 1 - 1/e of them (63%) when the hash is uniform; a
+// hash whose low bits miss a field fills a handful, and the drain then
+// probes runs of thousands of slots per flow (BenchmarkDrain).
+func TestKeyHashSpreads(t *testing.T) {
+	const n = 4096
+	base := flow.Key{Src: netip.MustParseAddr("10.244.1.2"), Dst: netip.MustParseAddr("10.244.2.2"), Proto: 6, Port: 443, PortIsDst: true}
+	v4 := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)}) }
+	v6 := func(i int) netip.Addr {
+		a := netip.MustParseAddr("fd00::").As16()
+		a[14], a[15] = byte(i>>8), byte(i)
+		return netip.AddrFrom16(a)
+	}
+	tests := []struct {
+		name string
+		key  func(i int) flow.Key
+	}{
+		{"ipv4 source", func(i int) flow.Key { k := base; k.Src = v4(i); return k }},
+		{"ipv4 destination", func(i int) flow.Key { k := base; k.Dst = v4(i); return k }},
+		{"ipv6 destination", func(i int) flow.Key {
+			k := base
+			k.Src, k.Dst = netip.MustParseAddr("fd00::1"), v6(i)
+			return k
+		}},
+		{"port", func(i int) flow.Key { k := base; k.Port = uint16(i); return k }},
+		{"ipv4 original destination", func(i int) flow.Key { k := base; k.OrigDst = netip.AddrPortFrom(v4(i), 80); return k }},
+		{"original port", func(i int) flow.Key {
+			k := base
+			k.OrigDst = netip.AddrPortFrom(netip.MustParseAddr("10.96.0.10"), uint16(i))
+			return k
+		}},
+		{"ipv6 original destination", func(i int) flow.Key {
+			k := base
+			k.Src, k.Dst, k.OrigDst = netip.MustParseAddr("fd00::1"), netip.MustParseAddr("fd00::2"), netip.AddrPortFrom(v6(i), 80)
+			return k
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// 8-byte aligned, as the drain's keys.
+			keys := make([]struct {
+				_ [0]uint64
+				k flowFlowKey
+			}, n)
+			buckets := map[uint32]bool{}
+			for i := range keys {
+				keys[i].k = kernelKey(tt.key(i))
+				buckets[keyHash(&keys[i].k)&(n-1)] = true
+			}
+			if len(buckets) < n/2 {
+				t.Errorf("%d keys fill %d of %d buckets, want at least %d", n, len(buckets), n, n/2)
+			}
+		})
 	}
 }

@@ -38,3 +38,44 @@ func loadBenchNewFlows(cfg Config) (*Datapath, error) {
 func loadObjectFile(cfg Config, path string) (*Datapath, error) {
 	return load(cfg, func() (*ebpf.CollectionSpec, error) { return ebpf.LoadCollectionSpec(path) })
 }
+
+// loadNoConntrackProgram loads a second copy of the netfilter program, its
+// conntrack read switched off (bench_no_conntrack, a load-time constant
+// that is 0 in the program the agent loads, so no flow gets an original
+// destination), that counts into d's maps. The two programs then differ in
+// their code only, not in where their flow table, in-flight lines and
+// prefixes lie in memory: on real packets, separately loaded datapaths
+// differ by more than the read costs, the first loaded the faster whatever
+// its code (BenchmarkNetfilterConntrack, BENCHMARKS.md).
+func (d *Datapath) loadNoConntrackProgram() (*ebpf.Program, error) {
+	spec, err := loadFlow()
+	if err != nil {
+		return nil, err
+	}
+	var specs flowVariableSpecs
+	if err := spec.Assign(&specs); err != nil {
+		return nil, err
+	}
+	if err := specs.BenchNoConntrack.Set(uint32(1)); err != nil {
+		return nil, fmt.Errorf("setting bench_no_conntrack: %w", err)
+	}
+	shared := map[string]*ebpf.Map{
+		"counters": d.objs.Counters, "flow_maps": d.objs.FlowMaps, "flow_orig": d.objs.FlowOrig,
+		"flow_table": d.objs.FlowTable, "flows_0": d.objs.Flows0, "flows_1": d.objs.Flows1,
+		bssSection: d.objs.Bss,
+	}
+	for name, m := range shared {
+		ms, ok := spec.Maps[name]
+		if !ok {
+			return nil, fmt.Errorf("no map %s in the datapath spec", name)
+		}
+		ms.MaxEntries = m.MaxEntries()
+	}
+	var objs struct {
+		Prog *ebpf.Program `ebpf:"kzn_netfilter"`
+	}
+	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: shared}); err != nil {
+		return nil, fmt.Errorf("loading the program without the conntrack read: %w", err)
+	}
+	return objs.Prog, nil
+}

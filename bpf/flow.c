@@ -71,6 +71,14 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 
+/* Conntrack: the status bit nf_nat sets when it rewrote a connection's
+ * destination (IPS_DST_NAT_BIT), and the first enum ip_conntrack_info value
+ * of the reply direction (IP_CT_IS_REPLY; the values from it up are
+ * replies, IP_CT_UNTRACKED = 7 has no entry). */
+#define IPS_DST_NAT (1 << 5)
+#define IP_CT_IS_REPLY 3
+#define NFCT_INFOMASK 7UL
+
 /* Flags in flow_key.flags. */
 enum flow_flag {
 	/* Addresses are IPv6; otherwise IPv4-mapped (::ffff:a.b.c.d). */
@@ -80,18 +88,39 @@ enum flow_flag {
 	FLOW_F_PORT_DST = 2,
 	/* The packets are IP fragments: no L4 header, port is 0. */
 	FLOW_F_FRAGMENT = 4,
+	/* The connection was destination-NATed and the packets go in its
+	 * original direction: orig_daddr and orig_port hold the destination
+	 * the client addressed (a Service's virtual IP and port under
+	 * kube-proxy). Otherwise both are zero. */
+	FLOW_F_ORIG_DST = 8,
 };
 
-/* One flow: who sent to whom, over which L4 protocol and service port. The
- * client's ephemeral port is left out on purpose so that a client opening
- * many connections to one service is one flow, not thousands. */
+/* One flow: who sent to whom, over which L4 protocol and service port, and
+ * where the client addressed it before destination NAT. The client's
+ * ephemeral port is left out on purpose so that a client opening many
+ * connections to one service is one flow, not thousands.
+ *
+ * Only the netfilter program fills orig_daddr and orig_port, from the
+ * packet's conntrack entry. The cgroup_skb program keeps them zero: it runs
+ * at the sending socket, before the netfilter hooks where kube-proxy's DNAT
+ * happens, so it sees the virtual IP as the destination itself and no
+ * backend. */
 struct flow_key {
 	__u8 saddr[16];
 	__u8 daddr[16];
 	__u16 port; /* host byte order */
 	__u8 proto;
 	__u8 flags;
+	__u16 orig_port; /* host byte order; 0 unless FLOW_F_ORIG_DST */
+	__u16 pad;
+	__u8 orig_daddr[16]; /* IPv4-mapped like saddr; 0 unless FLOW_F_ORIG_DST */
 };
+
+/* The bytes of a flow_key a table slot holds in its key: all but
+ * orig_daddr (see table_slot). */
+#define KEY_HEAD 40
+_Static_assert(__builtin_offsetof(struct flow_key, orig_daddr) == KEY_HEAD,
+	       "orig_daddr must follow the key's head");
 
 /* Bytes (at the layer documented above) and packets of a flow. */
 struct flow_stats {
@@ -181,6 +210,12 @@ struct flow_map flows_1 SEC(".maps");
 volatile const __u32 bench_new_flows = 0;
 __u32 bench_seq;
 
+/* Benchmarks only: when set at load time, the netfilter program does not
+ * read the packet's conntrack entry, so no flow has an original
+ * destination: the same program with and without the read, compared in one
+ * run (BenchmarkNetfilterConntrack). 0 in the agent. */
+volatile const __u32 bench_no_conntrack = 0;
+
 #define TABLE_PROBES 8
 
 /* A table slot. A slot is in use in a generation when its epoch equals
@@ -189,12 +224,29 @@ __u32 bench_seq;
  * a zeroed slot is free. 64 bytes: the array's values start page-aligned,
  * so every slot is exactly one cache line and counting a flow touches one
  * line (56-byte slots straddle two lines for most slots, which measured
- * slower on new flows). */
+ * slower on new flows).
+ *
+ * The key's original destination address does not fit in that line
+ * whole. An IPv4 one takes the line's spare word, orig_daddr4; an IPv6 one
+ * sits at the same index in flow_orig, an array of 16-byte entries. Both
+ * are written and compared only for a flow with FLOW_F_ORIG_DST (in the
+ * head, with FLOW_F_IPV6), so a flow without one reads neither. A flow
+ * through an IPv4 Service keeps to one line, like every other flow; one
+ * through an IPv6 Service touches a second. The table grows by a quarter
+ * (flow_orig), where 128-byte slots would double it and put every flow on
+ * two lines. */
 struct table_slot {
-	struct flow_key key;
+	__u8 key[KEY_HEAD]; /* struct flow_key up to orig_daddr */
 	__u32 epoch;
+	__u32 orig_daddr4; /* network byte order; IPv4 FLOW_F_ORIG_DST flows */
 	struct flow_stats st;
-	__u64 pad;
+};
+_Static_assert(sizeof(struct table_slot) == 64, "a table slot is one cache line");
+
+/* An IPv6 flow's original destination address, for the table slot at the
+ * same index. */
+struct orig_slot {
+	__u8 daddr[16];
 };
 
 struct {
@@ -204,6 +256,16 @@ struct {
 	__type(value, struct table_slot);
 	__uint(max_entries, 1); /* 2 generations * CPUs * slots per region, set at load */
 } flow_table SEC(".maps");
+
+/* The original destination address of the IPv6 flow in flow_table's slot
+ * of the same index (see table_slot); as long as flow_table, set at load. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct orig_slot);
+	__uint(max_entries, 1);
+} flow_orig SEC(".maps");
 
 /* Per CPU, in one cache line of its own: the program instances in flight
  * on this CPU, and which generation is in use with the epoch of its table
@@ -312,24 +374,79 @@ static __always_inline void account_hash(__u32 gen, struct flow_key *key, __u64 
  * product depend on every bit of its input; the bottom ones do not).
  * The key must be 8-byte aligned (see parse_count). Addresses are folded
  * before the multiply: for IPv4 one of the words is zero, and the
- * addresses of one family rarely differ in both halves. */
+ * addresses of one family rarely differ in both halves. The original
+ * destination is folded into the ports word: zero for most flows, and
+ * then only two xors more. */
 static __always_inline __u64 slot_hash(const struct flow_key *key)
 {
 	const __u64 *w = (const __u64 *)key;
 	__u64 h = (w[0] ^ w[1]) * 0x9E3779B97F4A7C15ULL;
 
 	h ^= (w[2] ^ w[3]) * 0xC2B2AE3D27D4EB4FULL;
-	h ^= (__u64)((const __u32 *)key)[8] * 0x165667B19E3779F9ULL;
+	h ^= (w[4] ^ w[5] ^ w[6]) * 0x165667B19E3779F9ULL;
 	return h;
 }
 
-/* same_key compares two keys, the first 8-byte aligned. */
-static __always_inline int same_key(const struct flow_key *a, const struct flow_key *b)
+/* same_head compares a slot's key head with a key's (8-byte aligned):
+ * everything but orig_daddr, which only FLOW_F_ORIG_DST flows have. */
+static __always_inline int same_head(const __u8 *head, const struct flow_key *b)
 {
-	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	const __u64 *x = (const __u64 *)head, *y = (const __u64 *)b;
 
 	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) |
-		(((const __u32 *)a)[8] ^ ((const __u32 *)b)[8])) == 0;
+		(x[4] ^ y[4])) == 0;
+}
+
+/* orig_daddr4 is an IPv4 key's original destination address (the last
+ * word of the IPv4-mapped orig_daddr). */
+static __always_inline __u32 orig_daddr4(const struct flow_key *key)
+{
+	return ((const __u32 *)key->orig_daddr)[3];
+}
+
+/* same_orig6 reports whether the original destination address at idx in
+ * flow_orig is the key's. */
+static __always_inline int same_orig6(__u32 idx, const struct flow_key *key)
+{
+	const __u64 *o = bpf_map_lookup_elem(&flow_orig, &idx);
+	const __u64 *k = (const __u64 *)key->orig_daddr;
+
+	return o && ((o[0] ^ k[0]) | (o[1] ^ k[1])) == 0;
+}
+
+/* same_flow reports whether the slot at idx holds key. The head is
+ * compared first: its flags say where the original destination is. */
+static __always_inline int same_flow(struct table_slot *slot, __u32 idx,
+				     const struct flow_key *key)
+{
+	if (!same_head(slot->key, key))
+		return 0;
+	if (!(key->flags & FLOW_F_ORIG_DST))
+		return 1;
+	if (!(key->flags & FLOW_F_IPV6))
+		return slot->orig_daddr4 == orig_daddr4(key);
+	return same_orig6(idx, key);
+}
+
+/* put_orig stores key's original destination, when it has one, for the
+ * slot at idx. It returns 0 when it cannot (never: flow_orig is as long as
+ * flow_table). */
+static __always_inline int put_orig(struct table_slot *slot, __u32 idx,
+				    const struct flow_key *key)
+{
+	struct orig_slot *o;
+
+	if (!(key->flags & FLOW_F_ORIG_DST))
+		return 1;
+	if (!(key->flags & FLOW_F_IPV6)) {
+		slot->orig_daddr4 = orig_daddr4(key);
+		return 1;
+	}
+	o = bpf_map_lookup_elem(&flow_orig, &idx);
+	if (!o)
+		return 0;
+	__builtin_memcpy(o->daddr, key->orig_daddr, sizeof(o->daddr));
+	return 1;
 }
 
 /*
@@ -407,7 +524,7 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 	seen = *(volatile __u64 *)&fl->active;
 	idx = fl->base[seen & 1] + (h & mask);
 	slot = bpf_map_lookup_elem(&flow_table, &idx);
-	known = slot && slot->epoch == (__u32)(seen >> 32) && same_key(&slot->key, key);
+	known = slot && slot->epoch == (__u32)(seen >> 32) && same_flow(slot, idx, key);
 
 	nested = __sync_fetch_and_add(&fl->n, 1);
 	active = *(volatile __u64 *)&fl->active;
@@ -429,13 +546,15 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 			break;
 		if (slot->epoch != ep) {
 			/* Free in this generation: the flow takes it. */
-			__builtin_memcpy(&slot->key, key, sizeof(*key));
+			if (!put_orig(slot, idx, key))
+				break;
+			__builtin_memcpy(slot->key, key, KEY_HEAD);
 			slot->st.bytes = bytes;
 			slot->st.packets = packets;
 			slot->epoch = ep;
 			goto out;
 		}
-		if (same_key(&slot->key, key)) {
+		if (same_flow(slot, idx, key)) {
 			slot->st.bytes += bytes;
 			slot->st.packets += packets;
 			goto out;
@@ -572,6 +691,56 @@ static __always_inline __u32 packets_of(struct gso g)
 	return g.segs > 1 ? g.segs : 1;
 }
 
+/*
+ * orig_dst writes to key->orig_daddr the destination address the packet's
+ * connection was addressed to before destination NAT, and returns that
+ * destination's port field (host byte order), when there is one: the
+ * packet has a conntrack entry, the entry's destination was rewritten
+ * (IPS_DST_NAT, set by nf_nat only when the address or port changed) and
+ * the packet travels in the connection's original direction. The
+ * original-direction tuple's destination is what the client sent to (a
+ * Service's virtual IP and port under kube-proxy). A reply (the backend
+ * answering, in the reply direction), a connection nothing rewrote and an
+ * untracked packet (no entry: IP_CT_UNTRACKED with a NULL pointer) have
+ * none: it returns -1 and leaves orig_daddr zero.
+ *
+ * Plain guarded loads, no helper call: the entry's fields are located by
+ * CO-RE and read through bpf_rdonly_cast(), which the verifier inlines.
+ * The entry was just used by conntrack and NAT on this packet, so its
+ * lines are in the cache. A kernel without conntrack has no _nfct: the
+ * read is removed at load.
+ */
+static __always_inline int orig_dst(struct sk_buff *skb, struct flow_key *key, int ipv6)
+{
+	__u64 *o = (__u64 *)key->orig_daddr;
+	unsigned long nfct;
+	void *ct, *u3;
+
+	o[0] = 0;
+	o[1] = 0;
+	if (bench_no_conntrack || !bpf_core_field_exists(skb->_nfct) ||
+	    !bpf_core_field_exists(struct nf_conn, status))
+		return -1;
+	nfct = skb->_nfct;
+	ct = (void *)(nfct & ~NFCT_INFOMASK);
+	if (!ct || (nfct & NFCT_INFOMASK) >= IP_CT_IS_REPLY)
+		return -1;
+	/* status is an unsigned long: its low word (little-endian). */
+	if (!(*(__u32 *)RAW(SRC_CAST, ct + bpf_core_field_offset(struct nf_conn, status)) &
+	      IPS_DST_NAT))
+		return -1;
+	u3 = RAW(SRC_CAST, ct + bpf_core_field_offset(struct nf_conn, tuplehash[0].tuple.dst.u3));
+	if (ipv6) {
+		o[0] = *(__u64 *)u3;
+		o[1] = *(__u64 *)(u3 + 8);
+	} else {
+		/* IPv4-mapped, as the key's addresses. */
+		o[1] = (__u64)*(__u32 *)u3 << 32 | 0xffff0000;
+	}
+	return bpf_ntohs(*(__u16 *)RAW(SRC_CAST, ct + bpf_core_field_offset(
+							     struct nf_conn, tuplehash[0].tuple.dst.u.all)));
+}
+
 #define PARSED 0
 #define UNREADABLE -1 /* headers beyond what p covers: retry on a copy */
 #define MALFORMED -2
@@ -591,8 +760,8 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 	struct flow_key key __attribute__((aligned(8)));
 	__u64 *ks = (__u64 *)key.saddr, *kd = (__u64 *)key.daddr;
 	__u32 l3len, l4len = 0, segs, flags = 0, port = 0;
-	__u64 extra;
-	int has_l4 = 1;
+	__u64 extra, orig_port = 0;
+	int has_l4 = 1, has_ports = 0;
 	__u8 proto;
 
 	/* Headers are read in 64- and 32-bit words where fields sit side by
@@ -700,6 +869,7 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 		}
 		sport = bpf_ntohs((__u16)ports);
 		dport = bpf_ntohs((__u16)(ports >> 16));
+		has_ports = 1;
 		if (dport <= sport) {
 			port = dport;
 			flags |= FLOW_F_PORT_DST;
@@ -707,10 +877,27 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 			port = sport;
 		}
 	}
-	/* The key's last word in one store (port, proto, flags): a load
-	 * that spans several narrower stores cannot be forwarded from the
-	 * store buffer and waits for them to retire. */
-	((__u32 *)&key)[8] = port | (__u32)proto << 16 | flags << 24;
+	if (gso_from == GSO_SHINFO) {
+		/* Netfilter only: the cgroup_skb program runs before any
+		 * DNAT (see flow_key). */
+		int op = orig_dst(skb, &key, ipv6);
+
+		if (op >= 0) {
+			flags |= FLOW_F_ORIG_DST;
+			/* The tuple's port field is a port only where the
+			 * key has ports (not ICMP's type and code, not a
+			 * fragment's). */
+			if (has_ports)
+				orig_port = (__u64)op << 32;
+		}
+	} else {
+		((__u64 *)key.orig_daddr)[0] = 0;
+		((__u64 *)key.orig_daddr)[1] = 0;
+	}
+	/* The ports word in one store (port, proto, flags, orig_port, pad):
+	 * a load that spans several narrower stores cannot be forwarded
+	 * from the store buffer and waits for them to retire. */
+	((__u64 *)&key)[4] = port | (__u32)proto << 16 | flags << 24 | orig_port;
 
 	/* A GSO packet is one with a segment size (skb_is_gso()); the
 	 * segment count is then set too, except by old drivers. */

@@ -41,21 +41,30 @@ const (
 	flowFlowFlagFLOW_F_IPV6     flowFlowFlag = 1
 	flowFlowFlagFLOW_F_PORT_DST flowFlowFlag = 2
 	flowFlowFlagFLOW_F_FRAGMENT flowFlowFlag = 4
+	flowFlowFlagFLOW_F_ORIG_DST flowFlowFlag = 8
 )
 
 type flowFlowKey struct {
-	_     structs.HostLayout
-	Saddr [16]uint8
-	Daddr [16]uint8
-	Port  uint16
-	Proto uint8
-	Flags uint8
+	_         structs.HostLayout
+	Saddr     [16]uint8
+	Daddr     [16]uint8
+	Port      uint16
+	Proto     uint8
+	Flags     uint8
+	OrigPort  uint16
+	Pad       uint16
+	OrigDaddr [16]uint8
 }
 
 type flowFlowStats struct {
 	_       structs.HostLayout
 	Bytes   uint64
 	Packets uint64
+}
+
+type flowOrigSlot struct {
+	_     structs.HostLayout
+	Daddr [16]uint8
 }
 
 type flowPrefixSet struct {
@@ -86,11 +95,11 @@ type flowPrefixState struct {
 }
 
 type flowTableSlot struct {
-	_     structs.HostLayout
-	Key   flowFlowKey
-	Epoch uint32
-	St    flowFlowStats
-	Pad   uint64
+	_          structs.HostLayout
+	Key        [40]uint8
+	Epoch      uint32
+	OrigDaddr4 uint32
+	St         flowFlowStats
 }
 
 // Names of all BPF objects in the ELF.
@@ -99,12 +108,14 @@ type flowTableSlot struct {
 const (
 	flowMapCounters         = "counters"
 	flowMapFlowMaps         = "flow_maps"
+	flowMapFlowOrig         = "flow_orig"
 	flowMapFlowTable        = "flow_table"
 	flowMapFlows0           = "flows_0"
 	flowMapFlows1           = "flows_1"
 	flowProgKznCgroupEgress = "kzn_cgroup_egress"
 	flowProgKznNetfilter    = "kzn_netfilter"
 	flowVarBenchNewFlows    = "bench_new_flows"
+	flowVarBenchNoConntrack = "bench_no_conntrack"
 	flowVarBenchSeq         = "bench_seq"
 	flowVarInflight         = "inflight"
 	flowVarLocalPrefixes    = "local_prefixes"
@@ -164,6 +175,7 @@ type flowProgramSpecs struct {
 type flowMapSpecs struct {
 	Counters  *ebpf.MapSpec `ebpf:"counters"`
 	FlowMaps  *ebpf.MapSpec `ebpf:"flow_maps"`
+	FlowOrig  *ebpf.MapSpec `ebpf:"flow_orig"`
 	FlowTable *ebpf.MapSpec `ebpf:"flow_table"`
 	Flows0    *ebpf.MapSpec `ebpf:"flows_0"`
 	Flows1    *ebpf.MapSpec `ebpf:"flows_1"`
@@ -173,12 +185,13 @@ type flowMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowVariableSpecs struct {
-	BenchNewFlows  *ebpf.VariableSpec `ebpf:"bench_new_flows"`
-	BenchSeq       *ebpf.VariableSpec `ebpf:"bench_seq"`
-	Inflight       *ebpf.VariableSpec `ebpf:"inflight"`
-	LocalPrefixes  *ebpf.VariableSpec `ebpf:"local_prefixes"`
-	UnusedCounter  *ebpf.VariableSpec `ebpf:"unused_counter"`
-	UnusedFlowFlag *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
+	BenchNewFlows    *ebpf.VariableSpec `ebpf:"bench_new_flows"`
+	BenchNoConntrack *ebpf.VariableSpec `ebpf:"bench_no_conntrack"`
+	BenchSeq         *ebpf.VariableSpec `ebpf:"bench_seq"`
+	Inflight         *ebpf.VariableSpec `ebpf:"inflight"`
+	LocalPrefixes    *ebpf.VariableSpec `ebpf:"local_prefixes"`
+	UnusedCounter    *ebpf.VariableSpec `ebpf:"unused_counter"`
+	UnusedFlowFlag   *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
 }
 
 // flowObjects contains all objects after they have been loaded into the kernel.
@@ -203,6 +216,7 @@ func (o *flowObjects) Close() error {
 type flowMaps struct {
 	Counters  *ebpf.Map `ebpf:"counters"`
 	FlowMaps  *ebpf.Map `ebpf:"flow_maps"`
+	FlowOrig  *ebpf.Map `ebpf:"flow_orig"`
 	FlowTable *ebpf.Map `ebpf:"flow_table"`
 	Flows0    *ebpf.Map `ebpf:"flows_0"`
 	Flows1    *ebpf.Map `ebpf:"flows_1"`
@@ -212,6 +226,7 @@ func (m *flowMaps) Close() error {
 	return _FlowClose(
 		m.Counters,
 		m.FlowMaps,
+		m.FlowOrig,
 		m.FlowTable,
 		m.Flows0,
 		m.Flows1,
@@ -222,12 +237,13 @@ func (m *flowMaps) Close() error {
 //
 // It can be passed to loadFlowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowVariables struct {
-	BenchNewFlows  *ebpf.Variable `ebpf:"bench_new_flows"`
-	BenchSeq       *ebpf.Variable `ebpf:"bench_seq"`
-	Inflight       *ebpf.Variable `ebpf:"inflight"`
-	LocalPrefixes  *ebpf.Variable `ebpf:"local_prefixes"`
-	UnusedCounter  *ebpf.Variable `ebpf:"unused_counter"`
-	UnusedFlowFlag *ebpf.Variable `ebpf:"unused_flow_flag"`
+	BenchNewFlows    *ebpf.Variable `ebpf:"bench_new_flows"`
+	BenchNoConntrack *ebpf.Variable `ebpf:"bench_no_conntrack"`
+	BenchSeq         *ebpf.Variable `ebpf:"bench_seq"`
+	Inflight         *ebpf.Variable `ebpf:"inflight"`
+	LocalPrefixes    *ebpf.Variable `ebpf:"local_prefixes"`
+	UnusedCounter    *ebpf.Variable `ebpf:"unused_counter"`
+	UnusedFlowFlag   *ebpf.Variable `ebpf:"unused_flow_flag"`
 }
 
 // flowPrograms contains all programs after they have been loaded into the kernel.

@@ -52,13 +52,20 @@ func attachNode(t *testing.T, n *testnet.Node, cfg Config) *Datapath {
 // to be fully closed on both sides.
 func sendTCP(t *testing.T, fromNS, dstNS string, dst netip.AddrPort, n int) {
 	t.Helper()
+	sendTCPVia(t, fromNS, dstNS, dst, dst, n)
+}
+
+// sendTCPVia is sendTCP connecting to dial, which the network delivers
+// (DNATs) to the listener at dst.
+func sendTCPVia(t *testing.T, fromNS, dstNS string, dial, dst netip.AddrPort, n int) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	mss := 1448
 	if dst.Addr().Is6() {
 		mss = 1428
 	}
-	if err := testnet.TransferChunked(ctx, fromNS, dstNS, dst, n, 45*mss); err != nil {
+	if err := testnet.TransferVia(ctx, fromNS, dstNS, dial, dst, n, 45*mss); err != nil {
 		t.Fatal(err)
 	}
 	if err := testnet.WaitNoLastACK(ctx, dstNS); err != nil {
@@ -70,6 +77,13 @@ func sendTCP(t *testing.T, fromNS, dstNS string, dst netip.AddrPort, n int) {
 // socket in dstNS receives them (so no ICMP port-unreachable comes back).
 func sendUDP(t *testing.T, fromNS, dstNS string, dst netip.AddrPort, count, size int) {
 	t.Helper()
+	sendUDPVia(t, fromNS, dstNS, dst, dst, count, size)
+}
+
+// sendUDPVia is sendUDP to dial, which the network delivers (DNATs) to
+// the receiving socket at dst.
+func sendUDPVia(t *testing.T, fromNS, dstNS string, dial, dst netip.AddrPort, count, size int) {
+	t.Helper()
 	network := "udp4"
 	if dst.Addr().Is6() {
 		network = "udp6"
@@ -79,7 +93,7 @@ func sendUDP(t *testing.T, fromNS, dstNS string, dst netip.AddrPort, count, size
 		t.Fatal(err)
 	}
 	defer rx.Close()
-	c, err := testnet.Dial(context.Background(), fromNS, network, dst.String())
+	c, err := testnet.Dial(context.Background(), fromNS, network, dial.String())
 	if err != nil {
 		t.Fatal(err)
 	}

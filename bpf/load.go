@@ -80,13 +80,15 @@ func load(cfg Config, loadSpec func() (*ebpf.CollectionSpec, error)) (*Datapath,
 	if err != nil {
 		return nil, fmt.Errorf("counting possible CPUs: %w", err)
 	}
-	// Both generations, every possible CPU.
+	// Both generations, every possible CPU; each slot with its flow_orig
+	// entry (an IPv6 flow's original destination address).
 	slots := 2 * ncpu * int(cfg.TableSlots)
-	size := slots * int(unsafe.Sizeof(flowTableSlot{}))
+	size := slots * int(unsafe.Sizeof(flowTableSlot{})+unsafe.Sizeof(flowOrigSlot{}))
 	if size > MaxTableBytes {
 		return nil, fmt.Errorf("flow table of %d slots per CPU: %d MiB for %d CPUs and 2 generations, more than the %d MiB allowed", cfg.TableSlots, size>>20, ncpu, MaxTableBytes>>20)
 	}
 	specs.FlowTable.MaxEntries = uint32(slots)
+	specs.FlowOrig.MaxEntries = uint32(slots)
 	vars, err := bssLayout(specs.Inflight, specs.LocalPrefixes)
 	if err != nil {
 		return nil, err
@@ -172,7 +174,8 @@ func bssLayout(inflight, prefixes *ebpf.VariableSpec) (bssVars, error) {
 	return v, nil
 }
 
-// mapShared maps the flow table (read only) and the program's .bss
+// mapShared maps the flow table and its original destinations (read only)
+// and the program's .bss
 // (read-write: user space switches each CPU's generation and writes the
 // local prefixes) into this process; vars says where in .bss the
 // in-flight lines and the prefixes are.
@@ -183,6 +186,12 @@ func (d *Datapath) mapShared(vars bssVars) error {
 	}
 	d.mems = append(d.mems, table)
 	d.table = unsafe.Slice((*flowTableSlot)(unsafe.Pointer(&table[0])), d.objs.FlowTable.MaxEntries())
+	orig, err := mapArray(d.objs.FlowOrig, unix.PROT_READ)
+	if err != nil {
+		return fmt.Errorf("mapping the flow table's IPv6 original destinations: %w", err)
+	}
+	d.mems = append(d.mems, orig)
+	d.orig = unsafe.Slice((*flowOrigSlot)(unsafe.Pointer(&orig[0])), d.objs.FlowOrig.MaxEntries())
 	bss, err := mapArray(d.objs.Bss, unix.PROT_READ|unix.PROT_WRITE)
 	if err != nil {
 		return fmt.Errorf("mapping the program's globals: %w", err)

@@ -100,7 +100,8 @@ func keyHash(k *flowFlowKey) uint32 {
 	h ^= le.Uint64(k.Saddr[8:]) * 0xC2B2AE3D27D4EB4F
 	h ^= le.Uint64(k.Daddr[:8]) * 0x165667B19E3779F9
 	h ^= le.Uint64(k.Daddr[8:]) * 0x27D4EB2F165667C5
-	h ^= (uint64(k.Port) | uint64(k.Proto)<<16 | uint64(k.Flags)<<24) * 0x94D049BB133111EB
+	h ^= (uint64(k.Port) | uint64(k.Proto)<<16 | uint64(k.Flags)<<24 | uint64(k.OrigPort)<<32) * 0x94D049BB133111EB
+	h ^= (le.Uint64(k.OrigDaddr[:8]) ^ le.Uint64(k.OrigDaddr[8:])) * 0xBF58476D1CE4E5B9
 	h ^= h >> 33
 	h *= 0xFF51AFD7ED558CCD
 	h ^= h >> 33

@@ -39,7 +39,8 @@ func TestConfigValidate(t *testing.T) {
 func liveSlots(d *Datapath, cpu int) int {
 	g := d.active
 	n := 0
-	for _, s := range d.region(g, cpu) {
+	slots, _ := d.region(g, cpu)
+	for _, s := range slots {
 		if s.Epoch == d.epochs[g] {
 			n++
 		}

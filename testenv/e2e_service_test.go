@@ -105,7 +105,7 @@ func TestEndToEndServices(t *testing.T) {
 					}
 				}
 				for range conns {
-					got, err := testnet.TransferVia(ctx, proto, c.NS, netip.AddrPortFrom(vip, port), eps, n)
+					got, err := testnet.TransferToService(ctx, proto, c.NS, netip.AddrPortFrom(vip, port), eps, n)
 					if err != nil {
 						t.Fatal(err)
 					}
@@ -197,7 +197,7 @@ func TestEndToEndServices(t *testing.T) {
 	}
 	eps := map[netip.AddrPort]string{netip.AddrPortFrom(catA.IPv4, 8080): catA.NS, netip.AddrPortFrom(catB.IPv4, 8080): catB.NS}
 	waitFor(t, time.Minute, "the server to see the zone-a endpoint not ready", func() (bool, error) {
-		if _, err := testnet.TransferVia(ctx, "tcp", cache.NS, netip.AddrPortFrom(legacy[0], 80), eps, 1000); err != nil {
+		if _, err := testnet.TransferToService(ctx, "tcp", cache.NS, netip.AddrPortFrom(legacy[0], 80), eps, 1000); err != nil {
 			return false, err
 		}
 		res, err := stack.Query(ctx, `count(kubezonnet_service_bytes_total{service="catalog-legacy",src_workload="cache",src_zone="zone-a",dst_zone="zone-b",avoidable="false"})`)

@@ -408,7 +408,7 @@ func TestEndToEnd(t *testing.T) {
 	legacy := env.Cluster.ServiceVIPs("shop/catalog-legacy")
 	catalogEPs := map[netip.AddrPort]string{netip.AddrPortFrom(catA.IPv4, 8080): catA.NS, netip.AddrPortFrom(catB.IPv4, 8080): catB.NS}
 	for crossed := false; !crossed; {
-		got, err := testnet.TransferVia(ctx, "tcp", api.NS, netip.AddrPortFrom(legacy[0], 80), catalogEPs, 2000)
+		got, err := testnet.TransferToService(ctx, "tcp", api.NS, netip.AddrPortFrom(legacy[0], 80), catalogEPs, 2000)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -22,13 +22,45 @@ struct nf_hook_state {
 /* struct sk_buff from include/linux/skbuff.h: at the POSTROUTING hook data
  * points at the IP header and len is the L3 length; len - data_len bytes
  * from data are linear; head + end locate struct skb_shared_info (end is an
- * offset from head on 64-bit kernels, NET_SKBUFF_DATA_USES_OFFSET). */
+ * offset from head on 64-bit kernels, NET_SKBUFF_DATA_USES_OFFSET). _nfct
+ * is the packet's conntrack entry (struct nf_conn *) with enum
+ * ip_conntrack_info in its low 3 bits; the field exists only in kernels
+ * built with conntrack (checked with bpf_core_field_exists()). */
 struct sk_buff {
 	unsigned int len;
 	unsigned int data_len;
 	unsigned char *head;
 	unsigned char *data;
 	unsigned int end;
+	unsigned long _nfct;
+} __attribute__((preserve_access_index));
+
+/* Conntrack, from include/net/netfilter/nf_conntrack.h and
+ * nf_conntrack_tuple.h: only the fields the netfilter program reads, the
+ * status bits and the original direction's destination. They are located
+ * with bpf_core_field_offset() and read through a bpf_rdonly_cast() to
+ * struct in6_addr (a vmlinux type in every kernel), not to struct nf_conn,
+ * whose type is in a module's BTF where conntrack is a module. */
+union nf_inet_addr {
+	__u32 all[4];
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_tuple {
+	struct {
+		union nf_inet_addr u3;
+		union {
+			__be16 all;
+		} u;
+	} dst;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_tuple_hash {
+	struct nf_conntrack_tuple tuple;
+} __attribute__((preserve_access_index));
+
+struct nf_conn {
+	struct nf_conntrack_tuple_hash tuplehash[2]; /* IP_CT_DIR_MAX */
+	unsigned long status;
 } __attribute__((preserve_access_index));
 
 /* struct skb_shared_info: GSO metadata of a super-packet. */

@@ -35,6 +35,8 @@ type Component struct {
 var Components = []Component{
 	{Name: "bpf", Commands: []string{
 		`go test -run '^$' -bench 'BenchmarkNetfilter$|BenchmarkNetfilterReference$' -benchtime 5000000x -count 3 -benchmem ./bpf/`,
+		`go test -run '^$' -bench 'BenchmarkNetfilterConntrack$/test-run' -benchtime 5000000x -count 3 -benchmem ./bpf/`,
+		`go test -run '^$' -bench 'BenchmarkNetfilterConntrack$/dnat' -benchtime 200000x -count 3 -benchmem ./bpf/`,
 		`go test -run '^$' -bench 'BenchmarkNetfilterNewFlow$' -benchtime 2000000x -count 3 -benchmem ./bpf/`,
 		`go test -run '^$' -bench 'BenchmarkDrain$|BenchmarkMerge$' -benchtime 20x -count 3 -benchmem ./bpf/`,
 	}},

@@ -86,14 +86,14 @@ func ServiceDNAT(ctx context.Context, ns string, p ServicePort) error {
 	return nil
 }
 
-// TransferVia sends n bytes over one connection (TCP or UDP: proto "tcp"
+// TransferToService sends n bytes over one connection (TCP or UDP: proto "tcp"
 // or "udp") from namespace fromNS to a Service's virtual address vip,
 // with a listener on every endpoint (endpoints maps each endpoint to its
 // namespace), and returns the endpoint the node's rules chose. Over TCP
 // it returns once both sides have closed; over UDP the n bytes go in
 // datagrams of at most 1000 bytes, and it returns once the endpoint has
 // read them all.
-func TransferVia(ctx context.Context, proto, fromNS string, vip netip.AddrPort, endpoints map[netip.AddrPort]string, n int) (netip.AddrPort, error) {
+func TransferToService(ctx context.Context, proto, fromNS string, vip netip.AddrPort, endpoints map[netip.AddrPort]string, n int) (netip.AddrPort, error) {
 	family := "4"
 	if vip.Addr().Is6() {
 		family = "6"

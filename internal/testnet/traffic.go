@@ -29,11 +29,18 @@ func Transfer(ctx context.Context, fromNS, toNS string, dst netip.AddrPort, n in
 // queues (a drop means retransmitted segments: real bytes, but not the
 // same bytes for two runs to compare).
 func TransferChunked(ctx context.Context, fromNS, toNS string, dst netip.AddrPort, n, chunk int) error {
+	return TransferVia(ctx, fromNS, toNS, dst, dst, n, chunk)
+}
+
+// TransferVia is TransferChunked with the client connecting to dial while
+// the listener in toNS is at listen: a destination the network rewrites
+// on the way (a Service's virtual IP, DNATed to a backend).
+func TransferVia(ctx context.Context, fromNS, toNS string, dial, listen netip.AddrPort, n, chunk int) error {
 	network := "tcp4"
-	if dst.Addr().Is6() {
+	if dial.Addr().Is6() {
 		network = "tcp6"
 	}
-	l, err := Listen(toNS, network, dst.String())
+	l, err := Listen(toNS, network, listen.String())
 	if err != nil {
 		return err
 	}
@@ -52,7 +59,7 @@ func TransferChunked(ctx context.Context, fromNS, toNS string, dst netip.AddrPor
 		}
 		got <- err
 	}()
-	c, err := Dial(ctx, fromNS, network, dst.String())
+	c, err := Dial(ctx, fromNS, network, dial.String())
 	if err != nil {
 		return err
 	}

@@ -213,6 +213,7 @@ const (
 	rankName = iota
 	rankDport
 	rankDst
+	rankOrigDst
 	rankProto
 	rankSport
 	rankSrc
@@ -338,7 +339,9 @@ func parseFlow(f *flow.Record, msg []byte, checkLen bool, maxLen int, prev *last
 				rank = rankSport
 			}
 		case 8:
-			if string(name) == LabelName {
+			if name[0] == 'o' && string(name) == LabelOrigDst {
+				rank = rankOrigDst
+			} else if string(name) == LabelName {
 				rank = rankName
 			}
 		}
@@ -360,6 +363,8 @@ func parseFlow(f *flow.Record, msg []byte, checkLen bool, maxLen int, prev *last
 			}
 		case rankDst:
 			f.Dst, err = parseAddr(LabelDst, value)
+		case rankOrigDst:
+			f.OrigDst, err = parseAddrPort(LabelOrigDst, value)
 		case rankProto:
 			f.Proto, err = parseProto(value)
 		case rankDport:
@@ -483,6 +488,16 @@ func parseAddr(label string, b []byte) (netip.Addr, error) {
 		return netip.Addr{}, malformed("%s: invalid address %.64q", label, b)
 	}
 	return a, nil
+}
+
+// parseAddrPort parses an address-and-port label as netip.ParseAddrPort
+// does (an IPv6 address in brackets), refusing zones as parseAddr does.
+func parseAddrPort(label string, b []byte) (netip.AddrPort, error) {
+	p, err := netip.ParseAddrPort(unsafeString(b))
+	if err != nil || p.Addr().Zone() != "" {
+		return netip.AddrPort{}, malformed("%s: invalid address and port %.64q", label, b)
+	}
+	return p, nil
 }
 
 func parsePort(label string, b []byte) (uint16, error) {

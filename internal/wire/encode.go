@@ -130,6 +130,11 @@ func appendFlow(b []byte, f *flow.Record) []byte {
 	b, o = labelStart(b, LabelDst)
 	b = f.Dst.AppendTo(b)
 	labelEnd(b, o, len(LabelDst))
+	if f.OrigDst.IsValid() {
+		b, o = labelStart(b, LabelOrigDst)
+		b = f.OrigDst.AppendTo(b)
+		labelEnd(b, o, len(LabelOrigDst))
+	}
 	b, o = labelStart(b, LabelProto)
 	b = appendProto(b, f.Proto)
 	labelEnd(b, o, len(LabelProto))

@@ -31,6 +31,10 @@ func FuzzDecode(f *testing.F) {
 				Counts: flow.Counts{Bytes: 1500, Packets: 3}},
 			{Key: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("2001:db8::1"), Proto: 58},
 				Counts: flow.Counts{Bytes: 64, Packets: 1}},
+			{Key: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.3"), Proto: 6, Port: 8080, PortIsDst: true, OrigDst: netip.MustParseAddrPort("10.96.0.10:80")},
+				Counts: flow.Counts{Bytes: 3000, Packets: 4}},
+			{Key: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::3"), Proto: 17, Port: 5353, PortIsDst: true, OrigDst: netip.MustParseAddrPort("[fd00:96::10]:53")},
+				Counts: flow.Counts{Bytes: 96, Packets: 1}},
 		},
 		Metrics: []Metric{{Name: "kubezonnet_agent_flows_total", Labels: []Label{{Name: "reason", Value: "x"}}, Value: 2}},
 	}
@@ -54,6 +58,9 @@ func FuzzDecode(f *testing.F) {
 	f.Add(encodeSeries(two, flowS([]float64{1500, 3}, "src", "70.0.0.1", "dst", "70.0.0.2"),
 		flowS([]float64{64, 1}, "src", "2001:db8::1234:5678", "dst", "::ffff:70.0.0.1")))
 	f.Add(encodeSeries(hdr, flowS([]float64{1500, 3}, "proto", "icmp", "dport", "0")))
+	f.Add(encodeSeries(hdr, flowS([]float64{1500, 3}, "orig_dst", "10.96.0.10:080")))
+	f.Add(encodeSeries(hdr, flowS([]float64{1500, 3}, "orig_dst", "[::ffff:10.96.0.10]:80")))
+	f.Add(encodeSeries(hdr, flowS([]float64{1500, 3}, "orig_dst", "[fe80::1%eth0]:80")))
 	f.Add(encodeSeries(hdr, series{[]string{"__name__", "kubezonnet_flow_bytes", "dst", "10.0.0.2", "proto", "tcp", "sport", "80", "src", "10.0.0.1"}, hdr.samples}))
 	f.Add(snappy.Encode(nil, []byte("\x0a\x02\x0a\x00")))
 	f.Add([]byte{})
@@ -89,9 +96,9 @@ func FuzzDecode(f *testing.F) {
 // request under the contract (package documentation): the first series is
 // the header (node, incarnation, seq labels; one sample whose timestamp is
 // the batch time), each kubezonnet_flow series is one flow in order (src,
-// dst, proto, dport or sport; samples bytes then packets, no timestamps),
-// and every other series is a self-metric in order (labels but __name__
-// and node; one sample's value).
+// dst, orig_dst when present, proto, dport or sport; samples bytes then
+// packets, no timestamps), and every other series is a self-metric in
+// order (labels but __name__ and node; one sample's value).
 func agreeWithPrompb(t *testing.T, body []byte, b *Batch) {
 	t.Helper()
 	raw, err := snappy.Decode(nil, body)
@@ -174,6 +181,11 @@ func prompbFlow(ts prompb.TimeSeries) (r flow.Record, ok bool) {
 			r.Dst, err = netip.ParseAddr(l.Value)
 		case LabelProto:
 			r.Proto, err = flow.ParseProto(l.Value)
+		case LabelOrigDst:
+			r.OrigDst, err = netip.ParseAddrPort(l.Value)
+			if err == nil && r.OrigDst.Addr().Zone() != "" {
+				return r, false
+			}
 		case LabelDport, LabelSport:
 			var n uint64
 			n, err = strconv.ParseUint(l.Value, 10, 16)
@@ -202,7 +214,7 @@ func prompbFlow(ts prompb.TimeSeries) (r flow.Record, ok bool) {
 func sortedFlows(fs []flow.Record) []flow.Record {
 	return slices.SortedFunc(slices.Values(fs), func(x, y flow.Record) int {
 		return cmp.Or(x.Src.Compare(y.Src), x.Dst.Compare(y.Dst), cmp.Compare(x.Proto, y.Proto),
-			cmp.Compare(x.Port, y.Port), cmp.Compare(b2i(x.PortIsDst), b2i(y.PortIsDst)),
+			cmp.Compare(x.Port, y.Port), cmp.Compare(b2i(x.PortIsDst), b2i(y.PortIsDst)), x.OrigDst.Compare(y.OrigDst),
 			cmp.Compare(x.Bytes, y.Bytes), cmp.Compare(x.Packets, y.Packets))
 	})
 }

@@ -11,7 +11,7 @@
 //     time the agent drained the kernel (ms), i.e. when the flows were seen.
 //
 //  2. Per flow, exactly one series:
-//     kubezonnet_flow{dport|sport="<port>", dst="<ip>", proto="<p>", src="<ip>"}
+//     kubezonnet_flow{dport|sport="<port>", dst="<ip>", orig_dst="<ip>:<port>", proto="<p>", src="<ip>"}
 //     with exactly two samples, both without a timestamp (the header's
 //     applies): the first sample's value is the bytes, the second's the
 //     packets the flow sent since the previous batch of this incarnation,
@@ -21,8 +21,16 @@
 //     answering); neither label is present for protocols without ports
 //     (then the port is 0), and one of them always is for tcp, udp and
 //     sctp. proto is tcp, udp, icmp, icmpv6, sctp or the protocol number.
-//     __name__ comes first and the labels are sorted by name, as
-//     remote-write requires; a flow series has no other label.
+//     orig_dst is optional: present only when the flow has an original
+//     destination (flow.Key.OrigDst: the destination the client addressed
+//     before destination NAT, a Service's virtual IP and port under
+//     kube-proxy, while dst is the backend), in netip.AddrPort's text form:
+//     "10.96.0.10:80", "[fd00:96::10]:80"; its port is 0 where the flow has
+//     no ports. An absent orig_dst means none; a value that does not parse
+//     as an address and port (or carries a zone) is a malformed request.
+//     __name__ comes first and the labels are sorted by name (dport, dst,
+//     orig_dst, proto, sport, src), as remote-write requires; a flow series
+//     has no other label.
 //
 //     Two samples under one label set, rather than a bytes and a packets
 //     series, halve the request and the work to encode and decode it: the
@@ -79,6 +87,9 @@ const (
 	LabelProto       = "proto"
 	LabelDport       = "dport"
 	LabelSport       = "sport"
+	// LabelOrigDst is the flow's original destination (flow.Key.OrigDst),
+	// present only when it has one.
+	LabelOrigDst = "orig_dst"
 )
 
 // Label is a name and value pair of a self-metric.

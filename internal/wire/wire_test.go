@@ -29,6 +29,9 @@ func testBatch() *Batch {
 			{Key: flow.Key{Src: netip.MustParseAddr("10.244.1.2"), Dst: netip.MustParseAddr("10.244.2.3"), Proto: 6, Port: 5432, PortIsDst: true}, Counts: flow.Counts{Bytes: 123456, Packets: 89}},
 			{Key: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::2"), Proto: 17, Port: 53}, Counts: flow.Counts{Bytes: 1, Packets: 1}},
 			{Key: flow.Key{Src: netip.MustParseAddr("10.244.1.2"), Dst: netip.MustParseAddr("8.8.8.8"), Proto: 1}, Counts: flow.Counts{Bytes: 84, Packets: 1}},
+			// Through Services: the virtual IP and port the client addressed.
+			{Key: flow.Key{Src: netip.MustParseAddr("10.244.1.2"), Dst: netip.MustParseAddr("10.244.3.4"), Proto: 6, Port: 8080, PortIsDst: true, OrigDst: netip.MustParseAddrPort("10.96.0.10:80")}, Counts: flow.Counts{Bytes: 9000, Packets: 7}},
+			{Key: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::3"), Proto: 17, Port: 5353, PortIsDst: true, OrigDst: netip.MustParseAddrPort("[fd00:96::a]:53")}, Counts: flow.Counts{Bytes: 120, Packets: 2}},
 		},
 		Metrics: []Metric{
 			{Name: "kubezonnet_agent_dropped_bytes_total", Labels: []Label{{"reason", "map_full"}}, Value: 42},
@@ -83,6 +86,14 @@ func TestRoundTrip(t *testing.T) {
 		for _, ts := range wr.Timeseries {
 			if ts.Labels[0].Value == MetricFlow && testutil.LabelValue(ts.Labels, "src") == f.Src.String() && testutil.LabelValue(ts.Labels, "dst") == f.Dst.String() {
 				found = true
+				// orig_dst only where the flow has one.
+				wantOrig := ""
+				if f.OrigDst.IsValid() {
+					wantOrig = f.OrigDst.String()
+				}
+				if got := testutil.LabelValue(ts.Labels, LabelOrigDst); got != wantOrig {
+					t.Errorf("flow %v: orig_dst %q, want %q", f, got, wantOrig)
+				}
 				if ts.Samples[0].Value != float64(f.Bytes) || ts.Samples[1].Value != float64(f.Packets) {
 					t.Errorf("flow %v: samples %v", f, ts.Samples)
 				}
@@ -213,6 +224,15 @@ func TestDecodeRejects(t *testing.T) {
 		{"tcp without port", encodeSeries(hdr, flowS(ok, "dport", "")), remotewrite.ErrMalformed, "without dport or sport"},
 		{"icmp with port 0", encodeSeries(hdr, flowS(ok, "proto", "icmp", "dport", "0")), remotewrite.ErrMalformed, "port 0"},
 		{"extra label", encodeSeries(hdr, flowS(ok, "zone", "a")), remotewrite.ErrMalformed, "unexpected label"},
+		{"orig_dst without port", encodeSeries(hdr, flowS(ok, "orig_dst", "10.96.0.10")), remotewrite.ErrMalformed, "orig_dst: invalid address and port"},
+		{"orig_dst port too large", encodeSeries(hdr, flowS(ok, "orig_dst", "10.96.0.10:65536")), remotewrite.ErrMalformed, "orig_dst: invalid address and port"},
+		{"orig_dst bad address", encodeSeries(hdr, flowS(ok, "orig_dst", "10.96.0.300:80")), remotewrite.ErrMalformed, "orig_dst: invalid address and port"},
+		{"orig_dst ipv6 without brackets", encodeSeries(hdr, flowS(ok, "orig_dst", "fd00:96::10:80")), remotewrite.ErrMalformed, "orig_dst: invalid address and port"},
+		{"orig_dst ipv4 in brackets", encodeSeries(hdr, flowS(ok, "orig_dst", "[10.96.0.10]:80")), remotewrite.ErrMalformed, "orig_dst: invalid address and port"},
+		{"orig_dst zone", encodeSeries(hdr, flowS(ok, "orig_dst", "[fe80::1%eth0]:80")), remotewrite.ErrMalformed, "orig_dst: invalid address and port"},
+		{"orig_dst empty", encodeSeries(hdr, series{[]string{"__name__", MetricFlow, "dport", "80", "dst", "10.0.0.2", "orig_dst", "", "proto", "tcp", "src", "10.0.0.1"}, flowS(ok).samples}), remotewrite.ErrMalformed, "orig_dst: invalid address and port"},
+		{"orig_dst not sorted", encodeSeries(hdr, series{[]string{"__name__", MetricFlow, "dport", "80", "dst", "10.0.0.2", "proto", "tcp", "orig_dst", "10.96.0.10:80", "src", "10.0.0.1"}, flowS(ok).samples}), remotewrite.ErrMalformed, "not sorted"},
+		{"orig_dst repeated", encodeSeries(hdr, series{[]string{"__name__", MetricFlow, "dport", "80", "dst", "10.0.0.2", "orig_dst", "10.96.0.10:80", "orig_dst", "10.96.0.11:80", "proto", "tcp", "src", "10.0.0.1"}, flowS(ok).samples}), remotewrite.ErrMalformed, "repeated"},
 		{"unsorted labels", encodeSeries(hdr, series{[]string{"__name__", MetricFlow, "src", "10.0.0.1", "dst", "10.0.0.2", "proto", "tcp", "dport", "80"}, flowS(ok).samples}), remotewrite.ErrMalformed, "not sorted"},
 		{"repeated label", encodeSeries(hdr, series{[]string{"__name__", MetricFlow, "dport", "80", "dst", "10.0.0.2", "dst", "10.0.0.3", "proto", "tcp", "src", "10.0.0.1"}, flowS(ok).samples}), remotewrite.ErrMalformed, "repeated"},
 		{"__name__ not first", encodeSeries(hdr, series{[]string{"dport", "80", "__name__", MetricFlow, "dst", "10.0.0.2", "proto", "tcp", "src", "10.0.0.1"}, flowS(ok).samples}), remotewrite.ErrMalformed, "first label"},
@@ -220,6 +240,9 @@ func TestDecodeRejects(t *testing.T) {
 		{"valid icmp", encodeSeries(hdr, flowS(ok, "proto", "icmp", "dport", "")), nil, ""},
 		{"valid other proto with port", encodeSeries(hdr, flowS(ok, "proto", "33", "dport", "", "sport", "5004")), nil, ""},
 		{"valid v6", encodeSeries(hdr, flowS(ok, "src", "fd00::1", "dst", "2001:db8::1")), nil, ""},
+		{"valid orig_dst", encodeSeries(hdr, flowS(ok, "orig_dst", "10.96.0.10:80")), nil, ""},
+		{"valid orig_dst v6", encodeSeries(hdr, flowS(ok, "src", "fd00::1", "dst", "fd00::2", "orig_dst", "[fd00:96::10]:443")), nil, ""},
+		{"valid orig_dst port 0", encodeSeries(hdr, flowS(ok, "proto", "icmp", "dport", "", "orig_dst", "10.96.0.10:0")), nil, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -247,20 +270,38 @@ func TestDecodeRejects(t *testing.T) {
 	})
 }
 
-// TestDecodeFlowValues: the samples are the bytes then the packets, exactly.
+// TestDecodeFlowValues: the samples are the bytes then the packets,
+// exactly, and orig_dst is the flow's original destination.
 func TestDecodeFlowValues(t *testing.T) {
-	var d Decoder
-	var b Batch
 	big := float64(1 << 63) // beyond int64, still a count
-	if err := d.Decode(encodeSeries(hdrSeries(), flowS([]float64{big, 7})), &b); err != nil {
-		t.Fatal(err)
+	key := flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2"), Proto: 6, Port: 80, PortIsDst: true}
+	withOrig := func(k flow.Key, p string) flow.Key {
+		k.OrigDst = netip.MustParseAddrPort(p)
+		return k
 	}
-	want := flow.Record{
-		Key:    flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("10.0.0.2"), Proto: 6, Port: 80, PortIsDst: true},
-		Counts: flow.Counts{Bytes: 1 << 63, Packets: 7},
+	v6 := flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::2"), Proto: 17, Port: 5353, PortIsDst: true}
+	tests := []struct {
+		name   string
+		series series
+		want   flow.Record
+	}{
+		{"counts", flowS([]float64{big, 7}), flow.Record{Key: key, Counts: flow.Counts{Bytes: 1 << 63, Packets: 7}}},
+		{"orig_dst", flowS([]float64{1500, 3}, "orig_dst", "10.96.0.10:80"),
+			flow.Record{Key: withOrig(key, "10.96.0.10:80"), Counts: flow.Counts{Bytes: 1500, Packets: 3}}},
+		{"orig_dst ipv6", flowS([]float64{100, 1}, "src", "fd00::1", "dst", "fd00::2", "proto", "udp", "dport", "5353", "orig_dst", "[fd00:96::10]:53"),
+			flow.Record{Key: withOrig(v6, "[fd00:96::10]:53"), Counts: flow.Counts{Bytes: 100, Packets: 1}}},
 	}
-	if len(b.Flows) != 1 || b.Flows[0] != want {
-		t.Fatalf("flows = %+v, want %+v", b.Flows, want)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var d Decoder
+			var b Batch
+			if err := d.Decode(encodeSeries(hdrSeries(), tt.series), &b); err != nil {
+				t.Fatal(err)
+			}
+			if len(b.Flows) != 1 || b.Flows[0] != tt.want {
+				t.Fatalf("flows = %+v, want %+v", b.Flows, tt.want)
+			}
+		})
 	}
 }
 
@@ -365,6 +406,9 @@ func TestEncodeMatchesBuilder(t *testing.T) {
 		{Key: flow.Key{Src: netip.MustParseAddr("2001:db8:1234:5678:9abc:def0:1234:5678"), Dst: netip.MustParseAddr("::ffff:10.0.0.1"), Proto: 132, Port: 65535}, Counts: flow.Counts{Bytes: 1 << 40, Packets: 1 << 20}},
 		{Key: flow.Key{Src: netip.MustParseAddr("0.0.0.0"), Dst: netip.MustParseAddr("255.255.255.255"), Proto: 250, Port: 9, PortIsDst: true}},
 		{Key: flow.Key{Src: netip.MustParseAddr("1.20.100.9"), Dst: netip.MustParseAddr("199.9.10.99"), Proto: 58}},
+		{Key: flow.Key{Src: netip.MustParseAddr("10.244.1.2"), Dst: netip.MustParseAddr("10.244.3.4"), Proto: 6, Port: 8080, PortIsDst: true, OrigDst: netip.MustParseAddrPort("10.96.0.10:80")}, Counts: flow.Counts{Bytes: 1, Packets: 1}},
+		{Key: flow.Key{Src: netip.MustParseAddr("2001:db8:1234:5678:9abc:def0:1234:5678"), Dst: netip.MustParseAddr("2001:db8:1234:5678:9abc:def0:1234:5679"), Proto: 17, Port: 65535, OrigDst: netip.MustParseAddrPort("[2001:db8:1234:5678:9abc:def0:1234:567a]:65535")}},
+		{Key: flow.Key{Src: netip.MustParseAddr("10.0.0.1"), Dst: netip.MustParseAddr("::ffff:10.0.0.2"), Proto: 1, OrigDst: netip.MustParseAddrPort("[::ffff:10.96.0.1]:0")}},
 	} {
 		var sb remotewrite.SeriesBuilder
 		if got, want := appendFlow(nil, &f), builderFlow(&sb, nil, &f); !bytes.Equal(got, want) {
@@ -385,6 +429,9 @@ func builderFlow(sb *remotewrite.SeriesBuilder, b []byte, f *flow.Record) []byte
 		sb.Label(LabelDport, port)
 	}
 	sb.Label(LabelDst, f.Dst.String())
+	if f.OrigDst.IsValid() {
+		sb.Label(LabelOrigDst, f.OrigDst.String())
+	}
 	sb.Label(LabelProto, flow.ProtoName(f.Proto))
 	if hasPort && !f.PortIsDst {
 		sb.Label(LabelSport, port)

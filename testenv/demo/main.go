@@ -168,7 +168,7 @@ func run(duration time.Duration, wait bool, bin string) error {
 			}
 			var err error
 			if j.via != nil {
-				_, err = testnet.TransferVia(ctx, "tcp", j.fromNS, j.dst, j.via, j.bytes)
+				_, err = testnet.TransferToService(ctx, "tcp", j.fromNS, j.dst, j.via, j.bytes)
 			} else {
 				err = testnet.Transfer(ctx, j.fromNS, j.toNS, j.dst, j.bytes)
 			}

@@ -1,0 +1,285 @@
+//go:build linux
+
+package bpf
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/testnet"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
+)
+
+// Service virtual IPs of TestOriginalDestination, outside every range of
+// the topology: only the DNAT rules make them reachable.
+var (
+	vip4       = netip.MustParseAddr("10.96.0.10")
+	vip4Host   = netip.MustParseAddr("10.96.0.11")
+	vip6       = netip.MustParseAddr("fd00:96::10")
+	notrackUDP = uint16(9999)
+)
+
+// serviceRules is node a's nftables ruleset of TestOriginalDestination, as
+// kube-proxy's nftables mode writes Services: a nat table per family whose
+// prerouting (pod clients) and output (host-network clients) chains jump
+// to one chain of `dnat to <backend>:<port>` rules per virtual IP and
+// port; plus a raw table that leaves UDP to port 9999 untracked, with a
+// counter proving those packets had no conntrack entry at POSTROUTING.
+func serviceRules(a2, b1 *testnet.Pod) string {
+	return fmt.Sprintf(`table ip kzn_svc {
+  chain services {
+    ip daddr %[1]s tcp dport 80 dnat to %[4]s:8080
+    ip daddr %[2]s tcp dport 80 dnat to %[5]s:8080
+    ip daddr %[1]s udp dport 53 dnat to %[5]s:5353
+  }
+  chain pre { type nat hook prerouting priority dstnat; policy accept; jump services; }
+  chain out { type nat hook output priority -100; policy accept; jump services; }
+}
+table ip6 kzn_svc {
+  chain services {
+    ip6 daddr %[3]s tcp dport 80 dnat to [%[6]s]:8080
+    ip6 daddr %[3]s udp dport 53 dnat to [%[7]s]:5353
+  }
+  chain pre { type nat hook prerouting priority dstnat; policy accept; jump services; }
+  chain out { type nat hook output priority -100; policy accept; jump services; }
+}
+table inet kzn_raw {
+  chain pre { type filter hook prerouting priority raw; policy accept; udp dport %[8]d notrack; }
+  chain post { type filter hook postrouting priority 98; policy accept; udp dport %[8]d ct state untracked counter; }
+}
+`, vip4, vip4Host, vip6, a2.IPv4, b1.IPv4, a2.IPv6, b1.IPv6, notrackUDP)
+}
+
+// TestOriginalDestination sends TCP and UDP, IPv4 and IPv6, through node a,
+// where kube-proxy-style nftables rules DNAT Service virtual IPs to
+// backend pods (real conntrack and NAT in the node's namespace), and
+// checks each flow's original destination: the virtual IP and port for a
+// client's packets to a Service, none for the same backend addressed
+// directly, for the backend's replies on a DNATed connection, and for
+// untracked packets, which are still counted. Every case's bytes and
+// packets equal an nftables counter of the node's local sources at the
+// hook's priority, each flow's a counter of its address pair, and a UDP
+// flow's what was sent.
+func TestOriginalDestination(t *testing.T) {
+	testutil.RequireRoot(t)
+	topo := twoNodes(t, false)
+	a := topo.Node("a")
+	a1, a2, b1 := topo.Pod("a1"), topo.Pod("a2"), topo.Pod("b1")
+	dp := attachNode(t, a, Config{})
+	ctx := context.Background()
+	rules := serviceRules(a2, b1)
+	if _, err := testnet.Exec(ctx, a.NS, "sh", "-c", "nft -f - <<'EOF'\n"+rules+"EOF\n"); err != nil {
+		t.Fatalf("installing the service rules: %v", err)
+	}
+	// A host-network client routes a virtual IP before the output chain
+	// rewrites it: the route kube-proxy nodes have through their uplink.
+	if _, err := testnet.Exec(ctx, a.NS, "ip", "route", "add", "10.96.0.0/16", "dev", "fab0"); err != nil {
+		t.Fatal(err)
+	}
+	ref, err := testnet.InstallCounter(ctx, a.NS, DefaultNetfilterPriority, a.LocalPrefixes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// And per address pair: each expected flow is the only one of its
+	// pair in its case.
+	pairs := testnet.NewReference(DefaultNetfilterPriority)
+
+	ap := netip.AddrPortFrom
+	const tcpBytes, udpCount, udpSize = 256 << 10, 40, 700
+	tests := []struct {
+		name      string
+		client    string         // namespace
+		src       netip.Addr     // the client's address
+		dial      netip.AddrPort // what the client addresses
+		backend   *testnet.Pod
+		dst       netip.AddrPort // where the backend listens
+		proto     uint8
+		untracked bool // the raw table leaves the packets untracked
+		// want are the TCP and UDP flows of local sources: the client's,
+		// and the backend's replies when the backend is on node a.
+		want []flow.Key
+	}{
+		{
+			name: "tcp4 to a service, backend on the node", client: a1.NS, src: a1.IPv4,
+			dial: ap(vip4, 80), backend: a2, dst: ap(a2.IPv4, 8080), proto: 6,
+			want: []flow.Key{
+				{Src: a1.IPv4, Dst: a2.IPv4, Proto: 6, Port: 8080, PortIsDst: true, OrigDst: ap(vip4, 80)},
+				{Src: a2.IPv4, Dst: a1.IPv4, Proto: 6, Port: 8080}, // the reply direction
+			},
+		},
+		{
+			name: "tcp6 to a service, backend on the node", client: a1.NS, src: a1.IPv6,
+			dial: ap(vip6, 80), backend: a2, dst: ap(a2.IPv6, 8080), proto: 6,
+			want: []flow.Key{
+				{Src: a1.IPv6, Dst: a2.IPv6, Proto: 6, Port: 8080, PortIsDst: true, OrigDst: ap(vip6, 80)},
+				{Src: a2.IPv6, Dst: a1.IPv6, Proto: 6, Port: 8080},
+			},
+		},
+		{
+			name: "tcp4 to the same backend directly", client: a1.NS, src: a1.IPv4,
+			dial: ap(a2.IPv4, 8080), backend: a2, dst: ap(a2.IPv4, 8080), proto: 6,
+			want: []flow.Key{
+				{Src: a1.IPv4, Dst: a2.IPv4, Proto: 6, Port: 8080, PortIsDst: true},
+				{Src: a2.IPv4, Dst: a1.IPv4, Proto: 6, Port: 8080},
+			},
+		},
+		{
+			name: "tcp6 to the same backend directly", client: a1.NS, src: a1.IPv6,
+			dial: ap(a2.IPv6, 8080), backend: a2, dst: ap(a2.IPv6, 8080), proto: 6,
+			want: []flow.Key{
+				{Src: a1.IPv6, Dst: a2.IPv6, Proto: 6, Port: 8080, PortIsDst: true},
+				{Src: a2.IPv6, Dst: a1.IPv6, Proto: 6, Port: 8080},
+			},
+		},
+		{
+			name: "tcp4 from the host network to a service (output chain)", client: a.NS, src: a.IPv4,
+			dial: ap(vip4Host, 80), backend: b1, dst: ap(b1.IPv4, 8080), proto: 6,
+			want: []flow.Key{
+				{Src: a.IPv4, Dst: b1.IPv4, Proto: 6, Port: 8080, PortIsDst: true, OrigDst: ap(vip4Host, 80)},
+			},
+		},
+		{
+			name: "udp4 to a service, backend on another node", client: a1.NS, src: a1.IPv4,
+			dial: ap(vip4, 53), backend: b1, dst: ap(b1.IPv4, 5353), proto: 17,
+			want: []flow.Key{
+				{Src: a1.IPv4, Dst: b1.IPv4, Proto: 17, Port: 5353, PortIsDst: true, OrigDst: ap(vip4, 53)},
+			},
+		},
+		{
+			name: "udp6 to a service, backend on another node", client: a1.NS, src: a1.IPv6,
+			dial: ap(vip6, 53), backend: b1, dst: ap(b1.IPv6, 5353), proto: 17,
+			want: []flow.Key{
+				{Src: a1.IPv6, Dst: b1.IPv6, Proto: 17, Port: 5353, PortIsDst: true, OrigDst: ap(vip6, 53)},
+			},
+		},
+		{
+			name: "udp4 untracked", client: a1.NS, src: a1.IPv4,
+			dial: ap(b1.IPv4, notrackUDP), backend: b1, dst: ap(b1.IPv4, notrackUDP), proto: 17, untracked: true,
+			want: []flow.Key{{Src: a1.IPv4, Dst: b1.IPv4, Proto: 17, Port: notrackUDP, PortIsDst: true}},
+		},
+		{
+			name: "udp6 untracked", client: a1.NS, src: a1.IPv6,
+			dial: ap(b1.IPv6, notrackUDP), backend: b1, dst: ap(b1.IPv6, notrackUDP), proto: 17, untracked: true,
+			want: []flow.Key{{Src: a1.IPv6, Dst: b1.IPv6, Proto: 17, Port: notrackUDP, PortIsDst: true}},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			drain(t, dp) // what earlier cases left
+			for _, k := range tt.want {
+				if p := (testnet.Pair{Src: k.Src, Dst: k.Dst}); !pairs.Watched(p) {
+					if err := pairs.Watch(ctx, a.NS, p); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			before, err := ref.Read(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pairsBefore, err := pairs.Read(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			untrackedBefore := untrackedPackets(t, a.NS)
+			if tt.proto == 6 {
+				sendTCPVia(t, tt.client, tt.backend.NS, tt.dial, tt.dst, tcpBytes)
+			} else {
+				sendUDPVia(t, tt.client, tt.backend.NS, tt.dial, tt.dst, udpCount, udpSize)
+			}
+			after, err := ref.Read(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pairsAfter, err := pairs.Read(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dr := drain(t, dp)
+
+			want := flow.Counts{Bytes: after.Bytes - before.Bytes, Packets: after.Packets - before.Packets}
+			if got := total(dr.Flows); got != want {
+				t.Errorf("datapath counted %+v, nftables %+v", got, want)
+			}
+			for r, c := range dr.Uncounted {
+				if Reason(r) != ReasonNotLocal && !c.IsZero() {
+					t.Errorf("uncounted %s: %+v", Reason(r), c)
+				}
+			}
+			got := map[flow.Key]flow.Counts{}
+			for _, f := range dr.Flows {
+				if f.Proto == 6 || f.Proto == 17 {
+					c := got[f.Key]
+					c.Add(f.Counts)
+					got[f.Key] = c
+				}
+			}
+			for _, k := range tt.want {
+				p := testnet.Pair{Src: k.Src, Dst: k.Dst}
+				pb, pa := pairsBefore[p], pairsAfter[p]
+				want := flow.Counts{Bytes: pa.Bytes - pb.Bytes, Packets: pa.Packets - pb.Packets}
+				if c, ok := got[k]; !ok || c != want || want.Packets == 0 {
+					t.Errorf("flow %s counted %+v (present %v), nftables %+v for its addresses", keyString(k), c, ok, want)
+				}
+			}
+			for k, c := range got {
+				if !slices.Contains(tt.want, k) {
+					t.Errorf("unexpected flow %s: %+v", keyString(k), c)
+				}
+			}
+			if tt.proto == 17 {
+				hdr := uint64(28)
+				if tt.src.Is6() {
+					hdr = 48
+				}
+				sent := flow.Counts{Bytes: udpCount * (udpSize + hdr), Packets: udpCount}
+				if c := got[tt.want[0]]; c != sent {
+					t.Errorf("flow %s counted %+v, sent %+v", keyString(tt.want[0]), c, sent)
+				}
+			}
+			if n := untrackedPackets(t, a.NS) - untrackedBefore; tt.untracked && n != udpCount {
+				t.Errorf("%d packets untracked at POSTROUTING, want the %d sent: the case does not test untracked packets", n, udpCount)
+			} else if !tt.untracked && n != 0 {
+				t.Errorf("%d packets untracked", n)
+			}
+			if t.Failed() {
+				for _, f := range dr.Flows {
+					t.Logf("  %s: %+v", keyString(f.Key), f.Counts)
+				}
+			}
+		})
+	}
+}
+
+// untrackedPackets reads the counter of serviceRules' raw table: the
+// packets to the notrack port that had no conntrack entry at POSTROUTING.
+func untrackedPackets(t *testing.T, ns string) uint64 {
+	t.Helper()
+	out, err := testnet.Exec(context.Background(), ns, "nft", "list", "chain", "inet", "kzn_raw", "post")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(out), "counter packets ")
+	var n uint64
+	if !ok {
+		t.Fatalf("no counter in %s", out)
+	}
+	if _, err := fmt.Sscanf(rest, "%d", &n); err != nil {
+		t.Fatalf("parsing %q: %v", rest, err)
+	}
+	return n
+}
+
+// keyString formats a flow key for test messages.
+func keyString(k flow.Key) string {
+	s := fmt.Sprintf("%s -> %s %s port %d (dst %v)", k.Src, k.Dst, flow.ProtoName(k.Proto), k.Port, k.PortIsDst)
+	if k.OrigDst.IsValid() {
+		s += " orig " + k.OrigDst.String()
+	}
+	return s
+}
