@@ -407,6 +407,7 @@ func BenchmarkMerge(b *testing.B) {
 		}
 	})
 }
+
 // BenchmarkNetfilterConntrack measures what reading the packet's conntrack
 // entry (for a flow's original destination, orig_dst in flow.c) costs an
 // existing flow: the program as the agent loads it (kernel0-ns/op,

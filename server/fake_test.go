@@ -34,6 +34,15 @@ func (f *fakeResolver) Lookup(ip netip.Addr, at time.Time) (*resolve.Endpoint, b
 	return f.Resolve(ip, at), false
 }
 
+// Service knows no Service: the ingest tests of Services run on the real
+// resolver (realresolver_test.go).
+func (f *fakeResolver) Service(netip.AddrPort, uint8, time.Time) *resolve.Service { return nil }
+
+// ReadyInZone has no endpoints to report.
+func (f *fakeResolver) ReadyInZone(*resolve.Service, string, time.Time) (ready, hinted bool) {
+	return false, false
+}
+
 // add registers a pod endpoint at ip on its node.
 func (f *fakeResolver) add(ip string, ep *resolve.Endpoint) {
 	a := netip.MustParseAddr(ip)

@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
 	"github.com/kubezonnet/kubezonnet/internal/wire"
@@ -30,6 +31,11 @@ import (
 // send them again instead of having every pod resolved as unknown).
 type Resolver interface {
 	Lookup(ip netip.Addr, at time.Time) (ep *resolve.Endpoint, awaiting bool)
+	// Service returns the Service whose virtual IP and port dst was at
+	// time at, nil for none; ReadyInZone whether it had a ready endpoint
+	// in zone then.
+	Service(dst netip.AddrPort, proto uint8, at time.Time) *resolve.Service
+	ReadyInZone(svc *resolve.Service, zone string, at time.Time) (ready, hinted bool)
 	HasSynced() bool
 }
 
@@ -116,6 +122,7 @@ type Ingest struct {
 	rejected   map[string]*metrics.Counter
 	unresolved map[string]*metrics.Counter
 	foreign    *metrics.Counter
+	noService  *metrics.Counter
 	batches    *metrics.Counter
 	flows      *metrics.Counter
 	flowBytes  *metrics.Counter
@@ -160,6 +167,8 @@ func newIngest(cfg IngestConfig, d ingestDeps) *Ingest {
 		foreign: reg.Counter("kubezonnet_server_flows_dropped_total",
 			"Flows dropped: foreign_source is a flow whose source belongs to another node than the reporting agent's.",
 			metrics.Label{Name: "reason", Value: "foreign_source"}),
+		noService: reg.Counter("kubezonnet_server_flows_without_service_total",
+			"Flows whose packets were destination-NATed from an address no Service known to the server held (kube-proxy's rules ahead of the informer, or NAT other than a Service's); their bytes count in the pairs, not in kubezonnet_service_*."),
 		batches:   reg.Counter("kubezonnet_server_batches_applied_total", "Agent batches applied (duplicates excluded)."),
 		flows:     reg.Counter("kubezonnet_server_flows_total", "Flows applied from agent batches."),
 		flowBytes: reg.Counter("kubezonnet_server_flow_bytes_total", "Bytes of the flows applied from agent batches."),
@@ -382,10 +391,31 @@ func (in *Ingest) screen(wk *work) (ip netip.Addr, hold bool) {
 		case dstAwaits:
 			return f.Dst, true
 		}
-		flows = append(flows, aggregate.Flow{Src: src, Dst: dst, Counts: f.Counts})
+		af := aggregate.Flow{Src: src, Dst: dst, Counts: f.Counts}
+		if f.OrigDst.IsValid() {
+			af.Service, af.Avoidable = in.service(f, src, dst, b.Time)
+		}
+		flows = append(flows, af)
 		index = append(index, int32(i))
 	}
 	return netip.Addr{}, false
+}
+
+// service returns the Service a destination-NATed flow was addressed to,
+// and whether crossing to dst's zone was avoidable: a ready endpoint of
+// the Service was in src's zone at the flow's time. A flow to an address
+// no Service held is counted, and aggregated without a Service.
+func (in *Ingest) service(f *flow.Record, src, dst *resolve.Endpoint, at time.Time) (*resolve.Service, bool) {
+	svc := in.res.Service(f.OrigDst, f.Proto, at)
+	if svc == nil {
+		in.noService.Inc()
+		return nil, false
+	}
+	if src.Zone == dst.Zone || src.Kind != resolve.KindPod {
+		return svc, false
+	}
+	ready, _ := in.res.ReadyInZone(svc, src.Zone, at)
+	return svc, ready
 }
 
 // apply aggregates and logs the flows screen resolved of a claimed
