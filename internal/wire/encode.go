@@ -22,6 +22,7 @@ type Encoder struct {
 	raw     []byte
 	comp    []byte
 	order   []orderKey
+	tmp     []orderKey
 }
 
 // orderKey places flows with the same source and nearby destinations next
@@ -36,6 +37,52 @@ func keyOf(f *flow.Record) uint64 {
 	s, d := f.Src.As16(), f.Dst.As16()
 	return uint64(s[12])<<56 | uint64(s[13])<<48 | uint64(s[14])<<40 | uint64(s[15])<<32 |
 		uint64(d[12])<<24 | uint64(d[13])<<16 | uint64(d[14])<<8 | uint64(d[15])
+}
+
+// sortKeys sorts a by key: a least significant digit radix sort, a byte
+// per pass, skipping the bytes all keys share, through tmp (grown as
+// needed). It returns the sorted slice (a or tmp) and tmp.
+//
+// Kept over slices.SortFunc for the agent's flush budget: BenchmarkSortKeys's
+// slices baseline against DrainEncodeFlush (BENCHMARKS.md, "Agent").
+func sortKeys(a, tmp []orderKey) (sorted, _ []orderKey) {
+	if len(a) < 256 {
+		slices.SortFunc(a, func(x, y orderKey) int { return cmp.Compare(x.k, y.k) })
+		return a, tmp
+	}
+	var counts [8][256]int32
+	for _, o := range a {
+		k := o.k
+		counts[0][byte(k)]++
+		counts[1][byte(k>>8)]++
+		counts[2][byte(k>>16)]++
+		counts[3][byte(k>>24)]++
+		counts[4][byte(k>>32)]++
+		counts[5][byte(k>>40)]++
+		counts[6][byte(k>>48)]++
+		counts[7][byte(k>>56)]++
+	}
+	tmp = slices.Grow(tmp[:0], len(a))[:len(a)]
+	src, dst := a, tmp
+	for d := range counts {
+		c := &counts[d]
+		shift := 8 * d
+		if int(c[byte(a[0].k>>shift)]) == len(a) {
+			continue // one value: the order stays
+		}
+		sum := int32(0)
+		for i, n := range c {
+			c[i] = sum
+			sum += n
+		}
+		for _, o := range src {
+			v := byte(o.k >> shift)
+			dst[c[v]] = o
+			c[v]++
+		}
+		src, dst = dst, src
+	}
+	return src, tmp
 }
 
 // sortBlock is the number of flows ordered together (see Encode).
@@ -69,8 +116,9 @@ func (e *Encoder) Encode(b *Batch) []byte {
 		for i := range block {
 			e.order = append(e.order, orderKey{k: keyOf(&block[i]), i: int32(i)})
 		}
-		slices.SortFunc(e.order, func(x, y orderKey) int { return cmp.Compare(x.k, y.k) })
-		for _, o := range e.order {
+		var sorted []orderKey
+		sorted, e.tmp = sortKeys(e.order, e.tmp)
+		for _, o := range sorted {
 			e.raw = appendFlow(e.raw, &block[o.i])
 		}
 	}

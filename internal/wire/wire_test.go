@@ -2,8 +2,10 @@ package wire
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"math"
+	"math/rand/v2"
 	"net/netip"
 	"reflect"
 	"slices"
@@ -440,4 +442,22 @@ func builderFlow(sb *remotewrite.SeriesBuilder, b []byte, f *flow.Record) []byte
 	sb.Sample(float64(f.Bytes), 0)
 	sb.Sample(float64(f.Packets), 0)
 	return sb.AppendTo(b)
+}
+
+// TestSortKeys: the radix sort orders keys as a comparison sort does,
+// bytes shared by all keys (skipped passes) included.
+func TestSortKeys(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	for _, n := range []int{0, 1, 255, 256, 10_000} {
+		var order []orderKey
+		for i := range n {
+			k := r.Uint64()&0x0000_ff00_ffff_00ff | 0x0a00_0000_0000_0000
+			order = append(order, orderKey{k: k, i: int32(i)})
+		}
+		want := slices.Clone(order)
+		slices.SortStableFunc(want, func(x, y orderKey) int { return cmp.Compare(x.k, y.k) })
+		if got, _ := sortKeys(order, nil); !slices.Equal(got, want) {
+			t.Errorf("n=%d: radix order differs from a stable sort", n)
+		}
+	}
 }
