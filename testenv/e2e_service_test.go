@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
@@ -33,20 +32,8 @@ func TestEndToEndServices(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, a := range stack.Agents {
-		*agentLinks = append(*agentLinks, testutil.NetfilterLinks(t, a.Pid())...)
-	}
-	e := &e2e{t: t, ctx: ctx, env: env, stack: stack, ref: testnet.NewReference(bpf.DefaultNetfilterPriority + 1),
-		names: map[netip.Addr]string{}, nodeNS: map[netip.Addr]string{}, receivers: map[string]bool{}}
-	pod := func(workload, node string) (*testnet.Pod, string) {
-		p := env.Cluster.PodOn(workload, node)
-		if p == nil {
-			t.Fatalf("no %s pod on %s", workload, node)
-		}
-		tp := env.Topology.Pod(p.Name)
-		e.pod(tp, p.Name)
-		return tp, p.Name
-	}
+	e := newE2E(ctx, t, env, stack, agentLinks)
+	pod := e.slot
 	api, _ := pod("shop/api", "node-a1")
 	db, _ := pod("shop/db", "node-b1")
 	web, _ := pod("shop/web", "node-c1")

@@ -87,7 +87,36 @@ func scrapeOne(ctx context.Context, url, metric string) (float64, error) {
 	return v, nil
 }
 
-// endpoint registers the PromQL matchers of a pod's addresses.
+// newE2E is the suite's state over a running stack. It records the
+// agents' netfilter links in *agentLinks (startNetworkEnv checks at
+// cleanup that none is left behind) and fails the test unless each agent
+// attached its two hooks.
+func newE2E(ctx context.Context, t *testing.T, env *Env, stack *Stack, agentLinks *[]int) *e2e {
+	t.Helper()
+	for _, a := range stack.Agents {
+		*agentLinks = append(*agentLinks, testutil.NetfilterLinks(t, a.Pid())...)
+	}
+	if len(*agentLinks) != 2*len(stack.Agents) {
+		t.Fatalf("%d netfilter links for %d agents, want two each", len(*agentLinks), len(stack.Agents))
+	}
+	return &e2e{t: t, ctx: ctx, env: env, stack: stack, ref: testnet.NewReference(bpf.DefaultNetfilterPriority + 1),
+		names: map[netip.Addr]string{}, nodeNS: map[netip.Addr]string{}, receivers: map[string]bool{}}
+}
+
+// slot returns the network namespace pod of workload's pod on node, and
+// the pod's name, registering its addresses (see pod).
+func (e *e2e) slot(workload, node string) (*testnet.Pod, string) {
+	e.t.Helper()
+	p := e.env.Cluster.PodOn(workload, node)
+	if p == nil {
+		e.t.Fatalf("no %s pod on %s", workload, node)
+	}
+	tp := e.env.Topology.Pod(p.Name)
+	e.pod(tp, p.Name)
+	return tp, p.Name
+}
+
+// pod registers the PromQL matchers of a pod's addresses.
 func (e *e2e) pod(p *testnet.Pod, name string) {
 	for _, a := range []netip.Addr{p.IPv4, p.IPv6} {
 		e.names[a] = fmt.Sprintf(`_pod=%q`, name)
@@ -308,28 +337,12 @@ func TestEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, a := range stack.Agents {
-		*agentLinks = append(*agentLinks, testutil.NetfilterLinks(t, a.Pid())...)
-	}
-	if len(*agentLinks) != 2*len(stack.Agents) {
-		t.Fatalf("%d netfilter links for %d agents, want two each", len(*agentLinks), len(stack.Agents))
-	}
-
-	e := &e2e{t: t, ctx: ctx, env: env, stack: stack, ref: testnet.NewReference(bpf.DefaultNetfilterPriority + 1), names: map[netip.Addr]string{}, nodeNS: map[netip.Addr]string{}, receivers: map[string]bool{}}
-	slot := func(workload, node string) (*testnet.Pod, string) {
-		p := env.Cluster.PodOn(workload, node)
-		if p == nil {
-			t.Fatalf("no %s pod on %s", workload, node)
-		}
-		tp := env.Topology.Pod(p.Name)
-		e.pod(tp, p.Name)
-		return tp, p.Name
-	}
-	api, apiName := slot("shop/api", "node-a1")
-	db, _ := slot("shop/db", "node-b1")
-	web, _ := slot("shop/web", "node-c1")
-	cache, _ := slot("shop/cache", "node-a2")
-	debug, debugName := slot("default/debug", "node-b2")
+	e := newE2E(ctx, t, env, stack, agentLinks)
+	api, apiName := e.slot("shop/api", "node-a1")
+	db, _ := e.slot("shop/db", "node-b1")
+	web, _ := e.slot("shop/web", "node-c1")
+	cache, _ := e.slot("shop/cache", "node-a2")
+	debug, debugName := e.slot("default/debug", "node-b2")
 	nodeA1 := env.Topology.Node("node-a1")
 	for _, a := range []netip.Addr{nodeA1.IPv4, nodeA1.IPv6} {
 		e.names[a] = `_kind="node",_workload="node-a1"`
