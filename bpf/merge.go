@@ -92,17 +92,23 @@ func (m *merger) add(flows []flow.Record, k *flowFlowKey, c flow.Counts) []flow.
 	return append(flows, flow.Record{Key: convertKey(k), Counts: c})
 }
 
-// keyHash mixes the key's words, then finishes as MurmurHash3's fmix64
-// so that every input bit reaches the low bits the index masks.
+// keyHash mixes the key's 64-bit words one after the other, then
+// finalizes. Each word's
+// high half is folded onto its low half before the multiplication, which
+// carries bits only upwards: an IPv4 address sits in the high half of its
+// word, and the index masks the result's low bits.
 func keyHash(k *flowFlowKey) uint32 {
 	le := binary.LittleEndian
-	h := le.Uint64(k.Saddr[:8]) * 0x9E3779B97F4A7C15
-	h ^= le.Uint64(k.Saddr[8:]) * 0xC2B2AE3D27D4EB4F
-	h ^= le.Uint64(k.Daddr[:8]) * 0x165667B19E3779F9
-	h ^= le.Uint64(k.Daddr[8:]) * 0x27D4EB2F165667C5
-	h ^= (uint64(k.Port) | uint64(k.Proto)<<16 | uint64(k.Flags)<<24 | uint64(k.OrigPort)<<32) * 0x94D049BB133111EB
-	h ^= (le.Uint64(k.OrigDaddr[:8]) ^ le.Uint64(k.OrigDaddr[8:])) * 0xBF58476D1CE4E5B9
-	h ^= h >> 33
+	var h uint64
+	for _, w := range [...]uint64{
+		le.Uint64(k.Saddr[:8]), le.Uint64(k.Saddr[8:]), le.Uint64(k.Daddr[:8]), le.Uint64(k.Daddr[8:]),
+		uint64(k.Port) | uint64(k.Proto)<<16 | uint64(k.Flags)<<24 | uint64(k.OrigPort)<<32,
+		le.Uint64(k.OrigDaddr[:8]), le.Uint64(k.OrigDaddr[8:]),
+	} {
+		h = (h ^ w ^ w>>32) * 0x9E3779B97F4A7C15
+		h ^= h >> 32
+	}
+	// MurmurHash3's finalizer: the last word's bits reach the low bits too.
 	h *= 0xFF51AFD7ED558CCD
 	h ^= h >> 33
 	return uint32(h)
