@@ -62,12 +62,54 @@ func CgroupV2Mount() (string, error) {
 
 // AttachCgroup attaches the cgroup_skb egress program to the cgroup v2
 // directory at path (normally the root of the hierarchy, so that every
-// socket on the node is seen).
+// socket on the node is seen), and with it the programs that record the
+// destination each socket asks for in connect() and sendmsg() (sock_dsts
+// in flow.c), so that a flow whose destination a socket load balancer
+// rewrote reports the address the application used as its original
+// destination.
+//
+// Those programs must see the destination before a load balancer at the
+// same hook rewrites it, and the kernel runs a hook's programs in a fixed
+// order. For one cgroup, it runs the programs of the socket's own cgroup
+// first, then those of its parent, up to the root (compute_effective_progs
+// in kernel/bpf/cgroup.c); within one cgroup, in the order of the cgroup's
+// list, to which an attach appends unless it says otherwise. Kernels with
+// the mprog interface for cgroup programs (6.16 and later) accept
+// BPF_F_BEFORE at BPF_LINK_CREATE, which without a relative program puts
+// the program at the head of the list: ours run before any program
+// attached to the same cgroup, earlier or later (TestCgroupConnectRecords
+// checks both). Older kernels refuse the flag; the programs are then
+// appended and run before a load balancer only if attached before it, or
+// if it sits in an ancestor of the cgroup at path. On either, a balancer in
+// a descendant cgroup runs first: its rewrite is then not seen, and the
+// flow has no original destination (a connect() the balancer rewrote
+// records the backend, which the packets go to). The programs never refuse
+// or change a connect() or sendmsg().
 func (d *Datapath) AttachCgroup(path string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return errors.New("attaching cgroup: datapath closed")
+	}
+	cg, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("attaching to cgroup %s: %w", path, err)
+	}
+	defer cg.Close()
+	for _, p := range []struct {
+		prog   *ebpf.Program
+		attach ebpf.AttachType
+	}{
+		{d.objs.KznConnect4, ebpf.AttachCGroupInet4Connect},
+		{d.objs.KznConnect6, ebpf.AttachCGroupInet6Connect},
+		{d.objs.KznSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+		{d.objs.KznSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+	} {
+		l, err := attachFirst(cg, path, p.prog, p.attach)
+		if err != nil {
+			return err
+		}
+		d.links = append(d.links, l)
 	}
 	l, err := link.AttachCgroup(link.CgroupOptions{
 		Path:    path,
@@ -79,4 +121,28 @@ func (d *Datapath) AttachCgroup(path string) error {
 	}
 	d.links = append(d.links, l)
 	return nil
+}
+
+// attachFirst attaches prog to the cgroup cg at the head of its hook's
+// program list where the kernel can order cgroup programs, and appended to
+// it where it cannot (see AttachCgroup).
+func attachFirst(cg *os.File, path string, prog *ebpf.Program, attach ebpf.AttachType) (link.Link, error) {
+	l, err := link.AttachRawLink(link.RawLinkOptions{
+		Target:  int(cg.Fd()),
+		Program: prog,
+		Attach:  attach,
+		Flags:   unix.BPF_F_BEFORE,
+	})
+	if err == nil {
+		return l, nil
+	}
+	if !errors.Is(err, unix.EINVAL) {
+		return nil, fmt.Errorf("attaching %s to %s: %w", attach, path, err)
+	}
+	// A kernel without ordering for cgroup programs refuses the flag.
+	l2, err := link.AttachCgroup(link.CgroupOptions{Path: path, Attach: attach, Program: prog})
+	if err != nil {
+		return nil, fmt.Errorf("attaching %s to %s: %w", attach, path, err)
+	}
+	return l2, nil
 }

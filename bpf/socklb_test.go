@@ -1,0 +1,205 @@
+//go:build linux
+
+package bpf
+
+import (
+	"context"
+	"encoding/binary"
+	"net/netip"
+	"os"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/testnet"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
+)
+
+// Offsets in struct bpf_sock_addr (include/uapi/linux/bpf.h), the context
+// of the socket load balancer below.
+const (
+	sockAddrUserIP4  = 4
+	sockAddrUserIP6  = 8
+	sockAddrUserPort = 24
+)
+
+// sockAddrWords are an address as the words of bpf_sock_addr's user_ip4
+// or user_ip6: the address bytes in network order, loaded little-endian.
+func sockAddrWords(a netip.Addr) []int32 {
+	b := a.AsSlice()
+	w := make([]int32, len(b)/4)
+	for i := range w {
+		w[i] = int32(binary.LittleEndian.Uint32(b[4*i:]))
+	}
+	return w
+}
+
+// sockAddrPort is a port as bpf_sock_addr's user_port word.
+func sockAddrPort(p uint16) int32 { return int32(p>>8 | (p&0xff)<<8) }
+
+// socketLB loads a cgroup/connect4 or connect6 program (by the family of
+// vip) that does what a socket load balancer does (Cilium's kube-proxy
+// replacement): a connect() to vip is rewritten to backend, anything else
+// is left alone, and the connect() always proceeds.
+func socketLB(t *testing.T, vip, backend netip.AddrPort) (*ebpf.Program, ebpf.AttachType) {
+	t.Helper()
+	attach, addrOff := ebpf.AttachCGroupInet4Connect, int16(sockAddrUserIP4)
+	if vip.Addr().Is6() {
+		attach, addrOff = ebpf.AttachCGroupInet6Connect, sockAddrUserIP6
+	}
+	var insns asm.Instructions
+	for i, w := range sockAddrWords(vip.Addr()) {
+		insns = append(insns,
+			asm.LoadMem(asm.R2, asm.R1, addrOff+int16(4*i), asm.Word),
+			asm.JNE.Imm32(asm.R2, w, "out"))
+	}
+	insns = append(insns,
+		asm.LoadMem(asm.R2, asm.R1, sockAddrUserPort, asm.Word),
+		asm.JNE.Imm32(asm.R2, sockAddrPort(vip.Port()), "out"))
+	for i, w := range sockAddrWords(backend.Addr()) {
+		insns = append(insns,
+			asm.Mov.Imm32(asm.R2, w),
+			asm.StoreMem(asm.R1, addrOff+int16(4*i), asm.R2, asm.Word))
+	}
+	insns = append(insns,
+		asm.Mov.Imm32(asm.R2, sockAddrPort(backend.Port())),
+		asm.StoreMem(asm.R1, sockAddrUserPort, asm.R2, asm.Word),
+		asm.Mov.Imm(asm.R0, 1).WithSymbol("out"),
+		asm.Return())
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name:         "kzn_test_socklb",
+		Type:         ebpf.CGroupSockAddr,
+		AttachType:   attach,
+		Instructions: insns,
+		License:      "MIT",
+	})
+	if err != nil {
+		t.Fatalf("loading the test socket load balancer: %v", err)
+	}
+	t.Cleanup(func() { prog.Close() })
+	return prog, attach
+}
+
+// attachSocketLB attaches the socket load balancer of vip to the cgroup at
+// dir, appended to the hook's programs (link.AttachCgroup has no order).
+func attachSocketLB(t *testing.T, dir string, vip, backend netip.AddrPort) {
+	t.Helper()
+	prog, attach := socketLB(t, vip, backend)
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: dir, Attach: attach, Program: prog})
+	if err != nil {
+		t.Fatalf("attaching the test socket load balancer: %v", err)
+	}
+	t.Cleanup(func() { l.Close() })
+}
+
+// TestCgroupConnectRecords runs TCP clients in a cgroup where a socket
+// load balancer rewrites a Service's virtual IP and port to a backend in
+// connect(), as Cilium's kube-proxy replacement does, so no packet ever
+// carries the virtual IP: the flow goes to the backend and reports the
+// virtual IP and port as its original destination. A connection straight
+// to the backend, which nothing rewrote, has none. IPv4 and IPv6; the
+// balancer attached after the agent's programs, as the agent documents,
+// and before them, which BPF_F_BEFORE orders after ours all the same.
+// Each flow's bytes and packets equal an nftables counter of the client's
+// TCP egress.
+func TestCgroupConnectRecords(t *testing.T) {
+	testutil.RequireRoot(t)
+	root, err := CgroupV2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	topo := twoNodes(t, false)
+	a1, b1 := topo.Pod("a1"), topo.Pod("b1")
+	ref, err := testnet.InstallCounterMatch(context.Background(), a1.NS, 0, []netip.Prefix{
+		netip.PrefixFrom(a1.IPv4, 32), netip.PrefixFrom(a1.IPv6, 128),
+	}, "meta l4proto tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	ap := netip.AddrPortFrom
+	const payload = 256 << 10
+	tests := []struct {
+		name     string
+		vip      netip.AddrPort // what the balancer rewrites
+		backend  netip.AddrPort // to what, where the listener is
+		dial     netip.AddrPort // what the client connects to
+		lbBefore bool           // the balancer is attached before the datapath
+		want     flow.Key
+	}{
+		{
+			name: "tcp4 to the virtual IP", vip: ap(vip4, 80), backend: ap(b1.IPv4, 8080), dial: ap(vip4, 80),
+			want: flow.Key{Src: a1.IPv4, Dst: b1.IPv4, Proto: 6, Port: 8080, PortIsDst: true, OrigDst: ap(vip4, 80)},
+		},
+		{
+			name: "tcp4 to the backend", vip: ap(vip4, 80), backend: ap(b1.IPv4, 8080), dial: ap(b1.IPv4, 8080),
+			want: flow.Key{Src: a1.IPv4, Dst: b1.IPv4, Proto: 6, Port: 8080, PortIsDst: true},
+		},
+		{
+			name: "tcp6 to the virtual IP", vip: ap(vip6, 80), backend: ap(b1.IPv6, 8080), dial: ap(vip6, 80),
+			want: flow.Key{Src: a1.IPv6, Dst: b1.IPv6, Proto: 6, Port: 8080, PortIsDst: true, OrigDst: ap(vip6, 80)},
+		},
+		{
+			name: "tcp6 to the backend", vip: ap(vip6, 80), backend: ap(b1.IPv6, 8080), dial: ap(b1.IPv6, 8080),
+			want: flow.Key{Src: a1.IPv6, Dst: b1.IPv6, Proto: 6, Port: 8080, PortIsDst: true},
+		},
+		{
+			name: "tcp4 to the virtual IP, balancer attached first", vip: ap(vip4, 80), backend: ap(b1.IPv4, 8080), dial: ap(vip4, 80),
+			lbBefore: true,
+			want:     flow.Key{Src: a1.IPv4, Dst: b1.IPv4, Proto: 6, Port: 8080, PortIsDst: true, OrigDst: ap(vip4, 80)},
+		},
+		{
+			name: "tcp6 to the virtual IP, balancer attached first", vip: ap(vip6, 80), backend: ap(b1.IPv6, 8080), dial: ap(vip6, 80),
+			lbBefore: true,
+			want:     flow.Key{Src: a1.IPv6, Dst: b1.IPv6, Proto: 6, Port: 8080, PortIsDst: true, OrigDst: ap(vip6, 80)},
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			dir, err := os.MkdirTemp(root, "kzn-test-")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.Remove(dir) })
+			if tc.lbBefore {
+				attachSocketLB(t, dir, tc.vip, tc.backend)
+			}
+			d := loadLocal(t, Config{}, a1.Node.PodCIDRs[0].String(), a1.Node.PodCIDRs[1].String())
+			if err := d.AttachCgroup(dir); err != nil {
+				t.Fatal(err)
+			}
+			if !tc.lbBefore {
+				attachSocketLB(t, dir, tc.vip, tc.backend)
+			}
+			before, err := ref.Read(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The backend's socket is made in the cgroup too (the
+			// listener is opened by sendTCPVia); its replies are
+			// b1's, not local to a1's node, and not counted.
+			inCgroup(t, root, dir, func() {
+				sendTCPVia(t, a1.NS, b1.NS, tc.dial, tc.backend, payload)
+			})
+			after, err := ref.Read(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := flow.Record{Key: tc.want, Counts: flow.Counts{
+				Bytes: after.Bytes - before.Bytes, Packets: after.Packets - before.Packets,
+			}}
+			dr := drain(t, d)
+			if len(dr.Flows) != 1 || dr.Flows[0] != want {
+				t.Errorf("flows %+v, want %+v", dr.Flows, want)
+			}
+			for i, c := range dr.Uncounted {
+				if Reason(i) != ReasonNotLocal && !c.IsZero() {
+					t.Errorf("uncounted %s: %+v", Reason(i), c)
+				}
+			}
+		})
+	}
+}
