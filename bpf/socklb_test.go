@@ -3,11 +3,15 @@
 package bpf
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
+	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -40,15 +44,15 @@ func sockAddrWords(a netip.Addr) []int32 {
 // sockAddrPort is a port as bpf_sock_addr's user_port word.
 func sockAddrPort(p uint16) int32 { return int32(p>>8 | (p&0xff)<<8) }
 
-// socketLB loads a cgroup/connect4 or connect6 program (by the family of
-// vip) that does what a socket load balancer does (Cilium's kube-proxy
-// replacement): a connect() to vip is rewritten to backend, anything else
-// is left alone, and the connect() always proceeds.
-func socketLB(t *testing.T, vip, backend netip.AddrPort) (*ebpf.Program, ebpf.AttachType) {
+// socketLB loads a cgroup/connect or cgroup/sendmsg program (attach, of
+// vip's family) that does what a socket load balancer does (Cilium's
+// kube-proxy replacement): a connect() or sendmsg() to vip is rewritten
+// to backend, anything else is left alone, and the call always proceeds.
+func socketLB(t *testing.T, attach ebpf.AttachType, vip, backend netip.AddrPort) *ebpf.Program {
 	t.Helper()
-	attach, addrOff := ebpf.AttachCGroupInet4Connect, int16(sockAddrUserIP4)
+	addrOff := int16(sockAddrUserIP4)
 	if vip.Addr().Is6() {
-		attach, addrOff = ebpf.AttachCGroupInet6Connect, sockAddrUserIP6
+		addrOff = sockAddrUserIP6
 	}
 	var insns asm.Instructions
 	for i, w := range sockAddrWords(vip.Addr()) {
@@ -80,14 +84,15 @@ func socketLB(t *testing.T, vip, backend netip.AddrPort) (*ebpf.Program, ebpf.At
 		t.Fatalf("loading the test socket load balancer: %v", err)
 	}
 	t.Cleanup(func() { prog.Close() })
-	return prog, attach
+	return prog
 }
 
-// attachSocketLB attaches the socket load balancer of vip to the cgroup at
-// dir, appended to the hook's programs (link.AttachCgroup has no order).
-func attachSocketLB(t *testing.T, dir string, vip, backend netip.AddrPort) {
+// attachSocketLB attaches the socket load balancer of vip at the hook
+// attach of the cgroup at dir, appended to the hook's programs
+// (link.AttachCgroup has no order).
+func attachSocketLB(t *testing.T, dir string, attach ebpf.AttachType, vip, backend netip.AddrPort) {
 	t.Helper()
-	prog, attach := socketLB(t, vip, backend)
+	prog := socketLB(t, attach, vip, backend)
 	l, err := link.AttachCgroup(link.CgroupOptions{Path: dir, Attach: attach, Program: prog})
 	if err != nil {
 		t.Fatalf("attaching the test socket load balancer: %v", err)
@@ -164,15 +169,19 @@ func TestCgroupConnectRecords(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { os.Remove(dir) })
+			attach := ebpf.AttachCGroupInet4Connect
+			if tc.vip.Addr().Is6() {
+				attach = ebpf.AttachCGroupInet6Connect
+			}
 			if tc.lbBefore {
-				attachSocketLB(t, dir, tc.vip, tc.backend)
+				attachSocketLB(t, dir, attach, tc.vip, tc.backend)
 			}
 			d := loadLocal(t, Config{}, a1.Node.PodCIDRs[0].String(), a1.Node.PodCIDRs[1].String())
 			if err := d.AttachCgroup(dir); err != nil {
 				t.Fatal(err)
 			}
 			if !tc.lbBefore {
-				attachSocketLB(t, dir, tc.vip, tc.backend)
+				attachSocketLB(t, dir, attach, tc.vip, tc.backend)
 			}
 			before, err := ref.Read(context.Background())
 			if err != nil {
@@ -199,6 +208,91 @@ func TestCgroupConnectRecords(t *testing.T) {
 				if Reason(i) != ReasonNotLocal && !c.IsZero() {
 					t.Errorf("uncounted %s: %+v", Reason(i), c)
 				}
+			}
+		})
+	}
+}
+
+// TestCgroupSendmsgRecords: an unconnected UDP socket sends datagrams to a
+// Service's virtual IP, which a socket load balancer rewrites per
+// datagram in sendmsg(), and datagrams straight to the backend: the first
+// are a flow to the backend with the virtual IP as original destination,
+// the second one without, each with exactly the datagrams sent. IPv4 and
+// IPv6.
+func TestCgroupSendmsgRecords(t *testing.T) {
+	testutil.RequireRoot(t)
+	root, err := CgroupV2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	topo := twoNodes(t, false)
+	a1, b1 := topo.Pod("a1"), topo.Pod("b1")
+	ap := netip.AddrPortFrom
+	for _, tc := range []struct {
+		name         string
+		vip, backend netip.AddrPort
+		src          netip.Addr
+		network      string
+		attach       ebpf.AttachType
+		hdr          uint64 // IP and UDP header bytes
+	}{
+		{"udp4", ap(vip4, 53), ap(b1.IPv4, 5353), a1.IPv4, "udp4", ebpf.AttachCGroupUDP4Sendmsg, 28},
+		{"udp6", ap(vip6, 53), ap(b1.IPv6, 5353), a1.IPv6, "udp6", ebpf.AttachCGroupUDP6Sendmsg, 48},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir, err := os.MkdirTemp(root, "kzn-test-")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.Remove(dir) })
+			d := loadLocal(t, Config{}, a1.Node.PodCIDRs[0].String(), a1.Node.PodCIDRs[1].String())
+			if err := d.AttachCgroup(dir); err != nil {
+				t.Fatal(err)
+			}
+			attachSocketLB(t, dir, tc.attach, tc.vip, tc.backend)
+			rx, err := testnet.ListenPacket(b1.NS, tc.network, tc.backend.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer rx.Close()
+			var tx net.PacketConn
+			inCgroup(t, root, dir, func() {
+				tx, err = testnet.ListenPacket(a1.NS, tc.network, ap(tc.src, 0).String())
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer tx.Close()
+			const viaVIP, direct, size = 12, 5, 600
+			buf := make([]byte, size)
+			for i := range viaVIP + direct {
+				to := tc.vip
+				if i%3 == 2 && i/3 < direct {
+					to = tc.backend
+				}
+				if _, err := tx.WriteTo(buf, net.UDPAddrFromAddrPort(to)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// A datagram read at the backend has gone through a1's
+			// egress: read them all.
+			rx.SetReadDeadline(time.Now().Add(10 * time.Second))
+			for i := range viaVIP + direct {
+				if _, _, err := rx.ReadFrom(buf); err != nil {
+					t.Fatalf("datagram %d of %d at the backend: %v", i+1, viaVIP+direct, err)
+				}
+			}
+			key := flow.Key{Src: tc.src, Dst: tc.backend.Addr(), Proto: 17, Port: 5353, PortIsDst: true}
+			withOrig := key
+			withOrig.OrigDst = tc.vip
+			want := []flow.Record{
+				{Key: key, Counts: flow.Counts{Bytes: direct * (size + tc.hdr), Packets: direct}},
+				{Key: withOrig, Counts: flow.Counts{Bytes: viaVIP * (size + tc.hdr), Packets: viaVIP}},
+			}
+			got := drain(t, d).Flows
+			slices.SortFunc(got, func(a, b flow.Record) int { return cmp.Compare(a.Packets, b.Packets) })
+			if !slices.Equal(got, want) {
+				t.Errorf("flows %+v, want %+v", got, want)
 			}
 		})
 	}
