@@ -74,17 +74,19 @@ func CgroupV2Mount() (string, error) {
 // first, then those of its parent, up to the root (compute_effective_progs
 // in kernel/bpf/cgroup.c); within one cgroup, in the order of the cgroup's
 // list, to which an attach appends unless it says otherwise. Kernels with
-// the mprog interface for cgroup programs (6.16 and later) accept
-// BPF_F_BEFORE at BPF_LINK_CREATE, which without a relative program puts
-// the program at the head of the list: ours run before any program
-// attached to the same cgroup, earlier or later (TestCgroupConnectRecords
-// checks both). Older kernels refuse the flag; the programs are then
-// appended and run before a load balancer only if attached before it, or
-// if it sits in an ancestor of the cgroup at path. On either, a balancer in
-// a descendant cgroup runs first: its rewrite is then not seen, and the
-// flow has no original destination (a connect() the balancer rewrote
-// records the backend, which the packets go to). The programs never refuse
-// or change a connect() or sendmsg().
+// the mprog interface for cgroup programs (Linux 6.17 and later,
+// torvalds/linux 120933984460) accept BPF_F_BEFORE at BPF_LINK_CREATE,
+// which without a relative program puts the program at the head of the
+// list: ours run before any program attached to the same cgroup, earlier
+// or later (TestCgroupConnectRecords checks both, and fails the earlier
+// case without the flag). Older kernels refuse the flag; the programs are
+// then appended and run before a load balancer only if attached before
+// it, or if it sits in an ancestor of the cgroup at path. On either, a
+// balancer in a descendant cgroup runs first, and so may one attached with
+// BPF_F_PREORDER (which runs ahead of descendants' programs; not tested
+// here): its rewrite is then not seen, and the flow has no original
+// destination (our program records the backend, which the packets go
+// to). The programs never refuse or change a connect() or sendmsg().
 func (d *Datapath) AttachCgroup(path string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

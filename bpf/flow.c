@@ -91,9 +91,10 @@ enum flow_flag {
 	/* The packets are IP fragments: no L4 header, port is 0. */
 	FLOW_F_FRAGMENT = 4,
 	/* The connection was destination-NATed and the packets go in its
-	 * original direction: orig_daddr and orig_port hold the destination
-	 * the client addressed (a Service's virtual IP and port under
-	 * kube-proxy). Otherwise both are zero. */
+	 * original direction (netfilter), or a socket load balancer rewrote
+	 * the socket's destination (cgroup_skb, see sock_dsts): orig_daddr
+	 * and orig_port hold the destination the client addressed (a
+	 * Service's virtual IP and port). Otherwise both are zero. */
 	FLOW_F_ORIG_DST = 8,
 };
 
