@@ -1085,7 +1085,10 @@ int kzn_connect6(struct bpf_sock_addr *ctx)
 /* Unconnected UDP: the destination of each datagram. The datagram leaves
  * through the egress hook within the same sendmsg() call, after this
  * program, so the record it finds is its own; two threads sending on one
- * socket at once may see each other's. */
+ * socket at once may see each other's. The kernel runs these programs only
+ * for a sendmsg() with an address: a connected UDP socket that also sends
+ * to other addresses keeps the last of them as its record, and its
+ * datagrams to the connected destination may report that one. */
 SEC("cgroup/sendmsg4")
 int kzn_sendmsg4(struct bpf_sock_addr *ctx)
 {
