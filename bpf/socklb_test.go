@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -293,6 +294,75 @@ func TestCgroupSendmsgRecords(t *testing.T) {
 			slices.SortFunc(got, func(a, b flow.Record) int { return cmp.Compare(a.Packets, b.Packets) })
 			if !slices.Equal(got, want) {
 				t.Errorf("flows %+v, want %+v", got, want)
+			}
+		})
+	}
+}
+
+// TestCgroupConnectHierarchy checks the order AttachCgroup documents
+// across cgroups: the kernel runs the programs of a socket's own cgroup
+// before those of its ancestors, whatever BPF_F_BEFORE says. A balancer
+// in an ancestor of the agent's cgroup runs after the agent's programs,
+// and the flow reports the virtual IP; one in a descendant runs first,
+// and the flow, to the same backend, reports none.
+func TestCgroupConnectHierarchy(t *testing.T) {
+	testutil.RequireRoot(t)
+	root, err := CgroupV2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	topo := twoNodes(t, false)
+	a1, b1 := topo.Pod("a1"), topo.Pod("b1")
+	vip, backend := netip.AddrPortFrom(vip4, 80), netip.AddrPortFrom(b1.IPv4, 8080)
+	ref, err := testnet.InstallCounterMatch(context.Background(), a1.NS, 0, []netip.Prefix{netip.PrefixFrom(a1.IPv4, 32)}, "meta l4proto tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name        string
+		lbInChild   bool
+		wantOrigDst netip.AddrPort
+	}{
+		{"balancer in the parent", false, vip},
+		{"balancer in the child", true, netip.AddrPort{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			parent, err := os.MkdirTemp(root, "kzn-test-")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.Remove(parent) })
+			child := filepath.Join(parent, "child")
+			if err := os.Mkdir(child, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.Remove(child) })
+			lbDir, ourDir := parent, child
+			if tc.lbInChild {
+				lbDir, ourDir = child, parent
+			}
+			attachSocketLB(t, lbDir, ebpf.AttachCGroupInet4Connect, vip, backend)
+			d := loadLocal(t, Config{}, a1.Node.PodCIDRs[0].String())
+			if err := d.AttachCgroup(ourDir); err != nil {
+				t.Fatal(err)
+			}
+			before, err := ref.Read(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			inCgroup(t, root, child, func() {
+				sendTCPVia(t, a1.NS, b1.NS, vip, backend, 128<<10)
+			})
+			after, err := ref.Read(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := flow.Record{
+				Key:    flow.Key{Src: a1.IPv4, Dst: b1.IPv4, Proto: 6, Port: 8080, PortIsDst: true, OrigDst: tc.wantOrigDst},
+				Counts: flow.Counts{Bytes: after.Bytes - before.Bytes, Packets: after.Packets - before.Packets},
+			}
+			if dr := drain(t, d); len(dr.Flows) != 1 || dr.Flows[0] != want {
+				t.Errorf("flows %+v, want %+v", dr.Flows, want)
 			}
 		})
 	}
