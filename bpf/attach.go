@@ -87,17 +87,33 @@ func CgroupV2Mount() (string, error) {
 // here): its rewrite is then not seen, and the flow has no original
 // destination (our program records the backend, which the packets go
 // to). The programs never refuse or change a connect() or sendmsg().
+//
+// A hook that holds a program attached without BPF_F_ALLOW_MULTI (Cilium
+// before 1.14 attached its socket programs so) refuses ours: AttachCgroup
+// then still attaches the rest and counts every flow, and returns an error
+// that wraps ErrSocketHookTaken, which the caller may take as a warning.
 func (d *Datapath) AttachCgroup(path string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return errors.New("attaching cgroup: datapath closed")
 	}
+	// Counting first: the socket programs only add original destinations.
+	l, err := link.AttachCgroup(link.CgroupOptions{
+		Path:    path,
+		Attach:  ebpf.AttachCGroupInetEgress,
+		Program: d.objs.KznCgroupEgress,
+	})
+	if err != nil {
+		return fmt.Errorf("attaching cgroup_skb egress to %s: %w", path, err)
+	}
+	d.links = append(d.links, l)
 	cg, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("attaching to cgroup %s: %w", path, err)
 	}
 	defer cg.Close()
+	var taken []error
 	for _, p := range []struct {
 		prog   *ebpf.Program
 		attach ebpf.AttachType
@@ -108,21 +124,16 @@ func (d *Datapath) AttachCgroup(path string) error {
 		{d.objs.KznSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
 	} {
 		l, err := attachFirst(cg, path, p.prog, p.attach)
+		if errors.Is(err, unix.EPERM) {
+			taken = append(taken, fmt.Errorf("%w: %w", ErrSocketHookTaken, err))
+			continue
+		}
 		if err != nil {
 			return err
 		}
 		d.links = append(d.links, l)
 	}
-	l, err := link.AttachCgroup(link.CgroupOptions{
-		Path:    path,
-		Attach:  ebpf.AttachCGroupInetEgress,
-		Program: d.objs.KznCgroupEgress,
-	})
-	if err != nil {
-		return fmt.Errorf("attaching cgroup_skb egress to %s: %w", path, err)
-	}
-	d.links = append(d.links, l)
-	return nil
+	return errors.Join(taken...)
 }
 
 // attachFirst attaches prog to the cgroup cg at the head of its hook's

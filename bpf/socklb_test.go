@@ -6,6 +6,7 @@ import (
 	"cmp"
 	"context"
 	"encoding/binary"
+	"errors"
 	"net"
 	"net/netip"
 	"os"
@@ -365,5 +366,53 @@ func TestCgroupConnectHierarchy(t *testing.T) {
 				t.Errorf("flows %+v, want %+v", dr.Flows, want)
 			}
 		})
+	}
+}
+
+// TestCgroupSocketHookTaken: a connect4 hook that holds a program attached
+// without BPF_F_ALLOW_MULTI (as Cilium before 1.14 attached its own)
+// refuses ours. AttachCgroup says so with ErrSocketHookTaken, and the
+// datapath still counts the flows, without an original destination.
+func TestCgroupSocketHookTaken(t *testing.T) {
+	testutil.RequireRoot(t)
+	root, err := CgroupV2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp(root, "kzn-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(dir) })
+	topo := twoNodes(t, false)
+	a1, b1 := topo.Pod("a1"), topo.Pod("b1")
+	vip, backend := netip.AddrPortFrom(vip4, 80), netip.AddrPortFrom(b1.IPv4, 8080)
+	prog := socketLB(t, ebpf.AttachCGroupInet4Connect, vip, backend)
+	cg, err := os.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cg.Close() })
+	if err := link.RawAttachProgram(link.RawAttachProgramOptions{Target: int(cg.Fd()), Program: prog, Attach: ebpf.AttachCGroupInet4Connect}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := link.RawDetachProgram(link.RawDetachProgramOptions{Target: int(cg.Fd()), Program: prog, Attach: ebpf.AttachCGroupInet4Connect}); err != nil {
+			t.Errorf("detaching the test socket load balancer: %v", err)
+		}
+	})
+	d := loadLocal(t, Config{}, a1.Node.PodCIDRs[0].String())
+	err = d.AttachCgroup(dir)
+	if !errors.Is(err, ErrSocketHookTaken) {
+		t.Fatalf("AttachCgroup: %v, want ErrSocketHookTaken", err)
+	}
+	t.Log(err)
+	inCgroup(t, root, dir, func() {
+		sendTCPVia(t, a1.NS, b1.NS, vip, backend, 64<<10)
+	})
+	dr := drain(t, d)
+	want := flow.Key{Src: a1.IPv4, Dst: b1.IPv4, Proto: 6, Port: 8080, PortIsDst: true}
+	if len(dr.Flows) != 1 || dr.Flows[0].Key != want || dr.Flows[0].Bytes < 64<<10 {
+		t.Errorf("flows %+v, want one %+v of at least the payload", dr.Flows, want)
 	}
 }
