@@ -70,10 +70,11 @@ func CgroupV2Mount() (string, error) {
 //
 // Those programs must see the destination before a load balancer at the
 // same hook rewrites it, and the kernel runs a hook's programs in a fixed
-// order. For one cgroup, it runs the programs of the socket's own cgroup
+// order. For one socket, it runs the programs of the socket's own cgroup
 // first, then those of its parent, up to the root (compute_effective_progs
-// in kernel/bpf/cgroup.c; TestCgroupConnectHierarchy); within one cgroup, in the order of the cgroup's
-// list, to which an attach appends unless it says otherwise. Kernels with
+// in kernel/bpf/cgroup.c; TestCgroupConnectHierarchy); within one cgroup,
+// in the order of the cgroup's list, to which an attach appends unless it
+// says otherwise. Kernels with
 // the mprog interface for cgroup programs (Linux 6.17 and later,
 // torvalds/linux 120933984460) accept BPF_F_BEFORE at BPF_LINK_CREATE,
 // which without a relative program puts the program at the head of the
