@@ -215,9 +215,11 @@ volatile const __u32 bench_new_flows = 0;
 __u32 bench_seq;
 
 /* Benchmarks only: when set at load time, the netfilter program does not
- * read the packet's conntrack entry, so no flow has an original
+ * read the packet's conntrack entry and the cgroup_skb program does not
+ * look up its socket's recorded destination, so no flow has an original
  * destination: the same program with and without the read, compared in one
- * run (BenchmarkNetfilterConntrack). 0 in the agent. */
+ * run (BenchmarkNetfilterConntrack, BenchmarkCgroupSockLookup). 0 in the
+ * agent. */
 volatile const __u32 bench_no_conntrack = 0;
 
 #define TABLE_PROBES 8
@@ -792,7 +794,7 @@ static __always_inline int sock_orig_dst(struct __sk_buff *skb, struct flow_key 
 
 	o[0] = 0;
 	o[1] = 0;
-	if (!sk)
+	if (bench_no_conntrack || !sk)
 		return -1;
 	d = bpf_sk_storage_get(&sock_dsts, sk, 0, 0);
 	if (!d)
