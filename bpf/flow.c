@@ -781,8 +781,8 @@ static __always_inline int orig_dst(struct sk_buff *skb, struct flow_key *key, i
  * rewrote it: the socket has a recorded destination (sock_dsts) and it
  * differs from the packet's, in address or port. A packet to the
  * destination asked for, one without a full socket (the helper checks) and
- * one of a socket nothing recorded (accepted connections, sockets made
- * before the agent attached) have none: it returns -1 and leaves
+ * one of a socket nothing recorded (accepted connections, sockets that
+ * connected before the agent attached) have none: it returns -1 and leaves
  * orig_daddr zero. One helper call, no insert.
  */
 static __always_inline int sock_orig_dst(struct __sk_buff *skb, struct flow_key *key, int ipv6,
