@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"log/slog"
@@ -56,6 +57,11 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			}
 		}
 		err = dp.AttachCgroup(path)
+		if errors.Is(err, bpf.ErrSocketHookTaken) {
+			// Counting works; only Service attribution is missing.
+			log.Warn("attaching the cgroup socket programs", "err", err)
+			err = nil
+		}
 	}
 	if err != nil {
 		dp.Close()

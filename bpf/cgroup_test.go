@@ -173,7 +173,8 @@ func TestCgroupEgressMatchesNftables(t *testing.T) {
 // TestCgroupEgressKeepsServiceAddress: the cgroup_skb program runs at the
 // sending socket, before the node's netfilter hooks where kube-proxy's
 // DNAT happens, so a datagram to a Service is counted to the virtual IP
-// itself, with no original destination (the backend is not known there).
+// itself, with no original destination (the backend is not known there,
+// and the destination the socket connected to is the packet's).
 func TestCgroupEgressKeepsServiceAddress(t *testing.T) {
 	testutil.RequireRoot(t)
 	root, err := CgroupV2Mount()

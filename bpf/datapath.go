@@ -18,6 +18,13 @@ import (
 // map type the datapath needs. Callers test it with errors.Is.
 var ErrNotSupported = errors.New("not supported by this kernel")
 
+// ErrSocketHookTaken is wrapped by AttachCgroup's error when a cgroup
+// socket hook holds a program that admits no other (attached without
+// BPF_F_ALLOW_MULTI): the datapath counts every flow, but flows whose
+// destination a socket load balancer rewrote at that hook carry no
+// original destination.
+var ErrSocketHookTaken = errors.New("a cgroup socket hook admits no other program: no original destinations from socket load balancing")
+
 // ErrPermission is returned when the process may not load BPF programs.
 var ErrPermission = errors.New("loading eBPF needs root or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON")
 

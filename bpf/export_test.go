@@ -39,15 +39,16 @@ func loadObjectFile(cfg Config, path string) (*Datapath, error) {
 	return load(cfg, func() (*ebpf.CollectionSpec, error) { return ebpf.LoadCollectionSpec(path) })
 }
 
-// loadNoConntrackProgram loads a second copy of the netfilter program, its
-// conntrack read switched off (bench_no_conntrack, a load-time constant
-// that is 0 in the program the agent loads, so no flow gets an original
+// loadNoConntrackProgram loads a second copy of the program name
+// (kzn_netfilter or kzn_cgroup_egress), its read of an original
+// destination switched off (bench_no_conntrack, a load-time constant that
+// is 0 in the programs the agent loads, so no flow gets an original
 // destination), that counts into d's maps. The two programs then differ in
 // their code only, not in where their flow table, in-flight lines and
 // prefixes lie in memory: on real packets, separately loaded datapaths
 // differ by more than the read costs, the first loaded the faster whatever
 // its code (BenchmarkNetfilterConntrack, BENCHMARKS.md).
-func (d *Datapath) loadNoConntrackProgram() (*ebpf.Program, error) {
+func (d *Datapath) loadNoConntrackProgram(name string) (*ebpf.Program, error) {
 	spec, err := loadFlow()
 	if err != nil {
 		return nil, err
@@ -62,7 +63,7 @@ func (d *Datapath) loadNoConntrackProgram() (*ebpf.Program, error) {
 	shared := map[string]*ebpf.Map{
 		"counters": d.objs.Counters, "flow_maps": d.objs.FlowMaps, "flow_orig": d.objs.FlowOrig,
 		"flow_table": d.objs.FlowTable, "flows_0": d.objs.Flows0, "flows_1": d.objs.Flows1,
-		bssSection: d.objs.Bss,
+		"sock_dsts": d.objs.SockDsts, bssSection: d.objs.Bss,
 	}
 	for name, m := range shared {
 		ms, ok := spec.Maps[name]
@@ -71,11 +72,15 @@ func (d *Datapath) loadNoConntrackProgram() (*ebpf.Program, error) {
 		}
 		ms.MaxEntries = m.MaxEntries()
 	}
-	var objs struct {
-		Prog *ebpf.Program `ebpf:"kzn_netfilter"`
+	ps, ok := spec.Programs[name]
+	if !ok {
+		return nil, fmt.Errorf("no program %s in the datapath spec", name)
 	}
-	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: shared}); err != nil {
-		return nil, fmt.Errorf("loading the program without the conntrack read: %w", err)
+	spec.Programs = map[string]*ebpf.ProgramSpec{name: ps}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: shared})
+	if err != nil {
+		return nil, fmt.Errorf("loading %s without the original destination read: %w", name, err)
 	}
-	return objs.Prog, nil
+	defer coll.Close()
+	return coll.DetachProgram(name), nil
 }

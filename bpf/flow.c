@@ -20,7 +20,9 @@
  *     address is seen. It sees forwarded pod traffic and host traffic.
  *   - kzn_cgroup_egress: cgroup_skb/egress on the cgroup v2 root, for
  *     dataplanes that bypass netfilter (Cilium eBPF host routing). It sees
- *     every socket's egress once, at the sender.
+ *     every socket's egress once, at the sender. With it, kzn_connect4|6
+ *     and kzn_sendmsg4|6 record the destination each socket asked for,
+ *     ahead of a socket load balancer that rewrites it (see sock_dsts).
  *
  * Lossless drain: flows are counted in one of two generations, each a flow
  * table region per CPU (see flow_table) backed by a per-CPU hash map for
@@ -89,9 +91,10 @@ enum flow_flag {
 	/* The packets are IP fragments: no L4 header, port is 0. */
 	FLOW_F_FRAGMENT = 4,
 	/* The connection was destination-NATed and the packets go in its
-	 * original direction: orig_daddr and orig_port hold the destination
-	 * the client addressed (a Service's virtual IP and port under
-	 * kube-proxy). Otherwise both are zero. */
+	 * original direction (netfilter), or a socket load balancer rewrote
+	 * the socket's destination (cgroup_skb, see sock_dsts): orig_daddr
+	 * and orig_port hold the destination the client addressed (a
+	 * Service's virtual IP and port). Otherwise both are zero. */
 	FLOW_F_ORIG_DST = 8,
 };
 
@@ -100,11 +103,12 @@ enum flow_flag {
  * ephemeral port is left out on purpose so that a client opening many
  * connections to one service is one flow, not thousands.
  *
- * Only the netfilter program fills orig_daddr and orig_port, from the
- * packet's conntrack entry. The cgroup_skb program keeps them zero: it runs
- * at the sending socket, before the netfilter hooks where kube-proxy's DNAT
- * happens, so it sees the virtual IP as the destination itself and no
- * backend. */
+ * The netfilter program fills orig_daddr and orig_port from the packet's
+ * conntrack entry. The cgroup_skb program fills them from the destination
+ * the sending socket asked for in connect() or sendmsg() when a socket load
+ * balancer rewrote it (see sock_dsts); it runs before the netfilter hooks
+ * where kube-proxy's DNAT happens, so under kube-proxy it sees the virtual
+ * IP as the destination itself and no backend, and reports none. */
 struct flow_key {
 	__u8 saddr[16];
 	__u8 daddr[16];
@@ -211,9 +215,11 @@ volatile const __u32 bench_new_flows = 0;
 __u32 bench_seq;
 
 /* Benchmarks only: when set at load time, the netfilter program does not
- * read the packet's conntrack entry, so no flow has an original
+ * read the packet's conntrack entry and the cgroup_skb program does not
+ * look up its socket's recorded destination, so no flow has an original
  * destination: the same program with and without the read, compared in one
- * run (BenchmarkNetfilterConntrack). 0 in the agent. */
+ * run (BenchmarkNetfilterConntrack, BenchmarkCgroupSockLookup). 0 in the
+ * agent. */
 volatile const __u32 bench_no_conntrack = 0;
 
 #define TABLE_PROBES 8
@@ -316,6 +322,34 @@ struct {
 	__type(value, struct flow_stats);
 	__uint(max_entries, COUNTER_MAX);
 } counters SEC(".maps");
+
+/* The destination a socket asked for: in connect() for a connected socket,
+ * in its last sendmsg() with an address for an unconnected UDP one. The
+ * address IPv4-mapped like flow_key's; port in host byte order. */
+struct sock_dst {
+	__u64 addr[2];
+	__u32 port;
+	__u32 pad;
+};
+
+/*
+ * sock_dsts holds, per socket, the destination the application asked for,
+ * recorded by the cgroup/connect and cgroup/sendmsg programs before a
+ * socket load balancer (Cilium's kube-proxy replacement) rewrites a
+ * Service's virtual IP and port to a backend's. Those rewrites happen in
+ * the socket layer, before any packet exists and without conntrack, so
+ * this is the only place the virtual IP is still seen. Socket-local
+ * storage: freed with the socket, no size to choose, no key to build.
+ *
+ * Our programs must run before the balancer's: see AttachCgroup (attach.go)
+ * for the kernel's ordering of cgroup programs and how it is obtained.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sock_dst);
+} sock_dsts SEC(".maps");
 
 /* Force BTF for the types user space needs (bpf2go -type). */
 const enum counter *unused_counter __attribute__((unused));
@@ -741,6 +775,42 @@ static __always_inline int orig_dst(struct sk_buff *skb, struct flow_key *key, i
 							     struct nf_conn, tuplehash[0].tuple.dst.u.all)));
 }
 
+/*
+ * sock_orig_dst writes to key->orig_daddr the destination the packet's
+ * socket asked for, and returns its port, when a socket load balancer
+ * rewrote it: the socket has a recorded destination (sock_dsts) and it
+ * differs from the packet's, in address or port. A packet to the
+ * destination asked for, one without a full socket (the helper checks) and
+ * one of a socket nothing recorded (accepted connections, sockets that
+ * connected before the agent attached) have none: it returns -1 and leaves
+ * orig_daddr zero. One helper call, no insert.
+ */
+static __always_inline int sock_orig_dst(struct __sk_buff *skb, struct flow_key *key, int ipv6,
+					 __u16 dport)
+{
+	__u64 *o = (__u64 *)key->orig_daddr, *kd = (__u64 *)key->daddr;
+	struct bpf_sock *sk = skb->sk;
+	struct sock_dst *d;
+
+	o[0] = 0;
+	o[1] = 0;
+	if (bench_no_conntrack || !sk)
+		return -1;
+	d = bpf_sk_storage_get(&sock_dsts, sk, 0, 0);
+	if (!d)
+		return -1;
+	if (d->addr[0] == kd[0] && d->addr[1] == kd[1] && d->port == dport)
+		return -1;
+	/* An IPv4 packet's original destination is IPv4 too (the table keeps
+	 * one word of it, see table_slot): an IPv6 address the balancer
+	 * turned into an IPv4 one is not reported. */
+	if (!ipv6 && (d->addr[0] != 0 || (__u32)d->addr[1] != 0xffff0000))
+		return -1;
+	o[0] = d->addr[0];
+	o[1] = d->addr[1];
+	return d->port;
+}
+
 #define PARSED 0
 #define UNREADABLE -1 /* headers beyond what p covers: retry on a copy */
 #define MALFORMED -2
@@ -761,7 +831,8 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 	__u64 *ks = (__u64 *)key.saddr, *kd = (__u64 *)key.daddr;
 	__u32 l3len, l4len = 0, segs, flags = 0, port = 0;
 	__u64 extra, orig_port = 0;
-	int has_l4 = 1, has_ports = 0;
+	int has_l4 = 1, has_ports = 0, op = -1;
+	__u16 dport = 0;
 	__u8 proto;
 
 	/* Headers are read in 64- and 32-bit words where fields sit side by
@@ -846,7 +917,7 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 
 	g = read_gso(skb, gso_from);
 	if (has_l4 && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)) {
-		__u16 sport, dport;
+		__u16 sport;
 		__u32 ports;
 
 		if (proto == IPPROTO_TCP) {
@@ -878,21 +949,22 @@ static __always_inline int parse_count(struct pkt *p, const int src, int ipv6, _
 		}
 	}
 	if (gso_from == GSO_SHINFO) {
-		/* Netfilter only: the cgroup_skb program runs before any
-		 * DNAT (see flow_key). */
-		int op = orig_dst(skb, &key, ipv6);
-
-		if (op >= 0) {
-			flags |= FLOW_F_ORIG_DST;
-			/* The tuple's port field is a port only where the
-			 * key has ports (not ICMP's type and code, not a
-			 * fragment's). */
-			if (has_ports)
-				orig_port = (__u64)op << 32;
-		}
+		/* Netfilter: the connection's DNAT (see flow_key). */
+		op = orig_dst(skb, &key, ipv6);
+	} else if (has_ports) {
+		/* cgroup_skb: a socket load balancer's rewrite, which only
+		 * TCP and UDP sockets have (see sock_dsts). */
+		op = sock_orig_dst(skb, &key, ipv6, dport);
 	} else {
 		((__u64 *)key.orig_daddr)[0] = 0;
 		((__u64 *)key.orig_daddr)[1] = 0;
+	}
+	if (op >= 0) {
+		flags |= FLOW_F_ORIG_DST;
+		/* The tuple's port field is a port only where the key has
+		 * ports (not ICMP's type and code, not a fragment's). */
+		if (has_ports)
+			orig_port = (__u64)op << 32;
 	}
 	/* The ports word in one store (port, proto, flags, orig_port, pad):
 	 * a load that spans several narrower stores cannot be forwarded
@@ -972,4 +1044,61 @@ int kzn_cgroup_egress(struct __sk_buff *skb)
 	if (r != PARSED)
 		add_counter(COUNTER_PARSE_ERROR, len, packets_of(read_gso(skb, GSO_CTX)));
 	return SK_PASS;
+}
+
+/*
+ * record_dst stores the destination a socket asks for, before anything
+ * rewrites it (see sock_dsts). It never refuses the connect() or sendmsg():
+ * when the storage cannot be had the socket's flows have no original
+ * destination, as in netfilter mode without conntrack.
+ */
+static __always_inline int record_dst(struct bpf_sock_addr *ctx, int ipv6)
+{
+	struct sock_dst *d = bpf_sk_storage_get(&sock_dsts, ctx->sk, 0,
+						BPF_SK_STORAGE_GET_F_CREATE);
+
+	if (!d)
+		return 1;
+	if (ipv6) {
+		/* An IPv4-mapped address (a dual-stack socket reaching an
+		 * IPv4 destination) is already in the key's form. */
+		d->addr[0] = (__u64)ctx->user_ip6[1] << 32 | ctx->user_ip6[0];
+		d->addr[1] = (__u64)ctx->user_ip6[3] << 32 | ctx->user_ip6[2];
+	} else {
+		d->addr[0] = 0;
+		d->addr[1] = (__u64)ctx->user_ip4 << 32 | 0xffff0000;
+	}
+	d->port = bpf_ntohs((__u16)ctx->user_port);
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int kzn_connect4(struct bpf_sock_addr *ctx)
+{
+	return record_dst(ctx, 0);
+}
+
+SEC("cgroup/connect6")
+int kzn_connect6(struct bpf_sock_addr *ctx)
+{
+	return record_dst(ctx, 1);
+}
+
+/* Unconnected UDP: the destination of each datagram. The datagram leaves
+ * through the egress hook within the same sendmsg() call, after this
+ * program, so the record it finds is its own; two threads sending on one
+ * socket at once may see each other's. The kernel runs these programs only
+ * for a sendmsg() with an address: a connected UDP socket that also sends
+ * to other addresses keeps the last of them as its record, and its
+ * datagrams to the connected destination may report that one. */
+SEC("cgroup/sendmsg4")
+int kzn_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return record_dst(ctx, 0);
+}
+
+SEC("cgroup/sendmsg6")
+int kzn_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return record_dst(ctx, 1);
 }

@@ -94,6 +94,13 @@ type flowPrefixState struct {
 	}
 }
 
+type flowSockDst struct {
+	_    structs.HostLayout
+	Addr [2]uint64
+	Port uint32
+	Pad  uint32
+}
+
 type flowTableSlot struct {
 	_          structs.HostLayout
 	Key        [40]uint8
@@ -112,8 +119,13 @@ const (
 	flowMapFlowTable        = "flow_table"
 	flowMapFlows0           = "flows_0"
 	flowMapFlows1           = "flows_1"
+	flowMapSockDsts         = "sock_dsts"
 	flowProgKznCgroupEgress = "kzn_cgroup_egress"
+	flowProgKznConnect4     = "kzn_connect4"
+	flowProgKznConnect6     = "kzn_connect6"
 	flowProgKznNetfilter    = "kzn_netfilter"
+	flowProgKznSendmsg4     = "kzn_sendmsg4"
+	flowProgKznSendmsg6     = "kzn_sendmsg6"
 	flowVarBenchNewFlows    = "bench_new_flows"
 	flowVarBenchNoConntrack = "bench_no_conntrack"
 	flowVarBenchSeq         = "bench_seq"
@@ -166,7 +178,11 @@ type flowSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowProgramSpecs struct {
 	KznCgroupEgress *ebpf.ProgramSpec `ebpf:"kzn_cgroup_egress"`
+	KznConnect4     *ebpf.ProgramSpec `ebpf:"kzn_connect4"`
+	KznConnect6     *ebpf.ProgramSpec `ebpf:"kzn_connect6"`
 	KznNetfilter    *ebpf.ProgramSpec `ebpf:"kzn_netfilter"`
+	KznSendmsg4     *ebpf.ProgramSpec `ebpf:"kzn_sendmsg4"`
+	KznSendmsg6     *ebpf.ProgramSpec `ebpf:"kzn_sendmsg6"`
 }
 
 // flowMapSpecs contains maps before they are loaded into the kernel.
@@ -179,6 +195,7 @@ type flowMapSpecs struct {
 	FlowTable *ebpf.MapSpec `ebpf:"flow_table"`
 	Flows0    *ebpf.MapSpec `ebpf:"flows_0"`
 	Flows1    *ebpf.MapSpec `ebpf:"flows_1"`
+	SockDsts  *ebpf.MapSpec `ebpf:"sock_dsts"`
 }
 
 // flowVariableSpecs contains global variables before they are loaded into the kernel.
@@ -220,6 +237,7 @@ type flowMaps struct {
 	FlowTable *ebpf.Map `ebpf:"flow_table"`
 	Flows0    *ebpf.Map `ebpf:"flows_0"`
 	Flows1    *ebpf.Map `ebpf:"flows_1"`
+	SockDsts  *ebpf.Map `ebpf:"sock_dsts"`
 }
 
 func (m *flowMaps) Close() error {
@@ -230,6 +248,7 @@ func (m *flowMaps) Close() error {
 		m.FlowTable,
 		m.Flows0,
 		m.Flows1,
+		m.SockDsts,
 	)
 }
 
@@ -251,13 +270,21 @@ type flowVariables struct {
 // It can be passed to loadFlowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowPrograms struct {
 	KznCgroupEgress *ebpf.Program `ebpf:"kzn_cgroup_egress"`
+	KznConnect4     *ebpf.Program `ebpf:"kzn_connect4"`
+	KznConnect6     *ebpf.Program `ebpf:"kzn_connect6"`
 	KznNetfilter    *ebpf.Program `ebpf:"kzn_netfilter"`
+	KznSendmsg4     *ebpf.Program `ebpf:"kzn_sendmsg4"`
+	KznSendmsg6     *ebpf.Program `ebpf:"kzn_sendmsg6"`
 }
 
 func (p *flowPrograms) Close() error {
 	return _FlowClose(
 		p.KznCgroupEgress,
+		p.KznConnect4,
+		p.KznConnect6,
 		p.KznNetfilter,
+		p.KznSendmsg4,
+		p.KznSendmsg6,
 	)
 }
 

@@ -23,12 +23,16 @@ type Key struct {
 	// PortIsDst says that Port is the destination port: the packets go
 	// from client to service. Otherwise the service is the sender.
 	PortIsDst bool
-	// OrigDst is the destination the client addressed when the
-	// connection was destination-NATed (a Service's virtual IP and port
-	// under kube-proxy, while Dst is the backend pod it was sent to), and
-	// the zero AddrPort otherwise: for the backend's replies, connections
-	// nothing rewrote, packets without a conntrack entry and every flow
-	// of the cgroup datapath. It is what attributes traffic to a Service
+	// OrigDst is the destination the client addressed when it was
+	// rewritten on the way: by destination NAT in netfilter mode (a
+	// Service's virtual IP and port under kube-proxy, while Dst is the
+	// backend pod it was sent to), by a socket load balancer's rewrite of
+	// connect() or sendmsg() in cgroup mode (Cilium's kube-proxy
+	// replacement). It is the zero AddrPort otherwise: for the backend's
+	// replies, connections nothing rewrote, packets without a conntrack
+	// entry in netfilter mode, and in cgroup mode for sockets whose
+	// destination the agent did not record and for kube-proxy's DNAT,
+	// which happens after the cgroup hook. It is what attributes traffic to a Service
 	// rather than only to the pod that served it. The address is IPv4
 	// unmapped, like Src and Dst; the port is 0 for protocols without
 	// ports and for fragments, like Port.
