@@ -38,6 +38,7 @@ var Components = []Component{
 		`go test -run '^$' -bench 'BenchmarkNetfilterConntrack$/test-run' -benchtime 5000000x -count 3 -benchmem ./bpf/`,
 		`go test -run '^$' -bench 'BenchmarkNetfilterConntrack$/dnat' -benchtime 200000x -count 3 -benchmem ./bpf/`,
 		`go test -run '^$' -bench 'BenchmarkNetfilterNewFlow$' -benchtime 2000000x -count 3 -benchmem ./bpf/`,
+		`go test -run '^$' -bench 'BenchmarkCgroupSockLookup$' -benchtime 5000000x -count 3 -benchmem ./bpf/`,
 		`go test -run '^$' -bench 'BenchmarkDrain$|BenchmarkMerge$' -benchtime 20x -count 3 -benchmem ./bpf/`,
 	}},
 	{Name: "agent", Commands: []string{
