@@ -121,20 +121,34 @@ const noRef = ^uint32(0)
 // twin reports whether a series of kind carries bytes and packets.
 func twin(kind seriesKind) bool { return kind != kindCross }
 
-// routeKey identifies a route by endpoint and Service identity: pointer
-// comparison and hashing are what make the per-flow lookup cheap.
+// routeKey identifies a route by endpoint identity: pointer comparison and
+// hashing are what make the per-flow lookup cheap.
 type routeKey struct {
+	src, dst *resolve.Endpoint
+}
+
+// pairRoute says where an endpoint pair's flows go (series refs; pair and
+// cross may be noRef), and caches what the endpoints' labels imply: the
+// placement.
+type pairRoute struct {
+	pair, zone, cross uint32
+	Placement
+}
+
+// svcRouteKey identifies the Service series a flow feeds. Flows to a
+// Service have routes of their own, so that the route of every other
+// flow stays as small as its endpoint pair.
+type svcRouteKey struct {
 	src, dst  *resolve.Endpoint
 	svc       *resolve.Service
 	avoidable bool
 }
 
-// route says where a flow's counts go (series refs; pair, cross and svc
-// may be noRef), and caches what the endpoints' labels imply: the
-// placement.
+// route says where one flow's counts go: its pair's route, and its
+// Service series (noRef for none).
 type route struct {
-	pair, zone, cross, svc uint32
-	Placement
+	pairRoute
+	svc uint32
 }
 
 // Aggregator holds the counters. It is safe for concurrent use: Apply
@@ -142,11 +156,13 @@ type route struct {
 type Aggregator struct {
 	cfg Config
 
-	mu      sync.Mutex
-	routes  map[routeKey]route
-	store   *series.Store
-	dead    []uint32 // expiry scratch
-	scratch []metrics.Label
+	mu     sync.Mutex
+	routes map[routeKey]pairRoute
+	// svcRoutes maps the flows to a Service to their Service series.
+	svcRoutes map[svcRouteKey]uint32
+	store     *series.Store
+	dead      []uint32 // expiry scratch
+	scratch   []metrics.Label
 	// delivered is the newest push (unix ms) every endpoint accepted
 	// whole: series first pushed no later are known to every receiver.
 	delivered int64
@@ -184,8 +200,8 @@ func New(cfg Config, reg *metrics.Registry) (*Aggregator, error) {
 	}
 	a := &Aggregator{
 		cfg:    cfg,
-		routes: map[routeKey]route{},
-		store:  series.New(),
+		routes: map[routeKey]pairRoute{}, svcRoutes: map[svcRouteKey]uint32{},
+		store: series.New(),
 		foldedSvc: reg.Counter("kubezonnet_server_service_series_folded_total",
 			"Workload-to-Service series folded into the Service's _overflow workload because --max-service-series was reached (counted when a route is built)."),
 		folded: reg.Counter("kubezonnet_server_pod_pairs_folded_total",
@@ -208,7 +224,7 @@ func (a *Aggregator) Len() int {
 // maxRoutes bounds the route cache. Routes of untracked (same-zone) pairs
 // have no series behind them, so the cache is bounded on its own and
 // simply emptied when full; flows then rebuild their routes.
-func (a *Aggregator) maxRoutes() int { return 2*(a.cfg.MaxPodPairs+a.cfg.MaxServiceSeries) + 1<<16 }
+func (a *Aggregator) maxRoutes() int { return 2*a.cfg.MaxPodPairs + 1<<16 }
 
 // Apply adds flows observed at now (the server's receive time, which is
 // what idleness is measured against). With a journal, the change is
@@ -231,14 +247,25 @@ func (a *Aggregator) ApplyPlaced(now time.Time, flows []Flow, id *BatchID, place
 	}
 	for i := range flows {
 		f := &flows[i]
-		k := routeKey{f.Src, f.Dst, f.Service, f.Avoidable && f.Service != nil}
-		r, ok := a.routes[k]
+		k := routeKey{f.Src, f.Dst}
+		pr, ok := a.routes[k]
 		if !ok {
 			if len(a.routes) >= a.maxRoutes() {
 				clear(a.routes)
 			}
-			r = a.newRoute(f, ts)
-			a.routes[k] = r
+			pr = a.newRoute(f, ts)
+			a.routes[k] = pr
+		}
+		r := route{pairRoute: pr, svc: noRef}
+		if f.Service != nil && f.Src.Kind == resolve.KindPod {
+			sk := svcRouteKey{f.Src, f.Dst, f.Service, f.Avoidable}
+			if r.svc, ok = a.svcRoutes[sk]; !ok {
+				if len(a.svcRoutes) >= 2*a.cfg.MaxServiceSeries+1<<16 {
+					clear(a.svcRoutes)
+				}
+				r.svc = a.newServiceRoute(f, pr.Class, ts)
+				a.svcRoutes[sk] = r.svc
+			}
 		}
 		if placed != nil {
 			placed[i] = r.Placement
@@ -280,9 +307,9 @@ func (a *Aggregator) tracked(class resolve.Class) bool {
 }
 
 // newRoute finds or creates the series a new endpoint pair feeds.
-func (a *Aggregator) newRoute(f *Flow, ts int64) route {
+func (a *Aggregator) newRoute(f *Flow, ts int64) pairRoute {
 	class := resolve.Classify(f.Src, f.Dst)
-	r := route{pair: noRef, cross: noRef, svc: noRef, Placement: Placement{Class: class}}
+	r := pairRoute{pair: noRef, cross: noRef, Placement: Placement{Class: class}}
 	if f.Src.Kind == resolve.KindUnknown {
 		r.Unknown |= SrcUnknown
 	}
@@ -316,20 +343,23 @@ func (a *Aggregator) newRoute(f *Flow, ts int64) route {
 		a.scratch = dropEmpty(a.scratch)
 		r.cross = a.findOrCreate(kindCross, ts)
 	}
-	if f.Service != nil && f.Src.Kind == resolve.KindPod {
-		avoidable := f.Avoidable && class.CrossesZone()
-		a.scratch = serviceLabels(a.scratch[:0], MetricServiceBytes, f, avoidable, false)
-		if ref, ok := a.find(); ok {
-			r.svc = ref
-		} else if a.store.Count(kindService) < a.cfg.MaxServiceSeries {
-			r.svc = a.create(kindService, ts)
-		} else {
-			a.foldedSvc.Inc()
-			a.scratch = serviceLabels(a.scratch[:0], MetricServiceBytes, f, avoidable, true)
-			r.svc = a.findOrCreate(kindServiceFolded, ts)
-		}
-	}
 	return r
+}
+
+// newServiceRoute finds or creates the Service series of a flow from a
+// pod to f.Service, whose endpoint pair is of class.
+func (a *Aggregator) newServiceRoute(f *Flow, class resolve.Class, ts int64) uint32 {
+	avoidable := f.Avoidable && class.CrossesZone()
+	a.scratch = serviceLabels(a.scratch[:0], MetricServiceBytes, f, avoidable, false)
+	if ref, ok := a.find(); ok {
+		return ref
+	}
+	if a.store.Count(kindService) < a.cfg.MaxServiceSeries {
+		return a.create(kindService, ts)
+	}
+	a.foldedSvc.Inc()
+	a.scratch = serviceLabels(a.scratch[:0], MetricServiceBytes, f, avoidable, true)
+	return a.findOrCreate(kindServiceFolded, ts)
 }
 
 // findOrCreate returns the ref of the series labelled a.scratch, creating
@@ -463,8 +493,13 @@ func (a *Aggregator) expireLocked(now time.Time) {
 	// routes that point at a dead series loses nothing live.
 	isFree := func(ref uint32) bool { return ref != noRef && a.store.Kind(ref) == kindFree }
 	for k, r := range a.routes {
-		if isFree(r.zone) || isFree(r.pair) || isFree(r.cross) || isFree(r.svc) {
+		if isFree(r.zone) || isFree(r.pair) || isFree(r.cross) {
 			delete(a.routes, k)
+		}
+	}
+	for k, ref := range a.svcRoutes {
+		if isFree(ref) {
+			delete(a.svcRoutes, k)
 		}
 	}
 	if a.cfg.Journal != nil {

@@ -256,5 +256,6 @@ func (a *Aggregator) Restore(body []byte) error {
 	a.delivered = delivered
 	a.unpushed = unpushed
 	clear(a.routes)
+	clear(a.svcRoutes)
 	return nil
 }

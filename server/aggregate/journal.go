@@ -472,7 +472,7 @@ func (a *Aggregator) replayBatch(r *reader, withService bool) (*BatchID, error) 
 		}
 	}
 	for range nf {
-		rt := route{zone: r.ref(limit), pair: r.optRef(limit), cross: r.optRef(limit), svc: noRef}
+		rt := route{pairRoute: pairRoute{zone: r.ref(limit), pair: r.optRef(limit), cross: r.optRef(limit)}, svc: noRef}
 		if withService {
 			rt.svc = r.optRef(limit)
 		}
@@ -549,4 +549,5 @@ func (a *Aggregator) FinishReplay() {
 	a.unpushed = nil
 	a.store.Rebuild()
 	clear(a.routes)
+	clear(a.svcRoutes)
 }

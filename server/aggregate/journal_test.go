@@ -69,12 +69,13 @@ type model struct {
 	maxSvc    int
 	idle      time.Duration
 	series    map[string]*mSeries // by the bytes series' rendered labels
-	routes    map[mRouteKey]mRoute
+	routes    map[[2]*resolve.Endpoint]mRoute
+	svcRoutes map[mRouteKey]string
 	delivered int64
 }
 
-// mRouteKey is what a route is built for: the endpoints, the Service and
-// whether the flow was avoidable (with a Service only).
+// mRouteKey is what a Service route is built for: the endpoints, the
+// Service and whether the flow was avoidable.
 type mRouteKey struct {
 	s, d      *resolve.Endpoint
 	svc       *resolve.Service
@@ -95,11 +96,11 @@ type mSeries struct {
 }
 
 // mRoute holds the series a route feeds ("" for none).
-type mRoute struct{ zone, pair, cross, svc string }
+type mRoute struct{ zone, pair, cross string }
 
 func newModel(allPairs bool, max, maxSvc int, idle time.Duration) *model {
 	return &model{allPairs: allPairs, max: max, maxSvc: maxSvc, idle: idle,
-		series: map[string]*mSeries{}, routes: map[mRouteKey]mRoute{}}
+		series: map[string]*mSeries{}, routes: map[[2]*resolve.Endpoint]mRoute{}, svcRoutes: map[mRouteKey]string{}}
 }
 
 func (m *model) clone() *model {
@@ -110,6 +111,7 @@ func (m *model) clone() *model {
 		c.series[k] = &cs
 	}
 	c.routes = maps.Clone(m.routes)
+	c.svcRoutes = maps.Clone(m.svcRoutes)
 	return &c
 }
 
@@ -204,7 +206,7 @@ func serviceSeries(metric string, s, d *resolve.Endpoint, svc *resolve.Service, 
 // flow adds one flow at now and returns its class.
 func (m *model) flow(s, d *resolve.Endpoint, svc *resolve.Service, avoidable bool, c flow.Counts, now time.Time) string {
 	class := modelClass(s, d)
-	k := mRouteKey{s, d, svc, avoidable && svc != nil}
+	k := [2]*resolve.Endpoint{s, d}
 	r, ok := m.routes[k]
 	if !ok {
 		zs := map[string]string{"src_zone": s.Zone, "dst_zone": d.Zone}
@@ -228,24 +230,30 @@ func (m *model) flow(s, d *resolve.Endpoint, svc *resolve.Service, avoidable boo
 			r.cross = m.ensure(labelString("pod_cross_zone_network_traffic_bytes_total",
 				map[string]string{"namespace": s.Namespace, "pod": s.Pod}), "", now, false)
 		}
-		if svc != nil && s.Kind == resolve.KindPod {
+		m.routes[k] = r
+	}
+	var svcKey string
+	if svc != nil && s.Kind == resolve.KindPod {
+		sk := mRouteKey{s, d, svc, avoidable}
+		var ok bool
+		if svcKey, ok = m.svcRoutes[sk]; !ok {
 			av := avoidable && (class == "cross-zone" || class == "cross-region")
 			key := serviceSeries("kubezonnet_service_bytes_total", s, d, svc, av, false)
 			pkts := serviceSeries("kubezonnet_service_packets_total", s, d, svc, av, false)
 			switch {
 			case m.series[key] != nil:
-				r.svc = key
+				svcKey = key
 			case m.liveSvc() < m.maxSvc:
-				r.svc = m.ensure(key, pkts, now, false)
+				svcKey = m.ensure(key, pkts, now, false)
 				m.series[key].svc = true
 			default:
-				r.svc = m.ensure(serviceSeries("kubezonnet_service_bytes_total", s, d, svc, av, true),
+				svcKey = m.ensure(serviceSeries("kubezonnet_service_bytes_total", s, d, svc, av, true),
 					serviceSeries("kubezonnet_service_packets_total", s, d, svc, av, true), now, false)
 			}
+			m.svcRoutes[sk] = svcKey
 		}
-		m.routes[k] = r
 	}
-	for _, key := range []string{r.zone, r.pair, r.cross, r.svc} {
+	for _, key := range []string{r.zone, r.pair, r.cross, svcKey} {
 		if key == "" {
 			continue
 		}
@@ -267,11 +275,16 @@ func (m *model) expire(now time.Time) {
 		}
 	}
 	for k, r := range m.routes {
-		for _, key := range []string{r.zone, r.pair, r.cross, r.svc} {
+		for _, key := range []string{r.zone, r.pair, r.cross} {
 			if key != "" && m.series[key] == nil {
 				delete(m.routes, k)
 				break
 			}
+		}
+	}
+	for k, key := range m.svcRoutes {
+		if m.series[key] == nil {
+			delete(m.svcRoutes, k)
 		}
 	}
 }
@@ -292,6 +305,7 @@ func (m *model) push(now time.Time, ts int64) {
 // restart is what a restart changes: the route cache is gone.
 func (m *model) restart() {
 	clear(m.routes)
+	clear(m.svcRoutes)
 }
 
 // lines renders the model's series after expiring at now, as seriesLines
