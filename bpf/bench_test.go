@@ -444,7 +444,10 @@ func BenchmarkMerge(b *testing.B) {
 //     ns/op is the sender's time per datagram, links swapped included. The
 //     benchmark then checks that both programs counted every datagram in
 //     the 16 flows, with the virtual IP and port as their original
-//     destination only in the first, and only through the Service.
+//     destination only in the first, and only through the Service. The
+//     -same variants run the program without the read in both places:
+//     their difference is what the places alone make, the baseline of
+//     the others'.
 func BenchmarkNetfilterConntrack(b *testing.B) {
 	testutil.RequireRoot(b)
 	for _, c := range netfilterCases(b)[:2] {
@@ -477,19 +480,29 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 		for _, l := range attachAt(b, empty, a.NSPath(), 97) {
 			b.Cleanup(func() { l.Close() })
 		}
-		progs := []*ebpf.Program{with, without, empty}
+		// A second copy of the program without the read: in place of the
+		// first program, it measures what the two places alone differ by.
+		twin := noConntrackProgram(b, d, "kzn_netfilter")
 		for _, c := range []struct {
 			name     string
 			vip, dst netip.Addr
 			src      netip.Addr
 			direct   bool // to the backend's ports, not through the Service
+			same     bool // both programs without the read: the baseline
 		}{
-			{"udp4", vip4, b1.IPv4, a1.IPv4, false},
-			{"udp6", vip6, b1.IPv6, a1.IPv6, false},
-			{"udp4-direct", vip4, b1.IPv4, a1.IPv4, true},
-			{"udp6-direct", vip6, b1.IPv6, a1.IPv6, true},
+			{"udp4", vip4, b1.IPv4, a1.IPv4, false, false},
+			{"udp6", vip6, b1.IPv6, a1.IPv6, false, false},
+			{"udp4-direct", vip4, b1.IPv4, a1.IPv4, true, false},
+			{"udp6-direct", vip6, b1.IPv6, a1.IPv6, true, false},
+			{"udp4-direct-same", vip4, b1.IPv4, a1.IPv4, true, true},
+			{"udp6-direct-same", vip6, b1.IPv6, a1.IPv6, true, true},
 		} {
 			b.Run(c.name, func(b *testing.B) {
+				with := with
+				if c.same {
+					with = twin
+				}
+				progs := []*ebpf.Program{with, without, empty}
 				drain(b, d)
 				var vips, dsts []netip.AddrPort
 				for i := range benchServicePorts {
@@ -551,7 +564,8 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 				// Both programs counted every datagram in its flow: through
 				// the Service, the first with the virtual IP and port as
 				// the original destination and the second without; sent
-				// directly, both without, in the same flows.
+				// directly, both without, in the same flows. (The
+				// baseline's programs both read no original destination.)
 				var got [2]uint64 // with an original destination, without
 				for _, f := range drain(b, d).Flows {
 					k := slices.Index(dsts, netip.AddrPortFrom(f.Dst, f.Port))
