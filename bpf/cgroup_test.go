@@ -52,16 +52,7 @@ func inCgroup(t *testing.T, root, dir string, fn func()) {
 // egress: TCP over IPv4 and UDP over IPv6, through the same counting
 // routine as the netfilter program.
 func TestCgroupEgressMatchesNftables(t *testing.T) {
-	testutil.RequireRoot(t)
-	root, err := CgroupV2Mount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := os.MkdirTemp(root, "kzn-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.Remove(dir) })
+	root, dir := testCgroup(t)
 
 	topo := twoNodes(t, false)
 	a1, b1 := topo.Pod("a1"), topo.Pod("b1")
@@ -176,16 +167,7 @@ func TestCgroupEgressMatchesNftables(t *testing.T) {
 // itself, with no original destination (the backend is not known there,
 // and the destination the socket connected to is the packet's).
 func TestCgroupEgressKeepsServiceAddress(t *testing.T) {
-	testutil.RequireRoot(t)
-	root, err := CgroupV2Mount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := os.MkdirTemp(root, "kzn-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.Remove(dir) })
+	root, dir := testCgroup(t)
 
 	topo := twoNodes(t, false)
 	a, a1, a2, b1 := topo.Node("a"), topo.Pod("a1"), topo.Pod("a2"), topo.Pod("b1")
@@ -230,4 +212,21 @@ func TestCgroupEgressKeepsServiceAddress(t *testing.T) {
 	if dr := drain(t, d); len(dr.Flows) != 1 || dr.Flows[0] != want {
 		t.Errorf("flows %+v, want %+v", dr.Flows, want)
 	}
+}
+
+// testCgroup returns the cgroup v2 hierarchy's root and a directory made
+// for the test under it, removed at cleanup (the test's processes have left
+// it by then). It skips the test when not root.
+func testCgroup(t *testing.T) (root, dir string) {
+	t.Helper()
+	testutil.RequireRoot(t)
+	root, err := CgroupV2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dir, err = os.MkdirTemp(root, "kzn-test-"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(dir) })
+	return root, dir
 }

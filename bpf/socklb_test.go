@@ -374,16 +374,7 @@ func TestCgroupConnectHierarchy(t *testing.T) {
 // refuses ours. AttachCgroup says so with ErrSocketHookTaken, and the
 // datapath still counts the flows, without an original destination.
 func TestCgroupSocketHookTaken(t *testing.T) {
-	testutil.RequireRoot(t)
-	root, err := CgroupV2Mount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := os.MkdirTemp(root, "kzn-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.Remove(dir) })
+	root, dir := testCgroup(t)
 	topo := twoNodes(t, false)
 	a1, b1 := topo.Pod("a1"), topo.Pod("b1")
 	vip, backend := netip.AddrPortFrom(vip4, 80), netip.AddrPortFrom(b1.IPv4, 8080)
