@@ -16,20 +16,24 @@ import (
 // the verifier, in the program the agent loads): every run counts a new
 // flow.
 func loadBenchNewFlows(cfg Config) (*Datapath, error) {
-	return load(cfg, func() (*ebpf.CollectionSpec, error) {
-		spec, err := loadFlow()
-		if err != nil {
-			return nil, err
-		}
-		var specs flowVariableSpecs
-		if err := spec.Assign(&specs); err != nil {
-			return nil, err
-		}
-		if err := specs.BenchNewFlows.Set(uint32(1)); err != nil {
-			return nil, fmt.Errorf("setting bench_new_flows: %w", err)
-		}
-		return spec, nil
-	})
+	return load(cfg, func() (*ebpf.CollectionSpec, error) { return specWithSwitch("bench_new_flows") })
+}
+
+// specWithSwitch is the embedded datapath's spec with the load-time
+// constant name (one of the bench_* switches, 0 in the agent) set to 1.
+func specWithSwitch(name string) (*ebpf.CollectionSpec, error) {
+	spec, err := loadFlow()
+	if err != nil {
+		return nil, err
+	}
+	v, ok := spec.Variables[name]
+	if !ok {
+		return nil, fmt.Errorf("no variable %s in the datapath spec", name)
+	}
+	if err := v.Set(uint32(1)); err != nil {
+		return nil, fmt.Errorf("setting %s: %w", name, err)
+	}
+	return spec, nil
 }
 
 // loadObjectFile loads the programs from the bpf2go object at path instead
@@ -49,16 +53,9 @@ func loadObjectFile(cfg Config, path string) (*Datapath, error) {
 // differ by more than the read costs, the first loaded the faster whatever
 // its code (BenchmarkNetfilterConntrack, BENCHMARKS.md).
 func (d *Datapath) loadNoConntrackProgram(name string) (*ebpf.Program, error) {
-	spec, err := loadFlow()
+	spec, err := specWithSwitch("bench_no_conntrack")
 	if err != nil {
 		return nil, err
-	}
-	var specs flowVariableSpecs
-	if err := spec.Assign(&specs); err != nil {
-		return nil, err
-	}
-	if err := specs.BenchNoConntrack.Set(uint32(1)); err != nil {
-		return nil, fmt.Errorf("setting bench_no_conntrack: %w", err)
 	}
 	shared := map[string]*ebpf.Map{
 		"counters": d.objs.Counters, "flow_maps": d.objs.FlowMaps, "flow_orig": d.objs.FlowOrig,

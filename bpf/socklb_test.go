@@ -114,10 +114,6 @@ func attachSocketLB(t *testing.T, dir string, attach ebpf.AttachType, vip, backe
 // TCP egress.
 func TestCgroupConnectRecords(t *testing.T) {
 	testutil.RequireRoot(t)
-	root, err := CgroupV2Mount()
-	if err != nil {
-		t.Fatal(err)
-	}
 	topo := twoNodes(t, false)
 	a1, b1 := topo.Pod("a1"), topo.Pod("b1")
 	ref, err := testnet.InstallCounterMatch(context.Background(), a1.NS, 0, []netip.Prefix{
@@ -166,11 +162,7 @@ func TestCgroupConnectRecords(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			dir, err := os.MkdirTemp(root, "kzn-test-")
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { os.Remove(dir) })
+			root, dir := testCgroup(t)
 			attach := ebpf.AttachCGroupInet4Connect
 			if tc.vip.Addr().Is6() {
 				attach = ebpf.AttachCGroupInet6Connect
@@ -223,10 +215,6 @@ func TestCgroupConnectRecords(t *testing.T) {
 // IPv6.
 func TestCgroupSendmsgRecords(t *testing.T) {
 	testutil.RequireRoot(t)
-	root, err := CgroupV2Mount()
-	if err != nil {
-		t.Fatal(err)
-	}
 	topo := twoNodes(t, false)
 	a1, b1 := topo.Pod("a1"), topo.Pod("b1")
 	ap := netip.AddrPortFrom
@@ -242,11 +230,7 @@ func TestCgroupSendmsgRecords(t *testing.T) {
 		{"udp6", ap(vip6, 53), ap(b1.IPv6, 5353), a1.IPv6, "udp6", ebpf.AttachCGroupUDP6Sendmsg, 48},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			dir, err := os.MkdirTemp(root, "kzn-test-")
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { os.Remove(dir) })
+			root, dir := testCgroup(t)
 			d := loadLocal(t, Config{}, a1.Node.PodCIDRs[0].String(), a1.Node.PodCIDRs[1].String())
 			if err := d.AttachCgroup(dir); err != nil {
 				t.Fatal(err)
@@ -308,10 +292,6 @@ func TestCgroupSendmsgRecords(t *testing.T) {
 // and the flow, to the same backend, reports none.
 func TestCgroupConnectHierarchy(t *testing.T) {
 	testutil.RequireRoot(t)
-	root, err := CgroupV2Mount()
-	if err != nil {
-		t.Fatal(err)
-	}
 	topo := twoNodes(t, false)
 	a1, b1 := topo.Pod("a1"), topo.Pod("b1")
 	vip, backend := netip.AddrPortFrom(vip4, 80), netip.AddrPortFrom(b1.IPv4, 8080)
@@ -328,11 +308,7 @@ func TestCgroupConnectHierarchy(t *testing.T) {
 		{"balancer in the child", true, netip.AddrPort{}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			parent, err := os.MkdirTemp(root, "kzn-test-")
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { os.Remove(parent) })
+			root, parent := testCgroup(t)
 			child := filepath.Join(parent, "child")
 			if err := os.Mkdir(child, 0o755); err != nil {
 				t.Fatal(err)
