@@ -411,6 +411,9 @@ func (in *Ingest) service(f *flow.Record, src, dst *resolve.Endpoint, at time.Ti
 		in.noService.Inc()
 		return nil, false
 	}
+	// Only a pod's flow to another zone can be avoidable (the aggregator
+	// keeps Service series of pods, and judges the crossing by the pair's
+	// class): the readiness lookup is skipped for the rest.
 	if src.Zone == dst.Zone || src.Kind != resolve.KindPod {
 		return svc, false
 	}

@@ -13,6 +13,12 @@ import (
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
 
+// serviceClient is a pod sending to a Service, and its workload label.
+type serviceClient struct {
+	p        *testnet.Pod
+	workload string
+}
+
 // TestEndToEndServices checks the Service series against nftables
 // counters, to the byte: clients in zones a, b and c send to the
 // catalog-legacy Service (no trafficDistribution: kube-proxy picks either
@@ -41,10 +47,7 @@ func TestEndToEndServices(t *testing.T) {
 	debug, _ := pod("default/debug", "node-b2")
 	catA, catAName := pod("shop/catalog", "node-a2")
 	catB, _ := pod("shop/catalog", "node-b2")
-	clients := []struct {
-		p        *testnet.Pod
-		workload string
-	}{{api, "api"}, {db, "db"}, {web, "web"}}
+	clients := []serviceClient{{api, "api"}, {db, "db"}, {web, "web"}}
 	endpoints := []*testnet.Pod{catA, catB}
 	legacy := env.Cluster.ServiceVIPs("shop/catalog-legacy")
 	local := env.Cluster.ServiceVIPs("shop/catalog")
@@ -114,10 +117,7 @@ func TestEndToEndServices(t *testing.T) {
 	// expectations sums, per Service series, the reference's counts of
 	// the clients' pairs to the endpoints, minus base (an earlier read).
 	type key struct{ service, workload, src, dst, avoidable string }
-	sums := func(ref, base map[testnet.Pair]flow.Counts, service string, avoidable func(src, dst string) bool, cs ...struct {
-		p        *testnet.Pod
-		workload string
-	}) map[key]flow.Counts {
+	sums := func(ref, base map[testnet.Pair]flow.Counts, service string, avoidable func(src, dst string) bool, cs ...serviceClient) map[key]flow.Counts {
 		out := map[key]flow.Counts{}
 		for _, c := range cs {
 			for _, ep := range endpoints {
@@ -160,10 +160,7 @@ func TestEndToEndServices(t *testing.T) {
 	}
 	ref1 := e.readRef()
 	want1 := sums(ref1, nil, "catalog-legacy", func(src, dst string) bool { return src != dst && withEndpoint[src] }, clients...)
-	for k, c := range sums(ref1, nil, "catalog", func(string, string) bool { return false }, struct {
-		p        *testnet.Pod
-		workload string
-	}{debug, "debug"}) {
+	for k, c := range sums(ref1, nil, "catalog", func(string, string) bool { return false }, serviceClient{debug, "debug"}) {
 		want1[k] = c
 	}
 	// Sixteen connections per client pick an endpoint at random: each

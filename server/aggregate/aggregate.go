@@ -226,6 +226,9 @@ func (a *Aggregator) Len() int {
 // simply emptied when full; flows then rebuild their routes.
 func (a *Aggregator) maxRoutes() int { return 2*a.cfg.MaxPodPairs + 1<<16 }
 
+// maxServiceRoutes bounds the Service route cache the same way.
+func (a *Aggregator) maxServiceRoutes() int { return 2*a.cfg.MaxServiceSeries + 1<<16 }
+
 // Apply adds flows observed at now (the server's receive time, which is
 // what idleness is measured against). With a journal, the change is
 // recorded under the same lock, tagged with the agent batch id (nil for
@@ -260,7 +263,7 @@ func (a *Aggregator) ApplyPlaced(now time.Time, flows []Flow, id *BatchID, place
 		if f.Service != nil && f.Src.Kind == resolve.KindPod {
 			sk := svcRouteKey{f.Src, f.Dst, f.Service, f.Avoidable}
 			if r.svc, ok = a.svcRoutes[sk]; !ok {
-				if len(a.svcRoutes) >= 2*a.cfg.MaxServiceSeries+1<<16 {
+				if len(a.svcRoutes) >= a.maxServiceRoutes() {
 					clear(a.svcRoutes)
 				}
 				r.svc = a.newServiceRoute(f, pr.Class, ts)
