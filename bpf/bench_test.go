@@ -473,16 +473,12 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 			b.Fatalf("installing the service rules: %v", err)
 		}
 		d := loadWith(b, Load, Config{}, prefixStrings(a.LocalPrefixes())...)
-		with, without := d.objs.KznNetfilter, noConntrackProgram(b, d, "kzn_netfilter")
 		empty := emptyNetfilter(b)
 		// The empty program runs last, after both: the sender is paced
 		// by its runs.
 		for _, l := range attachAt(b, empty, a.NSPath(), 97) {
 			b.Cleanup(func() { l.Close() })
 		}
-		// A second copy of the program without the read: in place of the
-		// first program, it measures what the two places alone differ by.
-		twin := noConntrackProgram(b, d, "kzn_netfilter")
 		for _, c := range []struct {
 			name     string
 			vip, dst netip.Addr
@@ -492,17 +488,15 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 		}{
 			{"udp4", vip4, b1.IPv4, a1.IPv4, false, false},
 			{"udp6", vip6, b1.IPv6, a1.IPv6, false, false},
+			{"udp4-same", vip4, b1.IPv4, a1.IPv4, false, true},
+			{"udp6-same", vip6, b1.IPv6, a1.IPv6, false, true},
 			{"udp4-direct", vip4, b1.IPv4, a1.IPv4, true, false},
 			{"udp6-direct", vip6, b1.IPv6, a1.IPv6, true, false},
-			{"udp4-direct-same", vip4, b1.IPv4, a1.IPv4, true, true},
-			{"udp6-direct-same", vip6, b1.IPv6, a1.IPv6, true, true},
 		} {
 			b.Run(c.name, func(b *testing.B) {
-				with := with
-				if c.same {
-					with = twin
-				}
-				progs := []*ebpf.Program{with, without, empty}
+				// The builds compared: the agent's (or, -same, the one
+				// without the read) and the one without the read.
+				reads := [2]bool{!c.same, false}
 				drain(b, d)
 				var vips, dsts []netip.AddrPort
 				for i := range benchServicePorts {
@@ -514,64 +508,84 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 					dials = dsts
 				}
 				tx := newDatagramSender(b, a1.NS, b1.NS, dials, dsts, empty)
-				// Phases of phaseLen datagrams; the two programs swap
-				// priorities from one phase to the next.
-				const phaseLen = 2000
-				attach := func(phase int) []link.Link {
-					first, second := with, without
-					if phase%2 == 1 {
-						first, second = without, with
-					}
-					return append(attachAt(b, first, a.NSPath(), 95), attachAt(b, second, a.NSPath(), 96)...)
-				}
-				detach := func(links []link.Link) {
-					for _, l := range links {
-						if err := l.Close(); err != nil {
-							b.Fatal(err)
-						}
-					}
-				}
-				links := attach(0)
-				tx.send(b, 64) // the flow exists from here on
-				detach(links)
 				var runs [3]uint64
 				var runtime [3]time.Duration
-				b.ResetTimer()
-				for phase, sent := 0, 0; sent < b.N; phase++ {
+				var deltas []float64 // per round: kernel0 - kernel1, ns per run
+				// A round loads a fresh copy of each build (the one loaded
+				// first alternating from round to round) and sends two
+				// phases of up to phaseLen datagrams, the copies swapping
+				// places from one phase to the next. Round 0 is untimed:
+				// it creates both builds' flows.
+				const phaseLen = 2000
+				const warm = 64
+				sent := 0
+				for round := 0; sent < b.N; round++ {
 					b.StopTimer()
-					links := attach(phase)
-					b.StartTimer()
-					k := min(phaseLen, b.N-sent)
-					before := progStats(b, progs)
-					tx.send(b, k)
-					after := progStats(b, progs)
-					for i := range progs {
-						runs[i] += after[i].RunCount - before[i].RunCount
-						runtime[i] += after[i].Runtime - before[i].Runtime
+					var progs [2]*ebpf.Program
+					for _, i := range [][2]int{{0, 1}, {1, 0}}[round%2] {
+						progs[i] = programCopy(b, d, reads[i])
 					}
-					sent += k
-					b.StopTimer()
-					detach(links)
-					b.StartTimer()
+					var roundRuns [2]uint64
+					var roundTime [2]time.Duration
+					for phase := range 2 {
+						k := min(phaseLen, b.N-sent)
+						if round == 0 {
+							k = warm
+						}
+						first, second := progs[phase], progs[1-phase]
+						links := append(attachAt(b, first, a.NSPath(), 95), attachAt(b, second, a.NSPath(), 96)...)
+						all := []*ebpf.Program{progs[0], progs[1], empty}
+						if round > 0 {
+							b.StartTimer()
+						}
+						before := progStats(b, all)
+						tx.send(b, k)
+						after := progStats(b, all)
+						b.StopTimer()
+						if round > 0 {
+							for i := range all {
+								runs[i] += after[i].RunCount - before[i].RunCount
+								runtime[i] += after[i].Runtime - before[i].Runtime
+								if i < 2 {
+									roundRuns[i] += after[i].RunCount - before[i].RunCount
+									roundTime[i] += after[i].Runtime - before[i].Runtime
+								}
+							}
+							sent += k
+						}
+						for _, l := range links {
+							if err := l.Close(); err != nil {
+								b.Fatal(err)
+							}
+						}
+					}
+					for _, p := range progs {
+						p.Close()
+					}
+					if round > 0 && roundRuns[0] > 0 && roundRuns[1] > 0 {
+						deltas = append(deltas, float64(roundTime[0].Nanoseconds())/float64(roundRuns[0])-
+							float64(roundTime[1].Nanoseconds())/float64(roundRuns[1]))
+					}
 				}
-				b.StopTimer()
 				perRun := func(i int) float64 { return float64(runtime[i].Nanoseconds()) / float64(runs[i]) }
 				b.ReportMetric(perRun(2), "empty-ns/op")
 				for i := range 2 {
 					b.ReportMetric(perRun(i), fmt.Sprintf("kernel%d-ns/op", i))
 					b.ReportMetric(perRun(i)-perRun(2), fmt.Sprintf("net%d-ns/op", i))
 				}
-				// Both programs counted every datagram in its flow: through
-				// the Service, the first with the virtual IP and port as
-				// the original destination and the second without; sent
-				// directly, both without, in the same flows. (The
-				// baseline's programs both read no original destination.)
+				slices.Sort(deltas)
+				b.ReportMetric(deltas[len(deltas)/2], "delta-ns/op")
+				// Both builds counted every datagram in its flow: through
+				// the Service, the agent's with the virtual IP and port as
+				// the original destination and the other without; sent
+				// directly (or both builds without the read), both
+				// without, in the same flows.
 				var got [2]uint64 // with an original destination, without
 				for _, f := range drain(b, d).Flows {
 					k := slices.Index(dsts, netip.AddrPortFrom(f.Dst, f.Port))
 					want := flow.Key{Src: c.src, Dst: c.dst, Proto: 17, Port: f.Port, PortIsDst: true}
 					i := 1
-					if f.OrigDst.IsValid() && k >= 0 && !c.direct {
+					if f.OrigDst.IsValid() && k >= 0 && !c.direct && !c.same {
 						want.OrigDst, i = vips[k], 0
 					}
 					if k < 0 || f.Key != want {
@@ -579,10 +593,10 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 					}
 					got[i] += f.Packets
 				}
-				sent := uint64(64 + b.N)
-				want := [2]uint64{sent, sent}
-				if c.direct {
-					want = [2]uint64{0, 2 * sent}
+				total := uint64(2*warm + sent)
+				want := [2]uint64{total, total}
+				if c.direct || c.same {
+					want = [2]uint64{0, 2 * total}
 				}
 				if got != want {
 					b.Fatalf("counted %d datagrams with an original destination, %d without; want %d and %d", got[0], got[1], want[0], want[1])
@@ -637,15 +651,25 @@ func BenchmarkCgroupSockLookup(b *testing.B) {
 	}
 }
 
-// noConntrackProgram is d.loadNoConntrackProgram, closed when the
-// benchmark ends.
+// noConntrackProgram is d.loadProgramCopy without the read, closed when
+// the benchmark ends.
 func noConntrackProgram(b *testing.B, d *Datapath, name string) *ebpf.Program {
 	b.Helper()
-	p, err := d.loadNoConntrackProgram(name)
+	p, err := d.loadProgramCopy(name, false)
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { p.Close() })
+	return p
+}
+
+// programCopy is d.loadProgramCopy of kzn_netfilter; the caller closes it.
+func programCopy(b *testing.B, d *Datapath, read bool) *ebpf.Program {
+	b.Helper()
+	p, err := d.loadProgramCopy("kzn_netfilter", read)
+	if err != nil {
+		b.Fatal(err)
+	}
 	return p
 }
 
@@ -700,7 +724,7 @@ func progStats(b *testing.B, progs []*ebpf.Program) []*ebpf.ProgramStats {
 // ports of the virtual IPs from benchServicePort up, each DNATed to its
 // own port of the backend from benchBackendPort up.
 const (
-	benchServicePorts = 16
+	benchServicePorts = 64
 	benchServicePort  = 1000
 	benchBackendPort  = 5000
 )

@@ -43,17 +43,21 @@ func loadObjectFile(cfg Config, path string) (*Datapath, error) {
 	return load(cfg, func() (*ebpf.CollectionSpec, error) { return ebpf.LoadCollectionSpec(path) })
 }
 
-// loadNoConntrackProgram loads a second copy of the program name
-// (kzn_netfilter or kzn_cgroup_egress), its read of an original
-// destination switched off (bench_no_conntrack, a load-time constant that
-// is 0 in the programs the agent loads, so no flow gets an original
-// destination), that counts into d's maps. The two programs then differ in
-// their code only, not in where their flow table, in-flight lines and
-// prefixes lie in memory: on real packets, separately loaded datapaths
-// differ by more than the read costs, the first loaded the faster whatever
-// its code (BenchmarkNetfilterConntrack, BENCHMARKS.md).
-func (d *Datapath) loadNoConntrackProgram(name string) (*ebpf.Program, error) {
-	spec, err := specWithSwitch("bench_no_conntrack")
+// loadProgramCopy loads another copy of the program name (kzn_netfilter
+// or kzn_cgroup_egress) that counts into d's maps: with read false, its
+// read of an original destination switched off (bench_no_conntrack, a
+// load-time constant that is 0 in the programs the agent loads, so no flow
+// gets an original destination); with read true, the code the agent loads.
+// Copies differ from one another in their code only, not in where their
+// flow table, in-flight lines and prefixes lie in memory. On real packets
+// two loaded copies of the same code still differ by more than the read
+// costs (BenchmarkNetfilterConntrack, BENCHMARKS.md), so the benchmark
+// loads fresh copies of both builds, round after round.
+func (d *Datapath) loadProgramCopy(name string, read bool) (*ebpf.Program, error) {
+	spec, err := loadFlow()
+	if !read {
+		spec, err = specWithSwitch("bench_no_conntrack")
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -76,7 +80,7 @@ func (d *Datapath) loadNoConntrackProgram(name string) (*ebpf.Program, error) {
 	spec.Programs = map[string]*ebpf.ProgramSpec{name: ps}
 	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: shared})
 	if err != nil {
-		return nil, fmt.Errorf("loading %s without the original destination read: %w", name, err)
+		return nil, fmt.Errorf("loading a copy of %s (original destination read %t): %w", name, read, err)
 	}
 	defer coll.Close()
 	return coll.DetachProgram(name), nil
