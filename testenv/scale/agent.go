@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
@@ -36,6 +37,10 @@ type agent struct {
 	incarnation string
 	seq         uint64
 	enc         wire.Encoder
+
+	// ready holds batches encoded before the sending (Options.Pregenerate),
+	// sent in order; with it, run neither generates nor encodes.
+	ready []readyBatch
 
 	// Outcome, read once the agent returned.
 	truth     map[pair]flow.Counts
@@ -107,6 +112,47 @@ func (a *agent) generate(n int) generated {
 	return g
 }
 
+// readyBatch is a batch encoded before the sending, with what it adds to
+// the ground truth once acknowledged.
+type readyBatch struct {
+	body  []byte
+	flows int
+	truth map[pair]flow.Counts
+	zones map[zonePair]flow.Counts
+}
+
+// pregenerate generates and encodes n batches of up to flowsPerBatch flows
+// for run to send, so that sending costs this process only the requests:
+// the offered rate can then exceed what generating and encoding on the
+// machine's other cores would allow. The flows are attributed to the pods
+// holding their addresses now, so the world must not churn afterwards.
+func (a *agent) pregenerate(n, flowsPerBatch int) {
+	a.ready = make([]readyBatch, 0, n)
+	for range n {
+		g := a.generate(flowsPerBatch)
+		a.seq++
+		g.batch.Node, g.batch.Incarnation, g.batch.Seq = nodeName(a.node), a.incarnation, a.seq
+		// Encode returns its buffer, which the next call reuses.
+		r := readyBatch{body: slices.Clone(a.enc.Encode(&g.batch)), flows: len(g.batch.Flows), truth: map[pair]flow.Counts{}, zones: map[zonePair]flow.Counts{}}
+		a.tally(r.truth, r.zones, g)
+		a.ready = append(a.ready, r)
+	}
+}
+
+// tally adds the flows of g to truth and zones.
+func (a *agent) tally(truth map[pair]flow.Counts, zones map[zonePair]flow.Counts, g generated) {
+	for i, f := range g.batch.Flows {
+		p := g.pods[i]
+		c := truth[p]
+		c.Add(f.Counts)
+		truth[p] = c
+		zp := zonePair{a.w.zoneOf(a.node), a.w.zoneOf(a.w.nodeOfPod(f.Dst))}
+		z := zones[zp]
+		z.Add(f.Counts)
+		zones[zp] = z
+	}
+}
+
 // run sends batches at one per interval until stop is closed, then
 // returns once the batch in flight is acknowledged. ctx ends everything,
 // in-flight batch included.
@@ -124,10 +170,21 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 			return nil
 		case <-t.C:
 		}
-		g := a.generate(flowsPerBatch)
-		a.seq++
-		g.batch.Node, g.batch.Incarnation, g.batch.Seq = nodeName(a.node), a.incarnation, a.seq
-		body := a.enc.Encode(&g.batch)
+		var r readyBatch
+		var g generated // the batch generated now, without Pregenerate
+		if a.ready != nil {
+			if len(a.ready) == 0 {
+				return nil // every pregenerated batch was sent
+			}
+			r, a.ready[0] = a.ready[0], readyBatch{}
+			a.ready = a.ready[1:]
+		} else {
+			g = a.generate(flowsPerBatch)
+			a.seq++
+			g.batch.Node, g.batch.Incarnation, g.batch.Seq = nodeName(a.node), a.incarnation, a.seq
+			r = readyBatch{body: a.enc.Encode(&g.batch), flows: len(g.batch.Flows)}
+		}
+		body := r.body
 		err := remotewrite.Retry(ctx, backoff, nil, func() error {
 			start := time.Now()
 			_, err := a.client.Store(ctx, body)
@@ -143,16 +200,13 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 		}
 		a.lastAck = time.Now()
 		a.batches++
-		a.flows += int64(len(g.batch.Flows))
-		for i, f := range g.batch.Flows {
-			p := g.pods[i]
-			c := a.truth[p]
-			c.Add(f.Counts)
-			a.truth[p] = c
-			zp := zonePair{a.w.zoneOf(a.node), a.w.zoneOf(a.w.nodeOfPod(f.Dst))}
-			z := a.zones[zp]
-			z.Add(f.Counts)
-			a.zones[zp] = z
+		a.flows += int64(r.flows)
+		// Acknowledged: what the batch carries joins the truth.
+		if r.truth != nil {
+			merge(a.truth, r.truth)
+			merge(a.zones, r.zones)
+		} else {
+			a.tally(a.truth, a.zones, g)
 		}
 		// A batch that took longer than the interval is followed at once
 		// by the next: the offered rate is an upper bound, and the
@@ -161,5 +215,14 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 		if now := time.Now(); next.Before(now) {
 			next = now
 		}
+	}
+}
+
+// merge adds the counts of src to dst.
+func merge[K comparable](dst, src map[K]flow.Counts) {
+	for k, c := range src {
+		t := dst[k]
+		t.Add(c)
+		dst[k] = t
 	}
 }

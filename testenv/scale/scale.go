@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -72,6 +73,12 @@ type Options struct {
 	// control plane and VictoriaMetrics) to the others, so the server's
 	// figures are its own.
 	ServerCPUs string
+	// Pregenerate generates and encodes every batch before the sending
+	// starts (Duration x BatchesPerSecond of them), so that this process
+	// offers batches at a rate the machine could not generate them at: the
+	// profile that finds the server's saturation. It needs ChurnPerSecond
+	// 0 (a flow belongs to the pods of when it was generated).
+	Pregenerate bool
 	// ServerFlags are added to the server's command line (they may
 	// override the simulation's own, which come first).
 	ServerFlags []string
@@ -132,6 +139,9 @@ func (o *Options) Validate() error {
 	}
 	if o.ChurnPerSecond < 0 {
 		errs = append(errs, fmt.Errorf("churn per second %g: must not be negative", o.ChurnPerSecond))
+	}
+	if o.Pregenerate && o.ChurnPerSecond != 0 {
+		errs = append(errs, fmt.Errorf("pregenerated batches need churn 0, not %g pods per second: their flows belong to the pods of before the sending", o.ChurnPerSecond))
 	}
 	if o.MaxPodPairs < 1 || o.PushInterval <= 0 {
 		errs = append(errs, errors.New("max pod pairs and push interval must be positive"))
@@ -258,6 +268,15 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 		if agents[i], err = newAgent(w, i, serverURL, opts.Seed); err != nil {
 			return res, err
 		}
+	}
+	if opts.Pregenerate {
+		perAgent := int(math.Ceil(opts.Duration.Seconds() * opts.BatchesPerSecond / float64(opts.Agents)))
+		say("generating and encoding %d batches per agent", perAgent)
+		var wg sync.WaitGroup
+		for _, a := range agents {
+			wg.Go(func() { a.pregenerate(perAgent, opts.FlowsPerBatch) })
+		}
+		wg.Wait()
 	}
 	cpu0, err := cpuTime(srv.Pid())
 	if err != nil {
