@@ -39,8 +39,11 @@ type agent struct {
 	enc         wire.Encoder
 
 	// ready holds batches encoded before the sending (Options.Pregenerate),
-	// sent in order; with it, run neither generates nor encodes.
+	// sent in order (sent of them acknowledged so far); with it, run
+	// neither generates nor encodes, and the truth is tallied once the
+	// sending is over (tallyReady).
 	ready []readyBatch
+	sent  int
 
 	// Outcome, read once the agent returned.
 	truth     map[pair]flow.Counts
@@ -70,10 +73,12 @@ func newAgent(w *world, node int, serverURL string, seed uint64) (*agent, error)
 	}, nil
 }
 
-// generated is a batch and the pods its flows are attributed to.
+// generated is a batch and the pods its flows are attributed to, by name
+// and by slot.
 type generated struct {
 	batch wire.Batch
 	pods  []pair
+	slots [][2]int32
 }
 
 // generate makes a batch of up to n flows from the node's pods to their
@@ -86,11 +91,13 @@ func (a *agent) generate(n int) generated {
 	index := map[flow.Key]int{}
 	w.mu.RLock()
 	for try := 0; try < 4*n && len(index) < n; try++ {
-		s := &w.slots[a.node*P+a.rng.IntN(P)]
+		si := a.node*P + a.rng.IntN(P)
+		s := &w.slots[si]
 		if s.vacant {
 			continue
 		}
-		d := &w.slots[s.peers[a.rng.IntN(len(s.peers))]]
+		di := s.peers[a.rng.IntN(len(s.peers))]
+		d := &w.slots[di]
 		if d.vacant {
 			continue
 		}
@@ -104,6 +111,7 @@ func (a *agent) generate(n int) generated {
 		index[k] = len(g.batch.Flows)
 		g.batch.Flows = append(g.batch.Flows, flow.Record{Key: k, Counts: c})
 		g.pods = append(g.pods, pair{s.pod, d.pod})
+		g.slots = append(g.slots, [2]int32{int32(si), int32(di)})
 	}
 	w.mu.RUnlock()
 	// Stamped after the attribution: a flow belongs to the pods that held
@@ -112,13 +120,19 @@ func (a *agent) generate(n int) generated {
 	return g
 }
 
-// readyBatch is a batch encoded before the sending, with what it adds to
-// the ground truth once acknowledged.
+// readyBatch is a batch encoded before the sending, with its flows'
+// slots and counts (no pointers: millions of them cost the collector
+// nothing while the batches are sent).
 type readyBatch struct {
 	body  []byte
-	flows int
-	truth map[pair]flow.Counts
-	zones map[zonePair]flow.Counts
+	flows []slotFlow
+}
+
+// slotFlow is a flow of a pregenerated batch: its source and destination
+// slots and its counts.
+type slotFlow struct {
+	src, dst int32
+	c        flow.Counts
 }
 
 // pregenerate generates and encodes n batches of up to flowsPerBatch flows
@@ -133,23 +147,45 @@ func (a *agent) pregenerate(n, flowsPerBatch int) {
 		a.seq++
 		g.batch.Node, g.batch.Incarnation, g.batch.Seq = nodeName(a.node), a.incarnation, a.seq
 		// Encode returns its buffer, which the next call reuses.
-		r := readyBatch{body: slices.Clone(a.enc.Encode(&g.batch)), flows: len(g.batch.Flows), truth: map[pair]flow.Counts{}, zones: map[zonePair]flow.Counts{}}
-		a.tally(r.truth, r.zones, g)
+		r := readyBatch{body: slices.Clone(a.enc.Encode(&g.batch)), flows: make([]slotFlow, len(g.slots))}
+		for i, sl := range g.slots {
+			r.flows[i] = slotFlow{sl[0], sl[1], g.batch.Flows[i].Counts}
+		}
 		a.ready = append(a.ready, r)
 	}
 }
 
-// tally adds the flows of g to truth and zones.
-func (a *agent) tally(truth map[pair]flow.Counts, zones map[zonePair]flow.Counts, g generated) {
+// tallyReady adds the pregenerated batches acknowledged to the truth,
+// naming the pods that held the slots (the world did not churn).
+func (a *agent) tallyReady() {
+	w := a.w
+	for _, r := range a.ready[:a.sent] {
+		for _, f := range r.flows {
+			s, d := &w.slots[f.src], &w.slots[f.dst]
+			p := pair{s.pod, d.pod}
+			c := a.truth[p]
+			c.Add(f.c)
+			a.truth[p] = c
+			zp := zonePair{w.zoneOf(s.node), w.zoneOf(d.node)}
+			z := a.zones[zp]
+			z.Add(f.c)
+			a.zones[zp] = z
+		}
+		a.flows += int64(len(r.flows))
+	}
+}
+
+// tally adds the flows of g, acknowledged, to the truth.
+func (a *agent) tally(g generated) {
 	for i, f := range g.batch.Flows {
 		p := g.pods[i]
-		c := truth[p]
+		c := a.truth[p]
 		c.Add(f.Counts)
-		truth[p] = c
+		a.truth[p] = c
 		zp := zonePair{a.w.zoneOf(a.node), a.w.zoneOf(a.w.nodeOfPod(f.Dst))}
-		z := zones[zp]
+		z := a.zones[zp]
 		z.Add(f.Counts)
-		zones[zp] = z
+		a.zones[zp] = z
 	}
 }
 
@@ -170,21 +206,19 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 			return nil
 		case <-t.C:
 		}
-		var r readyBatch
+		var body []byte
 		var g generated // the batch generated now, without Pregenerate
 		if a.ready != nil {
-			if len(a.ready) == 0 {
+			if a.sent == len(a.ready) {
 				return nil // every pregenerated batch was sent
 			}
-			r, a.ready[0] = a.ready[0], readyBatch{}
-			a.ready = a.ready[1:]
+			body = a.ready[a.sent].body
 		} else {
 			g = a.generate(flowsPerBatch)
 			a.seq++
 			g.batch.Node, g.batch.Incarnation, g.batch.Seq = nodeName(a.node), a.incarnation, a.seq
-			r = readyBatch{body: a.enc.Encode(&g.batch), flows: len(g.batch.Flows)}
+			body = a.enc.Encode(&g.batch)
 		}
-		body := r.body
 		err := remotewrite.Retry(ctx, backoff, nil, func() error {
 			start := time.Now()
 			_, err := a.client.Store(ctx, body)
@@ -200,13 +234,12 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 		}
 		a.lastAck = time.Now()
 		a.batches++
-		a.flows += int64(r.flows)
 		// Acknowledged: what the batch carries joins the truth.
-		if r.truth != nil {
-			merge(a.truth, r.truth)
-			merge(a.zones, r.zones)
+		if a.ready != nil {
+			a.sent++
 		} else {
-			a.tally(a.truth, a.zones, g)
+			a.flows += int64(len(g.batch.Flows))
+			a.tally(g)
 		}
 		// A batch that took longer than the interval is followed at once
 		// by the next: the offered rate is an upper bound, and the
@@ -218,11 +251,3 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 	}
 }
 
-// merge adds the counts of src to dst.
-func merge[K comparable](dst, src map[K]flow.Counts) {
-	for k, c := range src {
-		t := dst[k]
-		t.Add(c)
-		dst[k] = t
-	}
-}

@@ -261,8 +261,6 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 	}
 	res.Setup = time.Since(setupStart)
 
-	say("sending for %s: %d agents, %g batches/s of %d flows, %g pods replaced/s",
-		opts.Duration, opts.Agents, opts.BatchesPerSecond, opts.FlowsPerBatch, opts.ChurnPerSecond)
 	agents := make([]*agent, opts.Agents)
 	for i := range agents {
 		if agents[i], err = newAgent(w, i, serverURL, opts.Seed); err != nil {
@@ -278,6 +276,8 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 		}
 		wg.Wait()
 	}
+	say("sending for %s: %d agents, %g batches/s of %d flows, %g pods replaced/s",
+		opts.Duration, opts.Agents, opts.BatchesPerSecond, opts.FlowsPerBatch, opts.ChurnPerSecond)
 	cpu0, err := cpuTime(srv.Pid())
 	if err != nil {
 		return res, err
@@ -326,6 +326,9 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 	zones := map[zonePair]flow.Counts{}
 	var lastAck time.Time
 	for _, a := range agents {
+		if a.ready != nil {
+			a.tallyReady()
+		}
 		res.Flows += a.flows
 		res.Batches += a.batches
 		res.Retries += a.retries
