@@ -250,4 +250,3 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 		}
 	}
 }
-
