@@ -426,28 +426,36 @@ func BenchmarkMerge(b *testing.B) {
 //     node: every packet has a conntrack entry with IPS_DST_NAT, and the
 //     program reads the status and the original tuple's destination into
 //     the key (and an IPv6 one into the flow's flow_orig entry). The
-//     datagrams go round-robin to 16 ports of the virtual IP, each DNATed
-//     to its own backend port: 16 flows, whose slots lie in 16 places of
-//     the table. The -direct variants send to the backend's 16 ports
-//     themselves: a conntrack entry without IPS_DST_NAT, what most
-//     tracked packets have, whose status the program reads and stops.
+//     datagrams go round-robin to benchServicePorts ports of the virtual
+//     IP, each DNATed to its own backend port: as many flows, whose slots
+//     lie in as many places of the table. The -direct variants send to
+//     the backend's ports themselves: a conntrack entry without
+//     IPS_DST_NAT, what most tracked packets have, whose status the
+//     program reads and stops. The -same variants compare the build
+//     without the read with itself, through the Service: the baseline,
+//     what the method alone makes of two programs with the same code.
+//
 //     A run on a real packet pays cache misses (the stack evicts the
-//     table's lines between two packets), and what one flow's slot costs
-//     depends on where it lies, by more than the read itself. The three
-//     programs are attached to the node's POSTROUTING, so they see the
-//     same packets: the empty one at priority 97, the two others at 95
-//     and 96, swapping places every 2,000 datagrams (the first to run
-//     takes the cache misses on the packet's lines that the second is
-//     spared). Times are the kernel's run-time statistics
-//     (BPF_ENABLE_STATS: run_time_ns over run_cnt for the timed
-//     datagrams), whose own clock reads are in all three figures alike;
-//     ns/op is the sender's time per datagram, links swapped included. The
-//     benchmark then checks that both programs counted every datagram in
-//     the 16 flows, with the virtual IP and port as their original
-//     destination only in the first, and only through the Service. The
-//     -same variants run the program without the read in both places:
-//     their difference is what the places alone make, the baseline of
-//     the others'.
+//     table's lines between two packets), and two loaded copies of the
+//     same code differ, run after run, by more than the read costs
+//     (where their code and data land in memory). So the benchmark
+//     compares fresh copies: each round loads a copy of both builds
+//     (counting into the same maps; the one loaded first alternates from
+//     round to round), attaches them to the node's POSTROUTING with the
+//     empty program (priority 95 and 96, the empty one at 97, the
+//     copies swapping places between the round's two phases of 2,000
+//     datagrams: the first to run takes the misses on the packet's lines
+//     that the second is spared), and closes them. Times are the
+//     kernel's run-time statistics (BPF_ENABLE_STATS: run_time_ns over
+//     run_cnt), whose own clock reads are in all three figures alike.
+//     kernel0/1-ns/op and net0/1-ns/op are over all timed rounds;
+//     delta-ns/op is the median over the rounds of the round's
+//     kernel0 - kernel1, what the read adds to a packet, robust to a
+//     round disturbed by the rest of the machine. ns/op is the sender's
+//     time per datagram, loading and attaching included. The benchmark
+//     then checks that both builds counted every datagram in its flows,
+//     with the virtual IP and port as their original destination only in
+//     the agent's build, and only through the Service.
 func BenchmarkNetfilterConntrack(b *testing.B) {
 	testutil.RequireRoot(b)
 	for _, c := range netfilterCases(b)[:2] {
