@@ -12,9 +12,11 @@
 // pairs of runs of a fixed duration each:
 //
 //   - TCP with offloads on and with offloads off: iperf3 (Debian), throughput
-//     in Gbit/s as iperf3's receiver reports it. Offloads on are the veth
-//     defaults (TSO/GSO on); off is testnet's one segment per skb. Each has
-//     its own topology, built once.
+//     in Gbit/s as iperf3's receiver reports it. On is the veth defaults
+//     (TSO and GSO on, GRO off); off is `ethtool -K tso off gso off gro off`
+//     on both ends of every veth, switched between the cases. (testnet's
+//     default, one segment per skb, makes TCP crawl at a few hundred
+//     Mbit/s here: no measure of the datapath.)
 //   - UDP with a 64-byte payload: one flow, 2,000 flows, and 32,000 new
 //     flows per second (the flow set is replaced every second), from a
 //     generator in this package (sendmmsg from one socket in the client pod).
@@ -33,10 +35,13 @@
 // (127.0.0.1), which decodes it with internal/wire. After the traffic, the
 // agent is stopped with SIGTERM and its final drain received; the bytes and
 // packets it reported for the client-to-server pair must equal the nftables
-// counter at node a over the run. With offloads on, nftables counts a GSO
-// skb as one packet of skb->len while the agent counts wire segments (see
-// the bpf package), so there the packets must equal the client's own
-// TcpOutSegs and the bytes the reference's plus one IPv4+TCP header (52
-// bytes, timestamps on) per extra segment. A run that is not exact is
-// reported; Result.Exact is false and the command exits non-zero.
+// counter at node a over the run (UDP). TCP sends GSO skbs: nftables counts
+// one as a packet of skb->len while the agent counts wire segments (see the
+// bpf package), so for TCP the packets must equal the client's own count of
+// segments sent (TcpOutSegs + TcpRetransSegs: OutSegs leaves retransmissions
+// out) and the bytes the reference's plus one IPv4+TCP header (52 bytes,
+// timestamps on) per segment beyond the skbs. With offloads off TCP sends
+// one segment per skb here, and this is nftables' count exactly. A run that
+// is not exact is reported; Result.Exact is false and the command exits
+// non-zero.
 package traffic

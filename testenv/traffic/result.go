@@ -104,7 +104,7 @@ func (r *Result) WriteTable(out io.Writer) error {
 	fmt.Fprintf(out, "%d pairs of %s runs per case, without then with the agent; rate medians over the runs.\n", o.Runs, o.Duration)
 	fmt.Fprintln(out, "ratio: median with / median without. pairs: min-max of with/without per pair. noise: min-max of the ratios of consecutive runs without the agent (the spread when nothing changes).")
 	fmt.Fprintln(out, "agent CPU: median utime+stime over a run's traffic; VmHWM: largest peak RSS; prog: the agent's program over a run's traffic (kernel.bpf_stats_enabled), median ns/run and median runs; flows: largest batch.")
-	fmt.Fprintln(out, "exact: runs whose counts equal nftables' at node a (offloads on: the client's TcpOutSegs, and nftables' bytes plus 52 header bytes per further segment).")
+	fmt.Fprintln(out, "exact: runs whose counts equal nftables' at node a (TCP: packets equal the client's TcpOutSegs+TcpRetransSegs, bytes nftables' plus 52 header bytes per segment beyond its skbs).")
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "CASE\tUNIT\tWITHOUT\tWITH\tRATIO\tPAIRS\tNOISE\tAGENT CPU\tVmHWM\tPROG NS/RUN\tPROG RUNS\tFLOWS\tEXACT")
 	for _, c := range r.Cases {

@@ -98,23 +98,31 @@ func waitListening(ctx context.Context, ns string, port int, p *testenv.Process)
 	}
 }
 
-// tcpOutSegs returns the TCP segments namespace ns has sent so far
-// (TcpOutSegs). The kernel adds a GSO skb's segment count, so this is the
-// sender's own count of wire segments, retransmissions included.
-func tcpOutSegs(ctx context.Context, ns string) (uint64, error) {
-	out, err := testnet.Exec(ctx, ns, "nstat", "-asz", "TcpOutSegs")
+// tcpSegs returns the TCP segments namespace ns has sent so far:
+// TcpOutSegs, which counts new data and control segments, plus
+// TcpRetransSegs (TcpOutSegs leaves retransmissions out). The kernel adds
+// a GSO skb's segment count to both, so this is the sender's own count of
+// wire segments.
+func tcpSegs(ctx context.Context, ns string) (uint64, error) {
+	out, err := testnet.Exec(ctx, ns, "nstat", "-asz", "TcpOutSegs", "TcpRetransSegs")
 	if err != nil {
 		return 0, err
 	}
+	var sum uint64
+	seen := 0
 	for _, line := range strings.Split(string(out), "\n") {
 		f := strings.Fields(line)
-		if len(f) >= 2 && f[0] == "TcpOutSegs" {
+		if len(f) >= 2 && (f[0] == "TcpOutSegs" || f[0] == "TcpRetransSegs") {
 			n, err := strconv.ParseUint(f[1], 10, 64)
 			if err != nil {
 				return 0, fmt.Errorf("parsing nstat output %q: %w", line, err)
 			}
-			return n, nil
+			sum += n
+			seen++
 		}
 	}
-	return 0, fmt.Errorf("nstat printed no TcpOutSegs: %s", out)
+	if seen != 2 {
+		return 0, fmt.Errorf("nstat printed no TcpOutSegs or TcpRetransSegs: %s", out)
+	}
+	return sum, nil
 }

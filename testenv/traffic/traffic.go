@@ -28,6 +28,13 @@ const (
 	UDP
 )
 
+func (k Kind) String() string {
+	if k == TCP {
+		return "TCP"
+	}
+	return "UDP"
+}
+
 // Case is one row of the table: a kind of traffic and the agent's flush
 // interval for it.
 type Case struct {
@@ -36,7 +43,9 @@ type Case struct {
 	// Title is the row's label.
 	Title string
 	Kind  Kind
-	// Offloads keeps TSO/GSO on (testnet.Spec.Offloads).
+	// Offloads keeps TSO and GSO on every veth (their defaults) for TCP;
+	// off sets them and GRO off with ethtool. UDP runs on testnet's
+	// default topology: one segment per skb, offloads off.
 	Offloads bool
 	// Payload is the UDP payload in bytes.
 	Payload int
@@ -193,14 +202,19 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	defer rcv.Close()
 
-	b := &bench{opts: opts, logf: logf, rcv: rcv, topos: map[bool]*world{}}
+	b := &bench{opts: opts, logf: logf, rcv: rcv, topos: map[Kind]*world{}}
 	defer b.close()
 	res := &Result{Options: opts, Host: describeHost()}
 	for _, name := range opts.Cases {
 		c, _ := CaseByName(name)
-		w, err := b.world(ctx, c.Offloads)
+		w, err := b.world(ctx, c.Kind)
 		if err != nil {
 			return nil, err
+		}
+		if c.Kind == TCP {
+			if err := w.setOffloads(ctx, c.Offloads); err != nil {
+				return nil, err
+			}
 		}
 		cr := CaseResult{Case: c}
 		for i := range opts.Runs {
@@ -241,18 +255,19 @@ type bench struct {
 	opts  Options
 	logf  func(string, ...any)
 	rcv   *receiver
-	topos map[bool]*world // by offloads
+	topos map[Kind]*world
 }
 
-// world returns the topology with or without offloads, building it on
-// first use.
-func (b *bench) world(ctx context.Context, offloads bool) (*world, error) {
-	if w, ok := b.topos[offloads]; ok {
+// world returns the topology of a kind of traffic, building it on first
+// use. TCP's keeps the veths' offloads, for setOffloads to switch; UDP's
+// is testnet's default, one segment per skb.
+func (b *bench) world(ctx context.Context, kind Kind) (*world, error) {
+	if w, ok := b.topos[kind]; ok {
 		return w, nil
 	}
-	b.logf("building the topology (offloads %v)", offloads)
+	b.logf("building the topology for %s", kind)
 	topo, err := testnet.Build(ctx, testnet.Spec{
-		Offloads: offloads,
+		Offloads: kind == TCP,
 		Nodes: []testnet.NodeSpec{
 			{Name: "a", Zone: "zone-a", Pods: []string{"client"}},
 			{Name: "b", Zone: "zone-b", Pods: []string{"server"}},
@@ -262,7 +277,7 @@ func (b *bench) world(ctx context.Context, offloads bool) (*world, error) {
 		return nil, err
 	}
 	w := &world{topo: topo, node: topo.Node("a"), client: topo.Pod("client"), server: topo.Pod("server")}
-	b.topos[offloads] = w
+	b.topos[kind] = w
 	w.pair = testnet.Pair{Src: w.client.IPv4, Dst: w.server.IPv4}
 	w.ref = testnet.NewReference(referencePriority)
 	if err := w.ref.Watch(ctx, w.node.NS, w.pair); err != nil {
@@ -280,4 +295,29 @@ func (b *bench) close() {
 			b.logf("removing the topology: %v", err)
 		}
 	}
+}
+
+// setOffloads switches TSO, GSO and GRO on both ends of every veth of the
+// topology: on is the veth defaults (TSO and GSO on, GRO off), off all
+// three off. Off leaves the GSO segment limit alone, unlike testnet's
+// default topology, so TCP may still hand the stack multi-segment skbs
+// (see check).
+func (w *world) setOffloads(ctx context.Context, on bool) error {
+	state := []string{"tso", "off", "gso", "off", "gro", "off"}
+	if on {
+		state = []string{"tso", "on", "gso", "on", "gro", "off"}
+	}
+	devs := [][2]string{}
+	for _, n := range w.topo.Nodes {
+		devs = append(devs, [2]string{w.topo.Fabric, fmt.Sprintf("n%d", n.Index)}, [2]string{n.NS, "fab0"})
+		for _, p := range n.Pods {
+			devs = append(devs, [2]string{n.NS, p.HostVeth}, [2]string{p.NS, "eth0"})
+		}
+	}
+	for _, d := range devs {
+		if _, err := testnet.Exec(ctx, d[0], append([]string{"ethtool", "-K", d[1]}, state...)...); err != nil {
+			return fmt.Errorf("switching offloads: %w", err)
+		}
+	}
+	return nil
 }
