@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"text/tabwriter"
+	"time"
 )
 
 // Result is what a benchmark measured.
@@ -96,6 +97,17 @@ func (c CaseResult) Ratio() float64 {
 	return median(rates(c.With)) / w
 }
 
+// CostPerPacket is the time the agent added per packet, from the medians:
+// 1/with - 1/without, for UDP (kpps); zero for TCP, whose rate is not in
+// packets.
+func (c CaseResult) CostPerPacket() time.Duration {
+	w, a := median(rates(c.Without)), median(rates(c.With))
+	if c.Case.Kind != UDP || w == 0 || a == 0 {
+		return 0
+	}
+	return time.Duration(1e6/a - 1e6/w) // kpps: 1e6/rate is ns per packet
+}
+
 // WriteTable writes the result as one table, a row per case, and the
 // definitions of its columns.
 func (r *Result) WriteTable(out io.Writer) error {
@@ -103,10 +115,11 @@ func (r *Result) WriteTable(out io.Writer) error {
 	fmt.Fprintf(out, "host: %s\n", r.Host)
 	fmt.Fprintf(out, "%d pairs of %s runs per case, without then with the agent; rate medians over the runs.\n", o.Runs, o.Duration)
 	fmt.Fprintln(out, "ratio: median with / median without. pairs: min-max of with/without per pair. noise: min-max of the ratios of consecutive runs without the agent (the spread when nothing changes).")
+	fmt.Fprintln(out, "cost/pkt: time the agent added per packet, 1/with - 1/without of the medians (UDP), to set against the program's ns/run.")
 	fmt.Fprintln(out, "agent CPU: median utime+stime over a run's traffic; VmHWM: largest peak RSS; prog: the agent's program over a run's traffic (kernel.bpf_stats_enabled), median ns/run and median runs; flows: largest batch.")
 	fmt.Fprintln(out, "exact: runs whose counts equal nftables' at node a (TCP: packets equal the client's TcpOutSegs+TcpRetransSegs, bytes nftables' plus 52 header bytes per segment beyond its skbs).")
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "CASE\tUNIT\tWITHOUT\tWITH\tRATIO\tPAIRS\tNOISE\tAGENT CPU\tVmHWM\tPROG NS/RUN\tPROG RUNS\tFLOWS\tEXACT")
+	fmt.Fprintln(tw, "CASE\tUNIT\tWITHOUT\tWITH\tRATIO\tPAIRS\tNOISE\tCOST/PKT\tAGENT CPU\tVmHWM\tPROG NS/RUN\tPROG RUNS\tFLOWS\tEXACT")
 	for _, c := range r.Cases {
 		var cpu, nsPerRun, runs []float64
 		var rss int64
@@ -128,9 +141,13 @@ func (r *Result) WriteTable(out io.Writer) error {
 			progNS = fmt.Sprintf("%.1f", median(nsPerRun))
 			progRuns = fmt.Sprintf("%.0f", median(runs))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t%.2f\t%s\t%s\t%.2f s\t%.1f MiB\t%s\t%s\t%d\t%d/%d\n",
+		cost := "-"
+		if c.Case.Kind == UDP {
+			cost = fmt.Sprintf("%d ns", c.CostPerPacket().Nanoseconds())
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t%.2f\t%s\t%s\t%s\t%.2f s\t%.1f MiB\t%s\t%s\t%d\t%d/%d\n",
 			c.Case.Title, c.Case.Unit(), median(rates(c.Without)), median(rates(c.With)), c.Ratio(),
-			band(c.PairRatios()), band(c.NoiseRatios()), median(cpu), float64(rss)/(1<<20),
+			band(c.PairRatios()), band(c.NoiseRatios()), cost, median(cpu), float64(rss)/(1<<20),
 			progNS, progRuns, flows, exact, len(c.With))
 	}
 	if err := tw.Flush(); err != nil {
