@@ -132,7 +132,11 @@ func (b *bench) run(ctx context.Context, w *world, c Case, withAgent bool) (r Ru
 		}
 		r.Sent, elapsed = res.sent, res.elapsed
 	}
-	refAfter, err := settle(ctx, w.ref, w.pair)
+	var want uint64 // packets node a will see, where known
+	if c.Kind == UDP {
+		want = r.Sent
+	}
+	refAfter, err := settle(ctx, w.ref, w.pair, refBefore[w.pair], want)
 	if err != nil {
 		return r, err
 	}
@@ -235,20 +239,25 @@ func diff(a, b flow.Counts) flow.Counts {
 	return flow.Counts{Bytes: a.Bytes - b.Bytes, Packets: a.Packets - b.Packets}
 }
 
-// settle reads the reference until two reads 50 ms apart agree: packets
-// still queued between the client and node a when the sender stopped have
-// then passed the hook.
-func settle(ctx context.Context, ref *testnet.Reference, p testnet.Pair) (map[testnet.Pair]flow.Counts, error) {
+// settle reads the reference until it holds want packets more than
+// before (UDP: what the sender sent, the usual end) or, when some were
+// lost before node a or want is unknown (0), until two reads 100 ms apart
+// agree: packets still queued between the client and node a when the
+// sender stopped have then passed the hook.
+func settle(ctx context.Context, ref *testnet.Reference, p testnet.Pair, before flow.Counts, want uint64) (map[testnet.Pair]flow.Counts, error) {
 	prev, err := ref.Read(ctx)
 	if err != nil {
 		return nil, err
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
+		if want > 0 && prev[p].Packets-before.Packets == want {
+			return prev, nil
+		}
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case <-time.After(50 * time.Millisecond): // the quiet time
+		case <-time.After(100 * time.Millisecond): // the quiet time
 		}
 		cur, err := ref.Read(ctx)
 		if err != nil {
