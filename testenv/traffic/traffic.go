@@ -247,7 +247,8 @@ type world struct {
 	client, server *testnet.Pod
 	ref            *testnet.Reference
 	pair           testnet.Pair
-	sink           *sink
+	// sink receives the UDP generator's datagrams (UDP's topology only).
+	sink *sink
 }
 
 // bench holds what the runs share.
@@ -283,8 +284,10 @@ func (b *bench) world(ctx context.Context, kind Kind) (*world, error) {
 	if err := w.ref.Watch(ctx, w.node.NS, w.pair); err != nil {
 		return nil, err
 	}
-	if w.sink, err = installSink(ctx, w.server.NS, w.client.IPv4); err != nil {
-		return nil, err
+	if kind == UDP {
+		if w.sink, err = installSink(ctx, w.server.NS, w.client.IPv4); err != nil {
+			return nil, err
+		}
 	}
 	return w, nil
 }
