@@ -37,11 +37,12 @@
 // packets it reported for the client-to-server pair must equal the nftables
 // counter at node a over the run (UDP). TCP sends GSO skbs: nftables counts
 // one as a packet of skb->len while the agent counts wire segments (see the
-// bpf package), so for TCP the packets must equal the client's own count of
-// segments sent (TcpOutSegs + TcpRetransSegs: OutSegs leaves retransmissions
-// out) and the bytes the reference's plus one IPv4+TCP header (52 bytes,
-// timestamps on) per segment beyond the skbs. With offloads off TCP sends
-// one segment per skb here, and this is nftables' count exactly. A run that
-// is not exact is reported; Result.Exact is false and the command exits
-// non-zero.
+// bpf package), so for TCP the bytes must equal the reference's plus one
+// IPv4+TCP header (52 bytes, timestamps on) per segment beyond the skbs, and
+// the packets the client's own count of segments sent (TcpOutSegs +
+// TcpRetransSegs: OutSegs leaves retransmissions out), unless skbs were
+// lost between the client and node a (its veth's TX drops): then the packets
+// are reported as unchecked. With offloads off TCP sends one segment per
+// skb here, and the check is nftables' count exactly. A run that is not
+// exact is reported; Result.Exact is false and the command exits non-zero.
 package traffic

@@ -126,3 +126,24 @@ func tcpSegs(ctx context.Context, ns string) (uint64, error) {
 	}
 	return sum, nil
 }
+
+// txDropped returns the packets device dev in ns dropped on transmit. A
+// veth counts there what its peer's backlog refused: on the client pod's
+// eth0, skbs lost before they reached node a.
+func txDropped(ctx context.Context, ns, dev string) (uint64, error) {
+	out, err := exec.CommandContext(ctx, "ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev).Output()
+	if err != nil {
+		return 0, fmt.Errorf("reading the statistics of %s in %s: %w", dev, ns, err)
+	}
+	var links []struct {
+		Stats64 struct {
+			TX struct {
+				Dropped uint64 `json:"dropped"`
+			} `json:"tx"`
+		} `json:"stats64"`
+	}
+	if err := json.Unmarshal(out, &links); err != nil || len(links) != 1 {
+		return 0, fmt.Errorf("parsing the statistics of %s in %s: %v: %s", dev, ns, err, out)
+	}
+	return links[0].Stats64.TX.Dropped, nil
+}

@@ -226,6 +226,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 				logf("%s pair %d %s: %s", c.Name, i+1, r.label(), r.summary(c))
 				if withAgent {
 					cr.With = append(cr.With, r)
+					if r.Unchecked != "" {
+						res.Unchecked = append(res.Unchecked, fmt.Sprintf("%s pair %d: %s", c.Name, i+1, r.Unchecked))
+					}
 					if r.Mismatch != "" {
 						res.Mismatches = append(res.Mismatches, fmt.Sprintf("%s pair %d: %s", c.Name, i+1, r.Mismatch))
 						logf("NOT EXACT: %s pair %d: %s", c.Name, i+1, r.Mismatch)
