@@ -119,6 +119,11 @@ func (r *Result) WriteTable(out io.Writer) error {
 	fmt.Fprintln(out, "ratio: median with / median without. pairs: min-max of with/without per pair. noise: min-max of the ratios of consecutive runs without the agent (the spread when nothing changes).")
 	fmt.Fprintln(out, "cost/pkt: time the agent added per packet, 1/with - 1/without of the medians (UDP), to set against the program's ns/run.")
 	fmt.Fprintln(out, "agent CPU: median utime+stime over a run's traffic; VmHWM: largest peak RSS; prog: the agent's program over a run's traffic (kernel.bpf_stats_enabled), median ns/run and median runs; flows: largest batch.")
+	if o.NoBPFStats {
+		fmt.Fprintln(out, "program statistics off (-no-bpf-stats): no program run time or count.")
+	} else {
+		fmt.Fprintln(out, "program statistics on (kernel.bpf_stats_enabled): every program run also pays two clock reads, in the with-agent rates and partly in ns/run; -no-bpf-stats leaves them out.")
+	}
 	fmt.Fprintln(out, "exact: runs whose counts equal nftables' at node a. TCP with GSO skbs: bytes nftables' plus 52 header bytes per segment beyond its skbs, packets the client's TcpOutSegs+TcpRetransSegs when no skb was lost before node a.")
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "CASE\tUNIT\tWITHOUT\tWITH\tRATIO\tPAIRS\tNOISE\tCOST/PKT\tAGENT CPU\tVmHWM\tPROG NS/RUN\tPROG RUNS\tFLOWS\tEXACT")
