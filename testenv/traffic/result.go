@@ -16,9 +16,13 @@ import (
 type Result struct {
 	// Options are the run's, defaults applied.
 	Options Options
-	// Host names the CPU and its Spectre SRSO mitigation, which the
-	// per-packet cost of a BPF program depends on.
+	// Host names the CPU and the mitigations the per-packet cost of a
+	// BPF program depends on.
 	Host string
+	// LoadStart and LoadEnd are the one-minute load averages when the
+	// benchmark started and ended: other work on the host widens the
+	// noise band.
+	LoadStart, LoadEnd string
 	// Cases in the order they ran.
 	Cases []CaseResult
 	// Mismatches lists every run whose counts were not exact.
@@ -114,7 +118,7 @@ func (c CaseResult) CostPerPacket() time.Duration {
 // definitions of its columns.
 func (r *Result) WriteTable(out io.Writer) error {
 	o := r.Options
-	fmt.Fprintf(out, "host: %s\n", r.Host)
+	fmt.Fprintf(out, "host: %s; load average %s at the start, %s at the end\n", r.Host, r.LoadStart, r.LoadEnd)
 	fmt.Fprintf(out, "%d pairs of %s runs per case, without then with the agent; rate medians over the runs.\n", o.Runs, o.Duration)
 	fmt.Fprintln(out, "ratio: median with / median without. pairs: min-max of with/without per pair. noise: min-max of the ratios of consecutive runs without the agent (the spread when nothing changes).")
 	fmt.Fprintln(out, "cost/pkt: time the agent added per packet, 1/with - 1/without of the medians (UDP), to set against the program's ns/run.")
@@ -176,8 +180,9 @@ func (r *Result) WriteTable(out io.Writer) error {
 	return nil
 }
 
-// describeHost names the CPU model and the kernel's Spectre SRSO
-// mitigation state.
+// describeHost names the CPU model and the mitigations a BPF program's
+// per-packet cost depends on: Spectre SRSO (Safe RET makes every return
+// dearer) and Spectre v2 (retpolines make every indirect call dearer).
 func describeHost() string {
 	model := "unknown CPU"
 	if f, err := os.Open("/proc/cpuinfo"); err == nil {
@@ -190,13 +195,26 @@ func describeHost() string {
 		}
 		f.Close()
 	}
-	srso := "unknown"
-	if b, err := os.ReadFile("/sys/devices/system/cpu/vulnerabilities/spec_rstack_overflow"); err == nil {
-		srso = strings.TrimSpace(string(b))
-	}
-	var uname strings.Builder
+	kernel := "unknown"
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
-		uname.WriteString(strings.TrimSpace(string(b)))
+		kernel = strings.TrimSpace(string(b))
 	}
-	return fmt.Sprintf("%s, %d CPUs, Linux %s, spec_rstack_overflow: %s", model, runtime.NumCPU(), uname.String(), srso)
+	out := fmt.Sprintf("%s, %d CPUs, Linux %s", model, runtime.NumCPU(), kernel)
+	for _, v := range []string{"spec_rstack_overflow", "spectre_v2"} {
+		state := "unknown"
+		if b, err := os.ReadFile("/sys/devices/system/cpu/vulnerabilities/" + v); err == nil {
+			state = strings.TrimSpace(string(b))
+		}
+		out += fmt.Sprintf(", %s: %s", v, state)
+	}
+	return out
+}
+
+// loadAverage returns the one-minute load average, "?" when unreadable.
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) > 0 {
+		return f[0]
+	}
+	return "?"
 }

@@ -204,7 +204,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 
 	b := &bench{opts: opts, logf: logf, rcv: rcv, topos: map[Kind]*world{}}
 	defer b.close()
-	res := &Result{Options: opts, Host: describeHost()}
+	res := &Result{Options: opts, Host: describeHost(), LoadStart: loadAverage()}
 	for _, name := range opts.Cases {
 		c, _ := CaseByName(name)
 		w, err := b.world(ctx, c.Kind)
@@ -240,6 +240,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		}
 		res.Cases = append(res.Cases, cr)
 	}
+	res.LoadEnd = loadAverage()
 	return res, nil
 }
 
