@@ -24,12 +24,16 @@
 //     the two ports, and the generator sends from port 65535. The server pod
 //     counts and drops the datagrams in an nftables rule at prerouting (no
 //     socket per port, no ICMP port-unreachable back); the rate is what
-//     arrived there, in kpps.
+//     arrived there, in kpps. A 1 s flush interval that straddles a
+//     change of set sees the end of one and the start of the next: up to
+//     twice 32,000 flows in one batch.
 //
 // With the agent, a run also measures the agent's CPU time (utime+stime over
 // the traffic), its peak RSS (VmHWM), and its program's run count and run
 // time from kernel.bpf_stats_enabled (held on by the benchmark while it
-// runs), read from the program the agent's netfilter links point at.
+// runs), read from the program the agent's netfilter links point at. The
+// setting is host-wide: while it is on, every BPF program on the host pays
+// two clock reads per run (Options.NoBPFStats leaves it off).
 //
 // Exactness: the agent sends its remote-write to a receiver in this process
 // (127.0.0.1), which decodes it with internal/wire. After the traffic, the
