@@ -10,7 +10,7 @@ ARCH_TRIPLET ?= $(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gn
 VERSION      ?= $(shell cat VERSION)
 LDFLAGS      := -s -w -X github.com/kubezonnet/kubezonnet/internal/version.Version=$(VERSION)
 
-.PHONY: all deps generate check-generate build test bench demo docs k8s clean scale
+.PHONY: all deps generate check-generate build test bench demo docs k8s clean scale traffic
 
 all: build
 
@@ -72,6 +72,20 @@ demo: deps build
 SCALE_FLAGS ?=
 scale: k8s
 	$(GO) run ./testenv/scale/cmd/scale $(SCALE_FLAGS)
+
+# traffic runs the traffic benchmark (testenv/traffic) and prints one table:
+# iperf3 TCP (offloads on and off) and 64-byte UDP (one flow, 2,000 flows,
+# 32,000 new flows/s) through a router namespace, alternately without and
+# with the real agent: rates, their noise band, the agent's CPU and RSS,
+# its program's run time and count. The agent's counts are checked against
+# nftables in every run; any difference fails the target. Needs root. The
+# defaults (5 pairs of 10 s runs per case) take about 10 minutes on 2
+# cores; a quick look: TRAFFIC_FLAGS='-runs 1 -duration 3s'; one case:
+# TRAFFIC_FLAGS='-cases udp-32k-flows-per-s' (see
+# `go run ./testenv/traffic/cmd/traffic -h`).
+TRAFFIC_FLAGS ?=
+traffic: deps build
+	$(GO) run ./testenv/traffic/cmd/traffic -bin $(BIN) $(TRAFFIC_FLAGS)
 
 # image builds the container image (Dockerfile: one static binary on
 # distroless) and tags it $(IMAGE):$(VERSION); deploy/ manifests name the

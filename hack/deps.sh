@@ -5,7 +5,7 @@
 # wait on the network, not the CPU. Idempotent; says what it reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=(make gcc git clang llvm libbpf-dev bpftool iproute2 iputils-ping nftables ethtool util-linux prometheus victoria-metrics)
+pkgs=(make gcc git clang llvm libbpf-dev bpftool iproute2 iputils-ping nftables ethtool iperf3 util-linux prometheus victoria-metrics)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

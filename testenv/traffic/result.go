@@ -1,0 +1,220 @@
+package traffic
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// Result is what a benchmark measured.
+type Result struct {
+	// Options are the run's, defaults applied.
+	Options Options
+	// Host names the CPU and the mitigations the per-packet cost of a
+	// BPF program depends on.
+	Host string
+	// LoadStart and LoadEnd are the one-minute load averages when the
+	// benchmark started and ended: other work on the host widens the
+	// noise band.
+	LoadStart, LoadEnd string
+	// Cases in the order they ran.
+	Cases []CaseResult
+	// Mismatches lists every run whose counts were not exact.
+	Mismatches []string
+	// Unchecked lists runs with a part of the check left out, and why.
+	Unchecked []string
+}
+
+// CaseResult is one case's runs, in pairs: Without[i] ran just before
+// With[i].
+type CaseResult struct {
+	Case          Case
+	Without, With []RunResult
+}
+
+// Exact reports whether every run with the agent counted exactly.
+func (r *Result) Exact() bool { return len(r.Mismatches) == 0 }
+
+// rates returns the rates of runs.
+func rates(runs []RunResult) []float64 {
+	out := make([]float64, len(runs))
+	for i, r := range runs {
+		out[i] = r.Rate
+	}
+	return out
+}
+
+// median returns the median of xs (0 for none).
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// band formats the range of xs, "-" for none.
+func band(xs []float64) string {
+	if len(xs) == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f-%.2f", slices.Min(xs), slices.Max(xs))
+}
+
+// PairRatios are with/without of each pair.
+func (c CaseResult) PairRatios() []float64 {
+	var out []float64
+	for i := range min(len(c.With), len(c.Without)) {
+		if c.Without[i].Rate > 0 {
+			out = append(out, c.With[i].Rate/c.Without[i].Rate)
+		}
+	}
+	return out
+}
+
+// NoiseRatios are the ratios of consecutive runs without the agent: what
+// the ratio looks like when nothing changed between two runs.
+func (c CaseResult) NoiseRatios() []float64 {
+	var out []float64
+	for i := 1; i < len(c.Without); i++ {
+		if c.Without[i-1].Rate > 0 {
+			out = append(out, c.Without[i].Rate/c.Without[i-1].Rate)
+		}
+	}
+	return out
+}
+
+// Ratio is the median with the agent over the median without.
+func (c CaseResult) Ratio() float64 {
+	w := median(rates(c.Without))
+	if w == 0 {
+		return 0
+	}
+	return median(rates(c.With)) / w
+}
+
+// CostPerPacket is the time the agent added per packet, from the medians:
+// 1/with - 1/without, for UDP (kpps); zero for TCP, whose rate is not in
+// packets.
+func (c CaseResult) CostPerPacket() time.Duration {
+	w, a := median(rates(c.Without)), median(rates(c.With))
+	if c.Case.Kind != UDP || w == 0 || a == 0 {
+		return 0
+	}
+	return time.Duration(1e6/a - 1e6/w) // kpps: 1e6/rate is ns per packet
+}
+
+// WriteTable writes the result as one table, a row per case, and the
+// definitions of its columns.
+func (r *Result) WriteTable(out io.Writer) error {
+	o := r.Options
+	fmt.Fprintf(out, "host: %s; load average %s at the start, %s at the end\n", r.Host, r.LoadStart, r.LoadEnd)
+	fmt.Fprintf(out, "%d pairs of %s runs per case, without then with the agent; rate medians over the runs.\n", o.Runs, o.Duration)
+	fmt.Fprintln(out, "ratio: median with / median without. pairs: min-max of with/without per pair. noise: min-max of the ratios of consecutive runs without the agent (the spread when nothing changes).")
+	fmt.Fprintln(out, "cost/pkt: time the agent added per packet, 1/with - 1/without of the medians (UDP), to set against the program's ns/run.")
+	fmt.Fprintln(out, "agent CPU: median utime+stime over a run's traffic; VmHWM: largest peak RSS; prog: the agent's program over a run's traffic (kernel.bpf_stats_enabled), median ns/run and median runs; flows: largest batch.")
+	if o.NoBPFStats {
+		fmt.Fprintln(out, "program statistics off (-no-bpf-stats): no program run time or count.")
+	} else {
+		fmt.Fprintln(out, "program statistics on (kernel.bpf_stats_enabled): every program run also pays two clock reads, in the with-agent rates and partly in ns/run; -no-bpf-stats leaves them out.")
+	}
+	fmt.Fprintln(out, "exact: runs whose counts equal nftables' at node a. TCP with GSO skbs: bytes nftables' plus 52 header bytes per segment beyond its skbs, packets the client's TcpOutSegs+TcpRetransSegs when no skb was lost before node a.")
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "CASE\tUNIT\tWITHOUT\tWITH\tRATIO\tPAIRS\tNOISE\tCOST/PKT\tAGENT CPU\tVmHWM\tPROG NS/RUN\tPROG RUNS\tFLOWS\tEXACT")
+	for _, c := range r.Cases {
+		var cpu, nsPerRun, runs []float64
+		var rss int64
+		var flows, exact, unchecked int
+		for _, w := range c.With {
+			cpu = append(cpu, w.AgentCPU.Seconds())
+			if w.ProgRuns > 0 {
+				nsPerRun = append(nsPerRun, float64(w.ProgTime.Nanoseconds())/float64(w.ProgRuns))
+				runs = append(runs, float64(w.ProgRuns))
+			}
+			rss = max(rss, w.AgentRSS)
+			flows = max(flows, w.MaxBatchFlows)
+			if w.Mismatch == "" {
+				exact++
+			}
+			if w.Unchecked != "" {
+				unchecked++
+			}
+		}
+		progNS, progRuns := "-", "-"
+		if len(nsPerRun) > 0 {
+			progNS = fmt.Sprintf("%.1f", median(nsPerRun))
+			progRuns = fmt.Sprintf("%.0f", median(runs))
+		}
+		exactness := fmt.Sprintf("%d/%d", exact, len(c.With))
+		if unchecked > 0 {
+			exactness += fmt.Sprintf(" (%d partly unchecked)", unchecked)
+		}
+		cost := "-"
+		if c.Case.Kind == UDP {
+			cost = fmt.Sprintf("%d ns", c.CostPerPacket().Nanoseconds())
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t%.2f\t%s\t%s\t%s\t%.2f s\t%.1f MiB\t%s\t%s\t%d\t%s\n",
+			c.Case.Title, c.Case.Unit(), median(rates(c.Without)), median(rates(c.With)), c.Ratio(),
+			band(c.PairRatios()), band(c.NoiseRatios()), cost, median(cpu), float64(rss)/(1<<20),
+			progNS, progRuns, flows, exactness)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, u := range r.Unchecked {
+		fmt.Fprintf(out, "unchecked: %s\n", u)
+	}
+	for _, m := range r.Mismatches {
+		fmt.Fprintf(out, "NOT EXACT: %s\n", m)
+	}
+	return nil
+}
+
+// describeHost names the CPU model and the mitigations a BPF program's
+// per-packet cost depends on: Spectre SRSO (Safe RET makes every return
+// dearer) and Spectre v2 (retpolines make every indirect call dearer).
+func describeHost() string {
+	model := "unknown CPU"
+	if f, err := os.Open("/proc/cpuinfo"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if rest, ok := strings.CutPrefix(sc.Text(), "model name"); ok {
+				model = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(rest), ":"))
+				break
+			}
+		}
+		f.Close()
+	}
+	kernel := "unknown"
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		kernel = strings.TrimSpace(string(b))
+	}
+	out := fmt.Sprintf("%s, %d CPUs, Linux %s", model, runtime.NumCPU(), kernel)
+	for _, v := range []string{"spec_rstack_overflow", "spectre_v2"} {
+		state := "unknown"
+		if b, err := os.ReadFile("/sys/devices/system/cpu/vulnerabilities/" + v); err == nil {
+			state = strings.TrimSpace(string(b))
+		}
+		out += fmt.Sprintf(", %s: %s", v, state)
+	}
+	return out
+}
+
+// loadAverage returns the one-minute load average, "?" when unreadable.
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) > 0 {
+		return f[0]
+	}
+	return "?"
+}

@@ -1,0 +1,149 @@
+package traffic
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"math"
+	"os/exec"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/internal/testnet"
+	"github.com/kubezonnet/kubezonnet/testenv"
+)
+
+// iperfPort is the iperf3 server's port in the server pod.
+const iperfPort = 5201
+
+// iperfResult is one iperf3 test as its receiver saw it.
+type iperfResult struct {
+	bitsPerSecond float64
+	retransmits   int64
+}
+
+// runIperf runs one iperf3 test of d (whole seconds, rounded up) from the
+// client pod to a one-off server in the server pod, and returns once every
+// packet of both connections (control and data) has passed node a.
+func runIperf(ctx context.Context, w *world, d time.Duration, opts Options) (iperfResult, error) {
+	srv, err := testenv.StartProcess("iperf3-server", "iperf3",
+		[]string{"-s", "-1", "-B", w.server.IPv4.String(), "-p", strconv.Itoa(iperfPort)},
+		testenv.ProcessOptions{Netns: w.server.NS, Output: opts.ProgramOutput})
+	if err != nil {
+		return iperfResult{}, err
+	}
+	defer srv.Kill()
+	if err := waitListening(ctx, w.server.NS, iperfPort, srv); err != nil {
+		return iperfResult{}, err
+	}
+	secs := strconv.Itoa(int(math.Ceil(d.Seconds())))
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", w.client.NS,
+		"iperf3", "-c", w.server.IPv4.String(), "-p", strconv.Itoa(iperfPort), "-t", secs, "-J")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	var rep struct {
+		End struct {
+			SumSent struct {
+				Retransmits int64 `json:"retransmits"`
+			} `json:"sum_sent"`
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+		Error string `json:"error"`
+	}
+	if jerr := json.Unmarshal(out, &rep); jerr != nil || err != nil || rep.Error != "" {
+		return iperfResult{}, fmt.Errorf("iperf3 client: %v %s: %s%s", err, rep.Error, bytes.TrimSpace(stderr.Bytes()), out)
+	}
+	select {
+	case <-srv.Done():
+	case <-time.After(10 * time.Second):
+		return iperfResult{}, fmt.Errorf("iperf3 server still running 10s after its test; output:\n%s", srv.Output())
+	}
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := testnet.WaitNoLastACK(wctx, w.server.NS); err != nil {
+		return iperfResult{}, err
+	}
+	return iperfResult{bitsPerSecond: rep.End.SumReceived.BitsPerSecond, retransmits: rep.End.SumSent.Retransmits}, nil
+}
+
+// waitListening waits until a TCP socket listens on port in ns.
+func waitListening(ctx context.Context, ns string, port int, p *testenv.Process) error {
+	deadline := time.Now().Add(10 * time.Second)
+	suffix := ":" + strconv.Itoa(port)
+	for {
+		out, err := testnet.Exec(ctx, ns, "ss", "-Htln")
+		if err != nil {
+			return err
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			if f := strings.Fields(line); len(f) >= 4 && strings.HasSuffix(f[3], suffix) {
+				return nil
+			}
+		}
+		select {
+		case <-p.Done():
+			return fmt.Errorf("iperf3 server exited: %v; output:\n%s", p.Err(), p.Output())
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond): // the poll interval
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("nothing listens on port %d in %s after 10s", port, ns)
+		}
+	}
+}
+
+// tcpSegs returns the TCP segments namespace ns has sent so far:
+// TcpOutSegs, which counts new data and control segments, plus
+// TcpRetransSegs (TcpOutSegs leaves retransmissions out). The kernel adds
+// a GSO skb's segment count to both, so this is the sender's own count of
+// wire segments.
+func tcpSegs(ctx context.Context, ns string) (uint64, error) {
+	out, err := testnet.Exec(ctx, ns, "nstat", "-asz", "TcpOutSegs", "TcpRetransSegs")
+	if err != nil {
+		return 0, err
+	}
+	var sum uint64
+	seen := 0
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 && (f[0] == "TcpOutSegs" || f[0] == "TcpRetransSegs") {
+			n, err := strconv.ParseUint(f[1], 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("parsing nstat output %q: %w", line, err)
+			}
+			sum += n
+			seen++
+		}
+	}
+	if seen != 2 {
+		return 0, fmt.Errorf("nstat printed no TcpOutSegs or TcpRetransSegs: %s", out)
+	}
+	return sum, nil
+}
+
+// txDropped returns the packets device dev in ns dropped on transmit. A
+// veth counts there what its peer's backlog refused: on the client pod's
+// eth0, skbs lost before they reached node a.
+func txDropped(ctx context.Context, ns, dev string) (uint64, error) {
+	out, err := exec.CommandContext(ctx, "ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev).Output()
+	if err != nil {
+		return 0, fmt.Errorf("reading the statistics of %s in %s: %w", dev, ns, err)
+	}
+	var links []struct {
+		Stats64 struct {
+			TX struct {
+				Dropped uint64 `json:"dropped"`
+			} `json:"tx"`
+		} `json:"stats64"`
+	}
+	if err := json.Unmarshal(out, &links); err != nil || len(links) != 1 {
+		return 0, fmt.Errorf("parsing the statistics of %s in %s: %v: %s", dev, ns, err, out)
+	}
+	return links[0].Stats64.TX.Dropped, nil
+}

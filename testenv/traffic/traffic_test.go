@@ -1,0 +1,72 @@
+package traffic_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
+	"github.com/kubezonnet/kubezonnet/testenv/traffic"
+)
+
+// TestTrafficExact runs a short profile of the benchmark, the UDP cases
+// with one flow and with 32,000 new flows per second at a 1 s flush (so
+// runs span several flushes and the final drain), and asserts that the
+// agent reported exactly what nftables counted at node a in every run.
+// Rates are logged, not asserted.
+func TestTrafficExact(t *testing.T) {
+	testutil.RequireRoot(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	res, err := traffic.Run(ctx, traffic.Options{
+		Cases:    []string{"udp-1flow", "udp-32k-flows-per-s"},
+		Runs:     1,
+		Duration: 2 * time.Second,
+		Output:   tWriter{t},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var table strings.Builder
+	if err := res.WriteTable(&table); err != nil {
+		t.Fatal(err)
+	}
+	t.Log("\n" + table.String())
+	for _, m := range res.Mismatches {
+		t.Errorf("not exact: %s", m)
+	}
+	for _, c := range res.Cases {
+		if len(c.With) != 1 || len(c.Without) != 1 {
+			t.Fatalf("%s: %d runs with the agent and %d without, want 1 each", c.Case.Name, len(c.With), len(c.Without))
+		}
+		w := c.With[0]
+		if w.Reported.IsZero() || w.Received == 0 {
+			t.Errorf("%s: the agent reported %+v, the server pod received %d datagrams: no traffic measured", c.Case.Name, w.Reported, w.Received)
+		}
+		if c.Case.Flows > 1 && w.MaxBatchFlows < 2 {
+			t.Errorf("%s: the largest batch had %d flows: the generator's flows did not reach the agent", c.Case.Name, w.MaxBatchFlows)
+		}
+	}
+}
+
+// TestOptionsValidate: bad options are refused before anything is built.
+func TestOptionsValidate(t *testing.T) {
+	for _, o := range []traffic.Options{
+		{Cases: []string{"nope"}},
+		{Runs: -1},
+		{Duration: 100 * time.Millisecond},
+	} {
+		if _, err := traffic.Run(context.Background(), o); err == nil {
+			t.Errorf("options %+v: no error", o)
+		}
+	}
+}
+
+// tWriter writes progress lines to the test log.
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
