@@ -75,12 +75,13 @@ scale: k8s
 
 # traffic runs the traffic benchmark (testenv/traffic) and prints one table:
 # iperf3 TCP (offloads on and off) and 64-byte UDP (one flow, 2,000 flows,
-# 32,000 new flows/s) through a router namespace, alternately without and
-# with the real agent: rates, their noise band, the agent's CPU and RSS,
-# its program's run time and count. The agent's counts are checked against
-# nftables in every run; any difference fails the target. Needs root. The
-# defaults (5 pairs of 10 s runs per case) take about 10 minutes on 2
-# cores; a quick look: TRAFFIC_FLAGS='-runs 1 -duration 3s'; one case:
+# 32,000 new flows/s) through a router namespace, in rounds of three runs:
+# nothing attached, an empty program attached the way the agent attaches
+# its own, and the real agent: rates, their noise band, the agent's CPU
+# and RSS, the programs' run time and count. The agent's counts are checked
+# against nftables in every run; any difference fails the target. Needs
+# root. The defaults (4 rounds of 10 s runs per case) take about 12
+# minutes on 2 cores; a quick look: TRAFFIC_FLAGS='-runs 1 -duration 3s'; one case:
 # TRAFFIC_FLAGS='-cases udp-32k-flows-per-s' (see
 # `go run ./testenv/traffic/cmd/traffic -h`).
 TRAFFIC_FLAGS ?=

@@ -15,8 +15,12 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 
+	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
+	"github.com/kubezonnet/kubezonnet/internal/netns"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 	"github.com/kubezonnet/kubezonnet/internal/wire"
 	"github.com/kubezonnet/kubezonnet/testenv"
@@ -278,4 +282,58 @@ func (r *receiver) snapshot() received {
 		out.pairs[k] = v
 	}
 	return out
+}
+
+// emptyProgram loads the program of the Empty runs: a netfilter program
+// that accepts every packet and does nothing else.
+func emptyProgram() (*ebpf.Program, error) {
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.Netfilter,
+		AttachType:   ebpf.AttachNetfilter,
+		License:      "MIT",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()}, // NF_ACCEPT
+	})
+	if err != nil {
+		return nil, fmt.Errorf("loading the empty netfilter program: %w", err)
+	}
+	return p, nil
+}
+
+// attachEmpty attaches prog where the agent attaches its program: node's
+// POSTROUTING, IPv4 and IPv6, at the agent's default priority.
+func attachEmpty(node *testnet.Node, prog *ebpf.Program) ([]link.Link, error) {
+	var links []link.Link
+	err := netns.Do(node.NSPath(), func() error {
+		for _, pf := range []link.NetfilterProtocolFamily{link.NetfilterProtoIPv4, link.NetfilterProtoIPv6} {
+			l, err := link.AttachNetfilter(link.NetfilterOptions{
+				Program: prog, ProtocolFamily: pf, Hook: link.NetfilterInetPostRouting,
+				Priority: bpf.DefaultNetfilterPriority,
+			})
+			if err != nil {
+				return err
+			}
+			links = append(links, l)
+		}
+		return nil
+	})
+	if err != nil {
+		for _, l := range links {
+			l.Close()
+		}
+		return nil, fmt.Errorf("attaching the empty program in %s: %w", node.NS, err)
+	}
+	return links, nil
+}
+
+// programID returns the kernel's ID of prog.
+func programID(prog *ebpf.Program) (ebpf.ProgramID, error) {
+	info, err := prog.Info()
+	if err != nil {
+		return 0, fmt.Errorf("reading the program's info: %w", err)
+	}
+	id, ok := info.ID()
+	if !ok {
+		return 0, errors.New("the kernel gives no program ID")
+	}
+	return id, nil
 }

@@ -8,8 +8,11 @@
 // hooks and where an nftables counter for the client-to-server pair, one
 // priority before the agent's hook, is the reference.
 //
-// Each case (Cases) runs alternately without and with the agent, a number of
-// pairs of runs of a fixed duration each:
+// Each case (Cases) runs in rounds of three runs of a fixed duration each
+// (Modes): nothing attached at node a; an empty netfilter program (it
+// accepts and returns) attached where and how the agent attaches its own,
+// which shows what the kernel's hook costs whatever the program does; and
+// the agent. The cases:
 //
 //   - TCP with offloads on and with offloads off: iperf3 (Debian), throughput
 //     in Gbit/s as iperf3's receiver reports it. On is the veth defaults

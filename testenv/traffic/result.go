@@ -31,11 +31,11 @@ type Result struct {
 	Unchecked []string
 }
 
-// CaseResult is one case's runs, in pairs: Without[i] ran just before
-// With[i].
+// CaseResult is one case's runs, in rounds: Without[i], Empty[i] and
+// With[i] ran one after the other.
 type CaseResult struct {
-	Case          Case
-	Without, With []RunResult
+	Case                 Case
+	Without, Empty, With []RunResult
 }
 
 // Exact reports whether every run with the agent counted exactly.
@@ -71,12 +71,12 @@ func band(xs []float64) string {
 	return fmt.Sprintf("%.2f-%.2f", slices.Min(xs), slices.Max(xs))
 }
 
-// PairRatios are with/without of each pair.
-func (c CaseResult) PairRatios() []float64 {
+// RoundRatios are runs[i]/Without[i] of each round.
+func (c CaseResult) RoundRatios(runs []RunResult) []float64 {
 	var out []float64
-	for i := range min(len(c.With), len(c.Without)) {
+	for i := range min(len(runs), len(c.Without)) {
 		if c.Without[i].Rate > 0 {
-			out = append(out, c.With[i].Rate/c.Without[i].Rate)
+			out = append(out, runs[i].Rate/c.Without[i].Rate)
 		}
 	}
 	return out
@@ -94,24 +94,40 @@ func (c CaseResult) NoiseRatios() []float64 {
 	return out
 }
 
-// Ratio is the median with the agent over the median without.
-func (c CaseResult) Ratio() float64 {
+// Ratio is the median rate of runs over the median without anything
+// attached.
+func (c CaseResult) Ratio(runs []RunResult) float64 {
 	w := median(rates(c.Without))
 	if w == 0 {
 		return 0
 	}
-	return median(rates(c.With)) / w
+	return median(rates(runs)) / w
 }
 
-// CostPerPacket is the time the agent added per packet, from the medians:
-// 1/with - 1/without, for UDP (kpps); zero for TCP, whose rate is not in
-// packets.
-func (c CaseResult) CostPerPacket() time.Duration {
-	w, a := median(rates(c.Without)), median(rates(c.With))
+// CostPerPacket is the time what runs attached added per packet, from the
+// medians: 1/runs - 1/without, for UDP (kpps); zero for TCP, whose rate is
+// not in packets.
+func (c CaseResult) CostPerPacket(runs []RunResult) time.Duration {
+	w, a := median(rates(c.Without)), median(rates(runs))
 	if c.Case.Kind != UDP || w == 0 || a == 0 {
 		return 0
 	}
 	return time.Duration(1e6/a - 1e6/w) // kpps: 1e6/rate is ns per packet
+}
+
+// progNS is the median ns per run of the program of runs, "-" without
+// program statistics.
+func progNS(runs []RunResult) string {
+	var ns []float64
+	for _, r := range runs {
+		if r.ProgRuns > 0 {
+			ns = append(ns, float64(r.ProgTime.Nanoseconds())/float64(r.ProgRuns))
+		}
+	}
+	if len(ns) == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f", median(ns))
 }
 
 // WriteTable writes the result as one table, a row per case, and the
@@ -119,26 +135,25 @@ func (c CaseResult) CostPerPacket() time.Duration {
 func (r *Result) WriteTable(out io.Writer) error {
 	o := r.Options
 	fmt.Fprintf(out, "host: %s; load average %s at the start, %s at the end\n", r.Host, r.LoadStart, r.LoadEnd)
-	fmt.Fprintf(out, "%d pairs of %s runs per case, without then with the agent; rate medians over the runs.\n", o.Runs, o.Duration)
-	fmt.Fprintln(out, "ratio: median with / median without. pairs: min-max of with/without per pair. noise: min-max of the ratios of consecutive runs without the agent (the spread when nothing changes).")
-	fmt.Fprintln(out, "cost/pkt: time the agent added per packet, 1/with - 1/without of the medians (UDP), to set against the program's ns/run.")
-	fmt.Fprintln(out, "agent CPU: median utime+stime over a run's traffic; VmHWM: largest peak RSS; prog: the agent's program over a run's traffic (kernel.bpf_stats_enabled), median ns/run and median runs; flows: largest batch.")
+	fmt.Fprintf(out, "%d rounds of %s runs per case, each round without anything attached at node a, with an empty program attached the way the agent attaches its own, and with the agent; rate medians over the runs.\n", o.Runs, o.Duration)
+	fmt.Fprintln(out, "ratio: median with / median without; the noise band under it: min-max of the ratios of consecutive runs without (the spread when nothing changes). rounds: min-max of with/without per round.")
+	fmt.Fprintln(out, "empty: the same for the empty program. cost/pkt: time added per packet, 1/rate - 1/without of the medians (UDP), to set against the program's ns/run.")
+	fmt.Fprintln(out, "agent CPU: median utime+stime over a run's traffic; VmHWM: largest peak RSS; prog: median ns/run of the agent's program over a run's traffic (kernel.bpf_stats_enabled), and its median runs; flows: largest batch.")
 	if o.NoBPFStats {
 		fmt.Fprintln(out, "program statistics off (-no-bpf-stats): no program run time or count.")
 	} else {
-		fmt.Fprintln(out, "program statistics on (kernel.bpf_stats_enabled): every program run also pays two clock reads, in the with-agent rates and partly in ns/run; -no-bpf-stats leaves them out.")
+		fmt.Fprintln(out, "program statistics on (kernel.bpf_stats_enabled): every program run, the empty one's too, also pays two clock reads, in the rates and partly in ns/run; -no-bpf-stats leaves them out.")
 	}
 	fmt.Fprintln(out, "exact: runs whose counts equal nftables' at node a. TCP with GSO skbs: bytes nftables' plus 52 header bytes per segment beyond its skbs, packets the client's TcpOutSegs+TcpRetransSegs when no skb was lost before node a.")
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "CASE\tUNIT\tWITHOUT\tWITH\tRATIO\tPAIRS\tNOISE\tCOST/PKT\tAGENT CPU\tVmHWM\tPROG NS/RUN\tPROG RUNS\tFLOWS\tEXACT")
+	fmt.Fprintln(tw, "CASE\tUNIT\tWITHOUT\tEMPTY\tWITH\tNOISE\tEMPTY RATIO\tRATIO\tROUNDS\tEMPTY COST/PKT\tCOST/PKT\tEMPTY NS/RUN\tPROG NS/RUN\tPROG RUNS\tAGENT CPU\tVmHWM\tFLOWS\tEXACT")
 	for _, c := range r.Cases {
-		var cpu, nsPerRun, runs []float64
+		var cpu, runs []float64
 		var rss int64
 		var flows, exact, unchecked int
 		for _, w := range c.With {
 			cpu = append(cpu, w.AgentCPU.Seconds())
 			if w.ProgRuns > 0 {
-				nsPerRun = append(nsPerRun, float64(w.ProgTime.Nanoseconds())/float64(w.ProgRuns))
 				runs = append(runs, float64(w.ProgRuns))
 			}
 			rss = max(rss, w.AgentRSS)
@@ -150,23 +165,23 @@ func (r *Result) WriteTable(out io.Writer) error {
 				unchecked++
 			}
 		}
-		progNS, progRuns := "-", "-"
-		if len(nsPerRun) > 0 {
-			progNS = fmt.Sprintf("%.1f", median(nsPerRun))
+		progRuns := "-"
+		if len(runs) > 0 {
 			progRuns = fmt.Sprintf("%.0f", median(runs))
 		}
 		exactness := fmt.Sprintf("%d/%d", exact, len(c.With))
 		if unchecked > 0 {
 			exactness += fmt.Sprintf(" (%d partly unchecked)", unchecked)
 		}
-		cost := "-"
+		emptyCost, cost := "-", "-"
 		if c.Case.Kind == UDP {
-			cost = fmt.Sprintf("%d ns", c.CostPerPacket().Nanoseconds())
+			emptyCost = fmt.Sprintf("%d ns", c.CostPerPacket(c.Empty).Nanoseconds())
+			cost = fmt.Sprintf("%d ns", c.CostPerPacket(c.With).Nanoseconds())
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t%.2f\t%s\t%s\t%s\t%.2f s\t%.1f MiB\t%s\t%s\t%d\t%s\n",
-			c.Case.Title, c.Case.Unit(), median(rates(c.Without)), median(rates(c.With)), c.Ratio(),
-			band(c.PairRatios()), band(c.NoiseRatios()), cost, median(cpu), float64(rss)/(1<<20),
-			progNS, progRuns, flows, exactness)
+		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t%.2f\t%s\t%.2f\t%.2f\t%s\t%s\t%s\t%s\t%s\t%s\t%.2f s\t%.1f MiB\t%d\t%s\n",
+			c.Case.Title, c.Case.Unit(), median(rates(c.Without)), median(rates(c.Empty)), median(rates(c.With)),
+			band(c.NoiseRatios()), c.Ratio(c.Empty), c.Ratio(c.With), band(c.RoundRatios(c.With)),
+			emptyCost, cost, progNS(c.Empty), progNS(c.With), progRuns, median(cpu), float64(rss)/(1<<20), flows, exactness)
 	}
 	if err := tw.Flush(); err != nil {
 		return err

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 )
@@ -17,8 +19,8 @@ const tcpHeaderBytes = 20 + 32
 
 // RunResult is one run of a case.
 type RunResult struct {
-	// Agent says whether the agent was attached.
-	Agent bool
+	// Mode says what was attached at node a's POSTROUTING.
+	Mode Mode
 	// Rate is the throughput: Gbit/s (TCP, iperf3's receiver) or kpps
 	// (UDP, datagrams counted at the server pod over the sending time).
 	Rate float64
@@ -60,11 +62,26 @@ type RunResult struct {
 	Mismatch string
 }
 
-func (r RunResult) label() string {
-	if r.Agent {
-		return "with agent"
-	}
-	return "without agent"
+// Mode is what a run attaches at node a's POSTROUTING.
+type Mode int
+
+// Modes, in the order a case's runs alternate.
+const (
+	// None attaches nothing: the baseline.
+	None Mode = iota
+	// Empty attaches a netfilter program that only accepts, the way the
+	// agent attaches its own (IPv4 and IPv6, the agent's priority): what
+	// the kernel's hook costs, whatever the program does.
+	Empty
+	// Agent runs the real agent.
+	Agent
+)
+
+// Modes are the modes of a case's runs, in order.
+var Modes = []Mode{None, Empty, Agent}
+
+func (m Mode) String() string {
+	return [...]string{"without agent", "empty program", "with agent"}[m]
 }
 
 // summary is the run's progress line.
@@ -76,20 +93,38 @@ func (r RunResult) summary(c Case) string {
 		s += fmt.Sprintf(", %d segments sent, %d retransmitted, %d skbs lost before node a", r.Sent, r.Retransmits, r.LostBeforeNode)
 	}
 	s += fmt.Sprintf(", reference %d bytes %d packets", r.Reference.Bytes, r.Reference.Packets)
-	if r.Agent {
+	if r.Mode == Agent {
 		s += fmt.Sprintf("; agent reported %d bytes %d packets in %d batches (largest %d flows), CPU %s, VmHWM %.1f MiB",
 			r.Reported.Bytes, r.Reported.Packets, r.Batches, r.MaxBatchFlows, r.AgentCPU, float64(r.AgentRSS)/(1<<20))
-		if r.ProgRuns > 0 {
-			s += fmt.Sprintf(", program %d runs, %.1f ns/run", r.ProgRuns, float64(r.ProgTime.Nanoseconds())/float64(r.ProgRuns))
-		}
+	}
+	if r.ProgRuns > 0 {
+		s += fmt.Sprintf(", program %d runs, %.1f ns/run", r.ProgRuns, float64(r.ProgTime.Nanoseconds())/float64(r.ProgRuns))
 	}
 	return s
 }
 
-// run runs case c once, with or without the agent.
-func (b *bench) run(ctx context.Context, w *world, c Case, withAgent bool) (r RunResult, err error) {
-	r.Agent = withAgent
+// run runs case c once, with mode's program attached.
+func (b *bench) run(ctx context.Context, w *world, c Case, mode Mode) (r RunResult, err error) {
+	r.Mode = mode
+	withAgent := mode == Agent
 	var ag *agentProc
+	var prog ebpf.ProgramID // the program whose statistics the run reads
+	if mode == Empty {
+		links, err := attachEmpty(w.node, b.empty)
+		if err != nil {
+			return r, err
+		}
+		defer func() {
+			for _, l := range links {
+				if cerr := l.Close(); cerr != nil && err == nil {
+					err = fmt.Errorf("detaching the empty program: %w", cerr)
+				}
+			}
+		}()
+		if prog, err = programID(b.empty); err != nil {
+			return r, err
+		}
+	}
 	if withAgent {
 		b.rcv.reset()
 		if ag, err = startAgent(ctx, b.opts, w.node, b.rcv.URL, c.FlushInterval); err != nil {
@@ -122,7 +157,10 @@ func (b *bench) run(ctx context.Context, w *world, c Case, withAgent bool) (r Ru
 		if cpuBefore, err = cpuTime(ag.p.Pid()); err != nil {
 			return r, err
 		}
-		if progBefore, err = readProgStats(ag.prog); err != nil {
+		prog = ag.prog
+	}
+	if prog != 0 && !b.opts.NoBPFStats {
+		if progBefore, err = readProgStats(prog); err != nil {
 			return r, err
 		}
 	}
@@ -170,6 +208,14 @@ func (b *bench) run(ctx context.Context, w *world, c Case, withAgent bool) (r Ru
 		r.Received = got - sinkBefore
 		r.Rate = float64(r.Received) / elapsed.Seconds() / 1e3
 	}
+	if prog != 0 && !b.opts.NoBPFStats {
+		progAfter, err := readProgStats(prog)
+		if err != nil {
+			return r, err
+		}
+		r.ProgRuns, r.ProgTime = progAfter.runs-progBefore.runs, progAfter.time-progBefore.time
+		r.ProgMisses = progAfter.misses - progBefore.misses
+	}
 	if !withAgent {
 		return r, nil
 	}
@@ -182,12 +228,6 @@ func (b *bench) run(ctx context.Context, w *world, c Case, withAgent bool) (r Ru
 	if r.AgentRSS, err = peakRSS(ag.p.Pid()); err != nil {
 		return r, err
 	}
-	progAfter, err := readProgStats(ag.prog)
-	if err != nil {
-		return r, err
-	}
-	r.ProgRuns, r.ProgTime = progAfter.runs-progBefore.runs, progAfter.time-progBefore.time
-	r.ProgMisses = progAfter.misses - progBefore.misses
 	// The final drain on SIGTERM sends what the last flush left.
 	if err := ag.stop(); err != nil {
 		return r, err

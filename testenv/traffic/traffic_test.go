@@ -37,8 +37,11 @@ func TestTrafficExact(t *testing.T) {
 		t.Errorf("not exact: %s", m)
 	}
 	for _, c := range res.Cases {
-		if len(c.With) != 1 || len(c.Without) != 1 {
-			t.Fatalf("%s: %d runs with the agent and %d without, want 1 each", c.Case.Name, len(c.With), len(c.Without))
+		if len(c.With) != 1 || len(c.Empty) != 1 || len(c.Without) != 1 {
+			t.Fatalf("%s: %d runs with the agent, %d with the empty program and %d without, want 1 each", c.Case.Name, len(c.With), len(c.Empty), len(c.Without))
+		}
+		if e := c.Empty[0]; e.ProgRuns < e.Received {
+			t.Errorf("%s: the empty program ran %d times for %d datagrams received: not on their path", c.Case.Name, e.ProgRuns, e.Received)
 		}
 		w := c.With[0]
 		if w.Reported.IsZero() || w.Received == 0 {

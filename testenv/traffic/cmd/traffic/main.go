@@ -36,7 +36,7 @@ func parseFlags() (traffic.Options, bool) {
 	for _, c := range traffic.Cases {
 		names = append(names, c.Name)
 	}
-	flag.IntVar(&o.Runs, "runs", d.Runs, "pairs of runs per case (without the agent, then with it)")
+	flag.IntVar(&o.Runs, "runs", d.Runs, "rounds per case, each a run without anything attached, one with an empty program, one with the agent")
 	flag.DurationVar(&o.Duration, "duration", d.Duration, "traffic time of one run (iperf3 rounds up to whole seconds)")
 	flag.Func("cases", "comma-separated cases to run (default all: "+strings.Join(names, ",")+")", func(v string) error {
 		for _, n := range strings.Split(v, ",") {
