@@ -37,6 +37,17 @@ func loadLocal(t testing.TB, cfg Config, prefixes ...string) *Datapath {
 	return loadWith(t, Load, cfg, prefixes...)
 }
 
+// tableMemoryFor is the flow table memory bound that gives each CPU's
+// region exactly slots slots (a power of two) on this machine.
+func tableMemoryFor(t testing.TB, slots int) uint64 {
+	t.Helper()
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return uint64(slots) * 2 * uint64(ncpu) * tableSlotBytes
+}
+
 // loadWith is loadLocal loading with load (Load, or a benchmark variant
 // of export_test.go).
 func loadWith(t testing.TB, load func(Config) (*Datapath, error), cfg Config, prefixes ...string) *Datapath {
@@ -212,7 +223,7 @@ func shorten(b []byte, n int) []byte {
 func TestOverflowCountsEveryRefusedByte(t *testing.T) {
 	testutil.RequireRoot(t)
 	const capacity, flows, slots = 32, 20000, 64
-	d := loadLocal(t, Config{MaxFlows: capacity, TableSlots: slots}, "10.0.0.0/8")
+	d := loadLocal(t, Config{MaxFlows: capacity, TableMemory: tableMemoryFor(t, slots)}, "10.0.0.0/8")
 	var sent flow.Counts
 	for i := range flows {
 		dst := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
