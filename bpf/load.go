@@ -218,7 +218,10 @@ func (d *Datapath) mapShared(vars bssVars) error {
 // power of two no larger than the region. Only while no program instance
 // writes to g (see account() in flow.c): at load, or in a drain before it
 // makes g active. The atomic stores come before publish's store of the
-// `active` that names g.
+// `active` that names g. (An instance on a CPU a drain gave up waiting for,
+// see Drained.Stuck, may still write to g with the geometry it read: within
+// the region, whatever the size, and under an epoch g no longer uses, so
+// those counts are lost as Stuck says, and nothing else.)
 func (d *Datapath) setSlots(g, slots int) {
 	d.slots[g] = slots
 	shift := uint32(64 - bits.TrailingZeros(uint(slots)))
