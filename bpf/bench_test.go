@@ -279,15 +279,24 @@ func BenchmarkNetfilterReference(b *testing.B) {
 //     itself to 8,192 slots per CPU (what it starts at), the common case;
 //   - new-flow-full-table: the same, with a memory bound that allows
 //     2,048 slots per CPU, so most new flows go to the hash map (the worst
-//     case).
+//     case);
+//   - burst-16k: 16,384 new flows per generation (32,000 new flows per
+//     second on 2 CPUs at a 1 s flush), into a table that grows to 32,768
+//     slots per CPU for them;
+//   - burst-16k-8192: the same, with a memory bound that holds the table
+//     at 8,192 slots per CPU (its start size): half the flows spill.
 //
-// The empty program is the baseline, as for BenchmarkNetfilter.
+// Each starts with an untimed generation, so that the table has sized
+// itself for the flows. The empty program is the baseline, as for
+// BenchmarkNetfilter.
 func BenchmarkNetfilterNewFlow(b *testing.B) {
 	testutil.RequireRoot(b)
 	v4 := packet.IPv4(b, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.MustParseAddrPort("10.1.0.2:443"), 1440, 0)
 	b.Run("empty", func(b *testing.B) { benchRun(b, emptyNetfilter(b), v4) })
 	b.Run("new-flow", func(b *testing.B) { benchNewFlows(b, v4, 0, 4096-64) })
 	b.Run("new-flow-full-table", func(b *testing.B) { benchNewFlows(b, v4, tableMemoryFor(b, 2048), 4096-64) })
+	b.Run("burst-16k", func(b *testing.B) { benchNewFlows(b, v4, 0, 16384-64) })
+	b.Run("burst-16k-8192", func(b *testing.B) { benchNewFlows(b, v4, tableMemoryFor(b, 8192), 16384-64) })
 }
 
 // benchNewFlows runs BenchmarkNetfilterNewFlow with a flow table of at
@@ -298,6 +307,12 @@ func benchNewFlows(b *testing.B, pkt []byte, memory uint64, perGen int) {
 	var dr Drained
 	var total time.Duration
 	var flows int
+	testutil.OnCPU(b, 0, func() {
+		progTestRun(b, d.objs.KznNetfilter, pkt, uint32(warm+perGen))
+		if err := d.Drain(&dr); err != nil {
+			b.Fatal(err)
+		}
+	})
 	b.ResetTimer()
 	testutil.OnCPU(b, 0, func() {
 		for left := b.N; left > 0; {
