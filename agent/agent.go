@@ -65,6 +65,9 @@ type Agent struct {
 	// other one. Two batches alternate so that building the next never
 	// touches the body being sent.
 	inflight, spare *batch
+	// tableWarned is when the agent last warned that the flow table
+	// spilled at the size its memory flag allows.
+	tableWarned time.Time
 }
 
 // New wires an agent around an already loaded datapath. nodes may be nil
@@ -149,6 +152,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 }
 
+// tableWarnEvery spaces the warnings about a flow table too small for the
+// flows: a node that outgrows it does so on every drain.
+const tableWarnEvery = 10 * time.Minute
+
 // drain moves the kernel's counts into the buffer.
 func (a *Agent) drain() error {
 	start := time.Now()
@@ -159,6 +166,10 @@ func (a *Agent) drain() error {
 	if stuck := a.drained.Stuck; len(stuck) > 0 {
 		// At most one line per flush interval.
 		a.log.Warn("drain went on without waiting for CPUs whose kernel programs never finished; counts they wrote late may be lost", "cpus", fmt.Sprint(stuck), "waited", a.drained.Waited)
+	}
+	if a.drained.SpilledAtCap && time.Since(a.tableWarned) >= tableWarnEvery {
+		a.tableWarned = time.Now()
+		a.log.Warn("kernel flow table full at its memory bound: flows spill to the slower hash map; raise --flow-table-memory", "spilled_flows", a.drained.Spilled, "slots_per_cpu", a.drained.TableSlots, "flow_table_memory_mib", a.cfg.FlowTableMemory)
 	}
 	if lost := a.buf.add(a.drained.Flows); !lost.IsZero() {
 		a.m.dropped("buffer_full", lost)

@@ -5,6 +5,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/netip"
@@ -12,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/internal/command"
@@ -25,7 +28,7 @@ func testConfig(serverURL string) Config {
 	return Config{
 		ServerURL: serverURL, NodeName: "node-a",
 		FlushInterval: 100 * time.Millisecond, AttachMode: AttachNetfilter,
-		NetfilterPriority: bpf.DefaultNetfilterPriority, MaxFlows: 4096, FlowTableSlots: 1024, MaxBufferedFlows: 4096,
+		NetfilterPriority: bpf.DefaultNetfilterPriority, MaxFlows: 4096, FlowTableMemory: 1, MaxBufferedFlows: 4096,
 		LocalPrefixes: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/24")},
 		PrefixRefresh: time.Minute, Log: command.Log{Level: "debug", Format: "json"},
 		ShutdownTimeout: 5 * time.Second, RetryMin: 20 * time.Millisecond, RetryMax: 200 * time.Millisecond,
@@ -47,7 +50,7 @@ type runningAgent struct {
 func startAgent(t *testing.T, cfg Config) *runningAgent {
 	t.Helper()
 	testutil.RequireRoot(t)
-	dp, err := bpf.Load(bpf.Config{MaxFlows: uint32(cfg.MaxFlows), TableSlots: uint32(cfg.FlowTableSlots)})
+	dp, err := bpf.Load(cfg.datapathConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -324,5 +327,48 @@ func TestDrainReportsStuckCPUs(t *testing.T) {
 	}
 	if warnings != 2 {
 		t.Errorf("%d warnings naming CPU 3, want 2; logs:\n%s", warnings, logs.String())
+	}
+}
+
+// TestFlowTableAtItsBound: more new flows on one CPU than the memory
+// bound gives it slots. They are all delivered exactly, the agent reports
+// the slots in use and the flows that spilled to the hash map, and warns
+// once, naming the flag to raise.
+func TestFlowTableAtItsBound(t *testing.T) {
+	rcv := newReceiver(t, func(int) (int, bool) { return http.StatusOK, true })
+	cfg := testConfig(rcv.srv.URL)
+	cfg.FlowTableMemory = 1 // on up to 3 CPUs, 2,048 slots per CPU
+	cfg.MaxFlows = 16384
+	cfg.FlushInterval = time.Hour // one drain, at shutdown
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	slots, err := bpf.TableSlots(1<<20, ncpu)
+	if err != nil {
+		t.Skipf("1 MiB of flow table on %d CPUs: %v", ncpu, err)
+	}
+	ra := startAgent(t, cfg)
+	flows := slots + 1000
+	var sent flow.Counts
+	testutil.OnCPU(t, 0, func() {
+		for i := range flows {
+			sent.Add(ra.inject(t, "10.0.0.1", fmt.Sprintf("10.1.%d.%d", i>>8, i&0xff), 443, 100, 1))
+		}
+	})
+	if err := ra.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if total, _, _ := rcv.snapshot(); total != sent {
+		t.Errorf("receiver applied %+v, sent %+v", total, sent)
+	}
+	if v := metricValue(t, ra.Agent, "kubezonnet_agent_flow_table_slots", ""); v != float64(slots) {
+		t.Errorf("flow_table_slots = %v, want %d", v, slots)
+	}
+	if v := metricValue(t, ra.Agent, "kubezonnet_agent_flow_table_spilled_flows_total", ""); v < 1000 || v > float64(flows) {
+		t.Errorf("flow_table_spilled_flows_total = %v, want at least 1000 of %d flows in %d slots", v, flows, slots)
+	}
+	if n := strings.Count(ra.logs.String(), "raise --flow-table-memory"); n != 1 {
+		t.Errorf("%d warnings naming --flow-table-memory, want 1:\n%s", n, ra.logs.String())
 	}
 }

@@ -32,7 +32,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return err
 		}
 	}
-	dp, err := bpf.Load(bpf.Config{MaxFlows: uint32(cfg.MaxFlows), TableSlots: uint32(cfg.FlowTableSlots)})
+	dp, err := bpf.Load(cfg.datapathConfig())
 	if err != nil {
 		return fmt.Errorf("loading the eBPF datapath: %w", err)
 	}

@@ -61,8 +61,9 @@ type Config struct {
 	NetnsPath         string
 	CgroupPath        string
 	MaxFlows          int
-	FlowTableSlots    int
-	MaxBufferedFlows  int
+	// FlowTableMemory bounds the kernel flow table, in MiB.
+	FlowTableMemory  int
+	MaxBufferedFlows int
 	// LocalPrefixes is nil in auto mode.
 	LocalPrefixes      []netip.Prefix
 	ExtraLocalPrefixes []netip.Prefix
@@ -88,7 +89,7 @@ func Flags() []cli.Flag {
 		&cli.StringFlag{Name: "netns-path", Usage: "attach netfilter hooks in the network namespace at this path instead of the agent's own (the DaemonSet runs in the host namespace)"},
 		&cli.StringFlag{Name: "cgroup-path", Usage: "cgroup v2 directory for cgroup mode (default: the cgroup v2 root, found in /proc/mounts)"},
 		&cli.IntFlag{Name: "max-flows", Value: bpf.DefaultMaxFlows, Usage: "capacity of each kernel flow map generation (the flows that find no slot in the flow table); flows beyond it are counted as dropped (map_full)"},
-		&cli.IntFlag{Name: "flow-table-slots", Value: bpf.DefaultTableSlots, Usage: "kernel flow table slots per CPU and generation (a power of two, 80 bytes each); about twice the flows one CPU sends per flush interval keeps new flows fast"},
+		&cli.IntFlag{Name: "flow-table-memory", Value: bpf.DefaultTableMemory >> 20, Usage: "MiB of memory for the kernel flow table (2 generations, every possible CPU, 80 bytes a slot), taken at start; each CPU gets the largest power of two of slots that fits, at most 131072, and uses about twice the flows it sees per flush interval; flows beyond count in the slower --max-flows map"},
 		&cli.IntFlag{Name: "max-buffered-flows", Value: DefaultMaxBufferedFlows, Usage: "flows held in memory while the server is unreachable; new flows beyond it are counted as dropped (buffer_full)"},
 		&cli.StringFlag{Name: "local-prefixes", Value: LocalPrefixesAuto, Usage: "sources counted on this node: auto (the Node's spec.podCIDRs and addresses) or comma-separated CIDRs (for IPAMs that do not fill podCIDRs, e.g. Cilium cluster-pool)"},
 		&cli.StringFlag{Name: "extra-local-prefixes", Usage: "comma-separated CIDRs added to the local prefixes"},
@@ -101,6 +102,13 @@ func Flags() []cli.Flag {
 		&cli.DurationFlag{Name: "retry-max-backoff", Value: 30 * time.Second, Usage: "cap of the exponential backoff between resends"},
 	}
 	return command.WithEnv(append(fs, command.LogFlags()...))
+}
+
+// datapathConfig sizes the kernel datapath from the flags. Whether the
+// flow table's memory suffices for this node's CPUs is checked at load
+// (bpf.TableSlots).
+func (c *Config) datapathConfig() bpf.Config {
+	return bpf.Config{MaxFlows: uint32(c.MaxFlows), TableMemory: uint64(c.FlowTableMemory) << 20}
 }
 
 // serverWriteURL is where batches go.
@@ -119,7 +127,7 @@ func ConfigFromCLI(c *cli.Context) (Config, error) {
 		NetnsPath:         c.String("netns-path"),
 		CgroupPath:        c.String("cgroup-path"),
 		MaxFlows:          c.Int("max-flows"),
-		FlowTableSlots:    c.Int("flow-table-slots"),
+		FlowTableMemory:   c.Int("flow-table-memory"),
 		MaxBufferedFlows:  c.Int("max-buffered-flows"),
 		PrefixRefresh:     c.Duration("prefix-refresh-interval"),
 		Kubeconfig:        c.String("kubeconfig"),
@@ -203,8 +211,8 @@ func (c *Config) Validate() error {
 	if c.MaxFlows < 1 || c.MaxFlows > 1<<24 {
 		errs = append(errs, fmt.Errorf("--max-flows: %d out of range [1, %d]", c.MaxFlows, 1<<24))
 	}
-	if c.FlowTableSlots < 64 || c.FlowTableSlots > 1<<24 || c.FlowTableSlots&(c.FlowTableSlots-1) != 0 {
-		errs = append(errs, fmt.Errorf("--flow-table-slots: %d must be a power of two in [64, %d]", c.FlowTableSlots, 1<<24))
+	if c.FlowTableMemory < 1 || c.FlowTableMemory > bpf.MaxTableBytes>>20 {
+		errs = append(errs, fmt.Errorf("--flow-table-memory: %d MiB out of range [1, %d]", c.FlowTableMemory, bpf.MaxTableBytes>>20))
 	}
 	if c.MaxBufferedFlows < 1 {
 		errs = append(errs, fmt.Errorf("--max-buffered-flows: %d must be positive", c.MaxBufferedFlows))

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/kubezonnet/kubezonnet/bpf"
 )
 
 // parse runs the agent's flag set over args, as the binary does.
@@ -45,8 +47,12 @@ func TestConfigErrorsNameTheFlag(t *testing.T) {
 		{"invalid extra CIDR", append(ok, "--extra-local-prefixes", "nope"), `--extra-local-prefixes: invalid CIDR "nope"`},
 		{"flush too short", append(ok, "--flush-interval", "1ms"), "--flush-interval: 1ms is below"},
 		{"max flows zero", append(ok, "--max-flows", "0"), "--max-flows: 0 out of range"},
-		{"table slots not a power of two", append(ok, "--flow-table-slots", "1000"), "--flow-table-slots: 1000 must be a power of two"},
-		{"table slots too few", append(ok, "--flow-table-slots", "32"), "--flow-table-slots: 32 must be a power of two"},
+		{"table memory not a power of two", append(ok, "--flow-table-memory", "100"), ""},
+		{"table memory at the maximum", append(ok, "--flow-table-memory", "2048"), ""},
+		{"table memory zero", append(ok, "--flow-table-memory", "0"), "--flow-table-memory: 0 MiB out of range [1, 2048]"},
+		{"table memory negative", append(ok, "--flow-table-memory", "-1"), "--flow-table-memory: -1 MiB out of range"},
+		{"table memory too large", append(ok, "--flow-table-memory", "2049"), "--flow-table-memory: 2049 MiB out of range"},
+		{"table memory not a number", append(ok, "--flow-table-memory", "64Mi"), "flow-table-memory"},
 		{"buffer zero", append(ok, "--max-buffered-flows", "0"), "--max-buffered-flows: 0 must be positive"},
 		{"missing token file", append(ok, "--token-file", "/nonexistent/token"), "--token-file:"},
 		{"missing netns", append(ok, "--netns-path", "/nonexistent/ns"), "--netns-path:"},
@@ -68,6 +74,27 @@ func TestConfigErrorsNameTheFlag(t *testing.T) {
 				t.Fatalf("error = %v, want one containing %q", err, tt.wantErr)
 			}
 		})
+	}
+}
+
+// TestFlowTableMemory: the flag is MiB, its default the datapath's, and
+// the datapath gets it in bytes.
+func TestFlowTableMemory(t *testing.T) {
+	base := []string{"--server-url", "http://s", "--node-name", "n1", "--local-prefixes", "10.0.0.0/24"}
+	for _, tt := range []struct {
+		args []string
+		want uint64
+	}{
+		{base, bpf.DefaultTableMemory},
+		{append(base, "--flow-table-memory", "100"), 100 << 20},
+	} {
+		cfg, err := parse(t, tt.args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := cfg.datapathConfig(); got.TableMemory != tt.want || got.MaxFlows != bpf.DefaultMaxFlows {
+			t.Errorf("%v: datapath config %+v, want TableMemory %d", tt.args, got, tt.want)
+		}
 	}
 }
 

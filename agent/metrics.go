@@ -21,7 +21,8 @@ type agentMetrics struct {
 	attempts, failures, retries     *metrics.Counter
 	batches, rejected, prefixErrors *metrics.Counter
 	drainTime, drainWait, stuckCPUs *metrics.Counter
-	lastSend                        *metrics.Gauge
+	lastSend, tableSlots            *metrics.Gauge
+	spilled                         *metrics.Counter
 	buffered                        atomic.Int64
 }
 
@@ -43,6 +44,8 @@ func newAgentMetrics(r *metrics.Registry) *agentMetrics {
 		lastSend:        r.Gauge("kubezonnet_agent_last_send_timestamp_seconds", "Unix time of the last batch acknowledged by the server."),
 		drainTime:       r.Counter("kubezonnet_agent_drain_seconds_total", "Time spent draining the kernel's flow counts."),
 		drainWait:       r.Counter("kubezonnet_agent_drain_wait_seconds_total", "Part of the drain time spent waiting for kernel programs still counting into the old generation (grows when they are preempted)."),
+		tableSlots:      r.Gauge("kubezonnet_agent_flow_table_slots", "Kernel flow table slots in use per CPU in the generation counting now, sized at each drain from the flows per CPU of the latest intervals (at most what --flow-table-memory gives a CPU)."),
+		spilled:         r.Counter("kubezonnet_agent_flow_table_spilled_flows_total", "Flows that found no kernel flow table slot and were counted in the slower hash map (--max-flows), once per CPU per flush interval."),
 		stuckCPUs:       r.Counter("kubezonnet_agent_drain_stuck_cpus_total", "CPUs a drain stopped waiting for: their in-flight counter was still not zero when the drain's bounded wait ran out (one per CPU per drain). Counts such a CPU wrote late into the old generation may be lost; normally zero."),
 	}
 	reasons := agentReasons
@@ -64,6 +67,8 @@ func (m *agentMetrics) drained(d *bpf.Drained, took time.Duration) {
 	m.drainTime.Add(took.Seconds())
 	m.drainWait.Add(d.Waited.Seconds())
 	m.stuckCPUs.Add(float64(len(d.Stuck)))
+	m.tableSlots.Set(float64(d.TableSlots))
+	m.spilled.Add(float64(d.Spilled))
 	var sum flow.Counts
 	for _, r := range d.Flows {
 		sum.Add(r.Counts)

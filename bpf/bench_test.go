@@ -275,26 +275,44 @@ func BenchmarkNetfilterReference(b *testing.B) {
 // `perGen` timed runs, followed by 64 untimed runs that bring back into the
 // CPU caches what the drain evicted.
 //
-//   - new-flow: 4,096 new flows per generation into a table of 8,192
-//     slots per CPU (the default), the common case;
-//   - new-flow-full-table: the same, with a table of 2,048 slots, so most
-//     new flows go to the hash map (the worst case).
+//   - new-flow: 4,096 new flows per generation into a table that sizes
+//     itself to 8,192 slots per CPU (what it starts at), the common case;
+//   - new-flow-full-table: the same, with a memory bound that allows
+//     2,048 slots per CPU, so most new flows go to the hash map (the worst
+//     case);
+//   - burst-16k: 16,384 new flows per generation (32,000 new flows per
+//     second on 2 CPUs at a 1 s flush), into a table that grows to 32,768
+//     slots per CPU for them;
+//   - burst-16k-8192: the same, with a memory bound that holds the table
+//     at 8,192 slots per CPU (its start size): half the flows spill.
 //
-// The empty program is the baseline, as for BenchmarkNetfilter.
+// Each starts with an untimed generation, so that the table has sized
+// itself for the flows. The empty program is the baseline, as for
+// BenchmarkNetfilter.
 func BenchmarkNetfilterNewFlow(b *testing.B) {
 	testutil.RequireRoot(b)
 	v4 := packet.IPv4(b, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.MustParseAddrPort("10.1.0.2:443"), 1440, 0)
 	b.Run("empty", func(b *testing.B) { benchRun(b, emptyNetfilter(b), v4) })
-	b.Run("new-flow", func(b *testing.B) { benchNewFlows(b, v4, DefaultTableSlots, 4096-64) })
-	b.Run("new-flow-full-table", func(b *testing.B) { benchNewFlows(b, v4, 2048, 4096-64) })
+	b.Run("new-flow", func(b *testing.B) { benchNewFlows(b, v4, 0, 4096-64) })
+	b.Run("new-flow-full-table", func(b *testing.B) { benchNewFlows(b, v4, tableMemoryFor(b, 2048), 4096-64) })
+	b.Run("burst-16k", func(b *testing.B) { benchNewFlows(b, v4, 0, 16384-64) })
+	b.Run("burst-16k-8192", func(b *testing.B) { benchNewFlows(b, v4, tableMemoryFor(b, 8192), 16384-64) })
 }
 
-func benchNewFlows(b *testing.B, pkt []byte, slots uint32, perGen int) {
+// benchNewFlows runs BenchmarkNetfilterNewFlow with a flow table of at
+// most memory bytes (0: the default).
+func benchNewFlows(b *testing.B, pkt []byte, memory uint64, perGen int) {
 	const warm = 64
-	d := loadWith(b, loadBenchNewFlows, Config{TableSlots: slots, MaxFlows: 65536}, "10.0.0.0/24")
+	d := loadWith(b, loadBenchNewFlows, Config{TableMemory: memory, MaxFlows: 65536}, "10.0.0.0/24")
 	var dr Drained
 	var total time.Duration
 	var flows int
+	testutil.OnCPU(b, 0, func() {
+		progTestRun(b, d.objs.KznNetfilter, pkt, uint32(warm+perGen))
+		if err := d.Drain(&dr); err != nil {
+			b.Fatal(err)
+		}
+	})
 	b.ResetTimer()
 	testutil.OnCPU(b, 0, func() {
 		for left := b.N; left > 0; {
@@ -326,20 +344,18 @@ func benchNewFlows(b *testing.B, pkt []byte, slots uint32, perGen int) {
 
 // BenchmarkDrain measures draining a generation of 100,000 flows, spread
 // over the CPUs as a node's senders spread them, with the flow table sized
-// for that load (131,072 slots per CPU: 8 MiB per CPU per generation).
+// for that load: an untimed first round makes it size itself (on 2 CPUs,
+// 131,072 slots per CPU: 8 MiB per CPU per generation).
 func BenchmarkDrain(b *testing.B) {
 	testutil.RequireRoot(b)
 	const flows = 100_000
-	d := loadLocal(b, Config{MaxFlows: 131072, TableSlots: 131072}, "10.0.0.0/24")
+	d := loadLocal(b, Config{MaxFlows: 131072}, "10.0.0.0/24")
 	pkts := make([][]byte, flows)
 	for i := range pkts {
 		dst := netip.AddrFrom4([4]byte{10, byte(1 + i>>16), byte(i >> 8), byte(i)})
 		pkts[i] = packet.IPv4(b, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(dst, 443), 100, 0)
 	}
-	var dr Drained
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		b.StopTimer()
+	fill := func() {
 		for cpu := range d.nCPU {
 			testutil.OnCPU(b, cpu, func() {
 				for i := cpu; i < len(pkts); i += d.nCPU {
@@ -347,6 +363,17 @@ func BenchmarkDrain(b *testing.B) {
 				}
 			})
 		}
+	}
+	var dr Drained
+	fill()
+	if err := d.Drain(&dr); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportMetric(float64(dr.TableSlots), "slots/cpu")
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		fill()
 		b.StartTimer()
 		if err := d.Drain(&dr); err != nil {
 			b.Fatal(err)

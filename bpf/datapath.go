@@ -5,7 +5,9 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 	"sync"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -35,12 +37,20 @@ const (
 	// 65,536 flows cost ~10 MiB per generation on a 64-CPU node (per-CPU
 	// values) and cover a busy node for a 10 s flush interval.
 	DefaultMaxFlows = 65536
-	// DefaultTableSlots is the flow table's size per CPU and generation:
-	// 8,192 slots of 64 bytes, each with 16 bytes for an IPv6 flow's
-	// original destination address (640 KiB, 1.25 MiB per CPU for both
-	// generations), keep a CPU that sees 4,000 flows per interval at half
-	// load, where linear probing almost always finds a slot at once.
-	DefaultTableSlots = 8192
+	// DefaultTableMemory bounds the flow table: both generations, every
+	// possible CPU, 80 bytes a slot (a 64-byte slot and its 16-byte
+	// flow_orig entry). 64 MiB gives each CPU the largest region
+	// (MaxTableSlots) up to 3 CPUs, and still 2,048 slots a CPU on 192
+	// CPUs, where the flows of a node are spread over many CPUs. The
+	// table takes all of it at load, whatever the traffic.
+	DefaultTableMemory = 64 << 20
+	// MaxTableSlots caps a CPU's region per generation: 131,072 slots
+	// hold ~65,000 flows a CPU per flush interval at half load. Larger
+	// regions would only cost memory and drain time.
+	MaxTableSlots = 1 << 17
+	// MinTableSlots is the smallest region a CPU may be given: the table
+	// is refused when the memory bound cannot give every CPU this many.
+	MinTableSlots = 64
 	// MaxTableBytes bounds the whole flow table (both generations, every
 	// CPU): the kernel caps an array map just under 4 GiB.
 	MaxTableBytes = 2 << 30
@@ -95,17 +105,48 @@ func (r Reason) String() string {
 type Config struct {
 	// MaxFlows is the capacity of each generation's hash map.
 	MaxFlows uint32
-	// TableSlots is the flow table's number of slots per CPU and
-	// generation, a power of two.
-	TableSlots uint32
+	// TableMemory bounds the flow table in bytes (both generations,
+	// every possible CPU, see TableSlots). How much of it is used is
+	// chosen at every drain from the flows seen (see Drain).
+	TableMemory uint64
 }
 
-// Validate reports the first invalid field, naming it.
+// Validate reports the first invalid field, naming it. Whether TableMemory
+// is large enough depends on the CPU count: Load checks it (TableSlots).
 func (c Config) Validate() error {
-	if c.TableSlots != 0 && (c.TableSlots < 64 || c.TableSlots&(c.TableSlots-1) != 0) {
-		return fmt.Errorf("flow table slots %d: must be a power of two, at least 64", c.TableSlots)
+	if c.TableMemory > MaxTableBytes {
+		return fmt.Errorf("flow table memory %d MiB: more than the %d MiB allowed", c.TableMemory>>20, MaxTableBytes>>20)
 	}
 	return nil
+}
+
+// TableSlots returns the slots of each CPU's region of the flow table per
+// generation that a table of at most memory bytes gives on a node with
+// ncpu possible CPUs: the largest power of two that fits, at most
+// MaxTableSlots. It fails when that is fewer than MinTableSlots.
+func TableSlots(memory uint64, ncpu int) (int, error) {
+	perSlot := uint64(2*ncpu) * tableSlotBytes
+	n := memory / perSlot
+	if n < MinTableSlots {
+		return 0, fmt.Errorf("flow table memory %s: %d possible CPUs need at least %s for %d slots per CPU (2 generations of %d-byte slots)", formatBytes(memory), ncpu, formatBytes(MinTableSlots*perSlot), MinTableSlots, tableSlotBytes)
+	}
+	return int(min(MaxTableSlots, uint64(1)<<(bits.Len64(n)-1))), nil
+}
+
+// tableSlotBytes is the memory of one slot: the flow_table entry and its
+// flow_orig entry.
+const tableSlotBytes = uint64(unsafe.Sizeof(flowTableSlot{}) + unsafe.Sizeof(flowOrigSlot{}))
+
+// formatBytes writes a size in the largest of MiB, KiB and bytes that
+// states it exactly.
+func formatBytes(n uint64) string {
+	switch {
+	case n != 0 && n%(1<<20) == 0:
+		return fmt.Sprintf("%d MiB", n>>20)
+	case n != 0 && n%(1<<10) == 0:
+		return fmt.Sprintf("%d KiB", n>>10)
+	}
+	return fmt.Sprintf("%d bytes", n)
 }
 
 // Datapath owns the kernel objects of one loaded program set: the maps, the
@@ -125,12 +166,16 @@ type Datapath struct {
 	prefixes *flowPrefixState
 	// table is the flow table mapped into this process (read only),
 	// orig the IPv6 original destination addresses of its slots
-	// (flow_orig, same indexes); tableSlots its slots per CPU and generation; epochs
-	// the epoch of each generation's slots in use.
-	table      []flowTableSlot
-	orig       []flowOrigSlot
-	tableSlots int
-	epochs     [2]uint32
+	// (flow_orig, same indexes); regionSlots the length of each CPU's
+	// region per generation; slots the slots in use in each
+	// generation's regions (see sizer); epochs the epoch of each
+	// generation's slots in use.
+	table       []flowTableSlot
+	orig        []flowOrigSlot
+	regionSlots int
+	slots       [2]int
+	sizer       tableSizer
+	epochs      [2]uint32
 	// inflight holds each CPU's count of program instances in flight and
 	// its active generation, mapped into this process (see Drain).
 	inflight []flowCpuInflight

@@ -50,6 +50,22 @@ type Drained struct {
 	// generation was read may have written counts the drain missed; they
 	// are lost, or (in the hash map) arrive with a later drain.
 	Stuck []int
+	// TableSlots is the slots in use in each CPU's region of the flow
+	// table in the generation this drain made active: sized from the
+	// flows per CPU of the latest intervals (never more than the
+	// memory bound gives, see TableSlots).
+	TableSlots int
+	// Spilled is how many flows found no table slot in the drained
+	// generation and were counted in its hash map instead, each once
+	// per CPU that counted it: slower to count, lost only when the hash
+	// map is full as well (ReasonMapFull). Read as the generations are
+	// switched, it may leave out a flow first counted in the moment
+	// before, which then counts in the next drain's.
+	Spilled int
+	// SpilledAtCap reports that flows spilled although the drained
+	// generation used all the slots the memory bound gives a CPU: more
+	// memory (Config.TableMemory) would have kept them in the table.
+	SpilledAtCap bool
 }
 
 // Drain swaps the flow generations and returns everything counted in the
@@ -78,6 +94,15 @@ func (d *Datapath) drain(dst *Drained, timeout time.Duration) error {
 	dst.Flows = dst.Flows[:0]
 	old := d.active
 	next := 1 - old
+	// Size the next generation from the flows per CPU counted so far in
+	// the old one (and before it): next is empty, and no program writes
+	// to it until publish names it (see setSlots).
+	busiest, spilled := d.sizer.counts(
+		func(cpu int) uint32 { return atomic.LoadUint32(&d.inflight[cpu].Inserted) },
+		func(cpu int) uint32 { return atomic.LoadUint32(&d.inflight[cpu].Spilled) })
+	d.setSlots(next, d.sizer.observe(busiest))
+	dst.TableSlots, dst.Spilled = d.slots[next], spilled
+	dst.SpilledAtCap = spilled > 0 && d.slots[old] == d.regionSlots
 	d.publish(next)
 	dst.Waited, dst.Stuck = d.waitQuiescent(timeout, dst.Stuck[:0])
 	d.active = next
@@ -142,14 +167,18 @@ func (d *Datapath) waitQuiescent(timeout time.Duration, stuck []int) (time.Durat
 // regionStart is the index in the flow table of the first slot of cpu's
 // region in generation g.
 func (d *Datapath) regionStart(g, cpu int) int {
-	return (g*d.nCPU + cpu) * d.tableSlots
+	return (g*d.nCPU + cpu) * d.regionSlots
 }
 
-// region is cpu's region of generation g, read through the shared
-// mappings: its table slots and their original destination addresses.
+// region is the slots in use of cpu's region in generation g, read
+// through the shared mappings: its table slots and their original
+// destination addresses. The program writes no further than the slots in
+// use: the geometry of g, which stays as it is while g is active and until
+// it has been drained (see setSlots).
 func (d *Datapath) region(g, cpu int) ([]flowTableSlot, []flowOrigSlot) {
 	start := d.regionStart(g, cpu)
-	return d.table[start : start+d.tableSlots], d.orig[start : start+d.tableSlots]
+	n := d.slots[g]
+	return d.table[start : start+n], d.orig[start : start+n]
 }
 
 // drainTable appends the flows in the slots of idle table generation g to

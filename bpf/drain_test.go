@@ -100,7 +100,7 @@ func kernelKey(k flow.Key) flowFlowKey {
 // two flows, and a flow seen on two CPUs is merged, with or without one.
 func TestDrainTableOriginalDestination(t *testing.T) {
 	const slots = 64
-	d := &Datapath{nCPU: 2, tableSlots: slots, epochs: [2]uint32{1, 2}}
+	d := &Datapath{nCPU: 2, regionSlots: slots, slots: [2]int{slots, slots}, epochs: [2]uint32{1, 2}}
 	d.table = make([]flowTableSlot, 2*d.nCPU*slots)
 	d.orig = make([]flowOrigSlot, len(d.table))
 	addr, ap := netip.MustParseAddr, netip.MustParseAddrPort

@@ -202,9 +202,13 @@ struct flow_map flows_1 SEC(".maps");
  * Flows that find no slot within TABLE_PROBES probes, and programs that
  * interrupted another on the same CPU, go to the hash map.
  *
- * The geometry is set at load time and kept in each CPU's inflight line
- * (where the region starts, its mask and the hash shift), which the
- * program reads anyway: constants from .rodata would cost a load each.
+ * Each region is allocated at the largest size user space may use (set at
+ * load time, bounded by the agent's memory flag); how much of it a
+ * generation uses is chosen by user space before each turn of that
+ * generation, from the flows per CPU it has seen. The geometry (where the
+ * region starts, the mask and hash shift of the slots in use) is kept in
+ * each CPU's inflight line, which the program reads anyway: constants
+ * from .rodata would cost a load each, and could not change.
  */
 
 /* Benchmarks only: when set at load time, every run counts a new flow (a
@@ -274,20 +278,36 @@ struct {
 } flow_orig SEC(".maps");
 
 /* Per CPU, in one cache line of its own: the program instances in flight
- * on this CPU, and which generation is in use with the epoch of its table
- * slots (gen | epoch << 32). User space writes `active` to every CPU's
- * line, with an atomic store through a shared mapping, and reads the
- * counters the same way. Keeping both in the CPU's line makes them one
- * cache line per packet. */
+ * on this CPU, which generation is in use with the epoch of its table
+ * slots (gen | epoch << 32), the geometry of this CPU's region in each
+ * generation, and how many flows this CPU counted in the table and in the
+ * hash map. User space writes `active` and the geometry to every CPU's
+ * line, with atomic stores through a shared mapping, and reads the
+ * counters the same way. Keeping all of it in the CPU's line makes them
+ * one cache line per packet.
+ *
+ * The geometry of a generation (shift, mask) changes only while that
+ * generation is idle and empty: user space sets it just before it makes
+ * the generation active (see account() for why no instance can be writing
+ * to it then). base never changes: each generation's region is as long as
+ * the largest size user space may give it. */
 struct cpu_inflight {
 	__u32 n;
-	__u32 shift;   /* 64 - log2(slots per region), set at load */
-	__u64 active;  /* gen | epoch << 32 */
-	__u32 base[2]; /* first slot of this CPU's region, per generation */
-	__u32 mask;    /* slots per region - 1 */
+	/* Flows this CPU put in a table slot, and flows it counted in the
+	 * hash map for the first time in a generation (a flow that found no
+	 * slot: once per CPU per generation). Cumulative, wrapping; only
+	 * the instance that owns the table writes them, so plain adds.
+	 * User space sizes the next generation from their increase. */
+	__u32 inserted;
+	__u64 active;   /* gen | epoch << 32 */
+	__u32 base[2];  /* first slot of this CPU's region, per generation */
+	__u32 shift[2]; /* 64 - log2(slots in use), per generation */
+	__u32 mask[2];  /* slots in use - 1, per generation */
+	__u32 spilled;
 	__u32 pad;
-	__u64 pad2[4];
+	__u64 pad2[2];
 };
+_Static_assert(sizeof(struct cpu_inflight) == 64, "a CPU's line is one cache line");
 
 /* The lines of all CPUs, indexed by CPU number. A global array, not an
  * array map: its address is a constant in the program, so finding this
@@ -368,39 +388,48 @@ static __always_inline void add_counter(__u32 idx, __u64 bytes, __u64 packets)
 }
 
 /* account_hash adds one observation to generation gen's hash map, and
- * never loses it silently. */
-static __always_inline void account_hash(__u32 gen, struct flow_key *key, __u64 bytes,
-					 __u64 packets)
+ * never loses it silently. It returns 1 when the flow had no count on this
+ * CPU yet in this generation (a new flow for the table's sizing, see
+ * cpu_inflight), 0 otherwise. */
+static __always_inline int account_hash(__u32 gen, struct flow_key *key, __u64 bytes,
+					__u64 packets)
 {
 	struct flow_stats *st;
 	void *flows;
 	long err;
+	int fresh;
 
 	flows = bpf_map_lookup_elem(&flow_maps, &gen);
 	if (!flows) {
 		add_counter(COUNTER_NO_MAP, bytes, packets);
-		return;
+		return 0;
 	}
 	st = bpf_map_lookup_elem(flows, key);
 	if (st) {
+		/* This CPU's value: zero until this CPU counts the flow (an
+		 * insert by another CPU zeroes every CPU's value but its
+		 * own). */
+		fresh = st->packets == 0;
 		__sync_fetch_and_add(&st->bytes, bytes);
 		__sync_fetch_and_add(&st->packets, packets);
-		return;
+		return fresh;
 	}
 	struct flow_stats init = { .bytes = bytes, .packets = packets };
 	err = bpf_map_update_elem(flows, key, &init, BPF_NOEXIST);
 	if (!err)
-		return;
+		return 1;
 	if (err == -EEXIST) {
 		/* Inserted concurrently (same CPU, nested): add to it. */
 		st = bpf_map_lookup_elem(flows, key);
 		if (st) {
 			__sync_fetch_and_add(&st->bytes, bytes);
 			__sync_fetch_and_add(&st->packets, packets);
-			return;
+			return 1;
 		}
 	}
 	add_counter(err == -E2BIG ? COUNTER_MAP_FULL : COUNTER_MAP_ERROR, bytes, packets);
+	/* Not counted in a flow, but a flow the table lacked room for. */
+	return 1;
 }
 
 /* slot_hash spreads flow keys over a table region: multiply-xor of the
@@ -530,13 +559,37 @@ static __always_inline int put_orig(struct table_slot *slot, __u32 idx,
  *  Doing the lookup before the increment rather than after makes an
  *  existing flow cheaper (builds compared with BenchmarkNetfilterObjects,
  *  BENCHMARKS.md).
+ *
+ * The geometry of a generation (shift[g], mask[g]) is read after `active`,
+ * for the generation `active` names, and its loads depend on it (the
+ * generation is their index): user space stores a generation's geometry
+ * before the `active` that names it, so an instance that sees the new
+ * `active` sees the geometry stored for it (x86 keeps loads in order; on
+ * arm64 the address dependency orders them). User space changes a
+ * generation's geometry only while no instance writes to that
+ * generation: just before it makes it active again, which follows the
+ * drain of that generation, which followed the wait for every instance
+ * that could still write to it. So:
+ *  - An instance that writes to the table read `active` after its
+ *    increment, and the geometry after that: it is the geometry of the
+ *    generation it writes to, and stays so until a drain has waited for
+ *    this instance to finish.
+ *  - The lookup before the increment may read a generation whose
+ *    geometry is being changed (an instance that loaded `active` before
+ *    the generation was switched away and back), and so a mask and shift
+ *    that do not belong together. It only reads: every mask is below the
+ *    region's length, so the slot read is in the CPU's region, and
+ *    `active` after the increment differs from the `active` it read
+ *    (a generation comes back with a new epoch), so the slot is neither
+ *    trusted nor written. The probe then recomputes the slot with the
+ *    geometry of the generation it writes to.
  */
 static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 packets)
 {
-	__u32 cpu, mask, h, ep, gen, nested, left, idx;
+	__u32 cpu, mask, h, ep, gen, nested, left, idx, g;
 	struct table_slot *slot;
 	struct cpu_inflight *fl;
-	__u64 seen, active;
+	__u64 seen, active, hash;
 	int known;
 
 	if (bench_new_flows) {
@@ -553,10 +606,12 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 	fl = &inflight[cpu];
 	/* Before the increment: find the flow's first slot in the generation
 	 * in use, and whether the flow is already there (see above). */
-	mask = fl->mask;
-	h = slot_hash(key) >> fl->shift;
+	hash = slot_hash(key);
 	seen = *(volatile __u64 *)&fl->active;
-	idx = fl->base[seen & 1] + (h & mask);
+	g = seen & 1;
+	mask = fl->mask[g];
+	h = hash >> fl->shift[g];
+	idx = fl->base[g] + (h & mask);
 	slot = bpf_map_lookup_elem(&flow_table, &idx);
 	known = slot && slot->epoch == (__u32)(seen >> 32) && same_flow(slot, idx, key);
 
@@ -570,6 +625,12 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 		slot->st.bytes += bytes;
 		slot->st.packets += packets;
 		goto out;
+	}
+	if (active != seen) {
+		/* A drain switched generations since the lookup: the geometry
+		 * of the one in use now (see above). */
+		mask = fl->mask[gen];
+		h = hash >> fl->shift[gen];
 	}
 	ep = active >> 32;
 #pragma clang loop unroll(disable)
@@ -586,6 +647,7 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 			slot->st.bytes = bytes;
 			slot->st.packets = packets;
 			slot->epoch = ep;
+			fl->inserted++;
 			goto out;
 		}
 		if (same_flow(slot, idx, key)) {
@@ -595,7 +657,12 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 		}
 	}
 hash:
-	account_hash(gen, key, bytes, packets);
+	/* No slot within TABLE_PROBES, or nested: counted in the hash map. A
+	 * flow that found no slot counts once per generation in this CPU's
+	 * spills; a nested instance leaves the line's counts to the instance
+	 * it interrupted, their only writer. */
+	if (account_hash(gen, key, bytes, packets) && !nested)
+		fl->spilled++;
 out:
 	left = __sync_fetch_and_add(&fl->n, -1);
 	asm volatile("" : : "r"(left));

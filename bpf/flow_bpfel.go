@@ -25,14 +25,16 @@ const (
 )
 
 type flowCpuInflight struct {
-	_      structs.HostLayout
-	N      uint32
-	Shift  uint32
-	Active uint64
-	Base   [2]uint32
-	Mask   uint32
-	Pad    uint32
-	Pad2   [4]uint64
+	_        structs.HostLayout
+	N        uint32
+	Inserted uint32
+	Active   uint64
+	Base     [2]uint32
+	Shift    [2]uint32
+	Mask     [2]uint32
+	Spilled  uint32
+	Pad      uint32
+	Pad2     [2]uint64
 }
 
 type flowFlowFlag uint32

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
@@ -55,8 +56,8 @@ func load(cfg Config, loadSpec func() (*ebpf.CollectionSpec, error)) (*Datapath,
 	if cfg.MaxFlows == 0 {
 		cfg.MaxFlows = DefaultMaxFlows
 	}
-	if cfg.TableSlots == 0 {
-		cfg.TableSlots = DefaultTableSlots
+	if cfg.TableMemory == 0 {
+		cfg.TableMemory = DefaultTableMemory
 	}
 	if err := checkKernel(); err != nil {
 		return nil, err
@@ -80,13 +81,14 @@ func load(cfg Config, loadSpec func() (*ebpf.CollectionSpec, error)) (*Datapath,
 	if err != nil {
 		return nil, fmt.Errorf("counting possible CPUs: %w", err)
 	}
-	// Both generations, every possible CPU; each slot with its flow_orig
-	// entry (an IPv6 flow's original destination address).
-	slots := 2 * ncpu * int(cfg.TableSlots)
-	size := slots * int(unsafe.Sizeof(flowTableSlot{})+unsafe.Sizeof(flowOrigSlot{}))
-	if size > MaxTableBytes {
-		return nil, fmt.Errorf("flow table of %d slots per CPU: %d MiB for %d CPUs and 2 generations, more than the %d MiB allowed", cfg.TableSlots, size>>20, ncpu, MaxTableBytes>>20)
+	region, err := TableSlots(cfg.TableMemory, ncpu)
+	if err != nil {
+		return nil, err
 	}
+	// Both generations, every possible CPU, each region as long as it may
+	// ever be; each slot with its flow_orig entry (an IPv6 flow's
+	// original destination address).
+	slots := 2 * ncpu * region
 	specs.FlowTable.MaxEntries = uint32(slots)
 	specs.FlowOrig.MaxEntries = uint32(slots)
 	vars, err := bssLayout(specs.Inflight, specs.LocalPrefixes)
@@ -96,7 +98,7 @@ func load(cfg Config, loadSpec func() (*ebpf.CollectionSpec, error)) (*Datapath,
 	if ncpu > vars.maxCPUs {
 		return nil, fmt.Errorf("%d possible CPUs: the datapath supports at most %d", ncpu, vars.maxCPUs)
 	}
-	d := &Datapath{nCPU: ncpu, tableSlots: int(cfg.TableSlots), epochs: [2]uint32{1, 2}}
+	d := &Datapath{nCPU: ncpu, regionSlots: region, sizer: newTableSizer(region, ncpu), epochs: [2]uint32{1, 2}}
 	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -202,13 +204,32 @@ func (d *Datapath) mapShared(vars bssVars) error {
 	// The table's geometry, before any program runs (see flow_table).
 	for cpu := range d.inflight {
 		l := &d.inflight[cpu]
-		l.Shift = uint32(64 - bits.TrailingZeros(uint(d.tableSlots)))
-		l.Mask = uint32(d.tableSlots - 1)
 		for g := range l.Base {
 			l.Base[g] = uint32(d.regionStart(g, cpu))
 		}
 	}
+	for g := range d.slots {
+		d.setSlots(g, d.sizer.start())
+	}
 	return nil
+}
+
+// setSlots sets the slots in use in every CPU's region of generation g, a
+// power of two no larger than the region. Only while no program instance
+// writes to g (see account() in flow.c): at load, or in a drain before it
+// makes g active. The atomic stores come before publish's store of the
+// `active` that names g. (An instance on a CPU a drain gave up waiting for,
+// see Drained.Stuck, may still write to g with the geometry it read: within
+// the region, whatever the size, and under an epoch g no longer uses, so
+// those counts are lost as Stuck says, and nothing else.)
+func (d *Datapath) setSlots(g, slots int) {
+	d.slots[g] = slots
+	shift := uint32(64 - bits.TrailingZeros(uint(slots)))
+	for cpu := range d.inflight {
+		l := &d.inflight[cpu]
+		atomic.StoreUint32(&l.Shift[g], shift)
+		atomic.StoreUint32(&l.Mask[g], uint32(slots-1))
+	}
 }
 
 // mapArray maps the values of a BPF_F_MMAPABLE array into this process.

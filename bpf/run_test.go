@@ -37,6 +37,17 @@ func loadLocal(t testing.TB, cfg Config, prefixes ...string) *Datapath {
 	return loadWith(t, Load, cfg, prefixes...)
 }
 
+// tableMemoryFor is the flow table memory bound that gives each CPU's
+// region exactly slots slots (a power of two) on this machine.
+func tableMemoryFor(t testing.TB, slots int) uint64 {
+	t.Helper()
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return uint64(slots) * 2 * uint64(ncpu) * tableSlotBytes
+}
+
 // loadWith is loadLocal loading with load (Load, or a benchmark variant
 // of export_test.go).
 func loadWith(t testing.TB, load func(Config) (*Datapath, error), cfg Config, prefixes ...string) *Datapath {
@@ -212,7 +223,7 @@ func shorten(b []byte, n int) []byte {
 func TestOverflowCountsEveryRefusedByte(t *testing.T) {
 	testutil.RequireRoot(t)
 	const capacity, flows, slots = 32, 20000, 64
-	d := loadLocal(t, Config{MaxFlows: capacity, TableSlots: slots}, "10.0.0.0/8")
+	d := loadLocal(t, Config{MaxFlows: capacity, TableMemory: tableMemoryFor(t, slots)}, "10.0.0.0/8")
 	var sent flow.Counts
 	for i := range flows {
 		dst := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
@@ -249,76 +260,116 @@ func TestOverflowCountsEveryRefusedByte(t *testing.T) {
 // drains must equal runs x packet length.
 func TestDrainUnderLoadLosesNothing(t *testing.T) {
 	testutil.RequireRoot(t)
+	for round := range 3 {
+		drainUnderLoad(t, round, nil)
+	}
+}
+
+// TestDrainWhileResizingLosesNothing is TestDrainUnderLoadLosesNothing
+// with every drain giving the next generation another size (1,024 and
+// 8,192 slots in turn, where the flows' slots differ): program instances
+// that read a generation's geometry as it changes must neither count into
+// a slot the drain does not read nor count twice.
+func TestDrainWhileResizingLosesNothing(t *testing.T) {
+	testutil.RequireRoot(t)
+	sizes := 0
+	drainUnderLoad(t, 0, func(d *Datapath, n int) {
+		// The drain asks the sizer for the largest size of the latest
+		// intervals: make that the size wanted for this turn. Drains
+		// alternate between the generations, so each generation gets
+		// the other size on its next turn.
+		want := tableFloorSlots
+		if n%4 < 2 {
+			want = tableStartSlots
+		}
+		for i := range d.sizer.wants {
+			d.sizer.wants[i] = want
+		}
+		if d.slots[1-d.active] != want {
+			sizes++
+		}
+	})
+	if sizes < 10 {
+		t.Errorf("the generations changed size only %d times", sizes)
+	}
+}
+
+// drainUnderLoad is the body of TestDrainUnderLoadLosesNothing: beforeDrain,
+// when not nil, runs before the n-th drain of the loop (in the draining
+// goroutine, the only one to drain).
+func drainUnderLoad(t *testing.T, round int, beforeDrain func(d *Datapath, n int)) {
+	t.Helper()
 	stats, err := ebpf.EnableStats(uint32(0)) // BPF_STATS_RUN_TIME
 	if err != nil {
 		t.Fatalf("enabling BPF run statistics: %v", err)
 	}
 	defer stats.Close()
-	for round := range 3 {
-		d := loadLocal(t, Config{}, "10.0.0.0/8")
-		info, err := d.objs.KznNetfilter.Stats()
-		if err != nil {
-			t.Fatal(err)
-		}
-		before := info.RunCount
-		const size = 1440
-		var pkts [][]byte
-		for i := range 16 {
-			dst := netip.AddrFrom4([4]byte{10, 1, 0, byte(i)})
-			pkts = append(pkts, packet.IPv4(t, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(dst, 443), size, 0))
-		}
-		var wg sync.WaitGroup
-		var stop atomic.Bool
-		for w := range 2 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for i := 0; i < 40; i++ {
-					pkt := pkts[(w*8+i)%len(pkts)]
-					// Repeat may run the program more often than
-					// asked when interrupted; the run counter below
-					// counts what really ran.
-					if _, err := d.objs.KznNetfilter.Run(&ebpf.RunOptions{
-						Data: pkt, Repeat: 50_000,
-						Context: nfhook.ForPacket(pkt),
-					}); err != nil {
-						t.Error(err)
-						return
-					}
-				}
-			}()
-		}
-		var got flow.Counts
-		drains := 0
-		done := make(chan struct{})
+	d := loadLocal(t, Config{}, "10.0.0.0/8")
+	info, err := d.objs.KznNetfilter.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := info.RunCount
+	const size = 1440
+	var pkts [][]byte
+	for i := range 16 {
+		dst := netip.AddrFrom4([4]byte{10, 1, 0, byte(i)})
+		pkts = append(pkts, packet.IPv4(t, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(dst, 443), size, 0))
+	}
+	var wg sync.WaitGroup
+	var stop atomic.Bool
+	for w := range 2 {
+		wg.Add(1)
 		go func() {
-			defer close(done)
-			var dr Drained
-			for !stop.Load() {
-				if err := d.Drain(&dr); err != nil {
+			defer wg.Done()
+			for i := 0; i < 40; i++ {
+				pkt := pkts[(w*8+i)%len(pkts)]
+				// Repeat may run the program more often than
+				// asked when interrupted; the run counter below
+				// counts what really ran.
+				if _, err := d.objs.KznNetfilter.Run(&ebpf.RunOptions{
+					Data: pkt, Repeat: 50_000,
+					Context: nfhook.ForPacket(pkt),
+				}); err != nil {
 					t.Error(err)
 					return
 				}
-				got.Add(total(dr.Flows))
-				drains++
 			}
 		}()
-		wg.Wait()
-		stop.Store(true)
-		<-done
-		got.Add(total(drain(t, d).Flows))
-		info, err = d.objs.KznNetfilter.Stats()
-		if err != nil {
-			t.Fatal(err)
+	}
+	var got flow.Counts
+	drains := 0
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		var dr Drained
+		for !stop.Load() {
+			if beforeDrain != nil {
+				beforeDrain(d, drains)
+			}
+			if err := d.Drain(&dr); err != nil {
+				t.Error(err)
+				return
+			}
+			got.Add(total(dr.Flows))
+			drains++
 		}
-		runs := info.RunCount - before
-		t.Logf("round %d: %d runs, %d drains, counted %+v", round, runs, drains, got)
-		if drains < 10 {
-			t.Errorf("only %d drains raced with the load", drains)
-		}
-		if got.Packets != runs || got.Bytes != runs*size {
-			t.Errorf("round %d: counted %+v, the kernel ran the program %d times (%d bytes): lost %d packets", round, got, runs, runs*size, int64(runs)-int64(got.Packets))
-		}
+	}()
+	wg.Wait()
+	stop.Store(true)
+	<-done
+	got.Add(total(drain(t, d).Flows))
+	info, err = d.objs.KznNetfilter.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	runs := info.RunCount - before
+	t.Logf("round %d: %d runs, %d drains, counted %+v", round, runs, drains, got)
+	if drains < 10 {
+		t.Errorf("only %d drains raced with the load", drains)
+	}
+	if got.Packets != runs || got.Bytes != runs*size {
+		t.Errorf("round %d: counted %+v, the kernel ran the program %d times (%d bytes): lost %d packets", round, got, runs, runs*size, int64(runs)-int64(got.Packets))
 	}
 }
 

@@ -21,7 +21,7 @@ import (
 // the real flag set as well.
 var contractFlags = map[string][]string{
 	"agent": {"server-url", "node-name", "flush-interval", "attach-mode", "netfilter-priority", "cgroup-path",
-		"max-flows", "flow-table-slots", "max-buffered-flows", "local-prefixes", "kubeconfig", "token-file", "listen-address",
+		"max-flows", "flow-table-memory", "max-buffered-flows", "local-prefixes", "kubeconfig", "token-file", "listen-address",
 		"log-level", "log-format"},
 	"server": {"listen-address", "kubeconfig", "auth-mode", "token-file", "static-endpoints-file", "all-pairs",
 		"max-pod-pairs", "series-idle-timeout", "released-ip-ttl", "released-ip-cache-size", "flow-log-classes",
