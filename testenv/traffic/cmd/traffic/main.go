@@ -47,7 +47,7 @@ func parseFlags() (traffic.Options, bool) {
 		return nil
 	})
 	flag.StringVar(&o.Bin, "bin", "", "kubezonnet binary; empty builds this checkout")
-	flag.Func("agent-flag", "a flag added to the agent's command line, e.g. --flow-table-slots=65536 (repeatable)", func(v string) error {
+	flag.Func("agent-flag", "a flag added to the agent's command line, e.g. --flow-table-memory=256 (repeatable)", func(v string) error {
 		o.AgentFlags = append(o.AgentFlags, v)
 		return nil
 	})
