@@ -45,6 +45,9 @@ var Components = []Component{
 		`go test -run '^$' -bench 'EncodeFlush' -benchmem -benchtime 20x -count 3 -cpu 1 ./agent/`,
 		`go test -run '^$' -bench . -benchmem -count 3 -cpu 1 ./internal/wire/`,
 	}},
+	{Name: "traffic", Verbatim: true, Commands: []string{
+		`go run ./testenv/traffic/cmd/traffic`,
+	}},
 	{Name: "remotewrite", Commands: []string{
 		`go test -run '^$' -bench 'Snapshot' -benchmem -benchtime 20x -count 3 ./internal/remotewrite/`,
 		`go test -run '^$' -bench 'PushThroughput' -benchmem -cpu 1 -count 3 ./internal/remotewrite/`,
@@ -69,6 +72,9 @@ var Components = []Component{
 	{Name: "scale", Verbatim: true, Commands: []string{
 		`go run ./testenv/scale/cmd/scale`,
 		`go run ./testenv/scale/cmd/scale -server-cpus 0 -peers-per-pod 250 -batches-per-second 40 -duration 2m -churn-per-second 20`,
+	}},
+	{Name: "saturation", Verbatim: true, Commands: []string{
+		`go run ./testenv/scale/cmd/scale -server-cpus 0 -nodes 300 -pods-per-node 10 -agents 300 -pregenerate -churn-per-second 0 -batches-per-second 2500 -duration 20s`,
 	}},
 }
 
