@@ -74,7 +74,7 @@ var Components = []Component{
 		`go run ./testenv/scale/cmd/scale -server-cpus 0 -peers-per-pod 250 -batches-per-second 40 -duration 2m -churn-per-second 20`,
 	}},
 	{Name: "saturation", Verbatim: true, Commands: []string{
-		`go run ./testenv/scale/cmd/scale -server-cpus 0 -nodes 300 -pods-per-node 10 -agents 300 -pregenerate -churn-per-second 0 -batches-per-second 2500 -duration 20s`,
+		`go run ./testenv/scale/cmd/scale -server-cpus 0 -nodes 300 -pods-per-node 30 -agents 300 -peers-per-pod 20 -flows-per-batch 2000 -pregenerate -churn-per-second 0 -batches-per-second 1250 -duration 20s`,
 	}},
 }
 
