@@ -55,6 +55,44 @@ func TestScaleSmall(t *testing.T) {
 	}
 }
 
+// TestScalePregenerated runs a tiny profile with every batch encoded
+// before the sending (the saturation profile's mode) and asserts that the
+// truth tallied afterwards from the acknowledged batches equals what
+// VictoriaMetrics holds, in total and per zone pair. Rates are not
+// asserted.
+func TestScalePregenerated(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	res, err := scale.Run(ctx, scale.Options{
+		Nodes: 6, PodsPerNode: 5, Zones: 3, PeersPerPod: 5,
+		Agents: 3, FlowsPerBatch: 50, BatchesPerSecond: 30,
+		Duration: 5 * time.Second, PushInterval: 2 * time.Second,
+		Pregenerate: true, Output: tWriter{t},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Flows == 0 || res.SentBytes == 0 {
+		t.Fatalf("nothing was sent: %d flows, %d bytes", res.Flows, res.SentBytes)
+	}
+	if float64(res.SentBytes) != res.VMBytes || float64(res.SentPackets) != res.VMPackets {
+		t.Errorf("sent %d bytes %d packets, VictoriaMetrics holds %.0f bytes %.0f packets",
+			res.SentBytes, res.SentPackets, res.VMBytes, res.VMPackets)
+	}
+	for _, m := range res.ZonePairMismatches {
+		t.Errorf("zone pair %s", m)
+	}
+}
+
+// TestPregenerateNeedsNoChurn: pregenerated flows belong to the pods of
+// before the sending, so churn is refused before anything starts.
+func TestPregenerateNeedsNoChurn(t *testing.T) {
+	_, err := scale.Run(context.Background(), scale.Options{Pregenerate: true, ChurnPerSecond: 1})
+	if err == nil || !strings.Contains(err.Error(), "churn") {
+		t.Fatalf("err = %v, want a refusal naming the churn", err)
+	}
+}
+
 // tWriter writes progress lines to the test log.
 type tWriter struct{ t *testing.T }
 
