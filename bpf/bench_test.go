@@ -19,13 +19,11 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/kubezonnet/kubezonnet/bpf/internal/nfhook"
 	"github.com/kubezonnet/kubezonnet/bpf/reference"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
-	"github.com/kubezonnet/kubezonnet/internal/netns"
 	"github.com/kubezonnet/kubezonnet/internal/packet"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
@@ -34,12 +32,7 @@ import (
 // emptyNetfilter is the baseline: a netfilter program that only accepts.
 func emptyNetfilter(b *testing.B) *ebpf.Program {
 	b.Helper()
-	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type:         ebpf.Netfilter,
-		AttachType:   ebpf.AttachNetfilter,
-		License:      "MIT",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
-	})
+	p, err := testutil.EmptyNetfilter()
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -447,6 +440,7 @@ func BenchmarkMerge(b *testing.B) {
 //     skb has no conntrack entry, so this is what every packet without
 //     one pays (untracked, or on a node without conntrack): the load of
 //     skb->_nfct and a branch.
+//
 //   - dnat/*: real UDP datagrams (64-byte payloads) from a pod to a
 //     Service's virtual IP, DNATed by kube-proxy-style nftables rules in
 //     the node's namespace (benchServiceRules) to a backend on another
@@ -721,22 +715,9 @@ func prefixStrings(ps []netip.Prefix) []string {
 // namespace at nsPath and returns the links.
 func attachAt(b *testing.B, prog *ebpf.Program, nsPath string, priority int32) []link.Link {
 	b.Helper()
-	var links []link.Link
-	err := netns.Do(nsPath, func() error {
-		for _, pf := range []link.NetfilterProtocolFamily{link.NetfilterProtoIPv4, link.NetfilterProtoIPv6} {
-			l, err := link.AttachNetfilter(link.NetfilterOptions{Program: prog, ProtocolFamily: pf, Hook: link.NetfilterInetPostRouting, Priority: priority})
-			if err != nil {
-				return err
-			}
-			links = append(links, l)
-		}
-		return nil
-	})
+	links, err := testutil.AttachPostrouting(nsPath, prog, priority)
 	if err != nil {
-		for _, l := range links {
-			l.Close()
-		}
-		b.Fatalf("attaching at priority %d: %v", priority, err)
+		b.Fatal(err)
 	}
 	return links
 }

@@ -278,7 +278,7 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 	}
 	say("sending for %s: %d agents, %g batches/s of %d flows, %g pods replaced/s",
 		opts.Duration, opts.Agents, opts.BatchesPerSecond, opts.FlowsPerBatch, opts.ChurnPerSecond)
-	cpu0, err := cpuTime(srv.Pid())
+	cpu0, err := testenv.ProcessCPUTime(srv.Pid())
 	if err != nil {
 		return res, err
 	}
@@ -316,7 +316,7 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 	if err := errors.Join(errs...); err != nil {
 		return res, fmt.Errorf("sending: %w", err)
 	}
-	cpu1, err := cpuTime(srv.Pid())
+	cpu1, err := testenv.ProcessCPUTime(srv.Pid())
 	if err != nil {
 		return res, err
 	}
@@ -368,7 +368,7 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 	res.Held = int64(m[`kubezonnet_server_ingest_rejected_total{reason="awaiting_pod"}`].sum)
 	res.Folded = int64(m["kubezonnet_server_pod_pairs_folded_total"].sum)
 	res.Unresolved = int64(m["kubezonnet_server_unresolved_total"].sum)
-	if res.PeakRSS, err = peakRSS(srv.Pid()); err != nil {
+	if res.PeakRSS, err = testenv.ProcessPeakRSS(srv.Pid()); err != nil {
 		return res, err
 	}
 	for p := range truth {

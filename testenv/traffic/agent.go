@@ -1,27 +1,23 @@
 package traffic
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
-	"github.com/kubezonnet/kubezonnet/internal/netns"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
 	"github.com/kubezonnet/kubezonnet/internal/wire"
 	"github.com/kubezonnet/kubezonnet/testenv"
 )
@@ -54,7 +50,7 @@ func startAgent(ctx context.Context, opts Options, n *testnet.Node, url string, 
 	a := &agentProc{p: p}
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		links, prog, err := netfilterLinks(p.Pid())
+		links, prog, err := testutil.ProcessNetfilterLinks(p.Pid())
 		if err == nil && len(links) == 2 {
 			a.prog = prog
 			return a, nil
@@ -83,33 +79,6 @@ func (a *agentProc) stop() error {
 	return nil
 }
 
-// netfilterLinks returns the ids of the netfilter BPF links process pid
-// holds and the program they run, from its file descriptors' fdinfo.
-func netfilterLinks(pid int) ([]int, ebpf.ProgramID, error) {
-	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fdinfo", pid))
-	if err != nil {
-		return nil, 0, err
-	}
-	var links []int
-	var prog ebpf.ProgramID
-	for _, fd := range fds {
-		info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, fd.Name()))
-		if err != nil || !strings.Contains(string(info), "link_type:\tnetfilter") {
-			continue
-		}
-		for _, line := range strings.Split(string(info), "\n") {
-			var id int
-			if _, err := fmt.Sscanf(line, "link_id:\t%d", &id); err == nil {
-				links = append(links, id)
-			}
-			if _, err := fmt.Sscanf(line, "prog_id:\t%d", &id); err == nil {
-				prog = ebpf.ProgramID(id)
-			}
-		}
-	}
-	return links, prog, nil
-}
-
 // progStats are a program's cumulative run count and run time, as
 // kernel.bpf_stats_enabled keeps them.
 type progStats struct {
@@ -133,54 +102,6 @@ func readProgStats(id ebpf.ProgramID) (progStats, error) {
 	}
 	s := progStats{runs: st.RunCount, time: st.Runtime, misses: st.RecursionMisses}
 	return s, nil
-}
-
-// clockTicks is USER_HZ, the unit of utime and stime in /proc/<pid>/stat:
-// 100 on every Linux architecture Go supports.
-const clockTicks = 100
-
-// cpuTime returns the user plus system CPU time of process pid.
-func cpuTime(pid int) (time.Duration, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, fmt.Errorf("reading CPU time: %w", err)
-	}
-	// The command name (field 2) may hold spaces: count fields after the
-	// closing parenthesis. utime and stime are fields 14 and 15.
-	s := string(b)
-	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-	if len(fields) < 13 {
-		return 0, fmt.Errorf("reading CPU time: short /proc/%d/stat", pid)
-	}
-	var ticks int64
-	for _, f := range fields[11:13] {
-		v, err := strconv.ParseInt(f, 10, 64)
-		if err != nil {
-			return 0, fmt.Errorf("reading CPU time: %w", err)
-		}
-		ticks += v
-	}
-	return time.Duration(ticks) * time.Second / clockTicks, nil
-}
-
-// peakRSS returns VmHWM, the peak resident set of process pid, in bytes.
-func peakRSS(pid int) (int64, error) {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, fmt.Errorf("reading VmHWM: %w", err)
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
-			if err != nil {
-				return 0, fmt.Errorf("reading VmHWM: %w", err)
-			}
-			return kb << 10, nil
-		}
-	}
-	return 0, fmt.Errorf("reading VmHWM: not in /proc/%d/status", pid)
 }
 
 // receiver stands in for the server: it decodes the agent's remote-write
@@ -284,45 +205,10 @@ func (r *receiver) snapshot() received {
 	return out
 }
 
-// emptyProgram loads the program of the Empty runs: a netfilter program
-// that accepts every packet and does nothing else.
-func emptyProgram() (*ebpf.Program, error) {
-	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type:         ebpf.Netfilter,
-		AttachType:   ebpf.AttachNetfilter,
-		License:      "MIT",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()}, // NF_ACCEPT
-	})
-	if err != nil {
-		return nil, fmt.Errorf("loading the empty netfilter program: %w", err)
-	}
-	return p, nil
-}
-
 // attachEmpty attaches prog where the agent attaches its program: node's
 // POSTROUTING, IPv4 and IPv6, at the agent's default priority.
 func attachEmpty(node *testnet.Node, prog *ebpf.Program) ([]link.Link, error) {
-	var links []link.Link
-	err := netns.Do(node.NSPath(), func() error {
-		for _, pf := range []link.NetfilterProtocolFamily{link.NetfilterProtoIPv4, link.NetfilterProtoIPv6} {
-			l, err := link.AttachNetfilter(link.NetfilterOptions{
-				Program: prog, ProtocolFamily: pf, Hook: link.NetfilterInetPostRouting,
-				Priority: bpf.DefaultNetfilterPriority,
-			})
-			if err != nil {
-				return err
-			}
-			links = append(links, l)
-		}
-		return nil
-	})
-	if err != nil {
-		for _, l := range links {
-			l.Close()
-		}
-		return nil, fmt.Errorf("attaching the empty program in %s: %w", node.NS, err)
-	}
-	return links, nil
+	return testutil.AttachPostrouting(node.NSPath(), prog, bpf.DefaultNetfilterPriority)
 }
 
 // programID returns the kernel's ID of prog.

@@ -10,6 +10,7 @@ import (
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
+	"github.com/kubezonnet/kubezonnet/testenv"
 )
 
 // tcpHeaderBytes is what each wire segment of a GSO skb carries on top of
@@ -154,7 +155,7 @@ func (b *bench) run(ctx context.Context, w *world, c Case, mode Mode) (r RunResu
 	var cpuBefore time.Duration
 	var progBefore progStats
 	if withAgent {
-		if cpuBefore, err = cpuTime(ag.p.Pid()); err != nil {
+		if cpuBefore, err = testenv.ProcessCPUTime(ag.p.Pid()); err != nil {
 			return r, err
 		}
 		prog = ag.prog
@@ -220,12 +221,12 @@ func (b *bench) run(ctx context.Context, w *world, c Case, mode Mode) (r RunResu
 		return r, nil
 	}
 
-	cpuAfter, err := cpuTime(ag.p.Pid())
+	cpuAfter, err := testenv.ProcessCPUTime(ag.p.Pid())
 	if err != nil {
 		return r, err
 	}
 	r.AgentCPU = cpuAfter - cpuBefore
-	if r.AgentRSS, err = peakRSS(ag.p.Pid()); err != nil {
+	if r.AgentRSS, err = testenv.ProcessPeakRSS(ag.p.Pid()); err != nil {
 		return r, err
 	}
 	// The final drain on SIGTERM sends what the last flush left.

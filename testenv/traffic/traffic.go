@@ -202,7 +202,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	defer rcv.Close()
 
-	empty, err := emptyProgram()
+	empty, err := testutil.EmptyNetfilter()
 	if err != nil {
 		return nil, err
 	}
