@@ -7,10 +7,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"runtime"
 	"syscall"
 	"time"
 
 	"golang.org/x/net/ipv4"
+	"golang.org/x/sys/unix"
 
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 )
@@ -51,6 +53,20 @@ func sendUDP(ctx context.Context, w *world, c Case, d time.Duration) (udpResult,
 	for i := range dsts {
 		dsts[i] = &net.UDPAddr{IP: w.server.IPv4.AsSlice(), Port: udpFirstPort + i}
 	}
+	// The sender stays on one CPU, the last: the datagrams' way through
+	// the namespaces runs in its softirqs on that CPU, so every run sees
+	// the same placement, not whatever the scheduler chose.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var all, one unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &all); err != nil {
+		return udpResult{}, fmt.Errorf("reading the sender's CPUs: %w", err)
+	}
+	one.Set(runtime.NumCPU() - 1)
+	if err := unix.SchedSetaffinity(0, &one); err != nil {
+		return udpResult{}, fmt.Errorf("pinning the sender to CPU %d: %w", runtime.NumCPU()-1, err)
+	}
+	defer unix.SchedSetaffinity(0, &all)
 	payload := make([]byte, c.Payload)
 	msgs := make([]ipv4.Message, udpBatch)
 	for i := range msgs {
