@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kubezonnet/kubezonnet/internal/testutil"
 	"github.com/kubezonnet/kubezonnet/testenv/scale"
 )
 
@@ -24,7 +25,7 @@ func TestScaleSmall(t *testing.T) {
 		Agents: 3, FlowsPerBatch: 50, BatchesPerSecond: 6,
 		Duration: 20 * time.Second, ChurnPerSecond: 1,
 		PushInterval: 2 * time.Second,
-		Output:       tWriter{t},
+		Output:       testutil.TestLog{T: t},
 	})
 	checkExact(t, res, err)
 	if res.Churned == 0 {
@@ -48,7 +49,7 @@ func TestScalePregenerated(t *testing.T) {
 		Nodes: 6, PodsPerNode: 5, Zones: 3, PeersPerPod: 5,
 		Agents: 3, FlowsPerBatch: 50, BatchesPerSecond: 30,
 		Duration: 5 * time.Second, PushInterval: 2 * time.Second,
-		Pregenerate: true, Output: tWriter{t},
+		Pregenerate: true, Output: testutil.TestLog{T: t},
 	})
 	checkExact(t, res, err)
 }
@@ -61,11 +62,7 @@ func checkExact(t *testing.T, res scale.Result, err error) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var table strings.Builder
-	if err := res.WriteTable(&table); err != nil {
-		t.Fatal(err)
-	}
-	t.Log("\n" + table.String())
+	testutil.LogTable(t, res.WriteTable)
 	if res.Flows == 0 || res.SentBytes == 0 {
 		t.Fatalf("nothing was sent: %d flows, %d bytes", res.Flows, res.SentBytes)
 	}
@@ -87,12 +84,4 @@ func TestPregenerateNeedsNoChurn(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "churn") {
 		t.Fatalf("err = %v, want a refusal naming the churn", err)
 	}
-}
-
-// tWriter writes progress lines to the test log.
-type tWriter struct{ t *testing.T }
-
-func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
 }

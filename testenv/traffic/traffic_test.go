@@ -2,7 +2,6 @@ package traffic_test
 
 import (
 	"context"
-	"strings"
 	"testing"
 	"time"
 
@@ -23,16 +22,12 @@ func TestTrafficExact(t *testing.T) {
 		Cases:    []string{"udp-1flow", "udp-32k-flows-per-s"},
 		Runs:     1,
 		Duration: 2 * time.Second,
-		Output:   tWriter{t},
+		Output:   testutil.TestLog{T: t},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	var table strings.Builder
-	if err := res.WriteTable(&table); err != nil {
-		t.Fatal(err)
-	}
-	t.Log("\n" + table.String())
+	testutil.LogTable(t, res.WriteTable)
 	for _, m := range res.Mismatches {
 		t.Errorf("not exact: %s", m)
 	}
@@ -64,12 +59,4 @@ func TestOptionsValidate(t *testing.T) {
 			t.Errorf("options %+v: no error", o)
 		}
 	}
-}
-
-// tWriter writes progress lines to the test log.
-type tWriter struct{ t *testing.T }
-
-func (w tWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
 }
