@@ -11,6 +11,7 @@ import (
 // the test's output, and only with it.
 type TestLog struct{ T testing.TB }
 
+// Write logs p, less its trailing newline, as one log line.
 func (w TestLog) Write(p []byte) (int, error) {
 	w.T.Log(strings.TrimRight(string(p), "\n"))
 	return len(p), nil
