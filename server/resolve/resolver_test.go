@@ -425,27 +425,16 @@ func TestConfigErrors(t *testing.T) {
 // that `go test -race` checks the locking of the index and the LRU.
 func TestResolveDuringChurn(t *testing.T) {
 	f := newFixture(t, fixtureOpts{objs: []runtime.Object{nodeA(), nodeB()}})
-	stop := make(chan struct{})
-	done := make(chan int)
-	go func() {
-		n := 0
-		for {
-			select {
-			case <-stop:
-				done <- n
-				return
-			default:
+	stop := inBackground(func(n int) int {
+		for i := 0; i < 8; i++ {
+			ip := netip.AddrFrom4([4]byte{10, 3, 0, byte(i)})
+			if ep := f.r.Resolve(ip, base.Add(time.Duration((n+i)%40)*time.Second)); ep == nil {
+				t.Error("nil endpoint")
 			}
-			for i := 0; i < 8; i++ {
-				ip := netip.AddrFrom4([4]byte{10, 3, 0, byte(i)})
-				if ep := f.r.Resolve(ip, base.Add(time.Duration(n%40)*time.Second)); ep == nil {
-					t.Error("nil endpoint")
-				}
-				f.r.Owner(ip, base)
-				n++
-			}
+			f.r.Owner(ip, base)
 		}
-	}()
+		return 8
+	})
 	for round := 0; round < 5; round++ {
 		for i := 0; i < 8; i++ {
 			at := base.Add(time.Duration(round*10+i) * time.Second)
@@ -455,8 +444,7 @@ func TestResolveDuringChurn(t *testing.T) {
 			f.deletePod(at.Add(time.Second), "churn", name)
 		}
 	}
-	close(stop)
-	if n := <-done; n == 0 {
+	if stop() == 0 {
 		t.Error("resolver goroutine made no lookups")
 	}
 	// Every pod was deleted: its address resolves to it only within the TTL.
@@ -551,4 +539,29 @@ func TestReuseWindow(t *testing.T) {
 func (r *Resolver) Owner(ip netip.Addr, at time.Time) (node string, awaiting, ok bool) {
 	ep, awaiting := r.Lookup(ip, at)
 	return ep.Node, awaiting, ep.Node != ""
+}
+
+// inBackground calls step over and over on another goroutine, passing it
+// the sum of what it returned so far, until the returned stop is called;
+// stop returns that sum. Tests run lookups so while informers change the
+// state beneath them, for -race to check the locking.
+func inBackground(step func(n int) int) (stop func() int) {
+	quit := make(chan struct{})
+	done := make(chan int)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-quit:
+				done <- n
+				return
+			default:
+			}
+			n += step(n)
+		}
+	}()
+	return func() int {
+		close(quit)
+		return <-done
+	}
 }

@@ -560,24 +560,14 @@ func TestServiceConcurrent(t *testing.T) {
 		slice("shop", "web-1", "web", discoveryv1.AddressTypeIPv4, ready("z-a", "z-a")),
 	}})
 	dst := netip.MustParseAddrPort("10.96.1.1:80")
-	stop := make(chan struct{})
-	done := make(chan int)
-	go func() {
-		n := 0
-		for {
-			select {
-			case <-stop:
-				done <- n
-				return
-			default:
-			}
-			now := f.clock()
-			if svc := f.r.Service(dst, protoTCP, now); svc != nil {
-				f.r.ReadyInZone(svc, "z-a", now)
-				n++
-			}
+	stop := inBackground(func(int) int {
+		now := f.clock()
+		if svc := f.r.Service(dst, protoTCP, now); svc != nil {
+			f.r.ReadyInZone(svc, "z-a", now)
+			return 1
 		}
-	}()
+		return 0
+	})
 	for i := 1; i <= 20; i++ {
 		at := base.Add(time.Duration(i) * time.Second)
 		e := ready("z-a", "z-a")
@@ -587,8 +577,7 @@ func TestServiceConcurrent(t *testing.T) {
 		f.updateSlice(at, slice("shop", "web-1", "web", discoveryv1.AddressTypeIPv4, e))
 		f.updateService(at, service("shop", "web", []string{"10.96.1.1"}, []string{"80", fmt.Sprint(8000 + i)}))
 	}
-	close(stop)
-	if n := <-done; n == 0 {
+	if stop() == 0 {
 		t.Error("no lookup succeeded")
 	}
 	// The last maxZoneTransitions states are remembered.
