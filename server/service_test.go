@@ -91,7 +91,12 @@ func TestIngestServiceSeries(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := res.Service(netip.MustParseAddrPort("10.96.0.10:5432"), 6, time.Now())
-	waitUntil(t, "db-0 not ready", func() bool { ready, _ := res.ReadyInZone(s, "zone-a", time.Now()); return !ready })
+	// The wire carries a batch's time in milliseconds: wait until db-0 is
+	// not ready at the millisecond a batch stamped now arrives with.
+	waitUntil(t, "db-0 not ready", func() bool {
+		ready, _ := res.ReadyInZone(s, "zone-a", time.Now().Truncate(time.Millisecond))
+		return !ready
+	})
 	post("node-a", 2, time.Now(), viaService("10.0.1.1", "10.0.2.1", "10.96.0.10:5432", 2000, 20))
 
 	series := func(avoidable, src, dst string, v int) string {
