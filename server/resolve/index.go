@@ -107,11 +107,8 @@ func (s *addrSlot) empty() bool {
 	return s.pod == nil && s.node == nil && !s.released
 }
 
-// heldBy is one past holder of an address.
-type heldBy struct {
-	ep           *Endpoint
-	since, until int64 // Unix nanoseconds
-}
+// heldBy is one past holder of a pod address.
+type heldBy = tenure[*Endpoint]
 
 // heldSinceStart is the "since" of addresses the initial list delivered:
 // earlier than any flow.
@@ -180,41 +177,11 @@ func (ix *index) lookupSlot(ip netip.Addr, at time.Time) (*Endpoint, addrSlot) {
 }
 
 // formerHolder picks the holder of ip at time at among its released
-// holders and cur, its holder now (nil for none), seen since curSince:
-// the last one that got the address at or before at and still had it
-// then. A flow after a holder's release belongs to the next holder if
-// that one may have had the address then (it was seen at most
-// ReuseWindow after at: the informer sees an assignment after it
-// happened); with no such holder, to the released one within the TTL (a
-// flow drained late), else to nobody. A flow older than every remembered
-// holder goes to the oldest.
+// holders and cur, its holder now (nil for none), seen since curSince
+// (holderAt, with the TTL as the grace of a released holder).
 func (ix *index) formerHolder(ip netip.Addr, at time.Time, cur *Endpoint, curSince int64) *Endpoint {
-	hist, ok := ix.released.Peek(ip)
-	if !ok || len(hist) == 0 {
-		return nil
-	}
-	t := at.UnixNano()
-	for i := len(hist) - 1; i >= 0; i-- {
-		h := &hist[i]
-		if t < h.since {
-			continue
-		}
-		if t <= h.until {
-			return h.ep
-		}
-		next, nextSince := cur, curSince
-		if i+1 < len(hist) {
-			next, nextSince = hist[i+1].ep, hist[i+1].since
-		}
-		if next != nil && t >= nextSince-ix.reuse {
-			return next
-		}
-		if t < h.until+int64(ix.ttl) {
-			return h.ep
-		}
-		return nil
-	}
-	return hist[0].ep
+	hist, _ := ix.released.Peek(ip)
+	return holderAt(hist, cur, curSince, at.UnixNano(), ix.reuse, int64(ix.ttl))
 }
 
 // awaitsHolder reports whether a flow of ip at time at may belong to a
@@ -336,7 +303,7 @@ func (ix *index) claimLocked(st *podState, ip netip.Addr, since int64, now time.
 		return
 	}
 	if prev, _ := ix.slot(ip); prev.pod != nil && prev.pod != st {
-		ix.remember(ip, heldBy{ep: prev.ep, since: prev.since, until: now.UnixNano()})
+		ix.remember(ip, heldBy{holder: prev.ep, since: prev.since, until: now.UnixNano()})
 		prev.pod.ips = slices.DeleteFunc(prev.pod.ips, func(a netip.Addr) bool { return a == ip })
 	}
 	ix.updateSlot(ip, func(s *addrSlot) { s.ep, s.pod, s.since = st.ep, st, since })
@@ -360,7 +327,7 @@ func (ix *index) releaseLocked(st *podState, ip netip.Addr, now time.Time) {
 	if s.pod != st {
 		return
 	}
-	ix.remember(ip, heldBy{ep: s.ep, since: s.since, until: now.UnixNano()})
+	ix.remember(ip, heldBy{holder: s.ep, since: s.since, until: now.UnixNano()})
 	ix.updateSlot(ip, func(s *addrSlot) { s.ep, s.pod, s.since = nil, nil, 0 })
 }
 

@@ -98,10 +98,7 @@ type vipKey struct {
 // are the informer times it was seen to get and lose it (Unix
 // nanoseconds; heldSinceStart for Services of the initial list, heldNow
 // while it still holds it).
-type vipHolder struct {
-	svc          *Service
-	since, until int64
-}
+type vipHolder = tenure[*Service]
 
 // heldNow is the "until" of a holder that still holds its address.
 const heldNow = math.MaxInt64
@@ -289,33 +286,7 @@ func (t *serviceTable) lookup(dst netip.AddrPort, proto uint8, at int64) *Servic
 	if len(hs) == 0 {
 		return nil
 	}
-	return t.holderAt(hs, at)
-}
-
-// holderAt picks the Service of a virtual IP at time at among its
-// holders (oldest first), as formerHolder does for pod addresses: the
-// last one that got it at or before at, if it still had it then; after
-// its release, the next holder if it was seen at most the reuse window
-// after at, else the released one within the window, else none. A flow
-// older than every holder goes to the oldest.
-func (t *serviceTable) holderAt(hs []vipHolder, at int64) *Service {
-	for i := len(hs) - 1; i >= 0; i-- {
-		h := &hs[i]
-		if at < h.since {
-			continue
-		}
-		if at <= h.until {
-			return h.svc
-		}
-		if i+1 < len(hs) && at >= hs[i+1].since-t.reuse {
-			return hs[i+1].svc
-		}
-		if at < h.until+t.window {
-			return h.svc
-		}
-		return nil
-	}
-	return hs[0].svc
+	return holderAt(hs, nil, 0, at, t.reuse, t.window)
 }
 
 // readyInZone reads the zone's counts of st at time at.
@@ -368,7 +339,7 @@ func (t *serviceTable) upsertService(s *corev1.Service, now int64, initial bool)
 		info := &Service{Namespace: s.Namespace, Name: s.Name, TrafficDistribution: td, st: st}
 		for _, k := range st.vips {
 			hs := t.vips[k]
-			hs[len(hs)-1].svc = info
+			hs[len(hs)-1].holder = info
 		}
 		st.info = info
 	}
@@ -418,23 +389,23 @@ func (t *serviceTable) releaseAllLocked(st *svcState, now int64) {
 func (t *serviceTable) claimLocked(svc *Service, k vipKey, since, now int64) {
 	hs := t.vips[k]
 	if n := len(hs); n > 0 && hs[n-1].until == heldNow {
-		prev := hs[n-1].svc.st
+		prev := hs[n-1].holder.st
 		prev.vips = slices.DeleteFunc(prev.vips, func(v vipKey) bool { return v == k })
 		hs[n-1].until = now
-		t.queueReleaseLocked(k, hs[n-1].svc, now)
+		t.queueReleaseLocked(k, hs[n-1].holder, now)
 	}
 	if len(hs) >= maxHoldersPerVIP {
 		hs = hs[len(hs)-maxHoldersPerVIP+1:]
 	}
-	t.vips[k] = append(slices.Clip(hs), vipHolder{svc: svc, since: since, until: heldNow})
+	t.vips[k] = append(slices.Clip(hs), vipHolder{holder: svc, since: since, until: heldNow})
 }
 
 // releaseLocked ends st's hold on k; the holder stays for late flows.
 func (t *serviceTable) releaseLocked(st *svcState, k vipKey, now int64) {
 	hs := t.vips[k]
-	if n := len(hs); n > 0 && hs[n-1].until == heldNow && hs[n-1].svc.st == st {
+	if n := len(hs); n > 0 && hs[n-1].until == heldNow && hs[n-1].holder.st == st {
 		hs[n-1].until = now
-		t.queueReleaseLocked(k, hs[n-1].svc, now)
+		t.queueReleaseLocked(k, hs[n-1].holder, now)
 	}
 }
 
@@ -450,7 +421,7 @@ func (t *serviceTable) expireLocked(now int64) {
 	for n < len(t.released) && (t.released[n].at <= cutoff || len(t.released)-n > t.maxReleased) {
 		r := t.released[n]
 		t.vips[r.key] = slices.DeleteFunc(t.vips[r.key], func(h vipHolder) bool {
-			return h.svc == r.svc && h.until != heldNow && h.until <= r.at
+			return h.holder == r.svc && h.until != heldNow && h.until <= r.at
 		})
 		if len(t.vips[r.key]) == 0 {
 			delete(t.vips, r.key)
