@@ -31,7 +31,16 @@ import (
 // as failed). Memory is therefore bounded by two snapshots per endpoint
 // whatever the outage length, and when an endpoint comes back the first
 // thing it receives is the newest cumulative value, so increase() over the
-// gap is right. The retry schedule (backoff, Retry-After) belongs to the
+// gap is right.
+//
+// Overruns. When the interval comes while every endpoint is still sending
+// the previous snapshot without errors (a receiver slower than the
+// interval, not a failing one), Run does not take a snapshot to queue
+// beside it: it counts the overrun and takes the snapshot the moment an
+// endpoint has sent everything, so that the newest values go out as soon
+// as they can and the encoded requests of one snapshot, not two, are held.
+// An endpoint that is retrying gets snapshots at every interval as above,
+// the newer replacing the unsent part. The retry schedule (backoff, Retry-After) belongs to the
 // shard, not to a request, so replacing the data never makes a failing
 // endpoint be tried sooner.
 //
@@ -115,6 +124,9 @@ type Pusher struct {
 	mu     sync.Mutex
 	active int
 	idle   chan struct{}
+	// freed gets a token when a shard has sent everything it was handed,
+	// for Run's deferred snapshot.
+	freed chan struct{}
 }
 
 // extraLabel is an external or HA label; override says whether it wins
@@ -164,6 +176,7 @@ func NewPusher(cfg PusherConfig, sources []Source, reg *metrics.Registry, log *s
 		reqs:    make([][]request, cfg.Shards),
 		now:     time.Now,
 		idle:    make(chan struct{}),
+		freed:   make(chan struct{}, 1),
 		snapshotSeries: reg.Gauge("kubezonnet_server_remote_write_snapshot_series",
 			"Series in the last snapshot pushed, stale markers excluded."),
 		snapshotTime: reg.Gauge("kubezonnet_server_remote_write_snapshot_duration_seconds",
@@ -235,18 +248,49 @@ func (p *Pusher) start() {
 // Run pushes a snapshot every interval until ctx ends, then returns nil.
 // It does not push on return: call Flush with a shutdown deadline for
 // that, after Run returned.
+//
+// A tick that finds every endpoint still sending the previous snapshot
+// (see Overruns above) is counted as an overrun and deferred until one of
+// them has sent it all.
 func (p *Pusher) Run(ctx context.Context) error {
 	p.start()
 	t := time.NewTicker(p.cfg.Interval)
 	defer t.Stop()
+	owed := false
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
-			p.Push()
+			if p.behind() {
+				owed = true
+				for _, ep := range p.eps {
+					ep.overran()
+				}
+				continue
+			}
+		case <-p.freed:
+			if !owed || p.behind() {
+				continue
+			}
+		}
+		owed = false
+		p.Push()
+	}
+}
+
+// behind reports whether every endpoint is still sending an older
+// snapshot and none is retrying: a snapshot taken now would only wait.
+func (p *Pusher) behind() bool {
+	if len(p.eps) == 0 {
+		return false
+	}
+	for _, ep := range p.eps {
+		if ep.busy.Load() == 0 || ep.failing.Load() {
+			return false
 		}
 	}
+	return true
 }
 
 // Push takes one snapshot of all sources now and hands it to every
@@ -380,12 +424,14 @@ type endpoint struct {
 
 	failing     atomic.Bool
 	lastDropLog atomic.Int64
-	// overruns counts snapshots handed over while an older one was
-	// still being sent: the push took longer than its interval.
+	// overruns counts pushes that found an older snapshot still being
+	// sent: the push took longer than its interval.
 	overruns       *metrics.Counter
 	lastOverrunLog atomic.Int64
 	// zerosLogged is set once the first rejection of zeros was logged.
 	zerosLogged atomic.Bool
+	// busy counts the shards with a batch to send (shard.busy).
+	busy atomic.Int32
 }
 
 func newEndpoint(p *Pusher, name string, c *Client, reg *metrics.Registry) *endpoint {
@@ -397,7 +443,7 @@ func newEndpoint(p *Pusher, name string, c *Client, reg *metrics.Registry) *endp
 	ep.sent = reg.Counter(samples, samplesHelp, el, metrics.Label{Name: "result", Value: "sent"})
 	ep.failed = reg.Counter(samples, samplesHelp, el, metrics.Label{Name: "result", Value: "failed"})
 	ep.overruns = reg.Counter("kubezonnet_server_remote_write_push_overruns_total",
-		"Snapshots handed to the endpoint while it was still sending an older one (a push longer than the interval, or retries); the newer snapshot replaces the unsent part.", el)
+		"Pushes that found the endpoint still sending an older snapshot (a push longer than the interval, or retries). While every endpoint sends without errors the snapshot waits until one has sent everything; an endpoint that is retrying gets the newer snapshot in place of its unsent part.", el)
 	ep.dropped = reg.Counter(samples, samplesHelp, el, metrics.Label{Name: "result", Value: "dropped"})
 	ep.retries = reg.Counter("kubezonnet_server_remote_write_retries_total",
 		"Requests retried after a network error, 5xx or 429.", el)
@@ -456,9 +502,15 @@ func (ep *endpoint) hand(reqs [][]request, start time.Time, d *delivery) {
 	}
 	ep.zeroSamples.Add(float64(zeros))
 	if overran {
-		ep.overruns.Inc()
-		ep.logOverrun()
+		ep.overran()
 	}
+}
+
+// overran counts a push that found the endpoint still sending an older
+// snapshot, and warns of it.
+func (ep *endpoint) overran() {
+	ep.overruns.Inc()
+	ep.logOverrun()
 }
 
 // logOverrun warns that a push overran its interval, at most once a minute
@@ -469,7 +521,7 @@ func (ep *endpoint) logOverrun() {
 	if now-last < int64(time.Minute) || !ep.lastOverrunLog.CompareAndSwap(last, now) {
 		return
 	}
-	ep.log.Warn("remote write push overran its interval: the previous snapshot was still being sent; the newer one replaces what is not sent yet (counters are cumulative, nothing is lost)",
+	ep.log.Warn("remote write push overran its interval: the previous snapshot was still being sent; the next one is taken when it is done, or replaces what is not sent yet while the endpoint fails (counters are cumulative, nothing is lost)",
 		"interval", ep.p.cfg.Interval, "overruns", ep.overruns.Value())
 }
 
@@ -511,6 +563,7 @@ func (s *shard) put(b *batch) (busy bool) {
 	busy = s.busy
 	if !s.busy {
 		s.busy = true
+		ep.busy.Add(1)
 		ep.p.addActive(1)
 	}
 	select {
@@ -558,7 +611,12 @@ func (s *shard) run(ctx context.Context) {
 		s.mu.Lock()
 		if s.pending == nil {
 			s.busy = false
+			s.ep.busy.Add(-1)
 			s.ep.p.addActive(-1)
+			select {
+			case s.ep.p.freed <- struct{}{}:
+			default:
+			}
 		}
 		s.mu.Unlock()
 	}

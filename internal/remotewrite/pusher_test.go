@@ -1446,6 +1446,79 @@ func TestPusherOverrun(t *testing.T) {
 	}
 }
 
+// Run takes no snapshot while every endpoint is still sending the
+// previous one without errors: each interval that passes counts as an
+// overrun, and the snapshot follows the moment the endpoint has sent
+// everything, with the values of that moment. An endpoint that is
+// retrying gets a snapshot at every interval instead (the newer one
+// replacing the unsent part, TestPusherOutageThenRecoveryCarriesCumulativeValue).
+func TestPusherRunDefersWhileSending(t *testing.T) {
+	release := make(chan struct{})
+	var got atomic.Int64 // last value received
+	var requests atomic.Int64
+	var failing atomic.Bool
+	rcv := newJudgingReceiver(t, func(series []prompb.TimeSeries, w http.ResponseWriter) {
+		if failing.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		if requests.Add(1) == 1 {
+			<-release // the first request hangs until the test lets it go
+		}
+		for _, ts := range series {
+			got.Store(int64(ts.Samples[len(ts.Samples)-1].Value))
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	cfg := testConfig(rcv.url())
+	cfg.Shards = 1
+	cfg.Interval = 10 * time.Millisecond
+	cfg.MinBackoff = 5 * time.Millisecond
+	cfg.MaxBackoff = 5 * time.Millisecond
+	reg := metrics.New()
+	var v, snapshots atomic.Int64
+	src := SourceFunc(func(dst []Series) []Series {
+		snapshots.Add(1)
+		return append(dst, Series{Labels: []metrics.Label{{Name: "__name__", Value: "x_total"}}, Value: float64(v.Load())})
+	})
+	v.Store(1)
+	p := newTestPusher(t, cfg, reg, nil, src)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	eventually(t, "the first snapshot to reach the endpoint", func() bool { return requests.Load() > 0 })
+	eventually(t, "intervals passing while it hangs", func() bool {
+		return metricValue(t, reg, "kubezonnet_server_remote_write_push_overruns_total") >= 5
+	})
+	if n := snapshots.Load(); n != 1 {
+		t.Fatalf("%d snapshots taken while the first was being sent, want 1", n)
+	}
+	v.Store(7)
+	close(release)
+	eventually(t, "the deferred snapshot with the value at the release", func() bool { return got.Load() == 7 })
+
+	// A failing endpoint is busy too, but gets snapshots at every interval.
+	failing.Store(true)
+	v.Store(8)
+	eventually(t, "the endpoint failing", func() bool {
+		return metricValue(t, reg, "kubezonnet_server_remote_write_retries_total") > 0
+	})
+	at := snapshots.Load()
+	eventually(t, "snapshots taken while it fails", func() bool { return snapshots.Load() >= at+5 })
+	failing.Store(false)
+	v.Store(9)
+	eventually(t, "the newest value after recovery", func() bool { return got.Load() == 9 })
+}
+
 // A zero that the receiver may refuse (MayExist: a restarted source that
 // cannot tell whether the series was delivered) travels in a request of
 // its own: when the receiver refuses it, the zero of a series that is new
