@@ -417,6 +417,7 @@ type endpoint struct {
 	sent, failed, dropped, retries *metrics.Counter
 	zeroSamples, zerosRejected     *metrics.Counter
 	lastSuccess, duration, pending *metrics.Gauge
+	delivered                      *metrics.Gauge
 
 	reg     *metrics.Registry
 	codesMu sync.Mutex
@@ -453,6 +454,8 @@ func newEndpoint(p *Pusher, name string, c *Client, reg *metrics.Registry) *endp
 		"Created-timestamp zero samples whose request the endpoint rejected with a final 4xx other than 429 (typically as out of order: it already had the series, e.g. after a server restart); the request was resent without them.", el)
 	ep.lastSuccess = reg.Gauge("kubezonnet_server_remote_write_last_success_timestamp_seconds",
 		"Unix time of the last request the endpoint accepted; alert on time() minus this.", el)
+	ep.delivered = reg.Gauge("kubezonnet_server_remote_write_delivered_snapshot_timestamp_seconds",
+		"Unix time of the newest snapshot the endpoint accepted in full (every request answered 2xx): the receiver has every series' value as of then; alert on time() minus this.", el)
 	ep.duration = reg.Gauge("kubezonnet_server_remote_write_push_duration_seconds",
 		"Seconds from taking the last completely delivered snapshot to its last request being answered.", el)
 	ep.pending = reg.Gauge("kubezonnet_server_remote_write_pending_samples",
@@ -486,7 +489,7 @@ func (ep *endpoint) countCode(code int) {
 
 // hand gives every shard its part of a snapshot.
 func (ep *endpoint) hand(reqs [][]request, start time.Time, d *delivery) {
-	tr := &pushTrack{start: start}
+	tr := &pushTrack{start: start, ts: d.ts}
 	tr.remaining.Store(int32(len(ep.shards)))
 	zeros := 0
 	overran := false
@@ -525,10 +528,12 @@ func (ep *endpoint) logOverrun() {
 		"interval", ep.p.cfg.Interval, "overruns", ep.overruns.Value())
 }
 
-// pushTrack times one snapshot's delivery to one endpoint.
+// pushTrack follows one snapshot's delivery to one endpoint.
 type pushTrack struct {
 	start     time.Time
+	ts        int64 // the snapshot's stamp, milliseconds
 	remaining atomic.Int32
+	dropped   atomic.Bool
 }
 
 // batch is one shard's part of one snapshot.
@@ -667,8 +672,14 @@ func (s *shard) deliver(ctx context.Context, b *batch) {
 			ep.logDrop(err, r.samples)
 		}
 	}
+	if !ok {
+		b.track.dropped.Store(true)
+	}
 	if b.track.remaining.Add(-1) == 0 {
 		ep.duration.Set(time.Since(b.track.start).Seconds())
+		if !b.track.dropped.Load() {
+			ep.delivered.Set(float64(b.track.ts) / 1000)
+		}
 	}
 	ep.p.finished(b.delivery, ok)
 }

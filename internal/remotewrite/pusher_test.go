@@ -1172,18 +1172,31 @@ func TestPusherOnDeliveredDropped(t *testing.T) {
 	src.set(podPair("kubezonnet_pod_pair_bytes_total", "api-0", "db-0"), 1)
 	cfg := testConfig(fine.url(), picky.url())
 	cfg.Shards = 1
-	p := newTestPusher(t, cfg, nil, nil, src)
+	reg := metrics.New()
+	p := newTestPusher(t, cfg, reg, nil, src)
 	var wm watermarks
 	p.OnDelivered(wm.record)
+	// Each endpoint's gauge says which snapshot it has in full.
+	delivered := func() (fineAt, pickyAt float64) {
+		const g = "kubezonnet_server_remote_write_delivered_snapshot_timestamp_seconds"
+		return metricValue(t, reg, g, "endpoint", strings.TrimPrefix(fine.url(), "http://")),
+			metricValue(t, reg, g, "endpoint", strings.TrimPrefix(picky.url(), "http://"))
+	}
 	clock := setClock(p, ts1)
 	pushAndWait(t, p)
 	if got := wm.get(); len(got) != 0 {
 		t.Fatalf("watermark advanced to %v for a snapshot an endpoint dropped", got)
 	}
+	if f, k := delivered(); f != ts1/1000 || k != 0 {
+		t.Errorf("delivered snapshot gauges %v (fine), %v (dropped it), want %v and 0", f, k, ts1/1000)
+	}
 	clock.Store(ts2)
 	pushAndWait(t, p)
 	if got, want := wm.get(), []int64{ts2}; !slices.Equal(got, want) {
 		t.Errorf("watermark calls %v, want %v", got, want)
+	}
+	if f, k := delivered(); f != ts2/1000 || k != ts2/1000 {
+		t.Errorf("delivered snapshot gauges %v, %v, want %v for both", f, k, ts2/1000)
 	}
 }
 

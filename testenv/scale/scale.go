@@ -379,15 +379,14 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 	return res, nil
 }
 
-// waitPush waits until the server has delivered a push that ended after
-// lastAck and has nothing pending.
+// waitPush waits until the receiver has, in full, a snapshot the server
+// took after lastAck.
 func waitPush(ctx context.Context, serverURL string, lastAck time.Time, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	after := float64(lastAck.UnixMilli()) / 1000
 	for {
 		m, err := scrape(ctx, serverURL+"/metrics")
-		if err == nil && m["kubezonnet_server_remote_write_last_success_timestamp_seconds"].max > after &&
-			m["kubezonnet_server_remote_write_pending_samples"].sum == 0 {
+		if err == nil && m["kubezonnet_server_remote_write_delivered_snapshot_timestamp_seconds"].max > after {
 			return nil
 		}
 		if time.Now().After(deadline) {
