@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"testing"
 
@@ -220,5 +221,40 @@ func TestPodPairBoundLog(t *testing.T) {
 	}
 	if err, _ := recs[1]["err"].(string); !strings.Contains(err, "garbage") {
 		t.Errorf("warning's err %q, want the cgroup file's contents", err)
+	}
+}
+
+// The server collects at defaultGCPercent unless GOGC is set, whatever it
+// is set to.
+func TestSetGCPercent(t *testing.T) {
+	prev := debug.SetGCPercent(-1)
+	t.Cleanup(func() { debug.SetGCPercent(prev) })
+	for _, tc := range []struct {
+		name    string
+		env     string
+		runtime int // what the runtime took from that GOGC
+		want    int
+		set     bool
+	}{
+		{"unset", "", 100, defaultGCPercent, true},
+		{"set", "200", 200, 200, false},
+		{"set to the default", "100", 100, 100, false},
+		{"off", "off", -1, -1, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			debug.SetGCPercent(tc.runtime)
+			got, set := setGCPercent(func(k string) string {
+				if k != "GOGC" {
+					t.Errorf("read %s, want GOGC", k)
+				}
+				return tc.env
+			})
+			if got != tc.want || set != tc.set {
+				t.Errorf("setGCPercent = %d, %v, want %d, %v", got, set, tc.want, tc.set)
+			}
+			if in := debug.SetGCPercent(tc.runtime); in != tc.want {
+				t.Errorf("GC percent in force %d, want %d", in, tc.want)
+			}
+		})
 	}
 }

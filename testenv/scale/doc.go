@@ -2,7 +2,8 @@
 // kube-apiserver and etcd (testenv.StartControlPlane) holding Nodes in three
 // zones and pods whose addresses are patched into their status (no kubelet,
 // no network namespaces), the real kubezonnet server resolving them through
-// its informers, and a real VictoriaMetrics receiving its remote-write.
+// its informers, and a real VictoriaMetrics (or Prometheus, Options.Receiver)
+// receiving its remote-write.
 //
 // The agents are simulated: one goroutine per node (up to Options.Agents)
 // posts batches by the wire contract (internal/wire), one at a time, resending
@@ -14,7 +15,7 @@
 // Run keeps its own ground truth, the bytes and packets acknowledged per
 // (source pod, destination pod) pair, each flow attributed to the pods that
 // held its addresses when the simulated agent generated it, and compares it
-// with what VictoriaMetrics holds after the server's last push: totals and
+// with what the receiver holds after the server's last push: totals and
 // per zone pair must be exact; pod-pair series credited to a pod that was
 // deleted before the flows were generated count as misattributed.
 //

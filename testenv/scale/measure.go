@@ -54,22 +54,30 @@ func scrape(ctx context.Context, u string) (scraped, error) {
 	return out, nil
 }
 
-// vm is the VictoriaMetrics the server pushes to.
-type vm struct{ url string }
+// receiver is the VictoriaMetrics or Prometheus the server pushes to.
+type receiver struct {
+	kind  string // ReceiverVictoriaMetrics or ReceiverPrometheus
+	url   string
+	ready string // answers 200 once it accepts writes
+}
 
-// flush makes everything received so far queryable.
-func (v vm) flush(ctx context.Context) error {
+// flush makes everything received so far queryable (Prometheus' head
+// answers queries as soon as it appended).
+func (v receiver) flush(ctx context.Context) error {
+	if v.kind != ReceiverVictoriaMetrics {
+		return nil
+	}
 	_, err := testenv.HTTPGet(ctx, v.url+"/internal/force_flush")
 	return err
 }
 
 // query runs an instant query.
-func (v vm) query(ctx context.Context, q string) ([]testenv.Sample, error) {
+func (v receiver) query(ctx context.Context, q string) ([]testenv.Sample, error) {
 	return testenv.QueryAPI(ctx, v.url, q, time.Time{})
 }
 
 // scalar runs a query expected to return at most one series; none is 0.
-func (v vm) scalar(ctx context.Context, q string) (float64, error) {
+func (v receiver) scalar(ctx context.Context, q string) (float64, error) {
 	s, err := v.query(ctx, q)
 	if err != nil || len(s) == 0 {
 		return 0, err

@@ -18,7 +18,7 @@ type Result struct {
 	// Options are the run's, defaults applied.
 	Options Options
 	// Setup is the time from the start to the first batch (control
-	// plane, pods, VictoriaMetrics, server); Sending the time the agents
+	// plane, pods, receiver, server); Sending the time the agents
 	// sent, up to the last acknowledgement.
 	Setup, Sending time.Duration
 	// Flows and Batches acknowledged; Retries of batches answered with a
@@ -46,15 +46,15 @@ type Result struct {
 	// Held counts batches answered 503 because a source address awaited
 	// its new pod (reason awaiting_pod).
 	Held int64
-	// SentBytes and SentPackets were acknowledged; VMBytes and VMPackets
-	// are the sums of the zone-pair series in VictoriaMetrics.
+	// SentBytes and SentPackets were acknowledged; ReceivedBytes and
+	// ReceivedPackets are the sums of the zone-pair series in the receiver.
 	SentBytes, SentPackets uint64
-	VMBytes, VMPackets     float64
+	ReceivedBytes, ReceivedPackets float64
 	// ZonePairs compared, and the differences found ("a->b: bytes sent X,
 	// stored Y").
 	ZonePairs          int
 	ZonePairMismatches []string
-	// MisattributedSeries are pod-pair series in VictoriaMetrics naming a
+	// MisattributedSeries are pod-pair series in the receiver naming a
 	// pod deleted during the run with more bytes than were sent while it
 	// held its address; MisattributedBytes the sum of the excess.
 	MisattributedSeries int
@@ -63,17 +63,17 @@ type Result struct {
 	// (the reporting node's own address), the rest naming it as the
 	// destination.
 	MisattributedAsSource int
-	// PodPairSeries is the number of pod pairs VictoriaMetrics holds;
+	// PodPairSeries is the number of pod pairs the receiver holds;
 	// DeletedPodSeries those naming a pod deleted during the run.
 	PodPairSeries, DeletedPodSeries int
 
 	latencies []time.Duration
 }
 
-// Exact reports whether VictoriaMetrics holds exactly what was sent, in
+// Exact reports whether the receiver holds exactly what was sent, in
 // total and per zone pair.
 func (r *Result) Exact() bool {
-	return float64(r.SentBytes) == r.VMBytes && float64(r.SentPackets) == r.VMPackets && len(r.ZonePairMismatches) == 0
+	return float64(r.SentBytes) == r.ReceivedBytes && float64(r.SentPackets) == r.ReceivedPackets && len(r.ZonePairMismatches) == 0
 }
 
 // Latency returns the q-quantile (0..1) of the POST round trips.
@@ -84,9 +84,9 @@ func (r *Result) Latency(q float64) time.Duration {
 	return r.latencies[min(len(r.latencies)-1, int(math.Ceil(q*float64(len(r.latencies))))-1)]
 }
 
-// compare polls VictoriaMetrics until its zone-pair totals equal what was
+// compare polls the receiver until its zone-pair totals equal what was
 // sent or timeout passes, then compares per zone pair and per pod pair.
-func (r *Result) compare(ctx context.Context, v vm, w *world, truth map[pair]flow.Counts, zones map[zonePair]flow.Counts, timeout time.Duration) error {
+func (r *Result) compare(ctx context.Context, v receiver, w *world, truth map[pair]flow.Counts, zones map[zonePair]flow.Counts, timeout time.Duration) error {
 	const bytesQ = "sum(last_over_time(kubezonnet_zone_pair_bytes_total[1h]))"
 	const pktsQ = "sum(last_over_time(kubezonnet_zone_pair_packets_total[1h]))"
 	deadline := time.Now().Add(timeout)
@@ -95,13 +95,13 @@ func (r *Result) compare(ctx context.Context, v vm, w *world, truth map[pair]flo
 			return err
 		}
 		var err error
-		if r.VMBytes, err = v.scalar(ctx, bytesQ); err != nil {
+		if r.ReceivedBytes, err = v.scalar(ctx, bytesQ); err != nil {
 			return err
 		}
-		if r.VMPackets, err = v.scalar(ctx, pktsQ); err != nil {
+		if r.ReceivedPackets, err = v.scalar(ctx, pktsQ); err != nil {
 			return err
 		}
-		if (r.VMBytes == float64(r.SentBytes) && r.VMPackets == float64(r.SentPackets)) || time.Now().After(deadline) {
+		if (r.ReceivedBytes == float64(r.SentBytes) && r.ReceivedPackets == float64(r.SentPackets)) || time.Now().After(deadline) {
 			break
 		}
 		select {
@@ -201,9 +201,9 @@ func (r *Result) WriteTable(out io.Writer) error {
 	row("ingest latency p50 / p99", fmt.Sprintf("%s / %s", r.Latency(0.5).Round(time.Microsecond), r.Latency(0.99).Round(time.Microsecond)),
 		fmt.Sprintf("client-side POST round trip, %d attempts", len(r.latencies)))
 	row("push duration vs interval", fmt.Sprintf("%s / %s", r.PushDuration.Round(time.Millisecond), o.PushInterval),
-		fmt.Sprintf("kubezonnet_server_remote_write_push_duration_seconds at the end; reading and encoding the snapshot took %s of it", r.SnapshotDuration.Round(time.Millisecond)))
-	row("exactness bytes", exactness(float64(r.SentBytes), r.VMBytes), fmt.Sprintf("sent %d, VictoriaMetrics %.0f (sum of zone-pair series)", r.SentBytes, r.VMBytes))
-	row("exactness packets", exactness(float64(r.SentPackets), r.VMPackets), fmt.Sprintf("sent %d, VictoriaMetrics %.0f", r.SentPackets, r.VMPackets))
+		fmt.Sprintf("kubezonnet_server_remote_write_push_duration_seconds of the last push, taken after the sending ended; reading and encoding the snapshot took %s of it", r.SnapshotDuration.Round(time.Millisecond)))
+	row("exactness bytes", exactness(float64(r.SentBytes), r.ReceivedBytes), fmt.Sprintf("sent %d, %s %.0f (sum of zone-pair series)", r.SentBytes, r.Options.Receiver, r.ReceivedBytes))
+	row("exactness packets", exactness(float64(r.SentPackets), r.ReceivedPackets), fmt.Sprintf("sent %d, %s %.0f", r.SentPackets, r.Options.Receiver, r.ReceivedPackets))
 	zoneNote := "every zone pair equal"
 	if len(r.ZonePairMismatches) > 0 {
 		zoneNote = strings.Join(r.ZonePairMismatches, "; ")
@@ -215,7 +215,7 @@ func (r *Result) WriteTable(out io.Writer) error {
 	row("exactness per zone pair", zoneValue, zoneNote)
 	row("misattributed under churn", fmt.Sprintf("%d series, %.0f bytes", r.MisattributedSeries, r.MisattributedBytes),
 		fmt.Sprintf("series naming a deleted pod with more than it sent (%d as the source; of %d naming one, %d in all); %d pods replaced (%.2f/s), %d unresolved flows, %d batches held for a new pod", r.MisattributedAsSource, r.DeletedPodSeries, r.PodPairSeries, r.Churned, float64(r.Churned)/r.Sending.Seconds(), r.Unresolved, r.Held))
-	row("setup / sending", fmt.Sprintf("%s / %s", r.Setup.Round(time.Second), r.Sending.Round(time.Second)), "control plane, pods, VictoriaMetrics and server; then traffic")
+	row("setup / sending", fmt.Sprintf("%s / %s", r.Setup.Round(time.Second), r.Sending.Round(time.Second)), "control plane, pods, "+r.Options.Receiver+" and server; then traffic")
 	return tw.Flush()
 }
 

@@ -26,8 +26,14 @@ import (
 )
 
 // VictoriaMetricsBinary is the Debian package's VictoriaMetrics, the
-// server's remote-write receiver here.
+// server's remote-write receiver by default.
 const VictoriaMetricsBinary = "/usr/bin/victoria-metrics"
+
+// Receivers of the server's remote-write (Options.Receiver).
+const (
+	ReceiverVictoriaMetrics = "VictoriaMetrics"
+	ReceiverPrometheus      = "Prometheus"
+)
 
 // Options size a run. Zero fields take the defaults of Defaults.
 type Options struct {
@@ -82,6 +88,9 @@ type Options struct {
 	// ServerFlags are added to the server's command line (they may
 	// override the simulation's own, which come first).
 	ServerFlags []string
+	// Receiver is ReceiverVictoriaMetrics (the default) or
+	// ReceiverPrometheus (the Debian package's, testenv.PrometheusBinary).
+	Receiver string
 }
 
 // Defaults are sized for a 2-core machine: about a minute of sending
@@ -91,6 +100,7 @@ var Defaults = Options{
 	Agents: 100, FlowsPerBatch: 1000, BatchesPerSecond: 20,
 	Duration: time.Minute, ChurnPerSecond: 2,
 	PushInterval: 10 * time.Second, MaxPodPairs: 1 << 20, Seed: 1,
+	Receiver: ReceiverVictoriaMetrics,
 }
 
 func (o *Options) setDefaults() {
@@ -115,6 +125,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.PushInterval == 0 {
 		o.PushInterval = d.PushInterval
+	}
+	if o.Receiver == "" {
+		o.Receiver = d.Receiver
 	}
 	o.Agents = min(o.Agents, o.Nodes)
 }
@@ -142,6 +155,9 @@ func (o *Options) Validate() error {
 	}
 	if o.Pregenerate && o.ChurnPerSecond != 0 {
 		errs = append(errs, fmt.Errorf("pregenerated batches need churn 0, not %g pods per second: their flows belong to the pods of before the sending", o.ChurnPerSecond))
+	}
+	if o.Receiver != ReceiverVictoriaMetrics && o.Receiver != ReceiverPrometheus {
+		errs = append(errs, fmt.Errorf("receiver %q: want %s or %s", o.Receiver, ReceiverVictoriaMetrics, ReceiverPrometheus))
 	}
 	if o.MaxPodPairs < 1 || o.PushInterval <= 0 {
 		errs = append(errs, errors.New("max pod pairs and push interval must be positive"))
@@ -219,20 +235,12 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 	if err != nil {
 		return res, err
 	}
-	v := vm{url: "http://127.0.0.1:" + strconv.Itoa(ports[0])}
-	vmProc, err := testenv.StartProcess("victoria-metrics", VictoriaMetricsBinary, []string{
-		"-httpListenAddr=127.0.0.1:" + strconv.Itoa(ports[0]),
-		"-storageDataPath=" + filepath.Join(dir, "vm"),
-		"-search.disableCache", "-search.latencyOffset=0s",
-		// The exactness queries read every pod-pair series at once.
-		"-search.maxUniqueTimeseries=100000000", "-search.maxQueryDuration=10m",
-		"-loggerLevel=WARN",
-	}, testenv.ProcessOptions{Output: opts.ProgramOutput})
+	v, rcvProc, err := startReceiver(opts, dir, ports[0])
 	if err != nil {
 		return res, err
 	}
-	defer vmProc.Kill()
-	if err := waitOK(ctx, v.url+"/health", vmProc); err != nil {
+	defer rcvProc.Kill()
+	if err := waitOK(ctx, v.ready, rcvProc); err != nil {
 		return res, err
 	}
 
@@ -377,6 +385,38 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 		}
 	}
 	return res, nil
+}
+
+// startReceiver starts opts.Receiver on 127.0.0.1:port with its data in
+// dir.
+func startReceiver(opts Options, dir string, port int) (receiver, *testenv.Process, error) {
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	v := receiver{kind: opts.Receiver, url: "http://" + addr}
+	if opts.Receiver == ReceiverPrometheus {
+		v.ready = v.url + "/-/ready"
+		cfg := filepath.Join(dir, "prometheus.yml")
+		if err := os.WriteFile(cfg, []byte("global: {}\n"), 0o644); err != nil {
+			return v, nil, err
+		}
+		p, err := testenv.StartProcess("prometheus", testenv.PrometheusBinary, []string{
+			"--config.file=" + cfg, "--storage.tsdb.path=" + filepath.Join(dir, "prometheus"),
+			"--web.listen-address=" + addr, "--web.enable-remote-write-receiver",
+			"--query.lookback-delta=5m", "--log.level=warn",
+			// The exactness queries read every pod-pair series at once.
+			"--query.max-samples=1000000000", "--query.timeout=10m",
+		}, testenv.ProcessOptions{Output: opts.ProgramOutput})
+		return v, p, err
+	}
+	v.ready = v.url + "/health"
+	p, err := testenv.StartProcess("victoria-metrics", VictoriaMetricsBinary, []string{
+		"-httpListenAddr=" + addr,
+		"-storageDataPath=" + filepath.Join(dir, "vm"),
+		"-search.disableCache", "-search.latencyOffset=0s",
+		// The exactness queries read every pod-pair series at once.
+		"-search.maxUniqueTimeseries=100000000", "-search.maxQueryDuration=10m",
+		"-loggerLevel=WARN",
+	}, testenv.ProcessOptions{Output: opts.ProgramOutput})
+	return v, p, err
 }
 
 // waitPush waits until the receiver has, in full, a snapshot the server

@@ -66,11 +66,11 @@ func checkExact(t *testing.T, res scale.Result, err error) {
 	if res.Flows == 0 || res.SentBytes == 0 {
 		t.Fatalf("nothing was sent: %d flows, %d bytes", res.Flows, res.SentBytes)
 	}
-	if float64(res.SentBytes) != res.VMBytes {
-		t.Errorf("bytes: sent %d, VictoriaMetrics holds %.0f", res.SentBytes, res.VMBytes)
+	if float64(res.SentBytes) != res.ReceivedBytes {
+		t.Errorf("bytes: sent %d, %s holds %.0f", res.SentBytes, res.Options.Receiver, res.ReceivedBytes)
 	}
-	if float64(res.SentPackets) != res.VMPackets {
-		t.Errorf("packets: sent %d, VictoriaMetrics holds %.0f", res.SentPackets, res.VMPackets)
+	if float64(res.SentPackets) != res.ReceivedPackets {
+		t.Errorf("packets: sent %d, %s holds %.0f", res.SentPackets, res.Options.Receiver, res.ReceivedPackets)
 	}
 	for _, m := range res.ZonePairMismatches {
 		t.Errorf("zone pair %s", m)

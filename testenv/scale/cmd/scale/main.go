@@ -1,6 +1,6 @@
 // Command scale runs the scale simulation (package testenv/scale) and
 // prints its table: a real kube-apiserver and etcd with simulated nodes and
-// pods, the real server, a real VictoriaMetrics, and simulated agents
+// pods, the real server, a real VictoriaMetrics or Prometheus, and simulated agents
 // sending at an offered rate while pods churn. Progress goes to stderr,
 // the table to stdout. It needs no root.
 package main
@@ -49,6 +49,7 @@ func parseFlags() (scale.Options, bool) {
 		o.ServerFlags = append(o.ServerFlags, v)
 		return nil
 	})
+	flag.StringVar(&o.Receiver, "receiver", d.Receiver, "the server's remote-write receiver: "+scale.ReceiverVictoriaMetrics+" or "+scale.ReceiverPrometheus)
 	verbose := flag.Bool("v", false, "copy the programs' output to stderr")
 	flag.Parse()
 	return o, *verbose
