@@ -27,8 +27,9 @@ import (
 // released-IP cache (--released-ip-cache-size), the informer caches, the
 // ingest buffers and the pusher's own series table. In the form pairs = (limit - overhead) x fraction / bytes per
 // pair, the overhead is runtimeResidentBytes + fixed heap / liveHeapFraction.
-// The figures hold with the default GC (GOGC=100) and no GOMEMLIMIT at all;
-// with GOMEMLIMIT at the limit the GC has more room still.
+// The figures hold with GOGC=100 and no GOMEMLIMIT at all; the server's
+// own GOGC (defaultGCPercent) and GOMEMLIMIT at the limit give the GC more
+// room still.
 const (
 	// podPairHeapBytes is the live heap one pod pair (its bytes and
 	// packets series) adds: its series record, index and route entries,
@@ -46,9 +47,11 @@ const (
 	// room (with GOGC=100 the heap grows to twice the live heap before a
 	// collection) and the transients of pushes, checkpoints and decoded
 	// batches that a measured resident size includes. The largest
-	// `make scale` profile of BENCHMARKS.md peaks at ~3.4 times the live
+	// `make scale` profile of BENCHMARKS.md peaks at ~2.6 times the live
 	// heap this model gives it (server pinned to one core, where the GC
-	// lags furthest behind); 0.28 is 1/3.6.
+	// lags furthest behind; GOGC 75, defaultGCPercent). A failing
+	// endpoint holds two snapshots' requests instead of one (see
+	// remotewrite.Pusher), and GOGC=100 makes ~3.4 times: 0.28 is 1/3.6.
 	liveHeapFraction = 0.28
 	// runtimeResidentBytes is the server's resident memory before any
 	// series or cache: `kubezonnet server` against an unreachable API

@@ -72,6 +72,8 @@ var Components = []Component{
 	{Name: "scale", Verbatim: true, Commands: []string{
 		`go run ./testenv/scale/cmd/scale`,
 		`go run ./testenv/scale/cmd/scale -server-cpus 0 -peers-per-pod 250 -batches-per-second 40 -duration 2m -churn-per-second 20`,
+		`GOGC=100 go run ./testenv/scale/cmd/scale -server-cpus 0 -peers-per-pod 250 -batches-per-second 40 -duration 2m -churn-per-second 20`,
+		`go run ./testenv/scale/cmd/scale -server-cpus 0 -peers-per-pod 250 -batches-per-second 40 -duration 2m -churn-per-second 20 -receiver Prometheus`,
 	}},
 	{Name: "saturation", Verbatim: true, Commands: []string{
 		`go run ./testenv/scale/cmd/scale -server-cpus 0 -nodes 300 -pods-per-node 30 -agents 300 -peers-per-pod 20 -flows-per-batch 2000 -pregenerate -churn-per-second 0 -batches-per-second 1250 -duration 20s`,
