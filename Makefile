@@ -57,8 +57,9 @@ demo: deps build
 	./bin/demo -bin $(BIN) $(if $(HOLD),-wait)
 
 # scale runs the scale simulation (testenv/scale) and prints one table:
-# a real kube-apiserver, etcd, server and VictoriaMetrics, with simulated
-# nodes, pods and agents. No root needed. The defaults fit a 2-core machine
+# a real kube-apiserver, etcd, server and VictoriaMetrics (or Prometheus,
+# -receiver Prometheus), with simulated nodes, pods and agents. No root
+# needed. The defaults fit a 2-core machine
 # (100 nodes x 30 pods, 100 agents, 20k flows/s offered for a minute, 2 pods
 # replaced per second; ~2 minutes). Larger profiles, through SCALE_FLAGS
 # (see `go run ./testenv/scale/cmd/scale -h`):

@@ -32,6 +32,7 @@ var knownSeries = []string{
 	"kubezonnet_server_pod_pairs_folded_total",
 	"kubezonnet_server_remote_write_samples_total",
 	"kubezonnet_server_remote_write_last_success_timestamp_seconds",
+	"kubezonnet_server_remote_write_delivered_snapshot_timestamp_seconds",
 }
 
 // ruleFile is the part of a Prometheus rule file the checks read.

@@ -48,7 +48,7 @@ type Result struct {
 	Held int64
 	// SentBytes and SentPackets were acknowledged; ReceivedBytes and
 	// ReceivedPackets are the sums of the zone-pair series in the receiver.
-	SentBytes, SentPackets uint64
+	SentBytes, SentPackets         uint64
 	ReceivedBytes, ReceivedPackets float64
 	// ZonePairs compared, and the differences found ("a->b: bytes sent X,
 	// stored Y").

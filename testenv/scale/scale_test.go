@@ -54,8 +54,23 @@ func TestScalePregenerated(t *testing.T) {
 	checkExact(t, res, err)
 }
 
+// TestScalePrometheus runs a tiny profile with Prometheus as the
+// receiver (-receiver Prometheus) and asserts the same exactness.
+func TestScalePrometheus(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	res, err := scale.Run(ctx, scale.Options{
+		Nodes: 6, PodsPerNode: 5, Zones: 3, PeersPerPod: 5,
+		Agents: 3, FlowsPerBatch: 50, BatchesPerSecond: 6,
+		Duration: 6 * time.Second, ChurnPerSecond: 1,
+		PushInterval: 2 * time.Second, Receiver: scale.ReceiverPrometheus,
+		Output: testutil.TestLog{T: t},
+	})
+	checkExact(t, res, err)
+}
+
 // checkExact logs a run's table and fails the test unless it ran, sent
-// something, and VictoriaMetrics holds exactly what was sent, in total and
+// something, and the receiver holds exactly what was sent, in total and
 // per zone pair.
 func checkExact(t *testing.T, res scale.Result, err error) {
 	t.Helper()
@@ -83,5 +98,14 @@ func TestPregenerateNeedsNoChurn(t *testing.T) {
 	_, err := scale.Run(context.Background(), scale.Options{Pregenerate: true, ChurnPerSecond: 1})
 	if err == nil || !strings.Contains(err.Error(), "churn") {
 		t.Fatalf("err = %v, want a refusal naming the churn", err)
+	}
+}
+
+// TestUnknownReceiver: a receiver other than VictoriaMetrics or
+// Prometheus is refused before anything starts, naming it.
+func TestUnknownReceiver(t *testing.T) {
+	_, err := scale.Run(context.Background(), scale.Options{Receiver: "Mimir"})
+	if err == nil || !strings.Contains(err.Error(), `"Mimir"`) {
+		t.Fatalf("err = %v, want a refusal naming the receiver", err)
 	}
 }
