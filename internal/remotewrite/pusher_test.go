@@ -1404,29 +1404,44 @@ func benchSnapshots(b *testing.B, src Source) (*Pusher, [][]request) {
 	return p, reqs
 }
 
+// hangingReceiver holds the first request it gets until release, and
+// keeps the last value it received; while failing it answers 503.
+type hangingReceiver struct {
+	*testReceiver
+	got, requests atomic.Int64
+	failing       atomic.Bool
+	hold          chan struct{}
+	once          sync.Once
+}
+
+func newHangingReceiver(t *testing.T) *hangingReceiver {
+	r := &hangingReceiver{hold: make(chan struct{})}
+	r.testReceiver = newJudgingReceiver(t, func(series []prompb.TimeSeries, w http.ResponseWriter) {
+		if r.failing.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		if r.requests.Add(1) == 1 {
+			<-r.hold
+		}
+		for _, ts := range series {
+			r.got.Store(int64(ts.Samples[len(ts.Samples)-1].Value))
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	t.Cleanup(r.release)
+	return r
+}
+
+// release lets the first request go; it may be called more than once.
+func (r *hangingReceiver) release() { r.once.Do(func() { close(r.hold) }) }
+
 // A push that is still being sent when the next one is taken is an
 // overrun: counted once per snapshot and endpoint, and the newer snapshot
 // is what the endpoint ends up with.
 func TestPusherOverrun(t *testing.T) {
-	release := make(chan struct{})
-	var got atomic.Int64 // last value received
-	var requests atomic.Int64
-	rcv := newJudgingReceiver(t, func(series []prompb.TimeSeries, w http.ResponseWriter) {
-		if requests.Add(1) == 1 {
-			<-release // the first request hangs until the test lets it go
-		}
-		for _, ts := range series {
-			got.Store(int64(ts.Samples[len(ts.Samples)-1].Value))
-		}
-		w.WriteHeader(http.StatusNoContent)
-	})
-	t.Cleanup(func() {
-		select {
-		case <-release:
-		default:
-			close(release)
-		}
-	})
+	rcv := newHangingReceiver(t)
+	got, requests := &rcv.got, &rcv.requests
 	cfg := testConfig(rcv.url())
 	cfg.Shards = 1
 	reg := metrics.New()
@@ -1448,7 +1463,7 @@ func TestPusherOverrun(t *testing.T) {
 	if n := metricValue(t, reg, "kubezonnet_server_remote_write_push_overruns_total"); n != 2 {
 		t.Errorf("overruns after two pushes during a hanging one: %v, want 2", n)
 	}
-	close(release)
+	rcv.release()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := p.Wait(ctx); err != nil {
@@ -1466,30 +1481,8 @@ func TestPusherOverrun(t *testing.T) {
 // retrying gets a snapshot at every interval instead (the newer one
 // replacing the unsent part, TestPusherOutageThenRecoveryCarriesCumulativeValue).
 func TestPusherRunDefersWhileSending(t *testing.T) {
-	release := make(chan struct{})
-	var got atomic.Int64 // last value received
-	var requests atomic.Int64
-	var failing atomic.Bool
-	rcv := newJudgingReceiver(t, func(series []prompb.TimeSeries, w http.ResponseWriter) {
-		if failing.Load() {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			return
-		}
-		if requests.Add(1) == 1 {
-			<-release // the first request hangs until the test lets it go
-		}
-		for _, ts := range series {
-			got.Store(int64(ts.Samples[len(ts.Samples)-1].Value))
-		}
-		w.WriteHeader(http.StatusNoContent)
-	})
-	t.Cleanup(func() {
-		select {
-		case <-release:
-		default:
-			close(release)
-		}
-	})
+	rcv := newHangingReceiver(t)
+	got, requests, failing := &rcv.got, &rcv.requests, &rcv.failing
 	cfg := testConfig(rcv.url())
 	cfg.Shards = 1
 	cfg.Interval = 10 * time.Millisecond
@@ -1516,7 +1509,7 @@ func TestPusherRunDefersWhileSending(t *testing.T) {
 		t.Fatalf("%d snapshots taken while the first was being sent, want 1", n)
 	}
 	v.Store(7)
-	close(release)
+	rcv.release()
 	eventually(t, "the deferred snapshot with the value at the release", func() bool { return got.Load() == 7 })
 
 	// A failing endpoint is busy too, but gets snapshots at every interval.
