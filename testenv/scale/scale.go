@@ -89,7 +89,8 @@ type Options struct {
 	// override the simulation's own, which come first).
 	ServerFlags []string
 	// Receiver is ReceiverVictoriaMetrics (the default) or
-	// ReceiverPrometheus (the Debian package's, testenv.PrometheusBinary).
+	// ReceiverPrometheus (the Debian package's, testenv.PrometheusBinary),
+	// in any case.
 	Receiver string
 }
 
@@ -126,8 +127,13 @@ func (o *Options) setDefaults() {
 	if o.PushInterval == 0 {
 		o.PushInterval = d.PushInterval
 	}
-	if o.Receiver == "" {
+	switch {
+	case o.Receiver == "":
 		o.Receiver = d.Receiver
+	case strings.EqualFold(o.Receiver, ReceiverVictoriaMetrics):
+		o.Receiver = ReceiverVictoriaMetrics
+	case strings.EqualFold(o.Receiver, ReceiverPrometheus):
+		o.Receiver = ReceiverPrometheus
 	}
 	o.Agents = min(o.Agents, o.Nodes)
 }

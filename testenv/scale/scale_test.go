@@ -63,7 +63,7 @@ func TestScalePrometheus(t *testing.T) {
 		Nodes: 6, PodsPerNode: 5, Zones: 3, PeersPerPod: 5,
 		Agents: 3, FlowsPerBatch: 50, BatchesPerSecond: 6,
 		Duration: 6 * time.Second, ChurnPerSecond: 1,
-		PushInterval: 2 * time.Second, Receiver: scale.ReceiverPrometheus,
+		PushInterval: 2 * time.Second, Receiver: "prometheus", // any case
 		Output: testutil.TestLog{T: t},
 	})
 	checkExact(t, res, err)
