@@ -1404,6 +1404,41 @@ func benchSnapshots(b *testing.B, src Source) (*Pusher, [][]request) {
 	return p, reqs
 }
 
+// With two endpoints, one still sending and one done, Run takes a
+// snapshot at every interval: the endpoint that keeps up is not held back
+// by the slow one, which gets the newest snapshot when it is done.
+func TestPusherRunSlowEndpointDoesNotHoldBackOther(t *testing.T) {
+	slow := newHangingReceiver(t)
+	fast := newHangingReceiver(t)
+	fast.release()
+	cfg := testConfig(slow.url(), fast.url())
+	cfg.Shards = 1
+	cfg.Interval = 10 * time.Millisecond
+	var v, snapshots atomic.Int64
+	src := SourceFunc(func(dst []Series) []Series {
+		snapshots.Add(1)
+		return append(dst, Series{Labels: []metrics.Label{{Name: "__name__", Value: "x_total"}}, Value: float64(v.Add(1))})
+	})
+	reg := metrics.New()
+	p := newTestPusher(t, cfg, reg, nil, src)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	eventually(t, "the slow endpoint's first request", func() bool { return slow.requests.Load() > 0 })
+	eventually(t, "snapshots at every interval for the endpoint that keeps up", func() bool {
+		return fast.requests.Load() >= 5 && snapshots.Load() >= 5
+	})
+	// Still within the slow endpoint's first attempt (its timeout is 5 s):
+	// the snapshots did not wait for it to fail.
+	if n := metricValue(t, reg, "kubezonnet_server_remote_write_retries_total", "endpoint", strings.TrimPrefix(slow.url(), "http://")); n != 0 {
+		t.Fatalf("the slow endpoint was retried %v times before the other got its snapshots", n)
+	}
+	slow.release()
+	eventually(t, "the slow endpoint with a newer value than its first", func() bool { return slow.got.Load() > 1 })
+}
+
 // hangingReceiver holds the first request it gets until release, and
 // keeps the last value it received; while failing it answers 503.
 type hangingReceiver struct {
