@@ -31,7 +31,9 @@ import (
 // as failed). Memory is therefore bounded by two snapshots per endpoint
 // whatever the outage length, and when an endpoint comes back the first
 // thing it receives is the newest cumulative value, so increase() over the
-// gap is right.
+// gap is right. The retry schedule (backoff, Retry-After) belongs to the
+// shard, not to a request, so replacing the data never makes a failing
+// endpoint be tried sooner.
 //
 // Overruns. When the interval comes while every endpoint is still sending
 // the previous snapshot without errors (a receiver slower than the
@@ -40,9 +42,7 @@ import (
 // endpoint has sent everything, so that the newest values go out as soon
 // as they can and the encoded requests of one snapshot, not two, are held.
 // An endpoint that is retrying gets snapshots at every interval as above,
-// the newer replacing the unsent part. The retry schedule (backoff, Retry-After) belongs to the
-// shard, not to a request, so replacing the data never makes a failing
-// endpoint be tried sooner.
+// the newer replacing the unsent part.
 //
 // Endpoints are independent: each has its own shards and goroutines, and
 // Push only hands the encoded requests over, so a dead or slow endpoint
@@ -453,7 +453,7 @@ func newEndpoint(p *Pusher, name string, c *Client, reg *metrics.Registry) *endp
 	ep.zerosRejected = reg.Counter("kubezonnet_server_remote_write_zero_samples_rejected_total",
 		"Created-timestamp zero samples whose request the endpoint rejected with a final 4xx other than 429 (typically as out of order: it already had the series, e.g. after a server restart); the request was resent without them.", el)
 	ep.lastSuccess = reg.Gauge("kubezonnet_server_remote_write_last_success_timestamp_seconds",
-		"Unix time of the last request the endpoint accepted; alert on time() minus this.", el)
+		"Unix time of the last request the endpoint accepted; for the age of the data there, see kubezonnet_server_remote_write_delivered_snapshot_timestamp_seconds.", el)
 	ep.delivered = reg.Gauge("kubezonnet_server_remote_write_delivered_snapshot_timestamp_seconds",
 		"Unix time of the newest snapshot the endpoint accepted in full (every request answered 2xx): the receiver has every series' value as of then; alert on time() minus this.", el)
 	ep.duration = reg.Gauge("kubezonnet_server_remote_write_push_duration_seconds",
