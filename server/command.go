@@ -56,7 +56,7 @@ func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	base := log // components add their own "component" attribute
 	log = log.With("component", "server")
 	if gc, set := setGCPercent(os.Getenv); set {
-		log.Debug("GOGC unset: collecting at 75% heap growth (long-lived series state)", "gc_percent", gc)
+		log.Debug("GOGC unset: the server sets its own (its heap is long-lived series state)", "gc_percent", gc)
 	}
 	bound := maxPodPairs(&cfg, debug.SetMemoryLimit(-1), "/")
 	bound.logStart(log)

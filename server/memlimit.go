@@ -47,7 +47,7 @@ const (
 	// room (with GOGC=100 the heap grows to twice the live heap before a
 	// collection) and the transients of pushes, checkpoints and decoded
 	// batches that a measured resident size includes. The largest
-	// `make scale` profile of BENCHMARKS.md peaks at ~2.6 times the live
+	// `make scale` profile of BENCHMARKS.md peaks at ~2.5 times the live
 	// heap this model gives it (server pinned to one core, where the GC
 	// lags furthest behind; GOGC 75, defaultGCPercent). A failing
 	// endpoint holds two snapshots' requests instead of one (see
@@ -93,9 +93,11 @@ const (
 // defaultGCPercent is the server's GOGC when the environment sets none.
 // Nearly all of the server's heap is long-lived series state, which the
 // default GOGC=100 lets grow to twice its size before a collection: 75
-// keeps the peak at 1.75 times the live heap for a third more collection
-// work, about 1% of a core in the largest `make scale` profile of
-// BENCHMARKS.md. Prometheus makes the same choice for its head block.
+// keeps the peak at 1.75 times the live heap for a third more
+// collections, which `make scale` (BENCHMARKS.md, the largest and the
+// saturation profiles beside runs with GOGC=100) does not show in CPU per
+// flow or in throughput. Prometheus makes the same choice for its head
+// block.
 const defaultGCPercent = 75
 
 // setGCPercent applies defaultGCPercent unless the environment's GOGC
