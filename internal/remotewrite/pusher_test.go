@@ -256,6 +256,18 @@ func testConfig(urls ...string) PusherConfig {
 	return cfg
 }
 
+// runPusher runs p.Run in the background until the returned stop is
+// called or the test ends; stop returns once Run has.
+func runPusher(t *testing.T, p *Pusher) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); <-done }) }
+	t.Cleanup(stop)
+	return stop
+}
+
 func newTestPusher(t *testing.T, cfg PusherConfig, reg *metrics.Registry, log *slog.Logger, srcs ...Source) *Pusher {
 	t.Helper()
 	p, err := NewPusher(cfg, srcs, reg, log)
@@ -649,10 +661,7 @@ func TestPusherOutageThenRecoveryCarriesCumulativeValue(t *testing.T) {
 	cfg.Shards = 2
 	reg := metrics.New()
 	p := newTestPusher(t, cfg, reg, nil, src)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- p.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	runPusher(t, p)
 
 	eventually(t, "two pushes before the outage", func() bool { return len(ep.requests()) >= 4 })
 	ep.down()
@@ -776,12 +785,9 @@ func TestPusherDeadEndpointDoesNotBlockLiveOne(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan error, 1)
-			go func() { done <- p.Run(ctx) }()
+			stop := runPusher(t, p)
 			eventually(t, "twenty pushes", func() bool { return src.callCount() >= 20 })
-			cancel()
-			<-done
+			stop()
 			pushes := src.callCount()
 			// Every snapshot value 1..pushes must reach the live endpoint.
 			eventually(t, "the live endpoint to receive every push", func() bool {
@@ -1421,10 +1427,7 @@ func TestPusherRunSlowEndpointDoesNotHoldBackOther(t *testing.T) {
 	})
 	reg := metrics.New()
 	p := newTestPusher(t, cfg, reg, nil, src)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- p.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	runPusher(t, p)
 
 	eventually(t, "the slow endpoint's first request", func() bool { return slow.requests.Load() > 0 })
 	eventually(t, "snapshots at every interval for the endpoint that keeps up", func() bool {
@@ -1531,10 +1534,7 @@ func TestPusherRunDefersWhileSending(t *testing.T) {
 	})
 	v.Store(1)
 	p := newTestPusher(t, cfg, reg, nil, src)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- p.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	runPusher(t, p)
 
 	eventually(t, "the first snapshot to reach the endpoint", func() bool { return requests.Load() > 0 })
 	eventually(t, "intervals passing while it hangs", func() bool {

@@ -18,16 +18,7 @@ import (
 //
 // Like the other control-plane tests it needs no root, so it never skips.
 func TestScaleSmall(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	res, err := scale.Run(ctx, scale.Options{
-		Nodes: 6, PodsPerNode: 5, Zones: 3, PeersPerPod: 5,
-		Agents: 3, FlowsPerBatch: 50, BatchesPerSecond: 6,
-		Duration: 20 * time.Second, ChurnPerSecond: 1,
-		PushInterval: 2 * time.Second,
-		Output:       testutil.TestLog{T: t},
-	})
-	checkExact(t, res, err)
+	res := runTiny(t, func(o *scale.Options) { o.Duration = 20 * time.Second })
 	if res.Churned == 0 {
 		t.Errorf("no pod was replaced")
 	}
@@ -43,30 +34,38 @@ func TestScaleSmall(t *testing.T) {
 // VictoriaMetrics holds, in total and per zone pair. Rates are not
 // asserted.
 func TestScalePregenerated(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	res, err := scale.Run(ctx, scale.Options{
-		Nodes: 6, PodsPerNode: 5, Zones: 3, PeersPerPod: 5,
-		Agents: 3, FlowsPerBatch: 50, BatchesPerSecond: 30,
-		Duration: 5 * time.Second, PushInterval: 2 * time.Second,
-		Pregenerate: true, Output: testutil.TestLog{T: t},
+	runTiny(t, func(o *scale.Options) {
+		o.BatchesPerSecond, o.Duration = 30, 5*time.Second
+		o.ChurnPerSecond, o.Pregenerate = 0, true
 	})
-	checkExact(t, res, err)
 }
 
 // TestScalePrometheus runs a tiny profile with Prometheus as the
 // receiver (-receiver Prometheus) and asserts the same exactness.
 func TestScalePrometheus(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	res, err := scale.Run(ctx, scale.Options{
+	runTiny(t, func(o *scale.Options) {
+		o.Duration = 6 * time.Second
+		o.Receiver = "prometheus" // any case
+	})
+}
+
+// runTiny runs the tests' tiny profile (6 nodes of 5 pods, 3 agents, 6
+// batches of 50 flows a second, a pod replaced a second, pushes every 2
+// s), as change adjusts it, and checks it with checkExact.
+func runTiny(t *testing.T, change func(*scale.Options)) scale.Result {
+	t.Helper()
+	o := scale.Options{
 		Nodes: 6, PodsPerNode: 5, Zones: 3, PeersPerPod: 5,
 		Agents: 3, FlowsPerBatch: 50, BatchesPerSecond: 6,
-		Duration: 6 * time.Second, ChurnPerSecond: 1,
-		PushInterval: 2 * time.Second, Receiver: "prometheus", // any case
+		ChurnPerSecond: 1, PushInterval: 2 * time.Second,
 		Output: testutil.TestLog{T: t},
-	})
+	}
+	change(&o)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	res, err := scale.Run(ctx, o)
 	checkExact(t, res, err)
+	return res
 }
 
 // checkExact logs a run's table and fails the test unless it ran, sent
