@@ -286,11 +286,24 @@ func (p *Pusher) behind() bool {
 		return false
 	}
 	for _, ep := range p.eps {
-		if ep.busy.Load() == 0 || ep.failing.Load() {
+		if ep.failing.Load() || !ep.sending() {
 			return false
 		}
 	}
 	return true
+}
+
+// sending reports whether a shard of the endpoint has a batch to send.
+func (ep *endpoint) sending() bool {
+	for _, s := range ep.shards {
+		s.mu.Lock()
+		busy := s.busy
+		s.mu.Unlock()
+		if busy {
+			return true
+		}
+	}
+	return false
 }
 
 // Push takes one snapshot of all sources now and hands it to every
@@ -431,8 +444,6 @@ type endpoint struct {
 	lastOverrunLog atomic.Int64
 	// zerosLogged is set once the first rejection of zeros was logged.
 	zerosLogged atomic.Bool
-	// busy counts the shards with a batch to send (shard.busy).
-	busy atomic.Int32
 }
 
 func newEndpoint(p *Pusher, name string, c *Client, reg *metrics.Registry) *endpoint {
@@ -568,7 +579,6 @@ func (s *shard) put(b *batch) (busy bool) {
 	busy = s.busy
 	if !s.busy {
 		s.busy = true
-		ep.busy.Add(1)
 		ep.p.addActive(1)
 	}
 	select {
@@ -616,7 +626,6 @@ func (s *shard) run(ctx context.Context) {
 		s.mu.Lock()
 		if s.pending == nil {
 			s.busy = false
-			s.ep.busy.Add(-1)
 			s.ep.p.addActive(-1)
 			select {
 			case s.ep.p.freed <- struct{}{}:

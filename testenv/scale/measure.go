@@ -56,9 +56,16 @@ func scrape(ctx context.Context, u string) (scraped, error) {
 
 // receiver is the VictoriaMetrics or Prometheus the server pushes to.
 type receiver struct {
-	kind  string // ReceiverVictoriaMetrics or ReceiverPrometheus
-	url   string
-	ready string // answers 200 once it accepts writes
+	kind string // ReceiverVictoriaMetrics or ReceiverPrometheus
+	url  string
+}
+
+// ready is the URL that answers 200 once the receiver accepts writes.
+func (v receiver) ready() string {
+	if v.kind == ReceiverPrometheus {
+		return v.url + "/-/ready"
+	}
+	return v.url + "/health"
 }
 
 // flush makes everything received so far queryable (Prometheus' head

@@ -246,7 +246,7 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 		return res, err
 	}
 	defer rcvProc.Kill()
-	if err := waitOK(ctx, v.ready, rcvProc); err != nil {
+	if err := waitOK(ctx, v.ready(), rcvProc); err != nil {
 		return res, err
 	}
 
@@ -399,7 +399,6 @@ func startReceiver(opts Options, dir string, port int) (receiver, *testenv.Proce
 	addr := "127.0.0.1:" + strconv.Itoa(port)
 	v := receiver{kind: opts.Receiver, url: "http://" + addr}
 	if opts.Receiver == ReceiverPrometheus {
-		v.ready = v.url + "/-/ready"
 		cfg := filepath.Join(dir, "prometheus.yml")
 		if err := os.WriteFile(cfg, []byte("global: {}\n"), 0o644); err != nil {
 			return v, nil, err
@@ -413,7 +412,6 @@ func startReceiver(opts Options, dir string, port int) (receiver, *testenv.Proce
 		}, testenv.ProcessOptions{Output: opts.ProgramOutput})
 		return v, p, err
 	}
-	v.ready = v.url + "/health"
 	p, err := testenv.StartProcess("victoria-metrics", VictoriaMetricsBinary, []string{
 		"-httpListenAddr=" + addr,
 		"-storageDataPath=" + filepath.Join(dir, "vm"),
