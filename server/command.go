@@ -55,8 +55,8 @@ func Command() *cli.Command {
 func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	base := log // components add their own "component" attribute
 	log = log.With("component", "server")
-	if gc, set := setGCPercent(os.Getenv); set {
-		log.Debug("GOGC unset: the server sets its own (its heap is long-lived series state)", "gc_percent", gc)
+	if setGCPercent(os.Getenv) {
+		log.Debug("GOGC unset: the server sets its own (its heap is long-lived series state)", "gc_percent", defaultGCPercent)
 	}
 	bound := maxPodPairs(&cfg, debug.SetMemoryLimit(-1), "/")
 	bound.logStart(log)

@@ -101,16 +101,14 @@ const (
 const defaultGCPercent = 75
 
 // setGCPercent applies defaultGCPercent unless the environment's GOGC
-// (getenv("GOGC"), which the Go runtime already applied) is set. It
-// returns the percent in force and whether it set it.
-func setGCPercent(getenv func(string) string) (percent int, set bool) {
+// (getenv("GOGC"), which the Go runtime already applied) is set, and
+// reports whether it did.
+func setGCPercent(getenv func(string) string) bool {
 	if getenv("GOGC") != "" {
-		p := debug.SetGCPercent(-1)
-		debug.SetGCPercent(p)
-		return p, false
+		return false
 	}
 	debug.SetGCPercent(defaultGCPercent)
-	return defaultGCPercent, true
+	return true
 }
 
 // Sources of a memory limit, as logged in "derived_from".
