@@ -28,14 +28,18 @@ var (
 // kube-proxy's nftables mode writes Services: a nat table per family whose
 // prerouting (pod clients) and output (host-network clients) chains jump
 // to one chain of `dnat to <backend>:<port>` rules per virtual IP and
-// port; plus a raw table that leaves UDP to port 9999 untracked, with a
-// counter proving those packets had no conntrack entry at POSTROUTING.
+// port (and two that are not kube-proxy's: a DNAT of the port alone, and
+// one of ICMP echo requests, which have no ports); plus a raw table that
+// leaves UDP to port 9999 untracked, with a counter proving those packets
+// had no conntrack entry at POSTROUTING.
 func serviceRules(a2, b1 *testnet.Pod) string {
 	return fmt.Sprintf(`table ip kzn_svc {
   chain services {
     ip daddr %[1]s tcp dport 80 dnat to %[4]s:8080
     ip daddr %[2]s tcp dport 80 dnat to %[5]s:8080
     ip daddr %[1]s udp dport 53 dnat to %[5]s:5353
+    ip daddr %[5]s tcp dport 81 dnat to %[5]s:8080
+    ip daddr %[1]s icmp type echo-request dnat to %[5]s
   }
   chain pre { type nat hook prerouting priority dstnat; policy accept; jump services; }
   chain out { type nat hook output priority -100; policy accept; jump services; }
@@ -44,6 +48,7 @@ table ip6 kzn_svc {
   chain services {
     ip6 daddr %[3]s tcp dport 80 dnat to [%[6]s]:8080
     ip6 daddr %[3]s udp dport 53 dnat to [%[7]s]:5353
+    ip6 daddr %[3]s icmpv6 type echo-request dnat to %[7]s
   }
   chain pre { type nat hook prerouting priority dstnat; policy accept; jump services; }
   chain out { type nat hook output priority -100; policy accept; jump services; }
@@ -55,11 +60,12 @@ table inet kzn_raw {
 `, vip4, vip4Host, vip6, a2.IPv4, b1.IPv4, a2.IPv6, b1.IPv6, notrackUDP)
 }
 
-// TestOriginalDestination sends TCP and UDP, IPv4 and IPv6, through node a,
-// where kube-proxy-style nftables rules DNAT Service virtual IPs to
-// backend pods (real conntrack and NAT in the node's namespace), and
-// checks each flow's original destination: the virtual IP and port for a
-// client's packets to a Service, none for the same backend addressed
+// TestOriginalDestination sends TCP, UDP and ICMP echo requests, IPv4 and
+// IPv6, through node a, where kube-proxy-style nftables rules DNAT Service
+// virtual IPs to backend pods (real conntrack and NAT in the node's
+// namespace), and checks each flow's original destination: the virtual IP
+// and port for a client's packets to a Service (port 0 for ICMP), the
+// address and port addressed when NAT rewrote the port alone, none for the same backend addressed
 // directly, for the backend's replies on a DNATed connection, and for
 // untracked packets, which are still counted. Every case's bytes and
 // packets equal an nftables counter of the node's local sources at the
@@ -100,8 +106,9 @@ func TestOriginalDestination(t *testing.T) {
 		dst       netip.AddrPort // where the backend listens
 		proto     uint8
 		untracked bool // the raw table leaves the packets untracked
-		// want are the TCP and UDP flows of local sources: the client's,
-		// and the backend's replies when the backend is on node a.
+		// want are the flows of local sources of the case's protocol
+		// (ICMP: 1 for both families): the client's, and the backend's
+		// replies when the backend is on node a.
 		want []flow.Key
 	}{
 		{
@@ -158,6 +165,30 @@ func TestOriginalDestination(t *testing.T) {
 			},
 		},
 		{
+			// nf_nat rewrote the port alone: the address is the packet's.
+			name: "tcp4 to a backend whose port alone is rewritten", client: a1.NS, src: a1.IPv4,
+			dial: ap(b1.IPv4, 81), backend: b1, dst: ap(b1.IPv4, 8080), proto: 6,
+			want: []flow.Key{
+				{Src: a1.IPv4, Dst: b1.IPv4, Proto: 6, Port: 8080, PortIsDst: true, OrigDst: ap(b1.IPv4, 81)},
+			},
+		},
+		{
+			// No ports: the original destination's port is 0.
+			name: "icmp4 echo to a service", client: a1.NS, src: a1.IPv4,
+			dial: ap(vip4, 0), backend: b1, dst: ap(b1.IPv4, 0), proto: 1,
+			want: []flow.Key{{Src: a1.IPv4, Dst: b1.IPv4, Proto: 1, OrigDst: ap(vip4, 0)}},
+		},
+		{
+			name: "icmp6 echo to a service", client: a1.NS, src: a1.IPv6,
+			dial: ap(vip6, 0), backend: b1, dst: ap(b1.IPv6, 0), proto: 1,
+			want: []flow.Key{{Src: a1.IPv6, Dst: b1.IPv6, Proto: 58, OrigDst: ap(vip6, 0)}},
+		},
+		{
+			name: "icmp4 echo directly", client: a1.NS, src: a1.IPv4,
+			dial: ap(b1.IPv4, 0), backend: b1, dst: ap(b1.IPv4, 0), proto: 1,
+			want: []flow.Key{{Src: a1.IPv4, Dst: b1.IPv4, Proto: 1}},
+		},
+		{
 			name: "udp4 untracked", client: a1.NS, src: a1.IPv4,
 			dial: ap(b1.IPv4, notrackUDP), backend: b1, dst: ap(b1.IPv4, notrackUDP), proto: 17, untracked: true,
 			want: []flow.Key{{Src: a1.IPv4, Dst: b1.IPv4, Proto: 17, Port: notrackUDP, PortIsDst: true}},
@@ -187,10 +218,15 @@ func TestOriginalDestination(t *testing.T) {
 				t.Fatal(err)
 			}
 			untrackedBefore := untrackedPackets(t, a.NS)
-			if tt.proto == 6 {
+			switch tt.proto {
+			case 6:
 				sendTCPVia(t, tt.client, tt.backend.NS, tt.dial, tt.dst, tcpBytes)
-			} else {
+			case 17:
 				sendUDPVia(t, tt.client, tt.backend.NS, tt.dial, tt.dst, udpCount, udpSize)
+			default:
+				if _, err := testnet.Exec(ctx, tt.client, "ping", "-q", "-c", "5", "-i", "0.05", "-W", "2", tt.dial.Addr().String()); err != nil {
+					t.Fatalf("pinging %s: %v", tt.dial.Addr(), err)
+				}
 			}
 			after, err := ref.Read(ctx)
 			if err != nil {
@@ -213,7 +249,9 @@ func TestOriginalDestination(t *testing.T) {
 			}
 			got := map[flow.Key]flow.Counts{}
 			for _, f := range dr.Flows {
-				if f.Proto == 6 || f.Proto == 17 {
+				// Of the case's sources: not the node's own neighbour
+				// discovery.
+				if f.Proto == tt.want[0].Proto && slices.ContainsFunc(tt.want, func(k flow.Key) bool { return k.Src == f.Src }) {
 					c := got[f.Key]
 					c.Add(f.Counts)
 					got[f.Key] = c

@@ -9,7 +9,8 @@
 // priority before the agent's hook, is the reference.
 //
 // Each case (Cases) runs in rounds of three runs of a fixed duration each
-// (Modes): nothing attached at node a; an empty netfilter program (it
+// (Modes, in an order that rotates from round to round: RoundModes):
+// nothing attached at node a; an empty netfilter program (it
 // accepts and returns) attached where and how the agent attaches its own,
 // which shows what the kernel's hook costs whatever the program does; and
 // the agent. The cases:

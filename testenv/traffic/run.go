@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -78,8 +79,18 @@ const (
 	Agent
 )
 
-// Modes are the modes of a case's runs, in order.
+// Modes are the modes of a case's runs.
 var Modes = []Mode{None, Empty, Agent}
+
+// RoundModes is the order of the runs of a case's round: Modes rotated by
+// the round, so that each mode takes each place of a round as often as
+// the others. A drift within rounds (the machine settling after the
+// agent stops, the first run after a pause) then weighs on all modes
+// alike instead of favouring whichever always ran first.
+func RoundModes(round int) []Mode {
+	k := round % len(Modes)
+	return append(slices.Clone(Modes[k:]), Modes[:k]...)
+}
 
 func (m Mode) String() string {
 	return [...]string{"without agent", "empty program", "with agent"}[m]

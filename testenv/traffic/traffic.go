@@ -223,7 +223,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		}
 		cr := CaseResult{Case: c}
 		for i := range opts.Runs {
-			for _, mode := range Modes {
+			for _, mode := range RoundModes(i) {
 				r, err := b.run(ctx, w, c, mode)
 				if err != nil {
 					return nil, fmt.Errorf("%s, round %d, %s: %w", c.Name, i+1, mode, err)

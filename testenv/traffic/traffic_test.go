@@ -2,6 +2,7 @@ package traffic_test
 
 import (
 	"context"
+	"slices"
 	"testing"
 	"time"
 
@@ -58,5 +59,32 @@ func TestOptionsValidate(t *testing.T) {
 		if _, err := traffic.Run(context.Background(), o); err == nil {
 			t.Errorf("options %+v: no error", o)
 		}
+	}
+}
+
+// TestRoundModes: over as many rounds as there are modes, every mode runs
+// once in every place of a round.
+func TestRoundModes(t *testing.T) {
+	n := len(traffic.Modes)
+	seen := make([]map[traffic.Mode]bool, n) // per place: the modes run there
+	for i := range seen {
+		seen[i] = map[traffic.Mode]bool{}
+	}
+	for round := range n {
+		order := traffic.RoundModes(round)
+		if len(order) != n {
+			t.Fatalf("round %d runs %v, want each of %v once", round, order, traffic.Modes)
+		}
+		for place, m := range order {
+			seen[place][m] = true
+		}
+	}
+	for place, modes := range seen {
+		if len(modes) != n {
+			t.Errorf("place %d of a round held %v over %d rounds, want every mode", place, modes, n)
+		}
+	}
+	if got := traffic.RoundModes(n); !slices.Equal(got, traffic.RoundModes(0)) {
+		t.Errorf("round %d runs %v, round 0 %v: the rotation should repeat", n, got, traffic.RoundModes(0))
 	}
 }
