@@ -47,6 +47,8 @@ var Components = []Component{
 	}},
 	{Name: "traffic", Verbatim: true, Commands: []string{
 		`go run ./testenv/traffic/cmd/traffic`,
+		`go run ./testenv/traffic/cmd/traffic -no-bpf-stats -cases udp-1flow,udp-2k-flows,udp-32k-flows-per-s`,
+		`go run ./testenv/traffic/cmd/traffic -no-bpf-stats -conntrack -cases udp-1flow,udp-2k-flows,udp-32k-flows-per-s`,
 	}},
 	{Name: "remotewrite", Commands: []string{
 		`go test -run '^$' -bench 'Snapshot' -benchmem -benchtime 20x -count 3 ./internal/remotewrite/`,

@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -503,9 +502,8 @@ func pinOthers(ctx context.Context, serverCPUs string) (string, error) {
 		return "", fmt.Errorf("server CPUs %q leave no CPU for the rest", serverCPUs)
 	}
 	list := strings.Join(others, ",")
-	out, err := exec.CommandContext(ctx, "taskset", "-a", "-p", "-c", list, strconv.Itoa(os.Getpid())).CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("taskset: %w: %s", err, out)
+	if err := testenv.PinProcess(ctx, list); err != nil {
+		return "", err
 	}
 	return list, nil
 }

@@ -135,7 +135,13 @@ func progNS(runs []RunResult) string {
 func (r *Result) WriteTable(out io.Writer) error {
 	o := r.Options
 	fmt.Fprintf(out, "host: %s; load average %s at the start, %s at the end\n", r.Host, r.LoadStart, r.LoadEnd)
-	fmt.Fprintf(out, "%d rounds of %s runs per case, each round without anything attached at node a, with an empty program attached the way the agent attaches its own, and with the agent; rate medians over the runs.\n", o.Runs, o.Duration)
+	fmt.Fprintf(out, "%d rounds of %s runs per case, each round without anything attached at node a, with an empty program attached the way the agent attaches its own, and with the agent, in an order that rotates from round to round; rate medians over the runs.\n", o.Runs, o.Duration)
+	fmt.Fprintln(out, "UDP: the generator's thread, and the datagrams' way through the namespaces in its softirqs, on the last CPU; the benchmark's other threads and the agent on the others (the agent's user space is its CPU column, not in the rates).")
+	if o.Conntrack {
+		fmt.Fprintln(out, "node a tracks connections (-conntrack), as kube-proxy nodes do: conntrack looks up every packet there before the agent's hook.")
+	} else {
+		fmt.Fprintln(out, "node a keeps no connection tracking: it only routes (-conntrack tracks connections there, as kube-proxy nodes do).")
+	}
 	fmt.Fprintln(out, "ratio: median with / median without; the noise band under it: min-max of the ratios of consecutive runs without (the spread when nothing changes). rounds: min-max of with/without per round.")
 	fmt.Fprintln(out, "empty: the same for the empty program. cost/pkt: time added per packet, 1/rate - 1/without of the medians (UDP), to set against the program's ns/run.")
 	fmt.Fprintln(out, "agent CPU: median utime+stime over a run's traffic; VmHWM: largest peak RSS; prog: median ns/run of the agent's program over a run's traffic (kernel.bpf_stats_enabled), and its median runs; flows: largest batch.")

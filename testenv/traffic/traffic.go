@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
+	"github.com/kubezonnet/kubezonnet/testenv"
 )
 
 // Kind is how a case makes its traffic.
@@ -101,6 +103,13 @@ type Options struct {
 	// AgentFlags are added to the agent's command line, after the
 	// benchmark's own (so they may override them).
 	AgentFlags []string
+	// Conntrack makes node a track connections, as every node running
+	// kube-proxy (iptables, nftables or IPVS mode) does: an nftables rule
+	// matching on the connection state loads conntrack in its namespace,
+	// so every packet there is looked up in (and each new flow added to)
+	// the connection table before the agent's hook. Without it, node a
+	// only routes: the kernel keeps no per-flow state of its own.
+	Conntrack bool
 	// NoBPFStats leaves kernel.bpf_stats_enabled alone: no program run
 	// time or count is measured, and the program runs without the two
 	// clock reads the statistics add to each run.
@@ -209,6 +218,15 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	defer empty.Close()
 	b := &bench{opts: opts, logf: logf, rcv: rcv, topos: map[Kind]*world{}, empty: empty}
 	defer b.close()
+	cpus, err := placeCPUs()
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err := testenv.PinProcess(context.Background(), cpus.all); err != nil {
+			logf("restoring this process's CPUs: %v", err)
+		}
+	}()
 	res := &Result{Options: opts, Host: describeHost(), LoadStart: loadAverage()}
 	for _, name := range opts.Cases {
 		c, _ := CaseByName(name)
@@ -220,6 +238,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			if err := w.setOffloads(ctx, c.Offloads); err != nil {
 				return nil, err
 			}
+		}
+		if err := testenv.PinProcess(ctx, cpus.forCase(c)); err != nil {
+			return nil, err
 		}
 		cr := CaseResult{Case: c}
 		for i := range opts.Runs {
@@ -250,6 +271,51 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	res.LoadEnd = loadAverage()
 	return res, nil
+}
+
+// cpuPlacement is where this process runs, and the programs it starts
+// with it (the agent): on all its CPUs for TCP, where iperf3's client and
+// server take what they need; off the UDP generator's CPU for UDP, whose
+// datagrams cross every namespace in that CPU's softirqs. There the
+// benchmark's own work (the remote-write receiver, nft reads) and the
+// agent's user space would otherwise take that CPU's time, as much in one
+// run as another would not: the rates would measure them. The agent's user
+// space is measured on its own (its CPU time); the rates measure what its
+// program and hooks cost the traffic.
+type cpuPlacement struct {
+	all    string // the CPUs this process may use, a taskset list
+	others string // all but the generator's; empty on one CPU
+}
+
+// placeCPUs reads the CPUs this process may use.
+func placeCPUs() (cpuPlacement, error) {
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil {
+		return cpuPlacement{}, fmt.Errorf("reading this process's CPUs: %w", err)
+	}
+	var all, others []string
+	for c := range 1024 {
+		if !set.IsSet(c) {
+			continue
+		}
+		all = append(all, strconv.Itoa(c))
+		if c != generatorCPU() {
+			others = append(others, strconv.Itoa(c))
+		}
+	}
+	p := cpuPlacement{all: strings.Join(all, ",")}
+	if len(others) > 0 && len(others) < len(all) {
+		p.others = strings.Join(others, ",")
+	}
+	return p, nil
+}
+
+// forCase returns the CPUs of this process during case c.
+func (p cpuPlacement) forCase(c Case) string {
+	if c.Kind == UDP && p.others != "" {
+		return p.others
+	}
+	return p.all
 }
 
 // world is one built topology and its fixtures.
@@ -303,7 +369,23 @@ func (b *bench) world(ctx context.Context, kind Kind) (*world, error) {
 			return nil, err
 		}
 	}
+	if b.opts.Conntrack {
+		if err := trackConnections(ctx, w.node.NS); err != nil {
+			return nil, err
+		}
+	}
 	return w, nil
+}
+
+// trackConnections loads conntrack in namespace ns (see
+// Options.Conntrack) with a rule that counts new connections at
+// prerouting, before everything else there.
+func trackConnections(ctx context.Context, ns string) error {
+	const ruleset = "table inet kzn_ct {\n  chain pre {\n    type filter hook prerouting priority -150; policy accept;\n    ct state new counter\n  }\n}\n"
+	if _, err := testnet.Exec(ctx, ns, "sh", "-c", "nft -f - <<'EOF'\n"+ruleset+"EOF\n"); err != nil {
+		return fmt.Errorf("loading conntrack in node a: %w", err)
+	}
+	return nil
 }
 
 func (b *bench) close() {

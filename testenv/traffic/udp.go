@@ -62,9 +62,9 @@ func sendUDP(ctx context.Context, w *world, c Case, d time.Duration) (udpResult,
 	if err := unix.SchedGetaffinity(0, &all); err != nil {
 		return udpResult{}, fmt.Errorf("reading the sender's CPUs: %w", err)
 	}
-	one.Set(runtime.NumCPU() - 1)
+	one.Set(generatorCPU())
 	if err := unix.SchedSetaffinity(0, &one); err != nil {
-		return udpResult{}, fmt.Errorf("pinning the sender to CPU %d: %w", runtime.NumCPU()-1, err)
+		return udpResult{}, fmt.Errorf("pinning the sender to CPU %d: %w", generatorCPU(), err)
 	}
 	defer unix.SchedSetaffinity(0, &all)
 	payload := make([]byte, c.Payload)
@@ -104,6 +104,9 @@ func sendUDP(ctx context.Context, w *world, c Case, d time.Duration) (udpResult,
 		}
 	}
 }
+
+// generatorCPU is the CPU the UDP generator's thread runs on: the last.
+func generatorCPU() int { return runtime.NumCPU() - 1 }
 
 // sink counts and drops, in the server pod's namespace, every datagram
 // from the client to the generator's ports, at prerouting: the pod

@@ -51,6 +51,7 @@ func parseFlags() (traffic.Options, bool) {
 		o.AgentFlags = append(o.AgentFlags, v)
 		return nil
 	})
+	flag.BoolVar(&o.Conntrack, "conntrack", false, "make node a track connections, as kube-proxy nodes do (conntrack looks up every packet before the agent's hook)")
 	flag.BoolVar(&o.NoBPFStats, "no-bpf-stats", false, "leave kernel.bpf_stats_enabled off (no program run time or count; no timing overhead per program run)")
 	verbose := flag.Bool("v", false, "copy the agent's and iperf3's output to stderr")
 	flag.Parse()
