@@ -82,8 +82,11 @@ scale: k8s
 # iperf3 TCP (offloads on and off) and 64-byte UDP (one flow, 2,000 flows,
 # 32,000 new flows/s) through a router namespace, in rounds of three runs:
 # nothing attached, an empty program attached the way the agent attaches
-# its own, and the real agent: rates, their noise band, the agent's CPU
-# and RSS, the programs' run time and count. The agent's counts are checked
+# its own, and the real agent, in an order that rotates from round to
+# round (UDP: the benchmark and the agent kept off the generator's CPU):
+# rates, their noise band, the agent's CPU and RSS, the programs' run time
+# and count. TRAFFIC_FLAGS=-conntrack makes the router track connections,
+# as kube-proxy nodes do. The agent's counts are checked
 # against nftables in every run; any difference fails the target. Needs
 # root. The defaults (4 rounds of 10 s runs per case) take about 12
 # minutes on 2 cores; a quick look: TRAFFIC_FLAGS='-runs 1 -duration 3s'; one case:
