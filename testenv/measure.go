@@ -2,11 +2,8 @@ package testenv
 
 import (
 	"bufio"
-	"bytes"
-	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"time"
@@ -62,14 +59,3 @@ func ProcessPeakRSS(pid int) (int64, error) {
 	return 0, fmt.Errorf("reading VmHWM: not in /proc/%d/status", pid)
 }
 
-// PinProcess sets the CPUs of every thread of this process to cpus, a
-// taskset list ("0", "0-2,5"); threads and programs started later inherit
-// them. Benchmarks use it to keep their own work (and the programs they
-// measure beside) off the CPUs whose time they measure.
-func PinProcess(ctx context.Context, cpus string) error {
-	out, err := exec.CommandContext(ctx, "taskset", "-a", "-p", "-c", cpus, strconv.Itoa(os.Getpid())).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("pinning this process to CPUs %s: taskset: %w: %s", cpus, err, bytes.TrimSpace(out))
-	}
-	return nil
-}

@@ -1,7 +1,14 @@
 package testutil
 
 import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
 	"runtime"
+	"strconv"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -29,4 +36,45 @@ func OnCPU(t testing.TB, cpu int, fn func()) {
 		}
 	}()
 	fn()
+}
+
+// PinProcess sets the CPUs of every thread of this process to cpus, a
+// taskset list ("0", "0-2,5"); threads and programs started later inherit
+// them. Benchmarks use it to keep their own work (and the programs they
+// measure beside) off the CPUs whose time they measure.
+func PinProcess(ctx context.Context, cpus string) error {
+	out, err := exec.CommandContext(ctx, "taskset", "-a", "-p", "-c", cpus, strconv.Itoa(os.Getpid())).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("pinning this process to CPUs %s: taskset: %w: %s", cpus, err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// KeepProcessOff pins every thread of this process to the CPUs it may use
+// but cpu, and returns the function that gives them all back. Work that
+// pins its own thread to cpu afterwards (OnCPU) then has that CPU to
+// itself, as far as this process goes. On a single CPU it changes
+// nothing.
+func KeepProcessOff(ctx context.Context, cpu int) (restore func() error, err error) {
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil {
+		return nil, fmt.Errorf("reading this process's CPUs: %w", err)
+	}
+	var all, others []string
+	for c := range 1024 {
+		if set.IsSet(c) {
+			all = append(all, strconv.Itoa(c))
+			if c != cpu {
+				others = append(others, strconv.Itoa(c))
+			}
+		}
+	}
+	restore = func() error { return nil }
+	if len(others) == 0 || len(others) == len(all) {
+		return restore, nil
+	}
+	if err := PinProcess(ctx, strings.Join(others, ",")); err != nil {
+		return nil, err
+	}
+	return func() error { return PinProcess(context.Background(), strings.Join(all, ",")) }, nil
 }

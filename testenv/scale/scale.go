@@ -502,7 +502,7 @@ func pinOthers(ctx context.Context, serverCPUs string) (string, error) {
 		return "", fmt.Errorf("server CPUs %q leave no CPU for the rest", serverCPUs)
 	}
 	list := strings.Join(others, ",")
-	if err := testenv.PinProcess(ctx, list); err != nil {
+	if err := testutil.PinProcess(ctx, list); err != nil {
 		return "", err
 	}
 	return list, nil

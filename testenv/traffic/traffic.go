@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 
@@ -16,7 +15,6 @@ import (
 	"github.com/kubezonnet/kubezonnet/bpf"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
-	"github.com/kubezonnet/kubezonnet/testenv"
 )
 
 // Kind is how a case makes its traffic.
@@ -218,15 +216,6 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	defer empty.Close()
 	b := &bench{opts: opts, logf: logf, rcv: rcv, topos: map[Kind]*world{}, empty: empty}
 	defer b.close()
-	cpus, err := placeCPUs()
-	if err != nil {
-		return nil, err
-	}
-	defer func() {
-		if err := testenv.PinProcess(context.Background(), cpus.all); err != nil {
-			logf("restoring this process's CPUs: %v", err)
-		}
-	}()
 	res := &Result{Options: opts, Host: describeHost(), LoadStart: loadAverage()}
 	for _, name := range opts.Cases {
 		c, _ := CaseByName(name)
@@ -239,33 +228,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 				return nil, err
 			}
 		}
-		if err := testenv.PinProcess(ctx, cpus.forCase(c)); err != nil {
+		cr, err := b.runCase(ctx, w, c, res)
+		if err != nil {
 			return nil, err
-		}
-		cr := CaseResult{Case: c}
-		for i := range opts.Runs {
-			for _, mode := range RoundModes(i) {
-				r, err := b.run(ctx, w, c, mode)
-				if err != nil {
-					return nil, fmt.Errorf("%s, round %d, %s: %w", c.Name, i+1, mode, err)
-				}
-				logf("%s round %d %s: %s", c.Name, i+1, mode, r.summary(c))
-				switch mode {
-				case Empty:
-					cr.Empty = append(cr.Empty, r)
-				case Agent:
-					cr.With = append(cr.With, r)
-					if r.Unchecked != "" {
-						res.Unchecked = append(res.Unchecked, fmt.Sprintf("%s round %d: %s", c.Name, i+1, r.Unchecked))
-					}
-					if r.Mismatch != "" {
-						res.Mismatches = append(res.Mismatches, fmt.Sprintf("%s round %d: %s", c.Name, i+1, r.Mismatch))
-						logf("NOT EXACT: %s round %d: %s", c.Name, i+1, r.Mismatch)
-					}
-				case None:
-					cr.Without = append(cr.Without, r)
-				}
-			}
 		}
 		res.Cases = append(res.Cases, cr)
 	}
@@ -273,49 +238,54 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	return res, nil
 }
 
-// cpuPlacement is where this process runs, and the programs it starts
-// with it (the agent): on all its CPUs for TCP, where iperf3's client and
-// server take what they need; off the UDP generator's CPU for UDP, whose
-// datagrams cross every namespace in that CPU's softirqs. There the
-// benchmark's own work (the remote-write receiver, nft reads) and the
-// agent's user space would otherwise take that CPU's time, as much in one
-// run as another would not: the rates would measure them. The agent's user
-// space is measured on its own (its CPU time); the rates measure what its
-// program and hooks cost the traffic.
-type cpuPlacement struct {
-	all    string // the CPUs this process may use, a taskset list
-	others string // all but the generator's; empty on one CPU
-}
-
-// placeCPUs reads the CPUs this process may use.
-func placeCPUs() (cpuPlacement, error) {
-	var set unix.CPUSet
-	if err := unix.SchedGetaffinity(0, &set); err != nil {
-		return cpuPlacement{}, fmt.Errorf("reading this process's CPUs: %w", err)
-	}
-	var all, others []string
-	for c := range 1024 {
-		if !set.IsSet(c) {
-			continue
+// runCase runs the rounds of case c in world w, adding what does not
+// hold to res. During a UDP case this process, and the agent it starts,
+// keep off the generator's CPU: the datagrams cross every namespace in
+// that CPU's softirqs, and the benchmark's own work (the remote-write
+// receiver, nft reads) and the agent's user space would otherwise take
+// that CPU's time in some runs and not in others, and the rates would
+// measure them. The agent's user space is measured on its own (its CPU
+// time); the rates measure what its program and hooks cost the traffic.
+// TCP keeps every CPU: iperf3's client and server take what they need.
+func (b *bench) runCase(ctx context.Context, w *world, c Case, res *Result) (CaseResult, error) {
+	logf, opts := b.logf, b.opts
+	if c.Kind == UDP {
+		restore, err := testutil.KeepProcessOff(ctx, generatorCPU())
+		if err != nil {
+			return CaseResult{}, err
 		}
-		all = append(all, strconv.Itoa(c))
-		if c != generatorCPU() {
-			others = append(others, strconv.Itoa(c))
+		defer func() {
+			if err := restore(); err != nil {
+				logf("giving this process its CPUs back: %v", err)
+			}
+		}()
+	}
+	cr := CaseResult{Case: c}
+	for i := range opts.Runs {
+		for _, mode := range RoundModes(i) {
+			r, err := b.run(ctx, w, c, mode)
+			if err != nil {
+				return CaseResult{}, fmt.Errorf("%s, round %d, %s: %w", c.Name, i+1, mode, err)
+			}
+			logf("%s round %d %s: %s", c.Name, i+1, mode, r.summary(c))
+			switch mode {
+			case Empty:
+				cr.Empty = append(cr.Empty, r)
+			case Agent:
+				cr.With = append(cr.With, r)
+				if r.Unchecked != "" {
+					res.Unchecked = append(res.Unchecked, fmt.Sprintf("%s round %d: %s", c.Name, i+1, r.Unchecked))
+				}
+				if r.Mismatch != "" {
+					res.Mismatches = append(res.Mismatches, fmt.Sprintf("%s round %d: %s", c.Name, i+1, r.Mismatch))
+					logf("NOT EXACT: %s round %d: %s", c.Name, i+1, r.Mismatch)
+				}
+			case None:
+				cr.Without = append(cr.Without, r)
+			}
 		}
 	}
-	p := cpuPlacement{all: strings.Join(all, ",")}
-	if len(others) > 0 && len(others) < len(all) {
-		p.others = strings.Join(others, ",")
-	}
-	return p, nil
-}
-
-// forCase returns the CPUs of this process during case c.
-func (p cpuPlacement) forCase(c Case) string {
-	if c.Kind == UDP && p.others != "" {
-		return p.others
-	}
-	return p.all
+	return cr, nil
 }
 
 // world is one built topology and its fixtures.
