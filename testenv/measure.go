@@ -58,4 +58,3 @@ func ProcessPeakRSS(pid int) (int64, error) {
 	}
 	return 0, fmt.Errorf("reading VmHWM: not in /proc/%d/status", pid)
 }
-
