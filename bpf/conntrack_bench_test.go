@@ -108,7 +108,9 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 		// others, so that between two packets that CPU runs the stack
 		// and nothing else of this process.
 		senderCPU := runtime.NumCPU() - 1
-		restore, err := testutil.KeepProcessOff(context.Background(), senderCPU)
+		var sender unix.CPUSet
+		sender.Set(senderCPU)
+		_, restore, err := testutil.KeepProcessOff(context.Background(), &sender)
 		if err != nil {
 			b.Fatal(err)
 		}

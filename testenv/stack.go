@@ -19,6 +19,17 @@ import (
 // receiver of the demo and the end-to-end suite.
 const PrometheusBinary = "/usr/bin/prometheus"
 
+// PrometheusArgs are the arguments of a Prometheus that receives remote
+// writes on addr, with its configuration file and its data directory.
+func PrometheusArgs(config, data, addr string) []string {
+	return []string{
+		"--config.file=" + config, "--storage.tsdb.path=" + data,
+		"--web.listen-address=" + addr, "--web.enable-remote-write-receiver",
+		// Fresh samples in instant queries right away.
+		"--query.lookback-delta=5m",
+	}
+}
+
 // StackOptions configure StartStack.
 type StackOptions struct {
 	// Bin is the kubezonnet binary (BuildKubezonnet).
@@ -95,12 +106,7 @@ func StartStack(ctx context.Context, env *Env, opts StackOptions) (*Stack, error
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		return nil, err
 	}
-	s.promArgs = []string{
-		"--config.file=" + cfgPath, "--storage.tsdb.path=" + filepath.Join(promDir, "data"),
-		"--web.listen-address=" + promAddr, "--web.enable-remote-write-receiver",
-		// Fresh samples in instant queries right away.
-		"--query.lookback-delta=5m",
-	}
+	s.promArgs = PrometheusArgs(cfgPath, filepath.Join(promDir, "data"), promAddr)
 	if err := s.StartPrometheus(); err != nil {
 		return nil, err
 	}

@@ -51,30 +51,36 @@ func PinProcess(ctx context.Context, cpus string) error {
 }
 
 // KeepProcessOff pins every thread of this process to the CPUs it may use
-// but cpu, and returns the function that gives them all back. Work that
-// pins its own thread to cpu afterwards (OnCPU) then has that CPU to
-// itself, as far as this process goes. On a single CPU it changes
-// nothing.
-func KeepProcessOff(ctx context.Context, cpu int) (restore func() error, err error) {
+// but those of off, and returns those (a taskset list) and the function
+// that gives the process all of its CPUs back. Work that pins its own
+// thread to a CPU of off afterwards (OnCPU) then has that CPU to itself,
+// as far as this process goes. When off leaves no CPU, or takes none,
+// it changes nothing and returns no list; a CPU of off this process may
+// not use is an error.
+func KeepProcessOff(ctx context.Context, off *unix.CPUSet) (others string, restore func() error, err error) {
 	var set unix.CPUSet
 	if err := unix.SchedGetaffinity(0, &set); err != nil {
-		return nil, fmt.Errorf("reading this process's CPUs: %w", err)
+		return "", nil, fmt.Errorf("reading this process's CPUs: %w", err)
 	}
-	var all, others []string
+	var all, rest []string
 	for c := range 1024 {
+		if off.IsSet(c) && !set.IsSet(c) {
+			return "", nil, fmt.Errorf("CPU %d is not available to this process", c)
+		}
 		if set.IsSet(c) {
 			all = append(all, strconv.Itoa(c))
-			if c != cpu {
-				others = append(others, strconv.Itoa(c))
+			if !off.IsSet(c) {
+				rest = append(rest, strconv.Itoa(c))
 			}
 		}
 	}
 	restore = func() error { return nil }
-	if len(others) == 0 || len(others) == len(all) {
-		return restore, nil
+	if len(rest) == 0 || len(rest) == len(all) {
+		return "", restore, nil
 	}
-	if err := PinProcess(ctx, strings.Join(others, ",")); err != nil {
-		return nil, err
+	others = strings.Join(rest, ",")
+	if err := PinProcess(ctx, others); err != nil {
+		return "", nil, err
 	}
-	return func() error { return PinProcess(context.Background(), strings.Join(all, ",")) }, nil
+	return others, func() error { return PinProcess(context.Background(), strings.Join(all, ",")) }, nil
 }

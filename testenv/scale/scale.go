@@ -206,10 +206,11 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 	}
 	serverCmd := []string{bin}
 	if opts.ServerCPUs != "" {
-		others, err := pinOthers(ctx, opts.ServerCPUs)
-		if err != nil {
-			return res, err
+		others, restore, perr := pinOthers(ctx, opts.ServerCPUs)
+		if perr != nil {
+			return res, perr
 		}
+		defer func() { err = errors.Join(err, restore()) }()
 		say("server on CPUs %s, everything else on %s", opts.ServerCPUs, others)
 		serverCmd = []string{"taskset", "-c", opts.ServerCPUs, bin}
 	}
@@ -402,13 +403,10 @@ func startReceiver(opts Options, dir string, port int) (receiver, *testenv.Proce
 		if err := os.WriteFile(cfg, []byte("global: {}\n"), 0o644); err != nil {
 			return v, nil, err
 		}
-		p, err := testenv.StartProcess("prometheus", testenv.PrometheusBinary, []string{
-			"--config.file=" + cfg, "--storage.tsdb.path=" + filepath.Join(dir, "prometheus"),
-			"--web.listen-address=" + addr, "--web.enable-remote-write-receiver",
-			"--query.lookback-delta=5m", "--log.level=warn",
+		args := append(testenv.PrometheusArgs(cfg, filepath.Join(dir, "prometheus"), addr), "--log.level=warn",
 			// The exactness queries read every pod-pair series at once.
-			"--query.max-samples=1000000000", "--query.timeout=10m",
-		}, testenv.ProcessOptions{Output: opts.ProgramOutput})
+			"--query.max-samples=1000000000", "--query.timeout=10m")
+		p, err := testenv.StartProcess("prometheus", testenv.PrometheusBinary, args, testenv.ProcessOptions{Output: opts.ProgramOutput})
 		return v, p, err
 	}
 	p, err := testenv.StartProcess("victoria-metrics", VictoriaMetricsBinary, []string{
@@ -480,32 +478,20 @@ func freePorts(n int) ([]int, error) {
 
 // pinOthers pins this process (every thread; the programs it starts
 // inherit it) to the CPUs it may use other than serverCPUs, a taskset
-// list, and returns them as one.
-func pinOthers(ctx context.Context, serverCPUs string) (string, error) {
-	var server, all unix.CPUSet
+// list, and returns them as one, with the function that undoes it.
+func pinOthers(ctx context.Context, serverCPUs string) (string, func() error, error) {
+	var server unix.CPUSet
 	if err := parseCPUList(serverCPUs, &server); err != nil {
-		return "", err
+		return "", nil, err
 	}
-	if err := unix.SchedGetaffinity(0, &all); err != nil {
-		return "", fmt.Errorf("reading this process's CPUs: %w", err)
+	others, restore, err := testutil.KeepProcessOff(ctx, &server)
+	if err != nil {
+		return "", nil, fmt.Errorf("server CPUs %q: %w", serverCPUs, err)
 	}
-	var others []string
-	for c := range 1024 {
-		if all.IsSet(c) && !server.IsSet(c) {
-			others = append(others, strconv.Itoa(c))
-		}
-		if server.IsSet(c) && !all.IsSet(c) {
-			return "", fmt.Errorf("server CPUs %q: CPU %d is not available here", serverCPUs, c)
-		}
+	if others == "" {
+		return "", nil, fmt.Errorf("server CPUs %q leave no CPU for the rest", serverCPUs)
 	}
-	if len(others) == 0 {
-		return "", fmt.Errorf("server CPUs %q leave no CPU for the rest", serverCPUs)
-	}
-	list := strings.Join(others, ",")
-	if err := testutil.PinProcess(ctx, list); err != nil {
-		return "", err
-	}
-	return list, nil
+	return others, restore, nil
 }
 
 // parseCPUList parses a taskset list ("0", "0,2", "1-3") into set.

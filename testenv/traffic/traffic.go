@@ -250,7 +250,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 func (b *bench) runCase(ctx context.Context, w *world, c Case, res *Result) (CaseResult, error) {
 	logf, opts := b.logf, b.opts
 	if c.Kind == UDP {
-		restore, err := testutil.KeepProcessOff(ctx, generatorCPU())
+		var gen unix.CPUSet
+		gen.Set(generatorCPU())
+		_, restore, err := testutil.KeepProcessOff(ctx, &gen)
 		if err != nil {
 			return CaseResult{}, err
 		}
