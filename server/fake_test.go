@@ -30,9 +30,12 @@ func (f *fakeResolver) HasSynced() bool { return !f.unsynced.Load() }
 
 // Lookup returns the registered endpoint (whose node owns the address);
 // no address awaits a holder here.
-func (f *fakeResolver) Lookup(ip netip.Addr, at time.Time) (*resolve.Endpoint, bool) {
+func (f *fakeResolver) Lookup(ip netip.Addr, at time.Time, _ string) (*resolve.Endpoint, bool) {
 	return f.Resolve(ip, at), false
 }
+
+// Released records nothing: the real resolver's tests cover releases.
+func (f *fakeResolver) Released(netip.Addr, string, time.Time) bool { return false }
 
 // Service knows no Service: the ingest tests of Services run on the real
 // resolver (realresolver_test.go).

@@ -30,7 +30,11 @@ import (
 // its informers have synced (before that, batches are refused so agents
 // send them again instead of having every pod resolved as unknown).
 type Resolver interface {
-	Lookup(ip netip.Addr, at time.Time) (ep *resolve.Endpoint, awaiting bool)
+	// Lookup resolves ip for a flow at time at that node's agent
+	// reported; Released records a release that node's agent saw, which
+	// orders its later flows after it.
+	Lookup(ip netip.Addr, at time.Time, node string) (ep *resolve.Endpoint, awaiting bool)
+	Released(ip netip.Addr, node string, at time.Time) bool
 	// Service returns the Service whose virtual IP and port dst was at
 	// time at, nil for none; ReadyInZone whether it had a ready endpoint
 	// in zone then.
@@ -123,6 +127,9 @@ type Ingest struct {
 	unresolved map[string]*metrics.Counter
 	foreign    *metrics.Counter
 	noService  *metrics.Counter
+	// releases counts the released addresses agents reported: recorded,
+	// or ignored (no pod of the reporting node held the address then).
+	releases, releasesIgnored *metrics.Counter
 	batches    *metrics.Counter
 	flows      *metrics.Counter
 	flowBytes  *metrics.Counter
@@ -169,7 +176,12 @@ func newIngest(cfg IngestConfig, d ingestDeps) *Ingest {
 			metrics.Label{Name: "reason", Value: "foreign_source"}),
 		noService: reg.Counter("kubezonnet_server_flows_without_service_total",
 			"Flows whose packets were destination-NATed from an address no Service known to the server held (kube-proxy's rules ahead of the informer, or NAT other than a Service's); their bytes count in the pairs, not in kubezonnet_service_*."),
-		batches:   reg.Counter("kubezonnet_server_batches_applied_total", "Agent batches applied (duplicates excluded)."),
+		releases: reg.Counter("kubezonnet_server_address_releases_total",
+			"Pod addresses that agents reported released, by result: recorded (that node's later flows of the address wait for the next pod rather than go to the released one), or ignored (no pod of the reporting node held the address at the batch's time, as far as the informer shows, or a later release was recorded).",
+			metrics.Label{Name: "result", Value: "recorded"}),
+		releasesIgnored: reg.Counter("kubezonnet_server_address_releases_total", "",
+			metrics.Label{Name: "result", Value: "ignored"}),
+		batches: reg.Counter("kubezonnet_server_batches_applied_total", "Agent batches applied (duplicates excluded)."),
 		flows:     reg.Counter("kubezonnet_server_flows_total", "Flows applied from agent batches."),
 		flowBytes: reg.Counter("kubezonnet_server_flow_bytes_total", "Bytes of the flows applied from agent batches."),
 	}
@@ -380,11 +392,11 @@ func (in *Ingest) screen(wk *work) (ip netip.Addr, hold bool) {
 	defer func() { wk.flows, wk.index = flows, index }()
 	for i := range b.Flows {
 		f := &b.Flows[i]
-		src, srcAwaits := in.res.Lookup(f.Src, b.Time)
+		src, srcAwaits := in.res.Lookup(f.Src, b.Time, b.Node)
 		if src.Node != "" && src.Node != b.Node {
 			continue
 		}
-		dst, dstAwaits := in.res.Lookup(f.Dst, b.Time)
+		dst, dstAwaits := in.res.Lookup(f.Dst, b.Time, b.Node)
 		switch {
 		case srcAwaits && src.Node != "":
 			return f.Src, true
@@ -458,6 +470,14 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 	}
 	if logged != nil {
 		in.flog.Send(logged)
+	}
+	// After the batch's own flows, which are the former holders'.
+	for _, ip := range b.Released {
+		if in.res.Released(ip, b.Node, at) {
+			in.releases.Inc()
+		} else {
+			in.releasesIgnored.Inc()
+		}
 	}
 	in.agents.update(b.Node, b.Metrics, now)
 	in.batches.Inc()

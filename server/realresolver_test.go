@@ -182,7 +182,7 @@ func TestIngestHoldsReusedAddress(t *testing.T) {
 	if err := client.CoreV1().Pods("shop").Delete(ctx, "web-0", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "the deletion seen", func() bool { _, awaiting := res.Lookup(ip, time.Now()); return awaiting })
+	waitUntil(t, "the deletion seen", func() bool { _, awaiting := res.Lookup(ip, time.Now(), ""); return awaiting })
 
 	from := batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1000, 10))
 	to := batch("node-b", 1, rec("10.0.2.1", "10.0.1.1", 8080, 500, 5))
@@ -246,5 +246,76 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("gave up waiting for %s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestIngestReportedRelease: node-a's agent reports that the pod holding
+// 10.0.1.1 released it, in a batch whose own flows are that pod's. Its
+// next batch, with traffic from the address, is held with 503 and
+// Retry-After although the informer still shows the released pod (its
+// deletion not delivered yet), and once the informer shows the new pod
+// the batch is credited to it: each pod gets exactly its own bytes.
+func TestIngestReportedRelease(t *testing.T) {
+	client := fake.NewClientset(node("node-a", "zone-a", "192.168.0.1"), node("node-b", "zone-b", "192.168.0.2"),
+		statefulPod("shop", "web-0", "web", "node-a", "10.0.1.1"),
+		statefulPod("shop", "db-0", "db", "node-b", "10.0.2.1"))
+	res := realResolverOn(t, client, resolve.Config{ReleasedIPTTL: 10 * time.Minute, ReleasedIPCacheSize: 1024, ReuseWindow: 10 * time.Minute})
+	env := realEnv(t, res)
+	ctx := context.Background()
+	ip := netip.MustParseAddr("10.0.1.1")
+
+	before := batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1000, 10))
+	before.Time, before.Released = time.Now(), []netip.Addr{ip}
+	after := batch("node-a", 2, rec("10.0.1.1", "10.0.2.1", 5432, 2000, 20))
+	after.Time = before.Time.Add(time.Millisecond)
+	post := func(b *wire.Batch) (int, string) {
+		hr, err := http.NewRequest(http.MethodPost, env.url+"/api/v1/write", strings.NewReader(string(encode(b))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		hr.Header.Set("Content-Type", remotewrite.ContentType)
+		hr.Header.Set("Content-Encoding", remotewrite.ContentEncoding)
+		resp, err := http.DefaultClient.Do(hr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode, resp.Header.Get("Retry-After")
+	}
+	if code, _ := post(before); code != http.StatusNoContent {
+		t.Fatalf("batch reporting the release: %d, want 204", code)
+	}
+	if v := env.metric("kubezonnet_server_address_releases_total", "result=recorded"); v != 1 {
+		t.Errorf("releases recorded = %v, want 1", v)
+	}
+	if code, retry := post(after); code != http.StatusServiceUnavailable || retry == "" {
+		t.Fatalf("batch after the release, new pod not shown: %d, Retry-After %q; want 503 with Retry-After", code, retry)
+	}
+	if err := client.CoreV1().Pods("shop").Delete(ctx, "web-0", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.CoreV1().Pods("shop").Create(ctx, statefulPod("shop", "web-1", "web", "node-a", "10.0.1.1"), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the new pod seen", func() bool { return res.Resolve(ip, time.Now()).Pod == "web-1" })
+	if code, _ := post(after); code != http.StatusNoContent {
+		t.Fatalf("batch after the release, sent again once the new pod is known: %d, want 204", code)
+	}
+	for _, want := range []string{
+		`pod_cross_zone_network_traffic_bytes_total{namespace="shop",pod="web-0"} 1000`,
+		`pod_cross_zone_network_traffic_bytes_total{namespace="shop",pod="web-1"} 2000`,
+	} {
+		if !slices.Contains(env.series(), want) {
+			t.Errorf("no %s in %v", want, env.series())
+		}
+	}
+	// A report for an address no pod of the node held is ignored.
+	other := batch("node-b", 1)
+	other.Time, other.Released = time.Now(), []netip.Addr{ip}
+	if code, _ := post(other); code != http.StatusNoContent {
+		t.Fatalf("batch of node-b: %d, want 204", code)
+	}
+	if v := env.metric("kubezonnet_server_address_releases_total", "result=ignored"); v != 1 {
+		t.Errorf("releases ignored = %v, want 1", v)
 	}
 }

@@ -89,7 +89,7 @@ func (d *Decoder) Decode(body []byte, b *Batch) error {
 // self-metrics go through remotewrite.WalkSeries.
 func (d *Decoder) DecodeRaw(raw []byte, b *Batch) error {
 	lim := d.Limits.withDefaults()
-	*b = Batch{Flows: b.Flows[:0], Metrics: b.Metrics[:0]}
+	*b = Batch{Flows: b.Flows[:0], Released: b.Released[:0], Metrics: b.Metrics[:0]}
 	series := 0
 	header := false
 	var prev lastSrc
@@ -108,6 +108,8 @@ func (d *Decoder) DecodeRaw(raw []byte, b *Batch) error {
 			return malformed("first series is %q, want %s", name, MetricBatch)
 		case string(name) == MetricFlow:
 			return malformed("%s series whose first label is not __name__ (series %d)", MetricFlow, series)
+		case string(name) == MetricReleased:
+			return d.released(s, b)
 		case !bytes.HasPrefix(name, []byte(AgentMetricPrefix)):
 			return malformed("unexpected series %q", name)
 		case len(s.Samples) != 1:
@@ -478,6 +480,24 @@ func (d *Decoder) header(s *remotewrite.RawSeries, b *Batch) error {
 	}
 	b.Node, b.Incarnation, b.Seq = string(node), string(inc), n
 	b.Time = time.UnixMilli(s.Samples[0].Timestamp)
+	return nil
+}
+
+// released appends the address of a kubezonnet_address_released series.
+func (d *Decoder) released(s *remotewrite.RawSeries, b *Batch) error {
+	if len(s.Samples) != 1 {
+		return malformed("series %q has %d samples, want 1", MetricReleased, len(s.Samples))
+	}
+	for _, l := range s.Labels {
+		if n := string(l.Name); n != LabelName && n != LabelAddress {
+			return malformed("%s: unexpected label %.64q", MetricReleased, l.Name)
+		}
+	}
+	a, err := parseAddr(LabelAddress, s.Label(LabelAddress))
+	if err != nil {
+		return err
+	}
+	b.Released = append(b.Released, a)
 	return nil
 }
 

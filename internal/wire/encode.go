@@ -123,6 +123,15 @@ func (e *Encoder) Encode(b *Batch) []byte {
 		}
 	}
 
+	for _, a := range b.Released {
+		e.sb.Reset()
+		e.sb.Label(LabelName, MetricReleased)
+		e.scratch = a.AppendTo(e.scratch[:0])
+		e.sb.LabelBytes(LabelAddress, e.scratch)
+		e.sb.Sample(1, ts)
+		e.raw = e.sb.AppendTo(e.raw)
+	}
+
 	for i := range b.Metrics {
 		m := &b.Metrics[i]
 		e.sb.Reset()

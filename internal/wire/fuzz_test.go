@@ -36,7 +36,8 @@ func FuzzDecode(f *testing.F) {
 			{Key: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::3"), Proto: 17, Port: 5353, PortIsDst: true, OrigDst: netip.MustParseAddrPort("[fd00:96::10]:53")},
 				Counts: flow.Counts{Bytes: 96, Packets: 1}},
 		},
-		Metrics: []Metric{{Name: "kubezonnet_agent_flows_total", Labels: []Label{{Name: "reason", Value: "x"}}, Value: 2}},
+		Released: []netip.Addr{netip.MustParseAddr("10.0.0.9"), netip.MustParseAddr("fd00::9")},
+		Metrics:  []Metric{{Name: "kubezonnet_agent_flows_total", Labels: []Label{{Name: "reason", Value: "x"}}, Value: 2}},
 	}
 	f.Add(slices.Clone(e.Encode(seed)))
 	f.Add(slices.Clone(e.Encode(&Batch{Node: "n", Incarnation: "i", Seq: 1})))
@@ -85,7 +86,8 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("re-encoded batch does not decode: %v", err)
 		}
 		if again.Node != b.Node || again.Incarnation != b.Incarnation || again.Seq != b.Seq ||
-			again.Time.UnixMilli() != b.Time.UnixMilli() || !slices.Equal(sortedFlows(again.Flows), sortedFlows(b.Flows)) {
+			again.Time.UnixMilli() != b.Time.UnixMilli() || !slices.Equal(sortedFlows(again.Flows), sortedFlows(b.Flows)) ||
+			!slices.Equal(again.Released, b.Released) {
 			t.Fatalf("round trip changed the batch:\n%+v\n%+v", b, again)
 		}
 	})
@@ -109,8 +111,8 @@ func agreeWithPrompb(t *testing.T, body []byte, b *Batch) {
 	if err := wr.Unmarshal(raw); err != nil {
 		t.Fatalf("decoder accepted a request prompb refuses: %v\ndecoded: %+v", err, b)
 	}
-	if got, want := len(wr.Timeseries), 1+len(b.Flows)+len(b.Metrics); got != want {
-		t.Fatalf("prompb reads %d series, the decoder 1 header + %d flows + %d metrics", got, len(b.Flows), len(b.Metrics))
+	if got, want := len(wr.Timeseries), 1+len(b.Flows)+len(b.Released)+len(b.Metrics); got != want {
+		t.Fatalf("prompb reads %d series, the decoder 1 header + %d flows + %d released + %d metrics", got, len(b.Flows), len(b.Released), len(b.Metrics))
 	}
 	hdr := wr.Timeseries[0]
 	if name := testutil.LabelValue(hdr.Labels, LabelName); name != MetricBatch {
@@ -124,8 +126,19 @@ func agreeWithPrompb(t *testing.T, body []byte, b *Batch) {
 		t.Fatalf("header: prompb reads %+v, the decoder node %q incarnation %q seq %d time %d",
 			hdr, b.Node, b.Incarnation, b.Seq, b.Time.UnixMilli())
 	}
-	flows, metrics := b.Flows, b.Metrics
+	flows, released, metrics := b.Flows, b.Released, b.Metrics
 	for i, ts := range wr.Timeseries[1:] {
+		if testutil.LabelValue(ts.Labels, LabelName) == MetricReleased {
+			if len(released) == 0 {
+				t.Fatalf("series %d: prompb reads a released address %v beyond the decoder's", i+1, ts.Labels)
+			}
+			got := released[0]
+			released = released[1:]
+			if len(ts.Samples) != 1 || testutil.LabelValue(ts.Labels, LabelAddress) != got.String() {
+				t.Fatalf("series %d: prompb reads %+v, the decoder the released address %s", i+1, ts, got)
+			}
+			continue
+		}
 		if testutil.LabelValue(ts.Labels, LabelName) != MetricFlow {
 			if len(metrics) == 0 {
 				t.Fatalf("series %d: prompb reads a self-metric %v beyond the decoder's", i+1, ts.Labels)

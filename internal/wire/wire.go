@@ -42,7 +42,21 @@
 //     kubezonnet_flow_packets pair, so agents and servers are upgraded
 //     together.
 //
-//  3. The agent's self-metrics, any number: kubezonnet_agent_<name>{node,
+//  3. The addresses the node's pods released, any number (a repeated one
+//     says nothing more): kubezonnet_address_released{address="<ip>"} with one sample,
+//     value 1. A pod of this node gave the address back (the agent saw
+//     its host route go away) before the agent drained this batch, and
+//     the agent drained right after seeing it: the flows of the address
+//     in this batch and in earlier ones are its former holder's, and
+//     those in later batches of this node are a later holder's. The
+//     server uses it to keep flows stamped after the release from the
+//     pod that held the address before, while its informer has not shown
+//     the deletion yet (see server/resolve, "Releases reported by the
+//     node"). An agent that cannot see releases sends none; the batch's
+//     time must then still be later than the previous batch's, which
+//     every agent keeps: releases are ordered by it.
+//
+//  4. The agent's self-metrics, any number: kubezonnet_agent_<name>{node,
 //     ...} with their cumulative value since the agent started, which the
 //     server re-exports so that push-only clusters see them.
 //
@@ -64,6 +78,7 @@
 package wire
 
 import (
+	"net/netip"
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
@@ -90,6 +105,11 @@ const (
 	// LabelOrigDst is the flow's original destination (flow.Key.OrigDst),
 	// present only when it has one.
 	LabelOrigDst = "orig_dst"
+
+	// MetricReleased is one address released by a pod of the node
+	// (Batch.Released), in LabelAddress.
+	MetricReleased = "kubezonnet_address_released"
+	LabelAddress   = "address"
 )
 
 // Label is a name and value pair of a self-metric.
@@ -110,8 +130,12 @@ type Batch struct {
 	Node        string
 	Incarnation string
 	Seq         uint64
-	// Time is when the flows were drained from the kernel.
-	Time    time.Time
-	Flows   []flow.Record
-	Metrics []Metric
+	// Time is when the flows were drained from the kernel. It increases
+	// from batch to batch of an incarnation, at millisecond precision.
+	Time  time.Time
+	Flows []flow.Record
+	// Released are the addresses the node's pods gave back before Time:
+	// flows of them in later batches belong to a later holder.
+	Released []netip.Addr
+	Metrics  []Metric
 }

@@ -35,6 +35,7 @@ func testBatch() *Batch {
 			{Key: flow.Key{Src: netip.MustParseAddr("10.244.1.2"), Dst: netip.MustParseAddr("10.244.3.4"), Proto: 6, Port: 8080, PortIsDst: true, OrigDst: netip.MustParseAddrPort("10.96.0.10:80")}, Counts: flow.Counts{Bytes: 9000, Packets: 7}},
 			{Key: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::3"), Proto: 17, Port: 5353, PortIsDst: true, OrigDst: netip.MustParseAddrPort("[fd00:96::a]:53")}, Counts: flow.Counts{Bytes: 120, Packets: 2}},
 		},
+		Released: []netip.Addr{netip.MustParseAddr("10.244.1.9"), netip.MustParseAddr("fd00::9")},
 		Metrics: []Metric{
 			{Name: "kubezonnet_agent_dropped_bytes_total", Labels: []Label{{"reason", "map_full"}}, Value: 42},
 			{Name: "kubezonnet_agent_flows_total", Value: 3},
@@ -57,7 +58,7 @@ func TestRoundTrip(t *testing.T) {
 	if err := wr.Unmarshal(raw); err != nil {
 		t.Fatalf("prompb cannot decode the request: %v", err)
 	}
-	if got, want := len(wr.Timeseries), 1+len(in.Flows)+len(in.Metrics); got != want {
+	if got, want := len(wr.Timeseries), 1+len(in.Flows)+len(in.Released)+len(in.Metrics); got != want {
 		t.Fatalf("series = %d, want %d", got, want)
 	}
 	for _, ts := range wr.Timeseries {
@@ -118,6 +119,22 @@ func TestRoundTrip(t *testing.T) {
 	}
 	if !reflect.DeepEqual(in.Metrics, out.Metrics) {
 		t.Errorf("metrics:\n got %+v\nwant %+v", out.Metrics, in.Metrics)
+	}
+	if !slices.Equal(in.Released, out.Released) {
+		t.Errorf("released: got %v, want %v", out.Released, in.Released)
+	}
+	// Read by the reference decoder too: one series per address.
+	var released []string
+	for _, ts := range wr.Timeseries {
+		if ts.Labels[0].Value == MetricReleased {
+			if len(ts.Labels) != 2 || ts.Samples[0].Value != 1 {
+				t.Errorf("released series %v %v", ts.Labels, ts.Samples)
+			}
+			released = append(released, testutil.LabelValue(ts.Labels, LabelAddress))
+		}
+	}
+	if want := []string{"10.244.1.9", "fd00::9"}; !slices.Equal(released, want) {
+		t.Errorf("released series name %v, want %v", released, want)
 	}
 	if out.Node != in.Node || out.Incarnation != in.Incarnation || out.Seq != in.Seq || !out.Time.Equal(in.Time) {
 		t.Errorf("header: got %+v", out)
@@ -238,6 +255,13 @@ func TestDecodeRejects(t *testing.T) {
 		{"unsorted labels", encodeSeries(hdr, series{[]string{"__name__", MetricFlow, "src", "10.0.0.1", "dst", "10.0.0.2", "proto", "tcp", "dport", "80"}, flowS(ok).samples}), remotewrite.ErrMalformed, "not sorted"},
 		{"repeated label", encodeSeries(hdr, series{[]string{"__name__", MetricFlow, "dport", "80", "dst", "10.0.0.2", "dst", "10.0.0.3", "proto", "tcp", "src", "10.0.0.1"}, flowS(ok).samples}), remotewrite.ErrMalformed, "repeated"},
 		{"__name__ not first", encodeSeries(hdr, series{[]string{"dport", "80", "__name__", MetricFlow, "dst", "10.0.0.2", "proto", "tcp", "src", "10.0.0.1"}, flowS(ok).samples}), remotewrite.ErrMalformed, "first label"},
+		{"released before the header", encodeSeries(series{[]string{"__name__", MetricReleased, "address", "10.0.0.1"}, hdr.samples}, hdr), remotewrite.ErrMalformed, "first series"},
+		{"released bad address", encodeSeries(hdr, series{[]string{"__name__", MetricReleased, "address", "10.0.0.300"}, hdr.samples}), remotewrite.ErrMalformed, "address: invalid address"},
+		{"released without address", encodeSeries(hdr, series{[]string{"__name__", MetricReleased}, hdr.samples}), remotewrite.ErrMalformed, "address: invalid address"},
+		{"released with a zone", encodeSeries(hdr, series{[]string{"__name__", MetricReleased, "address", "fe80::1%eth0"}, hdr.samples}), remotewrite.ErrMalformed, "address: invalid address"},
+		{"released extra label", encodeSeries(hdr, series{[]string{"__name__", MetricReleased, "address", "10.0.0.1", "node", "n"}, hdr.samples}), remotewrite.ErrMalformed, "unexpected label"},
+		{"released 2 samples", encodeSeries(hdr, series{[]string{"__name__", MetricReleased, "address", "10.0.0.1"}, []remotewrite.Sample{{Value: 1, Timestamp: 1000}, {Value: 1, Timestamp: 1000}}}), remotewrite.ErrMalformed, "want 1"},
+		{"valid released", encodeSeries(hdr, flowS(ok), series{[]string{"__name__", MetricReleased, "address", "10.0.0.1"}, hdr.samples}), nil, ""},
 		{"valid", encodeSeries(hdr, flowS(ok)), nil, ""},
 		{"valid icmp", encodeSeries(hdr, flowS(ok, "proto", "icmp", "dport", "")), nil, ""},
 		{"valid other proto with port", encodeSeries(hdr, flowS(ok, "proto", "33", "dport", "", "sport", "5004")), nil, ""},

@@ -35,7 +35,10 @@ type index struct {
 	// recently (oldest first). Values are never modified once stored, so
 	// readers may use them without mu.
 	released *lru.Cache[netip.Addr, []heldBy]
-	ttl      time.Duration
+	// cuts remembers, per address, the last release its node reported
+	// (see cut.go), within the same bound as released.
+	cuts *lru.Cache[netip.Addr, cut]
+	ttl  time.Duration
 	// reuse is Config.ReuseWindow in nanoseconds.
 	reuse int64
 
@@ -100,11 +103,13 @@ type addrSlot struct {
 	hostPods int32
 	// released says the released LRU holds past holders of the address.
 	released bool
+	// cut says the cuts LRU holds a release its node reported.
+	cut bool
 }
 
 // empty reports a slot that no longer says anything.
 func (s *addrSlot) empty() bool {
-	return s.pod == nil && s.node == nil && !s.released
+	return s.pod == nil && s.node == nil && !s.released && !s.cut
 }
 
 // heldBy is one past holder of a pod address.
@@ -132,6 +137,13 @@ func newIndex(cacheSize int, ttl, reuse time.Duration, podLabels []string) (*ind
 		return nil, err
 	}
 	ix.released = released
+	cuts, err := lru.NewWithEvict(cacheSize, func(ip netip.Addr, _ cut) {
+		ix.updateSlot(ip, func(s *addrSlot) { s.cut = false })
+	})
+	if err != nil {
+		return nil, err
+	}
+	ix.cuts = cuts
 	return ix, nil
 }
 

@@ -162,7 +162,7 @@ func New(cfg Config, client kubernetes.Interface, log *slog.Logger) (*Resolver, 
 // flow predates it; a recently released pod; a static endpoint (longest
 // prefix); the internet for public addresses; unknown otherwise.
 func (r *Resolver) Resolve(ip netip.Addr, at time.Time) *Endpoint {
-	ep, _ := r.Lookup(ip, at)
+	ep, _ := r.Lookup(ip, at, "")
 	return ep
 }
 
@@ -175,12 +175,24 @@ func (r *Resolver) Resolve(ip netip.Addr, at time.Time) *Endpoint {
 // history. A flow's endpoint names its node (Endpoint.Node) for pods and
 // host addresses: the server drops flows an agent reports for sources of
 // another node.
-func (r *Resolver) Lookup(ip netip.Addr, at time.Time) (ep *Endpoint, awaiting bool) {
+//
+// node is the node whose agent reported the flow ("" for none): after a
+// release that node reported (Released), its flows of the address go to a
+// later holder, and await one while the informer shows none.
+func (r *Resolver) Lookup(ip netip.Addr, at time.Time, node string) (ep *Endpoint, awaiting bool) {
 	ip = normalize(ip)
 	if !ip.IsValid() || ip.IsUnspecified() {
 		return epInvalidAddress, false
 	}
 	ep, s := r.ix.lookupSlot(ip, at)
+	if s.cut && node != "" {
+		if after, await, ok := r.ix.afterCut(ip, at, node, &s, ep, r.now()); ok {
+			if after != nil {
+				return after, await
+			}
+			return r.outside(ip), await
+		}
+	}
 	if s.released {
 		awaiting = r.ix.awaitsHolder(ip, &s, at, r.now())
 	}

@@ -1,6 +1,7 @@
 package resolve
 
 import (
+	"fmt"
 	"net/netip"
 	"reflect"
 	"strings"
@@ -537,7 +538,7 @@ func TestReuseWindow(t *testing.T) {
 // Owner says which node ip belonged to at time at (a pod's node, or the
 // node of a host address) and whether it awaits a new holder (Lookup).
 func (r *Resolver) Owner(ip netip.Addr, at time.Time) (node string, awaiting, ok bool) {
-	ep, awaiting := r.Lookup(ip, at)
+	ep, awaiting := r.Lookup(ip, at, "")
 	return ep.Node, awaiting, ep.Node != ""
 }
 
@@ -564,4 +565,118 @@ func inBackground(step func(n int) int) (stop func() int) {
 		close(quit)
 		return <-done
 	}
+}
+
+// TestReportedRelease: the pod of node n-a holding an address is reported
+// released by n-a's agent (Released) at base+10s. n-a's flows stamped
+// after that go to a pod that got the address later, and await one while
+// the informer shows none (less than the window after the flow), whatever
+// the informer still shows of the released pod; its flows up to the
+// release, and every other node's flows, keep the informer's view.
+func TestReportedRelease(t *testing.T) {
+	const window = 2 * time.Second
+	ip := netip.MustParseAddr("10.5.0.1")
+	release := base.Add(10 * time.Second)
+	type event struct {
+		at   time.Duration // informer time after base
+		what string        // "delete" the old pod, "create" the new one, "report" the release
+	}
+	for _, tc := range []struct {
+		name   string
+		events []event
+		// reporter is the node reporting the release; from the node
+		// reporting the flow at base+at, the informer clock at base+now.
+		reporter, from string
+		at, now        time.Duration
+		want           string // pod name, "" for unknown
+		await          bool
+	}{
+		{"own node, before the release", []event{{10 * time.Second, "report"}},
+			"n-a", "n-a", 9 * time.Second, 11 * time.Second, "old", false},
+		{"own node, the reporting batch", []event{{10 * time.Second, "report"}},
+			"n-a", "n-a", 10 * time.Second, 11 * time.Second, "old", false},
+		{"own node, after, the informer still shows the old pod", []event{{10 * time.Second, "report"}},
+			"n-a", "n-a", 11 * time.Second, 12 * time.Second, "old", true},
+		{"own node, after, window over", []event{{10 * time.Second, "report"}},
+			"n-a", "n-a", 11 * time.Second, 13*time.Second + time.Millisecond, "", false},
+		{"own node, after, deletion shown", []event{{10 * time.Second, "report"}, {10*time.Second + 500*time.Millisecond, "delete"}},
+			"n-a", "n-a", 11 * time.Second, 12 * time.Second, "old", true},
+		{"own node, after, new pod shown", []event{{10 * time.Second, "report"}, {10*time.Second + 500*time.Millisecond, "delete"}, {10*time.Second + 600*time.Millisecond, "create"}},
+			"n-a", "n-a", 11 * time.Second, 12 * time.Second, "new", false},
+		{"own node, new pod shown later than the flow", []event{{10 * time.Second, "report"}, {10*time.Second + 500*time.Millisecond, "delete"}, {12 * time.Second, "create"}},
+			"n-a", "n-a", 11 * time.Second, 12 * time.Second, "new", false},
+		{"own node, new pod shown without the deletion", []event{{10 * time.Second, "report"}, {10*time.Second + 600*time.Millisecond, "create"}},
+			"n-a", "n-a", 11 * time.Second, 12 * time.Second, "new", false},
+		{"own node, report after the new pod was shown", []event{{10*time.Second + 500*time.Millisecond, "delete"}, {10*time.Second + 600*time.Millisecond, "create"}, {11 * time.Second, "report"}},
+			"n-a", "n-a", 10*time.Second + 200*time.Millisecond, 12 * time.Second, "new", false},
+		{"own node, report after the new pod was shown, flow before the release", []event{{10*time.Second + 500*time.Millisecond, "delete"}, {10*time.Second + 600*time.Millisecond, "create"}, {11 * time.Second, "report"}},
+			"n-a", "n-a", 9 * time.Second, 12 * time.Second, "old", false},
+		{"another node, after", []event{{10 * time.Second, "report"}},
+			"n-a", "n-b", 11 * time.Second, 12 * time.Second, "old", false},
+		{"reported by a node that did not hold it", []event{{10 * time.Second, "report"}},
+			"n-b", "n-b", 11 * time.Second, 12 * time.Second, "old", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t, fixtureOpts{cfg: Config{ReleasedIPTTL: ttl, ReuseWindow: window}, objs: []runtime.Object{nodeA(), nodeB()}})
+			f.createPod(base, pod("ns", "old", "n-a", []string{ip.String()}))
+			for _, e := range tc.events {
+				switch e.what {
+				case "delete":
+					f.deletePod(base.Add(e.at), "ns", "old")
+				case "create":
+					f.createPod(base.Add(e.at), pod("ns", "new", "n-a", []string{ip.String()}))
+				case "report":
+					f.setClock(base.Add(e.at))
+					if got, want := f.r.Released(ip, tc.reporter, release), tc.reporter == "n-a"; got != want {
+						t.Fatalf("Released by %s = %v, want %v", tc.reporter, got, want)
+					}
+				}
+			}
+			f.setClock(base.Add(tc.now))
+			ep, await := f.r.Lookup(ip, base.Add(tc.at), tc.from)
+			if ep.Pod != tc.want || await != tc.await {
+				t.Errorf("Lookup at base+%s from %s, now base+%s: pod %q awaiting %v; want %q, %v", tc.at, tc.from, tc.now, ep.Pod, await, tc.want, tc.await)
+			}
+			if tc.want == "" && ep.Reason != ReasonNoPod {
+				t.Errorf("unknown endpoint with reason %q, want %q", ep.Reason, ReasonNoPod)
+			}
+		})
+	}
+	t.Run("an earlier report changes nothing", func(t *testing.T) {
+		f := newFixture(t, fixtureOpts{cfg: Config{ReleasedIPTTL: ttl, ReuseWindow: window}, objs: []runtime.Object{nodeA(), nodeB()}})
+		f.createPod(base, pod("ns", "old", "n-a", []string{ip.String()}))
+		f.setClock(release)
+		if !f.r.Released(ip, "n-a", release) {
+			t.Fatal("first report not recorded")
+		}
+		if f.r.Released(ip, "n-a", release.Add(-time.Second)) {
+			t.Error("an earlier report was recorded over a later one")
+		}
+		if ep, await := f.r.Lookup(ip, release.Add(-time.Second/2), "n-a"); ep.Pod != "old" || await {
+			t.Errorf("flow between the two reports: pod %q awaiting %v, want old", ep.Pod, await)
+		}
+	})
+	t.Run("memory bound", func(t *testing.T) {
+		f := newFixture(t, fixtureOpts{cfg: Config{ReleasedIPTTL: ttl, ReuseWindow: window, ReleasedIPCacheSize: 4}, objs: []runtime.Object{nodeA()}})
+		for i := range 10 {
+			a := netip.AddrFrom4([4]byte{10, 5, 1, byte(i)})
+			f.createPod(base, pod("ns", fmt.Sprintf("p%d", i), "n-a", []string{a.String()}))
+		}
+		f.setClock(release)
+		for i := range 10 {
+			if !f.r.Released(netip.AddrFrom4([4]byte{10, 5, 1, byte(i)}), "n-a", release) {
+				t.Fatalf("release %d not recorded", i)
+			}
+		}
+		if n := f.r.ix.cuts.Len(); n != 4 {
+			t.Errorf("%d releases remembered, want the cache size 4", n)
+		}
+		// The oldest were forgotten: their flows keep the informer's view.
+		if ep, await := f.r.Lookup(netip.AddrFrom4([4]byte{10, 5, 1, 0}), release.Add(time.Second), "n-a"); ep.Pod != "p0" || await {
+			t.Errorf("forgotten release: pod %q awaiting %v, want p0", ep.Pod, await)
+		}
+		if _, await := f.r.Lookup(netip.AddrFrom4([4]byte{10, 5, 1, 9}), release.Add(time.Second), "n-a"); !await {
+			t.Error("a remembered release does not hold the flow")
+		}
+	})
 }

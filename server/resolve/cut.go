@@ -1,0 +1,95 @@
+package resolve
+
+import (
+	"net/netip"
+	"time"
+)
+
+// cut is a release of an address that the node holding it reported (its
+// agent saw the pod's host route go away, wire.Batch.Released), at the
+// time of the batch that carried it: the agent drained right after the
+// release, so that node's flows stamped later are not those of any pod
+// that held the address before.
+//
+// It closes the gap the informer leaves: a flow drained after the release
+// but before this server's informer delivers the deletion would otherwise
+// go to the deleted pod, which the index still shows holding the address.
+// Only the reporting node's flows are ordered after the release (its
+// batches are one stream); another node's flow stamped after it may still
+// carry packets sent to the former holder before, so those keep the
+// informer's view.
+type cut struct {
+	node string
+	at   int64 // Unix nanoseconds, the reporting batch's time
+}
+
+// Released records that node's agent saw ip released by the pod holding
+// it, before the batch stamped at: from then on, that node's flows of ip
+// stamped after at go to a pod that got the address after at (Lookup),
+// and wait for one while the informer shows none (within ReuseWindow of
+// the flow). It reports whether the release was recorded: only a pod
+// address held at at by a pod of node is, and only a release later than
+// the one recorded for ip.
+func (r *Resolver) Released(ip netip.Addr, node string, at time.Time) bool {
+	ip = normalize(ip)
+	if !ip.IsValid() || ip.IsUnspecified() || node == "" {
+		return false
+	}
+	ep, _ := r.ix.lookupSlot(ip, at)
+	if ep == nil || ep.Pod == "" || ep.Node != node {
+		return false
+	}
+	return r.ix.cutAt(ip, cut{node: node, at: at.UnixNano()})
+}
+
+// cutAt records c for ip unless a later cut is recorded.
+func (ix *index) cutAt(ip netip.Addr, c cut) bool {
+	ix.mu.Lock()
+	defer ix.mu.Unlock()
+	if prev, ok := ix.cuts.Peek(ip); ok && prev.at >= c.at {
+		return false
+	}
+	ix.cuts.Add(ip, c)
+	ix.updateSlot(ip, func(s *addrSlot) { s.cut = true })
+	return true
+}
+
+// afterCut resolves a flow of ip at time at reported by node, when node
+// reported a release of ip before at (applies is false otherwise, and the
+// caller keeps the index's answer): the holder is among the pods that got
+// the address after the release, by the rules of holderAt. With none
+// shown yet, the flow awaits one until ReuseWindow after at (the informer
+// shows an assignment at most that long after it happened, and the flow's
+// packets came after the assignment), and is then nobody's. s is the
+// address's slot as lookupSlot returned it, and former what lookupSlot
+// resolved (returned while awaiting, for the node it names).
+func (ix *index) afterCut(ip netip.Addr, at time.Time, node string, s *addrSlot, former *Endpoint, now time.Time) (ep *Endpoint, awaiting, applies bool) {
+	c, ok := ix.cuts.Peek(ip)
+	t := at.UnixNano()
+	if !ok || c.node != node || t <= c.at {
+		return nil, false, false
+	}
+	var after []heldBy
+	if s.released {
+		hist, _ := ix.released.Peek(ip)
+		i := 0
+		for i < len(hist) && hist[i].since <= c.at {
+			i++
+		}
+		after = hist[i:]
+	}
+	var cur *Endpoint
+	if s.pod != nil && s.since > c.at {
+		cur = s.ep
+	}
+	switch {
+	case len(after) == 0 && cur == nil:
+		if now.UnixNano() < t+ix.reuse {
+			return former, true, true
+		}
+		return nil, false, true
+	case len(after) == 0:
+		return cur, false, true
+	}
+	return holderAt(after, cur, s.since, t, ix.reuse, int64(ix.ttl)), false, true
+}
