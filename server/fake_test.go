@@ -35,7 +35,7 @@ func (f *fakeResolver) Lookup(ip netip.Addr, at time.Time, _ string) (*resolve.E
 }
 
 // Released records nothing: the real resolver's tests cover releases.
-func (f *fakeResolver) Released(netip.Addr, string, time.Time) bool { return false }
+func (f *fakeResolver) Released(netip.Addr, string, time.Time, time.Time) bool { return false }
 
 // Service knows no Service: the ingest tests of Services run on the real
 // resolver (realresolver_test.go).

@@ -34,7 +34,7 @@ type Resolver interface {
 	// reported; Released records a release that node's agent saw, which
 	// orders its later flows after it.
 	Lookup(ip netip.Addr, at time.Time, node string) (ep *resolve.Endpoint, awaiting bool)
-	Released(ip netip.Addr, node string, at time.Time) bool
+	Released(ip netip.Addr, node string, released, at time.Time) bool
 	// Service returns the Service whose virtual IP and port dst was at
 	// time at, nil for none; ReadyInZone whether it had a ready endpoint
 	// in zone then.
@@ -130,9 +130,9 @@ type Ingest struct {
 	// releases counts the released addresses agents reported: recorded,
 	// or ignored (no pod of the reporting node held the address then).
 	releases, releasesIgnored *metrics.Counter
-	batches    *metrics.Counter
-	flows      *metrics.Counter
-	flowBytes  *metrics.Counter
+	batches                   *metrics.Counter
+	flows                     *metrics.Counter
+	flowBytes                 *metrics.Counter
 }
 
 // work is the per-request scratch state, pooled: a decoder with its
@@ -181,7 +181,7 @@ func newIngest(cfg IngestConfig, d ingestDeps) *Ingest {
 			metrics.Label{Name: "result", Value: "recorded"}),
 		releasesIgnored: reg.Counter("kubezonnet_server_address_releases_total", "",
 			metrics.Label{Name: "result", Value: "ignored"}),
-		batches: reg.Counter("kubezonnet_server_batches_applied_total", "Agent batches applied (duplicates excluded)."),
+		batches:   reg.Counter("kubezonnet_server_batches_applied_total", "Agent batches applied (duplicates excluded)."),
 		flows:     reg.Counter("kubezonnet_server_flows_total", "Flows applied from agent batches."),
 		flowBytes: reg.Counter("kubezonnet_server_flow_bytes_total", "Bytes of the flows applied from agent batches."),
 	}
@@ -472,8 +472,8 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 		in.flog.Send(logged)
 	}
 	// After the batch's own flows, which are the former holders'.
-	for _, ip := range b.Released {
-		if in.res.Released(ip, b.Node, at) {
+	for _, r := range b.Released {
+		if in.res.Released(r.Addr, b.Node, r.Time, at) {
 			in.releases.Inc()
 		} else {
 			in.releasesIgnored.Inc()

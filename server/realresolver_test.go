@@ -265,7 +265,8 @@ func TestIngestReportedRelease(t *testing.T) {
 	ip := netip.MustParseAddr("10.0.1.1")
 
 	before := batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1000, 10))
-	before.Time, before.Released = time.Now(), []netip.Addr{ip}
+	before.Time = time.Now()
+	before.Released = []wire.Release{{Addr: ip, Time: before.Time}}
 	after := batch("node-a", 2, rec("10.0.1.1", "10.0.2.1", 5432, 2000, 20))
 	after.Time = before.Time.Add(time.Millisecond)
 	post := func(b *wire.Batch) (int, string) {
@@ -311,7 +312,8 @@ func TestIngestReportedRelease(t *testing.T) {
 	}
 	// A report for an address no pod of the node held is ignored.
 	other := batch("node-b", 1)
-	other.Time, other.Released = time.Now(), []netip.Addr{ip}
+	other.Time = time.Now()
+	other.Released = []wire.Release{{Addr: ip, Time: other.Time}}
 	if code, _ := post(other); code != http.StatusNoContent {
 		t.Fatalf("batch of node-b: %d, want 204", code)
 	}

@@ -497,7 +497,10 @@ func (d *Decoder) released(s *remotewrite.RawSeries, b *Batch) error {
 	if err != nil {
 		return err
 	}
-	b.Released = append(b.Released, a)
+	if ts := s.Samples[0].Timestamp; ts <= 0 || ts > b.Time.UnixMilli() {
+		return malformed("%s %s: time %d not within (0, the batch's %d]", MetricReleased, a, ts, b.Time.UnixMilli())
+	}
+	b.Released = append(b.Released, Release{Addr: a, Time: time.UnixMilli(s.Samples[0].Timestamp)})
 	return nil
 }
 

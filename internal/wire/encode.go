@@ -123,12 +123,12 @@ func (e *Encoder) Encode(b *Batch) []byte {
 		}
 	}
 
-	for _, a := range b.Released {
+	for _, r := range b.Released {
 		e.sb.Reset()
 		e.sb.Label(LabelName, MetricReleased)
-		e.scratch = a.AppendTo(e.scratch[:0])
+		e.scratch = r.Addr.AppendTo(e.scratch[:0])
 		e.sb.LabelBytes(LabelAddress, e.scratch)
-		e.sb.Sample(1, ts)
+		e.sb.Sample(1, r.Time.UnixMilli())
 		e.raw = e.sb.AppendTo(e.raw)
 	}
 

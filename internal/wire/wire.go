@@ -43,18 +43,18 @@
 //     together.
 //
 //  3. The addresses the node's pods released, any number (a repeated one
-//     says nothing more): kubezonnet_address_released{address="<ip>"} with one sample,
-//     value 1. A pod of this node gave the address back (the agent saw
-//     its host route go away) before the agent drained this batch, and
-//     the agent drained right after seeing it: the flows of the address
-//     in this batch and in earlier ones are its former holder's, and
-//     those in later batches of this node are a later holder's. The
-//     server uses it to keep flows stamped after the release from the
-//     pod that held the address before, while its informer has not shown
-//     the deletion yet (see server/resolve, "Releases reported by the
-//     node"). An agent that cannot see releases sends none; the batch's
-//     time must then still be later than the previous batch's, which
-//     every agent keeps: releases are ordered by it.
+//     says nothing more): kubezonnet_address_released{address="<ip>"}
+//     with one sample, value 1, whose timestamp (ms) is when the agent saw
+//     the release (the pod's host route going away), at or before the
+//     header's. The agent drains when it sees a release, so the flows of
+//     the address in this batch and in earlier ones are its former
+//     holder's, and those in later batches of this node belong to a pod
+//     that got the address after the release. The server uses it to keep
+//     flows stamped after the release from the pod that held the address
+//     before, while its informer has not shown the deletion yet (see
+//     server/resolve, "Releases reported by the node"). An agent that
+//     cannot see releases sends none. Every agent keeps each batch's time
+//     later than the previous batch's: releases are ordered by it.
 //
 //  4. The agent's self-metrics, any number: kubezonnet_agent_<name>{node,
 //     ...} with their cumulative value since the agent started, which the
@@ -134,8 +134,16 @@ type Batch struct {
 	// from batch to batch of an incarnation, at millisecond precision.
 	Time  time.Time
 	Flows []flow.Record
-	// Released are the addresses the node's pods gave back before Time:
-	// flows of them in later batches belong to a later holder.
-	Released []netip.Addr
+	// Released are the addresses the node's pods gave back, at or
+	// before Time: flows of them in later batches belong to a later
+	// holder.
+	Released []Release
 	Metrics  []Metric
+}
+
+// Release is an address a pod of the node gave back, and when the agent
+// saw it (at millisecond precision on the wire).
+type Release struct {
+	Addr netip.Addr
+	Time time.Time
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"errors"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"net/netip"
@@ -35,7 +36,10 @@ func testBatch() *Batch {
 			{Key: flow.Key{Src: netip.MustParseAddr("10.244.1.2"), Dst: netip.MustParseAddr("10.244.3.4"), Proto: 6, Port: 8080, PortIsDst: true, OrigDst: netip.MustParseAddrPort("10.96.0.10:80")}, Counts: flow.Counts{Bytes: 9000, Packets: 7}},
 			{Key: flow.Key{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::3"), Proto: 17, Port: 5353, PortIsDst: true, OrigDst: netip.MustParseAddrPort("[fd00:96::a]:53")}, Counts: flow.Counts{Bytes: 120, Packets: 2}},
 		},
-		Released: []netip.Addr{netip.MustParseAddr("10.244.1.9"), netip.MustParseAddr("fd00::9")},
+		Released: []Release{
+			{netip.MustParseAddr("10.244.1.9"), time.UnixMilli(1_700_000_000_100)},
+			{netip.MustParseAddr("fd00::9"), time.UnixMilli(1_700_000_000_123)},
+		},
 		Metrics: []Metric{
 			{Name: "kubezonnet_agent_dropped_bytes_total", Labels: []Label{{"reason", "map_full"}}, Value: 42},
 			{Name: "kubezonnet_agent_flows_total", Value: 3},
@@ -71,8 +75,11 @@ func TestRoundTrip(t *testing.T) {
 			}
 		}
 		wantTS, wantN := in.Time.UnixMilli(), 1
-		if ts.Labels[0].Value == MetricFlow {
+		switch ts.Labels[0].Value {
+		case MetricFlow:
 			wantTS, wantN = 0, 2 // bytes, packets; the header's timestamp applies
+		case MetricReleased:
+			wantTS = ts.Samples[0].Timestamp // checked below
 		}
 		if len(ts.Samples) != wantN {
 			t.Errorf("series %v: samples %v", ts.Labels, ts.Samples)
@@ -120,7 +127,7 @@ func TestRoundTrip(t *testing.T) {
 	if !reflect.DeepEqual(in.Metrics, out.Metrics) {
 		t.Errorf("metrics:\n got %+v\nwant %+v", out.Metrics, in.Metrics)
 	}
-	if !slices.Equal(in.Released, out.Released) {
+	if !slices.EqualFunc(in.Released, out.Released, func(a, b Release) bool { return a.Addr == b.Addr && a.Time.Equal(b.Time) }) {
 		t.Errorf("released: got %v, want %v", out.Released, in.Released)
 	}
 	// Read by the reference decoder too: one series per address.
@@ -130,10 +137,10 @@ func TestRoundTrip(t *testing.T) {
 			if len(ts.Labels) != 2 || ts.Samples[0].Value != 1 {
 				t.Errorf("released series %v %v", ts.Labels, ts.Samples)
 			}
-			released = append(released, testutil.LabelValue(ts.Labels, LabelAddress))
+			released = append(released, fmt.Sprintf("%s@%d", testutil.LabelValue(ts.Labels, LabelAddress), ts.Samples[0].Timestamp))
 		}
 	}
-	if want := []string{"10.244.1.9", "fd00::9"}; !slices.Equal(released, want) {
+	if want := []string{"10.244.1.9@1700000000100", "fd00::9@1700000000123"}; !slices.Equal(released, want) {
 		t.Errorf("released series name %v, want %v", released, want)
 	}
 	if out.Node != in.Node || out.Incarnation != in.Incarnation || out.Seq != in.Seq || !out.Time.Equal(in.Time) {
@@ -261,6 +268,8 @@ func TestDecodeRejects(t *testing.T) {
 		{"released with a zone", encodeSeries(hdr, series{[]string{"__name__", MetricReleased, "address", "fe80::1%eth0"}, hdr.samples}), remotewrite.ErrMalformed, "address: invalid address"},
 		{"released extra label", encodeSeries(hdr, series{[]string{"__name__", MetricReleased, "address", "10.0.0.1", "node", "n"}, hdr.samples}), remotewrite.ErrMalformed, "unexpected label"},
 		{"released 2 samples", encodeSeries(hdr, series{[]string{"__name__", MetricReleased, "address", "10.0.0.1"}, []remotewrite.Sample{{Value: 1, Timestamp: 1000}, {Value: 1, Timestamp: 1000}}}), remotewrite.ErrMalformed, "want 1"},
+		{"released after the batch", encodeSeries(hdr, series{[]string{"__name__", MetricReleased, "address", "10.0.0.1"}, []remotewrite.Sample{{Value: 1, Timestamp: hdr.samples[0].Timestamp + 1}}}), remotewrite.ErrMalformed, "not within"},
+		{"released at 0", encodeSeries(hdr, series{[]string{"__name__", MetricReleased, "address", "10.0.0.1"}, []remotewrite.Sample{{Value: 1}}}), remotewrite.ErrMalformed, "not within"},
 		{"valid released", encodeSeries(hdr, flowS(ok), series{[]string{"__name__", MetricReleased, "address", "10.0.0.1"}, hdr.samples}), nil, ""},
 		{"valid", encodeSeries(hdr, flowS(ok)), nil, ""},
 		{"valid icmp", encodeSeries(hdr, flowS(ok, "proto", "icmp", "dport", "")), nil, ""},

@@ -6,10 +6,10 @@ import (
 )
 
 // cut is a release of an address that the node holding it reported (its
-// agent saw the pod's host route go away, wire.Batch.Released), at the
-// time of the batch that carried it: the agent drained right after the
-// release, so that node's flows stamped later are not those of any pod
-// that held the address before.
+// agent saw the pod's host route go away, wire.Batch.Released): the
+// agent drained right after the release, so that node's flows stamped
+// after the batch that carried it are not those of any pod that held the
+// address at the release.
 //
 // It closes the gap the informer leaves: a flow drained after the release
 // but before this server's informer delivers the deletion would otherwise
@@ -20,33 +20,38 @@ import (
 // informer's view.
 type cut struct {
 	node string
-	at   int64 // Unix nanoseconds, the reporting batch's time
+	// released is when the agent saw the release, and at the time of
+	// the batch that reported it (at or after), in Unix nanoseconds.
+	released, at int64
 }
 
-// Released records that node's agent saw ip released by the pod holding
-// it, before the batch stamped at: from then on, that node's flows of ip
-// stamped after at go to a pod that got the address after at (Lookup),
-// and wait for one while the informer shows none (within ReuseWindow of
-// the flow). It reports whether the release was recorded: only a pod
-// address held at at by a pod of node is, and only a release later than
-// the one recorded for ip.
-func (r *Resolver) Released(ip netip.Addr, node string, at time.Time) bool {
+// Released records that node's agent saw ip released, at time released,
+// by the pod holding it, and reported it in its batch stamped at: from
+// then on, that node's flows of ip stamped after at go to a pod that got
+// the address after released (Lookup), and wait for one while the
+// informer shows none (within ReuseWindow of the flow). The informer's
+// times are this server's and the agent's are its node's: clocks apart
+// by less than a new pod takes to get an address (its sandbox created,
+// then its status written) give the same answers. It reports whether the
+// release was recorded: only a pod address held at released by a pod of
+// node is, and only a release later than the one recorded for ip.
+func (r *Resolver) Released(ip netip.Addr, node string, released, at time.Time) bool {
 	ip = normalize(ip)
-	if !ip.IsValid() || ip.IsUnspecified() || node == "" {
+	if !ip.IsValid() || ip.IsUnspecified() || node == "" || at.Before(released) {
 		return false
 	}
-	ep, _ := r.ix.lookupSlot(ip, at)
+	ep, _ := r.ix.lookupSlot(ip, released)
 	if ep == nil || ep.Pod == "" || ep.Node != node {
 		return false
 	}
-	return r.ix.cutAt(ip, cut{node: node, at: at.UnixNano()})
+	return r.ix.cutAt(ip, cut{node: node, released: released.UnixNano(), at: at.UnixNano()})
 }
 
-// cutAt records c for ip unless a later cut is recorded.
+// cutAt records c for ip unless a later release is recorded.
 func (ix *index) cutAt(ip netip.Addr, c cut) bool {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
-	if prev, ok := ix.cuts.Peek(ip); ok && prev.at >= c.at {
+	if prev, ok := ix.cuts.Peek(ip); ok && prev.released >= c.released {
 		return false
 	}
 	ix.cuts.Add(ip, c)
@@ -73,13 +78,13 @@ func (ix *index) afterCut(ip netip.Addr, at time.Time, node string, s *addrSlot,
 	if s.released {
 		hist, _ := ix.released.Peek(ip)
 		i := 0
-		for i < len(hist) && hist[i].since <= c.at {
+		for i < len(hist) && hist[i].since <= c.released {
 			i++
 		}
 		after = hist[i:]
 	}
 	var cur *Endpoint
-	if s.pod != nil && s.since > c.at {
+	if s.pod != nil && s.since > c.released {
 		cur = s.ep
 	}
 	switch {

@@ -608,7 +608,9 @@ func TestReportedRelease(t *testing.T) {
 		{"own node, new pod shown without the deletion", []event{{10 * time.Second, "report"}, {10*time.Second + 600*time.Millisecond, "create"}},
 			"n-a", "n-a", 11 * time.Second, 12 * time.Second, "new", false},
 		{"own node, report after the new pod was shown", []event{{10*time.Second + 500*time.Millisecond, "delete"}, {10*time.Second + 600*time.Millisecond, "create"}, {11 * time.Second, "report"}},
-			"n-a", "n-a", 10*time.Second + 200*time.Millisecond, 12 * time.Second, "new", false},
+			"n-a", "n-a", 11*time.Second + 200*time.Millisecond, 12 * time.Second, "new", false},
+		{"own node, reported late, the informer still shows the old pod", []event{{11 * time.Second, "report"}},
+			"n-a", "n-a", 11*time.Second + 200*time.Millisecond, 12 * time.Second, "old", true},
 		{"own node, report after the new pod was shown, flow before the release", []event{{10*time.Second + 500*time.Millisecond, "delete"}, {10*time.Second + 600*time.Millisecond, "create"}, {11 * time.Second, "report"}},
 			"n-a", "n-a", 9 * time.Second, 12 * time.Second, "old", false},
 		{"another node, after", []event{{10 * time.Second, "report"}},
@@ -627,7 +629,9 @@ func TestReportedRelease(t *testing.T) {
 					f.createPod(base.Add(e.at), pod("ns", "new", "n-a", []string{ip.String()}))
 				case "report":
 					f.setClock(base.Add(e.at))
-					if got, want := f.r.Released(ip, tc.reporter, release), tc.reporter == "n-a"; got != want {
+					// Seen at the release, reported in a batch
+					// stamped when the report arrives.
+					if got, want := f.r.Released(ip, tc.reporter, release, base.Add(e.at)), tc.reporter == "n-a"; got != want {
 						t.Fatalf("Released by %s = %v, want %v", tc.reporter, got, want)
 					}
 				}
@@ -646,14 +650,21 @@ func TestReportedRelease(t *testing.T) {
 		f := newFixture(t, fixtureOpts{cfg: Config{ReleasedIPTTL: ttl, ReuseWindow: window}, objs: []runtime.Object{nodeA(), nodeB()}})
 		f.createPod(base, pod("ns", "old", "n-a", []string{ip.String()}))
 		f.setClock(release)
-		if !f.r.Released(ip, "n-a", release) {
+		if !f.r.Released(ip, "n-a", release, release) {
 			t.Fatal("first report not recorded")
 		}
-		if f.r.Released(ip, "n-a", release.Add(-time.Second)) {
+		if f.r.Released(ip, "n-a", release.Add(-time.Second), release.Add(time.Second)) {
 			t.Error("an earlier report was recorded over a later one")
 		}
 		if ep, await := f.r.Lookup(ip, release.Add(-time.Second/2), "n-a"); ep.Pod != "old" || await {
 			t.Errorf("flow between the two reports: pod %q awaiting %v, want old", ep.Pod, await)
+		}
+	})
+	t.Run("a release after its batch", func(t *testing.T) {
+		f := newFixture(t, fixtureOpts{cfg: Config{ReleasedIPTTL: ttl, ReuseWindow: window}, objs: []runtime.Object{nodeA()}})
+		f.createPod(base, pod("ns", "old", "n-a", []string{ip.String()}))
+		if f.r.Released(ip, "n-a", release, release.Add(-time.Millisecond)) {
+			t.Error("a release stamped after its batch was recorded")
 		}
 	})
 	t.Run("memory bound", func(t *testing.T) {
@@ -664,7 +675,7 @@ func TestReportedRelease(t *testing.T) {
 		}
 		f.setClock(release)
 		for i := range 10 {
-			if !f.r.Released(netip.AddrFrom4([4]byte{10, 5, 1, byte(i)}), "n-a", release) {
+			if !f.r.Released(netip.AddrFrom4([4]byte{10, 5, 1, byte(i)}), "n-a", release, release) {
 				t.Fatalf("release %d not recorded", i)
 			}
 		}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"slices"
 	"time"
 
@@ -84,21 +85,28 @@ type generated struct {
 // generate makes a batch of up to n flows from the node's pods to their
 // peers, attributed to the pods holding the addresses now. Flows with the
 // same key are merged, as the agent's drain merges them.
+//
+// The batch carries the addresses of the node released since the last
+// one, as the agent's does, and no flow of them: the agent drains when it
+// sees a release, so the batch that reports it holds only what came
+// before (here nothing: the slot was vacant), and a successor's traffic
+// comes in later batches.
 func (a *agent) generate(n int) generated {
 	w := a.w
 	P := w.opts.PodsPerNode
 	var g generated
 	index := map[flow.Key]int{}
 	w.mu.RLock()
+	g.batch.Released = w.takeReleased(a.node)
 	for try := 0; try < 4*n && len(index) < n; try++ {
 		si := a.node*P + a.rng.IntN(P)
 		s := &w.slots[si]
-		if s.vacant {
+		if s.vacant || released(g.batch.Released, s.ip) {
 			continue
 		}
 		di := s.peers[a.rng.IntN(len(s.peers))]
 		d := &w.slots[di]
-		if d.vacant {
+		if d.vacant || released(g.batch.Released, d.ip) {
 			continue
 		}
 		k := flow.Key{Src: s.ip, Dst: d.ip, Proto: 6, Port: servicePorts[a.rng.IntN(len(servicePorts))], PortIsDst: true}
@@ -118,6 +126,11 @@ func (a *agent) generate(n int) generated {
 	// the addresses at its time.
 	g.batch.Time = time.Now()
 	return g
+}
+
+// released reports whether rs holds ip.
+func released(rs []wire.Release, ip netip.Addr) bool {
+	return slices.ContainsFunc(rs, func(r wire.Release) bool { return r.Addr == ip })
 }
 
 // readyBatch is a batch encoded before the sending, with its flows'

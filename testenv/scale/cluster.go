@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/kubezonnet/kubezonnet/internal/wire"
 	"github.com/kubezonnet/kubezonnet/testenv"
 )
 
@@ -49,6 +50,12 @@ type world struct {
 	mu      sync.RWMutex
 	slots   []slot
 	deleted map[string]time.Time // pod name -> deletion
+
+	// released holds, per node, the addresses whose pod was replaced
+	// since that node's agent last generated a batch: what a real agent
+	// sees when a pod's host route goes away (wire.Batch.Released).
+	relMu    sync.Mutex
+	released map[int][]wire.Release
 }
 
 // zoneOf names node n's zone.
@@ -64,7 +71,7 @@ func podCIDR(n int) netip.Prefix {
 }
 
 func newWorld(opts Options, c kubernetes.Interface, rng *rand.Rand) *world {
-	w := &world{opts: opts, client: c, deleted: map[string]time.Time{}}
+	w := &world{opts: opts, client: c, deleted: map[string]time.Time{}, released: map[int][]wire.Release{}}
 	total := opts.Nodes * opts.PodsPerNode
 	w.slots = make([]slot, total)
 	for i := range w.slots {
@@ -180,11 +187,18 @@ func (w *world) createPod(ctx context.Context, node int, name string, ip netip.A
 // replace deletes the pod of slot i and creates its successor with the
 // same address. No flow is generated for the address in between: the
 // slot is vacant from before the deletion until the successor is Running
-// in the API server.
+// in the API server. The node's agent learns of the release as the slot
+// turns vacant, as a real agent sees the pod's sandbox go (its host
+// route deleted) before the kubelet deletes the pod in the API server.
 func (w *world) replace(ctx context.Context, i int) error {
 	w.mu.Lock()
 	s := &w.slots[i]
 	s.vacant = true
+	if !w.opts.NoReleases {
+		w.relMu.Lock()
+		w.released[s.node] = append(w.released[s.node], wire.Release{Addr: s.ip, Time: time.Now()})
+		w.relMu.Unlock()
+	}
 	old, uid := s.pod, s.uid
 	s.gen++
 	next := podName(s.node, i%w.opts.PodsPerNode, s.gen)
@@ -235,6 +249,16 @@ func (w *world) churn(ctx context.Context, perSecond float64, rng *rand.Rand, st
 	}
 }
 
+// takeReleased returns the addresses released on node since the last
+// call. Callers hold mu (read), so that no release happens meanwhile.
+func (w *world) takeReleased(node int) []wire.Release {
+	w.relMu.Lock()
+	defer w.relMu.Unlock()
+	r := w.released[node]
+	delete(w.released, node)
+	return r
+}
+
 // nodeOfPod returns the node whose pod range holds addr (see podCIDR).
 func (w *world) nodeOfPod(addr netip.Addr) int {
 	b := addr.As4()
@@ -250,6 +274,16 @@ func (w *world) deletedPods() map[string]bool {
 		out[name] = true
 	}
 	return out
+}
+
+// genOfName returns the generation of a pod from its name (see podName):
+// 0 for the pods created at the start, -1 for a name not of a pod.
+func (w *world) genOfName(pod string) int {
+	var n, k, gen int
+	if _, err := fmt.Sscanf(pod, "app-%d-%d-g%d", &n, &k, &gen); err != nil {
+		return -1
+	}
+	return gen
 }
 
 // nodeOfName returns the node of a pod from its name (see podName).

@@ -55,17 +55,21 @@ type Result struct {
 	ZonePairs          int
 	ZonePairMismatches []string
 	// MisattributedSeries are pod-pair series in the receiver naming a
-	// pod deleted during the run with more bytes than were sent while it
-	// held its address; MisattributedBytes the sum of the excess.
+	// pod deleted or created during the run with more bytes than were
+	// sent while it held its address; MisattributedBytes the sum of the
+	// excess.
 	MisattributedSeries int
 	MisattributedBytes  float64
-	// MisattributedAsSource counts those whose deleted pod is the source
-	// (the reporting node's own address), the rest naming it as the
-	// destination.
-	MisattributedAsSource int
+	// MisattributedOwnNode counts those where the flows' reporting node
+	// (the source's) holds the replaced address: the source, or a
+	// destination on the same node. Its agent reports the release
+	// (wire.Batch.Released), which orders its flows; another node sees
+	// the change only through the server's informer.
+	MisattributedOwnNode int
 	// PodPairSeries is the number of pod pairs the receiver holds;
-	// DeletedPodSeries those naming a pod deleted during the run.
-	PodPairSeries, DeletedPodSeries int
+	// ChurnedPodSeries those naming a pod deleted or created during the
+	// run.
+	PodPairSeries, ChurnedPodSeries int
 
 	latencies []time.Duration
 }
@@ -144,10 +148,11 @@ func (r *Result) compare(ctx context.Context, v receiver, w *world, truth map[pa
 	}
 	sort.Strings(r.ZonePairMismatches)
 
-	// A replaced pod's name is never reused, so a series naming it with
-	// more than the truth holds was credited flows generated after its
-	// deletion, which belong to its successor.
+	// A pod's name is never reused, so a series naming a replaced pod or
+	// a successor with more than the truth holds was credited flows of
+	// the other one.
 	deleted := w.deletedPods()
+	churned := func(pod string) bool { return deleted[pod] || w.genOfName(pod) > 0 }
 	pairs, err := v.query(ctx, "sum by (src_pod, dst_pod) (last_over_time(kubezonnet_pod_pair_bytes_total[1h]))")
 	if err != nil {
 		return err
@@ -155,15 +160,15 @@ func (r *Result) compare(ctx context.Context, v receiver, w *world, truth map[pa
 	r.PodPairSeries = len(pairs)
 	for _, x := range pairs {
 		p := pair{x.Labels["src_pod"], x.Labels["dst_pod"]}
-		if !deleted[p.src] && !deleted[p.dst] {
+		if !churned(p.src) && !churned(p.dst) {
 			continue
 		}
-		r.DeletedPodSeries++
+		r.ChurnedPodSeries++
 		if excess := x.Value - float64(truth[p].Bytes); excess > 0 {
 			r.MisattributedSeries++
 			r.MisattributedBytes += excess
-			if deleted[p.src] {
-				r.MisattributedAsSource++
+			if churned(p.src) || w.nodeOfName(p.dst) == w.nodeOfName(p.src) {
+				r.MisattributedOwnNode++
 			}
 		}
 	}
@@ -213,8 +218,13 @@ func (r *Result) WriteTable(out io.Writer) error {
 		zoneValue = fmt.Sprintf("%d of %d differ", len(r.ZonePairMismatches), r.ZonePairs)
 	}
 	row("exactness per zone pair", zoneValue, zoneNote)
-	row("misattributed under churn", fmt.Sprintf("%d series, %.0f bytes", r.MisattributedSeries, r.MisattributedBytes),
-		fmt.Sprintf("series naming a deleted pod with more than it sent (%d as the source; of %d naming one, %d in all); %d pods replaced (%.2f/s), %d unresolved flows, %d batches held for a new pod", r.MisattributedAsSource, r.DeletedPodSeries, r.PodPairSeries, r.Churned, float64(r.Churned)/r.Sending.Seconds(), r.Unresolved, r.Held))
+	ownNote := "flows reported by the node holding the replaced address (its source, or a destination on the same node), which reports the release"
+	if o.NoReleases {
+		ownNote = "flows reported by the node holding the replaced address (its source, or a destination on the same node); agents report no release (-no-releases)"
+	}
+	row("misattributed under churn, own node", fmt.Sprintf("%d series", r.MisattributedOwnNode), ownNote)
+	row("misattributed under churn, all", fmt.Sprintf("%d series, %.0f bytes", r.MisattributedSeries, r.MisattributedBytes),
+		fmt.Sprintf("series naming a replaced pod or its successor with more than it sent (of %d naming one, %d in all); %d pods replaced (%.2f/s), %d unresolved flows, %d batches held for a new pod", r.ChurnedPodSeries, r.PodPairSeries, r.Churned, float64(r.Churned)/r.Sending.Seconds(), r.Unresolved, r.Held))
 	row("setup / sending", fmt.Sprintf("%s / %s", r.Setup.Round(time.Second), r.Sending.Round(time.Second)), "control plane, pods, "+r.Options.Receiver+" and server; then traffic")
 	return tw.Flush()
 }

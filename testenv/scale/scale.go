@@ -58,6 +58,10 @@ type Options struct {
 	// ChurnPerSecond pods are replaced (deleted, and another pod created
 	// with the same address) per second while sending.
 	ChurnPerSecond float64
+	// NoReleases makes the agents report no release
+	// (wire.Batch.Released), as agents that cannot see them: the
+	// baseline of misattribution under churn.
+	NoReleases bool
 	// PushInterval is the server's --push-interval.
 	PushInterval time.Duration
 	// MaxPodPairs is the server's --max-pod-pairs.

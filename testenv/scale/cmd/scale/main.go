@@ -39,6 +39,7 @@ func parseFlags() (scale.Options, bool) {
 	flag.Float64Var(&o.BatchesPerSecond, "batches-per-second", d.BatchesPerSecond, "offered batches per second, all agents together")
 	flag.DurationVar(&o.Duration, "duration", d.Duration, "how long the agents send")
 	flag.Float64Var(&o.ChurnPerSecond, "churn-per-second", d.ChurnPerSecond, "pods replaced per second (same address, new name and UID)")
+	flag.BoolVar(&o.NoReleases, "no-releases", false, "agents report no address release, as agents that cannot see them (the baseline of misattribution under churn)")
 	flag.DurationVar(&o.PushInterval, "push-interval", d.PushInterval, "the server's --push-interval")
 	flag.IntVar(&o.MaxPodPairs, "max-pod-pairs", d.MaxPodPairs, "the server's --max-pod-pairs")
 	flag.StringVar(&o.Bin, "bin", "", "kubezonnet binary; empty builds this checkout")
