@@ -68,6 +68,12 @@ type Agent struct {
 	// tableWarned is when the agent last warned that the flow table
 	// spilled at the size its memory flag allows.
 	tableWarned time.Time
+	// lastTime is the time of the last batch built: each batch's is
+	// later, at the wire's millisecond precision.
+	lastTime time.Time
+	// routes follows the pods' host routes (Config.ReportReleases); nil
+	// when releases are not reported.
+	routes *hostRoutes
 }
 
 // New wires an agent around an already loaded datapath. nodes may be nil
@@ -120,6 +126,19 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer stopSender()
 	go a.sender(sendCtx, sendCh, results)
 
+	var routeCh <-chan routeUpdate
+	if a.cfg.ReportReleases {
+		routeCtx, stopRoutes := context.WithCancel(ctx)
+		defer stopRoutes()
+		h, ch, err := watchRoutes(routeCtx, a.cfg.NetnsPath, a.isLocal, func(msg string, err error) { a.log.Warn(msg, "err", err) })
+		if err != nil {
+			a.log.Warn("following pod host routes: pod address releases are not reported", "err", err)
+		} else {
+			a.routes, routeCh = h, ch
+			a.log.Info("following pod host routes to report address releases", "routes", len(h.byAddr))
+		}
+	}
+
 	flush := time.NewTicker(a.cfg.FlushInterval)
 	defer flush.Stop()
 	var refresh <-chan time.Time
@@ -146,10 +165,71 @@ func (a *Agent) Run(ctx context.Context) error {
 				a.inflight = a.build()
 				sendCh <- a.inflight
 			}
+		case u, ok := <-routeCh:
+			if !ok {
+				routeCh = nil
+				continue
+			}
+			a.routeUpdate(u)
+			if a.buf.hasSealed() && a.inflight == nil {
+				a.inflight = a.build()
+				sendCh <- a.inflight
+			}
 		case r := <-results:
 			a.finish(r)
+			// A release sealed while a batch was in flight goes out at
+			// once, not at the next flush.
+			if a.buf.hasSealed() {
+				a.inflight = a.build()
+				sendCh <- a.inflight
+			}
 		}
 	}
+}
+
+// isLocal reports whether addr is in the local prefixes (a source this
+// node counts).
+func (a *Agent) isLocal(addr netip.Addr) bool {
+	for _, p := range a.prefixes {
+		if p.Contains(addr) {
+			return true
+		}
+	}
+	return false
+}
+
+// routeUpdate applies route changes. The addresses whose pod went away
+// are released: the kernel is drained at once, and what it held is sealed
+// with the releases (buffer.seal), so that it goes out in a batch of its
+// own, before anything the next pod of the address sends.
+func (a *Agent) routeUpdate(u routeUpdate) {
+	var rel []netip.Addr
+	for _, ev := range u.events {
+		rel = a.routes.apply(ev, a.isLocal, rel)
+	}
+	if u.lost {
+		a.m.routeResyncs.Inc()
+		dump, err := dumpHostRoutes(a.cfg.NetnsPath)
+		if err != nil {
+			a.log.Warn("route notifications were lost and the routes cannot be listed: releases meanwhile are not reported", "err", err)
+		} else {
+			rel = a.routes.resync(dump, a.isLocal, rel)
+		}
+	}
+	if len(rel) == 0 {
+		return
+	}
+	now := time.Now()
+	if err := a.drain(); err != nil {
+		// What was drained before still goes before the release.
+		a.log.Error("draining the datapath at an address release", "err", err)
+	}
+	if n := a.buf.seal(releases(rel, now), now); n > 0 {
+		a.m.releasesUnordered.Add(float64(n))
+		a.log.Warn("address releases merged with flows drained after them, while the server did not acknowledge: those flows may be credited to the released pods", "releases", n)
+	}
+	a.m.releases.Add(float64(len(rel)))
+	a.log.Debug("pod addresses released", "addresses", fmt.Sprint(rel))
 }
 
 // tableWarnEvery spaces the warnings about a flow table too small for the
@@ -180,20 +260,30 @@ func (a *Agent) drain() error {
 }
 
 // build turns the buffer into the next batch (possibly with no flows: the
-// header and self-metrics still tell the server this agent is alive).
+// header and self-metrics still tell the server this agent is alive): its
+// sealed part when there is one, stamped when it was drained, else the
+// rest, stamped now.
 func (a *Agent) build() *batch {
-	flows := a.buf.take(a.scratch)
-	a.scratch = flows // handed back to the buffer by the next take
+	flows, rels, at, sealed := a.buf.takeSealed()
+	if !sealed {
+		flows = a.buf.take(a.scratch)
+		a.scratch = flows // handed back to the buffer by the next take
+		at = time.Now()
+	}
+	if at.UnixMilli() <= a.lastTime.UnixMilli() {
+		at = time.UnixMilli(a.lastTime.UnixMilli() + 1)
+	}
+	a.lastTime = at
 	a.seq++
 	b := a.spare
 	a.spare = nil
-	*b = batch{seq: a.seq, body: b.body[:0], flows: len(a.scratch)}
-	for _, r := range a.scratch {
+	*b = batch{seq: a.seq, body: b.body[:0], flows: len(flows)}
+	for _, r := range flows {
 		b.sum.Add(r.Counts)
 	}
 	wb := wire.Batch{
 		Node: a.cfg.NodeName, Incarnation: a.incarnation, Seq: a.seq,
-		Time: time.Now(), Flows: a.scratch, Metrics: a.wireMetrics(),
+		Time: at, Flows: flows, Released: rels, Metrics: a.wireMetrics(),
 	}
 	b.body = append(b.body, a.enc.Encode(&wb)...)
 	a.m.buffered.Store(int64(a.buf.len() + b.flows))
@@ -295,16 +385,20 @@ func (a *Agent) shutdown(sendCh chan *batch, results chan sendResult, stopSender
 			return giveUp("waiting for the batch in flight")
 		}
 	}
-	a.inflight = a.build()
-	sendCh <- a.inflight
-	select {
-	case r := <-results:
-		a.finish(r)
-		if r.err != nil {
-			return fmt.Errorf("final batch: %w", r.err)
+	// A sealed part goes in a batch of its own, then the rest.
+	for more := true; more; {
+		more = a.buf.hasSealed()
+		a.inflight = a.build()
+		sendCh <- a.inflight
+		select {
+		case r := <-results:
+			a.finish(r)
+			if r.err != nil {
+				return fmt.Errorf("final batch: %w", r.err)
+			}
+		case <-deadline.C:
+			return giveUp("sending the final batch")
 		}
-	case <-deadline.C:
-		return giveUp("sending the final batch")
 	}
 	stopSender()
 	if drainErr != nil {

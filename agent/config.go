@@ -75,6 +75,10 @@ type Config struct {
 	ShutdownTimeout    time.Duration
 	// RetryMin and RetryMax bound the backoff between send attempts.
 	RetryMin, RetryMax time.Duration
+	// ReportReleases follows the node's pod host routes and reports the
+	// addresses their pods release (wire.Batch.Released), in the
+	// namespace of NetnsPath.
+	ReportReleases bool
 }
 
 // Flags returns the agent's flags; each has a KUBEZONNET_* environment
@@ -100,6 +104,7 @@ func Flags() []cli.Flag {
 		&cli.DurationFlag{Name: "shutdown-timeout", Value: DefaultShutdownTimeout, Usage: "time allowed for the final drain and send on SIGTERM"},
 		&cli.DurationFlag{Name: "retry-min-backoff", Value: 500 * time.Millisecond, Usage: "first delay before resending a failed batch"},
 		&cli.DurationFlag{Name: "retry-max-backoff", Value: 30 * time.Second, Usage: "cap of the exponential backoff between resends"},
+		&cli.BoolFlag{Name: "report-releases", Value: true, Usage: "follow the host routes of this node's pods (ptp CNIs: Calico, kindnet, Cilium native routing) and report each address a pod releases, at once, so that the server never credits the next pod's flows to the deleted one; needs CAP_NET_ADMIN's netlink access, which the agent has"},
 	}
 	return command.WithEnv(append(fs, command.LogFlags()...))
 }
@@ -137,6 +142,7 @@ func ConfigFromCLI(c *cli.Context) (Config, error) {
 		ShutdownTimeout:   c.Duration("shutdown-timeout"),
 		RetryMin:          c.Duration("retry-min-backoff"),
 		RetryMax:          c.Duration("retry-max-backoff"),
+		ReportReleases:    c.Bool("report-releases"),
 	}
 	var err error
 	if lp := c.String("local-prefixes"); lp != LocalPrefixesAuto {

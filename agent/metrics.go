@@ -23,6 +23,8 @@ type agentMetrics struct {
 	drainTime, drainWait, stuckCPUs *metrics.Counter
 	lastSend, tableSlots            *metrics.Gauge
 	spilled                         *metrics.Counter
+	releases, releasesUnordered     *metrics.Counter
+	routeResyncs                    *metrics.Counter
 	buffered                        atomic.Int64
 }
 
@@ -46,7 +48,11 @@ func newAgentMetrics(r *metrics.Registry) *agentMetrics {
 		drainWait:       r.Counter("kubezonnet_agent_drain_wait_seconds_total", "Part of the drain time spent waiting for kernel programs still counting into the old generation (grows when they are preempted)."),
 		tableSlots:      r.Gauge("kubezonnet_agent_flow_table_slots", "Kernel flow table slots in use per CPU in the generation counting now, sized at each drain from the flows per CPU of the latest intervals (at most what --flow-table-memory gives a CPU)."),
 		spilled:         r.Counter("kubezonnet_agent_flow_table_spilled_flows_total", "Flows that found no kernel flow table slot and were counted in the slower hash map (--max-flows), once per CPU per flush interval."),
-		stuckCPUs:       r.Counter("kubezonnet_agent_drain_stuck_cpus_total", "CPUs a drain stopped waiting for: their in-flight counter was still not zero when the drain's bounded wait ran out (one per CPU per drain). Counts such a CPU wrote late into the old generation may be lost; normally zero."),
+		releases:        r.Counter("kubezonnet_agent_address_releases_total", "Pod addresses this node's pods released (host route or its link deleted, or the route moved to another link), each reported to the server in a batch of what was drained up to it."),
+		releasesUnordered: r.Counter("kubezonnet_agent_address_releases_unordered_total",
+			"Releases whose batch, still unsent when another release came, took flows of their address drained after them: those flows may be credited to the released pod. Normally zero; grows while the server does not acknowledge."),
+		routeResyncs: r.Counter("kubezonnet_agent_route_resyncs_total", "Times route notifications were lost (the netlink socket overflowed) and the host routes were listed again; releases in between are reported then."),
+		stuckCPUs:    r.Counter("kubezonnet_agent_drain_stuck_cpus_total", "CPUs a drain stopped waiting for: their in-flight counter was still not zero when the drain's bounded wait ran out (one per CPU per drain). Counts such a CPU wrote late into the old generation may be lost; normally zero."),
 	}
 	reasons := agentReasons
 	for i := range bpf.NumReasons {
