@@ -20,6 +20,7 @@ import (
 	"github.com/kubezonnet/kubezonnet/internal/command"
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
+	"github.com/kubezonnet/kubezonnet/internal/netns"
 	"github.com/kubezonnet/kubezonnet/internal/packet"
 	"github.com/kubezonnet/kubezonnet/internal/testutil"
 )
@@ -49,12 +50,26 @@ type runningAgent struct {
 // (see injector), and runs an agent.
 func startAgent(t *testing.T, cfg Config) *runningAgent {
 	t.Helper()
+	return startAgentWith(t, cfg, nil)
+}
+
+// startAgentWith is startAgent that runs setup (if not nil) with the
+// injector's namespace name before the agent starts.
+func startAgentWith(t *testing.T, cfg Config, setup func(ns string)) *runningAgent {
+	t.Helper()
 	testutil.RequireRoot(t)
 	dp, err := bpf.Load(cfg.datapathConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
 	inj := newInjector(t, dp)
+	if cfg.ReportReleases {
+		// The pods' host routes are those of the injector's namespace.
+		cfg.NetnsPath = netns.Path(inj.ns)
+	}
+	if setup != nil {
+		setup(inj.ns)
+	}
 	logs := &testutil.SyncBuffer{}
 	a, err := New(cfg, dp, nil, slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	if err != nil {

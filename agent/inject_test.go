@@ -27,6 +27,8 @@ import (
 // network.
 type injector struct {
 	fd4, fd6 int
+	// ns is the namespace's name (netns.Path gives its path).
+	ns string
 }
 
 // injectorSeq makes the namespace names of one test process distinct.
@@ -65,7 +67,7 @@ func newInjector(t testing.TB, dp *bpf.Datapath) *injector {
 	if err := dp.AttachNetfilter(netns.Path(name), bpf.DefaultNetfilterPriority); err != nil {
 		t.Fatal(err)
 	}
-	inj := &injector{fd4: -1, fd6: -1}
+	inj := &injector{fd4: -1, fd6: -1, ns: name}
 	t.Cleanup(func() {
 		for _, fd := range []int{inj.fd4, inj.fd6} {
 			if fd >= 0 {
