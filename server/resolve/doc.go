@@ -71,6 +71,25 @@
 // stamped between the real release and the informer seeing it; CNIs
 // normally quarantine released addresses for longer.
 //
+// # Releases reported by the node
+//
+// The node holding an address knows sooner: its agent sees the pod's host
+// route go, drains at once, and reports the release in the batch of what
+// it drained up to it (wire.Batch.Released; Released here). That node's
+// flows of the address stamped after that batch then go only to a pod
+// that got the address after the release, by the rules above; while the
+// informer shows none, Lookup reports the address awaiting one, up to
+// --released-ip-reuse-window after the flow, and the flow is then
+// nobody's ("no_pod") rather than the released pod's. A release is
+// recorded only for an address that a pod of the reporting node held at
+// the release; the last one per address is kept, in an LRU as large as
+// the released-IP one. Other nodes' flows keep the informer's view: a
+// batch drained after the release may carry packets sent before it, to
+// the released pod. The agent's times are its node's clock and the
+// informer's the server's: they are compared, so clocks apart by more
+// than a new pod takes to get an address (its sandbox, then its status)
+// could keep a flow from the right pod.
+//
 // # Services
 //
 // Flows may carry the destination the client addressed before kube-proxy
