@@ -104,7 +104,7 @@ func Flags() []cli.Flag {
 		&cli.DurationFlag{Name: "shutdown-timeout", Value: DefaultShutdownTimeout, Usage: "time allowed for the final drain and send on SIGTERM"},
 		&cli.DurationFlag{Name: "retry-min-backoff", Value: 500 * time.Millisecond, Usage: "first delay before resending a failed batch"},
 		&cli.DurationFlag{Name: "retry-max-backoff", Value: 30 * time.Second, Usage: "cap of the exponential backoff between resends"},
-		&cli.BoolFlag{Name: "report-releases", Value: true, Usage: "follow the host routes of this node's pods (ptp CNIs: Calico, kindnet, Cilium native routing) and report each address a pod releases, at once, so that the server never credits the next pod's flows to the deleted one; needs CAP_NET_ADMIN's netlink access, which the agent has"},
+		&cli.BoolFlag{Name: "report-releases", Value: true, Usage: "follow the host routes of this node's pods (ptp CNIs: Calico, kindnet, Cilium native routing) and report each address a pod releases, at once, so that the server never credits the next pod's flows to the deleted one (false: the server's informer alone places a reused address)"},
 	}
 	return command.WithEnv(append(fs, command.LogFlags()...))
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -85,6 +86,21 @@ func scrapeOne(ctx context.Context, url, metric string) (float64, error) {
 		return 0, fmt.Errorf("%s has no %s", url, metric)
 	}
 	return v, nil
+}
+
+// scrapeSeries reads the value of one series, written exactly as the
+// exposition writes it (name and labels), from a /metrics endpoint.
+func scrapeSeries(ctx context.Context, url, series string) (float64, error) {
+	body, err := HTTPGet(ctx, url)
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.Lines(body) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), series+" "); ok {
+			return strconv.ParseFloat(v, 64)
+		}
+	}
+	return 0, fmt.Errorf("%s has no %s", url, series)
 }
 
 // newE2E is the suite's state over a running stack. It records the
@@ -429,12 +445,28 @@ func TestEndToEnd(t *testing.T) {
 	}
 
 	// Phase 2: the api pod is deleted and a new one gets its addresses.
+	// Its sandbox goes first (the veth and the node's routes to it), as
+	// when a kubelet tears a pod down, then the API object, and the new
+	// pod's sandbox gets the same addresses: the agent of api's node
+	// reports the release, and the server records it.
+	const releases = `kubezonnet_server_address_releases_total{result="recorded"}`
+	releases0, err := scrapeSeries(ctx, stack.ServerURL+"/metrics", releases)
+	if err != nil {
+		t.Fatal(err)
+	}
 	old := e.series("kubezonnet_pod_pair_bytes_total", db.IPv4, api.IPv4)
 	oldValue := e.value(old, time.Time{})
+	if err := env.Topology.RecreatePod(ctx, api); err != nil {
+		t.Fatal(err)
+	}
 	_, replacement, err := env.Cluster.ReplacePod(ctx, apiName, "shop/api")
 	if err != nil {
 		t.Fatal(err)
 	}
+	waitFor(t, time.Minute, "the server to record the releases of api's addresses", func() (bool, error) {
+		v, err := scrapeSeries(ctx, stack.ServerURL+"/metrics", releases)
+		return err == nil && v >= releases0+2, fmt.Errorf("%s went from %v to %v (%v)", releases, releases0, v, err)
+	})
 	e.pod(api, replacement.Name)
 	// The server's informer must know the new pod before db sends to its
 	// addresses. The server exposes no count of the pods it knows, so

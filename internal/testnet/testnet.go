@@ -60,7 +60,9 @@ type NodeSpec struct {
 // Topology is a built network. Close removes it.
 type Topology struct {
 	prefix string
-	Fabric string
+	// offloads is Spec.Offloads, for pods plumbed again.
+	offloads bool
+	Fabric   string
 	Nodes  []*Node
 	Hosts  []*Host
 }
@@ -91,7 +93,7 @@ var seq atomic.Uint32
 // Build creates the namespaces, links, addresses and routes of spec. On
 // error, whatever was created is removed.
 func Build(ctx context.Context, spec Spec) (_ *Topology, err error) {
-	t := &Topology{prefix: fmt.Sprintf("kzn%d-%d", os.Getpid()%100000, seq.Add(1))}
+	t := &Topology{prefix: fmt.Sprintf("kzn%d-%d", os.Getpid()%100000, seq.Add(1)), offloads: spec.Offloads}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, t.Close())
@@ -128,7 +130,7 @@ func Build(ctx context.Context, spec Spec) (_ *Topology, err error) {
 				IPv6: netip.MustParseAddr(fmt.Sprintf("fd00:10:244:%x::%x", i+1, j+2)),
 			}
 			n.Pods = append(n.Pods, p)
-			if err := t.buildPod(ctx, p, spec); err != nil {
+			if err := t.buildPod(ctx, p); err != nil {
 				return nil, err
 			}
 		}
@@ -221,13 +223,32 @@ func (t *Topology) buildHost(ctx context.Context, h *Host, i int, spec Spec) err
 	return nil
 }
 
-func (t *Topology) buildPod(ctx context.Context, p *Pod, spec Spec) error {
-	n := p.Node
+func (t *Topology) buildPod(ctx context.Context, p *Pod) error {
 	if err := addNS(ctx, p.NS); err != nil {
 		return err
 	}
+	if err := run(ctx, "ip", "netns", "exec", p.NS, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"); err != nil {
+		return err
+	}
+	return t.plumbPod(ctx, p)
+}
+
+// RecreatePod tears down the veth pair of pod p, which takes the node's
+// routes to it along (as a CNI deletes a pod's sandbox), and plumbs a new
+// one with the same addresses (as a sticky-IP CNI gives a replacement
+// pod the addresses of the pod it replaces).
+func (t *Topology) RecreatePod(ctx context.Context, p *Pod) error {
+	if err := run(ctx, "ip", "-n", p.Node.NS, "link", "del", p.HostVeth); err != nil {
+		return err
+	}
+	return t.plumbPod(ctx, p)
+}
+
+// plumbPod connects the namespace of pod p to its node: a veth pair, the
+// pod's addresses and default routes, and the node's host routes to it.
+func (t *Topology) plumbPod(ctx context.Context, p *Pod) error {
+	n := p.Node
 	cmds := [][]string{
-		{"ip", "netns", "exec", p.NS, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"},
 		{"ip", "-n", n.NS, "link", "add", p.HostVeth, "type", "veth", "peer", "name", "eth0", "netns", p.NS},
 		{"ip", "-n", n.NS, "addr", "add", "169.254.1.1/32", "dev", p.HostVeth},
 		{"ip", "-n", n.NS, "addr", "add", "fe80::1/64", "dev", p.HostVeth, "nodad"},
@@ -245,7 +266,7 @@ func (t *Topology) buildPod(ctx context.Context, p *Pod, spec Spec) error {
 	if err := runAll(ctx, cmds); err != nil {
 		return err
 	}
-	if !spec.Offloads {
+	if !t.offloads {
 		if err := noOffloads(ctx, n.NS, p.HostVeth); err != nil {
 			return err
 		}

@@ -60,12 +60,16 @@ type Result struct {
 	// excess.
 	MisattributedSeries int
 	MisattributedBytes  float64
-	// MisattributedOwnNode counts those where the flows' reporting node
-	// (the source's) holds the replaced address: the source, or a
-	// destination on the same node. Its agent reports the release
-	// (wire.Batch.Released), which orders its flows; another node sees
-	// the change only through the server's informer.
-	MisattributedOwnNode int
+	// MisattributedSources are the replaced pods and successors credited
+	// more bytes as the source than they sent (by the sum of their
+	// cross-zone pairs), with the excess in MisattributedSourceBytes:
+	// flows reported by the node holding the address, whose agent reports
+	// the release (wire.Batch.Released). MisattributedDestinations and
+	// MisattributedDestinationBytes are the same as the destination:
+	// flows another node reported, which sees the change only through the
+	// server's informer.
+	MisattributedSources, MisattributedDestinations         int
+	MisattributedSourceBytes, MisattributedDestinationBytes float64
 	// PodPairSeries is the number of pod pairs the receiver holds;
 	// ChurnedPodSeries those naming a pod deleted or created during the
 	// run.
@@ -158,8 +162,18 @@ func (r *Result) compare(ctx context.Context, v receiver, w *world, truth map[pa
 		return err
 	}
 	r.PodPairSeries = len(pairs)
+	// Per side: each pod's bytes as the source and as the destination,
+	// stored and sent, over the cross-zone pairs (the ones with pod-pair
+	// series; a replacement keeps the node, so the zones). A pod credited
+	// more than it sent as the source got flows its own node reported for
+	// another holder of its address; as the destination, flows another
+	// node reported (a pod pair on one node is never cross-zone).
+	zoneOfPod := func(pod string) string { return w.zoneOf(w.nodeOfName(pod)) }
+	srcStored, dstStored := map[string]float64{}, map[string]float64{}
 	for _, x := range pairs {
 		p := pair{x.Labels["src_pod"], x.Labels["dst_pod"]}
+		srcStored[p.src] += x.Value
+		dstStored[p.dst] += x.Value
 		if !churned(p.src) && !churned(p.dst) {
 			continue
 		}
@@ -167,9 +181,25 @@ func (r *Result) compare(ctx context.Context, v receiver, w *world, truth map[pa
 		if excess := x.Value - float64(truth[p].Bytes); excess > 0 {
 			r.MisattributedSeries++
 			r.MisattributedBytes += excess
-			if churned(p.src) || w.nodeOfName(p.dst) == w.nodeOfName(p.src) {
-				r.MisattributedOwnNode++
-			}
+		}
+	}
+	srcSent, dstSent := map[string]float64{}, map[string]float64{}
+	for p, c := range truth {
+		if zoneOfPod(p.src) != zoneOfPod(p.dst) {
+			srcSent[p.src] += float64(c.Bytes)
+			dstSent[p.dst] += float64(c.Bytes)
+		}
+	}
+	for pod, v := range srcStored {
+		if churned(pod) && v > srcSent[pod] {
+			r.MisattributedSources++
+			r.MisattributedSourceBytes += v - srcSent[pod]
+		}
+	}
+	for pod, v := range dstStored {
+		if churned(pod) && v > dstSent[pod] {
+			r.MisattributedDestinations++
+			r.MisattributedDestinationBytes += v - dstSent[pod]
 		}
 	}
 	return nil
@@ -218,12 +248,14 @@ func (r *Result) WriteTable(out io.Writer) error {
 		zoneValue = fmt.Sprintf("%d of %d differ", len(r.ZonePairMismatches), r.ZonePairs)
 	}
 	row("exactness per zone pair", zoneValue, zoneNote)
-	ownNote := "flows reported by the node holding the replaced address (its source, or a destination on the same node), which reports the release"
+	ownNote := "replaced pods and successors credited more than they sent as the source: flows of the node holding the address, whose agent reports the release"
 	if o.NoReleases {
-		ownNote = "flows reported by the node holding the replaced address (its source, or a destination on the same node); agents report no release (-no-releases)"
+		ownNote = "replaced pods and successors credited more than they sent as the source: flows of the node holding the address; agents report no release (-no-releases)"
 	}
-	row("misattributed under churn, own node", fmt.Sprintf("%d series", r.MisattributedOwnNode), ownNote)
-	row("misattributed under churn, all", fmt.Sprintf("%d series, %.0f bytes", r.MisattributedSeries, r.MisattributedBytes),
+	row("misattributed as source (own node)", fmt.Sprintf("%d pods, %.0f bytes", r.MisattributedSources, r.MisattributedSourceBytes), ownNote)
+	row("misattributed as destination", fmt.Sprintf("%d pods, %.0f bytes", r.MisattributedDestinations, r.MisattributedDestinationBytes),
+		"the same as the destination: flows another node reported, which learns of the new pod through the server's informer only")
+	row("misattributed pod pairs", fmt.Sprintf("%d series, %.0f bytes", r.MisattributedSeries, r.MisattributedBytes),
 		fmt.Sprintf("series naming a replaced pod or its successor with more than it sent (of %d naming one, %d in all); %d pods replaced (%.2f/s), %d unresolved flows, %d batches held for a new pod", r.ChurnedPodSeries, r.PodPairSeries, r.Churned, float64(r.Churned)/r.Sending.Seconds(), r.Unresolved, r.Held))
 	row("setup / sending", fmt.Sprintf("%s / %s", r.Setup.Round(time.Second), r.Sending.Round(time.Second)), "control plane, pods, "+r.Options.Receiver+" and server; then traffic")
 	return tw.Flush()

@@ -24,12 +24,12 @@ func TestScaleSmall(t *testing.T) {
 	if res.Churned == 0 {
 		t.Errorf("no pod was replaced")
 	}
-	if res.MisattributedOwnNode > 0 {
-		t.Errorf("%d pod-pair series credited across a replacement with flows of the node holding the address", res.MisattributedOwnNode)
+	if res.MisattributedSources > 0 {
+		t.Errorf("%d pods credited, as the source, flows of another holder of their address (%.0f bytes)", res.MisattributedSources, res.MisattributedSourceBytes)
 	}
-	if res.MisattributedSeries > 0 {
-		t.Logf("misattributed under churn, flows of another node (not asserted): %d pod-pair series, %.0f bytes",
-			res.MisattributedSeries, res.MisattributedBytes)
+	if res.MisattributedDestinations > 0 {
+		t.Logf("misattributed under churn as the destination, flows of another node (not asserted): %d pods, %.0f bytes",
+			res.MisattributedDestinations, res.MisattributedDestinationBytes)
 	}
 }
 
