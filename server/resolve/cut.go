@@ -16,8 +16,9 @@ import (
 // go to the deleted pod, which the index still shows holding the address.
 // Only the reporting node's flows are ordered after the release (its
 // batches are one stream); another node's flow stamped after it may still
-// carry packets sent to the former holder before, so those keep the
-// informer's view.
+// carry packets sent to the former holder before, so for those the
+// release only stands in for the deletion the informer has not shown yet
+// (see afterCut).
 type cut struct {
 	node string
 	// released is when the agent saw the release, and at the time of
@@ -59,19 +60,32 @@ func (ix *index) cutAt(ip netip.Addr, c cut) bool {
 	return true
 }
 
-// afterCut resolves a flow of ip at time at reported by node, when node
-// reported a release of ip before at (applies is false otherwise, and the
-// caller keeps the index's answer): the holder is among the pods that got
-// the address after the release, by the rules of holderAt. With none
-// shown yet, the flow awaits one until ReuseWindow after at (the informer
-// shows an assignment at most that long after it happened, and the flow's
-// packets came after the assignment), and is then nobody's. s is the
-// address's slot as lookupSlot returned it, and former what lookupSlot
-// resolved (returned while awaiting, for the node it names).
+// afterCut resolves a flow of ip at time at reported by node, when a
+// release of ip was reported before at (applies is false otherwise, and
+// the caller keeps the index's answer).
+//
+// The reporting node's flows stamped after its report go to a pod that
+// got the address after the release, by the rules of holderAt. With none
+// shown yet, such a flow awaits one until ReuseWindow after at (the
+// informer shows an assignment at most that long after it happened, and
+// the flow's packets came after the assignment), and is then nobody's.
+//
+// Another node's flow stamped after the release may carry packets sent
+// before it, to the released pod, drained later; the release only
+// replaces what the informer may not show yet. The flow goes to a pod
+// that got the address after the release when that pod may have held it
+// at the flow's time (the informer showed it at most ReuseWindow after),
+// else to the released pod, as holderAt does after a release the
+// informer saw; while the informer shows no later pod, it awaits one
+// until ReuseWindow after the release, as awaitsHolder does.
+//
+// s is the address's slot as lookupSlot returned it, and former what
+// lookupSlot resolved: the released pod, while the informer shows it.
 func (ix *index) afterCut(ip netip.Addr, at time.Time, node string, s *addrSlot, former *Endpoint, now time.Time) (ep *Endpoint, awaiting, applies bool) {
 	c, ok := ix.cuts.Peek(ip)
 	t := at.UnixNano()
-	if !ok || c.node != node || t <= c.at {
+	own := ok && c.node == node
+	if !ok || (own && t <= c.at) || (!own && t <= c.released) {
 		return nil, false, false
 	}
 	var after []heldBy
@@ -87,12 +101,23 @@ func (ix *index) afterCut(ip netip.Addr, at time.Time, node string, s *addrSlot,
 	if s.pod != nil && s.since > c.released {
 		cur = s.ep
 	}
-	switch {
-	case len(after) == 0 && cur == nil:
-		if now.UnixNano() < t+ix.reuse {
+	if len(after) == 0 && cur == nil {
+		switch {
+		case own && now.UnixNano() < t+ix.reuse:
 			return former, true, true
+		case own:
+			return nil, false, true
+		default:
+			return former, now.UnixNano() < c.released+ix.reuse, true
 		}
-		return nil, false, true
+	}
+	first := s.since
+	if len(after) > 0 {
+		first = after[0].since
+	}
+	switch {
+	case !own && t < first-ix.reuse:
+		return former, false, true
 	case len(after) == 0:
 		return cur, false, true
 	}

@@ -569,10 +569,13 @@ func inBackground(step func(n int) int) (stop func() int) {
 
 // TestReportedRelease: the pod of node n-a holding an address is reported
 // released by n-a's agent (Released) at base+10s. n-a's flows stamped
-// after that go to a pod that got the address later, and await one while
-// the informer shows none (less than the window after the flow), whatever
-// the informer still shows of the released pod; its flows up to the
-// release, and every other node's flows, keep the informer's view.
+// after its report go to a pod that got the address later, and await one
+// while the informer shows none (less than the window after the flow),
+// whatever the informer still shows of the released pod; its flows up to
+// the release keep the informer's view. Another node's flows after the
+// release go to the later pod as after a release the informer saw (the
+// released pod's for a flow long before the later pod showed up), and
+// await one less than the window after the release.
 func TestReportedRelease(t *testing.T) {
 	const window = 2 * time.Second
 	ip := netip.MustParseAddr("10.5.0.1")
@@ -613,8 +616,16 @@ func TestReportedRelease(t *testing.T) {
 			"n-a", "n-a", 11*time.Second + 200*time.Millisecond, 12 * time.Second, "old", true},
 		{"own node, report after the new pod was shown, flow before the release", []event{{10*time.Second + 500*time.Millisecond, "delete"}, {10*time.Second + 600*time.Millisecond, "create"}, {11 * time.Second, "report"}},
 			"n-a", "n-a", 9 * time.Second, 12 * time.Second, "old", false},
-		{"another node, after", []event{{10 * time.Second, "report"}},
+		{"another node, after, window over", []event{{10 * time.Second, "report"}},
 			"n-a", "n-b", 11 * time.Second, 12 * time.Second, "old", false},
+		{"another node, after, the informer still shows the old pod", []event{{10 * time.Second, "report"}},
+			"n-a", "n-b", 11 * time.Second, 11*time.Second + 500*time.Millisecond, "old", true},
+		{"another node, before the release", []event{{10 * time.Second, "report"}},
+			"n-a", "n-b", 9 * time.Second, 11*time.Second + 500*time.Millisecond, "old", false},
+		{"another node, after, new pod shown", []event{{10 * time.Second, "report"}, {10*time.Second + 600*time.Millisecond, "create"}},
+			"n-a", "n-b", 11 * time.Second, 11*time.Second + 500*time.Millisecond, "new", false},
+		{"another node, new pod shown long after the flow", []event{{10 * time.Second, "report"}, {14 * time.Second, "create"}},
+			"n-a", "n-b", 11 * time.Second, 15 * time.Second, "old", false},
 		{"reported by a node that did not hold it", []event{{10 * time.Second, "report"}},
 			"n-b", "n-b", 11 * time.Second, 12 * time.Second, "old", false},
 	} {
