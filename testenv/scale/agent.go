@@ -38,6 +38,9 @@ type agent struct {
 	incarnation string
 	seq         uint64
 	enc         wire.Encoder
+	// notify is woken at a release on the node: the agent drains at
+	// once, as the real one does (see run).
+	notify chan struct{}
 
 	// ready holds batches encoded before the sending (Options.Pregenerate),
 	// sent in order (sent of them acknowledged so far); with it, run
@@ -67,11 +70,15 @@ func newAgent(w *world, node int, serverURL string, seed uint64) (*agent, error)
 	if _, err := crand.Read(raw[:]); err != nil {
 		return nil, fmt.Errorf("choosing an incarnation: %w", err)
 	}
-	return &agent{
+	a := &agent{
 		w: w, node: node, client: c, rng: rand.New(rand.NewPCG(seed, uint64(node))),
-		incarnation: hex.EncodeToString(raw[:]),
-		truth:       map[pair]flow.Counts{}, zones: map[zonePair]flow.Counts{},
-	}, nil
+		incarnation: hex.EncodeToString(raw[:]), notify: make(chan struct{}, 1),
+		truth: map[pair]flow.Counts{}, zones: map[zonePair]flow.Counts{},
+	}
+	w.relMu.Lock()
+	w.notify[node] = a.notify
+	w.relMu.Unlock()
+	return a, nil
 }
 
 // generated is a batch and the pods its flows are attributed to, by name
@@ -205,11 +212,17 @@ func (a *agent) tally(g generated) {
 // run sends batches at one per interval until stop is closed, then
 // returns once the batch in flight is acknowledged. ctx ends everything,
 // in-flight batch included.
+//
+// A release on the node is sent at once, as the real agent drains and
+// sends when it sees one, in a batch of its own: here without flows (so
+// the offered rate stays the scheduled batches'), the next scheduled
+// batch carrying the traffic.
 func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch int, stop <-chan struct{}) error {
 	backoff := &remotewrite.Backoff{Min: 100 * time.Millisecond, Max: 2 * time.Second}
 	next := time.Now().Add(time.Duration(a.rng.Int64N(int64(interval)))) // spread the agents
 	for {
 		t := time.NewTimer(time.Until(next))
+		released := false
 		select {
 		case <-ctx.Done():
 			t.Stop()
@@ -217,16 +230,28 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 		case <-stop:
 			t.Stop()
 			return nil
+		case <-a.notify:
+			t.Stop()
+			released = a.ready == nil
 		case <-t.C:
 		}
 		var body []byte
 		var g generated // the batch generated now, without Pregenerate
-		if a.ready != nil {
+		switch {
+		case released:
+			g = a.generate(0)
+			if len(g.batch.Released) == 0 {
+				continue // taken by a batch in between
+			}
+			a.seq++
+			g.batch.Node, g.batch.Incarnation, g.batch.Seq = nodeName(a.node), a.incarnation, a.seq
+			body = a.enc.Encode(&g.batch)
+		case a.ready != nil:
 			if a.sent == len(a.ready) {
 				return nil // every pregenerated batch was sent
 			}
 			body = a.ready[a.sent].body
-		} else {
+		default:
 			g = a.generate(flowsPerBatch)
 			a.seq++
 			g.batch.Node, g.batch.Incarnation, g.batch.Seq = nodeName(a.node), a.incarnation, a.seq
@@ -247,6 +272,9 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 		}
 		a.lastAck = time.Now()
 		a.batches++
+		if released {
+			continue // the schedule goes on
+		}
 		// Acknowledged: what the batch carries joins the truth.
 		if a.ready != nil {
 			a.sent++

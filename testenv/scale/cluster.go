@@ -56,6 +56,9 @@ type world struct {
 	// sees when a pod's host route goes away (wire.Batch.Released).
 	relMu    sync.Mutex
 	released map[int][]wire.Release
+	// notify wakes a node's agent at a release (see agent.run), for
+	// the nodes that have one.
+	notify map[int]chan struct{}
 }
 
 // zoneOf names node n's zone.
@@ -71,7 +74,7 @@ func podCIDR(n int) netip.Prefix {
 }
 
 func newWorld(opts Options, c kubernetes.Interface, rng *rand.Rand) *world {
-	w := &world{opts: opts, client: c, deleted: map[string]time.Time{}, released: map[int][]wire.Release{}}
+	w := &world{opts: opts, client: c, deleted: map[string]time.Time{}, released: map[int][]wire.Release{}, notify: map[int]chan struct{}{}}
 	total := opts.Nodes * opts.PodsPerNode
 	w.slots = make([]slot, total)
 	for i := range w.slots {
@@ -196,7 +199,14 @@ func (w *world) replace(ctx context.Context, i int) error {
 	s.vacant = true
 	if !w.opts.NoReleases {
 		w.relMu.Lock()
-		w.released[s.node] = append(w.released[s.node], wire.Release{Addr: s.ip, Time: time.Now()})
+		// Only a node with an agent reports.
+		if ch := w.notify[s.node]; ch != nil {
+			w.released[s.node] = append(w.released[s.node], wire.Release{Addr: s.ip, Time: time.Now()})
+			select {
+			case ch <- struct{}{}:
+			default: // already woken
+			}
+		}
 		w.relMu.Unlock()
 	}
 	old, uid := s.pod, s.uid
