@@ -80,15 +80,18 @@
 // that got the address after the release, by the rules above; while the
 // informer shows none, Lookup reports the address awaiting one, up to
 // --released-ip-reuse-window after the flow, and the flow is then
-// nobody's ("no_pod") rather than the released pod's. A release is
-// recorded only for an address that a pod of the reporting node held at
-// the release; the last one per address is kept, in an LRU as large as
-// the released-IP one. Other nodes' flows keep the informer's view: a
-// batch drained after the release may carry packets sent before it, to
-// the released pod. The agent's times are its node's clock and the
-// informer's the server's: they are compared, so clocks apart by more
-// than a new pod takes to get an address (its sandbox, then its status)
-// could keep a flow from the right pod.
+// nobody's ("no_pod") rather than the released pod's. For other nodes'
+// flows the release stands in for the deletion the informer may not show
+// yet: stamped after it, they go to a later pod shown at most the window
+// after the flow, await one up to the window after the release, and
+// otherwise go to the released pod (their batch may carry packets sent
+// before the release). A release is recorded only for an address that a
+// pod of the reporting node held at the release; the last one per address
+// is kept, in an LRU as large as the released-IP one. The agent's times
+// are its node's clock and the informer's the server's: they are
+// compared, so clocks apart by more than a new pod takes to get an
+// address (its sandbox, then its status) could keep a flow from the
+// right pod.
 //
 // # Services
 //
