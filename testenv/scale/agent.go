@@ -54,8 +54,10 @@ type agent struct {
 	zones     map[zonePair]flow.Counts
 	flows     int64
 	batches   int64
+	// releaseBatches carried a release alone (see run).
+	releaseBatches int64
 	retries   int64
-	latencies []time.Duration // every POST attempt's round trip
+	latencies []time.Duration // every POST attempt's round trip, flow batches only
 	lastAck   time.Time
 }
 
@@ -260,7 +262,11 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 		err := remotewrite.Retry(ctx, backoff, nil, func() error {
 			start := time.Now()
 			_, err := a.client.Store(ctx, body)
-			a.latencies = append(a.latencies, time.Since(start))
+			if !released {
+				// The latency measured is flow batches' (a release
+				// alone is a small request).
+				a.latencies = append(a.latencies, time.Since(start))
+			}
 			return err
 		}, func(error, time.Duration) { a.retries++ })
 		if err != nil {
@@ -271,10 +277,11 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 			return err
 		}
 		a.lastAck = time.Now()
-		a.batches++
 		if released {
+			a.releaseBatches++
 			continue // the schedule goes on
 		}
+		a.batches++
 		// Acknowledged: what the batch carries joins the truth.
 		if a.ready != nil {
 			a.sent++

@@ -349,6 +349,7 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 		}
 		res.Flows += a.flows
 		res.Batches += a.batches
+		res.ReleaseBatches += a.releaseBatches
 		res.Retries += a.retries
 		res.latencies = append(res.latencies, a.latencies...)
 		for p, c := range a.truth {
