@@ -50,15 +50,15 @@ type agent struct {
 	sent  int
 
 	// Outcome, read once the agent returned.
-	truth     map[pair]flow.Counts
-	zones     map[zonePair]flow.Counts
-	flows     int64
-	batches   int64
+	truth   map[pair]flow.Counts
+	zones   map[zonePair]flow.Counts
+	flows   int64
+	batches int64
 	// releaseBatches carried a release alone (see run).
 	releaseBatches int64
-	retries   int64
-	latencies []time.Duration // every POST attempt's round trip, flow batches only
-	lastAck   time.Time
+	retries        int64
+	latencies      []time.Duration // every POST attempt's round trip, flow batches only
+	lastAck        time.Time
 }
 
 func newAgent(w *world, node int, serverURL string, seed uint64) (*agent, error) {
