@@ -69,7 +69,9 @@ demo: deps build
 # ~230 pods/s on 2 cores, so the setup alone takes minutes there).
 #   1.8 million series, the server alone on CPU 0 (BENCHMARKS.md):
 #     SCALE_FLAGS='-server-cpus 0 -peers-per-pod 250 -batches-per-second 40 -duration 2m -churn-per-second 20'
-# (-server-flag passes a flag to the server, e.g. -server-flag=--checkpoint-interval=1h).
+# (-server-flag passes a flag to the server, e.g. -server-flag=--checkpoint-interval=1h;
+# -no-releases makes the agents report no address release: the baseline of
+# misattribution under churn).
 #   Sustained ingest, every batch encoded before the sending (-pregenerate,
 #   no churn), the server alone on CPU 0 (BENCHMARKS.md):
 #     SCALE_FLAGS='-server-cpus 0 -nodes 300 -pods-per-node 30 -agents 300 -peers-per-pod 20 -flows-per-batch 2000 -pregenerate -churn-per-second 0 -batches-per-second 1250 -duration 20s'

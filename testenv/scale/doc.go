@@ -10,14 +10,18 @@
 // the same bytes on a retryable answer as the real agent does, at an offered
 // rate. Pods churn meanwhile: a pod is deleted and another one, with a new
 // name and UID, created with the same address, as a Deployment rollout with a
-// sticky-IP CNI would.
+// sticky-IP CNI would. As the real agent does when a pod's host route goes,
+// the agent of the pod's node reports the release at once, in a batch of
+// its own, before the pod is deleted in the API server (Options.NoReleases
+// turns that off, for the baseline).
 //
 // Run keeps its own ground truth, the bytes and packets acknowledged per
 // (source pod, destination pod) pair, each flow attributed to the pods that
 // held its addresses when the simulated agent generated it, and compares it
 // with what the receiver holds after the server's last push: totals and
-// per zone pair must be exact; pod-pair series credited to a pod that was
-// deleted before the flows were generated count as misattributed.
+// per zone pair must be exact; a replaced pod or its successor credited
+// more bytes than it sent, as the source or as the destination, is
+// misattributed.
 //
 // The result is a table (Result.WriteTable) of throughput, server CPU and
 // memory per flow and per pod pair, ingest latency, push duration, exactness
