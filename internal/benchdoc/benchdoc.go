@@ -74,6 +74,7 @@ var Components = []Component{
 	{Name: "scale", Verbatim: true, Commands: []string{
 		`go run ./testenv/scale/cmd/scale`,
 		`go run ./testenv/scale/cmd/scale -server-cpus 0 -peers-per-pod 250 -batches-per-second 40 -duration 2m -churn-per-second 20`,
+		`go run ./testenv/scale/cmd/scale -server-cpus 0 -peers-per-pod 250 -batches-per-second 40 -duration 2m -churn-per-second 20 -no-releases`,
 		`GOGC=100 go run ./testenv/scale/cmd/scale -server-cpus 0 -peers-per-pod 250 -batches-per-second 40 -duration 2m -churn-per-second 20`,
 		`go run ./testenv/scale/cmd/scale -server-cpus 0 -peers-per-pod 250 -batches-per-second 40 -duration 2m -churn-per-second 20 -receiver Prometheus`,
 	}},
