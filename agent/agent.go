@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -74,6 +75,11 @@ type Agent struct {
 	// routes follows the pods' host routes (Config.ReportReleases); nil
 	// when releases are not reported.
 	routes *hostRoutes
+	// notices posts release notices, one at a time (noticeBusy), with
+	// its own encoder: the main loop's is the batches'.
+	notices    *remotewrite.Client
+	noticeEnc  wire.Encoder
+	noticeBusy atomic.Bool
 }
 
 // New wires an agent around an already loaded datapath. nodes may be nil
@@ -90,6 +96,10 @@ func New(cfg Config, dp Datapath, nodes nodeGetter, log *slog.Logger) (*Agent, e
 	if err != nil {
 		return nil, err
 	}
+	notices, err := newNoticeClient(cfg)
+	if err != nil {
+		return nil, err
+	}
 	reg := metrics.New(metrics.Label{Name: wire.LabelNode, Value: cfg.NodeName})
 	a := &Agent{
 		cfg:         cfg,
@@ -97,6 +107,7 @@ func New(cfg Config, dp Datapath, nodes nodeGetter, log *slog.Logger) (*Agent, e
 		dp:          dp,
 		nodes:       nodes,
 		client:      client,
+		notices:     notices,
 		reg:         reg,
 		m:           newAgentMetrics(reg),
 		buf:         newBuffer(cfg.MaxBufferedFlows),
@@ -224,12 +235,44 @@ func (a *Agent) routeUpdate(u routeUpdate) {
 		// What was drained before still goes before the release.
 		a.log.Error("draining the datapath at an address release", "err", err)
 	}
-	if n := a.buf.seal(releases(rel, now), now); n > 0 {
+	// The sealed part's batch time, fixed now (see build) so that a
+	// notice can name it.
+	at := now
+	if at.UnixMilli() <= a.lastTime.UnixMilli() {
+		at = time.UnixMilli(a.lastTime.UnixMilli() + 1)
+	}
+	if n := a.buf.seal(releases(rel, now), at); n > 0 {
 		a.m.releasesUnordered.Add(float64(n))
 		a.log.Warn("address releases merged with flows drained after them, while the server did not acknowledge: those flows may be credited to the released pods", "releases", n)
 	}
 	a.m.releases.Add(float64(len(rel)))
 	a.log.Debug("pod addresses released", "addresses", fmt.Sprint(rel))
+	if a.inflight != nil {
+		a.sendNotice()
+	}
+}
+
+// sendNotice posts the sealed part's releases ahead of its batch, which
+// waits for the batch in flight (internal/wire, "Release notices"): one
+// notice at a time, best effort (the batch carries the releases anyway).
+func (a *Agent) sendNotice() {
+	_, rels, at, ok := a.buf.peekSealed()
+	if !ok || !a.noticeBusy.CompareAndSwap(false, true) {
+		return
+	}
+	wb := wire.Batch{Node: a.cfg.NodeName, Incarnation: a.incarnation, Seq: a.seq + 1, Time: at, Released: rels}
+	body := slices.Clone(a.noticeEnc.Encode(&wb))
+	go func() {
+		defer a.noticeBusy.Store(false)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := a.notices.Store(ctx, body); err != nil {
+			a.m.noticeFailures.Inc()
+			a.log.Debug("release notice not accepted; its batch carries the releases", "err", err)
+			return
+		}
+		a.m.notices.Inc()
+	}()
 }
 
 // tableWarnEvery spaces the warnings about a flow table too small for the

@@ -132,5 +132,10 @@ func (b *buffer) takeSealed() (records []flow.Record, rels []wire.Release, at ti
 	return records, rels, at, true
 }
 
+// peekSealed is takeSealed without taking.
+func (b *buffer) peekSealed() (records []flow.Record, rels []wire.Release, at time.Time, ok bool) {
+	return b.sealed, b.sealedRel, b.sealedAt, len(b.sealedRel) > 0
+}
+
 // hasSealed reports a sealed part waiting to be sent.
 func (b *buffer) hasSealed() bool { return len(b.sealedRel) > 0 }

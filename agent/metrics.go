@@ -25,6 +25,7 @@ type agentMetrics struct {
 	spilled                         *metrics.Counter
 	releases, releasesUnordered     *metrics.Counter
 	routeResyncs                    *metrics.Counter
+	notices, noticeFailures         *metrics.Counter
 	buffered                        atomic.Int64
 }
 
@@ -51,8 +52,10 @@ func newAgentMetrics(r *metrics.Registry) *agentMetrics {
 		releases:        r.Counter("kubezonnet_agent_address_releases_total", "Pod addresses this node's pods released (host route or its link deleted, or the route moved to another link), each reported to the server in a batch of what was drained up to it."),
 		releasesUnordered: r.Counter("kubezonnet_agent_address_releases_unordered_total",
 			"Releases whose batch, still unsent when another release came, took flows of their address drained after them: those flows may be credited to the released pod. Normally zero; grows while the server does not acknowledge."),
-		routeResyncs: r.Counter("kubezonnet_agent_route_resyncs_total", "Times route notifications were lost (the netlink socket overflowed) and the host routes were listed again; releases in between are reported then."),
-		stuckCPUs:    r.Counter("kubezonnet_agent_drain_stuck_cpus_total", "CPUs a drain stopped waiting for: their in-flight counter was still not zero when the drain's bounded wait ran out (one per CPU per drain). Counts such a CPU wrote late into the old generation may be lost; normally zero."),
+		notices:        r.Counter("kubezonnet_agent_release_notices_total", "Release notices the server accepted: releases sent ahead of their batch while another batch was in flight."),
+		noticeFailures: r.Counter("kubezonnet_agent_release_notice_failures_total", "Release notices that failed (not resent: their batch carries the releases)."),
+		routeResyncs:   r.Counter("kubezonnet_agent_route_resyncs_total", "Times route notifications were lost (the netlink socket overflowed) and the host routes were listed again; releases in between are reported then."),
+		stuckCPUs:      r.Counter("kubezonnet_agent_drain_stuck_cpus_total", "CPUs a drain stopped waiting for: their in-flight counter was still not zero when the drain's bounded wait ran out (one per CPU per drain). Counts such a CPU wrote late into the old generation may be lost; normally zero."),
 	}
 	reasons := agentReasons
 	for i := range bpf.NumReasons {

@@ -33,6 +33,7 @@ type receiver struct {
 	flows    map[pair]flow.Counts
 	total    flow.Counts
 	batches  []wire.Batch
+	notices  []wire.Batch // release notices, in arrival order
 	srv      *httptest.Server
 }
 
@@ -61,7 +62,7 @@ func (r *receiver) handle(w http.ResponseWriter, req *http.Request) {
 			r.t.Errorf("header %s = %q, want %q", h, got, want)
 		}
 	}
-	if req.URL.Path != "/api/v1/write" || req.Method != http.MethodPost {
+	if (req.URL.Path != "/api/v1/write" && req.URL.Path != "/api/v1/releases") || req.Method != http.MethodPost {
 		r.t.Errorf("request %s %s", req.Method, req.URL.Path)
 	}
 	var d wire.Decoder
@@ -73,6 +74,15 @@ func (r *receiver) handle(w http.ResponseWriter, req *http.Request) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if req.URL.Path == "/api/v1/releases" {
+		// A release notice: recorded, nothing applied.
+		if len(b.Flows) > 0 {
+			r.t.Errorf("release notice with %d flows", len(b.Flows))
+		}
+		r.notices = append(r.notices, b)
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
 	r.requests++
 	if prev, ok := r.bodies[b.Seq]; ok {
 		if string(prev) != string(body) {

@@ -3,10 +3,12 @@
 package agent
 
 import (
+	"net/http"
 	"net/netip"
 	"os/exec"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -146,7 +148,9 @@ func TestReleaseSealsItsBatch(t *testing.T) {
 		ipIn(t, ns, "route", "add", "10.0.0.128/25", "dev", "p5")
 	})
 	ns := ra.inj.ns
-	waitFor(t, "the agent following routes", func() bool { return ra.logs.String() != "" && strings.Contains(ra.logs.String(), "following pod host routes") })
+	waitFor(t, "the agent following routes", func() bool {
+		return ra.logs.String() != "" && strings.Contains(ra.logs.String(), "following pod host routes")
+	})
 	ipIn(t, ns, "link", "add", "p6", "type", "veth", "peer", "name", "p6x")
 	ipIn(t, ns, "link", "set", "p6", "up")
 	ipIn(t, ns, "route", "add", "10.0.0.6/32", "dev", "p6")
@@ -221,5 +225,67 @@ func ipIn(t *testing.T, ns string, args ...string) {
 	t.Helper()
 	if out, err := exec.Command("ip", append([]string{"-n", ns}, args...)...).CombinedOutput(); err != nil {
 		t.Fatalf("ip -n %s %s: %v: %s", ns, strings.Join(args, " "), err, out)
+	}
+}
+
+// TestReleaseNotice: a release seen while a batch is in flight (the
+// server refuses it for now) is sent ahead as a notice naming the batch
+// that will carry it, which follows once the first is accepted.
+func TestReleaseNotice(t *testing.T) {
+	var blocked atomic.Bool
+	blocked.Store(true)
+	rcv := newReceiver(t, func(int) (int, bool) {
+		if blocked.Load() {
+			return http.StatusServiceUnavailable, false
+		}
+		return http.StatusNoContent, true
+	})
+	cfg := testConfig(rcv.srv.URL)
+	cfg.FlushInterval = time.Hour
+	cfg.ReportReleases = true
+	ra := startAgentWith(t, cfg, func(ns string) {
+		for _, p := range []string{"p5", "p6"} {
+			ipIn(t, ns, "link", "add", p, "type", "veth", "peer", "name", p+"x")
+			ipIn(t, ns, "link", "set", p, "up")
+		}
+		ipIn(t, ns, "route", "add", "10.0.0.5/32", "dev", "p5")
+		ipIn(t, ns, "route", "add", "10.0.0.6/32", "dev", "p6")
+	})
+	ns := ra.inj.ns
+	ipIn(t, ns, "route", "del", "10.0.0.5/32", "dev", "p5")
+	waitFor(t, "the batch of the first release refused", func() bool {
+		rcv.mu.Lock()
+		defer rcv.mu.Unlock()
+		return rcv.requests >= 1
+	})
+	ipIn(t, ns, "route", "del", "10.0.0.6/32", "dev", "p6")
+	waitFor(t, "the notice of the second release", func() bool {
+		rcv.mu.Lock()
+		defer rcv.mu.Unlock()
+		return len(rcv.notices) >= 1
+	})
+	blocked.Store(false)
+	waitFor(t, "both batches", func() bool {
+		rcv.mu.Lock()
+		defer rcv.mu.Unlock()
+		return len(rcv.batches) >= 2
+	})
+	rcv.mu.Lock()
+	defer rcv.mu.Unlock()
+	n, carrier := rcv.notices[0], rcv.batches[1]
+	if len(n.Released) != 1 || n.Released[0].Addr != netip.MustParseAddr("10.0.0.6") {
+		t.Fatalf("notice reports %v, want 10.0.0.6", n.Released)
+	}
+	if n.Seq != carrier.Seq || !n.Time.Equal(carrier.Time) || n.Incarnation != carrier.Incarnation {
+		t.Errorf("notice names batch %d at %v, the release came in batch %d at %v", n.Seq, n.Time, carrier.Seq, carrier.Time)
+	}
+	if len(carrier.Released) != 1 || carrier.Released[0].Addr != n.Released[0].Addr || !carrier.Released[0].Time.Equal(n.Released[0].Time) {
+		t.Errorf("the carrying batch reports %v, the notice %v", carrier.Released, n.Released)
+	}
+	if first := rcv.batches[0]; len(first.Released) != 1 || first.Released[0].Addr != netip.MustParseAddr("10.0.0.5") {
+		t.Errorf("first batch reports %v, want 10.0.0.5", first.Released)
+	}
+	if v := metricValue(t, ra.Agent, "kubezonnet_agent_release_notices_total", ""); v != 1 {
+		t.Errorf("kubezonnet_agent_release_notices_total = %v, want 1", v)
 	}
 }

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"strings"
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
@@ -20,6 +21,18 @@ func newClient(cfg Config) (*remotewrite.Client, error) {
 		Timeout:         max(cfg.FlushInterval, 5*time.Second),
 		BearerTokenFile: cfg.TokenFile,
 	}, remotewrite.ClientOptions{RetryOn429: true, Component: "agent"})
+}
+
+// newNoticeClient builds the client of the server's release notices
+// (internal/wire, "Release notices"): the same as newClient's, to another
+// path, with a short timeout (a notice is best effort).
+func newNoticeClient(cfg Config) (*remotewrite.Client, error) {
+	return remotewrite.NewClient(remotewrite.EndpointConfig{
+		Name:            "server-releases",
+		URL:             strings.TrimSuffix(cfg.ServerURL, "/") + "/api/v1/releases",
+		Timeout:         5 * time.Second,
+		BearerTokenFile: cfg.TokenFile,
+	}, remotewrite.ClientOptions{Component: "agent"})
 }
 
 // sendWithRetry posts body until it is accepted, refused for good, or ctx

@@ -97,7 +97,11 @@ type IngestConfig struct {
 	Limits wire.Limits
 }
 
-// Ingest is the POST /api/v1/write handler: it authenticates, decodes,
+// ReleasesPath takes release notices: a batch's header and releases,
+// without flows (internal/wire, "Release notices").
+const ReleasesPath = "/api/v1/releases"
+
+// Ingest is the POST /api/v1/write handler (and ReleasesPath's): it authenticates, decodes,
 // de-duplicates, resolves, aggregates and logs one agent batch per request.
 type Ingest struct {
 	cfg    IngestConfig
@@ -128,11 +132,12 @@ type Ingest struct {
 	foreign    *metrics.Counter
 	noService  *metrics.Counter
 	// releases counts the released addresses agents reported: recorded,
-	// or ignored (no pod of the reporting node held the address then).
-	releases, releasesIgnored *metrics.Counter
-	batches                   *metrics.Counter
-	flows                     *metrics.Counter
-	flowBytes                 *metrics.Counter
+	// or ignored (no pod of the reporting node held the address then);
+	// notices the release notices.
+	releases, releasesIgnored, notices *metrics.Counter
+	batches                            *metrics.Counter
+	flows                              *metrics.Counter
+	flowBytes                          *metrics.Counter
 }
 
 // work is the per-request scratch state, pooled: a decoder with its
@@ -181,6 +186,7 @@ func newIngest(cfg IngestConfig, d ingestDeps) *Ingest {
 			metrics.Label{Name: "result", Value: "recorded"}),
 		releasesIgnored: reg.Counter("kubezonnet_server_address_releases_total", "",
 			metrics.Label{Name: "result", Value: "ignored"}),
+		notices:   reg.Counter("kubezonnet_server_release_notices_total", "Release notices accepted on "+ReleasesPath+" (an agent's releases sent ahead of the batch that carries them)."),
 		batches:   reg.Counter("kubezonnet_server_batches_applied_total", "Agent batches applied (duplicates excluded)."),
 		flows:     reg.Counter("kubezonnet_server_flows_total", "Flows applied from agent batches."),
 		flowBytes: reg.Counter("kubezonnet_server_flow_bytes_total", "Bytes of the flows applied from agent batches."),
@@ -320,6 +326,10 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !id.mayReport(b.Node) {
 		in.refuse(w, http.StatusForbidden, reasonNodeMismatch,
 			"credentials of node %q may not report for node %q", id.node, b.Node)
+		return
+	}
+	if r.URL.Path == ReleasesPath {
+		in.notice(w, b)
 		return
 	}
 	if ip, hold := in.screen(wk); hold {
@@ -472,13 +482,7 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 		in.flog.Send(logged)
 	}
 	// After the batch's own flows, which are the former holders'.
-	for _, r := range b.Released {
-		if in.res.Released(r.Addr, b.Node, r.Time, at) {
-			in.releases.Inc()
-		} else {
-			in.releasesIgnored.Inc()
-		}
-	}
+	in.recordReleases(b)
 	in.agents.update(b.Node, b.Metrics, now)
 	in.batches.Inc()
 	if len(flows) > 0 {
@@ -489,6 +493,34 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 		in.foreign.Add(float64(foreign))
 	}
 	return pos
+}
+
+// recordReleases hands the releases a batch or a notice reports to the
+// resolver.
+func (in *Ingest) recordReleases(b *wire.Batch) {
+	for _, r := range b.Released {
+		if in.res.Released(r.Addr, b.Node, r.Time, b.Time) {
+			in.releases.Inc()
+		} else {
+			in.releasesIgnored.Inc()
+		}
+	}
+}
+
+// notice records the releases of a release notice (ReleasesPath) and
+// applies nothing else: an agent sends one while its batch in flight
+// keeps the batch that carries them waiting, so that the server learns of
+// the release at once.
+func (in *Ingest) notice(w http.ResponseWriter, b *wire.Batch) {
+	if len(b.Flows) > 0 {
+		in.refuse(w, http.StatusBadRequest, reasonMalformed,
+			"a release notice carries no flows (%d here): flows go to /api/v1/write", len(b.Flows))
+		return
+	}
+	in.recordReleases(b)
+	in.notices.Inc()
+	in.codes[http.StatusNoContent].Inc()
+	w.WriteHeader(http.StatusNoContent)
 }
 
 func (in *Ingest) countUnresolved(ep *resolve.Endpoint) {

@@ -321,3 +321,73 @@ func TestIngestReportedRelease(t *testing.T) {
 		t.Errorf("releases ignored = %v, want 1", v)
 	}
 }
+
+// TestIngestReleaseNotice: node-a sends its release of 10.0.0.1 ahead,
+// as a notice naming batch 2, while batch 1 is still to come. The notice
+// applies nothing; batches 1 and 2 (stamped up to the notice's time) go
+// to the pod that held the address, batch 3 waits for the next pod. A
+// notice with flows is refused.
+func TestIngestReleaseNotice(t *testing.T) {
+	client := fake.NewClientset(node("node-a", "zone-a", "192.168.0.1"), node("node-b", "zone-b", "192.168.0.2"),
+		statefulPod("shop", "web-0", "web", "node-a", "10.0.1.1"),
+		statefulPod("shop", "db-0", "db", "node-b", "10.0.2.1"))
+	res := realResolverOn(t, client, resolve.Config{ReleasedIPTTL: 10 * time.Minute, ReleasedIPCacheSize: 1024, ReuseWindow: 10 * time.Minute})
+	env := realEnv(t, res)
+	ip := netip.MustParseAddr("10.0.1.1")
+	t0 := time.Now().Truncate(time.Millisecond)
+	post := func(path string, b *wire.Batch) int {
+		hr, err := http.NewRequest(http.MethodPost, env.url+path, strings.NewReader(string(encode(b))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		hr.Header.Set("Content-Type", remotewrite.ContentType)
+		hr.Header.Set("Content-Encoding", remotewrite.ContentEncoding)
+		resp, err := http.DefaultClient.Do(hr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	release := []wire.Release{{Addr: ip, Time: t0.Add(2 * time.Millisecond)}}
+	b1 := batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1000, 10))
+	b1.Time = t0.Add(time.Millisecond)
+	b2 := batch("node-a", 2, rec("10.0.1.1", "10.0.2.1", 5432, 300, 3))
+	b2.Time, b2.Released = t0.Add(3*time.Millisecond), release
+	b3 := batch("node-a", 3, rec("10.0.1.1", "10.0.2.1", 5432, 50, 1))
+	b3.Time = t0.Add(4 * time.Millisecond)
+
+	withFlows := &wire.Batch{Node: "node-a", Incarnation: b2.Incarnation, Seq: 2, Time: b2.Time, Released: release, Flows: b2.Flows}
+	if code := post(ReleasesPath, withFlows); code != http.StatusBadRequest {
+		t.Errorf("notice with flows: %d, want 400", code)
+	}
+	notice := &wire.Batch{Node: "node-a", Incarnation: b2.Incarnation, Seq: 2, Time: b2.Time, Released: release}
+	if code := post(ReleasesPath, notice); code != http.StatusNoContent {
+		t.Fatalf("notice: %d, want 204", code)
+	}
+	if got := env.series(); len(got) != 0 {
+		t.Fatalf("a notice applied something: %v", got)
+	}
+	for _, b := range []*wire.Batch{b1, b2} {
+		if code := post("/api/v1/write", b); code != http.StatusNoContent {
+			t.Fatalf("batch %d, stamped up to the release's batch: %d, want 204", b.Seq, code)
+		}
+	}
+	if code := post("/api/v1/write", b3); code != http.StatusServiceUnavailable {
+		t.Fatalf("batch 3, after the release: %d, want 503", code)
+	}
+	if want := `pod_cross_zone_network_traffic_bytes_total{namespace="shop",pod="web-0"} 1300`; !slices.Contains(env.series(), want) {
+		t.Errorf("no %s in %v", want, env.series())
+	}
+	for metric, want := range map[string]float64{
+		"kubezonnet_server_release_notices_total":                        1,
+		`kubezonnet_server_address_releases_total{result="recorded"}`:    2, // the notice, then its batch
+		`kubezonnet_server_ingest_rejected_total{reason="awaiting_pod"}`: 1,
+		`kubezonnet_server_ingest_rejected_total{reason="malformed"}`:    1,
+	} {
+		name, labels, _ := strings.Cut(strings.TrimSuffix(metric, "}"), "{")
+		if v := env.metric(name, strings.ReplaceAll(labels, `"`, "")); v != want {
+			t.Errorf("%s = %v, want %v", metric, v, want)
+		}
+	}
+}

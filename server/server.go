@@ -97,6 +97,7 @@ func newServer(cfg *Config, d deps) (*Server, error) {
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/api/v1/write", s.ingest)
+	mux.Handle(ReleasesPath, s.ingest)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = io.WriteString(w, "ok\n")
 	})

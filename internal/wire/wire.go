@@ -64,6 +64,18 @@
 // request carrying any is refused as malformed. Unknown fields are
 // skipped.
 //
+// # Release notices
+//
+// An agent whose batch is in flight (being sent, or resent after a
+// refusal) when it sees a release cannot send the batch that carries it:
+// batches go one at a time. It may send the release ahead, to POST
+// /api/v1/releases, as a request of the same form with no flow: the header
+// of the batch that will carry the release (its seq and time) and the
+// released addresses. The server records the releases and applies nothing
+// else: it de-duplicates nothing, and a notice counts for no batch. The
+// batch still carries the releases; the same release reported twice
+// counts once. A notice is best effort: one that fails is not resent.
+//
 // # Exactly once
 //
 // The values are deltas, so a batch must be applied exactly once. An agent

@@ -34,8 +34,8 @@ type cut struct {
 // times are this server's and the agent's are its node's: clocks apart
 // by less than a new pod takes to get an address (its sandbox created,
 // then its status written) give the same answers. It reports whether the
-// release was recorded: only a pod address held at released by a pod of
-// node is, and only a release later than the one recorded for ip.
+// release is recorded: only a pod address held at released by a pod of
+// node is, and only a release not earlier than the one recorded for ip.
 func (r *Resolver) Released(ip netip.Addr, node string, released, at time.Time) bool {
 	ip = normalize(ip)
 	if !ip.IsValid() || ip.IsUnspecified() || node == "" || at.Before(released) {
@@ -48,12 +48,14 @@ func (r *Resolver) Released(ip netip.Addr, node string, released, at time.Time) 
 	return r.ix.cutAt(ip, cut{node: node, released: released.UnixNano(), at: at.UnixNano()})
 }
 
-// cutAt records c for ip unless a later release is recorded.
+// cutAt records c for ip unless a later release is recorded; the same
+// release again (the batch carrying a release its notice reported) keeps
+// the first report, and counts as recorded.
 func (ix *index) cutAt(ip netip.Addr, c cut) bool {
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
 	if prev, ok := ix.cuts.Peek(ip); ok && prev.released >= c.released {
-		return false
+		return prev.released == c.released && prev.node == c.node
 	}
 	ix.cuts.Add(ip, c)
 	ix.updateSlot(ip, func(s *addrSlot) { s.cut = true })

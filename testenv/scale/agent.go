@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
@@ -39,8 +40,14 @@ type agent struct {
 	seq         uint64
 	enc         wire.Encoder
 	// notify is woken at a release on the node: the agent drains at
-	// once, as the real one does (see run).
-	notify chan struct{}
+	// once, as the real one does (see run). While a batch is in flight
+	// (busy), the release also goes ahead as a notice (noticeWake), as
+	// the real agent's does.
+	notify, noticeWake chan struct{}
+	busy               atomic.Bool
+	sentSeq            atomic.Uint64 // seq, for the notices' header
+	notices            *remotewrite.Client
+	noticeEnc          wire.Encoder
 
 	// ready holds batches encoded before the sending (Options.Pregenerate),
 	// sent in order (sent of them acknowledged so far); with it, run
@@ -54,8 +61,10 @@ type agent struct {
 	zones   map[zonePair]flow.Counts
 	flows   int64
 	batches int64
-	// releaseBatches carried a release alone (see run).
+	// releaseBatches carried a release alone (see run); noticesSent are
+	// the notices the server accepted.
 	releaseBatches int64
+	noticesSent    atomic.Int64
 	retries        int64
 	latencies      []time.Duration // every POST attempt's round trip, flow batches only
 	lastAck        time.Time
@@ -74,13 +83,52 @@ func newAgent(w *world, node int, serverURL string, seed uint64) (*agent, error)
 	}
 	a := &agent{
 		w: w, node: node, client: c, rng: rand.New(rand.NewPCG(seed, uint64(node))),
-		incarnation: hex.EncodeToString(raw[:]), notify: make(chan struct{}, 1),
+		incarnation: hex.EncodeToString(raw[:]), notify: make(chan struct{}, 1), noticeWake: make(chan struct{}, 1),
 		truth: map[pair]flow.Counts{}, zones: map[zonePair]flow.Counts{},
 	}
+	if a.notices, err = remotewrite.NewClient(remotewrite.EndpointConfig{
+		Name: "server-releases", URL: serverURL + "/api/v1/releases", Timeout: 5 * time.Second,
+	}, remotewrite.ClientOptions{Component: "scale-agent"}); err != nil {
+		return nil, fmt.Errorf("creating the notice client of simulated agent %d: %w", node, err)
+	}
 	w.relMu.Lock()
-	w.notify[node] = a.notify
+	w.onRelease[node] = a.released
 	w.relMu.Unlock()
 	return a, nil
+}
+
+// released is told of a release on the node (under the world's relMu).
+func (a *agent) released() {
+	wake := func(ch chan struct{}) {
+		select {
+		case ch <- struct{}{}:
+		default: // already woken
+		}
+	}
+	wake(a.notify)
+	if a.busy.Load() {
+		wake(a.noticeWake)
+	}
+}
+
+// sendNotices posts a notice of the node's pending releases each time it
+// is woken, until ctx ends: best effort, as the real agent's.
+func (a *agent) sendNotices(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.noticeWake:
+		}
+		rels := a.w.pendingReleases(a.node)
+		if len(rels) == 0 {
+			continue
+		}
+		b := wire.Batch{Node: nodeName(a.node), Incarnation: a.incarnation, Seq: a.sentSeq.Load() + 1, Time: time.Now(), Released: rels}
+		if _, err := a.notices.Store(ctx, a.noticeEnc.Encode(&b)); err == nil {
+			a.noticesSent.Add(1)
+		}
+	}
 }
 
 // generated is a batch and the pods its flows are attributed to, by name
@@ -221,6 +269,9 @@ func (a *agent) tally(g generated) {
 // batch carrying the traffic.
 func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch int, stop <-chan struct{}) error {
 	backoff := &remotewrite.Backoff{Min: 100 * time.Millisecond, Max: 2 * time.Second}
+	noticeCtx, stopNotices := context.WithCancel(ctx)
+	defer stopNotices()
+	go a.sendNotices(noticeCtx)
 	next := time.Now().Add(time.Duration(a.rng.Int64N(int64(interval)))) // spread the agents
 	for {
 		t := time.NewTimer(time.Until(next))
@@ -259,6 +310,15 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 			g.batch.Node, g.batch.Incarnation, g.batch.Seq = nodeName(a.node), a.incarnation, a.seq
 			body = a.enc.Encode(&g.batch)
 		}
+		a.sentSeq.Store(a.seq)
+		a.busy.Store(true)
+		if len(a.w.pendingReleases(a.node)) > 0 {
+			// Seen just before: it waits for this batch too.
+			select {
+			case a.noticeWake <- struct{}{}:
+			default:
+			}
+		}
 		err := remotewrite.Retry(ctx, backoff, nil, func() error {
 			start := time.Now()
 			_, err := a.client.Store(ctx, body)
@@ -269,6 +329,7 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 			}
 			return err
 		}, func(error, time.Duration) { a.retries++ })
+		a.busy.Store(false)
 		if err != nil {
 			var se *remotewrite.StatusError
 			if errors.As(err, &se) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -56,9 +57,9 @@ type world struct {
 	// sees when a pod's host route goes away (wire.Batch.Released).
 	relMu    sync.Mutex
 	released map[int][]wire.Release
-	// notify wakes a node's agent at a release (see agent.run), for
-	// the nodes that have one.
-	notify map[int]chan struct{}
+	// onRelease tells a node's agent of a release (agent.released),
+	// for the nodes that have one.
+	onRelease map[int]func()
 }
 
 // zoneOf names node n's zone.
@@ -74,7 +75,7 @@ func podCIDR(n int) netip.Prefix {
 }
 
 func newWorld(opts Options, c kubernetes.Interface, rng *rand.Rand) *world {
-	w := &world{opts: opts, client: c, deleted: map[string]time.Time{}, released: map[int][]wire.Release{}, notify: map[int]chan struct{}{}}
+	w := &world{opts: opts, client: c, deleted: map[string]time.Time{}, released: map[int][]wire.Release{}, onRelease: map[int]func(){}}
 	total := opts.Nodes * opts.PodsPerNode
 	w.slots = make([]slot, total)
 	for i := range w.slots {
@@ -200,12 +201,9 @@ func (w *world) replace(ctx context.Context, i int) error {
 	if !w.opts.NoReleases {
 		w.relMu.Lock()
 		// Only a node with an agent reports.
-		if ch := w.notify[s.node]; ch != nil {
+		if tell := w.onRelease[s.node]; tell != nil {
 			w.released[s.node] = append(w.released[s.node], wire.Release{Addr: s.ip, Time: time.Now()})
-			select {
-			case ch <- struct{}{}:
-			default: // already woken
-			}
+			tell()
 		}
 		w.relMu.Unlock()
 	}
@@ -267,6 +265,14 @@ func (w *world) takeReleased(node int) []wire.Release {
 	r := w.released[node]
 	delete(w.released, node)
 	return r
+}
+
+// pendingReleases returns a copy of the releases on node that no batch
+// took yet.
+func (w *world) pendingReleases(node int) []wire.Release {
+	w.relMu.Lock()
+	defer w.relMu.Unlock()
+	return slices.Clone(w.released[node])
 }
 
 // nodeOfPod returns the node whose pod range holds addr (see podCIDR).

@@ -24,8 +24,9 @@ type Result struct {
 	// Flows and Batches acknowledged; Retries of batches answered with a
 	// retryable status or not at all.
 	Flows, Batches, Retries int64
-	// ReleaseBatches carried a release alone, sent as the node saw it.
-	ReleaseBatches int64
+	// ReleaseBatches carried a release alone, sent as the node saw it;
+	// Notices sent releases ahead of a batch in flight.
+	ReleaseBatches, Notices int64
 	// Churned is the number of pods replaced.
 	Churned int
 	// ServerCPU is the server's user plus system CPU time while the
@@ -236,7 +237,7 @@ func (r *Result) WriteTable(out io.Writer) error {
 	row("bytes per live series / pod pair", perSeries+" / "+perPair,
 		fmt.Sprintf("VmHWM / kubezonnet_server_series (%d) / cross-zone pod pairs sent (%d); %d folded", r.ServerSeries, r.CrossZonePairs, r.Folded))
 	row("ingest latency p50 / p99", fmt.Sprintf("%s / %s", r.Latency(0.5).Round(time.Microsecond), r.Latency(0.99).Round(time.Microsecond)),
-		fmt.Sprintf("client-side POST round trip of flow batches, %d attempts (and %d batches reporting a release alone)", len(r.latencies), r.ReleaseBatches))
+		fmt.Sprintf("client-side POST round trip of flow batches, %d attempts (and %d batches reporting a release alone, %d release notices)", len(r.latencies), r.ReleaseBatches, r.Notices))
 	row("push duration vs interval", fmt.Sprintf("%s / %s", r.PushDuration.Round(time.Millisecond), o.PushInterval),
 		fmt.Sprintf("kubezonnet_server_remote_write_push_duration_seconds of the last push, taken after the sending ended; reading and encoding the snapshot took %s of it", r.SnapshotDuration.Round(time.Millisecond)))
 	row("exactness bytes", exactness(float64(r.SentBytes), r.ReceivedBytes), fmt.Sprintf("sent %d, %s %.0f (sum of zone-pair series)", r.SentBytes, r.Options.Receiver, r.ReceivedBytes))

@@ -350,6 +350,7 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 		res.Flows += a.flows
 		res.Batches += a.batches
 		res.ReleaseBatches += a.releaseBatches
+		res.Notices += a.noticesSent.Load()
 		res.Retries += a.retries
 		res.latencies = append(res.latencies, a.latencies...)
 		for p, c := range a.truth {
