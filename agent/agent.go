@@ -405,7 +405,8 @@ func (a *Agent) shutdown(sendCh chan *batch, results chan sendResult, stopSender
 	drainErr := a.drain()
 	giveUp := func(what string) error {
 		stopSender()
-		lost := a.buf.take(nil)
+		sealed, _, _, _ := a.buf.takeSealed()
+		lost := append(a.buf.take(nil), sealed...)
 		var sum flow.Counts
 		for _, r := range lost {
 			sum.Add(r.Counts)

@@ -289,3 +289,39 @@ func TestReleaseNotice(t *testing.T) {
 		t.Errorf("kubezonnet_agent_release_notices_total = %v, want 1", v)
 	}
 }
+
+// TestShutdownCountsSealedPart: at shutdown, with the server refusing
+// every batch, the undelivered bytes reported include a part sealed at a
+// release behind the batch in flight.
+func TestShutdownCountsSealedPart(t *testing.T) {
+	rcv := newReceiver(t, func(int) (int, bool) { return http.StatusServiceUnavailable, false })
+	cfg := testConfig(rcv.srv.URL)
+	cfg.FlushInterval = time.Hour
+	cfg.ReportReleases = true
+	cfg.ShutdownTimeout = time.Second
+	ra := startAgentWith(t, cfg, func(ns string) {
+		for _, p := range []string{"p5", "p6"} {
+			ipIn(t, ns, "link", "add", p, "type", "veth", "peer", "name", p+"x")
+			ipIn(t, ns, "link", "set", p, "up")
+		}
+		ipIn(t, ns, "route", "add", "10.0.0.5/32", "dev", "p5")
+		ipIn(t, ns, "route", "add", "10.0.0.6/32", "dev", "p6")
+	})
+	ns := ra.inj.ns
+	ra.inject(t, "10.0.0.5", "10.1.0.1", 80, 100, 3)
+	ipIn(t, ns, "route", "del", "10.0.0.5/32", "dev", "p5")
+	waitFor(t, "the first release's batch in flight", func() bool {
+		rcv.mu.Lock()
+		defer rcv.mu.Unlock()
+		return rcv.requests >= 1
+	})
+	ra.inject(t, "10.0.0.6", "10.1.0.1", 80, 100, 2)
+	ipIn(t, ns, "route", "del", "10.0.0.6/32", "dev", "p6")
+	waitFor(t, "the second release sealed", func() bool {
+		return metricValue(t, ra.Agent, "kubezonnet_agent_address_releases_total", "") == 2
+	})
+	err := ra.stop()
+	if err == nil || !strings.Contains(err.Error(), "500 bytes not delivered") {
+		t.Fatalf("shutdown: %v, want 500 bytes not delivered (300 in flight, 200 sealed behind)", err)
+	}
+}

@@ -95,7 +95,7 @@ const (
 // default GOGC=100 lets grow to twice its size before a collection: 75
 // keeps the peak at 1.75 times the live heap for a third more
 // collections: in `make scale`'s largest profile (BENCHMARKS.md, beside a
-// run with GOGC=100) 14% less peak memory, at a CPU cost per million
+// run with GOGC=100) about 10% less peak memory, at a CPU cost per million
 // flows within the spread of runs with one setting, and no measurable
 // loss of throughput at saturation.
 // Prometheus makes the same choice for its head block.
