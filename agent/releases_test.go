@@ -220,6 +220,19 @@ func releaseBatch(batches []wire.Batch, addr string) int {
 	return -1
 }
 
+// twoPods gives the namespace two pods' veths, p5 and p6, with host routes
+// to 10.0.0.5 and 10.0.0.6.
+func twoPods(t *testing.T) func(ns string) {
+	return func(ns string) {
+		for _, p := range []string{"p5", "p6"} {
+			ipIn(t, ns, "link", "add", p, "type", "veth", "peer", "name", p+"x")
+			ipIn(t, ns, "link", "set", p, "up")
+		}
+		ipIn(t, ns, "route", "add", "10.0.0.5/32", "dev", "p5")
+		ipIn(t, ns, "route", "add", "10.0.0.6/32", "dev", "p6")
+	}
+}
+
 // ipIn runs ip(8) in the network namespace ns.
 func ipIn(t *testing.T, ns string, args ...string) {
 	t.Helper()
@@ -243,14 +256,7 @@ func TestReleaseNotice(t *testing.T) {
 	cfg := testConfig(rcv.srv.URL)
 	cfg.FlushInterval = time.Hour
 	cfg.ReportReleases = true
-	ra := startAgentWith(t, cfg, func(ns string) {
-		for _, p := range []string{"p5", "p6"} {
-			ipIn(t, ns, "link", "add", p, "type", "veth", "peer", "name", p+"x")
-			ipIn(t, ns, "link", "set", p, "up")
-		}
-		ipIn(t, ns, "route", "add", "10.0.0.5/32", "dev", "p5")
-		ipIn(t, ns, "route", "add", "10.0.0.6/32", "dev", "p6")
-	})
+	ra := startAgentWith(t, cfg, twoPods(t))
 	ns := ra.inj.ns
 	ipIn(t, ns, "route", "del", "10.0.0.5/32", "dev", "p5")
 	waitFor(t, "the batch of the first release refused", func() bool {
@@ -299,14 +305,7 @@ func TestShutdownCountsSealedPart(t *testing.T) {
 	cfg.FlushInterval = time.Hour
 	cfg.ReportReleases = true
 	cfg.ShutdownTimeout = time.Second
-	ra := startAgentWith(t, cfg, func(ns string) {
-		for _, p := range []string{"p5", "p6"} {
-			ipIn(t, ns, "link", "add", p, "type", "veth", "peer", "name", p+"x")
-			ipIn(t, ns, "link", "set", p, "up")
-		}
-		ipIn(t, ns, "route", "add", "10.0.0.5/32", "dev", "p5")
-		ipIn(t, ns, "route", "add", "10.0.0.6/32", "dev", "p6")
-	})
+	ra := startAgentWith(t, cfg, twoPods(t))
 	ns := ra.inj.ns
 	ra.inject(t, "10.0.0.5", "10.1.0.1", 80, 100, 3)
 	ipIn(t, ns, "route", "del", "10.0.0.5/32", "dev", "p5")

@@ -170,13 +170,7 @@ func BenchmarkIngestPathRealResolver(b *testing.B) {
 // not applied (they would go to the deleted pod); sent again once the new
 // pod is known, they are credited to the new pod.
 func TestIngestHoldsReusedAddress(t *testing.T) {
-	client := fake.NewClientset(node("node-a", "zone-a", "192.168.0.1"), node("node-b", "zone-b", "192.168.0.2"),
-		statefulPod("shop", "web-0", "web", "node-a", "10.0.1.1"),
-		statefulPod("shop", "db-0", "db", "node-b", "10.0.2.1"))
-	// A window far longer than the test: the hold must end because the
-	// new pod shows up, not because time ran out.
-	res := realResolverOn(t, client, resolve.Config{ReleasedIPTTL: 10 * time.Minute, ReleasedIPCacheSize: 1024, ReuseWindow: 10 * time.Minute})
-	env := realEnv(t, res)
+	client, res, env := webAndDB(t)
 	ctx := context.Background()
 	ip := netip.MustParseAddr("10.0.1.1")
 	if err := client.CoreV1().Pods("shop").Delete(ctx, "web-0", metav1.DeleteOptions{}); err != nil {
@@ -187,21 +181,7 @@ func TestIngestHoldsReusedAddress(t *testing.T) {
 	from := batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1000, 10))
 	to := batch("node-b", 1, rec("10.0.2.1", "10.0.1.1", 8080, 500, 5))
 	from.Time, to.Time = time.Now(), time.Now()
-	post := func(b *wire.Batch) (int, string) {
-		body := encode(b)
-		hr, err := http.NewRequest(http.MethodPost, env.url+"/api/v1/write", strings.NewReader(string(body)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		hr.Header.Set("Content-Type", remotewrite.ContentType)
-		hr.Header.Set("Content-Encoding", remotewrite.ContentEncoding)
-		resp, err := http.DefaultClient.Do(hr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		return resp.StatusCode, resp.Header.Get("Retry-After")
-	}
+	post := func(b *wire.Batch) (int, string) { return env.post(t, "/api/v1/write", b) }
 	for name, b := range map[string]*wire.Batch{"from": from, "to": to} {
 		if code, retry := post(b); code != http.StatusServiceUnavailable || retry == "" {
 			t.Fatalf("batch with traffic %s a released address awaiting its pod: %d, Retry-After %q; want 503 with Retry-After", name, code, retry)
@@ -237,6 +217,37 @@ func TestIngestHoldsReusedAddress(t *testing.T) {
 	}
 }
 
+// webAndDB starts a server over a real resolver on a fake clientset
+// holding web-0 (10.0.1.1) on node-a in zone-a and db-0 (10.0.2.1) on
+// node-b in zone-b. The reuse window is far longer than any test: a hold
+// ends because the new pod shows up, not because time ran out.
+func webAndDB(t *testing.T) (*fake.Clientset, *resolve.Resolver, *testEnv) {
+	t.Helper()
+	client := fake.NewClientset(node("node-a", "zone-a", "192.168.0.1"), node("node-b", "zone-b", "192.168.0.2"),
+		statefulPod("shop", "web-0", "web", "node-a", "10.0.1.1"),
+		statefulPod("shop", "db-0", "db", "node-b", "10.0.2.1"))
+	res := realResolverOn(t, client, resolve.Config{ReleasedIPTTL: 10 * time.Minute, ReleasedIPCacheSize: 1024, ReuseWindow: 10 * time.Minute})
+	return client, res, realEnv(t, res)
+}
+
+// post sends b, encoded, to path on the server as an agent does, and
+// returns the status code and Retry-After.
+func (e *testEnv) post(t *testing.T, path string, b *wire.Batch) (code int, retryAfter string) {
+	t.Helper()
+	hr, err := http.NewRequest(http.MethodPost, e.url+path, strings.NewReader(string(encode(b))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hr.Header.Set("Content-Type", remotewrite.ContentType)
+	hr.Header.Set("Content-Encoding", remotewrite.ContentEncoding)
+	resp, err := http.DefaultClient.Do(hr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode, resp.Header.Get("Retry-After")
+}
+
 // waitUntil polls cond; the deadline only turns a hang into a failure.
 func waitUntil(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -256,11 +267,7 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 // deletion not delivered yet), and once the informer shows the new pod
 // the batch is credited to it: each pod gets exactly its own bytes.
 func TestIngestReportedRelease(t *testing.T) {
-	client := fake.NewClientset(node("node-a", "zone-a", "192.168.0.1"), node("node-b", "zone-b", "192.168.0.2"),
-		statefulPod("shop", "web-0", "web", "node-a", "10.0.1.1"),
-		statefulPod("shop", "db-0", "db", "node-b", "10.0.2.1"))
-	res := realResolverOn(t, client, resolve.Config{ReleasedIPTTL: 10 * time.Minute, ReleasedIPCacheSize: 1024, ReuseWindow: 10 * time.Minute})
-	env := realEnv(t, res)
+	client, res, env := webAndDB(t)
 	ctx := context.Background()
 	ip := netip.MustParseAddr("10.0.1.1")
 
@@ -269,20 +276,7 @@ func TestIngestReportedRelease(t *testing.T) {
 	before.Released = []wire.Release{{Addr: ip, Time: before.Time}}
 	after := batch("node-a", 2, rec("10.0.1.1", "10.0.2.1", 5432, 2000, 20))
 	after.Time = before.Time.Add(time.Millisecond)
-	post := func(b *wire.Batch) (int, string) {
-		hr, err := http.NewRequest(http.MethodPost, env.url+"/api/v1/write", strings.NewReader(string(encode(b))))
-		if err != nil {
-			t.Fatal(err)
-		}
-		hr.Header.Set("Content-Type", remotewrite.ContentType)
-		hr.Header.Set("Content-Encoding", remotewrite.ContentEncoding)
-		resp, err := http.DefaultClient.Do(hr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		return resp.StatusCode, resp.Header.Get("Retry-After")
-	}
+	post := func(b *wire.Batch) (int, string) { return env.post(t, "/api/v1/write", b) }
 	if code, _ := post(before); code != http.StatusNoContent {
 		t.Fatalf("batch reporting the release: %d, want 204", code)
 	}
@@ -322,32 +316,18 @@ func TestIngestReportedRelease(t *testing.T) {
 	}
 }
 
-// TestIngestReleaseNotice: node-a sends its release of 10.0.0.1 ahead,
+// TestIngestReleaseNotice: node-a sends its release of 10.0.1.1 ahead,
 // as a notice naming batch 2, while batch 1 is still to come. The notice
 // applies nothing; batches 1 and 2 (stamped up to the notice's time) go
 // to the pod that held the address, batch 3 waits for the next pod. A
 // notice with flows is refused.
 func TestIngestReleaseNotice(t *testing.T) {
-	client := fake.NewClientset(node("node-a", "zone-a", "192.168.0.1"), node("node-b", "zone-b", "192.168.0.2"),
-		statefulPod("shop", "web-0", "web", "node-a", "10.0.1.1"),
-		statefulPod("shop", "db-0", "db", "node-b", "10.0.2.1"))
-	res := realResolverOn(t, client, resolve.Config{ReleasedIPTTL: 10 * time.Minute, ReleasedIPCacheSize: 1024, ReuseWindow: 10 * time.Minute})
-	env := realEnv(t, res)
+	_, _, env := webAndDB(t)
 	ip := netip.MustParseAddr("10.0.1.1")
 	t0 := time.Now().Truncate(time.Millisecond)
 	post := func(path string, b *wire.Batch) int {
-		hr, err := http.NewRequest(http.MethodPost, env.url+path, strings.NewReader(string(encode(b))))
-		if err != nil {
-			t.Fatal(err)
-		}
-		hr.Header.Set("Content-Type", remotewrite.ContentType)
-		hr.Header.Set("Content-Encoding", remotewrite.ContentEncoding)
-		resp, err := http.DefaultClient.Do(hr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		return resp.StatusCode
+		code, _ := env.post(t, path, b)
+		return code
 	}
 	release := []wire.Release{{Addr: ip, Time: t0.Add(2 * time.Millisecond)}}
 	b1 := batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1000, 10))
