@@ -63,8 +63,8 @@ type Topology struct {
 	// offloads is Spec.Offloads, for pods plumbed again.
 	offloads bool
 	Fabric   string
-	Nodes  []*Node
-	Hosts  []*Host
+	Nodes    []*Node
+	Hosts    []*Host
 }
 
 // Node is a node namespace.
