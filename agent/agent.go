@@ -235,13 +235,9 @@ func (a *Agent) routeUpdate(u routeUpdate) {
 		// What was drained before still goes before the release.
 		a.log.Error("draining the datapath at an address release", "err", err)
 	}
-	// The sealed part's batch time, fixed now (see build) so that a
-	// notice can name it.
-	at := now
-	if at.UnixMilli() <= a.lastTime.UnixMilli() {
-		at = time.UnixMilli(a.lastTime.UnixMilli() + 1)
-	}
-	if n := a.buf.seal(releases(rel, now), at); n > 0 {
+	// The sealed part's batch time, fixed now so that a notice can name
+	// it.
+	if n := a.buf.seal(releases(rel, now), a.afterLast(now)); n > 0 {
 		a.m.releasesUnordered.Add(float64(n))
 		a.log.Warn("address releases merged with flows drained after them, while the server did not acknowledge: those flows may be credited to the released pods", "releases", n)
 	}
@@ -256,7 +252,7 @@ func (a *Agent) routeUpdate(u routeUpdate) {
 // waits for the batch in flight (internal/wire, "Release notices"): one
 // notice at a time, best effort (the batch carries the releases anyway).
 func (a *Agent) sendNotice() {
-	_, rels, at, ok := a.buf.peekSealed()
+	rels, at, ok := a.buf.peekSealed()
 	if !ok || !a.noticeBusy.CompareAndSwap(false, true) {
 		return
 	}
@@ -302,6 +298,15 @@ func (a *Agent) drain() error {
 	return nil
 }
 
+// afterLast returns t, or the millisecond after the last batch's time if
+// t is not later: batch times increase at the wire's precision.
+func (a *Agent) afterLast(t time.Time) time.Time {
+	if t.UnixMilli() <= a.lastTime.UnixMilli() {
+		return time.UnixMilli(a.lastTime.UnixMilli() + 1)
+	}
+	return t
+}
+
 // build turns the buffer into the next batch (possibly with no flows: the
 // header and self-metrics still tell the server this agent is alive): its
 // sealed part when there is one, stamped when it was drained, else the
@@ -311,10 +316,7 @@ func (a *Agent) build() *batch {
 	if !sealed {
 		flows = a.buf.take(a.scratch)
 		a.scratch = flows // handed back to the buffer by the next take
-		at = time.Now()
-	}
-	if at.UnixMilli() <= a.lastTime.UnixMilli() {
-		at = time.UnixMilli(a.lastTime.UnixMilli() + 1)
+		at = a.afterLast(time.Now())
 	}
 	a.lastTime = at
 	a.seq++

@@ -95,30 +95,16 @@ func (b *buffer) seal(rels []wire.Release, at time.Time) (unordered int) {
 				unordered++
 			}
 		}
-		b.sealed = mergeRecords(b.sealed, b.list)
+		// add's merge, bounded by what both parts hold already.
+		merged := buffer{max: len(b.sealed) + len(b.list), list: b.sealed}
+		merged.add(b.list)
+		b.sealed = merged.list
 	}
 	b.list = b.list[:0]
 	b.index = nil
 	b.sealedRel = append(b.sealedRel, rels...)
 	b.sealedAt = at
 	return unordered
-}
-
-// mergeRecords adds the records of more to into, each key once.
-func mergeRecords(into, more []flow.Record) []flow.Record {
-	at := make(map[flow.Key]int, len(into))
-	for i, r := range into {
-		at[r.Key] = i
-	}
-	for _, r := range more {
-		if i, ok := at[r.Key]; ok {
-			into[i].Counts.Add(r.Counts)
-			continue
-		}
-		at[r.Key] = len(into)
-		into = append(into, r)
-	}
-	return into
 }
 
 // takeSealed hands the sealed part over, with its releases and drain
@@ -132,9 +118,10 @@ func (b *buffer) takeSealed() (records []flow.Record, rels []wire.Release, at ti
 	return records, rels, at, true
 }
 
-// peekSealed is takeSealed without taking.
-func (b *buffer) peekSealed() (records []flow.Record, rels []wire.Release, at time.Time, ok bool) {
-	return b.sealed, b.sealedRel, b.sealedAt, len(b.sealedRel) > 0
+// peekSealed returns the sealed part's releases and drain time without
+// taking them; ok is false when nothing is sealed.
+func (b *buffer) peekSealed() (rels []wire.Release, at time.Time, ok bool) {
+	return b.sealedRel, b.sealedAt, len(b.sealedRel) > 0
 }
 
 // hasSealed reports a sealed part waiting to be sent.

@@ -116,7 +116,7 @@ func watchRoutes(ctx context.Context, path string, local func(netip.Addr) bool, 
 	go func() {
 		defer close(out)
 		for {
-			events, err := ev.read(nil)
+			events, err := ev.read()
 			u := routeUpdate{events: events, lost: errors.Is(err, errEventsLost)}
 			if err != nil && !u.lost {
 				if ctx.Err() == nil && !errors.Is(err, os.ErrClosed) {

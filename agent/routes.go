@@ -70,16 +70,16 @@ func openRouteEvents(path string) (*routeEvents, error) {
 // the caller's view of the routes must be rebuilt from a dump.
 var errEventsLost = errors.New("route notifications lost")
 
-// read blocks for the next datagram and appends its events to dst.
-func (e *routeEvents) read(dst []routeEvent) ([]routeEvent, error) {
+// read blocks for the next datagram and returns its events.
+func (e *routeEvents) read() ([]routeEvent, error) {
 	n, err := e.f.Read(e.buf)
 	if err != nil {
 		if errors.Is(err, unix.ENOBUFS) {
-			return dst, errEventsLost
+			return nil, errEventsLost
 		}
-		return dst, err
+		return nil, err
 	}
-	return parseRouteMessages(dst, e.buf[:n])
+	return parseRouteMessages(e.buf[:n])
 }
 
 // Close ends the subscription (and a read blocked on it).
@@ -97,18 +97,19 @@ func dumpHostRoutes(path string) ([]routeEvent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listing routes: %w", err)
 	}
-	return parseRouteMessages(nil, raw)
+	return parseRouteMessages(raw)
 }
 
-// parseRouteMessages appends to dst the events of the netlink messages in
-// b: device host routes of the main table added (RTM_NEWROUTE, in
+// parseRouteMessages returns the events of the netlink messages in b:
+// device host routes of the main table added (RTM_NEWROUTE, in
 // notifications and dumps) or deleted, and links deleted. Everything else
 // is skipped.
-func parseRouteMessages(dst []routeEvent, b []byte) ([]routeEvent, error) {
+func parseRouteMessages(b []byte) ([]routeEvent, error) {
 	msgs, err := syscall.ParseNetlinkMessage(b)
 	if err != nil {
-		return dst, fmt.Errorf("parsing netlink messages: %w", err)
+		return nil, fmt.Errorf("parsing netlink messages: %w", err)
 	}
+	var dst []routeEvent
 	for i := range msgs {
 		m := &msgs[i]
 		switch m.Header.Type {

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"sort"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -75,7 +74,8 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() (bool
 	}
 }
 
-// scrapeOne returns the sum of one metric's samples on a /metrics page.
+// scrapeOne returns the sum of one metric's samples on a /metrics page,
+// or the value of one series given as exposed (name{labels}).
 func scrapeOne(ctx context.Context, url, metric string) (float64, error) {
 	m, err := ScrapeMetrics(ctx, url)
 	if err != nil {
@@ -86,21 +86,6 @@ func scrapeOne(ctx context.Context, url, metric string) (float64, error) {
 		return 0, fmt.Errorf("%s has no %s", url, metric)
 	}
 	return v, nil
-}
-
-// scrapeSeries reads the value of one series, written exactly as the
-// exposition writes it (name and labels), from a /metrics endpoint.
-func scrapeSeries(ctx context.Context, url, series string) (float64, error) {
-	body, err := HTTPGet(ctx, url)
-	if err != nil {
-		return 0, err
-	}
-	for line := range strings.Lines(body) {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(line), series+" "); ok {
-			return strconv.ParseFloat(v, 64)
-		}
-	}
-	return 0, fmt.Errorf("%s has no %s", url, series)
 }
 
 // newE2E is the suite's state over a running stack. It records the
@@ -450,7 +435,7 @@ func TestEndToEnd(t *testing.T) {
 	// pod's sandbox gets the same addresses: the agent of api's node
 	// reports the release, and the server records it.
 	const releases = `kubezonnet_server_address_releases_total{result="recorded"}`
-	releases0, err := scrapeSeries(ctx, stack.ServerURL+"/metrics", releases)
+	releases0, err := scrapeOne(ctx, stack.ServerURL+"/metrics", releases)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -464,7 +449,7 @@ func TestEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, time.Minute, "the server to record the releases of api's addresses", func() (bool, error) {
-		v, err := scrapeSeries(ctx, stack.ServerURL+"/metrics", releases)
+		v, err := scrapeOne(ctx, stack.ServerURL+"/metrics", releases)
 		return err == nil && v >= releases0+2, fmt.Errorf("%s went from %v to %v (%v)", releases, releases0, v, err)
 	})
 	e.pod(api, replacement.Name)

@@ -83,7 +83,8 @@ func (s *Stack) AgentURL(node string) string { return s.agentURLs[node] }
 
 // ScrapeMetrics reads a Prometheus text page (a /metrics of the server or
 // an agent) and returns the sum of every metric's samples by metric name,
-// whatever their labels.
+// whatever their labels, and each labelled series' value under the series
+// as exposed (name{labels}).
 func ScrapeMetrics(ctx context.Context, url string) (map[string]float64, error) {
 	body, err := HTTPGet(ctx, url)
 	if err != nil {
@@ -110,6 +111,9 @@ func ScrapeMetrics(ctx context.Context, url string) (map[string]float64, error) 
 			return nil, fmt.Errorf("%s: line %q: %w", url, line, err)
 		}
 		out[name] += v
+		if j > 0 && line[j-1] == '}' {
+			out[line[:j]] = v
+		}
 	}
 	return out, sc.Err()
 }

@@ -312,7 +312,7 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 		}
 		a.sentSeq.Store(a.seq)
 		a.busy.Store(true)
-		if len(a.w.pendingReleases(a.node)) > 0 {
+		if a.w.hasPendingReleases(a.node) {
 			// Seen just before: it waits for this batch too.
 			select {
 			case a.noticeWake <- struct{}{}:

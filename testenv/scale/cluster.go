@@ -275,6 +275,13 @@ func (w *world) pendingReleases(node int) []wire.Release {
 	return slices.Clone(w.released[node])
 }
 
+// hasPendingReleases reports whether node has releases no batch took yet.
+func (w *world) hasPendingReleases(node int) bool {
+	w.relMu.Lock()
+	defer w.relMu.Unlock()
+	return len(w.released[node]) > 0
+}
+
 // nodeOfPod returns the node whose pod range holds addr (see podCIDR).
 func (w *world) nodeOfPod(addr netip.Addr) int {
 	b := addr.As4()
@@ -295,18 +302,25 @@ func (w *world) deletedPods() map[string]bool {
 // genOfName returns the generation of a pod from its name (see podName):
 // 0 for the pods created at the start, -1 for a name not of a pod.
 func (w *world) genOfName(pod string) int {
-	var n, k, gen int
-	if _, err := fmt.Sscanf(pod, "app-%d-%d-g%d", &n, &k, &gen); err != nil {
-		return -1
-	}
+	_, gen := podNameParts(pod)
 	return gen
 }
 
 // nodeOfName returns the node of a pod from its name (see podName).
 func (w *world) nodeOfName(pod string) int {
-	var n, k, gen int
-	if _, err := fmt.Sscanf(pod, "app-%d-%d-g%d", &n, &k, &gen); err != nil {
-		return -1
-	}
+	n, _ := podNameParts(pod)
 	return n
+}
+
+// zoneOfName returns the zone of a pod from its name (see podName).
+func (w *world) zoneOfName(pod string) string { return w.zoneOf(w.nodeOfName(pod)) }
+
+// podNameParts returns the node and generation in a pod's name (see
+// podName), -1 and -1 for a name not of a pod.
+func podNameParts(pod string) (node, gen int) {
+	var k int
+	if _, err := fmt.Sscanf(pod, "app-%d-%d-g%d", &node, &k, &gen); err != nil {
+		return -1, -1
+	}
+	return node, gen
 }

@@ -171,7 +171,6 @@ func (r *Result) compare(ctx context.Context, v receiver, w *world, truth map[pa
 	// more than it sent as the source got flows its own node reported for
 	// another holder of its address; as the destination, flows another
 	// node reported (a pod pair on one node is never cross-zone).
-	zoneOfPod := func(pod string) string { return w.zoneOf(w.nodeOfName(pod)) }
 	srcStored, dstStored := map[string]float64{}, map[string]float64{}
 	for _, x := range pairs {
 		p := pair{x.Labels["src_pod"], x.Labels["dst_pod"]}
@@ -188,7 +187,7 @@ func (r *Result) compare(ctx context.Context, v receiver, w *world, truth map[pa
 	}
 	srcSent, dstSent := map[string]float64{}, map[string]float64{}
 	for p, c := range truth {
-		if zoneOfPod(p.src) != zoneOfPod(p.dst) {
+		if w.zoneOfName(p.src) != w.zoneOfName(p.dst) {
 			srcSent[p.src] += float64(c.Bytes)
 			dstSent[p.dst] += float64(c.Bytes)
 		}

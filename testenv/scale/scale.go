@@ -392,7 +392,7 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 		return res, err
 	}
 	for p := range truth {
-		if w.zoneOf(w.nodeOfName(p.src)) != w.zoneOf(w.nodeOfName(p.dst)) {
+		if w.zoneOfName(p.src) != w.zoneOfName(p.dst) {
 			res.CrossZonePairs++
 		}
 	}
