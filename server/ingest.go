@@ -332,6 +332,15 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		in.notice(w, b)
 		return
 	}
+	// The releases first, before anything else of the batch can wait:
+	// another node's batch decoded meanwhile orders its flows of these
+	// addresses after them (a batch held below, or one waiting for the
+	// CPU behind others, would otherwise leave them to the released
+	// pods). Counted once, when the batch is applied (recordReleases);
+	// recording again is a no-op.
+	for _, rel := range b.Released {
+		in.res.Released(rel.Addr, b.Node, rel.Time, b.Time)
+	}
 	if ip, hold := in.screen(wk); hold {
 		// The address was released by its pod a moment ago and the
 		// informer shows no new pod for it yet, though the batch has
@@ -481,7 +490,7 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 	if logged != nil {
 		in.flog.Send(logged)
 	}
-	// After the batch's own flows, which are the former holders'.
+	// Recorded when the batch was decoded; counted now, once.
 	in.recordReleases(b)
 	in.agents.update(b.Node, b.Metrics, now)
 	in.batches.Inc()

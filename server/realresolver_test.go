@@ -316,6 +316,44 @@ func TestIngestReportedRelease(t *testing.T) {
 	}
 }
 
+// TestIngestReleaseOfHeldBatch: node-a's batch reporting the release of
+// 10.0.1.1 is held (a flow of it goes to an address whose pod is gone and
+// whose next pod is not known yet), as any batch may wait. node-b's flow
+// to 10.0.1.1 stamped after the release, decoded meanwhile, must not go
+// to the released pod: the release counts from the moment its batch is
+// decoded, not from when it is applied.
+func TestIngestReleaseOfHeldBatch(t *testing.T) {
+	client, res, env := webAndDB(t)
+	ctx := context.Background()
+	if err := client.CoreV1().Pods("shop").Delete(ctx, "db-0", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	db := netip.MustParseAddr("10.0.2.1")
+	waitUntil(t, "db-0's deletion seen", func() bool {
+		_, awaiting := res.Lookup(db, time.Now(), "node-a")
+		return awaiting
+	})
+
+	t0 := time.Now().Truncate(time.Millisecond)
+	held := batch("node-a", 1, rec("10.0.1.1", "10.0.2.1", 5432, 1000, 10))
+	held.Time = t0
+	held.Released = []wire.Release{{Addr: netip.MustParseAddr("10.0.1.1"), Time: t0}}
+	if code, retry := env.post(t, "/api/v1/write", held); code != http.StatusServiceUnavailable || retry == "" {
+		t.Fatalf("node-a's batch to an address awaiting its pod: %d, Retry-After %q; want 503 with Retry-After", code, retry)
+	}
+	later := batch("node-b", 1, rec("192.168.0.2", "10.0.1.1", 8080, 700, 7))
+	later.Time = t0.Add(time.Millisecond)
+	if code, _ := env.post(t, "/api/v1/write", later); code != http.StatusServiceUnavailable {
+		t.Errorf("node-b's flow to the released address after the release: %d, want 503 (its next pod is not known)", code)
+	}
+	if got := env.series(); len(got) != 0 {
+		t.Errorf("applied while the address awaits its next pod: %v", got)
+	}
+	if v := env.metric("kubezonnet_server_address_releases_total", "result=recorded"); v != 0 {
+		t.Errorf("releases recorded = %v before their batch was applied, want 0 (counted once, when applied)", v)
+	}
+}
+
 // TestIngestReleaseNotice: node-a sends its release of 10.0.1.1 ahead,
 // as a notice naming batch 2, while batch 1 is still to come. The notice
 // applies nothing; batches 1 and 2 (stamped up to the notice's time) go
