@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -195,14 +194,9 @@ func (w *world) createPod(ctx context.Context, node int, name string, ip netip.A
 // in the API server. The node's agent learns of the release as the slot
 // turns vacant, as a real agent sees the pod's sandbox go (its host
 // route deleted) before the kubelet deletes the pod in the API server.
-// A slot being replaced already is left as it is (replaced reports false).
-func (w *world) replace(ctx context.Context, i int) (replaced bool, err error) {
+func (w *world) replace(ctx context.Context, i int) error {
 	w.mu.Lock()
 	s := &w.slots[i]
-	if s.vacant {
-		w.mu.Unlock()
-		return false, nil
-	}
 	s.vacant = true
 	if !w.opts.NoReleases {
 		w.relMu.Lock()
@@ -220,83 +214,46 @@ func (w *world) replace(ctx context.Context, i int) (replaced bool, err error) {
 	w.mu.Unlock()
 
 	zero := int64(0)
-	err = w.client.CoreV1().Pods(Namespace).Delete(ctx, old, metav1.DeleteOptions{
+	err := w.client.CoreV1().Pods(Namespace).Delete(ctx, old, metav1.DeleteOptions{
 		GracePeriodSeconds: &zero, Preconditions: &metav1.Preconditions{UID: &uid},
 	})
 	if err != nil {
-		return false, fmt.Errorf("deleting pod %s: %w", old, err)
+		return fmt.Errorf("deleting pod %s: %w", old, err)
 	}
 	w.mu.Lock()
 	w.deleted[old] = time.Now()
 	w.mu.Unlock()
 	newUID, err := w.createPod(ctx, node, next, ip)
 	if err != nil {
-		return false, err
+		return err
 	}
 	w.mu.Lock()
 	s.pod, s.uid, s.vacant = next, newUID, false
 	w.mu.Unlock()
-	return true, nil
+	return nil
 }
 
-// churnWorkers is how many replacements run at once: one takes three API
-// calls in a row (delete, create, status), tens of milliseconds on a
-// loaded API server, so one at a time falls short of 20 a second.
-const churnWorkers = 4
-
 // churn replaces a random pod perSecond times a second (as far as the API
-// server keeps up, churnWorkers at a time; a tick with every worker busy
-// is skipped) until stop is closed, and returns how many it replaced.
+// server keeps up) until stop is closed, and returns how many it replaced.
 func (w *world) churn(ctx context.Context, perSecond float64, rng *rand.Rand, stop <-chan struct{}) (int, error) {
 	if perSecond <= 0 {
 		return 0, nil
 	}
 	tick := time.NewTicker(time.Duration(float64(time.Second) / perSecond))
 	defer tick.Stop()
-	var (
-		wg   sync.WaitGroup
-		done atomic.Int64
-		errs = make(chan error, churnWorkers)
-		busy = make(chan struct{}, churnWorkers)
-	)
-	finish := func(err error) (int, error) {
-		wg.Wait()
-		if err == nil {
-			select {
-			case err = <-errs:
-			default:
-			}
-		}
-		return int(done.Load()), err
-	}
+	done := 0
 	for {
 		select {
 		case <-ctx.Done():
-			return finish(ctx.Err())
+			return done, ctx.Err()
 		case <-stop:
-			return finish(nil)
-		case err := <-errs:
-			return finish(err)
+			return done, nil
 		case <-tick.C:
 		}
-		select {
-		case busy <- struct{}{}:
-		default:
-			continue
+		if err := w.replace(ctx, rng.IntN(len(w.slots))); err != nil {
+			return done, err
 		}
-		i := rng.IntN(len(w.slots))
-		wg.Add(1)
-		go func() {
-			defer func() { <-busy; wg.Done() }()
-			replaced, err := w.replace(ctx, i)
-			if err != nil {
-				errs <- err
-				return
-			}
-			if replaced {
-				done.Add(1)
-			}
-		}()
+		done++
 	}
 }
 

@@ -56,8 +56,7 @@ type Options struct {
 	// Duration of the sending.
 	Duration time.Duration
 	// ChurnPerSecond pods are replaced (deleted, and another pod created
-	// with the same address) per second while sending, a few at a time
-	// (churnWorkers), as far as the API server keeps up.
+	// with the same address) per second while sending.
 	ChurnPerSecond float64
 	// NoReleases makes the agents report no release
 	// (wire.Batch.Released), as agents that cannot see them: the
