@@ -62,7 +62,7 @@ func (r *receiver) handle(w http.ResponseWriter, req *http.Request) {
 			r.t.Errorf("header %s = %q, want %q", h, got, want)
 		}
 	}
-	if (req.URL.Path != "/api/v1/write" && req.URL.Path != "/api/v1/releases") || req.Method != http.MethodPost {
+	if (req.URL.Path != "/api/v1/write" && req.URL.Path != wire.ReleasesPath) || req.Method != http.MethodPost {
 		r.t.Errorf("request %s %s", req.Method, req.URL.Path)
 	}
 	var d wire.Decoder
@@ -74,7 +74,7 @@ func (r *receiver) handle(w http.ResponseWriter, req *http.Request) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if req.URL.Path == "/api/v1/releases" {
+	if req.URL.Path == wire.ReleasesPath {
 		// A release notice: recorded, nothing applied.
 		if len(b.Flows) > 0 {
 			r.t.Errorf("release notice with %d flows", len(b.Flows))

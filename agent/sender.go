@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/internal/wire"
 )
 
 // newClient builds the remote-write client of the server's ingest
@@ -29,7 +30,7 @@ func newClient(cfg Config) (*remotewrite.Client, error) {
 func newNoticeClient(cfg Config) (*remotewrite.Client, error) {
 	return remotewrite.NewClient(remotewrite.EndpointConfig{
 		Name:            "server-releases",
-		URL:             strings.TrimSuffix(cfg.ServerURL, "/") + "/api/v1/releases",
+		URL:             strings.TrimSuffix(cfg.ServerURL, "/") + wire.ReleasesPath,
 		Timeout:         5 * time.Second,
 		BearerTokenFile: cfg.TokenFile,
 	}, remotewrite.ClientOptions{Component: "agent"})

@@ -97,11 +97,8 @@ type IngestConfig struct {
 	Limits wire.Limits
 }
 
-// ReleasesPath takes release notices: a batch's header and releases,
-// without flows (internal/wire, "Release notices").
-const ReleasesPath = "/api/v1/releases"
-
-// Ingest is the POST /api/v1/write handler (and ReleasesPath's): it authenticates, decodes,
+// Ingest is the POST /api/v1/write handler (and wire.ReleasesPath's, for
+// release notices): it authenticates, decodes,
 // de-duplicates, resolves, aggregates and logs one agent batch per request.
 type Ingest struct {
 	cfg    IngestConfig
@@ -152,6 +149,9 @@ type work struct {
 	// aggregator placed it as.
 	index  []int32
 	placed []aggregate.Placement
+	// released is what recordReleases made of the batch's releases,
+	// counted when the batch is applied.
+	released releaseCounts
 }
 
 // maxPooledBody: a rare huge request's buffer is not kept for reuse.
@@ -186,7 +186,7 @@ func newIngest(cfg IngestConfig, d ingestDeps) *Ingest {
 			metrics.Label{Name: "result", Value: "recorded"}),
 		releasesIgnored: reg.Counter("kubezonnet_server_address_releases_total", "",
 			metrics.Label{Name: "result", Value: "ignored"}),
-		notices:   reg.Counter("kubezonnet_server_release_notices_total", "Release notices accepted on "+ReleasesPath+" (an agent's releases sent ahead of the batch that carries them)."),
+		notices:   reg.Counter("kubezonnet_server_release_notices_total", "Release notices accepted on "+wire.ReleasesPath+" (an agent's releases sent ahead of the batch that carries them)."),
 		batches:   reg.Counter("kubezonnet_server_batches_applied_total", "Agent batches applied (duplicates excluded)."),
 		flows:     reg.Counter("kubezonnet_server_flows_total", "Flows applied from agent batches."),
 		flowBytes: reg.Counter("kubezonnet_server_flow_bytes_total", "Bytes of the flows applied from agent batches."),
@@ -328,7 +328,7 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			"credentials of node %q may not report for node %q", id.node, b.Node)
 		return
 	}
-	if r.URL.Path == ReleasesPath {
+	if r.URL.Path == wire.ReleasesPath {
 		in.notice(w, b)
 		return
 	}
@@ -336,11 +336,8 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// another node's batch decoded meanwhile orders its flows of these
 	// addresses after them (a batch held below, or one waiting for the
 	// CPU behind others, would otherwise leave them to the released
-	// pods). Counted once, when the batch is applied (recordReleases);
-	// recording again is a no-op.
-	for _, rel := range b.Released {
-		in.res.Released(rel.Addr, b.Node, rel.Time, b.Time)
-	}
+	// pods). Counted once, when the batch is applied.
+	wk.released = in.recordReleases(b)
 	if ip, hold := in.screen(wk); hold {
 		// The address was released by its pod a moment ago and the
 		// informer shows no new pod for it yet, though the batch has
@@ -491,7 +488,7 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 		in.flog.Send(logged)
 	}
 	// Recorded when the batch was decoded; counted now, once.
-	in.recordReleases(b)
+	in.countReleases(wk.released)
 	in.agents.update(b.Node, b.Metrics, now)
 	in.batches.Inc()
 	if len(flows) > 0 {
@@ -504,19 +501,31 @@ func (in *Ingest) apply(wk *work, now time.Time) uint64 {
 	return pos
 }
 
+// releaseCounts are a request's releases by what the resolver made of
+// them.
+type releaseCounts struct{ recorded, ignored int }
+
 // recordReleases hands the releases a batch or a notice reports to the
-// resolver.
-func (in *Ingest) recordReleases(b *wire.Batch) {
+// resolver (the same release again is a no-op there).
+func (in *Ingest) recordReleases(b *wire.Batch) releaseCounts {
+	var c releaseCounts
 	for _, r := range b.Released {
 		if in.res.Released(r.Addr, b.Node, r.Time, b.Time) {
-			in.releases.Inc()
+			c.recorded++
 		} else {
-			in.releasesIgnored.Inc()
+			c.ignored++
 		}
 	}
+	return c
 }
 
-// notice records the releases of a release notice (ReleasesPath) and
+// countReleases adds c to the releases metric.
+func (in *Ingest) countReleases(c releaseCounts) {
+	in.releases.Add(float64(c.recorded))
+	in.releasesIgnored.Add(float64(c.ignored))
+}
+
+// notice records the releases of a release notice (wire.ReleasesPath) and
 // applies nothing else: an agent sends one while its batch in flight
 // keeps the batch that carries them waiting, so that the server learns of
 // the release at once.
@@ -526,7 +535,7 @@ func (in *Ingest) notice(w http.ResponseWriter, b *wire.Batch) {
 			"a release notice carries no flows (%d here): flows go to /api/v1/write", len(b.Flows))
 		return
 	}
-	in.recordReleases(b)
+	in.countReleases(in.recordReleases(b))
 	in.notices.Inc()
 	in.codes[http.StatusNoContent].Inc()
 	w.WriteHeader(http.StatusNoContent)

@@ -376,11 +376,11 @@ func TestIngestReleaseNotice(t *testing.T) {
 	b3.Time = t0.Add(4 * time.Millisecond)
 
 	withFlows := &wire.Batch{Node: "node-a", Incarnation: b2.Incarnation, Seq: 2, Time: b2.Time, Released: release, Flows: b2.Flows}
-	if code := post(ReleasesPath, withFlows); code != http.StatusBadRequest {
+	if code := post(wire.ReleasesPath, withFlows); code != http.StatusBadRequest {
 		t.Errorf("notice with flows: %d, want 400", code)
 	}
 	notice := &wire.Batch{Node: "node-a", Incarnation: b2.Incarnation, Seq: 2, Time: b2.Time, Released: release}
-	if code := post(ReleasesPath, notice); code != http.StatusNoContent {
+	if code := post(wire.ReleasesPath, notice); code != http.StatusNoContent {
 		t.Fatalf("notice: %d, want 204", code)
 	}
 	if got := env.series(); len(got) != 0 {

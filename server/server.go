@@ -19,6 +19,7 @@ import (
 
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
 	"github.com/kubezonnet/kubezonnet/internal/remotewrite"
+	"github.com/kubezonnet/kubezonnet/internal/wire"
 	"github.com/kubezonnet/kubezonnet/server/aggregate"
 	"github.com/kubezonnet/kubezonnet/server/flowlog"
 )
@@ -97,7 +98,7 @@ func newServer(cfg *Config, d deps) (*Server, error) {
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/api/v1/write", s.ingest)
-	mux.Handle(ReleasesPath, s.ingest)
+	mux.Handle(wire.ReleasesPath, s.ingest)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = io.WriteString(w, "ok\n")
 	})

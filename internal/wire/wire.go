@@ -118,6 +118,9 @@ const (
 	// present only when it has one.
 	LabelOrigDst = "orig_dst"
 
+	// ReleasesPath is where an agent posts release notices (see
+	// "Release notices"), beside the server's /api/v1/write.
+	ReleasesPath = "/api/v1/releases"
 	// MetricReleased is one address released by a pod of the node
 	// (Batch.Released), in LabelAddress.
 	MetricReleased = "kubezonnet_address_released"

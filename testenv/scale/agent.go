@@ -87,7 +87,7 @@ func newAgent(w *world, node int, serverURL string, seed uint64) (*agent, error)
 		truth: map[pair]flow.Counts{}, zones: map[zonePair]flow.Counts{},
 	}
 	if a.notices, err = remotewrite.NewClient(remotewrite.EndpointConfig{
-		Name: "server-releases", URL: serverURL + "/api/v1/releases", Timeout: 5 * time.Second,
+		Name: "server-releases", URL: serverURL + wire.ReleasesPath, Timeout: 5 * time.Second,
 	}, remotewrite.ClientOptions{Component: "scale-agent"}); err != nil {
 		return nil, fmt.Errorf("creating the notice client of simulated agent %d: %w", node, err)
 	}
@@ -99,15 +99,17 @@ func newAgent(w *world, node int, serverURL string, seed uint64) (*agent, error)
 
 // released is told of a release on the node (under the world's relMu).
 func (a *agent) released() {
-	wake := func(ch chan struct{}) {
-		select {
-		case ch <- struct{}{}:
-		default: // already woken
-		}
-	}
 	wake(a.notify)
 	if a.busy.Load() {
 		wake(a.noticeWake)
+	}
+}
+
+// wake signals ch, a channel of one slot, unless it is signalled already.
+func wake(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default: // already woken
 	}
 }
 
@@ -314,10 +316,7 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 		a.busy.Store(true)
 		if a.w.hasPendingReleases(a.node) {
 			// Seen just before: it waits for this batch too.
-			select {
-			case a.noticeWake <- struct{}{}:
-			default:
-			}
+			wake(a.noticeWake)
 		}
 		err := remotewrite.Retry(ctx, backoff, nil, func() error {
 			start := time.Now()
