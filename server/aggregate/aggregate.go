@@ -156,7 +156,10 @@ type route struct {
 type Aggregator struct {
 	cfg Config
 
-	mu     sync.Mutex
+	mu sync.Mutex
+	// walk orders what reads every series a chunk at a time, taking mu
+	// per chunk (a push's capture, a checkpoint's view): one at a time.
+	walk   sync.Mutex
 	routes map[routeKey]pairRoute
 	// svcRoutes maps the flows to a Service to their Service series.
 	svcRoutes map[svcRouteKey]uint32
@@ -431,28 +434,32 @@ func (a *Aggregator) AppendSeries(dst []remotewrite.Series) []remotewrite.Series
 }
 
 // EncodeSnapshot implements remotewrite.EncodingSource: it expires idle
-// series, captures every live one's value under the lock (and, with a
-// journal, makes the record of first pushes durable before anything
-// leaves), then encodes without the lock, so ingest goes on while a
-// million series are written.
+// series and captures every live one's value, taking the lock for one
+// chunk of series at a time (and, with a journal, makes the record of
+// first pushes durable before anything leaves), then encodes without the
+// lock, so ingest goes on while a million series are read and written.
 func (a *Aggregator) EncodeSnapshot(ts int64, w *remotewrite.SnapshotWriter) {
 	a.capture(ts).Encode(w)
 }
 
-// capture is EncodeSnapshot's part under the lock: it records ts as the
-// first push of the series it holds for the first time (and, with a
-// journal, logs that), so that Delivered can tell which series every
-// receiver has.
+// capture is EncodeSnapshot's part that reads the series: it records ts
+// as the first push of the series it holds for the first time (and, with
+// a journal, logs that where the series it holds end: before any
+// declared while it walks), so that Delivered can tell which series
+// every receiver has.
 func (a *Aggregator) capture(ts int64) *series.Capture {
+	a.walk.Lock()
+	defer a.walk.Unlock()
 	now := a.cfg.Now()
 	a.mu.Lock()
 	a.expireLocked(now)
-	c, newly := a.store.Capture(ts, a.delivered)
+	c, newly := a.store.StartCapture(ts, a.delivered)
 	var pos uint64
 	if newly && a.cfg.Journal != nil {
 		pos = a.cfg.Journal.Append(appendPushed(nil, ts), nil)
 	}
 	a.mu.Unlock()
+	c.Walk(&a.mu)
 	if pos != 0 {
 		// The record of first pushes is durable before the push's
 		// requests leave. A failed log is the ingest path's to report.

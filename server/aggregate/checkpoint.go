@@ -26,10 +26,12 @@ const (
 // labels, beyond any server; refs also stay below noRef.
 const maxSlots = 1 << 26
 
-// Snapshot is the aggregator's series at one instant, taken under its
-// lock and written out without it, so a checkpoint holds ingest up only
-// for a copy of the counters (a series.View). It is written once: WriteTo
-// ends its hold on the store, and so does Release without writing.
+// Snapshot is the aggregator's series at one instant, copied a chunk of
+// series at a time under its lock (a series.View: a chunk not copied yet
+// is copied before ingest changes it) and written out without it, so a
+// checkpoint holds ingest up only for one chunk's copy of counters at a
+// time. It is written once: WriteTo ends its hold on the store, and so
+// does Release without writing.
 type Snapshot struct {
 	a         *Aggregator
 	store     *series.Store // the one viewed (Restore may replace a's)
@@ -49,15 +51,19 @@ func (s *Snapshot) Release() {
 func (s *Snapshot) Len() int { return s.view.Len() }
 
 // Snapshot copies the series. under, if not nil, runs while the lock is
-// held: the place to cut the journal, so that the snapshot holds exactly
-// the records before the cut.
+// held where the copy starts: the place to cut the journal, so that the
+// snapshot holds exactly the records before the cut.
 func (a *Aggregator) Snapshot(under func()) *Snapshot {
+	a.walk.Lock()
+	defer a.walk.Unlock()
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	if under != nil {
 		under()
 	}
-	return &Snapshot{a: a, store: a.store, view: a.store.View(), delivered: a.delivered}
+	snap := &Snapshot{a: a, store: a.store, view: a.store.StartView(), delivered: a.delivered}
+	a.mu.Unlock()
+	snap.view.Fill(snap.store, &a.mu)
+	return snap
 }
 
 // WriteTo writes the snapshot as a checkpoint body: a table of the

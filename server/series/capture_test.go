@@ -27,7 +27,8 @@ import (
 
 // storeSource is how the server hands a store to the pusher, cut down to
 // what the tests need: the lock its owner holds around every store call,
-// a Capture under it and the Encode without it. delivered is what it
+// a capture started under it and walked a chunk at a time under it, and
+// the Encode without it. delivered is what it
 // passes Capture, set by the test (not fed from the pusher's watermark,
 // so that a series sent once must get no second zero for being sent,
 // not for being delivered); watermark is what the pusher reports.
@@ -43,9 +44,10 @@ func (src *storeSource) AppendSeries(dst []remotewrite.Series) []remotewrite.Ser
 
 func (src *storeSource) EncodeSnapshot(ts int64, w *remotewrite.SnapshotWriter) {
 	src.mu.Lock()
-	c, _ := src.s.Capture(ts, src.delivered.Load())
+	c, _ := src.s.StartCapture(ts, src.delivered.Load())
 	src.stamps = append(src.stamps, ts)
 	src.mu.Unlock()
+	c.Walk(&src.mu)
 	c.Encode(w)
 }
 
@@ -445,3 +447,140 @@ func TestCaptureEncodeConcurrentIngest(t *testing.T) {
 }
 
 func tail(s []remotewrite.Sample) []remotewrite.Sample { return s[max(0, len(s)-3):] }
+
+// hookLocker is the owner's lock of a test: it runs between, at the
+// n-th Lock (from 1), what ingest would do while a capture walks or a
+// view copies.
+type hookLocker struct {
+	sync.Mutex
+	locks int
+	at    map[int]func()
+}
+
+func (l *hookLocker) Lock() {
+	l.Mutex.Lock()
+	l.locks++
+	if f := l.at[l.locks]; f != nil {
+		f()
+	}
+}
+
+// TestCaptureWalkInterleaved: a capture walked a chunk at a time holds
+// the series live when it started, each with its value when its chunk
+// was walked; a series declared while it walks, in a chunk walked or
+// not, waits for the next capture (with its zero), and so does the
+// stale marker of one expired meanwhile.
+func TestCaptureWalkInterleaved(t *testing.T) {
+	s := series.New()
+	labels := func(i int) []metrics.Label { return lbl("__name__", "a_bytes", "id", fmt.Sprint(i)) }
+	const n = 2*series.ChunkSize + 100 // three chunks
+	for i := range n {
+		s.Add(s.Create(1, labels(i), "a_packets", 1, 10), uint64(i), 1, 10)
+	}
+	s.Capture(100, 0)
+	// A free ref in the first chunk, for a series declared mid-walk.
+	s.Add(10, 0, 0, 5)
+	if dead := s.Expire(10, nil); !slices.Equal(dead, []uint32{10}) {
+		t.Fatalf("Expire = %v, want [10]", dead)
+	}
+	s.Capture(200, 0) // the stale marker of 10
+	s.Capture(300, 0) // 10 freed
+
+	walked, unwalked := uint32(20), uint32(series.ChunkSize+5)
+	expWalked, expUnwalked := uint32(30), uint32(series.ChunkSize+7)
+	var reused, appended uint32
+	mu := &hookLocker{at: map[int]func(){
+		3: func() { // (1: StartCapture) the first chunk walked, the second not
+			reused = s.Create(1, labels(-1), "a_packets", 350, 20)
+			appended = s.Create(1, labels(-2), "a_packets", 350, 20)
+			s.Add(walked, 7, 1, 20)
+			s.Add(unwalked, 5, 1, 20)
+			s.Add(expWalked, 0, 0, 1)
+			s.Add(expUnwalked, 0, 0, 1)
+			if dead := s.Expire(2, nil); !slices.Equal(sorted(dead), []uint32{expWalked, expUnwalked}) {
+				t.Errorf("Expire mid-walk = %v, want [%d %d]", dead, expWalked, expUnwalked)
+			}
+		},
+	}}
+	mu.Lock()
+	c, newly := s.StartCapture(400, 0)
+	mu.Unlock()
+	if newly {
+		t.Error("StartCapture: newly with every live series pushed")
+	}
+	c.Walk(mu)
+	if reused != 10 || appended != n {
+		t.Fatalf("series declared mid-walk at refs %d, %d, want 10 (freed) and %d (new)", reused, appended, n)
+	}
+	got, stale := c.Values()
+	if len(stale) != 0 {
+		t.Errorf("stale markers %v, want none: the expiries mid-walk are the next capture's", stale)
+	}
+	want := map[uint32]uint64{}
+	for i := range uint32(n) {
+		want[i] = uint64(i)
+	}
+	delete(want, 10)          // freed before the capture
+	delete(want, expUnwalked) // expired before its chunk was walked
+	want[unwalked] += 5       // its chunk walked after the add
+	if len(got) != len(want) {
+		t.Errorf("capture holds %d series, want %d", len(got), len(want))
+	}
+	for ref, v := range want {
+		if got[ref] != v {
+			t.Errorf("series %d: %d bytes in the capture, want %d", ref, got[ref], v)
+		}
+	}
+	for _, ref := range []uint32{reused, appended} {
+		if _, ok := got[ref]; ok {
+			t.Errorf("series %d, declared while the capture walked, is in it", ref)
+		}
+		if p := s.Pushed(ref); p != 0 {
+			t.Errorf("series %d: first push %d, want none yet", ref, p)
+		}
+	}
+
+	c, newly = s.Capture(500, 0)
+	if !newly {
+		t.Error("next capture: not newly, with two series never pushed")
+	}
+	got, stale = c.Values()
+	for _, ref := range []uint32{reused, appended} {
+		if _, ok := got[ref]; !ok {
+			t.Errorf("series %d missing from the next capture", ref)
+		}
+		if p := s.Pushed(ref); p != 500 {
+			t.Errorf("series %d: first push %d, want 500", ref, p)
+		}
+	}
+	if !slices.Equal(sorted(stale), []uint32{expWalked, expUnwalked}) {
+		t.Errorf("next capture's stale markers %v, want [%d %d]", stale, expWalked, expUnwalked)
+	}
+	if got[walked] != uint64(walked)+7 {
+		t.Errorf("series %d: %d bytes in the next capture, want %d", walked, got[walked], uint64(walked)+7)
+	}
+}
+
+// TestStartDuringWalk: a view or another capture cannot start while a
+// capture walks; the owner orders them.
+func TestStartDuringWalk(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		start func(s *series.Store)
+	}{
+		{"view", func(s *series.Store) { s.StartView() }},
+		{"capture", func(s *series.Store) { s.StartCapture(2, 0) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := series.New()
+			s.Create(1, lbl("__name__", "a_bytes"), "", 1, 1)
+			s.StartCapture(1, 0)
+			defer func() {
+				if recover() == nil {
+					t.Errorf("%s started while a capture walks: want a panic", tc.name)
+				}
+			}()
+			tc.start(s)
+		})
+	}
+}

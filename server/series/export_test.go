@@ -30,4 +30,30 @@ func (s *Store) Labels(dst []metrics.Label, ref uint32) []metrics.Label {
 }
 
 // Len returns the number of live series captured (a twin counts once).
-func (c *Capture) Len() int { return len(c.plan) }
+func (c *Capture) Len() int {
+	n := 0
+	for _, part := range c.plan {
+		n += len(part)
+	}
+	return n
+}
+
+// Unpushed returns the number of live series never pushed, as the store
+// counts them.
+func (s *Store) Unpushed() int { return s.unpushed }
+
+// ChunkSize is the records a capture walks, or a view copies, under one
+// hold of the owner's lock.
+const ChunkSize = chunkSize
+
+// Values returns the bytes value each series of the capture goes with,
+// by ref, and the refs of its stale markers.
+func (c *Capture) Values() (map[uint32]uint64, []uint32) {
+	out := make(map[uint32]uint64, c.Len())
+	for _, part := range c.plan {
+		for _, p := range part {
+			out[p.ref] = p.bytes
+		}
+	}
+	return out, c.stale
+}

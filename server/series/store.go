@@ -17,9 +17,10 @@
 // the pusher.
 //
 // A Store is not safe for concurrent use: its owner serialises calls
-// (the aggregator's lock), with one exception that keeps a push from
-// stalling ingest: a Capture's Encode runs without that lock (see
-// Capture).
+// (the aggregator's lock). What reads every series keeps from stalling
+// ingest: a capture (Capture.Walk) and a view (View.Fill) take that lock
+// for one chunk of records at a time, and a capture's Encode runs
+// without it (see Capture and View).
 package series
 
 import (
@@ -67,7 +68,10 @@ type record struct {
 	restored bool
 	// sent: a capture of this store already wrote the series, so the
 	// pusher sends it and it needs no zero.
-	sent    bool
+	sent bool
+	// fresh: declared while a capture walks the records (Capture.Walk),
+	// so not in it: the next capture holds it.
+	fresh   bool
 	hash    uint64
 	bytes   uint64
 	packets uint64
@@ -129,9 +133,19 @@ type Store struct {
 	pins               int
 	// lastTS is the stamp of the last capture.
 	lastTS int64
-	plan   []planned
-	// viewBuf is the copy of the last View, reused by the next.
-	viewBuf []viewed
+	plan   [][]planned // the last capture's, by chunk, reused
+	// walk is the capture whose walk over the records is under way, and
+	// fresh the refs declared meanwhile (not in it).
+	walk  *Capture
+	fresh []uint32
+	// unpushed counts the live series never pushed: whether the next
+	// capture pushes one for the first time is known before it walks.
+	unpushed int
+	// filling is the view whose copy is under way: a record of a chunk
+	// it has not copied yet is copied before it changes (touch).
+	filling *View
+	// viewParts are the copies of the last View, reused by the next.
+	viewParts [][]viewed
 }
 
 // New returns an empty store.
@@ -234,8 +248,13 @@ func (s *Store) install(ref uint32, k Kind, ls []metrics.Label, packets string, 
 	if len(ls) == 0 || len(ls) > MaxLabels || k == Free || k >= MaxKinds {
 		panic("series: bad declaration")
 	}
+	s.touch(ref)
 	r := s.recs.at(ref)
 	*r = record{kind: k, state: stateLive, n: uint8(len(ls)), hash: h, created: created}
+	if s.walk != nil {
+		r.fresh = true
+		s.fresh = append(s.fresh, ref)
+	}
 	for i, l := range ls {
 		r.syms[i] = s.syms.intern(l)
 	}
@@ -250,6 +269,7 @@ func (s *Store) install(ref uint32, k Kind, ls []metrics.Label, packets string, 
 	}
 	s.perKind[k]++
 	s.live++
+	s.unpushed++
 }
 
 // alloc returns a free ref.
@@ -265,6 +285,7 @@ func (s *Store) alloc() uint32 {
 
 // Add adds counts to the live series ref, updated at ts (unix ns).
 func (s *Store) Add(ref uint32, bytes, packets uint64, ts int64) {
+	s.touch(ref)
 	r := s.recs.at(ref)
 	r.bytes += bytes
 	r.packets += packets
@@ -289,15 +310,25 @@ func (s *Store) Counts(ref uint32) (bytes, packets uint64) {
 // declaration: counters, last update (unix ns) and first push (unix ms,
 // 0 for none).
 func (s *Store) Restore(ref uint32, bytes, packets uint64, last, pushed int64) {
+	s.touch(ref)
 	r := s.recs.at(ref)
+	if r.state == stateLive && (r.pushed == 0) != (pushed == 0) {
+		if pushed == 0 {
+			s.unpushed++
+		} else {
+			s.unpushed--
+		}
+	}
 	r.bytes, r.packets, r.last, r.pushed = bytes, packets, last, pushed
 }
 
 // SetPushed records that the series ref was first pushed at ts (unix ms)
 // when it was not pushed yet (replaying persisted state).
 func (s *Store) SetPushed(ref uint32, ts int64) {
-	if r := s.recs.at(ref); r.state == stateLive && r.pushed == 0 {
+	if r := s.recs.at(ref); r.state == stateLive && r.pushed == 0 && ts != 0 {
+		s.touch(ref)
 		r.pushed = ts
+		s.unpushed--
 	}
 }
 
@@ -313,6 +344,7 @@ func (s *Store) Expire(cutoff int64, dead []uint32) []uint32 {
 				continue
 			}
 			ref := base + uint32(j)
+			s.touch(ref)
 			s.unindex(ref)
 			r.state = stateDying
 			s.dying = append(s.dying, ref)
@@ -341,6 +373,9 @@ func (s *Store) unindex(ref uint32) {
 	}
 	s.perKind[r.kind]--
 	s.live--
+	if r.pushed == 0 {
+		s.unpushed--
+	}
 }
 
 func (s *Store) setCollided(h uint64, list []uint32) {
@@ -353,6 +388,7 @@ func (s *Store) setCollided(h uint64, list []uint32) {
 
 // release frees ref and its symbols.
 func (s *Store) release(ref uint32) {
+	s.touch(ref)
 	r := s.recs.at(ref)
 	for _, id := range r.syms[:r.n] {
 		s.syms.release(id)

@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/kubezonnet/kubezonnet/internal/metrics"
@@ -850,10 +851,12 @@ type mrec struct {
 // ref in a map (a ref absent and below slots is free), the live ones by
 // their label string.
 type model struct {
-	recs   map[uint32]*mrec
-	live   map[string]uint32
-	slots  int
-	lastTS int64
+	// copying: the driver holds a view not filled yet.
+	copying bool
+	recs    map[uint32]*mrec
+	live    map[string]uint32
+	slots   int
+	lastTS  int64
 	// ordered: Rebuild ran and no ref was freed since, so free refs are
 	// handed out lowest first.
 	ordered bool
@@ -1031,8 +1034,15 @@ func (m *model) check(s *series.Store) error {
 		fail("Symbols() = %d, want %d", got, want)
 	}
 	var perKind [series.MaxKinds]int
+	unpushed := 0
 	for _, ref := range m.live {
 		perKind[m.recs[ref].kind]++
+		if m.recs[ref].pushed == 0 {
+			unpushed++
+		}
+	}
+	if got := s.Unpushed(); got != unpushed {
+		fail("Unpushed() = %d, want %d live series never pushed", got, unpushed)
 	}
 	for k := range series.Kind(series.MaxKinds) {
 		if s.Count(k) != perKind[k] {
@@ -1085,13 +1095,16 @@ func (m *model) check(s *series.Store) error {
 			fail("Lookup(%s) = %d, %v, want %d, %v", key(ls), ref, ok, wantRef, wantOK)
 		}
 	}
-	v := s.View()
-	defer s.Unpin(v)
-	if v.Len() != len(m.live) || v.Slots() != m.slots {
-		fail("View: Len %d, Slots %d, want %d, %d", v.Len(), v.Slots(), len(m.live), m.slots)
-	}
-	if err := sameView(v, m.snapshot()); err != nil {
-		fail("%v", err)
+	// A view of its own would end the copy of one the driver started.
+	if !m.copying {
+		v := s.View()
+		defer s.Unpin(v)
+		if v.Len() != len(m.live) || v.Slots() != m.slots {
+			fail("View: Len %d, Slots %d, want %d, %d", v.Len(), v.Slots(), len(m.live), m.slots)
+		}
+		if err := sameView(v, m.snapshot()); err != nil {
+			fail("%v", err)
+		}
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("%s", strings.Join(errs, "\n"))
@@ -1168,8 +1181,10 @@ func (r *opReader) pick(n int) int { return int(r.next()) % n }
 // openView is a view the driver holds across operations, with what it
 // must keep giving.
 type openView struct {
-	v    *series.View
-	want []series.Series
+	v         *series.View
+	want      []series.Series
+	pending   bool // started, not filled yet
+	fillAfter int  // the operation after which it may be filled
 }
 
 // runOps drives a store and the model through the operations data
@@ -1195,7 +1210,7 @@ func runOps(t testing.TB, data []byte) {
 		return live[r.pick(len(live))], true
 	}
 	for n := 0; n < maxOps && r.more(); n++ {
-		switch op := r.next() % 12; op {
+		switch op := r.next() % 13; op {
 		case 0, 1, 2: // create, or add when the labels are live
 			ls := plainProbes[r.pick(len(plainProbes))]
 			k := series.Kind(1 + r.pick(series.MaxKinds-1))
@@ -1313,8 +1328,18 @@ func runOps(t testing.TB, data []byte) {
 			if len(views) == 2 {
 				break
 			}
-			trace = append(trace, "view")
-			views = append(views, openView{v: s.View(), want: m.snapshot()})
+			if r.next()%2 == 0 {
+				trace = append(trace, "view")
+				views = append(views, openView{v: s.View(), want: m.snapshot()})
+			} else {
+				// Copied later (op 12): the changes meanwhile must not
+				// show. Starting it ends the copy of another.
+				trace = append(trace, "startView")
+				for i := range views {
+					views[i].pending = false
+				}
+				views = append(views, openView{v: s.StartView(), want: m.snapshot(), pending: true, fillAfter: n + 1})
+			}
 			m.pins++
 		case 11: // close a view
 			if len(views) == 0 {
@@ -1326,11 +1351,32 @@ func runOps(t testing.TB, data []byte) {
 			s.Unpin(views[i].v) // does nothing
 			views = slices.Delete(views, i, i+1)
 			m.pins--
+		case 12: // copy a view started earlier
+			for i := range views {
+				if views[i].pending {
+					trace = append(trace, fmt.Sprintf("fill(%d)", i))
+					views[i].v.Fill(s, &sync.Mutex{})
+					views[i].pending = false
+				}
+			}
 		}
+		m.copying = slices.ContainsFunc(views, func(ov openView) bool { return ov.pending })
 		if err := m.check(s); err != nil {
 			fatal("%v", err)
 		}
+		for i := range views {
+			// Every other one right after the next operation: whatever it
+			// changes is the first change the copy must not see.
+			if ov := &views[i]; ov.pending && ov.fillAfter == n && n%2 == 0 {
+				trace = append(trace, fmt.Sprintf("fill(%d)", i))
+				ov.v.Fill(s, &sync.Mutex{})
+				ov.pending = false
+			}
+		}
 		for i, ov := range views {
+			if ov.pending {
+				continue
+			}
 			if err := sameView(ov.v, ov.want); err != nil {
 				fatal("view %d, open since it was taken: %v", i, err)
 			}
