@@ -60,7 +60,7 @@ var Components = []Component{
 		`go test -run '^$' -bench 'BenchmarkAppendEvent' -benchmem -count 3 -cpu 1 ./server/flowlog/`,
 		`go test -run '^$' -bench 'BenchmarkApply' -benchmem -count 3 -cpu 1 ./server/aggregate/`,
 		`go test -run '^$' -bench 'BenchmarkMemoryServer|BenchmarkMemoryPodPairs' -benchmem -benchtime 1x -cpu 1 ./server/aggregate/`,
-		`go test -run '^$' -bench 'BenchmarkLockHold' -benchtime 20x -count 3 -cpu 1 ./server/aggregate/`,
+		`go test -run '^$' -bench 'BenchmarkLockHold' -benchtime 20x -count 3 -cpu 2 ./server/aggregate/`,
 	}},
 	{Name: "durable", Commands: []string{
 		`go test -run '^$' -bench 'BenchmarkIngestDurable' -benchtime 50x -count 3 -cpu 1 -benchmem ./server/`,
