@@ -255,7 +255,7 @@ func (a *Aggregator) ApplyPlaced(now time.Time, flows []Flow, id *BatchID, place
 		f := &flows[i]
 		k := routeKey{f.Src, f.Dst}
 		pr, ok := a.routes[k]
-		if !ok {
+		if !ok || !a.live(pr) {
 			if len(a.routes) >= a.maxRoutes() {
 				clear(a.routes)
 			}
@@ -265,7 +265,7 @@ func (a *Aggregator) ApplyPlaced(now time.Time, flows []Flow, id *BatchID, place
 		r := route{pairRoute: pr, svc: noRef}
 		if f.Service != nil && f.Src.Kind == resolve.KindPod {
 			sk := svcRouteKey{f.Src, f.Dst, f.Service, f.Avoidable}
-			if r.svc, ok = a.svcRoutes[sk]; !ok {
+			if r.svc, ok = a.svcRoutes[sk]; !ok || a.isFree(r.svc) {
 				if len(a.svcRoutes) >= a.maxServiceRoutes() {
 					clear(a.svcRoutes)
 				}
@@ -450,9 +450,8 @@ func (a *Aggregator) EncodeSnapshot(ts int64, w *remotewrite.SnapshotWriter) {
 func (a *Aggregator) capture(ts int64) *series.Capture {
 	a.walk.Lock()
 	defer a.walk.Unlock()
-	now := a.cfg.Now()
+	a.expire(a.cfg.Now())
 	a.mu.Lock()
-	a.expireLocked(now)
 	c, newly := a.store.StartCapture(ts, a.delivered)
 	var pos uint64
 	if newly && a.cfg.Journal != nil {
@@ -493,26 +492,85 @@ func (a *Aggregator) Expire(now time.Time) {
 
 func (a *Aggregator) expireLocked(now time.Time) {
 	cutoff := now.Add(-a.cfg.IdleTimeout).UnixNano()
-	dead := a.store.Expire(cutoff, a.dead[:0])
+	if a.noteExpired(now, a.store.Expire(cutoff, a.dead[:0])) {
+		a.dropRoutes(nil)
+	}
+}
+
+// expire is expireLocked a chunk of series per hold of the lock, as a
+// push's capture runs it: with a million series neither the pass over
+// them nor the one over the routes holds ingest up. A route to a series
+// expired and not dropped yet is not used meanwhile (ApplyPlaced checks).
+func (a *Aggregator) expire(now time.Time) {
+	cutoff := now.Add(-a.cfg.IdleTimeout).UnixNano()
+	died := false
+	for ci := 0; ; ci++ {
+		a.mu.Lock()
+		if ci >= a.store.Chunks() {
+			if died {
+				a.dropRoutes(&a.mu) // unlocks
+				return
+			}
+			a.mu.Unlock()
+			return
+		}
+		died = a.noteExpired(now, a.store.ExpireChunk(ci, cutoff, a.dead[:0])) || died
+		a.mu.Unlock()
+	}
+}
+
+// noteExpired counts and logs the expiry of dead, reporting whether
+// there was any.
+func (a *Aggregator) noteExpired(now time.Time, dead []uint32) bool {
 	a.dead = dead[:0]
 	if len(dead) == 0 {
-		return
+		return false
 	}
 	a.expired.Add(float64(len(dead)))
-	// A route is idle whenever every series it feeds is, so dropping the
-	// routes that point at a dead series loses nothing live.
-	isFree := func(ref uint32) bool { return ref != noRef && a.store.Kind(ref) == kindFree }
-	for k, r := range a.routes {
-		if isFree(r.zone) || isFree(r.pair) || isFree(r.cross) {
-			delete(a.routes, k)
-		}
-	}
-	for k, ref := range a.svcRoutes {
-		if isFree(ref) {
-			delete(a.svcRoutes, k)
-		}
-	}
 	if a.cfg.Journal != nil {
 		a.cfg.Journal.Append(appendExpire(nil, now, dead), nil)
 	}
+	return true
+}
+
+// routeChunk is how many routes dropRoutes checks per hold of the lock.
+const routeChunk = 4096
+
+// dropRoutes drops the routes that point at an expired series. A route
+// is idle whenever every series it feeds is, so that loses nothing
+// live. Called with the lock held; with mu, it releases mu every
+// routeChunk routes and returns with it released (the map may change in
+// between, which ranging over it allows).
+func (a *Aggregator) dropRoutes(mu *sync.Mutex) {
+	n := 0
+	yield := func() {
+		if n++; mu != nil && n%routeChunk == 0 {
+			mu.Unlock()
+			mu.Lock()
+		}
+	}
+	for k, r := range a.routes {
+		if !a.live(r) {
+			delete(a.routes, k)
+		}
+		yield()
+	}
+	for k, ref := range a.svcRoutes {
+		if a.isFree(ref) {
+			delete(a.svcRoutes, k)
+		}
+		yield()
+	}
+	if mu != nil {
+		mu.Unlock()
+	}
+}
+
+// isFree reports whether ref, a series of a route, is expired.
+func (a *Aggregator) isFree(ref uint32) bool { return ref != noRef && a.store.Kind(ref) == kindFree }
+
+// live reports whether every series of r is live: a route to an expired
+// series is dropped, or replaced when its pair talks again.
+func (a *Aggregator) live(r pairRoute) bool {
+	return !a.isFree(r.zone) && !a.isFree(r.pair) && !a.isFree(r.cross)
 }

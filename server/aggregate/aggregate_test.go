@@ -284,3 +284,67 @@ func TestLabelsImmutable(t *testing.T) {
 		t.Errorf("second snapshot has %d series, want more than %d", len(second), len(first))
 	}
 }
+
+// TestExpiryByChunks: a push's expiry (expire) goes a chunk of series,
+// and a chunk of routes, per hold of the lock; it ends where the one-hold
+// expiry ends (Expire), over more series and routes than a chunk holds.
+// Meanwhile ingest may meet a route to a series just expired: its flows
+// go to the pair's new series, not to the expired one.
+func TestExpiryByChunks(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	const n = routeChunk + 904 // routes, and pod pairs: two chunks of series and more
+	srcs, dsts := pods(n, "a", "web"), pods(n, "b", "db")
+	run := func(t *testing.T, chunked bool) []string {
+		reg := metrics.New()
+		a, err := New(Config{MaxPodPairs: 2 * n, IdleTimeout: time.Minute, Now: func() time.Time { return now }}, reg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range n {
+			apply(t, a, now, cf(srcs[i], dsts[i], 10, 1))
+		}
+		// Every other pair talks again 40 s later; the rest are idle
+		// 61 s after the first flows.
+		for i := 0; i < n; i += 2 {
+			apply(t, a, now.Add(40*time.Second), cf(srcs[i], dsts[i], 5, 1))
+		}
+		later := now.Add(61 * time.Second)
+		if chunked {
+			a.expire(later)
+		} else {
+			a.Expire(later)
+		}
+		// An idle pair's series, and its source pod's cross-zone one.
+		if got, want := counterValue(reg, "kubezonnet_server_series_expired_total"), float64(n/2*2); got != want {
+			t.Errorf("expired %v series, want %v (the idle pairs' and their sources')", got, want)
+		}
+		if len(a.routes) != n/2 {
+			t.Errorf("%d routes left, want %d", len(a.routes), n/2)
+		}
+		return render(a.AppendSeries(nil))
+	}
+	whole, chunked := run(t, false), run(t, true)
+	if !slices.Equal(whole, chunked) {
+		t.Errorf("series after the expiry by chunks differ from the one-hold expiry's (%d against %d)", len(chunked), len(whole))
+	}
+
+	// The window: a series expired, its route not dropped yet.
+	a, err := New(Config{MaxPodPairs: 10, IdleTimeout: time.Minute, Now: func() time.Time { return now }}, metrics.New())
+	if err != nil {
+		t.Fatal(err)
+	}
+	apply(t, a, now, fl(webA, dbB, resolve.ClassCrossZone, 10, 1))
+	later := now.Add(61 * time.Second)
+	a.mu.Lock()
+	a.noteExpired(later, a.store.Expire(later.Add(-time.Minute).UnixNano(), nil))
+	a.mu.Unlock()
+	if len(a.routes) != 1 {
+		t.Fatalf("%d routes, want the one to the expired series", len(a.routes))
+	}
+	apply(t, a, later, fl(webA, dbB, resolve.ClassCrossZone, 7, 1))
+	got := render(a.AppendSeries(nil))
+	if !slices.Contains(got, `kubezonnet_pod_pair_bytes_total{`+pairWebDB+`} 7`) ||
+		!slices.Contains(got, `kubezonnet_zone_pair_bytes_total{dst_zone="b",src_zone="a"} 7`) {
+		t.Errorf("a flow over the route to an expired series went elsewhere than the pair's new series:\n%s", strings.Join(got, "\n"))
+	}
+}

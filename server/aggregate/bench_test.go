@@ -99,9 +99,10 @@ func fillPairs(a *Aggregator, src, dst []*resolve.Endpoint) []Flow {
 // step. Meanwhile a goroutine takes the lock as a batch of ingest does,
 // every 20 µs, and reports its longest wait (wait-max-ns, over all ops);
 // run it with -cpu 2, so that it waits on the lock and not on the CPU.
-// chunked is the aggregator's capture and Snapshot, which take the lock
-// for one chunk of series at a time; whole, the baseline, is the same
-// reads in one hold of the lock (the store's Capture and View).
+// chunked is the aggregator's capture (expiry included) and Snapshot,
+// which take the lock for one chunk of series at a time; whole, the
+// baseline, is the same reads in one hold of the lock (expireLocked, the
+// store's Capture and View).
 func BenchmarkLockHold(b *testing.B) {
 	a, err := New(Config{MaxPodPairs: 1 << 20, IdleTimeout: time.Hour}, metrics.New())
 	if err != nil {

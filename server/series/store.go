@@ -337,19 +337,30 @@ func (s *Store) SetPushed(ref uint32, ts int64) {
 // markers go in the next capture; their refs are reused after it.
 func (s *Store) Expire(cutoff int64, dead []uint32) []uint32 {
 	for ci := range s.recs.chunks {
-		ch, base := s.recs.chunk(ci)
-		for j := range ch {
-			r := &ch[j]
-			if r.state != stateLive || r.last >= cutoff {
-				continue
-			}
-			ref := base + uint32(j)
-			s.touch(ref)
-			s.unindex(ref)
-			r.state = stateDying
-			s.dying = append(s.dying, ref)
-			dead = append(dead, ref)
+		dead = s.ExpireChunk(ci, cutoff, dead)
+	}
+	return dead
+}
+
+// Chunks returns the number of chunks of records (chunkSize each): the
+// units ExpireChunk, Capture.Walk and View.Fill go by.
+func (s *Store) Chunks() int { return len(s.recs.chunks) }
+
+// ExpireChunk is Expire over the records of chunk ci (< Chunks()) only,
+// for an owner that expires a chunk per hold of its lock.
+func (s *Store) ExpireChunk(ci int, cutoff int64, dead []uint32) []uint32 {
+	ch, base := s.recs.chunk(ci)
+	for j := range ch {
+		r := &ch[j]
+		if r.state != stateLive || r.last >= cutoff {
+			continue
 		}
+		ref := base + uint32(j)
+		s.touch(ref)
+		s.unindex(ref)
+		r.state = stateDying
+		s.dying = append(s.dying, ref)
+		dead = append(dead, ref)
 	}
 	return dead
 }
