@@ -233,22 +233,27 @@ func (w *world) replace(ctx context.Context, i int) error {
 	return nil
 }
 
-// churn replaces a random pod perSecond times a second (as far as the API
-// server keeps up) until stop is closed, and returns how many it replaced.
+// churn replaces a random pod perSecond times a second until stop is
+// closed, and returns how many it replaced. The n-th replacement is due
+// n/perSecond after the start: one that took longer than its share (three
+// API calls in a row) is made up by starting the next ones at once, so
+// the rate holds on average as far as the API server keeps up.
 func (w *world) churn(ctx context.Context, perSecond float64, rng *rand.Rand, stop <-chan struct{}) (int, error) {
 	if perSecond <= 0 {
 		return 0, nil
 	}
-	tick := time.NewTicker(time.Duration(float64(time.Second) / perSecond))
-	defer tick.Stop()
+	start := time.Now()
+	timer := time.NewTimer(0)
+	defer timer.Stop()
 	done := 0
 	for {
+		timer.Reset(time.Until(start.Add(time.Duration(float64(done+1) / perSecond * float64(time.Second)))))
 		select {
 		case <-ctx.Done():
 			return done, ctx.Err()
 		case <-stop:
 			return done, nil
-		case <-tick.C:
+		case <-timer.C:
 		}
 		if err := w.replace(ctx, rng.IntN(len(w.slots))); err != nil {
 			return done, err

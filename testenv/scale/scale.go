@@ -79,8 +79,9 @@ type Options struct {
 	Seed uint64
 	// ServerCPUs, when set (a taskset list such as "0"), pins the server
 	// to those CPUs and everything else (this process, its agents, the
-	// control plane and VictoriaMetrics) to the others, so the server's
-	// figures are its own.
+	// control plane and the receiver) to the others, so the server's
+	// figures are its own; the receiver runs there at a lower priority
+	// (receiverNice).
 	ServerCPUs string
 	// Pregenerate generates and encodes every batch before the sending
 	// starts (Duration x BatchesPerSecond of them), so that this process
@@ -403,11 +404,27 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 	return res, nil
 }
 
+// receiverNice is the niceness of the receiver when the server has CPUs
+// of its own (Options.ServerCPUs): on the core the rest shares, the
+// receiver's ingest of each push (seconds of CPU for a million series)
+// would otherwise hold up the simulated agents, and the API server's
+// churn, which on a cluster run on machines of their own; the agents'
+// latency figures would be theirs, not the server's. The last push's
+// duration is taken after the sending ended, with the core to itself.
+const receiverNice = 10
+
 // startReceiver starts opts.Receiver on 127.0.0.1:port with its data in
 // dir.
 func startReceiver(opts Options, dir string, port int) (receiver, *testenv.Process, error) {
 	addr := "127.0.0.1:" + strconv.Itoa(port)
 	v := receiver{kind: opts.Receiver, url: "http://" + addr}
+	start := func(name, bin string, args []string) (*testenv.Process, error) {
+		if opts.ServerCPUs != "" {
+			args = append([]string{"-n", strconv.Itoa(receiverNice), bin}, args...)
+			bin = "nice"
+		}
+		return testenv.StartProcess(name, bin, args, testenv.ProcessOptions{Output: opts.ProgramOutput})
+	}
 	if opts.Receiver == ReceiverPrometheus {
 		cfg := filepath.Join(dir, "prometheus.yml")
 		if err := os.WriteFile(cfg, []byte("global: {}\n"), 0o644); err != nil {
@@ -416,17 +433,17 @@ func startReceiver(opts Options, dir string, port int) (receiver, *testenv.Proce
 		args := append(testenv.PrometheusArgs(cfg, filepath.Join(dir, "prometheus"), addr), "--log.level=warn",
 			// The exactness queries read every pod-pair series at once.
 			"--query.max-samples=1000000000", "--query.timeout=10m")
-		p, err := testenv.StartProcess("prometheus", testenv.PrometheusBinary, args, testenv.ProcessOptions{Output: opts.ProgramOutput})
+		p, err := start("prometheus", testenv.PrometheusBinary, args)
 		return v, p, err
 	}
-	p, err := testenv.StartProcess("victoria-metrics", VictoriaMetricsBinary, []string{
+	p, err := start("victoria-metrics", VictoriaMetricsBinary, []string{
 		"-httpListenAddr=" + addr,
 		"-storageDataPath=" + filepath.Join(dir, "vm"),
 		"-search.disableCache", "-search.latencyOffset=0s",
 		// The exactness queries read every pod-pair series at once.
 		"-search.maxUniqueTimeseries=100000000", "-search.maxQueryDuration=10m",
 		"-loggerLevel=WARN",
-	}, testenv.ProcessOptions{Output: opts.ProgramOutput})
+	})
 	return v, p, err
 }
 

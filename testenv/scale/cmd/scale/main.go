@@ -44,7 +44,7 @@ func parseFlags() (scale.Options, bool) {
 	flag.IntVar(&o.MaxPodPairs, "max-pod-pairs", d.MaxPodPairs, "the server's --max-pod-pairs")
 	flag.StringVar(&o.Bin, "bin", "", "kubezonnet binary; empty builds this checkout")
 	flag.Uint64Var(&o.Seed, "seed", d.Seed, "seed of the traffic and the churn")
-	flag.StringVar(&o.ServerCPUs, "server-cpus", "", `pin the server to these CPUs (taskset list, e.g. "0") and everything else to the others`)
+	flag.StringVar(&o.ServerCPUs, "server-cpus", "", `pin the server to these CPUs (taskset list, e.g. "0") and everything else to the others, the receiver at a lower priority than the agents and the control plane`)
 	flag.BoolVar(&o.Pregenerate, "pregenerate", false, "generate and encode every batch before sending (needs -churn-per-second 0): offers rates beyond what the machine generates live")
 	flag.Func("server-flag", "a flag added to the server's command line, e.g. --checkpoint-interval=1h (repeatable)", func(v string) error {
 		o.ServerFlags = append(o.ServerFlags, v)
