@@ -67,7 +67,7 @@ demo: deps build
 #   1,000 nodes x 30 pods: SCALE_FLAGS='-nodes 1000 -pods-per-node 30 -agents 1000 -batches-per-second 100 -flows-per-batch 2000 -duration 5m -churn-per-second 10'
 # (the API server holds 30,000 pods in ~1.8 GB; pod creation runs at
 # ~230 pods/s on 2 cores, so the setup alone takes minutes there).
-#   1.8 million series, the server alone on CPU 0 (BENCHMARKS.md):
+#   1.9 million series, the server alone on CPU 0 (BENCHMARKS.md):
 #     SCALE_FLAGS='-server-cpus 0 -peers-per-pod 250 -batches-per-second 40 -duration 2m -churn-per-second 20'
 # (-server-flag passes a flag to the server, e.g. -server-flag=--checkpoint-interval=1h;
 # -no-releases makes the agents report no address release: the baseline of
