@@ -113,6 +113,10 @@ type Ingest struct {
 	state  Durability // nil: not durable
 
 	pool sync.Pool // *work
+	// order has a batch's flows resolved after the releases of the
+	// requests that entered before it, waiting at most orderWait.
+	order     *arrivals
+	orderWait time.Duration
 
 	// Draining: once set, requests are refused with 503 (agents keep
 	// their batches and send them to the next server); active counts
@@ -132,9 +136,12 @@ type Ingest struct {
 	// or ignored (no pod of the reporting node held the address then);
 	// notices the release notices.
 	releases, releasesIgnored, notices *metrics.Counter
-	batches                            *metrics.Counter
-	flows                              *metrics.Counter
-	flowBytes                          *metrics.Counter
+	// orderTimeouts counts batches resolved before an earlier request
+	// recorded its releases (releaseOrderWait ran out).
+	orderTimeouts *metrics.Counter
+	batches       *metrics.Counter
+	flows         *metrics.Counter
+	flowBytes     *metrics.Counter
 }
 
 // work is the per-request scratch state, pooled: a decoder with its
@@ -186,7 +193,10 @@ func newIngest(cfg IngestConfig, d ingestDeps) *Ingest {
 			metrics.Label{Name: "result", Value: "recorded"}),
 		releasesIgnored: reg.Counter("kubezonnet_server_address_releases_total", "",
 			metrics.Label{Name: "result", Value: "ignored"}),
-		notices:   reg.Counter("kubezonnet_server_release_notices_total", "Release notices accepted on "+wire.ReleasesPath+" (an agent's releases sent ahead of the batch that carries them)."),
+		notices: reg.Counter("kubezonnet_server_release_notices_total", "Release notices accepted on "+wire.ReleasesPath+" (an agent's releases sent ahead of the batch that carries them)."),
+		orderTimeouts: reg.Counter("kubezonnet_server_release_order_timeouts_total",
+			"Batches whose flows were resolved before a request that reached the server earlier had recorded its address releases (it was still being read or decoded after the wait's bound): their flows to an address that request released may go to the released pod."),
+		order:     newArrivals(),
 		batches:   reg.Counter("kubezonnet_server_batches_applied_total", "Agent batches applied (duplicates excluded)."),
 		flows:     reg.Counter("kubezonnet_server_flows_total", "Flows applied from agent batches."),
 		flowBytes: reg.Counter("kubezonnet_server_flow_bytes_total", "Bytes of the flows applied from agent batches."),
@@ -259,6 +269,8 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer in.end()
+	seq := in.order.enter()
+	defer in.order.recorded(seq) // refused before its releases count
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		in.refuse(w, http.StatusMethodNotAllowed, reasonMethod, "method %s not allowed, use POST", r.Method)
@@ -330,6 +342,7 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if r.URL.Path == wire.ReleasesPath {
 		in.notice(w, b)
+		in.order.recorded(seq)
 		return
 	}
 	// The releases first, before anything else of the batch can wait:
@@ -338,6 +351,13 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// CPU behind others, would otherwise leave them to the released
 	// pods). Counted once, when the batch is applied.
 	wk.released = in.recordReleases(b)
+	in.order.recorded(seq)
+	// And those of the requests that reached the server before this one
+	// (another node's report of a release, sent before the flows here to
+	// the address's next pod).
+	if len(b.Flows) > 0 && !in.order.waitEarlier(r.Context(), seq, in.orderWait) {
+		in.orderTimeouts.Inc()
+	}
 	if ip, hold := in.screen(wk); hold {
 		// The address was released by its pod a moment ago and the
 		// informer shows no new pod for it yet, though the batch has

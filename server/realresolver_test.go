@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -407,5 +408,77 @@ func TestIngestReleaseNotice(t *testing.T) {
 		if v := env.metric(name, strings.ReplaceAll(labels, `"`, "")); v != want {
 			t.Errorf("%s = %v, want %v", metric, v, want)
 		}
+	}
+}
+
+// TestIngestReleaseOrder: node-a's report that web-0 released 10.0.1.1
+// reaches the server first but is still being read when node-b's batch
+// arrives, with a flow to 10.0.1.1 stamped after the release. node-b's
+// batch waits for the report (arrivals), and its flow is then held for
+// the address's next pod instead of credited to web-0.
+func TestIngestReleaseOrder(t *testing.T) {
+	_, _, env := webAndDB(t)
+	in := env.srv.ingest
+	in.orderWait = time.Minute // the order, not the bound, is under test
+	send := func(b *wire.Batch, body io.Reader, done chan<- int) {
+		hr, err := http.NewRequest(http.MethodPost, env.url+"/api/v1/write", body)
+		if err != nil {
+			done <- -1
+			return
+		}
+		hr.ContentLength = int64(len(encode(b)))
+		hr.Header.Set("Content-Type", remotewrite.ContentType)
+		hr.Header.Set("Content-Encoding", remotewrite.ContentEncoding)
+		resp, err := http.DefaultClient.Do(hr)
+		if err != nil {
+			done <- -1
+			return
+		}
+		resp.Body.Close()
+		done <- resp.StatusCode
+	}
+
+	t0 := time.Now().Truncate(time.Millisecond)
+	report := batch("node-a", 1)
+	report.Time = t0
+	report.Released = []wire.Release{{Addr: netip.MustParseAddr("10.0.1.1"), Time: t0}}
+	body := encode(report)
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	reportDone := make(chan int, 1)
+	go send(report, pr, reportDone)
+	if _, err := pw.Write(body[:1]); err != nil {
+		t.Fatal(err)
+	}
+	open := func() int {
+		in.order.mu.Lock()
+		defer in.order.mu.Unlock()
+		return len(in.order.open)
+	}
+	waitUntil(t, "the report in the handler, its body not read whole", func() bool { return open() == 1 })
+
+	later := batch("node-b", 1, rec("192.168.0.2", "10.0.1.1", 8080, 700, 7))
+	later.Time = t0.Add(time.Millisecond)
+	laterDone := make(chan int, 1)
+	go send(later, strings.NewReader(string(encode(later))), laterDone)
+	select {
+	case code := <-laterDone:
+		t.Fatalf("node-b's batch answered %d while node-a's earlier report was still being read", code)
+	case <-time.After(50 * time.Millisecond):
+	}
+	if _, err := pw.Write(body[1:]); err != nil {
+		t.Fatal(err)
+	}
+	if code := <-reportDone; code != http.StatusNoContent {
+		t.Fatalf("node-a's report: %d, want 204", code)
+	}
+	if code := <-laterDone; code != http.StatusServiceUnavailable {
+		t.Errorf("node-b's flow to the released address: %d, want 503 (its next pod is not known)", code)
+	}
+	if got := env.series(); slices.ContainsFunc(got, func(s string) bool { return strings.Contains(s, "700") }) {
+		t.Errorf("node-b's flow applied: %v", got)
+	}
+	if v := env.metric("kubezonnet_server_release_order_timeouts_total", ""); v != 0 {
+		t.Errorf("order timeouts = %v, want 0", v)
 	}
 }
