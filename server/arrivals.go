@@ -21,17 +21,27 @@ const releaseOrderWait = 50 * time.Millisecond
 // still shows it. So requests are numbered as they enter the handler,
 // and a batch resolves its flows once every request numbered before it
 // has recorded its releases (or was refused), or after releaseOrderWait.
+//
+// The requests are a queue in order of entry: the front is the oldest
+// not recorded yet, and a request reaching the front has nothing earlier
+// to wait for. Each one is woken once, however many wait (agents
+// resending all at once after a restart).
 type arrivals struct {
-	mu   sync.Mutex
-	next uint64
-	// open are the requests that entered and have not recorded their
-	// releases yet; changed is closed when one leaves it.
-	open    map[uint64]struct{}
-	changed chan struct{}
+	mu    sync.Mutex
+	next  uint64
+	queue []*arrival // from head on: entered, not yet at the front with all before recorded
+	head  int
+	bySeq map[uint64]*arrival
+}
+
+type arrival struct {
+	seq      uint64
+	recorded bool
+	wake     chan struct{} // closed when it leaves the queue; nil: no one waits
 }
 
 func newArrivals() *arrivals {
-	return &arrivals{open: map[uint64]struct{}{}, changed: make(chan struct{})}
+	return &arrivals{bySeq: map[uint64]*arrival{}}
 }
 
 // enter numbers a request that reached the handler.
@@ -39,8 +49,10 @@ func (a *arrivals) enter() uint64 {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.next++
-	a.open[a.next] = struct{}{}
-	return a.next
+	e := &arrival{seq: a.next}
+	a.queue = append(a.queue, e)
+	a.bySeq[e.seq] = e
+	return e.seq
 }
 
 // recorded marks request seq's releases recorded (or the request
@@ -48,44 +60,62 @@ func (a *arrivals) enter() uint64 {
 func (a *arrivals) recorded(seq uint64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if _, ok := a.open[seq]; !ok {
+	e := a.bySeq[seq]
+	if e == nil || e.recorded {
 		return
 	}
-	delete(a.open, seq)
-	close(a.changed)
-	a.changed = make(chan struct{})
-}
-
-// waitEarlier waits until no request numbered before seq is open, for at
-// most bound or until ctx ends, and reports whether it did not have to
-// give up.
-func (a *arrivals) waitEarlier(ctx context.Context, seq uint64, bound time.Duration) bool {
-	var timeout <-chan time.Time
-	for {
-		a.mu.Lock()
-		earlier := false
-		for s := range a.open {
-			if s < seq {
-				earlier = true
-				break
-			}
-		}
-		changed := a.changed
-		a.mu.Unlock()
-		if !earlier {
-			return true
-		}
-		if timeout == nil {
-			t := time.NewTimer(bound)
-			defer t.Stop()
-			timeout = t.C
-		}
-		select {
-		case <-changed:
-		case <-timeout:
-			return false
-		case <-ctx.Done():
-			return false
+	e.recorded = true
+	for a.head < len(a.queue) && a.queue[a.head].recorded {
+		f := a.queue[a.head]
+		a.queue[a.head] = nil
+		a.head++
+		delete(a.bySeq, f.seq)
+		if f.wake != nil {
+			close(f.wake)
 		}
 	}
+	if a.head == len(a.queue) || a.head > len(a.queue)/2 {
+		n := copy(a.queue, a.queue[a.head:])
+		clear(a.queue[n:])
+		a.queue, a.head = a.queue[:n], 0
+	}
+}
+
+// waitEarlier waits, once request seq has recorded its own releases,
+// until every request numbered before it has, for at most bound or until
+// ctx ends, and reports whether it did not have to give up.
+func (a *arrivals) waitEarlier(ctx context.Context, seq uint64, bound time.Duration) bool {
+	a.mu.Lock()
+	e := a.bySeq[seq]
+	if e == nil {
+		a.mu.Unlock()
+		return true // at the front: left the queue
+	}
+	if e.wake == nil {
+		e.wake = make(chan struct{})
+	}
+	wake := e.wake
+	a.mu.Unlock()
+	t := time.NewTimer(bound)
+	defer t.Stop()
+	select {
+	case <-wake:
+		return true
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	return false
+}
+
+// open returns the number of requests not recorded yet.
+func (a *arrivals) open() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for _, e := range a.queue[a.head:] {
+		if !e.recorded {
+			n++
+		}
+	}
+	return n
 }

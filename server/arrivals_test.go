@@ -14,11 +14,12 @@ func TestArrivals(t *testing.T) {
 	a := newArrivals()
 	first, second, third := a.enter(), a.enter(), a.enter()
 	a.recorded(third)
+	a.recorded(first)
 	if !a.waitEarlier(context.Background(), first, time.Minute) {
 		t.Error("the first request waited for later ones")
 	}
 	if a.waitEarlier(context.Background(), third, time.Millisecond) {
-		t.Error("the third request did not wait for the first two")
+		t.Error("the third request did not wait for the second")
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -27,13 +28,31 @@ func TestArrivals(t *testing.T) {
 	}
 	done := make(chan bool)
 	go func() { done <- a.waitEarlier(context.Background(), third, time.Minute) }()
-	a.recorded(first)
 	a.recorded(first) // does nothing
 	a.recorded(second)
 	if !<-done {
 		t.Error("the third request gave up, the first two recorded")
 	}
-	if len(a.open) != 0 {
-		t.Errorf("%d requests open, want none", len(a.open))
+	if n := a.open(); n != 0 || len(a.bySeq) != 0 {
+		t.Errorf("%d requests open, %d held, want none", n, len(a.bySeq))
+	}
+	// Many waiting at once, released in any order.
+	var seqs []uint64
+	for range 1000 {
+		seqs = append(seqs, a.enter())
+	}
+	results := make(chan bool, len(seqs))
+	for _, s := range seqs[1:] {
+		a.recorded(s)
+		go func() { results <- a.waitEarlier(context.Background(), s, time.Minute) }()
+	}
+	a.recorded(seqs[0])
+	for range seqs[1:] {
+		if !<-results {
+			t.Fatal("a request gave up, every earlier one recorded")
+		}
+	}
+	if n := len(a.queue); n != 0 {
+		t.Errorf("queue of %d left, want it compacted to none", n)
 	}
 }

@@ -450,12 +450,7 @@ func TestIngestReleaseOrder(t *testing.T) {
 	if _, err := pw.Write(body[:1]); err != nil {
 		t.Fatal(err)
 	}
-	open := func() int {
-		in.order.mu.Lock()
-		defer in.order.mu.Unlock()
-		return len(in.order.open)
-	}
-	waitUntil(t, "the report in the handler, its body not read whole", func() bool { return open() == 1 })
+	waitUntil(t, "the report in the handler, its body not read whole", func() bool { return in.order.open() == 1 })
 
 	later := batch("node-b", 1, rec("192.168.0.2", "10.0.1.1", 8080, 700, 7))
 	later.Time = t0.Add(time.Millisecond)
