@@ -197,6 +197,7 @@ func newIngest(cfg IngestConfig, d ingestDeps) *Ingest {
 		orderTimeouts: reg.Counter("kubezonnet_server_release_order_timeouts_total",
 			"Batches whose flows were resolved before a request that reached the server earlier had recorded its address releases (it was still being read or decoded after the wait's bound): their flows to an address that request released may go to the released pod."),
 		order:     newArrivals(),
+		orderWait: releaseOrderWait,
 		batches:   reg.Counter("kubezonnet_server_batches_applied_total", "Agent batches applied (duplicates excluded)."),
 		flows:     reg.Counter("kubezonnet_server_flows_total", "Flows applied from agent batches."),
 		flowBytes: reg.Counter("kubezonnet_server_flow_bytes_total", "Bytes of the flows applied from agent batches."),

@@ -419,6 +419,9 @@ func TestIngestReleaseNotice(t *testing.T) {
 func TestIngestReleaseOrder(t *testing.T) {
 	_, _, env := webAndDB(t)
 	in := env.srv.ingest
+	if in.orderWait != releaseOrderWait {
+		t.Errorf("a batch waits up to %v for earlier requests, want %v", in.orderWait, releaseOrderWait)
+	}
 	in.orderWait = time.Minute // the order, not the bound, is under test
 	send := func(b *wire.Batch, body io.Reader, done chan<- int) {
 		hr, err := http.NewRequest(http.MethodPost, env.url+"/api/v1/write", body)
