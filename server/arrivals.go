@@ -106,16 +106,3 @@ func (a *arrivals) waitEarlier(ctx context.Context, seq uint64, bound time.Durat
 	}
 	return false
 }
-
-// open returns the number of requests not recorded yet.
-func (a *arrivals) open() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	n := 0
-	for _, e := range a.queue[a.head:] {
-		if !e.recorded {
-			n++
-		}
-	}
-	return n
-}

@@ -56,3 +56,16 @@ func TestArrivals(t *testing.T) {
 		t.Errorf("queue of %d left, want it compacted to none", n)
 	}
 }
+
+// open returns the number of requests not recorded yet.
+func (a *arrivals) open() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for _, e := range a.queue[a.head:] {
+		if !e.recorded {
+			n++
+		}
+	}
+	return n
+}

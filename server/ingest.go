@@ -271,7 +271,7 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	defer in.end()
 	seq := in.order.enter()
-	defer in.order.recorded(seq) // refused before its releases count
+	defer in.order.recorded(seq) // a notice, or refused before its releases count
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		in.refuse(w, http.StatusMethodNotAllowed, reasonMethod, "method %s not allowed, use POST", r.Method)
@@ -343,7 +343,6 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if r.URL.Path == wire.ReleasesPath {
 		in.notice(w, b)
-		in.order.recorded(seq)
 		return
 	}
 	// The releases first, before anything else of the batch can wait:
