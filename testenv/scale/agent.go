@@ -129,6 +129,7 @@ func (a *agent) sendNotices(ctx context.Context) {
 		b := wire.Batch{Node: nodeName(a.node), Incarnation: a.incarnation, Seq: a.sentSeq.Load() + 1, Time: time.Now(), Released: rels}
 		if _, err := a.notices.Store(ctx, a.noticeEnc.Encode(&b)); err == nil {
 			a.noticesSent.Add(1)
+			a.w.noteReported(rels, "notice", time.Now())
 		}
 	}
 }
@@ -318,6 +319,7 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 			// Seen just before: it waits for this batch too.
 			wake(a.noticeWake)
 		}
+		sent := time.Now()
 		err := remotewrite.Retry(ctx, backoff, nil, func() error {
 			start := time.Now()
 			_, err := a.client.Store(ctx, body)
@@ -337,6 +339,7 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 			return err
 		}
 		a.lastAck = time.Now()
+		a.w.noteReported(g.batch.Released, "batch", a.lastAck)
 		if released {
 			a.releaseBatches++
 			continue // the schedule goes on
@@ -348,6 +351,7 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 		} else {
 			a.flows += int64(len(g.batch.Flows))
 			a.tally(g)
+			a.w.noteSent(g.pods, a.node, sent)
 		}
 		// A batch that took longer than the interval is followed at once
 		// by the next: the offered rate is an upper bound, and the

@@ -60,6 +60,87 @@ type world struct {
 	// onRelease tells a node's agent of a release (agent.released),
 	// for the nodes that have one.
 	onRelease map[int]func()
+
+	// traceMu guards what explains a misattribution (Result.Traces):
+	// per release (address and time), the pod that released it and when
+	// the server acknowledged the request that reported it; per
+	// successor, the first acknowledged batch with flows to it.
+	traceMu  sync.Mutex
+	releases map[wire.Release]*releaseTrace
+	firstTo  map[string]sendTrace
+}
+
+// releaseTrace is a release and its report.
+type releaseTrace struct {
+	pod      string
+	at       time.Time
+	how      string    // "batch" or "notice": the request acknowledged first
+	reported time.Time // zero until acknowledged
+}
+
+// sendTrace is a batch: its node and when it was sent.
+type sendTrace struct {
+	node int
+	sent time.Time
+}
+
+// trace explains how pod, credited excess bytes as the destination, came
+// to be: the release of its address (or of its predecessor's), the
+// report's acknowledgement and the first batch to its successor, in
+// milliseconds from the release.
+func (w *world) trace(pod string, excess float64) string {
+	w.traceMu.Lock()
+	defer w.traceMu.Unlock()
+	var rel *releaseTrace
+	for _, t := range w.releases {
+		if t.pod == pod {
+			rel = t
+		}
+	}
+	if rel == nil {
+		return fmt.Sprintf("%s: %.0f bytes over, no release of its address", pod, excess)
+	}
+	ms := func(t time.Time) string {
+		if t.IsZero() {
+			return "never"
+		}
+		return fmt.Sprintf("%+.1f ms", float64(t.Sub(rel.at).Microseconds())/1000)
+	}
+	var node, k, gen int
+	if _, err := fmt.Sscanf(pod, "app-%d-%d-g%d", &node, &k, &gen); err != nil {
+		return fmt.Sprintf("%s: %.0f bytes over, not a simulated pod", pod, excess)
+	}
+	next := podName(node, k, gen+1)
+	first := w.firstTo[next]
+	return fmt.Sprintf("%s: %.0f bytes over; released at %s, reported by %s acknowledged %s; %s first sent flows by %s at %s",
+		pod, excess, rel.at.Format("15:04:05.000"), rel.how, ms(rel.reported), next, nodeName(first.node), ms(first.sent))
+}
+
+// noteReported records that the server acknowledged, at ack, a request
+// (how) reporting rels.
+func (w *world) noteReported(rels []wire.Release, how string, ack time.Time) {
+	w.traceMu.Lock()
+	defer w.traceMu.Unlock()
+	for _, r := range rels {
+		if t := w.releases[r]; t != nil && t.reported.IsZero() {
+			t.how, t.reported = how, ack
+		}
+	}
+}
+
+// noteSent records the first acknowledged batch with flows to each
+// successor in pods, sent by node at sent.
+func (w *world) noteSent(pods []pair, node int, sent time.Time) {
+	w.traceMu.Lock()
+	defer w.traceMu.Unlock()
+	for _, p := range pods {
+		if w.genOfName(p.dst) == 0 {
+			continue
+		}
+		if f, ok := w.firstTo[p.dst]; !ok || sent.Before(f.sent) {
+			w.firstTo[p.dst] = sendTrace{node, sent}
+		}
+	}
 }
 
 // zoneOf names node n's zone.
@@ -75,7 +156,8 @@ func podCIDR(n int) netip.Prefix {
 }
 
 func newWorld(opts Options, c kubernetes.Interface, rng *rand.Rand) *world {
-	w := &world{opts: opts, client: c, deleted: map[string]time.Time{}, released: map[int][]wire.Release{}, onRelease: map[int]func(){}}
+	w := &world{opts: opts, client: c, deleted: map[string]time.Time{}, released: map[int][]wire.Release{}, onRelease: map[int]func(){},
+		releases: map[wire.Release]*releaseTrace{}, firstTo: map[string]sendTrace{}}
 	total := opts.Nodes * opts.PodsPerNode
 	w.slots = make([]slot, total)
 	for i := range w.slots {
@@ -202,7 +284,11 @@ func (w *world) replace(ctx context.Context, i int) error {
 		w.relMu.Lock()
 		// Only a node with an agent reports.
 		if tell := w.onRelease[s.node]; tell != nil {
-			w.released[s.node] = append(w.released[s.node], wire.Release{Addr: s.ip, Time: time.Now()})
+			r := wire.Release{Addr: s.ip, Time: time.Now()}
+			w.released[s.node] = append(w.released[s.node], r)
+			w.traceMu.Lock()
+			w.releases[r] = &releaseTrace{pod: s.pod, at: r.Time}
+			w.traceMu.Unlock()
 			tell()
 		}
 		w.relMu.Unlock()

@@ -73,6 +73,13 @@ type Result struct {
 	// server's informer.
 	MisattributedSources, MisattributedDestinations         int
 	MisattributedSourceBytes, MisattributedDestinationBytes float64
+	// Traces explain each pod misattributed as the destination: when it
+	// released its address, when the server acknowledged the report of
+	// it, and when another node first sent its successor flows.
+	Traces []string
+	// OrderTimeouts counts the batches whose wait for earlier requests'
+	// releases ran out (kubezonnet_server_release_order_timeouts_total).
+	OrderTimeouts int64
 	// PodPairSeries is the number of pod pairs the receiver holds;
 	// ChurnedPodSeries those naming a pod deleted or created during the
 	// run.
@@ -202,8 +209,10 @@ func (r *Result) compare(ctx context.Context, v receiver, w *world, truth map[pa
 		if churned(pod) && v > dstSent[pod] {
 			r.MisattributedDestinations++
 			r.MisattributedDestinationBytes += v - dstSent[pod]
+			r.Traces = append(r.Traces, w.trace(pod, v-dstSent[pod]))
 		}
 	}
+	sort.Strings(r.Traces)
 	return nil
 }
 
@@ -256,7 +265,10 @@ func (r *Result) WriteTable(out io.Writer) error {
 	}
 	row("misattributed as source (own node)", fmt.Sprintf("%d pods, %.0f bytes", r.MisattributedSources, r.MisattributedSourceBytes), ownNote)
 	row("misattributed as destination", fmt.Sprintf("%d pods, %.0f bytes", r.MisattributedDestinations, r.MisattributedDestinationBytes),
-		"the same as the destination: flows another node reported, which learns of the new pod through the server's informer only")
+		fmt.Sprintf("the same as the destination: flows another node reported, ordered after the release's report when it reached the server first (%d batches gave up waiting for earlier requests)", r.OrderTimeouts))
+	for _, t := range r.Traces {
+		row("", "", t)
+	}
 	row("misattributed pod pairs", fmt.Sprintf("%d series, %.0f bytes", r.MisattributedSeries, r.MisattributedBytes),
 		fmt.Sprintf("series naming a replaced pod or its successor with more than it sent (of %d naming one, %d in all); %d pods replaced (%.2f/s), %d unresolved flows, %d batches held for a new pod", r.ChurnedPodSeries, r.PodPairSeries, r.Churned, float64(r.Churned)/r.Sending.Seconds(), r.Unresolved, r.Held))
 	row("setup / sending", fmt.Sprintf("%s / %s", r.Setup.Round(time.Second), r.Sending.Round(time.Second)), "control plane, pods, "+r.Options.Receiver+" and server; then traffic")

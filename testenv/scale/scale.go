@@ -393,6 +393,7 @@ func Run(ctx context.Context, opts Options) (res Result, err error) {
 	res.Held = int64(m[`kubezonnet_server_ingest_rejected_total{reason="awaiting_pod"}`].sum)
 	res.Folded = int64(m["kubezonnet_server_pod_pairs_folded_total"].sum)
 	res.Unresolved = int64(m["kubezonnet_server_unresolved_total"].sum)
+	res.OrderTimeouts = int64(m["kubezonnet_server_release_order_timeouts_total"].sum)
 	if res.PeakRSS, err = testenv.ProcessPeakRSS(srv.Pid()); err != nil {
 		return res, err
 	}
