@@ -181,10 +181,13 @@ func (a *agent) generate(n int) generated {
 		g.pods = append(g.pods, pair{s.pod, d.pod})
 		g.slots = append(g.slots, [2]int32{int32(si), int32(di)})
 	}
-	w.mu.RUnlock()
-	// Stamped after the attribution: a flow belongs to the pods that held
-	// the addresses at its time.
+	// Stamped after the attribution and before the lock is released: a
+	// flow belongs to the pods that held the addresses at its time, and a
+	// replacement (which takes the lock) releases an address only after
+	// it. Stamped after the unlock, a batch could carry flows of a pod
+	// with a time after the pod's release.
 	g.batch.Time = time.Now()
+	w.mu.RUnlock()
 	return g
 }
 
