@@ -63,8 +63,8 @@ type world struct {
 
 	// traceMu guards what explains a misattribution (Result.Traces):
 	// per release (address and time), the pod that released it and when
-	// the server acknowledged the request that reported it; per
-	// successor, the first acknowledged batch with flows to it.
+	// the server acknowledged the request that reported it (if one did);
+	// per successor, the first acknowledged batch with flows to it.
 	traceMu  sync.Mutex
 	releases map[wire.Release]*releaseTrace
 	firstTo  map[string]sendTrace
@@ -112,8 +112,12 @@ func (w *world) trace(pod string, excess float64) string {
 	}
 	next := podName(node, k, gen+1)
 	first := w.firstTo[next]
-	return fmt.Sprintf("%s: %.0f bytes over; released at %s, reported by %s acknowledged %s; %s first sent flows by %s at %s",
-		pod, excess, rel.at.Format("15:04:05.000"), rel.how, ms(rel.reported), next, nodeName(first.node), ms(first.sent))
+	report := "not reported"
+	if !rel.reported.IsZero() {
+		report = fmt.Sprintf("reported by %s acknowledged %s", rel.how, ms(rel.reported))
+	}
+	return fmt.Sprintf("%s: %.0f bytes over; released at %s, %s; %s first sent flows by %s at %s",
+		pod, excess, rel.at.Format("15:04:05.000"), report, next, nodeName(first.node), ms(first.sent))
 }
 
 // noteReported records that the server acknowledged, at ack, a request
@@ -280,15 +284,15 @@ func (w *world) replace(ctx context.Context, i int) error {
 	w.mu.Lock()
 	s := &w.slots[i]
 	s.vacant = true
+	r := wire.Release{Addr: s.ip, Time: time.Now()}
+	w.traceMu.Lock()
+	w.releases[r] = &releaseTrace{pod: s.pod, at: r.Time}
+	w.traceMu.Unlock()
 	if !w.opts.NoReleases {
 		w.relMu.Lock()
 		// Only a node with an agent reports.
 		if tell := w.onRelease[s.node]; tell != nil {
-			r := wire.Release{Addr: s.ip, Time: time.Now()}
 			w.released[s.node] = append(w.released[s.node], r)
-			w.traceMu.Lock()
-			w.releases[r] = &releaseTrace{pod: s.pod, at: r.Time}
-			w.traceMu.Unlock()
 			tell()
 		}
 		w.relMu.Unlock()

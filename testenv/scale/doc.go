@@ -17,11 +17,15 @@
 //
 // Run keeps its own ground truth, the bytes and packets acknowledged per
 // (source pod, destination pod) pair, each flow attributed to the pods that
-// held its addresses when the simulated agent generated it, and compares it
-// with what the receiver holds after the server's last push: totals and
-// per zone pair must be exact; a replaced pod or its successor credited
-// more bytes than it sent, as the source or as the destination, is
-// misattributed.
+// held its addresses when the simulated agent generated it (the batch's
+// time, taken before any replacement can follow), and compares it with
+// what the receiver holds after the server's last push: totals and per
+// zone pair must be exact; a replaced pod or its successor credited more
+// bytes than it sent, as the source or as the destination, is
+// misattributed, and each one as the destination is explained
+// (Result.Traces): when its address was released, when the server
+// acknowledged the report, and when another node first sent to the
+// successor.
 //
 // The result is a table (Result.WriteTable) of throughput, server CPU and
 // memory per flow and per pod pair, ingest latency, push duration, exactness

@@ -264,8 +264,11 @@ func (r *Result) WriteTable(out io.Writer) error {
 		ownNote = "replaced pods and successors credited more than they sent as the source: flows of the node holding the address; agents report no release (-no-releases)"
 	}
 	row("misattributed as source (own node)", fmt.Sprintf("%d pods, %.0f bytes", r.MisattributedSources, r.MisattributedSourceBytes), ownNote)
-	row("misattributed as destination", fmt.Sprintf("%d pods, %.0f bytes", r.MisattributedDestinations, r.MisattributedDestinationBytes),
-		fmt.Sprintf("the same as the destination: flows another node reported, ordered after the release's report when it reached the server first (%d batches gave up waiting for earlier requests)", r.OrderTimeouts))
+	dstNote := fmt.Sprintf("the same as the destination: flows another node reported, ordered after the release's report when it reached the server first (%d batches gave up waiting for earlier requests)", r.OrderTimeouts)
+	if o.NoReleases {
+		dstNote = "the same as the destination: flows another node reported; agents report no release (-no-releases)"
+	}
+	row("misattributed as destination", fmt.Sprintf("%d pods, %.0f bytes", r.MisattributedDestinations, r.MisattributedDestinationBytes), dstNote)
 	for _, t := range r.Traces {
 		row("", "", t)
 	}
