@@ -64,7 +64,7 @@ type world struct {
 	// traceMu guards what explains a misattribution (Result.Traces):
 	// per release (address and time), the pod that released it and when
 	// the server acknowledged the request that reported it (if one did);
-	// per successor, the first acknowledged batch with flows to it.
+	// per destination pod, the first acknowledged batch with flows to it.
 	traceMu  sync.Mutex
 	releases map[wire.Release]*releaseTrace
 	firstTo  map[string]sendTrace
@@ -106,8 +106,8 @@ func (w *world) trace(pod string, excess float64) string {
 		}
 		return fmt.Sprintf("%+.1f ms", float64(t.Sub(rel.at).Microseconds())/1000)
 	}
-	var node, k, gen int
-	if _, err := fmt.Sscanf(pod, "app-%d-%d-g%d", &node, &k, &gen); err != nil {
+	node, k, gen := podNameParts(pod)
+	if node < 0 {
 		return fmt.Sprintf("%s: %.0f bytes over, not a simulated pod", pod, excess)
 	}
 	next := podName(node, k, gen+1)
@@ -133,14 +133,11 @@ func (w *world) noteReported(rels []wire.Release, how string, ack time.Time) {
 }
 
 // noteSent records the first acknowledged batch with flows to each
-// successor in pods, sent by node at sent.
+// destination in pods, sent by node at sent (trace reads successors').
 func (w *world) noteSent(pods []pair, node int, sent time.Time) {
 	w.traceMu.Lock()
 	defer w.traceMu.Unlock()
 	for _, p := range pods {
-		if w.genOfName(p.dst) == 0 {
-			continue
-		}
 		if f, ok := w.firstTo[p.dst]; !ok || sent.Before(f.sent) {
 			w.firstTo[p.dst] = sendTrace{node, sent}
 		}
@@ -397,25 +394,25 @@ func (w *world) deletedPods() map[string]bool {
 // genOfName returns the generation of a pod from its name (see podName):
 // 0 for the pods created at the start, -1 for a name not of a pod.
 func (w *world) genOfName(pod string) int {
-	_, gen := podNameParts(pod)
+	_, _, gen := podNameParts(pod)
 	return gen
 }
 
 // nodeOfName returns the node of a pod from its name (see podName).
 func (w *world) nodeOfName(pod string) int {
-	n, _ := podNameParts(pod)
+	n, _, _ := podNameParts(pod)
 	return n
 }
 
 // zoneOfName returns the zone of a pod from its name (see podName).
 func (w *world) zoneOfName(pod string) string { return w.zoneOf(w.nodeOfName(pod)) }
 
-// podNameParts returns the node and generation in a pod's name (see
-// podName), -1 and -1 for a name not of a pod.
-func podNameParts(pod string) (node, gen int) {
-	var k int
+// podNameParts returns the node, the pod's index on it and the
+// generation in a pod's name (see podName), -1 each for a name not of a
+// pod.
+func podNameParts(pod string) (node, k, gen int) {
 	if _, err := fmt.Sscanf(pod, "app-%d-%d-g%d", &node, &k, &gen); err != nil {
-		return -1, -1
+		return -1, -1, -1
 	}
-	return node, gen
+	return node, k, gen
 }
