@@ -7,10 +7,10 @@ import (
 )
 
 // releaseOrderWait bounds how long a batch waits for the requests that
-// reached the handler before it to record their releases (arrivals): long
-// enough for a request already in the server to be read and decoded
-// while the server's core is busy, short enough that an agent sending its
-// body slowly cannot hold the others up for long.
+// reached the handler before it was decoded to record their releases
+// (arrivals): long enough for a request already in the server to be read
+// and decoded while the server's core is busy, short enough that an agent
+// sending its body slowly cannot hold the others up for long.
 const releaseOrderWait = 50 * time.Millisecond
 
 // arrivals orders the releases agents report before the flows of other
@@ -19,12 +19,15 @@ const releaseOrderWait = 50 * time.Millisecond
 // next pod can both be in the server at once (A's sent first); resolved
 // in the wrong order, B's flows go to the released pod while the informer
 // still shows it. So requests are numbered as they enter the handler,
-// and a batch resolves its flows once every request numbered before it
-// has recorded its releases (or was refused), or after releaseOrderWait.
+// and a batch, once decoded, resolves its flows when every request that
+// had entered by then has recorded its releases (or was refused), or
+// after releaseOrderWait. By then, not by the batch's own entry: requests
+// that became readable together enter in any order, and A's small report
+// can enter while B's larger body is still being read and decoded.
 //
 // The requests are a queue in order of entry: the front is the oldest
-// not recorded yet, and a request reaching the front has nothing earlier
-// to wait for. Each one is woken once, however many wait (agents
+// not recorded yet, and a request leaves once it and all before it have
+// recorded. Each one is woken once, however many wait (agents
 // resending all at once after a restart).
 type arrivals struct {
 	mu    sync.Mutex
@@ -81,16 +84,18 @@ func (a *arrivals) recorded(seq uint64) {
 	}
 }
 
-// waitEarlier waits, once request seq has recorded its own releases,
-// until every request numbered before it has, for at most bound or until
-// ctx ends, and reports whether it did not have to give up.
-func (a *arrivals) waitEarlier(ctx context.Context, seq uint64, bound time.Duration) bool {
+// waitEntered waits until every request that has entered so far has
+// recorded its releases (the caller's own included: it calls once it has
+// recorded), for at most bound or until ctx ends, and reports whether it
+// did not have to give up.
+func (a *arrivals) waitEntered(ctx context.Context, bound time.Duration) bool {
 	a.mu.Lock()
-	e := a.bySeq[seq]
-	if e == nil {
+	if a.head == len(a.queue) {
 		a.mu.Unlock()
-		return true // at the front: left the queue
+		return true // every request entered has left the queue
 	}
+	// The newest leaves the queue last, when all before it have too.
+	e := a.queue[len(a.queue)-1]
 	if e.wake == nil {
 		e.wake = make(chan struct{})
 	}

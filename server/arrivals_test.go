@@ -6,36 +6,60 @@ import (
 	"time"
 )
 
-// TestArrivals: a request waits for those that entered before it to
-// record their releases, not for later ones, and gives up at the bound
-// (a slow sender holds the others up for no longer) or when its context
+// TestArrivals: a decoded request waits for every request that has
+// entered by then to record its releases, those that entered after it
+// included, not for those entering later; it gives up at the bound (a
+// slow sender holds the others up for no longer) or when its context
 // ends.
 func TestArrivals(t *testing.T) {
 	a := newArrivals()
-	first, second, third := a.enter(), a.enter(), a.enter()
-	a.recorded(third)
-	a.recorded(first)
-	if !a.waitEarlier(context.Background(), first, time.Minute) {
-		t.Error("the first request waited for later ones")
+	if !a.waitEntered(context.Background(), time.Minute) {
+		t.Error("a wait with no request in the server gave up")
 	}
-	if a.waitEarlier(context.Background(), third, time.Millisecond) {
-		t.Error("the third request did not wait for the second")
+	first, second := a.enter(), a.enter()
+	a.recorded(first)
+	a.recorded(second)
+	if !a.waitEntered(context.Background(), time.Minute) {
+		t.Error("the second request waited, every request recorded")
+	}
+
+	// The batch enters, then a report while the batch is still being
+	// read: once decoded, the batch waits for the report.
+	batch, report := a.enter(), a.enter()
+	a.recorded(batch)
+	if a.waitEntered(context.Background(), time.Millisecond) {
+		t.Error("the batch did not wait for the report that entered while it was decoded")
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if a.waitEarlier(ctx, third, time.Minute) {
+	if a.waitEntered(ctx, time.Minute) {
 		t.Error("a cancelled request kept waiting")
 	}
-	done := make(chan bool)
-	go func() { done <- a.waitEarlier(context.Background(), third, time.Minute) }()
-	a.recorded(first) // does nothing
-	a.recorded(second)
-	if !<-done {
-		t.Error("the third request gave up, the first two recorded")
+	a.recorded(report)
+	if !a.waitEntered(context.Background(), time.Minute) {
+		t.Error("the batch waited, the report recorded")
 	}
+
+	// Not for a request that enters once the wait has begun.
+	report = a.enter()
+	done := make(chan bool)
+	go func() { done <- a.waitEntered(context.Background(), time.Minute) }()
+	waitUntil(t, "the wait to begin", func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return a.bySeq[report].wake != nil
+	})
+	later := a.enter()
+	a.recorded(batch) // does nothing
+	a.recorded(report)
+	if !<-done {
+		t.Error("the wait gave up, every request entered before it recorded")
+	}
+	a.recorded(later)
 	if n := a.open(); n != 0 || len(a.bySeq) != 0 {
 		t.Errorf("%d requests open, %d held, want none", n, len(a.bySeq))
 	}
+
 	// Many waiting at once, released in any order.
 	var seqs []uint64
 	for range 1000 {
@@ -44,7 +68,7 @@ func TestArrivals(t *testing.T) {
 	results := make(chan bool, len(seqs))
 	for _, s := range seqs[1:] {
 		a.recorded(s)
-		go func() { results <- a.waitEarlier(context.Background(), s, time.Minute) }()
+		go func() { results <- a.waitEntered(context.Background(), time.Minute) }()
 	}
 	a.recorded(seqs[0])
 	for range seqs[1:] {

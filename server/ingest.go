@@ -114,7 +114,8 @@ type Ingest struct {
 
 	pool sync.Pool // *work
 	// order has a batch's flows resolved after the releases of the
-	// requests that entered before it, waiting at most orderWait.
+	// requests that entered before it was decoded, waiting at most
+	// orderWait.
 	order     *arrivals
 	orderWait time.Duration
 
@@ -195,7 +196,7 @@ func newIngest(cfg IngestConfig, d ingestDeps) *Ingest {
 			metrics.Label{Name: "result", Value: "ignored"}),
 		notices: reg.Counter("kubezonnet_server_release_notices_total", "Release notices accepted on "+wire.ReleasesPath+" (an agent's releases sent ahead of the batch that carries them)."),
 		orderTimeouts: reg.Counter("kubezonnet_server_release_order_timeouts_total",
-			"Batches whose flows were resolved before a request that reached the server earlier had recorded its address releases (it was still being read or decoded after the wait's bound): their flows to an address that request released may go to the released pod."),
+			"Batches whose flows were resolved before a request that reached the server before they were decoded had recorded its address releases (it was still being read or decoded after the wait's bound): their flows to an address that request released may go to the released pod."),
 		order:     newArrivals(),
 		orderWait: releaseOrderWait,
 		batches:   reg.Counter("kubezonnet_server_batches_applied_total", "Agent batches applied (duplicates excluded)."),
@@ -353,9 +354,9 @@ func (in *Ingest) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	wk.released = in.recordReleases(b)
 	in.order.recorded(seq)
 	// And those of the requests that reached the server before this one
-	// (another node's report of a release, sent before the flows here to
-	// the address's next pod).
-	if len(b.Flows) > 0 && !in.order.waitEarlier(r.Context(), seq, in.orderWait) {
+	// was decoded (another node's report of a release, sent before the
+	// flows here to the address's next pod).
+	if len(b.Flows) > 0 && !in.order.waitEntered(r.Context(), in.orderWait) {
 		in.orderTimeouts.Inc()
 	}
 	if ip, hold := in.screen(wk); hold {

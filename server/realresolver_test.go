@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -412,24 +413,48 @@ func TestIngestReleaseNotice(t *testing.T) {
 }
 
 // TestIngestReleaseOrder: node-a's report that web-0 released 10.0.1.1
-// reaches the server first but is still being read when node-b's batch
-// arrives, with a flow to 10.0.1.1 stamped after the release. node-b's
-// batch waits for the report (arrivals), and its flow is then held for
-// the address's next pod instead of credited to web-0.
+// and node-b's batch with a flow to 10.0.1.1 stamped after the release
+// are in the server at once, node-b's resolved while node-a's report is
+// still being read: whether the report entered the handler first, or
+// entered while node-b's body was still being read, node-b's batch waits
+// for the report (arrivals), and its flow is then held for the address's
+// next pod instead of credited to web-0.
 func TestIngestReleaseOrder(t *testing.T) {
+	for _, reportFirst := range []bool{true, false} {
+		name := "report-entered-first"
+		if !reportFirst {
+			name = "report-entered-while-batch-read"
+		}
+		t.Run(name, func(t *testing.T) { testIngestReleaseOrder(t, reportFirst) })
+	}
+}
+
+func testIngestReleaseOrder(t *testing.T, reportFirst bool) {
 	_, _, env := webAndDB(t)
 	in := env.srv.ingest
 	if in.orderWait != releaseOrderWait {
 		t.Errorf("a batch waits up to %v for earlier requests, want %v", in.orderWait, releaseOrderWait)
 	}
 	in.orderWait = time.Minute // the order, not the bound, is under test
-	send := func(b *wire.Batch, body io.Reader, done chan<- int) {
-		hr, err := http.NewRequest(http.MethodPost, env.url+"/api/v1/write", body)
+	// send posts b, its body written to the handler by hand: the first
+	// byte at once, the rest when rest is closed.
+	send := func(b *wire.Batch, rest <-chan struct{}, done chan<- int) {
+		body := encode(b)
+		pr, pw := io.Pipe()
+		go func() {
+			if _, err := pw.Write(body[:1]); err != nil {
+				return
+			}
+			<-rest
+			pw.Write(body[1:])
+			pw.Close()
+		}()
+		hr, err := http.NewRequest(http.MethodPost, env.url+"/api/v1/write", pr)
 		if err != nil {
 			done <- -1
 			return
 		}
-		hr.ContentLength = int64(len(encode(b)))
+		hr.ContentLength = int64(len(body))
 		hr.Header.Set("Content-Type", remotewrite.ContentType)
 		hr.Header.Set("Content-Encoding", remotewrite.ContentEncoding)
 		resp, err := http.DefaultClient.Do(hr)
@@ -445,28 +470,36 @@ func TestIngestReleaseOrder(t *testing.T) {
 	report := batch("node-a", 1)
 	report.Time = t0
 	report.Released = []wire.Release{{Addr: netip.MustParseAddr("10.0.1.1"), Time: t0}}
-	body := encode(report)
-	pr, pw := io.Pipe()
-	defer pw.Close()
-	reportDone := make(chan int, 1)
-	go send(report, pr, reportDone)
-	if _, err := pw.Write(body[:1]); err != nil {
-		t.Fatal(err)
-	}
-	waitUntil(t, "the report in the handler, its body not read whole", func() bool { return in.order.open() == 1 })
-
 	later := batch("node-b", 1, rec("192.168.0.2", "10.0.1.1", 8080, 700, 7))
 	later.Time = t0.Add(time.Millisecond)
-	laterDone := make(chan int, 1)
-	go send(later, strings.NewReader(string(encode(later))), laterDone)
+
+	reportRest, laterRest := make(chan struct{}), make(chan struct{})
+	// Bodies are finished by the cleanup too: a failure must not leave a
+	// request in the server, which would wait for it.
+	var reportOnce, laterOnce sync.Once
+	finishReport := func() { reportOnce.Do(func() { close(reportRest) }) }
+	finishLater := func() { laterOnce.Do(func() { close(laterRest) }) }
+	t.Cleanup(finishReport)
+	t.Cleanup(finishLater)
+	reportDone, laterDone := make(chan int, 1), make(chan int, 1)
+	if reportFirst {
+		go send(report, reportRest, reportDone)
+		waitUntil(t, "the report in the handler, its body not read whole", func() bool { return in.order.open() == 1 })
+		go send(later, laterRest, laterDone)
+		finishLater()
+	} else {
+		go send(later, laterRest, laterDone)
+		waitUntil(t, "node-b's batch in the handler, its body not read whole", func() bool { return in.order.open() == 1 })
+		go send(report, reportRest, reportDone)
+		waitUntil(t, "the report in the handler too", func() bool { return in.order.open() == 2 })
+		finishLater()
+	}
 	select {
 	case code := <-laterDone:
-		t.Fatalf("node-b's batch answered %d while node-a's earlier report was still being read", code)
+		t.Fatalf("node-b's batch answered %d while node-a's report was still being read", code)
 	case <-time.After(50 * time.Millisecond):
 	}
-	if _, err := pw.Write(body[1:]); err != nil {
-		t.Fatal(err)
-	}
+	finishReport()
 	if code := <-reportDone; code != http.StatusNoContent {
 		t.Fatalf("node-a's report: %d, want 204", code)
 	}
