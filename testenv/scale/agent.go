@@ -127,9 +127,11 @@ func (a *agent) sendNotices(ctx context.Context) {
 			continue
 		}
 		b := wire.Batch{Node: nodeName(a.node), Incarnation: a.incarnation, Seq: a.sentSeq.Load() + 1, Time: time.Now(), Released: rels}
-		if _, err := a.notices.Store(ctx, a.noticeEnc.Encode(&b)); err == nil {
+		body := a.noticeEnc.Encode(&b)
+		sent := time.Now()
+		if _, err := a.notices.Store(ctx, body); err == nil {
 			a.noticesSent.Add(1)
-			a.w.noteReported(rels, "notice", time.Now())
+			a.w.noteReported(rels, "notice", sent, time.Now())
 		}
 	}
 }
@@ -342,7 +344,7 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 			return err
 		}
 		a.lastAck = time.Now()
-		a.w.noteReported(g.batch.Released, "batch", a.lastAck)
+		a.w.noteReported(g.batch.Released, "batch", sent, a.lastAck)
 		if released {
 			a.releaseBatches++
 			continue // the schedule goes on
@@ -354,7 +356,7 @@ func (a *agent) run(ctx context.Context, interval time.Duration, flowsPerBatch i
 		} else {
 			a.flows += int64(len(g.batch.Flows))
 			a.tally(g)
-			a.w.noteSent(g.pods, a.node, sent)
+			a.w.noteSent(g.pods, a.node, sent, a.lastAck)
 		}
 		// A batch that took longer than the interval is followed at once
 		// by the next: the offered rate is an upper bound, and the

@@ -72,22 +72,26 @@ type world struct {
 
 // releaseTrace is a release and its report.
 type releaseTrace struct {
-	pod      string
-	at       time.Time
-	how      string    // "batch" or "notice": the request acknowledged first
-	reported time.Time // zero until acknowledged
+	pod  string
+	at   time.Time
+	how  string // "batch" or "notice": the request acknowledged first
+	sent time.Time
+	// reported is when the server acknowledged it: zero until then.
+	reported time.Time
 }
 
-// sendTrace is a batch: its node and when it was sent.
+// sendTrace is a batch: its node, when it was sent and when the server
+// acknowledged it.
 type sendTrace struct {
-	node int
-	sent time.Time
+	node        int
+	sent, acked time.Time
 }
 
 // trace explains how pod, credited excess bytes as the destination, came
-// to be: the release of its address (or of its predecessor's), the
-// report's acknowledgement and the first batch to its successor, in
-// milliseconds from the release.
+// to be: the release of its address (or of its predecessor's), when the
+// report was sent and acknowledged, and when the first batch to its
+// successor was, in milliseconds from the release: a report acknowledged
+// after such a batch was sent may have reached the server after it.
 func (w *world) trace(pod string, excess float64) string {
 	w.traceMu.Lock()
 	defer w.traceMu.Unlock()
@@ -114,32 +118,33 @@ func (w *world) trace(pod string, excess float64) string {
 	first := w.firstTo[next]
 	report := "not reported"
 	if !rel.reported.IsZero() {
-		report = fmt.Sprintf("reported by %s acknowledged %s", rel.how, ms(rel.reported))
+		report = fmt.Sprintf("reported by %s sent %s, acknowledged %s", rel.how, ms(rel.sent), ms(rel.reported))
 	}
-	return fmt.Sprintf("%s: %.0f bytes over; released at %s, %s; %s first sent flows by %s at %s",
-		pod, excess, rel.at.Format("15:04:05.000"), report, next, nodeName(first.node), ms(first.sent))
+	return fmt.Sprintf("%s: %.0f bytes over; released at %s, %s; %s first sent flows by %s at %s, acknowledged %s",
+		pod, excess, rel.at.Format("15:04:05.000"), report, next, nodeName(first.node), ms(first.sent), ms(first.acked))
 }
 
-// noteReported records that the server acknowledged, at ack, a request
-// (how) reporting rels.
-func (w *world) noteReported(rels []wire.Release, how string, ack time.Time) {
+// noteReported records that a request (how) reporting rels, sent at
+// sent, was acknowledged at ack.
+func (w *world) noteReported(rels []wire.Release, how string, sent, ack time.Time) {
 	w.traceMu.Lock()
 	defer w.traceMu.Unlock()
 	for _, r := range rels {
 		if t := w.releases[r]; t != nil && t.reported.IsZero() {
-			t.how, t.reported = how, ack
+			t.how, t.sent, t.reported = how, sent, ack
 		}
 	}
 }
 
 // noteSent records the first acknowledged batch with flows to each
-// destination in pods, sent by node at sent (trace reads successors').
-func (w *world) noteSent(pods []pair, node int, sent time.Time) {
+// destination in pods, sent by node at sent and acknowledged at acked
+// (trace reads successors').
+func (w *world) noteSent(pods []pair, node int, sent, acked time.Time) {
 	w.traceMu.Lock()
 	defer w.traceMu.Unlock()
 	for _, p := range pods {
 		if f, ok := w.firstTo[p.dst]; !ok || sent.Before(f.sent) {
-			w.firstTo[p.dst] = sendTrace{node, sent}
+			w.firstTo[p.dst] = sendTrace{node, sent, acked}
 		}
 	}
 }
