@@ -420,12 +420,14 @@ func TestIngestReleaseNotice(t *testing.T) {
 // for the report (arrivals), and its flow is then held for the address's
 // next pod instead of credited to web-0.
 func TestIngestReleaseOrder(t *testing.T) {
-	for _, reportFirst := range []bool{true, false} {
-		name := "report-entered-first"
-		if !reportFirst {
-			name = "report-entered-while-batch-read"
-		}
-		t.Run(name, func(t *testing.T) { testIngestReleaseOrder(t, reportFirst) })
+	for _, tt := range []struct {
+		name        string
+		reportFirst bool
+	}{
+		{"report-entered-first", true},
+		{"report-entered-while-batch-read", false},
+	} {
+		t.Run(tt.name, func(t *testing.T) { testIngestReleaseOrder(t, tt.reportFirst) })
 	}
 }
 

@@ -89,14 +89,13 @@
 // decoded the request reporting it, so that another node's flows decoded
 // after that are ordered after it even while the report's own batch
 // waits, and resolves a batch's flows once the requests that reached it
-// before the batch was decoded have recorded theirs (for a bounded time). A release is
-// recorded only for an address that a
-// pod of the reporting node held at the release; the last one per address
-// is kept, in an LRU as large as the released-IP one. The agent's times
-// are its node's clock and the informer's the server's: they are
-// compared, so clocks apart by more than a new pod takes to get an
-// address (its sandbox, then its status) could keep a flow from the
-// right pod.
+// before the batch was decoded have recorded theirs (for a bounded time).
+// A release is recorded only for an address that a pod of the reporting
+// node held at the release; the last one per address is kept, in an LRU
+// as large as the released-IP one. The agent's times are its node's
+// clock and the informer's the server's: they are compared, so clocks
+// apart by more than a new pod takes to get an address (its sandbox, then
+// its status) could keep a flow from the right pod.
 //
 // # Services
 //

@@ -63,8 +63,9 @@ type world struct {
 
 	// traceMu guards what explains a misattribution (Result.Traces):
 	// per release (address and time), the pod that released it and when
-	// the server acknowledged the request that reported it (if one did);
-	// per destination pod, the first acknowledged batch with flows to it.
+	// the request that reported it was sent and acknowledged (if one
+	// was); per destination pod, the first acknowledged batch with flows
+	// to it.
 	traceMu  sync.Mutex
 	releases map[wire.Release]*releaseTrace
 	firstTo  map[string]sendTrace

@@ -23,9 +23,9 @@
 // zone pair must be exact; a replaced pod or its successor credited more
 // bytes than it sent, as the source or as the destination, is
 // misattributed, and each one as the destination is explained
-// (Result.Traces): when its address was released, when the server
-// acknowledged the report, and when another node first sent to the
-// successor.
+// (Result.Traces): when its address was released, when the report was
+// sent and acknowledged, and when another node's first batch to the
+// successor was.
 //
 // The result is a table (Result.WriteTable) of throughput, server CPU and
 // memory per flow and per pod pair, ingest latency, push duration, exactness

@@ -74,8 +74,9 @@ type Result struct {
 	MisattributedSources, MisattributedDestinations         int
 	MisattributedSourceBytes, MisattributedDestinationBytes float64
 	// Traces explain each pod misattributed as the destination: when it
-	// released its address, when the server acknowledged the report of
-	// it, and when another node first sent its successor flows.
+	// released its address, when the report of it was sent and
+	// acknowledged, and when another node's first batch with flows to its
+	// successor was.
 	Traces []string
 	// OrderTimeouts counts the batches whose wait for earlier requests'
 	// releases ran out (kubezonnet_server_release_order_timeouts_total).
