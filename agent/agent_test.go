@@ -352,8 +352,9 @@ func TestDrainReportsStuckCPUs(t *testing.T) {
 func TestFlowTableAtItsBound(t *testing.T) {
 	rcv := newReceiver(t, func(int) (int, bool) { return http.StatusOK, true })
 	cfg := testConfig(rcv.srv.URL)
-	cfg.FlowTableMemory = 1 // on up to 3 CPUs, 2,048 slots per CPU
+	cfg.FlowTableMemory = 1 // on up to 3 CPUs, 4,096 slots per CPU
 	cfg.MaxFlows = 16384
+	cfg.MaxBufferedFlows = 16384
 	cfg.FlushInterval = time.Hour // one drain, at shutdown
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {

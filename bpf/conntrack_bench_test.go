@@ -41,7 +41,7 @@ import (
 //     the node's namespace (benchServiceRules) to a backend on another
 //     node: every packet has a conntrack entry with IPS_DST_NAT, and the
 //     program reads the status and the original tuple's destination into
-//     the key (and an IPv6 one into the flow's flow_orig entry). The
+//     the key (an IPv6 one's first 12 bytes into the CPU's line). The
 //     datagrams go round-robin to benchServicePorts ports of the virtual
 //     IP, each DNATed to its own backend port: as many flows, whose slots
 //     lie in as many places of the table. The -direct variants send to

@@ -4,11 +4,13 @@ package bpf
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
 	"testing"
+	"unsafe"
 
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
@@ -320,4 +322,93 @@ func keyString(k flow.Key) string {
 		s += " orig " + k.OrigDst.String()
 	}
 	return s
+}
+
+// TestOriginalDestinationIPv6Prefixes sends UDP from one CPU to two IPv6
+// Services whose virtual IPs differ in their first 12 bytes, DNATed to the
+// same backend port, so the two flows differ only in their original
+// destination. In each generation the Service sent to first sets the
+// prefix of the table's IPv6 original destinations on that CPU (the CPU's
+// line says which) and its flow takes a table slot; the other's flow is
+// counted in the hash map without counting as a spill. Both come back
+// exact, with their own address, in three generations: the third reuses
+// the first's, whose prefix must have been cleared for it.
+func TestOriginalDestinationIPv6Prefixes(t *testing.T) {
+	testutil.RequireRoot(t)
+	topo := twoNodes(t, false)
+	a := topo.Node("a")
+	a1, b1 := topo.Pod("a1"), topo.Pod("b1")
+	dp := attachNode(t, a, Config{})
+	ctx := context.Background()
+	other := netip.MustParseAddr("fd00:97:0:1::10")
+	rules := fmt.Sprintf(`table ip6 kzn_svc {
+  chain pre {
+    type nat hook prerouting priority dstnat; policy accept;
+    ip6 daddr { %s, %s } udp dport 53 dnat to [%s]:5353
+  }
+}
+`, vip6, other, b1.IPv6)
+	if _, err := testnet.Exec(ctx, a.NS, "sh", "-c", "nft -f - <<'EOF'\n"+rules+"EOF\n"); err != nil {
+		t.Fatalf("installing the service rules: %v", err)
+	}
+	const cpu, count, size = 0, 20, 300
+	ap := netip.AddrPortFrom
+	key := func(vip netip.Addr) flow.Key {
+		return flow.Key{Src: a1.IPv6, Dst: b1.IPv6, Proto: 17, Port: 5353, PortIsDst: true, OrigDst: ap(vip, 53)}
+	}
+	sent := flow.Counts{Bytes: count * (size + 48), Packets: count}
+	drain(t, dp) // what the topology's setup left
+	for round, first := range []netip.Addr{vip6, other, other} {
+		second := vip6
+		if first == vip6 {
+			second = other
+		}
+		g := dp.active
+		testutil.OnCPU(t, cpu, func() {
+			sendUDPVia(t, a1.NS, b1.NS, ap(first, 53), ap(b1.IPv6, 5353), count, size)
+			sendUDPVia(t, a1.NS, b1.NS, ap(second, 53), ap(b1.IPv6, 5353), count, size)
+			sendUDPVia(t, a1.NS, b1.NS, ap(first, 53), ap(b1.IPv6, 5353), count, size)
+		})
+		if g != dp.active {
+			t.Fatal("the generation changed while sending")
+		}
+		want := first.As16()
+		var prefix [3]uint32
+		for i := range prefix {
+			prefix[i] = binary.LittleEndian.Uint32(want[4*i:])
+		}
+		if got := dp.inflight[cpu].Orig6[g]; got != prefix {
+			t.Errorf("round %d: generation %d's IPv6 prefix on CPU %d is %x, want %x (%s's, sent to first)", round, g, cpu, got, prefix, first)
+		}
+		inTable := 0
+		slots, _ := dp.region(g, cpu)
+		for _, s := range slots {
+			const v6orig = uint8(flowFlowFlagFLOW_F_IPV6 | flowFlowFlagFLOW_F_ORIG_DST)
+			if s.Epoch == dp.epochs[g] && s.Key[unsafe.Offsetof(flowFlowKey{}.Flags)]&v6orig == v6orig {
+				inTable++
+			}
+		}
+		if inTable != 1 {
+			t.Errorf("round %d: %d table slots hold a flow with an IPv6 original destination, want 1", round, inTable)
+		}
+		dr := drain(t, dp)
+		got := map[flow.Key]flow.Counts{}
+		for _, f := range dr.Flows {
+			if f.Src == a1.IPv6 && f.Proto == 17 {
+				got[f.Key] = f.Counts
+			}
+		}
+		if c := got[key(first)]; c != (flow.Counts{Bytes: 2 * sent.Bytes, Packets: 2 * sent.Packets}) {
+			t.Errorf("round %d: flow to %s (the table's) counted %+v, sent twice %+v", round, first, c, sent)
+		}
+		if c := got[key(second)]; c != sent {
+			t.Errorf("round %d: flow to %s (the hash map's) counted %+v, sent %+v", round, second, c, sent)
+		}
+		if len(got) != 2 {
+			t.Errorf("round %d: flows from a1 %v, want the two", round, got)
+		}
+		if dr.Spilled != 0 {
+			t.Errorf("round %d: %d flows counted as spilled, want 0: a prefix is not a lack of slots", round, dr.Spilled)
+		}
+	}
 }

@@ -38,10 +38,10 @@ const (
 	// values) and cover a busy node for a 10 s flush interval.
 	DefaultMaxFlows = 65536
 	// DefaultTableMemory bounds the flow table: both generations, every
-	// possible CPU, 80 bytes a slot (a 64-byte slot and its 16-byte
-	// flow_orig entry). 64 MiB gives each CPU the largest region
-	// (MaxTableSlots) up to 3 CPUs, and still 2,048 slots a CPU on 192
-	// CPUs, where the flows of a node are spread over many CPUs. The
+	// possible CPU, 64 bytes a slot. 64 MiB gives each CPU the largest
+	// region (MaxTableSlots) up to 4 CPUs, 8,192 slots on 64 CPUs, and
+	// still 2,048 slots a CPU on 192 CPUs, where the flows of a node are
+	// spread over many CPUs. The
 	// table takes all of it at load, whatever the traffic.
 	DefaultTableMemory = 64 << 20
 	// MaxTableSlots caps a CPU's region per generation: 131,072 slots
@@ -133,9 +133,8 @@ func TableSlots(memory uint64, ncpu int) (int, error) {
 	return int(min(MaxTableSlots, uint64(1)<<(bits.Len64(n)-1))), nil
 }
 
-// tableSlotBytes is the memory of one slot: the flow_table entry and its
-// flow_orig entry.
-const tableSlotBytes = uint64(unsafe.Sizeof(flowTableSlot{}) + unsafe.Sizeof(flowOrigSlot{}))
+// tableSlotBytes is the memory of one slot: its flow_table entry.
+const tableSlotBytes = uint64(unsafe.Sizeof(flowTableSlot{}))
 
 // formatBytes writes a size in the largest of MiB, KiB and bytes that
 // states it exactly.
@@ -164,14 +163,12 @@ type Datapath struct {
 	// prefixes is the program's local_prefixes, mapped into this
 	// process (see SetLocalPrefixes).
 	prefixes *flowPrefixState
-	// table is the flow table mapped into this process (read only),
-	// orig the IPv6 original destination addresses of its slots
-	// (flow_orig, same indexes); regionSlots the length of each CPU's
+	// table is the flow table mapped into this process (read only);
+	// regionSlots the length of each CPU's
 	// region per generation; slots the slots in use in each
 	// generation's regions (see sizer); epochs the epoch of each
 	// generation's slots in use.
 	table       []flowTableSlot
-	orig        []flowOrigSlot
 	regionSlots int
 	slots       [2]int
 	sizer       tableSizer
@@ -216,7 +213,7 @@ func (d *Datapath) Close() error {
 // maps.
 func (d *Datapath) closeObjects() error {
 	var errs []error
-	d.table, d.orig, d.inflight, d.prefixes = nil, nil, nil, nil
+	d.table, d.inflight, d.prefixes = nil, nil, nil
 	for _, mem := range d.mems {
 		if err := unix.Munmap(mem); err != nil {
 			errs = append(errs, fmt.Errorf("unmapping a shared map: %w", err))

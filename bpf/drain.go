@@ -171,14 +171,14 @@ func (d *Datapath) regionStart(g, cpu int) int {
 }
 
 // region is the slots in use of cpu's region in generation g, read
-// through the shared mappings: its table slots and their original
-// destination addresses. The program writes no further than the slots in
-// use: the geometry of g, which stays as it is while g is active and until
-// it has been drained (see setSlots).
-func (d *Datapath) region(g, cpu int) ([]flowTableSlot, []flowOrigSlot) {
+// through the shared mapping, and the prefix of their IPv6 original
+// destinations. The program writes no further than the slots in use: the
+// geometry of g, which stays as it is while g is active and until it has
+// been drained (see setSlots).
+func (d *Datapath) region(g, cpu int) ([]flowTableSlot, [3]uint32) {
 	start := d.regionStart(g, cpu)
 	n := d.slots[g]
-	return d.table[start : start+n], d.orig[start : start+n]
+	return d.table[start : start+n], d.inflight[cpu].Orig6[g]
 }
 
 // drainTable appends the flows in the slots of idle table generation g to
@@ -193,38 +193,43 @@ func (d *Datapath) drainTable(g int, dst *Drained) {
 	k := &kb.k
 	for cpu := range d.nCPU {
 		d.merge.startIndex(dst.Flows)
-		region, orig := d.region(g, cpu)
+		region, prefix := d.region(g, cpu)
 		for i := range region {
 			if s := &region[i]; s.Epoch == epoch {
-				slotKey(k, s, &orig[i])
+				slotKey(k, s, &prefix)
 				dst.Flows = d.merge.add(dst.Flows, k, flow.Counts{Bytes: s.St.Bytes, Packets: s.St.Packets})
 			}
 		}
 	}
 }
 
-// keyHead is the part of a flowFlowKey a table slot holds: all but
-// OrigDaddr, which is in the flow_orig entry of the same index (see
-// table_slot in flow.c). The compiler checks that OrigDaddr comes last.
+// keyHead is the part of a flowFlowKey a table slot holds whole: all but
+// OrigDaddr (see table_slot in flow.c). The compiler checks that OrigDaddr
+// comes last.
 type keyHead = [len(flowTableSlot{}.Key)]byte
 
 var _ [unsafe.Offsetof(flowFlowKey{}.OrigDaddr) - unsafe.Sizeof(keyHead{})]struct{}
 var _ [unsafe.Sizeof(keyHead{}) - unsafe.Offsetof(flowFlowKey{}.OrigDaddr)]struct{}
 
-// slotKey sets k to the key of the table slot s, whose flow_orig entry is
-// o. The original destination address, when the flow has one, is in the
-// slot for IPv4 and in o for IPv6 (table_slot in flow.c).
-func slotKey(k *flowFlowKey, s *flowTableSlot, o *flowOrigSlot) {
+// slotKey sets k to the key of the table slot s, whose generation's IPv6
+// prefix on its CPU is prefix. The original destination address, when the
+// flow has one, ends with the slot's last word, and starts with the
+// prefix for IPv6 and as IPv4-mapped for IPv4 (table_slot in flow.c). The
+// words are in memory order, as the program stored them.
+func slotKey(k *flowFlowKey, s *flowTableSlot, prefix *[3]uint32) {
 	*(*keyHead)(unsafe.Pointer(k)) = s.Key
 	k.OrigDaddr = [16]byte{}
 	switch {
 	case k.Flags&uint8(flowFlowFlagFLOW_F_ORIG_DST) == 0:
+		return
 	case k.Flags&uint8(flowFlowFlagFLOW_F_IPV6) != 0:
-		k.OrigDaddr = o.Daddr
+		for i, w := range prefix {
+			binary.LittleEndian.PutUint32(k.OrigDaddr[4*i:], w)
+		}
 	default: // IPv4-mapped, as the kernel's keys
 		k.OrigDaddr[10], k.OrigDaddr[11] = 0xff, 0xff
-		binary.LittleEndian.PutUint32(k.OrigDaddr[12:], s.OrigDaddr4) // network order in memory
 	}
+	binary.LittleEndian.PutUint32(k.OrigDaddr[12:], s.OrigDaddr4)
 }
 
 // drainMap empties an idle generation's hash map into dst, merging its

@@ -92,17 +92,19 @@ func kernelKey(k flow.Key) flowFlowKey {
 }
 
 // TestDrainTableOriginalDestination reads table slots laid out as the
-// kernel writes them (no kernel needed: the table and its flow_orig
-// entries are plain memory here): a flow's original destination address
-// comes from its slot (IPv4) or the slot's flow_orig entry (IPv6) only
-// when its flags say it has one (where a flow without one would keep it
-// lies what an earlier flow left), two flows that differ only in it stay
-// two flows, and a flow seen on two CPUs is merged, with or without one.
+// kernel writes them (no kernel needed: the table and the CPUs' lines are
+// plain memory here): a flow's original destination address is its slot's
+// last word, after the IPv4-mapped prefix (IPv4) or its CPU's IPv6 prefix
+// of the generation (IPv6), only when its flags say it has one (where a
+// flow without one would keep it lies what an earlier flow left, and its
+// CPU has an IPv6 prefix); two flows that differ only in it stay two
+// flows, each CPU's IPv6 prefix is its own, and a flow seen on two CPUs is
+// merged, with or without one.
 func TestDrainTableOriginalDestination(t *testing.T) {
 	const slots = 64
 	d := &Datapath{nCPU: 2, regionSlots: slots, slots: [2]int{slots, slots}, epochs: [2]uint32{1, 2}}
 	d.table = make([]flowTableSlot, 2*d.nCPU*slots)
-	d.orig = make([]flowOrigSlot, len(d.table))
+	d.inflight = make([]flowCpuInflight, d.nCPU)
 	addr, ap := netip.MustParseAddr, netip.MustParseAddrPort
 	viaA := flow.Key{Src: addr("10.244.1.2"), Dst: addr("10.244.2.2"), Proto: 6, Port: 8080, PortIsDst: true, OrigDst: ap("10.96.0.10:80")}
 	viaB := viaA
@@ -110,6 +112,10 @@ func TestDrainTableOriginalDestination(t *testing.T) {
 	direct := viaA
 	direct.OrigDst = netip.AddrPort{}
 	v6 := flow.Key{Src: addr("fd00::1"), Dst: addr("fd00::2"), Proto: 17, Port: 5353, PortIsDst: true, OrigDst: ap("[fd00:96::10]:53")}
+	v6b := v6 // same prefix, another last word
+	v6b.OrigDst = ap("[fd00:96::1:11]:53")
+	v6c := v6 // another prefix, on the other CPU
+	v6c.OrigDst = ap("[fd01:97:0:1::10]:53")
 	put := func(cpu, i int, k flow.Key, c flow.Counts) {
 		idx := d.regionStart(0, cpu) + i
 		kk := kernelKey(k)
@@ -118,14 +124,14 @@ func TestDrainTableOriginalDestination(t *testing.T) {
 		s.Key = *(*keyHead)(unsafe.Pointer(&kk))
 		// Where a flow keeps no original destination address lies
 		// whatever an earlier flow left there.
-		d.orig[idx] = flowOrigSlot{Daddr: netip.AddrFrom4([4]byte{10, 96, 9, byte(i)}).As16()}
 		s.OrigDaddr4 = binary.LittleEndian.Uint32([]byte{10, 96, 8, byte(i)})
-		switch {
-		case !k.OrigDst.IsValid():
-		case k.OrigDst.Addr().Is6():
-			d.orig[idx].Daddr = kk.OrigDaddr
-		default:
+		if k.OrigDst.IsValid() {
 			s.OrigDaddr4 = binary.LittleEndian.Uint32(kk.OrigDaddr[12:])
+		}
+		if k.OrigDst.Addr().Is6() {
+			for w := range d.inflight[cpu].Orig6[0] {
+				d.inflight[cpu].Orig6[0][w] = binary.LittleEndian.Uint32(kk.OrigDaddr[4*w:])
+			}
 		}
 	}
 	put(0, 3, viaA, flow.Counts{Bytes: 100, Packets: 1})
@@ -134,6 +140,8 @@ func TestDrainTableOriginalDestination(t *testing.T) {
 	put(1, 5, viaA, flow.Counts{Bytes: 400, Packets: 4})
 	put(1, 6, v6, flow.Counts{Bytes: 500, Packets: 5})
 	put(1, 7, direct, flow.Counts{Bytes: 600, Packets: 6})
+	put(1, 8, v6b, flow.Counts{Bytes: 700, Packets: 7})
+	put(0, 30, v6c, flow.Counts{Bytes: 800, Packets: 8})
 	var dr Drained
 	d.merge.reset()
 	d.drainTable(0, &dr)
@@ -149,6 +157,8 @@ func TestDrainTableOriginalDestination(t *testing.T) {
 		viaB:   {Bytes: 200, Packets: 2},
 		direct: {Bytes: 900, Packets: 9},
 		v6:     {Bytes: 500, Packets: 5},
+		v6b:    {Bytes: 700, Packets: 7},
+		v6c:    {Bytes: 800, Packets: 8},
 	}
 	if !maps.Equal(got, want) {
 		t.Errorf("drained %v, want %v", got, want)

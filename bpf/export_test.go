@@ -62,7 +62,7 @@ func (d *Datapath) loadProgramCopy(name string, read bool) (*ebpf.Program, error
 		return nil, err
 	}
 	shared := map[string]*ebpf.Map{
-		"counters": d.objs.Counters, "flow_maps": d.objs.FlowMaps, "flow_orig": d.objs.FlowOrig,
+		"counters": d.objs.Counters, "flow_maps": d.objs.FlowMaps,
 		"flow_table": d.objs.FlowTable, "flows_0": d.objs.Flows0, "flows_1": d.objs.Flows1,
 		"sock_dsts": d.objs.SockDsts, bssSection: d.objs.Bss,
 	}

@@ -199,8 +199,10 @@ struct flow_map flows_1 SEC(".maps");
  * bpf_get_smp_processor_id() are inlined by the verifier, so counting a
  * flow, new or known, makes no helper call. User space reads an idle
  * generation through a shared mapping of the array, without a syscall.
- * Flows that find no slot within TABLE_PROBES probes, and programs that
- * interrupted another on the same CPU, go to the hash map.
+ * Flows that find no slot within TABLE_PROBES probes, programs that
+ * interrupted another on the same CPU, and IPv6 flows whose original
+ * destination does not start with the generation's prefix (see
+ * table_slot) go to the hash map.
  *
  * Each region is allocated at the largest size user space may use (set at
  * load time, bounded by the agent's memory flag); how much of it a
@@ -237,27 +239,26 @@ volatile const __u32 bench_no_conntrack = 0;
  * slower on new flows).
  *
  * The key's original destination address does not fit in that line
- * whole. An IPv4 one takes the line's spare word, orig_daddr4; an IPv6 one
- * sits at the same index in flow_orig, an array of 16-byte entries. Both
- * are written and compared only for a flow with FLOW_F_ORIG_DST (in the
- * head, with FLOW_F_IPV6), so a flow without one reads neither. A flow
- * through an IPv4 Service keeps to one line, like every other flow; one
- * through an IPv6 Service touches a second. The table grows by a quarter
- * (flow_orig), where 128-byte slots would double it and put every flow on
- * two lines. */
+ * whole. An IPv4 one takes the line's spare word, orig_daddr4. Of an IPv6
+ * one, the line keeps the last word too, and the first 12 bytes are the
+ * generation's IPv6 prefix in the CPU's inflight line (orig6): the first
+ * flow of a generation with an IPv6 original destination sets it on that
+ * CPU, and a later one whose address starts otherwise is counted in the
+ * hash map. A Service CIDR of /96 or longer (Kubernetes' default IPv6
+ * one is a /108) gives all of its virtual IPs one prefix, and a flow through
+ * an IPv6 Service keeps to one line of the table, like every other flow,
+ * reading a prefix from the line every packet reads anyway. The address
+ * is written and compared only for a flow with FLOW_F_ORIG_DST (in the
+ * head, with FLOW_F_IPV6), so a flow without one reads neither. */
 struct table_slot {
 	__u8 key[KEY_HEAD]; /* struct flow_key up to orig_daddr */
 	__u32 epoch;
-	__u32 orig_daddr4; /* network byte order; IPv4 FLOW_F_ORIG_DST flows */
+	/* Network byte order: the last word of orig_daddr, for
+	 * FLOW_F_ORIG_DST flows (IPv4: the address). */
+	__u32 orig_daddr4;
 	struct flow_stats st;
 };
 _Static_assert(sizeof(struct table_slot) == 64, "a table slot is one cache line");
-
-/* An IPv6 flow's original destination address, for the table slot at the
- * same index. */
-struct orig_slot {
-	__u8 daddr[16];
-};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -267,30 +268,22 @@ struct {
 	__uint(max_entries, 1); /* 2 generations * CPUs * slots per region, set at load */
 } flow_table SEC(".maps");
 
-/* The original destination address of the IPv6 flow in flow_table's slot
- * of the same index (see table_slot); as long as flow_table, set at load. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__type(key, __u32);
-	__type(value, struct orig_slot);
-	__uint(max_entries, 1);
-} flow_orig SEC(".maps");
-
 /* Per CPU, in one cache line of its own: the program instances in flight
  * on this CPU, which generation is in use with the epoch of its table
  * slots (gen | epoch << 32), the geometry of this CPU's region in each
- * generation, and how many flows this CPU counted in the table and in the
- * hash map. User space writes `active` and the geometry to every CPU's
+ * generation with the prefix of its IPv6 original destinations, and how
+ * many flows this CPU counted in the table and in the hash map. User space writes `active` and the geometry to every CPU's
  * line, with atomic stores through a shared mapping, and reads the
  * counters the same way. Keeping all of it in the CPU's line makes them
  * one cache line per packet.
  *
- * The geometry of a generation (shift, mask) changes only while that
- * generation is idle and empty: user space sets it just before it makes
- * the generation active (see account() for why no instance can be writing
- * to it then). base never changes: each generation's region is as long as
- * the largest size user space may give it. */
+ * The geometry of a generation (shift, mask) and its IPv6 prefix change
+ * only while that generation is idle and empty: user space sets the
+ * geometry and clears the prefix just before it makes the generation
+ * active (see account() for why no instance can be writing to it then);
+ * within a turn, the instance that owns the table sets the prefix once.
+ * base never changes: each generation's region is as long as the largest
+ * size user space may give it. */
 struct cpu_inflight {
 	__u32 n;
 	/* Flows this CPU put in a table slot, and flows it counted in the
@@ -301,11 +294,13 @@ struct cpu_inflight {
 	__u32 inserted;
 	__u64 active;   /* gen | epoch << 32 */
 	__u32 base[2];  /* first slot of this CPU's region, per generation */
-	__u32 shift[2]; /* 64 - log2(slots in use), per generation */
 	__u32 mask[2];  /* slots in use - 1, per generation */
+	__u16 shift[2]; /* 64 - log2(slots in use), per generation */
 	__u32 spilled;
-	__u32 pad;
-	__u64 pad2[2];
+	/* Per generation, the first 12 bytes of the IPv6 original
+	 * destinations in this CPU's table slots (see table_slot); all zero
+	 * until a flow sets them. */
+	__u32 orig6[2][3];
 };
 _Static_assert(sizeof(struct cpu_inflight) == 64, "a CPU's line is one cache line");
 
@@ -460,55 +455,67 @@ static __always_inline int same_head(const __u8 *head, const struct flow_key *b)
 		(x[4] ^ y[4])) == 0;
 }
 
-/* orig_daddr4 is an IPv4 key's original destination address (the last
- * word of the IPv4-mapped orig_daddr). */
+/* orig_daddr4 is the last word of a key's original destination address:
+ * for IPv4 (IPv4-mapped), the address. */
 static __always_inline __u32 orig_daddr4(const struct flow_key *key)
 {
 	return ((const __u32 *)key->orig_daddr)[3];
 }
 
-/* same_orig6 reports whether the original destination address at idx in
- * flow_orig is the key's. */
-static __always_inline int same_orig6(__u32 idx, const struct flow_key *key)
+/* same_orig6 reports whether the first 12 bytes of the key's original
+ * destination address are generation g's IPv6 prefix on this CPU (fl). */
+static __always_inline int same_orig6(const struct cpu_inflight *fl, __u32 g,
+				      const struct flow_key *key)
 {
-	const __u64 *o = bpf_map_lookup_elem(&flow_orig, &idx);
-	const __u64 *k = (const __u64 *)key->orig_daddr;
+	const __u32 *p = fl->orig6[g], *k = (const __u32 *)key->orig_daddr;
 
-	return o && ((o[0] ^ k[0]) | (o[1] ^ k[1])) == 0;
+	return ((p[0] ^ k[0]) | (p[1] ^ k[1]) | (p[2] ^ k[2])) == 0;
 }
 
-/* same_flow reports whether the slot at idx holds key. The head is
- * compared first: its flags say where the original destination is. */
-static __always_inline int same_flow(struct table_slot *slot, __u32 idx,
+/* same_flow reports whether the slot holds key, in generation g on this
+ * CPU (fl). The head is compared first: its flags say whether there is an
+ * original destination, and where its first 12 bytes are. */
+static __always_inline int same_flow(const struct table_slot *slot,
+				     const struct cpu_inflight *fl, __u32 g,
 				     const struct flow_key *key)
 {
 	if (!same_head(slot->key, key))
 		return 0;
 	if (!(key->flags & FLOW_F_ORIG_DST))
 		return 1;
-	if (!(key->flags & FLOW_F_IPV6))
-		return slot->orig_daddr4 == orig_daddr4(key);
-	return same_orig6(idx, key);
+	if (slot->orig_daddr4 != orig_daddr4(key))
+		return 0;
+	return !(key->flags & FLOW_F_IPV6) || same_orig6(fl, g, key);
 }
 
-/* put_orig stores key's original destination, when it has one, for the
- * slot at idx. It returns 0 when it cannot (never: flow_orig is as long as
- * flow_table). */
-static __always_inline int put_orig(struct table_slot *slot, __u32 idx,
-				    const struct flow_key *key)
+/* put_orig stores key's original destination, when it has one, for a slot
+ * of generation g on this CPU (fl): the last word in the slot and, for
+ * IPv6, the first 12 bytes as the generation's prefix, which the first
+ * such flow sets. It returns 0, and stores nothing, for an IPv6 address
+ * with another prefix than the generation's, or with a zero one (which
+ * would read as no prefix set): that flow is counted in the hash map. */
+static __always_inline int put_orig(struct table_slot *slot, struct cpu_inflight *fl,
+				    __u32 g, const struct flow_key *key)
 {
-	struct orig_slot *o;
+	const __u32 *k = (const __u32 *)key->orig_daddr;
+	__u32 *p;
 
 	if (!(key->flags & FLOW_F_ORIG_DST))
 		return 1;
-	if (!(key->flags & FLOW_F_IPV6)) {
-		slot->orig_daddr4 = orig_daddr4(key);
-		return 1;
+	if (key->flags & FLOW_F_IPV6) {
+		p = fl->orig6[g];
+		if (p[0] | p[1] | p[2]) {
+			if (!same_orig6(fl, g, key))
+				return 0;
+		} else {
+			if (!(k[0] | k[1] | k[2]))
+				return 0;
+			p[0] = k[0];
+			p[1] = k[1];
+			p[2] = k[2];
+		}
 	}
-	o = bpf_map_lookup_elem(&flow_orig, &idx);
-	if (!o)
-		return 0;
-	__builtin_memcpy(o->daddr, key->orig_daddr, sizeof(o->daddr));
+	slot->orig_daddr4 = k[3];
 	return 1;
 }
 
@@ -586,7 +593,7 @@ static __always_inline int put_orig(struct table_slot *slot, __u32 idx,
  */
 static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 packets)
 {
-	__u32 cpu, mask, h, ep, gen, nested, left, idx, g;
+	__u32 cpu, mask, h, ep, gen, nested, left, idx, g, refused = 0;
 	struct table_slot *slot;
 	struct cpu_inflight *fl;
 	__u64 seen, active, hash;
@@ -613,7 +620,7 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 	h = hash >> fl->shift[g];
 	idx = fl->base[g] + (h & mask);
 	slot = bpf_map_lookup_elem(&flow_table, &idx);
-	known = slot && slot->epoch == (__u32)(seen >> 32) && same_flow(slot, idx, key);
+	known = slot && slot->epoch == (__u32)(seen >> 32) && same_flow(slot, fl, g, key);
 
 	nested = __sync_fetch_and_add(&fl->n, 1);
 	active = *(volatile __u64 *)&fl->active;
@@ -640,9 +647,12 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 		if (!slot)
 			break;
 		if (slot->epoch != ep) {
-			/* Free in this generation: the flow takes it. */
-			if (!put_orig(slot, idx, key))
+			/* Free in this generation: the flow takes it, unless
+			 * its IPv6 original destination has another prefix. */
+			if (!put_orig(slot, fl, gen, key)) {
+				refused = 1;
 				break;
+			}
 			__builtin_memcpy(slot->key, key, KEY_HEAD);
 			slot->st.bytes = bytes;
 			slot->st.packets = packets;
@@ -650,18 +660,20 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 			fl->inserted++;
 			goto out;
 		}
-		if (same_flow(slot, idx, key)) {
+		if (same_flow(slot, fl, gen, key)) {
 			slot->st.bytes += bytes;
 			slot->st.packets += packets;
 			goto out;
 		}
 	}
 hash:
-	/* No slot within TABLE_PROBES, or nested: counted in the hash map. A
-	 * flow that found no slot counts once per generation in this CPU's
-	 * spills; a nested instance leaves the line's counts to the instance
-	 * it interrupted, their only writer. */
-	if (account_hash(gen, key, bytes, packets) && !nested)
+	/* No slot within TABLE_PROBES, nested, or an IPv6 original
+	 * destination of another prefix: counted in the hash map. A flow that
+	 * found no slot counts once per generation in this CPU's spills (more
+	 * slots would have held it; a prefix would not); a nested instance
+	 * leaves the line's counts to the instance it interrupted, their only
+	 * writer. */
+	if (account_hash(gen, key, bytes, packets) && !nested && !refused)
 		fl->spilled++;
 out:
 	left = __sync_fetch_and_add(&fl->n, -1);

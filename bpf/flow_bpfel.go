@@ -30,11 +30,10 @@ type flowCpuInflight struct {
 	Inserted uint32
 	Active   uint64
 	Base     [2]uint32
-	Shift    [2]uint32
 	Mask     [2]uint32
+	Shift    [2]uint16
 	Spilled  uint32
-	Pad      uint32
-	Pad2     [2]uint64
+	Orig6    [2][3]uint32
 }
 
 type flowFlowFlag uint32
@@ -62,11 +61,6 @@ type flowFlowStats struct {
 	_       structs.HostLayout
 	Bytes   uint64
 	Packets uint64
-}
-
-type flowOrigSlot struct {
-	_     structs.HostLayout
-	Daddr [16]uint8
 }
 
 type flowPrefixSet struct {
@@ -117,7 +111,6 @@ type flowTableSlot struct {
 const (
 	flowMapCounters         = "counters"
 	flowMapFlowMaps         = "flow_maps"
-	flowMapFlowOrig         = "flow_orig"
 	flowMapFlowTable        = "flow_table"
 	flowMapFlows0           = "flows_0"
 	flowMapFlows1           = "flows_1"
@@ -193,7 +186,6 @@ type flowProgramSpecs struct {
 type flowMapSpecs struct {
 	Counters  *ebpf.MapSpec `ebpf:"counters"`
 	FlowMaps  *ebpf.MapSpec `ebpf:"flow_maps"`
-	FlowOrig  *ebpf.MapSpec `ebpf:"flow_orig"`
 	FlowTable *ebpf.MapSpec `ebpf:"flow_table"`
 	Flows0    *ebpf.MapSpec `ebpf:"flows_0"`
 	Flows1    *ebpf.MapSpec `ebpf:"flows_1"`
@@ -235,7 +227,6 @@ func (o *flowObjects) Close() error {
 type flowMaps struct {
 	Counters  *ebpf.Map `ebpf:"counters"`
 	FlowMaps  *ebpf.Map `ebpf:"flow_maps"`
-	FlowOrig  *ebpf.Map `ebpf:"flow_orig"`
 	FlowTable *ebpf.Map `ebpf:"flow_table"`
 	Flows0    *ebpf.Map `ebpf:"flows_0"`
 	Flows1    *ebpf.Map `ebpf:"flows_1"`
@@ -246,7 +237,6 @@ func (m *flowMaps) Close() error {
 	return _FlowClose(
 		m.Counters,
 		m.FlowMaps,
-		m.FlowOrig,
 		m.FlowTable,
 		m.Flows0,
 		m.Flows1,

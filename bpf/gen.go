@@ -9,4 +9,4 @@ package bpf
 // -mcpu=v3 for BPF_FETCH atomics (the drain protocol in flow.c needs their
 // full ordering; kernels since 5.12 have them, netfilter programs need 6.4).
 // -type emits the structs shared with C so that no layout is written twice.
-//go:generate go tool bpf2go -cc clang -cflags "-O2 -mcpu=v3 -g -Wall -Werror -I/usr/include/$ARCH_TRIPLET" -tags linux -target bpfel -type flow_key -type flow_stats -type prefix_set -type table_slot -type orig_slot -type counter -type flow_flag flow flow.c -- -I./headers
+//go:generate go tool bpf2go -cc clang -cflags "-O2 -mcpu=v3 -g -Wall -Werror -I/usr/include/$ARCH_TRIPLET" -tags linux -target bpfel -type flow_key -type flow_stats -type prefix_set -type table_slot -type counter -type flow_flag flow flow.c -- -I./headers

@@ -86,11 +86,8 @@ func load(cfg Config, loadSpec func() (*ebpf.CollectionSpec, error)) (*Datapath,
 		return nil, err
 	}
 	// Both generations, every possible CPU, each region as long as it may
-	// ever be; each slot with its flow_orig entry (an IPv6 flow's
-	// original destination address).
-	slots := 2 * ncpu * region
-	specs.FlowTable.MaxEntries = uint32(slots)
-	specs.FlowOrig.MaxEntries = uint32(slots)
+	// ever be.
+	specs.FlowTable.MaxEntries = uint32(2 * ncpu * region)
 	vars, err := bssLayout(specs.Inflight, specs.LocalPrefixes)
 	if err != nil {
 		return nil, err
@@ -176,8 +173,7 @@ func bssLayout(inflight, prefixes *ebpf.VariableSpec) (bssVars, error) {
 	return v, nil
 }
 
-// mapShared maps the flow table and its original destinations (read only)
-// and the program's .bss
+// mapShared maps the flow table (read only) and the program's .bss
 // (read-write: user space switches each CPU's generation and writes the
 // local prefixes) into this process; vars says where in .bss the
 // in-flight lines and the prefixes are.
@@ -188,12 +184,6 @@ func (d *Datapath) mapShared(vars bssVars) error {
 	}
 	d.mems = append(d.mems, table)
 	d.table = unsafe.Slice((*flowTableSlot)(unsafe.Pointer(&table[0])), d.objs.FlowTable.MaxEntries())
-	orig, err := mapArray(d.objs.FlowOrig, unix.PROT_READ)
-	if err != nil {
-		return fmt.Errorf("mapping the flow table's IPv6 original destinations: %w", err)
-	}
-	d.mems = append(d.mems, orig)
-	d.orig = unsafe.Slice((*flowOrigSlot)(unsafe.Pointer(&orig[0])), d.objs.FlowOrig.MaxEntries())
 	bss, err := mapArray(d.objs.Bss, unix.PROT_READ|unix.PROT_WRITE)
 	if err != nil {
 		return fmt.Errorf("mapping the program's globals: %w", err)
@@ -215,20 +205,30 @@ func (d *Datapath) mapShared(vars bssVars) error {
 }
 
 // setSlots sets the slots in use in every CPU's region of generation g, a
-// power of two no larger than the region. Only while no program instance
-// writes to g (see account() in flow.c): at load, or in a drain before it
-// makes g active. The atomic stores come before publish's store of the
-// `active` that names g. (An instance on a CPU a drain gave up waiting for,
-// see Drained.Stuck, may still write to g with the geometry it read: within
-// the region, whatever the size, and under an epoch g no longer uses, so
-// those counts are lost as Stuck says, and nothing else.)
+// power of two no larger than the region, and clears g's IPv6 prefix (see
+// table_slot in flow.c) for the next flow to set. Only while no program
+// instance writes to g (see account() in flow.c): at load, or in a drain
+// before it makes g active. The atomic stores come before publish's store
+// of the `active` that names g. (An instance on a CPU a drain gave up
+// waiting for, see Drained.Stuck, may still write to g with the geometry
+// it read: within the region, whatever the size, and under an epoch g no
+// longer uses, so those counts are lost as Stuck says, and nothing else.
+// It may also set g's prefix, which is then that of the turn: the next
+// instance on that CPU runs after it and reads it.)
 func (d *Datapath) setSlots(g, slots int) {
 	d.slots[g] = slots
 	shift := uint32(64 - bits.TrailingZeros(uint(slots)))
 	for cpu := range d.inflight {
 		l := &d.inflight[cpu]
-		atomic.StoreUint32(&l.Shift[g], shift)
+		// Both generations' 16-bit shifts are one word, which only this
+		// process writes: the other half is stored as it was.
+		shifts := (*uint32)(unsafe.Pointer(&l.Shift))
+		other := atomic.LoadUint32(shifts) &^ (0xffff << (16 * g))
+		atomic.StoreUint32(shifts, other|shift<<(16*g))
 		atomic.StoreUint32(&l.Mask[g], uint32(slots-1))
+		for i := range l.Orig6[g] {
+			atomic.StoreUint32(&l.Orig6[g][i], 0)
+		}
 	}
 }
 

@@ -37,7 +37,7 @@ func TestConfigValidate(t *testing.T) {
 }
 
 // TestTableSlots computes each CPU's region from the memory bound and the
-// CPU count: the largest power of two of 80-byte slots that fits twice
+// CPU count: the largest power of two of 64-byte slots that fits twice
 // (two generations) per CPU, capped, and an error naming the CPU count
 // and the bound when not even MinTableSlots fit.
 func TestTableSlots(t *testing.T) {
@@ -47,17 +47,18 @@ func TestTableSlots(t *testing.T) {
 		want   int
 		err    string // substring of the error, "" for none
 	}{
-		{DefaultTableMemory, 1, MaxTableSlots, ""},
-		{DefaultTableMemory, 2, MaxTableSlots, ""},
-		{DefaultTableMemory, 3, MaxTableSlots, ""}, // 60 MiB
-		{DefaultTableMemory, 4, 65536, ""},         // 40 MiB
-		{DefaultTableMemory, 64, 4096, ""},         // 40 MiB
-		{DefaultTableMemory, 192, 2048, ""},        // 60 MiB
-		{DefaultTableMemory, 8192, 0, "flow table memory 64 MiB: 8192 possible CPUs need at least 80 MiB"},
-		{1 << 20, 1, 4096, ""},                  // 6,553 fit
-		{MinTableSlots * 2 * 2 * 80, 2, 64, ""}, // exactly the minimum
-		{MinTableSlots*2*2*80 - 1, 2, 0, "flow table memory 20479 bytes: 2 possible CPUs need at least 20 KiB"},
-		{1 << 20, 192, 0, "flow table memory 1 MiB: 192 possible CPUs need at least 1920 KiB"},
+		{DefaultTableMemory, 1, MaxTableSlots, ""}, // 16 MiB
+		{DefaultTableMemory, 2, MaxTableSlots, ""}, // 32 MiB
+		{DefaultTableMemory, 4, MaxTableSlots, ""}, // 64 MiB
+		{DefaultTableMemory, 5, 65536, ""},         // 40 MiB
+		{DefaultTableMemory, 64, 8192, ""},         // 64 MiB
+		{DefaultTableMemory, 192, 2048, ""},        // 48 MiB
+		{DefaultTableMemory, 8192, 64, ""},         // exactly the minimum
+		{32 << 20, 8192, 0, "flow table memory 32 MiB: 8192 possible CPUs need at least 64 MiB"},
+		{1 << 20, 1, 8192, ""},                  // 8,192 fit
+		{MinTableSlots * 2 * 2 * 64, 2, 64, ""}, // exactly the minimum
+		{MinTableSlots*2*2*64 - 1, 2, 0, "flow table memory 16383 bytes: 2 possible CPUs need at least 16 KiB"},
+		{1 << 20, 192, 0, "flow table memory 1 MiB: 192 possible CPUs need at least 1536 KiB"},
 		{0, 1, 0, "need at least"},
 	}
 	for _, tt := range tests {
