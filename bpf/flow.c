@@ -245,9 +245,9 @@ volatile const __u32 bench_no_conntrack = 0;
  * flow of a generation with an IPv6 original destination sets it on that
  * CPU, and a later one whose address starts otherwise is counted in the
  * hash map. A Service CIDR of /96 or longer (Kubernetes' default IPv6
- * one is a /108) gives all of its virtual IPs one prefix, and a flow through
- * an IPv6 Service keeps to one line of the table, like every other flow,
- * reading a prefix from the line every packet reads anyway. The address
+ * one is a /108) gives all of its virtual IPs one prefix, and a flow
+ * through an IPv6 Service keeps to one line of the table, like every other
+ * flow, reading a prefix from the line every packet reads anyway. The address
  * is written and compared only for a flow with FLOW_F_ORIG_DST (in the
  * head, with FLOW_F_IPV6), so a flow without one reads neither. */
 struct table_slot {
@@ -272,10 +272,11 @@ struct {
  * on this CPU, which generation is in use with the epoch of its table
  * slots (gen | epoch << 32), the geometry of this CPU's region in each
  * generation with the prefix of its IPv6 original destinations, and how
- * many flows this CPU counted in the table and in the hash map. User space writes `active` and the geometry to every CPU's
- * line, with atomic stores through a shared mapping, and reads the
- * counters the same way. Keeping all of it in the CPU's line makes them
- * one cache line per packet.
+ * many flows this CPU counted in the table and in the hash map. User
+ * space writes `active` and the geometry to every CPU's line, with atomic
+ * stores through a shared mapping, and reads the counters the same way.
+ * Keeping all of it in the CPU's line makes them one cache line per
+ * packet.
  *
  * The geometry of a generation (shift, mask) and its IPv6 prefix change
  * only while that generation is idle and empty: user space sets the
