@@ -41,8 +41,8 @@ const (
 	// possible CPU, 64 bytes a slot. 64 MiB gives each CPU the largest
 	// region (MaxTableSlots) up to 4 CPUs, 8,192 slots on 64 CPUs, and
 	// still 2,048 slots a CPU on 192 CPUs, where the flows of a node are
-	// spread over many CPUs. The
-	// table takes all of it at load, whatever the traffic.
+	// spread over many CPUs. The table takes all of it at load, whatever
+	// the traffic.
 	DefaultTableMemory = 64 << 20
 	// MaxTableSlots caps a CPU's region per generation: 131,072 slots
 	// hold ~65,000 flows a CPU per flush interval at half load. Larger
@@ -164,10 +164,9 @@ type Datapath struct {
 	// process (see SetLocalPrefixes).
 	prefixes *flowPrefixState
 	// table is the flow table mapped into this process (read only);
-	// regionSlots the length of each CPU's
-	// region per generation; slots the slots in use in each
-	// generation's regions (see sizer); epochs the epoch of each
-	// generation's slots in use.
+	// regionSlots the length of each CPU's region per generation; slots
+	// the slots in use in each generation's regions (see sizer); epochs
+	// the epoch of each generation's slots in use.
 	table       []flowTableSlot
 	regionSlots int
 	slots       [2]int

@@ -30,11 +30,13 @@ const releaseOrderWait = 50 * time.Millisecond
 // recorded. Each one is woken once, however many wait (agents
 // resending all at once after a restart).
 type arrivals struct {
-	mu    sync.Mutex
-	next  uint64
-	queue []*arrival // from head on: entered, not yet at the front with all before recorded
+	mu   sync.Mutex
+	next uint64
+	// From head on: entered, not yet at the front with all before
+	// recorded. Requests leave from the front only, so these are
+	// consecutive numbers, and a number's place is found by arithmetic.
+	queue []*arrival
 	head  int
-	bySeq map[uint64]*arrival
 }
 
 type arrival struct {
@@ -43,8 +45,19 @@ type arrival struct {
 	wake     chan struct{} // closed when it leaves the queue; nil: no one waits
 }
 
-func newArrivals() *arrivals {
-	return &arrivals{bySeq: map[uint64]*arrival{}}
+func newArrivals() *arrivals { return &arrivals{} }
+
+// at returns request seq while it is in the queue, nil once it has left.
+// Callers hold mu.
+func (a *arrivals) at(seq uint64) *arrival {
+	if a.head == len(a.queue) {
+		return nil
+	}
+	first := a.queue[a.head].seq
+	if seq < first || seq-first >= uint64(len(a.queue)-a.head) {
+		return nil
+	}
+	return a.queue[a.head+int(seq-first)]
 }
 
 // enter numbers a request that reached the handler.
@@ -54,7 +67,6 @@ func (a *arrivals) enter() uint64 {
 	a.next++
 	e := &arrival{seq: a.next}
 	a.queue = append(a.queue, e)
-	a.bySeq[e.seq] = e
 	return e.seq
 }
 
@@ -63,7 +75,7 @@ func (a *arrivals) enter() uint64 {
 func (a *arrivals) recorded(seq uint64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	e := a.bySeq[seq]
+	e := a.at(seq)
 	if e == nil || e.recorded {
 		return
 	}
@@ -72,7 +84,6 @@ func (a *arrivals) recorded(seq uint64) {
 		f := a.queue[a.head]
 		a.queue[a.head] = nil
 		a.head++
-		delete(a.bySeq, f.seq)
 		if f.wake != nil {
 			close(f.wake)
 		}

@@ -47,7 +47,7 @@ func TestArrivals(t *testing.T) {
 	waitUntil(t, "the wait to begin", func() bool {
 		a.mu.Lock()
 		defer a.mu.Unlock()
-		return a.bySeq[report].wake != nil
+		return a.at(report).wake != nil
 	})
 	later := a.enter()
 	a.recorded(batch) // does nothing
@@ -56,8 +56,8 @@ func TestArrivals(t *testing.T) {
 		t.Error("the wait gave up, every request entered before it recorded")
 	}
 	a.recorded(later)
-	if n := a.open(); n != 0 || len(a.bySeq) != 0 {
-		t.Errorf("%d requests open, %d held, want none", n, len(a.bySeq))
+	if n, held := a.open(), len(a.queue)-a.head; n != 0 || held != 0 {
+		t.Errorf("%d requests open, %d held, want none", n, held)
 	}
 
 	// Many waiting at once, released in any order.
