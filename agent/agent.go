@@ -66,7 +66,7 @@ type Agent struct {
 	// other one. Two batches alternate so that building the next never
 	// touches the body being sent.
 	inflight, spare *batch
-	// tableWarned is when the agent last warned that the flow table
+	// tableWarned is when the agent last warned that the flow log
 	// spilled at the size its memory flag allows.
 	tableWarned time.Time
 	// lastTime is the time of the last batch built: each batch's is
@@ -271,8 +271,8 @@ func (a *Agent) sendNotice() {
 	}()
 }
 
-// tableWarnEvery spaces the warnings about a flow table too small for the
-// flows: a node that outgrows it does so on every drain.
+// tableWarnEvery spaces the warnings about a flow log too small for the
+// packets: a node that outgrows it does so on every drain.
 const tableWarnEvery = 10 * time.Minute
 
 // drain moves the kernel's counts into the buffer.
@@ -286,9 +286,9 @@ func (a *Agent) drain() error {
 		// At most one line per flush interval.
 		a.log.Warn("drain went on without waiting for CPUs whose kernel programs never finished; counts they wrote late may be lost", "cpus", fmt.Sprint(stuck), "waited", a.drained.Waited)
 	}
-	if a.drained.SpilledAtCap && time.Since(a.tableWarned) >= tableWarnEvery {
+	if a.drained.Spilled > 0 && time.Since(a.tableWarned) >= tableWarnEvery {
 		a.tableWarned = time.Now()
-		a.log.Warn("kernel flow table full at its memory bound: flows spill to the slower hash map; raise --flow-table-memory", "spilled_flows", a.drained.Spilled, "slots_per_cpu", a.drained.TableSlots, "flow_table_memory_mib", a.cfg.FlowTableMemory)
+		a.log.Warn("kernel flow log full at its memory bound: flows spill to the slower hash map; raise --flow-table-memory", "spilled_flows", a.drained.Spilled, "logged_packets", a.drained.Logged, "flow_table_memory_mib", a.cfg.FlowTableMemory)
 	}
 	if lost := a.buf.add(a.drained.Flows); !lost.IsZero() {
 		a.m.dropped("buffer_full", lost)

@@ -345,27 +345,33 @@ func TestDrainReportsStuckCPUs(t *testing.T) {
 	}
 }
 
-// TestFlowTableAtItsBound: more new flows on one CPU than the memory
-// bound gives it slots. They are all delivered exactly, the agent reports
-// the slots in use and the flows that spilled to the hash map, and warns
-// once, naming the flag to raise.
-func TestFlowTableAtItsBound(t *testing.T) {
+// TestFlowLogAtItsBound: more new flows on one CPU than the flow table
+// has room for, the flow log's ring holds and --max-flows lets the log's
+// sum and the hash map take. Every packet is delivered or counted as
+// dropped (map_full), the agent reports the slots in use, the packets
+// logged and the flows that spilled to the hash map, and warns once,
+// naming the flag to raise.
+func TestFlowLogAtItsBound(t *testing.T) {
 	rcv := newReceiver(t, func(int) (int, bool) { return http.StatusOK, true })
 	cfg := testConfig(rcv.srv.URL)
-	cfg.FlowTableMemory = 1 // on up to 3 CPUs, 4,096 slots per CPU
-	cfg.MaxFlows = 16384
+	cfg.FlowTableMemory = 1
+	cfg.MaxFlows = 1024
 	cfg.MaxBufferedFlows = 16384
 	cfg.FlushInterval = time.Hour // one drain, at shutdown
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
 		t.Fatal(err)
 	}
-	slots, err := bpf.TableSlots(1<<20, ncpu)
+	slots, records, err := bpf.TableGeometry(1<<20, ncpu)
 	if err != nil {
 		t.Skipf("1 MiB of flow table on %d CPUs: %v", ncpu, err)
 	}
 	ra := startAgent(t, cfg)
-	flows := slots + 1000
+	// Whether the log's reader ran while they were sent or not, the
+	// table's room, the ring and the log's sum leave at least 2 x
+	// MaxFlows + 1000 flows to the hash map, which holds MaxFlows.
+	room := slots / 2 // the table starts at its region's size
+	flows := room + records + 2*cfg.MaxFlows + 1000
 	var sent flow.Counts
 	testutil.OnCPU(t, 0, func() {
 		for i := range flows {
@@ -375,14 +381,25 @@ func TestFlowTableAtItsBound(t *testing.T) {
 	if err := ra.stop(); err != nil {
 		t.Fatal(err)
 	}
-	if total, _, _ := rcv.snapshot(); total != sent {
-		t.Errorf("receiver applied %+v, sent %+v", total, sent)
+	total, _, _ := rcv.snapshot()
+	dropped := flow.Counts{
+		Bytes:   uint64(metricValue(t, ra.Agent, "kubezonnet_agent_dropped_bytes_total", "map_full")),
+		Packets: uint64(metricValue(t, ra.Agent, "kubezonnet_agent_dropped_packets_total", "map_full")),
+	}
+	if dropped.Packets < 1000 {
+		t.Errorf("%d packets dropped as map_full, want at least 1000", dropped.Packets)
+	}
+	if got := (flow.Counts{Bytes: total.Bytes + dropped.Bytes, Packets: total.Packets + dropped.Packets}); got != sent {
+		t.Errorf("receiver applied %+v and map_full %+v, sum %+v; sent %+v", total, dropped, got, sent)
 	}
 	if v := metricValue(t, ra.Agent, "kubezonnet_agent_flow_table_slots", ""); v != float64(slots) {
 		t.Errorf("flow_table_slots = %v, want %d", v, slots)
 	}
-	if v := metricValue(t, ra.Agent, "kubezonnet_agent_flow_table_spilled_flows_total", ""); v < 1000 || v > float64(flows) {
-		t.Errorf("flow_table_spilled_flows_total = %v, want at least 1000 of %d flows in %d slots", v, flows, slots)
+	if v := metricValue(t, ra.Agent, "kubezonnet_agent_flow_log_records_total", ""); v < float64(records) {
+		t.Errorf("flow_log_records_total = %v, want at least the ring's %d", v, records)
+	}
+	if v, want := metricValue(t, ra.Agent, "kubezonnet_agent_flow_table_spilled_flows_total", ""), flows-room-records-cfg.MaxFlows; v < float64(want) {
+		t.Errorf("flow_table_spilled_flows_total = %v, want at least %d", v, want)
 	}
 	if n := strings.Count(ra.logs.String(), "raise --flow-table-memory"); n != 1 {
 		t.Errorf("%d warnings naming --flow-table-memory, want 1:\n%s", n, ra.logs.String())

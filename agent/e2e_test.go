@@ -21,20 +21,30 @@ import (
 
 var (
 	buildOnce sync.Once
+	binDir    string
 	binPath   string
 	buildErr  error
 )
+
+// TestMain removes the binary kubezonnetBinary built: it outlives every
+// test, so no test's cleanup can.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
 
 // kubezonnetBinary builds the real binary once per test run.
 func kubezonnetBinary(t *testing.T) string {
 	t.Helper()
 	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "kzn-agent-test")
-		if err != nil {
-			buildErr = err
+		binDir, buildErr = os.MkdirTemp("", "kzn-agent-test")
+		if buildErr != nil {
 			return
 		}
-		binPath, buildErr = testutil.BuildKubezonnet(context.Background(), dir)
+		binPath, buildErr = testutil.BuildKubezonnet(context.Background(), binDir)
 	})
 	if buildErr != nil {
 		t.Fatal(buildErr)

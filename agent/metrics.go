@@ -22,7 +22,7 @@ type agentMetrics struct {
 	batches, rejected, prefixErrors *metrics.Counter
 	drainTime, drainWait, stuckCPUs *metrics.Counter
 	lastSend, tableSlots            *metrics.Gauge
-	spilled                         *metrics.Counter
+	spilled, logged                 *metrics.Counter
 	releases, releasesUnordered     *metrics.Counter
 	routeResyncs                    *metrics.Counter
 	notices, noticeFailures         *metrics.Counter
@@ -48,7 +48,8 @@ func newAgentMetrics(r *metrics.Registry) *agentMetrics {
 		drainTime:       r.Counter("kubezonnet_agent_drain_seconds_total", "Time spent draining the kernel's flow counts."),
 		drainWait:       r.Counter("kubezonnet_agent_drain_wait_seconds_total", "Part of the drain time spent waiting for kernel programs still counting into the old generation (grows when they are preempted)."),
 		tableSlots:      r.Gauge("kubezonnet_agent_flow_table_slots", "Kernel flow table slots in use per CPU in the generation counting now, sized at each drain from the flows per CPU of the latest intervals (at most what --flow-table-memory gives a CPU)."),
-		spilled:         r.Counter("kubezonnet_agent_flow_table_spilled_flows_total", "Flows that found no kernel flow table slot and were counted in the slower hash map (--max-flows), once per CPU per flush interval."),
+		spilled:         r.Counter("kubezonnet_agent_flow_table_spilled_flows_total", "Flows that neither the kernel flow table nor the kernel flow log had room for, counted in the slower hash map (--max-flows), once per CPU per flush interval."),
+		logged:          r.Counter("kubezonnet_agent_flow_log_records_total", "Packets (a GSO super-packet is one) of flows the kernel flow table had no room for, read from the kernel flow log and added up in user space."),
 		releases:        r.Counter("kubezonnet_agent_address_releases_total", "Pod addresses this node's pods released (host route or its link deleted, or the route moved to another link), each reported to the server in a batch of what was drained up to it."),
 		releasesUnordered: r.Counter("kubezonnet_agent_address_releases_unordered_total",
 			"Releases whose batch, still unsent when another release came, took flows of their address drained after them: those flows may be credited to the released pod. Normally zero; grows while the server does not acknowledge."),
@@ -78,6 +79,7 @@ func (m *agentMetrics) drained(d *bpf.Drained, took time.Duration) {
 	m.stuckCPUs.Add(float64(len(d.Stuck)))
 	m.tableSlots.Set(float64(d.TableSlots))
 	m.spilled.Add(float64(d.Spilled))
+	m.logged.Add(float64(d.Logged))
 	var sum flow.Counts
 	for _, r := range d.Flows {
 		sum.Add(r.Counts)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/bits"
 	"sync"
+	"time"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
@@ -37,20 +38,37 @@ const (
 	// 65,536 flows cost ~10 MiB per generation on a 64-CPU node (per-CPU
 	// values) and cover a busy node for a 10 s flush interval.
 	DefaultMaxFlows = 65536
-	// DefaultTableMemory bounds the flow table: both generations, every
-	// possible CPU, 64 bytes a slot. 64 MiB gives each CPU the largest
-	// region (MaxTableSlots) up to 4 CPUs, 8,192 slots on 64 CPUs, and
-	// still 2,048 slots a CPU on 192 CPUs, where the flows of a node are
-	// spread over many CPUs. The table takes all of it at load, whatever
-	// the traffic.
+	// DefaultTableMemory bounds the flow table and the flow log: both
+	// generations of the table and the log's ring, every possible CPU,
+	// 64 bytes a slot or record (see TableGeometry). 64 MiB gives each CPU
+	// the largest region (MaxTableSlots) and ring (MaxLogRecords) up to 3
+	// CPUs; 4,096 slots and 8,192 records on 64 CPUs; 1,024 slots and
+	// 2,048 records on 192 CPUs, where the flows and packets of a node
+	// are spread over many CPUs. All of it is taken at load, whatever the
+	// traffic.
 	DefaultTableMemory = 64 << 20
-	// MaxTableSlots caps a CPU's region per generation: 131,072 slots
-	// hold ~65,000 flows a CPU per flush interval at half load. Larger
-	// regions would only cost memory and drain time.
-	MaxTableSlots = 1 << 17
+	// MaxTableSlots caps a CPU's region per generation: 8,192 slots
+	// (512 KiB) hold 4,096 flows a CPU per interval, and stay in a core's
+	// own cache beside the network stack's lines. A larger region holds
+	// more flows but costs a cache miss, often a TLB miss, on every packet
+	// once the flows outgrow the caches: the flows beyond go to the log
+	// instead (flow_log in flow.c; BENCHMARKS.md, "Agent on real
+	// traffic").
+	MaxTableSlots = 1 << 13
 	// MinTableSlots is the smallest region a CPU may be given: the table
 	// is refused when the memory bound cannot give every CPU this many.
 	MinTableSlots = 64
+	// MaxLogRecords caps a CPU's ring of the flow log: 262,144 records
+	// (16 MiB) hold 0.26 s of a CPU's packets at 1M packets a second,
+	// against a read every LogPollInterval.
+	MaxLogRecords = 1 << 18
+	// MinLogRecords is the smallest ring a CPU may be given.
+	MinLogRecords = 64
+	// LogPollInterval is how often the flow log is read: a CPU's ring of
+	// MinLogRecords... MaxLogRecords records lasts that long at 6,400
+	// to 26M packets a second. An idle node pays a load per CPU each
+	// time.
+	LogPollInterval = 10 * time.Millisecond
 	// MaxTableBytes bounds the whole flow table (both generations, every
 	// CPU): the kernel caps an array map just under 4 GiB.
 	MaxTableBytes = 2 << 30
@@ -105,14 +123,15 @@ func (r Reason) String() string {
 type Config struct {
 	// MaxFlows is the capacity of each generation's hash map.
 	MaxFlows uint32
-	// TableMemory bounds the flow table in bytes (both generations,
-	// every possible CPU, see TableSlots). How much of it is used is
-	// chosen at every drain from the flows seen (see Drain).
+	// TableMemory bounds the flow table and the flow log in bytes (both
+	// generations, every possible CPU, see TableGeometry). How much of
+	// the table is used is chosen at every drain from the flows seen (see
+	// Drain).
 	TableMemory uint64
 }
 
 // Validate reports the first invalid field, naming it. Whether TableMemory
-// is large enough depends on the CPU count: Load checks it (TableSlots).
+// is large enough depends on the CPU count: Load checks it (TableGeometry).
 func (c Config) Validate() error {
 	if c.TableMemory > MaxTableBytes {
 		return fmt.Errorf("flow table memory %d MiB: more than the %d MiB allowed", c.TableMemory>>20, MaxTableBytes>>20)
@@ -120,21 +139,32 @@ func (c Config) Validate() error {
 	return nil
 }
 
-// TableSlots returns the slots of each CPU's region of the flow table per
-// generation that a table of at most memory bytes gives on a node with
-// ncpu possible CPUs: the largest power of two that fits, at most
-// MaxTableSlots. It fails when that is fewer than MinTableSlots.
-func TableSlots(memory uint64, ncpu int) (int, error) {
-	perSlot := uint64(2*ncpu) * tableSlotBytes
-	n := memory / perSlot
-	if n < MinTableSlots {
-		return 0, fmt.Errorf("flow table memory %s: %d possible CPUs need at least %s for %d slots per CPU (2 generations of %d-byte slots)", formatBytes(memory), ncpu, formatBytes(MinTableSlots*perSlot), MinTableSlots, tableSlotBytes)
+// TableGeometry returns what memory bytes give each of ncpu possible CPUs:
+// the slots of its flow table region per generation, and the records of
+// its ring of the flow log. Half of a CPU's share goes to the table's two
+// generations, the largest power of two of slots that fits, at most
+// MaxTableSlots; the rest to the ring, the largest power of two of records
+// that fits, at most MaxLogRecords. It fails when either is below its
+// minimum.
+func TableGeometry(memory uint64, ncpu int) (slots, records int, err error) {
+	share := memory / uint64(ncpu)
+	need := 2*MinTableSlots*tableSlotBytes + MinLogRecords*logRecordBytes
+	n := share / 2 / (2 * tableSlotBytes)
+	if n < MinTableSlots || share < need {
+		return 0, 0, fmt.Errorf("flow table memory %s: %d possible CPUs need at least %s (per CPU %d slots in 2 generations and %d log records, %d bytes each)", formatBytes(memory), ncpu, formatBytes(uint64(ncpu)*max(need, 4*MinTableSlots*tableSlotBytes)), MinTableSlots, MinLogRecords, tableSlotBytes)
 	}
-	return int(min(MaxTableSlots, uint64(1)<<(bits.Len64(n)-1))), nil
+	slots = int(min(MaxTableSlots, uint64(1)<<(bits.Len64(n)-1)))
+	r := (share - 2*uint64(slots)*tableSlotBytes) / logRecordBytes
+	records = int(min(MaxLogRecords, uint64(1)<<(bits.Len64(r)-1)))
+	return slots, records, nil
 }
 
-// tableSlotBytes is the memory of one slot: its flow_table entry.
-const tableSlotBytes = uint64(unsafe.Sizeof(flowTableSlot{}))
+// tableSlotBytes is the memory of one slot: its flow_table entry;
+// logRecordBytes that of one record of the flow log.
+const (
+	tableSlotBytes = uint64(unsafe.Sizeof(flowTableSlot{}))
+	logRecordBytes = uint64(unsafe.Sizeof(flowLogRec{}))
+)
 
 // formatBytes writes a size in the largest of MiB, KiB and bytes that
 // states it exactly.
@@ -175,6 +205,25 @@ type Datapath struct {
 	// inflight holds each CPU's count of program instances in flight and
 	// its active generation, mapped into this process (see Drain).
 	inflight []flowCpuInflight
+	// log is the flow log mapped into this process (read only), a ring
+	// of 1<<logShift records per CPU; logs each CPU's ring positions and
+	// table room (in .bss). logFlows are the flows read from the log
+	// since the last drain, added up by logMerge (each flow once), at
+	// most maxLogFlows; logged counts the records, and logNew per CPU
+	// the flows first read from it (for the sizer); heads is where a
+	// drain reads each ring up to (see takeLog). stop ends the
+	// goroutine that reads the log, which closes polled when it returns.
+	log         []flowLogRec
+	logs        []flowLogLine
+	logShift    uint
+	logFlows    []flow.Record
+	logMerge    merger
+	logged      int
+	logNew      []int
+	maxLogFlows int
+	heads       []uint32
+	stop        chan struct{}
+	polled      chan struct{}
 	// mems are the shared mappings, unmapped at close.
 	mems    [][]byte
 	merge   merger
@@ -195,6 +244,12 @@ func (d *Datapath) Close() error {
 		return nil
 	}
 	d.closed = true
+	// The log's reader takes d.mu for each read: it returns at its next
+	// read, which finds closed set.
+	close(d.stop)
+	d.mu.Unlock()
+	<-d.polled
+	d.mu.Lock()
 	var errs []error
 	for i := len(d.links) - 1; i >= 0; i-- {
 		if err := d.links[i].Close(); err != nil {
@@ -212,7 +267,7 @@ func (d *Datapath) Close() error {
 // maps.
 func (d *Datapath) closeObjects() error {
 	var errs []error
-	d.table, d.inflight, d.prefixes = nil, nil, nil
+	d.table, d.inflight, d.prefixes, d.log, d.logs = nil, nil, nil, nil, nil
 	for _, mem := range d.mems {
 		if err := unix.Munmap(mem); err != nil {
 			errs = append(errs, fmt.Errorf("unmapping a shared map: %w", err))

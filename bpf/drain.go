@@ -55,17 +55,18 @@ type Drained struct {
 	// flows per CPU of the latest intervals (never more than the
 	// memory bound gives, see TableSlots).
 	TableSlots int
-	// Spilled is how many flows found no table slot in the drained
-	// generation and were counted in its hash map instead, each once
-	// per CPU that counted it: slower to count, lost only when the hash
-	// map is full as well (ReasonMapFull). Read as the generations are
-	// switched, it may leave out a flow first counted in the moment
-	// before, which then counts in the next drain's.
+	// Logged is how many records of the flow log the flows of this drain
+	// include: observations of flows the table had no room for, one a
+	// packet (or a GSO super-packet).
+	Logged int
+	// Spilled is how many flows the table and the flow log had no room
+	// for in the drained generation, counted in its hash map instead,
+	// each once per CPU that counted it: slower to count, lost only when
+	// the hash map is full as well (ReasonMapFull). More memory
+	// (Config.TableMemory) gives the log more room. Read as the
+	// generations are switched, it may leave out a flow first counted in
+	// the moment before, which then counts in the next drain's.
 	Spilled int
-	// SpilledAtCap reports that flows spilled although the drained
-	// generation used all the slots the memory bound gives a CPU: more
-	// memory (Config.TableMemory) would have kept them in the table.
-	SpilledAtCap bool
 }
 
 // Drain swaps the flow generations and returns everything counted in the
@@ -92,21 +93,25 @@ func (d *Datapath) drain(dst *Drained, timeout time.Duration) error {
 		return errors.New("draining: datapath closed")
 	}
 	dst.Flows = dst.Flows[:0]
+	dst.Logged = 0
 	old := d.active
 	next := 1 - old
 	// Size the next generation from the flows per CPU counted so far in
-	// the old one (and before it): next is empty, and no program writes
-	// to it until publish names it (see setSlots).
-	busiest, spilled := d.sizer.counts(
-		func(cpu int) uint32 { return atomic.LoadUint32(&d.inflight[cpu].Inserted) },
-		func(cpu int) uint32 { return atomic.LoadUint32(&d.inflight[cpu].Spilled) })
+	// the old one, the log's read up to now: next is empty, and no
+	// program writes to it until publish names it (see setSlots).
+	d.pollLog(nil)
+	busiest, spilled := d.sizer.counts(d.slots[old]/2,
+		func(cpu int) uint32 { return atomic.LoadUint32(&d.logs[cpu].Room[old]) },
+		func(cpu int) uint32 { return atomic.LoadUint32(&d.inflight[cpu].Spilled) },
+		func(cpu int) int { return d.logNew[cpu] })
+	clear(d.logNew)
 	d.setSlots(next, d.sizer.observe(busiest))
 	dst.TableSlots, dst.Spilled = d.slots[next], spilled
-	dst.SpilledAtCap = spilled > 0 && d.slots[old] == d.regionSlots
 	d.publish(next)
 	dst.Waited, dst.Stuck = d.waitQuiescent(timeout, dst.Stuck[:0])
 	d.active = next
 	d.merge.reset()
+	d.takeLog(dst)
 	d.drainTable(old, dst)
 	if err := d.drainMap(d.gens[old], dst); err != nil {
 		return err

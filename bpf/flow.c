@@ -25,8 +25,9 @@
  *     ahead of a socket load balancer that rewrites it (see sock_dsts).
  *
  * Lossless drain: flows are counted in one of two generations, each a flow
- * table region per CPU (see flow_table) backed by a per-CPU hash map for
- * what does not fit. Each CPU's `inflight` line says which generation is
+ * table region per CPU (see flow_table) and a per-CPU hash map, with a log
+ * of records per CPU (see flow_log) for the flows a region has no room
+ * for. Each CPU's `inflight` line says which generation is
  * in use. Every program instance announces itself in its CPU's counter
  * before it reads the generation and withdraws after its last write. User
  * space switches the generation on every CPU, then waits until it has
@@ -199,10 +200,11 @@ struct flow_map flows_1 SEC(".maps");
  * bpf_get_smp_processor_id() are inlined by the verifier, so counting a
  * flow, new or known, makes no helper call. User space reads an idle
  * generation through a shared mapping of the array, without a syscall.
- * Flows that find no slot within TABLE_PROBES probes, programs that
- * interrupted another on the same CPU, and IPv6 flows whose original
- * destination does not start with the generation's prefix (see
- * table_slot) go to the hash map.
+ * Flows that find no slot within TABLE_PROBES probes or no room in the
+ * region (see log_line), and IPv6 flows whose original destination does
+ * not start with the generation's prefix (see table_slot), go to the flow
+ * log; programs that interrupted another on the same CPU go to the hash
+ * map.
  *
  * Each region is allocated at the largest size user space may use (set at
  * load time, bounded by the agent's memory flag); how much of it a
@@ -244,7 +246,7 @@ volatile const __u32 bench_no_conntrack = 0;
  * generation's IPv6 prefix in the CPU's inflight line (orig6): the first
  * flow of a generation with an IPv6 original destination sets it on that
  * CPU, and a later one whose address starts otherwise is counted in the
- * hash map. A Service CIDR of /96 or longer (Kubernetes' default IPv6
+ * flow log. A Service CIDR of /96 or longer (Kubernetes' default IPv6
  * one is a /108) gives all of its virtual IPs one prefix, and a flow
  * through an IPv6 Service keeps to one line of the table, like every other
  * flow, reading a prefix from the line every packet reads anyway. The address
@@ -272,7 +274,7 @@ struct {
  * on this CPU, which generation is in use with the epoch of its table
  * slots (gen | epoch << 32), the geometry of this CPU's region in each
  * generation with the prefix of its IPv6 original destinations, and how
- * many flows this CPU counted in the table and in the hash map. User
+ * many flows this CPU counted in the hash map for want of room. User
  * space writes `active` and the geometry to every CPU's line, with atomic
  * stores through a shared mapping, and reads the counters the same way.
  * Keeping all of it in the CPU's line makes them one cache line per
@@ -287,16 +289,16 @@ struct {
  * size user space may give it. */
 struct cpu_inflight {
 	__u32 n;
-	/* Flows this CPU put in a table slot, and flows it counted in the
-	 * hash map for the first time in a generation (a flow that found no
-	 * slot: once per CPU per generation). Cumulative, wrapping; only
-	 * the instance that owns the table writes them, so plain adds.
-	 * User space sizes the next generation from their increase. */
-	__u32 inserted;
+	__u32 pad;
 	__u64 active;   /* gen | epoch << 32 */
 	__u32 base[2];  /* first slot of this CPU's region, per generation */
 	__u32 mask[2];  /* slots in use - 1, per generation */
 	__u16 shift[2]; /* 64 - log2(slots in use), per generation */
+	/* Flows this CPU counted in the hash map for the first time in a
+	 * generation because neither the table nor the log took them (once
+	 * per CPU per generation; not nested instances, which always go
+	 * there). Cumulative, wrapping; only the instance that owns the
+	 * table writes it, so a plain add. */
 	__u32 spilled;
 	/* Per generation, the first 12 bytes of the IPv6 original
 	 * destinations in this CPU's table slots (see table_slot); all zero
@@ -316,6 +318,61 @@ _Static_assert(sizeof(struct cpu_inflight) == 64, "a CPU's line is one cache lin
  * takes no room in the object file, and which user space maps). */
 #define MAX_CPUS 8192
 struct cpu_inflight inflight[MAX_CPUS] __attribute__((aligned(64)));
+
+/*
+ * The flow log: where a CPU's observations go, one record each, once its
+ * table region of the generation in use holds as many flows as it has
+ * room for (half its slots in use, see log_line). Counting a flow in the
+ * table costs one line of the table per packet, and once the flows of an
+ * interval outgrow the caches that line is a cache miss and often a TLB
+ * miss: hundreds of nanoseconds a packet at 32,000 new flows a second on
+ * a CPU (BENCHMARKS.md, "Agent on real traffic"). The log is written in
+ * order, so a record costs a fraction of a line and a page: many flows
+ * cost about what few do. User space reads it every few milliseconds and
+ * adds the records up, and the table keeps the flows that come first in
+ * an interval, which are those that send the most.
+ *
+ * One BPF_F_MMAPABLE array holds a ring of 1 << log_shift records per
+ * possible CPU (set at load). Only the instance that owns the table
+ * writes its CPU's ring: it writes a record at head, then advances head
+ * with a fully ordered atomic, so user space, which loads head before it
+ * reads the records below it, reads whole records. User space stores tail
+ * once it has read them. A ring without room for a record sends it to the
+ * hash map.
+ */
+struct log_rec {
+	__u8 key[sizeof(struct flow_key)];
+	__u32 bytes;
+	__u32 packets;
+};
+_Static_assert(sizeof(struct log_rec) == 64, "a log record is one cache line");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct log_rec);
+	__uint(max_entries, 1); /* CPUs << log_shift, set at load */
+} flow_log SEC(".maps");
+
+/* log2 of the records in each CPU's ring: set at load. */
+volatile const __u32 log_shift = 6;
+
+/* Per CPU, in a line of its own, read when a flow is not in the table:
+ * the ring's positions, and how many more flows the table may take in
+ * each generation. The room keeps a region at most half full, where
+ * linear probing nearly always finds a flow, or a free slot, at once;
+ * user space sets it with the geometry before a generation's turn (see
+ * cpu_inflight) and reads what is left to size the next turn. */
+struct log_line {
+	__u32 head;    /* records written, cumulative, wrapping */
+	__u32 tail;    /* records user space has read, cumulative, wrapping */
+	__u32 room[2]; /* per generation */
+	__u32 pad[12];
+};
+_Static_assert(sizeof(struct log_line) == 64, "a CPU's log line is one cache line");
+
+struct log_line logs[MAX_CPUS] __attribute__((aligned(64)));
 
 /* The hash maps of the two generations, at their generation's index, set
  * once at load. */
@@ -494,7 +551,7 @@ static __always_inline int same_flow(const struct table_slot *slot,
  * IPv6, the first 12 bytes as the generation's prefix, which the first
  * such flow sets. It returns 0, and stores nothing, for an IPv6 address
  * with another prefix than the generation's, or with a zero one (which
- * would read as no prefix set): that flow is counted in the hash map. */
+ * would read as no prefix set): that flow is counted in the flow log. */
 static __always_inline int put_orig(struct table_slot *slot, struct cpu_inflight *fl,
 				    __u32 g, const struct flow_key *key)
 {
@@ -520,10 +577,37 @@ static __always_inline int put_orig(struct table_slot *slot, struct cpu_inflight
 	return 1;
 }
 
+/* log_flow appends one observation to this CPU's ring of the flow log,
+ * and returns 0, writing nothing, when the ring is full or the bytes do
+ * not fit a record. Only the instance that owns the table calls it. */
+static __always_inline int log_flow(__u32 cpu, const struct flow_key *key, __u64 bytes,
+				    __u64 packets)
+{
+	struct log_line *ll = &logs[cpu & (MAX_CPUS - 1)];
+	__u32 head = ll->head, len = 1U << log_shift, idx, done;
+	struct log_rec *r;
+
+	if (head - *(volatile __u32 *)&ll->tail >= len || bytes > 0xffffffffULL)
+		return 0;
+	idx = (cpu << log_shift) + (head & (len - 1));
+	r = bpf_map_lookup_elem(&flow_log, &idx);
+	if (!r)
+		return 0;
+	__builtin_memcpy(r->key, key, sizeof(*key));
+	r->bytes = bytes;
+	r->packets = packets;
+	/* Fully ordered (the fetch form, see account()): the record's stores
+	 * are visible before the new head. */
+	done = __sync_fetch_and_add(&ll->head, 1);
+	asm volatile("" : : "r"(done));
+	return 1;
+}
+
 /*
  * account adds one observation to the active generation: in this CPU's
- * region of the flow table when the flow is there or a free slot is found
- * within TABLE_PROBES, in the hash map otherwise. Linear probing never
+ * region of the flow table when the flow is there, or a free slot is
+ * found within TABLE_PROBES and the region has room, in the flow log
+ * otherwise, and in the hash map when the log is full. Linear probing never
  * frees a slot within a generation, so a free slot on the probe path
  * proves the flow is not further along.
  *
@@ -594,7 +678,7 @@ static __always_inline int put_orig(struct table_slot *slot, struct cpu_inflight
  */
 static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 packets)
 {
-	__u32 cpu, mask, h, ep, gen, nested, left, idx, g, refused = 0;
+	__u32 cpu, mask, h, ep, gen, nested, left, idx, g, *room;
 	struct table_slot *slot;
 	struct cpu_inflight *fl;
 	__u64 seen, active, hash;
@@ -648,17 +732,17 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 		if (!slot)
 			break;
 		if (slot->epoch != ep) {
-			/* Free in this generation: the flow takes it, unless
-			 * its IPv6 original destination has another prefix. */
-			if (!put_orig(slot, fl, gen, key)) {
-				refused = 1;
+			/* Free in this generation: the flow takes it, if
+			 * the region has room, and unless its IPv6 original
+			 * destination has another prefix. */
+			room = &logs[cpu].room[gen];
+			if (!*room || !put_orig(slot, fl, gen, key))
 				break;
-			}
 			__builtin_memcpy(slot->key, key, KEY_HEAD);
 			slot->st.bytes = bytes;
 			slot->st.packets = packets;
 			slot->epoch = ep;
-			fl->inserted++;
+			(*room)--;
 			goto out;
 		}
 		if (same_flow(slot, fl, gen, key)) {
@@ -667,14 +751,16 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 			goto out;
 		}
 	}
+	/* No room in the region, no slot within TABLE_PROBES, or an IPv6
+	 * original destination of another prefix: a record in the log. */
+	if (log_flow(cpu, key, bytes, packets))
+		goto out;
 hash:
-	/* No slot within TABLE_PROBES, nested, or an IPv6 original
-	 * destination of another prefix: counted in the hash map. A flow that
-	 * found no slot counts once per generation in this CPU's spills (more
-	 * slots would have held it; a prefix would not); a nested instance
-	 * leaves the line's counts to the instance it interrupted, their only
-	 * writer. */
-	if (account_hash(gen, key, bytes, packets) && !nested && !refused)
+	/* Nested, or the log full: counted in the hash map. A flow the log had
+	 * no room for counts once per generation in this CPU's spills; a
+	 * nested instance leaves the line's counts to the instance it
+	 * interrupted, their only writer. */
+	if (account_hash(gen, key, bytes, packets) && !nested)
 		fl->spilled++;
 out:
 	left = __sync_fetch_and_add(&fl->n, -1);

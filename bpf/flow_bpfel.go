@@ -25,15 +25,15 @@ const (
 )
 
 type flowCpuInflight struct {
-	_        structs.HostLayout
-	N        uint32
-	Inserted uint32
-	Active   uint64
-	Base     [2]uint32
-	Mask     [2]uint32
-	Shift    [2]uint16
-	Spilled  uint32
-	Orig6    [2][3]uint32
+	_       structs.HostLayout
+	N       uint32
+	Pad     uint32
+	Active  uint64
+	Base    [2]uint32
+	Mask    [2]uint32
+	Shift   [2]uint16
+	Spilled uint32
+	Orig6   [2][3]uint32
 }
 
 type flowFlowFlag uint32
@@ -61,6 +61,21 @@ type flowFlowStats struct {
 	_       structs.HostLayout
 	Bytes   uint64
 	Packets uint64
+}
+
+type flowLogLine struct {
+	_    structs.HostLayout
+	Head uint32
+	Tail uint32
+	Room [2]uint32
+	Pad  [12]uint32
+}
+
+type flowLogRec struct {
+	_       structs.HostLayout
+	Key     [56]uint8
+	Bytes   uint32
+	Packets uint32
 }
 
 type flowPrefixSet struct {
@@ -110,6 +125,7 @@ type flowTableSlot struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	flowMapCounters         = "counters"
+	flowMapFlowLog          = "flow_log"
 	flowMapFlowMaps         = "flow_maps"
 	flowMapFlowTable        = "flow_table"
 	flowMapFlows0           = "flows_0"
@@ -126,6 +142,8 @@ const (
 	flowVarBenchSeq         = "bench_seq"
 	flowVarInflight         = "inflight"
 	flowVarLocalPrefixes    = "local_prefixes"
+	flowVarLogShift         = "log_shift"
+	flowVarLogs             = "logs"
 	flowVarUnusedCounter    = "unused_counter"
 	flowVarUnusedFlowFlag   = "unused_flow_flag"
 )
@@ -185,6 +203,7 @@ type flowProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowMapSpecs struct {
 	Counters  *ebpf.MapSpec `ebpf:"counters"`
+	FlowLog   *ebpf.MapSpec `ebpf:"flow_log"`
 	FlowMaps  *ebpf.MapSpec `ebpf:"flow_maps"`
 	FlowTable *ebpf.MapSpec `ebpf:"flow_table"`
 	Flows0    *ebpf.MapSpec `ebpf:"flows_0"`
@@ -201,6 +220,8 @@ type flowVariableSpecs struct {
 	BenchSeq         *ebpf.VariableSpec `ebpf:"bench_seq"`
 	Inflight         *ebpf.VariableSpec `ebpf:"inflight"`
 	LocalPrefixes    *ebpf.VariableSpec `ebpf:"local_prefixes"`
+	LogShift         *ebpf.VariableSpec `ebpf:"log_shift"`
+	Logs             *ebpf.VariableSpec `ebpf:"logs"`
 	UnusedCounter    *ebpf.VariableSpec `ebpf:"unused_counter"`
 	UnusedFlowFlag   *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
 }
@@ -226,6 +247,7 @@ func (o *flowObjects) Close() error {
 // It can be passed to loadFlowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowMaps struct {
 	Counters  *ebpf.Map `ebpf:"counters"`
+	FlowLog   *ebpf.Map `ebpf:"flow_log"`
 	FlowMaps  *ebpf.Map `ebpf:"flow_maps"`
 	FlowTable *ebpf.Map `ebpf:"flow_table"`
 	Flows0    *ebpf.Map `ebpf:"flows_0"`
@@ -236,6 +258,7 @@ type flowMaps struct {
 func (m *flowMaps) Close() error {
 	return _FlowClose(
 		m.Counters,
+		m.FlowLog,
 		m.FlowMaps,
 		m.FlowTable,
 		m.Flows0,
@@ -253,6 +276,8 @@ type flowVariables struct {
 	BenchSeq         *ebpf.Variable `ebpf:"bench_seq"`
 	Inflight         *ebpf.Variable `ebpf:"inflight"`
 	LocalPrefixes    *ebpf.Variable `ebpf:"local_prefixes"`
+	LogShift         *ebpf.Variable `ebpf:"log_shift"`
+	Logs             *ebpf.Variable `ebpf:"logs"`
 	UnusedCounter    *ebpf.Variable `ebpf:"unused_counter"`
 	UnusedFlowFlag   *ebpf.Variable `ebpf:"unused_flow_flag"`
 }

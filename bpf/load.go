@@ -81,21 +81,30 @@ func load(cfg Config, loadSpec func() (*ebpf.CollectionSpec, error)) (*Datapath,
 	if err != nil {
 		return nil, fmt.Errorf("counting possible CPUs: %w", err)
 	}
-	region, err := TableSlots(cfg.TableMemory, ncpu)
+	region, records, err := TableGeometry(cfg.TableMemory, ncpu)
 	if err != nil {
 		return nil, err
 	}
 	// Both generations, every possible CPU, each region as long as it may
-	// ever be.
+	// ever be; a ring of the log per possible CPU.
 	specs.FlowTable.MaxEntries = uint32(2 * ncpu * region)
-	vars, err := bssLayout(specs.Inflight, specs.LocalPrefixes)
+	specs.FlowLog.MaxEntries = uint32(ncpu * records)
+	logShift := bits.TrailingZeros(uint(records))
+	if err := specs.LogShift.Set(uint32(logShift)); err != nil {
+		return nil, fmt.Errorf("setting the flow log's length: %w", err)
+	}
+	vars, err := bssLayout(specs.Inflight, specs.LocalPrefixes, specs.Logs)
 	if err != nil {
 		return nil, err
 	}
 	if ncpu > vars.maxCPUs {
 		return nil, fmt.Errorf("%d possible CPUs: the datapath supports at most %d", ncpu, vars.maxCPUs)
 	}
-	d := &Datapath{nCPU: ncpu, regionSlots: region, sizer: newTableSizer(region, ncpu), epochs: [2]uint32{1, 2}}
+	d := &Datapath{
+		nCPU: ncpu, regionSlots: region, sizer: newTableSizer(region, ncpu), epochs: [2]uint32{1, 2},
+		logShift: uint(logShift), maxLogFlows: int(cfg.MaxFlows), logNew: make([]int, ncpu),
+		stop: make(chan struct{}), polled: make(chan struct{}),
+	}
 	if err := spec.LoadAndAssign(&d.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -114,7 +123,9 @@ func load(cfg Config, loadSpec func() (*ebpf.CollectionSpec, error)) (*Datapath,
 			return nil, fmt.Errorf("installing the hash map of flow generation %d: %w", g, err)
 		}
 	}
+	d.logMerge.resetIndexed()
 	d.publish(0)
+	go d.pollLoop()
 	return d, nil
 }
 
@@ -145,8 +156,8 @@ func checkFeatures(haveProg func(ebpf.ProgramType) error, haveMap func(ebpf.MapT
 
 // bssVars is where the shared globals sit in .bss.
 type bssVars struct {
-	inflight, prefixes uint32
-	// maxCPUs is the length of inflight (MAX_CPUS in flow.c).
+	inflight, prefixes, logs uint32
+	// maxCPUs is the length of inflight and logs (MAX_CPUS in flow.c).
 	maxCPUs int
 }
 
@@ -154,9 +165,9 @@ type bssVars struct {
 // variable specs, and checks their sizes against the generated Go types, so
 // that a change on either side is an error at load, not memory read at the
 // wrong place.
-func bssLayout(inflight, prefixes *ebpf.VariableSpec) (bssVars, error) {
+func bssLayout(inflight, prefixes, logs *ebpf.VariableSpec) (bssVars, error) {
 	var v bssVars
-	for _, vs := range []*ebpf.VariableSpec{inflight, prefixes} {
+	for _, vs := range []*ebpf.VariableSpec{inflight, prefixes, logs} {
 		if vs.SectionName != bssSection {
 			return v, fmt.Errorf("datapath globals: %s is in %s, want %s (the section shared with user space)", vs.Name, vs.SectionName, bssSection)
 		}
@@ -170,10 +181,15 @@ func bssLayout(inflight, prefixes *ebpf.VariableSpec) (bssVars, error) {
 	}
 	v.inflight, v.maxCPUs = inflight.Offset, int(inflight.Size()/line)
 	v.prefixes = prefixes.Offset
+	logLine := uint32(unsafe.Sizeof(flowLogLine{}))
+	if logs.Size() != uint32(v.maxCPUs)*logLine || logs.Offset%logLine != 0 {
+		return v, fmt.Errorf("datapath .bss: logs is %d bytes at %d, want %d aligned %d-byte lines", logs.Size(), logs.Offset, v.maxCPUs, logLine)
+	}
+	v.logs = logs.Offset
 	return v, nil
 }
 
-// mapShared maps the flow table (read only) and the program's .bss
+// mapShared maps the flow table and the flow log (read only) and the program's .bss
 // (read-write: user space switches each CPU's generation and writes the
 // local prefixes) into this process; vars says where in .bss the
 // in-flight lines and the prefixes are.
@@ -191,6 +207,13 @@ func (d *Datapath) mapShared(vars bssVars) error {
 	d.mems = append(d.mems, bss)
 	d.inflight = unsafe.Slice((*flowCpuInflight)(unsafe.Pointer(&bss[vars.inflight])), d.nCPU)
 	d.prefixes = (*flowPrefixState)(unsafe.Pointer(&bss[vars.prefixes]))
+	d.logs = unsafe.Slice((*flowLogLine)(unsafe.Pointer(&bss[vars.logs])), d.nCPU)
+	log, err := mapArray(d.objs.FlowLog, unix.PROT_READ)
+	if err != nil {
+		return fmt.Errorf("mapping the flow log: %w", err)
+	}
+	d.mems = append(d.mems, log)
+	d.log = unsafe.Slice((*flowLogRec)(unsafe.Pointer(&log[0])), d.objs.FlowLog.MaxEntries())
 	// The table's geometry, before any program runs (see flow_table).
 	for cpu := range d.inflight {
 		l := &d.inflight[cpu]
@@ -205,7 +228,8 @@ func (d *Datapath) mapShared(vars bssVars) error {
 }
 
 // setSlots sets the slots in use in every CPU's region of generation g, a
-// power of two no larger than the region, and clears g's IPv6 prefix (see
+// power of two no larger than the region, gives g room for half as many
+// flows (see log_line in flow.c), and clears g's IPv6 prefix (see
 // table_slot in flow.c) for the next flow to set. Only while no program
 // instance writes to g (see account() in flow.c): at load, or in a drain
 // before it makes g active. The atomic stores come before publish's store
@@ -226,6 +250,7 @@ func (d *Datapath) setSlots(g, slots int) {
 		other := atomic.LoadUint32(shifts) &^ (0xffff << (16 * g))
 		atomic.StoreUint32(shifts, other|shift<<(16*g))
 		atomic.StoreUint32(&l.Mask[g], uint32(slots-1))
+		atomic.StoreUint32(&d.logs[cpu].Room[g], uint32(slots/2))
 		for i := range l.Orig6[g] {
 			atomic.StoreUint32(&l.Orig6[g][i], 0)
 		}

@@ -58,7 +58,7 @@ func TestBSSLayout(t *testing.T) {
 			return bssVars{}, err
 		}
 		edit(&vs)
-		return bssLayout(vs.Inflight, vs.LocalPrefixes)
+		return bssLayout(vs.Inflight, vs.LocalPrefixes, vs.Logs)
 	}
 	v, err := layout(func(*flowVariableSpecs) {})
 	if err != nil {
@@ -67,8 +67,8 @@ func TestBSSLayout(t *testing.T) {
 	if line := int(unsafe.Sizeof(flowCpuInflight{})); v.maxCPUs < 1024 || v.inflight%uint32(line) != 0 {
 		t.Errorf("inflight: %d lines at offset %d, want at least 1024 lines, %d-byte aligned", v.maxCPUs, v.inflight, line)
 	}
-	if v.prefixes == v.inflight {
-		t.Errorf("local_prefixes and inflight both at offset %d", v.prefixes)
+	if v.prefixes == v.inflight || v.logs == v.inflight || v.logs == v.prefixes {
+		t.Errorf("local_prefixes, inflight and logs at offsets %d, %d and %d", v.prefixes, v.inflight, v.logs)
 	}
 
 	resize := func(vs *ebpf.VariableSpec, by int) { vs.Value = make([]byte, int(vs.Size())+by) }
@@ -81,6 +81,9 @@ func TestBSSLayout(t *testing.T) {
 		{"inflight not whole lines", func(vs *flowVariableSpecs) { resize(vs.Inflight, -8) }, "whole 64-byte lines"},
 		{"inflight misaligned", func(vs *flowVariableSpecs) { vs.Inflight.Offset += 8 }, "whole 64-byte lines"},
 		{"local_prefixes size", func(vs *flowVariableSpecs) { resize(vs.LocalPrefixes, 8) }, "local_prefixes is"},
+		{"logs not in .bss", func(vs *flowVariableSpecs) { vs.Logs.SectionName = ".data" }, "logs is in .data"},
+		{"logs not one line per CPU", func(vs *flowVariableSpecs) { resize(vs.Logs, -64) }, "logs is"},
+		{"logs misaligned", func(vs *flowVariableSpecs) { vs.Logs.Offset += 8 }, "logs is"},
 	}
 	for _, tt := range tests {
 		_, err := layout(tt.edit)

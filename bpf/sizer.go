@@ -35,19 +35,18 @@ type tableSizer struct {
 	// is where the next goes.
 	wants [tableShrinkAfter]int
 	next  int
-	// inserted and spilled are each CPU's cumulative counts (see
-	// cpu_inflight in flow.c) read at the previous drain.
-	inserted, spilled []uint32
+	// spilled are each CPU's cumulative spills (see cpu_inflight in
+	// flow.c) read at the previous drain.
+	spilled []uint32
 }
 
 // newTableSizer returns a sizer for regions of max slots on ncpu CPUs,
 // starting at min(tableStartSlots, max).
 func newTableSizer(max, ncpu int) tableSizer {
 	s := tableSizer{
-		floor:    min(tableFloorSlots, max),
-		max:      max,
-		inserted: make([]uint32, ncpu),
-		spilled:  make([]uint32, ncpu),
+		floor:   min(tableFloorSlots, max),
+		max:     max,
+		spilled: make([]uint32, ncpu),
 	}
 	for i := range s.wants {
 		s.wants[i] = s.start()
@@ -73,17 +72,20 @@ func (s *tableSizer) observe(flows int) int {
 	return slices.Max(s.wants[:])
 }
 
-// counts takes each CPU's cumulative counts, as the kernel has them now,
-// and returns the largest number of flows one CPU counted since the
-// previous call, and the flows all CPUs counted in the hash map for want
-// of a slot. The counts wrap: differences of uint32 stay right.
-func (s *tableSizer) counts(inserted, spilled func(cpu int) uint32) (busiest, spills int) {
-	for cpu := range s.inserted {
-		in, sp := inserted(cpu), spilled(cpu)
-		n := int(in-s.inserted[cpu]) + int(sp-s.spilled[cpu])
-		busiest = max(busiest, n)
-		spills += int(sp - s.spilled[cpu])
-		s.inserted[cpu], s.spilled[cpu] = in, sp
+// counts returns the flows the busiest CPU counted in the generation in
+// use, and the flows all CPUs counted in the hash map for want of room
+// since the previous call. A CPU's flows are those its table region took
+// (room0, half the region's slots in use, less the room it has left),
+// those the log read first from that CPU (logged), and its spills (the
+// kernel's cumulative count: it wraps, and differences of uint32 stay
+// right).
+func (s *tableSizer) counts(room0 int, room, spilled func(cpu int) uint32, logged func(cpu int) int) (busiest, spills int) {
+	for cpu := range s.spilled {
+		sp := spilled(cpu)
+		n := int(sp - s.spilled[cpu])
+		busiest = max(busiest, room0-int(room(cpu))+logged(cpu)+n)
+		spills += n
+		s.spilled[cpu] = sp
 	}
 	return busiest, spills
 }

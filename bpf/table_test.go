@@ -36,44 +36,46 @@ func TestConfigValidate(t *testing.T) {
 	}
 }
 
-// TestTableSlots computes each CPU's region from the memory bound and the
-// CPU count: the largest power of two of 64-byte slots that fits twice
-// (two generations) per CPU, capped, and an error naming the CPU count
-// and the bound when not even MinTableSlots fit.
-func TestTableSlots(t *testing.T) {
+// TestTableGeometry splits the memory bound per CPU: half for the
+// table's two generations (the largest power of two of 64-byte slots,
+// capped), the rest for the log's ring (the largest power of two of
+// 64-byte records, capped), and an error naming the CPU count and the
+// bound when either falls below its minimum.
+func TestTableGeometry(t *testing.T) {
 	tests := []struct {
-		memory uint64
-		ncpu   int
-		want   int
-		err    string // substring of the error, "" for none
+		memory         uint64
+		ncpu           int
+		slots, records int
+		err            string // substring of the error, "" for none
 	}{
-		{DefaultTableMemory, 1, MaxTableSlots, ""}, // 16 MiB
-		{DefaultTableMemory, 2, MaxTableSlots, ""}, // 32 MiB
-		{DefaultTableMemory, 4, MaxTableSlots, ""}, // 64 MiB
-		{DefaultTableMemory, 5, 65536, ""},         // 40 MiB
-		{DefaultTableMemory, 64, 8192, ""},         // 64 MiB
-		{DefaultTableMemory, 192, 2048, ""},        // 48 MiB
-		{DefaultTableMemory, 8192, 64, ""},         // exactly the minimum
-		{32 << 20, 8192, 0, "flow table memory 32 MiB: 8192 possible CPUs need at least 64 MiB"},
-		{1 << 20, 1, 8192, ""},                  // 8,192 fit
-		{MinTableSlots * 2 * 2 * 64, 2, 64, ""}, // exactly the minimum
-		{MinTableSlots*2*2*64 - 1, 2, 0, "flow table memory 16383 bytes: 2 possible CPUs need at least 16 KiB"},
-		{1 << 20, 192, 0, "flow table memory 1 MiB: 192 possible CPUs need at least 1536 KiB"},
-		{0, 1, 0, "need at least"},
+		{DefaultTableMemory, 1, MaxTableSlots, MaxLogRecords, ""}, // 17 MiB
+		{DefaultTableMemory, 2, MaxTableSlots, MaxLogRecords, ""}, // 34 MiB
+		{DefaultTableMemory, 3, MaxTableSlots, MaxLogRecords, ""}, // 51 MiB
+		{DefaultTableMemory, 4, MaxTableSlots, 131072, ""},        // 36 MiB
+		{DefaultTableMemory, 64, 4096, 8192, ""},                  // 64 MiB
+		{DefaultTableMemory, 192, 1024, 2048, ""},                 // 48 MiB
+		{DefaultTableMemory, 4096, 64, 128, ""},                   // exactly the minimum
+		{32 << 20, 4096, 0, 0, "flow table memory 32 MiB: 4096 possible CPUs need at least 64 MiB"},
+		{1 << 20, 1, 4096, 8192, ""},
+		{1 << 20, 2, 2048, 4096, ""},
+		{MinTableSlots * 4 * 2 * 64, 2, 64, 128, ""}, // exactly the minimum
+		{MinTableSlots*4*2*64 - 1, 2, 0, 0, "flow table memory 32767 bytes: 2 possible CPUs need at least 32 KiB"},
+		{1 << 20, 192, 0, 0, "flow table memory 1 MiB: 192 possible CPUs need at least 3 MiB"},
+		{0, 1, 0, 0, "need at least"},
 	}
 	for _, tt := range tests {
-		got, err := TableSlots(tt.memory, tt.ncpu)
+		slots, records, err := TableGeometry(tt.memory, tt.ncpu)
 		if tt.err != "" {
 			if err == nil || !strings.Contains(err.Error(), tt.err) {
-				t.Errorf("TableSlots(%d, %d) = %d, %v; want an error containing %q", tt.memory, tt.ncpu, got, err, tt.err)
+				t.Errorf("TableGeometry(%d, %d) = %d, %d, %v; want an error containing %q", tt.memory, tt.ncpu, slots, records, err, tt.err)
 			}
 			continue
 		}
-		if err != nil || got != tt.want {
-			t.Errorf("TableSlots(%d, %d) = %d, %v; want %d", tt.memory, tt.ncpu, got, err, tt.want)
+		if err != nil || slots != tt.slots || records != tt.records {
+			t.Errorf("TableGeometry(%d, %d) = %d, %d, %v; want %d, %d", tt.memory, tt.ncpu, slots, records, err, tt.slots, tt.records)
 		}
-		if bytes := uint64(got) * 2 * uint64(tt.ncpu) * tableSlotBytes; err == nil && bytes > tt.memory {
-			t.Errorf("TableSlots(%d, %d) = %d: %d bytes, more than the bound", tt.memory, tt.ncpu, got, bytes)
+		if bytes := (uint64(slots)*2*tableSlotBytes + uint64(records)*logRecordBytes) * uint64(tt.ncpu); err == nil && bytes > tt.memory {
+			t.Errorf("TableGeometry(%d, %d) = %d, %d: %d bytes, more than the bound", tt.memory, tt.ncpu, slots, records, bytes)
 		}
 	}
 }
@@ -81,9 +83,11 @@ func TestTableSlots(t *testing.T) {
 // TestTableSizer feeds the sizer the busiest CPU's flows of successive
 // intervals: it grows at once, to a power of two with room for twice the
 // flows, never beyond the region or below the floor, and shrinks only
-// after tableShrinkAfter intervals that needed less.
+// after tableShrinkAfter intervals that needed less. counts adds a CPU's
+// flows from the room its region used, the log and its spills.
 func TestTableSizer(t *testing.T) {
-	s := newTableSizer(MaxTableSlots, 2)
+	const region = 1 << 17
+	s := newTableSizer(region, 2)
 	if got := s.start(); got != tableStartSlots {
 		t.Fatalf("start %d, want %d", got, tableStartSlots)
 	}
@@ -94,11 +98,11 @@ func TestTableSizer(t *testing.T) {
 		{9000, 32768},          // grows at once
 		{16384, 32768},         // exactly half full
 		{16385, 65536},
-		{1 << 20, MaxTableSlots}, // capped at the region
-		{0, MaxTableSlots},
-		{0, MaxTableSlots},
-		{0, MaxTableSlots},
-		{0, MaxTableSlots},
+		{1 << 20, region}, // capped at the region
+		{0, region},
+		{0, region},
+		{0, region},
+		{0, region},
 		{0, tableFloorSlots}, // five quiet intervals: the floor
 		{600, 2048},
 		{0, 2048},
@@ -115,17 +119,24 @@ func TestTableSizer(t *testing.T) {
 	if got := small.observe(1000); got != 256 {
 		t.Errorf("a 256-slot region asked for 1000 flows: %d slots", got)
 	}
-	var in, sp = []uint32{10, 1<<32 - 5}, []uint32{0, 3}
-	busiest, spills := small.counts(func(c int) uint32 { return in[c%2] }, func(c int) uint32 { return sp[c%2] })
-	if busiest != 10 || spills != 0 {
-		t.Errorf("first counts: busiest %d, spills %d; want 10, 0", busiest, spills)
-	}
+	// CPU 0 used 10 of its room of 128, logged 5 flows, spilled none;
+	// CPU 1 used all of it, logged 300 flows, and spilled 3 (then 7,
+	// across a wrap of the kernel's count).
+	room, sp, logged := []uint32{118, 0}, []uint32{0, 1<<32 - 5}, []int{5, 300}
 	two := newTableSizer(256, 2)
-	two.counts(func(c int) uint32 { return in[c] }, func(c int) uint32 { return sp[c] })
-	in[1], sp[1] = 20, 7 // wrapped: 25 more inserted
-	busiest, spills = two.counts(func(c int) uint32 { return in[c] }, func(c int) uint32 { return sp[c] })
-	if busiest != 29 || spills != 4 {
-		t.Errorf("counts across a wrap: busiest %d, spills %d; want 29, 4", busiest, spills)
+	counts := func() (int, int) {
+		return two.counts(128, func(c int) uint32 { return room[c] }, func(c int) uint32 { return sp[c] }, func(c int) int { return logged[c] })
+	}
+	if busiest, spills := counts(); busiest != 128+300+(1<<32-5) || spills != 1<<32-5 {
+		t.Errorf("first counts: busiest %d, spills %d", busiest, spills)
+	}
+	sp[1], logged[1] = 2, 0 // wrapped: 7 more spilled
+	if busiest, spills := counts(); busiest != 128+7 || spills != 7 {
+		t.Errorf("counts across a wrap: busiest %d, spills %d; want %d, 7", busiest, spills, 128+7)
+	}
+	room[1] = 128
+	if busiest, spills := counts(); busiest != 15 || spills != 0 {
+		t.Errorf("counts of a quiet CPU 1: busiest %d, spills %d; want 15, 0", busiest, spills)
 	}
 }
 
@@ -194,45 +205,122 @@ func TestFlowSeenOnSeveralCPUs(t *testing.T) {
 	}
 }
 
-// TestTableFullSpillsToHash sends more flows from one CPU than its table
-// region holds, twice: flows that found a slot keep counting there, the
-// rest are counted in the hash map, and each comes back once with exactly
-// what was sent; nothing is refused while the hash map has room.
-func TestTableFullSpillsToHash(t *testing.T) {
-	testutil.RequireRoot(t)
-	const slots, flows = 64, 300
-	d := loadLocal(t, Config{TableMemory: tableMemoryFor(t, slots), MaxFlows: 1024}, "10.0.0.0/8")
-	pkts := make([][]byte, flows)
+// setTable makes every CPU's region use slots slots (room for slots/2
+// flows) in both generations, from now on: the sizer may not grow it.
+func setTable(d *Datapath, slots int) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.sizer = newTableSizer(slots, d.nCPU)
+	d.setSlots(0, slots)
+	d.setSlots(1, slots)
+}
+
+// sendTwice sends every packet of pkts twice on CPU 0: flows to 10.1.x.y
+// of 100 + x<<8 + y bytes.
+func sendTwice(t *testing.T, d *Datapath, pkts [][]byte) {
+	t.Helper()
+	testutil.OnCPU(t, 0, func() {
+		for range 2 {
+			for _, p := range pkts {
+				runNF(t, d, p)
+			}
+		}
+	})
+}
+
+// checkTwice checks that dr holds each flow sendTwice sent, exactly, and
+// nothing was lost.
+func checkTwice(t *testing.T, what string, dr *Drained, flows int) {
+	t.Helper()
+	if len(dr.Flows) != flows {
+		t.Fatalf("%s: %d flows, want %d", what, len(dr.Flows), flows)
+	}
+	for _, f := range dr.Flows {
+		i := int(f.Dst.As4()[2])<<8 | int(f.Dst.As4()[3])
+		if want := (flow.Counts{Bytes: 2 * uint64(100+i), Packets: 2}); f.Counts != want {
+			t.Errorf("%s: flow to %v: %+v, want %+v", what, f.Dst, f.Counts, want)
+		}
+	}
+	for r, c := range dr.Uncounted {
+		if !c.IsZero() {
+			t.Errorf("%s: %s %+v, want nothing", what, Reason(r), c)
+		}
+	}
+}
+
+// twicePkts returns one packet for each of n flows from 10.0.0.1, as
+// checkTwice expects them.
+func twicePkts(t *testing.T, n int) [][]byte {
+	pkts := make([][]byte, n)
 	for i := range pkts {
 		dst := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
 		pkts[i] = packet.IPv4(t, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(dst, 443), 100+i, 0)
 	}
+	return pkts
+}
+
+// TestTableFullLogs sends more flows from one CPU than its table region
+// has room for, twice, in three intervals: the flows that came first keep
+// counting in the table, every packet of the rest is a record of the flow
+// log, and each flow comes back once with exactly what was sent.
+func TestTableFullLogs(t *testing.T) {
+	testutil.RequireRoot(t)
+	const slots, flows = 64, 300
+	d := loadLocal(t, Config{MaxFlows: 1024}, "10.0.0.0/8")
+	setTable(d, slots)
+	pkts := twicePkts(t, flows)
 	for round := range 3 {
-		testutil.OnCPU(t, 0, func() {
-			for range 2 {
-				for _, p := range pkts {
-					runNF(t, d, p)
-				}
-			}
-		})
-		if n := liveSlots(d, 0); n != slots {
-			t.Errorf("round %d: %d table slots in use, want all %d", round, n, slots)
+		sendTwice(t, d, pkts)
+		if n := liveSlots(d, 0); n != slots/2 {
+			t.Errorf("round %d: %d table slots in use, want the room, %d", round, n, slots/2)
 		}
 		dr := drain(t, d)
-		if len(dr.Flows) != flows {
-			t.Fatalf("round %d: %d flows, want %d", round, len(dr.Flows), flows)
+		checkTwice(t, fmt.Sprintf("round %d", round), dr, flows)
+		if want := 2 * (flows - slots/2); dr.Logged != want || dr.Spilled != 0 {
+			t.Errorf("round %d: %d records logged, %d flows spilled; want %d and 0", round, dr.Logged, dr.Spilled, want)
 		}
-		for _, f := range dr.Flows {
-			i := int(f.Dst.As4()[2])<<8 | int(f.Dst.As4()[3])
-			if want := (flow.Counts{Bytes: 2 * uint64(100+i), Packets: 2}); f.Counts != want {
-				t.Errorf("round %d: flow to %v: %+v, want %+v", round, f.Dst, f.Counts, want)
-			}
-		}
-		for r, c := range dr.Uncounted {
-			if !c.IsZero() {
-				t.Errorf("round %d: %s %+v, want nothing", round, Reason(r), c)
-			}
-		}
+	}
+}
+
+// TestLogFullSpillsToHash: while the log is not read, its ring fills, and
+// the packets of flows beyond go to the hash map; all are exact.
+func TestLogFullSpillsToHash(t *testing.T) {
+	testutil.RequireRoot(t)
+	const slots, flows = 64, 300 // a ring of 128 records
+	d := loadLocal(t, Config{TableMemory: tableMemoryFor(t, slots), MaxFlows: 1024}, "10.0.0.0/8")
+	release := holdLog(t, d)
+	sendTwice(t, d, twicePkts(t, flows))
+	release()
+	dr := drain(t, d)
+	checkTwice(t, "ring full", dr, flows)
+	// The table took the first 32 flows and the ring the first packets
+	// of the next 128; every flow beyond the table then went to the hash
+	// map, those 128 with their second packet.
+	if dr.Logged != 2*slots || dr.Spilled != flows-slots/2 {
+		t.Errorf("%d records logged, %d flows spilled; want %d and %d", dr.Logged, dr.Spilled, 2*slots, flows-slots/2)
+	}
+}
+
+// TestLogFlowsBound: the log's sum holds at most MaxFlows flows between
+// drains; the records of other flows wait in the ring, and the drain reads
+// them all, exactly.
+func TestLogFlowsBound(t *testing.T) {
+	testutil.RequireRoot(t)
+	const slots, flows, bound = 64, 300, 50
+	d := loadLocal(t, Config{MaxFlows: bound}, "10.0.0.0/8")
+	setTable(d, slots)
+	release := holdLog(t, d)
+	sendTwice(t, d, twicePkts(t, flows))
+	d.pollLog(nil)
+	l := d.logs[0]
+	if len(d.logFlows) != bound || l.Head == l.Tail {
+		t.Errorf("after a read: %d flows in the log's sum, ring at %d of %d; want %d flows and records left", len(d.logFlows), l.Tail, l.Head, bound)
+	}
+	release()
+	dr := drain(t, d)
+	checkTwice(t, "bounded", dr, flows)
+	if dr.Logged != 2*(flows-slots/2) || dr.Spilled != 0 {
+		t.Errorf("%d records logged, %d flows spilled; want %d and 0", dr.Logged, dr.Spilled, 2*(flows-slots/2))
 	}
 }
 
@@ -318,95 +406,57 @@ func flowPkts(t *testing.T, n int) [][]byte {
 	return pkts
 }
 
-// TestTableGrowsThenShrinks sends more new flows from one CPU in one
-// interval than the table starts with: those that find no slot are
-// counted in the hash map, and the drain sizes the next generation for
-// them, so the same flows in the next interval all find a slot. Quiet
-// intervals then shrink it, after tableShrinkAfter drains. Every drain's
-// counts are exact.
+// TestTableGrowsThenShrinks: quiet intervals shrink the table to the
+// floor, after tableShrinkAfter drains; then more new flows from one CPU
+// than the floor has room for: the flows beyond go to the log, and the
+// drain sizes the next generation for all of them at once, so the same
+// flows in the next interval all find a slot. Every drain's counts are
+// exact.
 func TestTableGrowsThenShrinks(t *testing.T) {
 	testutil.RequireRoot(t)
-	const flows, grown = 9000, 32768 // a power of two >= 2 * flows
-	d := loadLocal(t, Config{TableMemory: tableMemoryFor(t, 2*grown), MaxFlows: 16384}, "10.0.0.0/8")
+	const flows, grown = 3000, 8192 // a power of two >= 2 * flows
+	d := loadLocal(t, Config{MaxFlows: 16384}, "10.0.0.0/8")
 	if d.slots != [2]int{tableStartSlots, tableStartSlots} {
 		t.Fatalf("slots in use at load: %v, want %d in both generations", d.slots, tableStartSlots)
 	}
 	pkts := flowPkts(t, flows)
-
-	sendOnCPU0(t, d, pkts)
-	inTable := liveSlots(d, 0)
-	if inTable > tableStartSlots || inTable < tableStartSlots/2 {
-		t.Fatalf("%d flows in a table of %d slots", inTable, tableStartSlots)
-	}
-	dr := drain(t, d)
-	checkDrained(t, "first drain", dr, flows)
-	if dr.Spilled != flows-inTable {
-		t.Errorf("first drain: %d flows spilled, %d were not in the table", dr.Spilled, flows-inTable)
-	}
-	if dr.SpilledAtCap {
-		t.Errorf("first drain: spilled at the cap, with room for %d slots per CPU", d.regionSlots)
-	}
-	if dr.TableSlots != grown || d.slots[d.active] != grown {
-		t.Fatalf("after the first drain: %d slots in use (%v), want %d", dr.TableSlots, d.slots, grown)
-	}
-
-	sendOnCPU0(t, d, pkts)
-	if n := liveSlots(d, 0); n != flows {
-		t.Errorf("second interval: %d flows in the table, want all %d", n, flows)
-	}
-	dr = drain(t, d)
-	checkDrained(t, "second drain", dr, flows)
-	if dr.Spilled != 0 {
-		t.Errorf("second drain: %d flows spilled, want none", dr.Spilled)
-	}
-
-	// Quiet intervals: a few flows each. The size holds for
-	// tableShrinkAfter drains after the last busy one, then drops to the
-	// floor.
 	quiet := pkts[:10]
-	for i := 1; i <= tableShrinkAfter; i++ {
+	for i := 1; i <= tableShrinkAfter+1; i++ {
 		sendOnCPU0(t, d, quiet)
-		dr = drain(t, d)
+		dr := drain(t, d)
 		checkDrained(t, "quiet drain", dr, len(quiet))
-		want := grown
-		if i == tableShrinkAfter {
+		want := tableStartSlots
+		if i >= tableShrinkAfter {
 			want = tableFloorSlots
 		}
 		if dr.TableSlots != want {
 			t.Errorf("quiet drain %d: %d slots in use, want %d", i, dr.TableSlots, want)
 		}
 	}
-	// Both generations shrink; the grown one was drained whole.
-	sendOnCPU0(t, d, quiet)
-	dr = drain(t, d)
-	checkDrained(t, "shrunk", dr, len(quiet))
 	if d.slots != [2]int{tableFloorSlots, tableFloorSlots} {
-		t.Errorf("slots in use after the quiet drains: %v, want %d in both", d.slots, tableFloorSlots)
+		t.Fatalf("slots in use after the quiet drains: %v, want %d in both", d.slots, tableFloorSlots)
 	}
-	// A burst into the shrunk table spills and is counted exactly.
-	sendOnCPU0(t, d, pkts)
-	dr = drain(t, d)
-	checkDrained(t, "burst", dr, flows)
-	if dr.Spilled < flows-tableFloorSlots || dr.TableSlots != grown {
-		t.Errorf("burst into %d slots: %d spilled, next generation %d slots; want at least %d and %d", tableFloorSlots, dr.Spilled, dr.TableSlots, flows-tableFloorSlots, grown)
-	}
-}
 
-// TestTableSpillsAtCap: when the memory bound allows no more slots than
-// the flows of one CPU fill, the drain says so (SpilledAtCap), and the
-// table stays at the cap.
-func TestTableSpillsAtCap(t *testing.T) {
-	testutil.RequireRoot(t)
-	const slots, flows = 256, 1000
-	d := loadLocal(t, Config{TableMemory: tableMemoryFor(t, slots), MaxFlows: 4096}, "10.0.0.0/8")
-	pkts := flowPkts(t, flows)
-	for round := range 2 {
-		sendOnCPU0(t, d, pkts)
-		dr := drain(t, d)
-		checkDrained(t, "at cap", dr, flows)
-		if dr.TableSlots != slots || !dr.SpilledAtCap || dr.Spilled < flows-slots {
-			t.Errorf("round %d: %d slots, spilled %d (at cap %t); want %d slots, at least %d spilled at the cap", round, dr.TableSlots, dr.Spilled, dr.SpilledAtCap, slots, flows-slots)
-		}
+	sendOnCPU0(t, d, pkts)
+	if n := liveSlots(d, 0); n != tableFloorSlots/2 {
+		t.Fatalf("%d flows in a table of %d slots, want its room, %d", n, tableFloorSlots, tableFloorSlots/2)
+	}
+	dr := drain(t, d)
+	checkDrained(t, "burst", dr, flows)
+	if dr.Logged != flows-tableFloorSlots/2 || dr.Spilled != 0 {
+		t.Errorf("burst: %d records logged, %d flows spilled; want %d and 0", dr.Logged, dr.Spilled, flows-tableFloorSlots/2)
+	}
+	if dr.TableSlots != grown || d.slots[d.active] != grown {
+		t.Fatalf("after the burst: %d slots in use (%v), want %d", dr.TableSlots, d.slots, grown)
+	}
+	sendOnCPU0(t, d, pkts)
+	if n := liveSlots(d, 0); n != flows {
+		t.Errorf("next interval: %d flows in the table, want all %d", n, flows)
+	}
+	dr = drain(t, d)
+	checkDrained(t, "next interval", dr, flows)
+	if dr.Logged != 0 {
+		t.Errorf("next interval: %d records logged, want none", dr.Logged)
 	}
 }
 

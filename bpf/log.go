@@ -1,0 +1,119 @@
+//go:build linux
+
+package bpf
+
+import (
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"github.com/kubezonnet/kubezonnet/internal/flow"
+)
+
+// pollLoop reads the flow log every LogPollInterval until Close, so that
+// each CPU's ring has room for the records of the next interval (see
+// flow_log in flow.c).
+func (d *Datapath) pollLoop() {
+	defer close(d.polled)
+	t := time.NewTicker(LogPollInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-d.stop:
+			return
+		case <-t.C:
+		}
+		d.mu.Lock()
+		if !d.closed {
+			d.pollLog(nil)
+		}
+		d.mu.Unlock()
+	}
+}
+
+// pollLog adds the records each CPU's ring holds to d.logFlows, and gives
+// their room back to the program. Called with d.mu held. Once the flows
+// read since the last drain number maxLogFlows, it leaves the records of
+// new flows in the ring until the next drain: a full ring sends the
+// program to the hash map, which is bounded and counts what it refuses,
+// so memory stays bounded and nothing is lost silently. With upTo, it
+// reads each CPU's ring up to upTo[cpu] at most, instead of up to where
+// the program has written now.
+func (d *Datapath) pollLog(upTo []uint32) {
+	mask := uint32(1)<<d.logShift - 1
+	for cpu := range d.logs {
+		l := &d.logs[cpu]
+		// Loaded before the records: the program stores head after them
+		// (see log_flow in flow.c).
+		head := atomic.LoadUint32(&l.Head)
+		if upTo != nil {
+			head = upTo[cpu]
+		}
+		tail := atomic.LoadUint32(&l.Tail)
+		if head == tail {
+			continue
+		}
+		ring := d.log[cpu<<d.logShift : (cpu+1)<<d.logShift]
+		for ; tail != head; tail++ {
+			r := &ring[tail&mask]
+			k := (*flowFlowKey)(unsafe.Pointer(&r.Key))
+			c := flow.Counts{Bytes: uint64(r.Bytes), Packets: uint64(r.Packets)}
+			if n := len(d.logFlows); n < d.maxLogFlows {
+				if d.logFlows = d.logMerge.add(d.logFlows, k, c); len(d.logFlows) > n {
+					d.logNew[cpu]++
+				}
+			} else if !d.logMerge.addExisting(d.logFlows, k, c) {
+				break
+			}
+			d.logged++
+		}
+		atomic.StoreUint32(&l.Tail, tail)
+	}
+}
+
+// takeLog moves every flow the log holds up to now to dst, as the drain's
+// first source of flows, and empties the log's sum. Called with d.mu
+// held, after the drain has waited for the programs in flight, so that
+// every record of an instance that has finished is read. It reads each
+// ring up to where it stood on entry, in as many passes of maxLogFlows
+// flows as that takes: the records programs write meanwhile are the next
+// drain's.
+func (d *Datapath) takeLog(dst *Drained) {
+	if d.heads == nil {
+		d.heads = make([]uint32, len(d.logs))
+	}
+	for cpu := range d.logs {
+		d.heads[cpu] = atomic.LoadUint32(&d.logs[cpu].Head)
+	}
+	for pass := 0; ; pass++ {
+		d.pollLog(d.heads)
+		if pass == 0 {
+			// Each flow once: no lookups, and the drain's merger indexes
+			// them when the table's flows follow.
+			dst.Flows = append(dst.Flows, d.logFlows...)
+			d.merge.keys = append(d.merge.keys, d.logMerge.keys...)
+		} else {
+			d.merge.startIndex(dst.Flows)
+			for i := range d.logFlows {
+				dst.Flows = d.merge.add(dst.Flows, &d.logMerge.keys[i], d.logFlows[i].Counts)
+			}
+		}
+		dst.Logged += d.logged
+		d.logFlows = d.logFlows[:0]
+		d.logMerge.resetIndexed()
+		d.logged = 0
+		if !d.logBehind() {
+			return
+		}
+	}
+}
+
+// logBehind reports whether a ring still holds records below d.heads.
+func (d *Datapath) logBehind() bool {
+	for cpu := range d.logs {
+		if atomic.LoadUint32(&d.logs[cpu].Tail) != d.heads[cpu] {
+			return true
+		}
+	}
+	return false
+}
