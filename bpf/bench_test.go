@@ -263,16 +263,17 @@ func BenchmarkNetfilterReference(b *testing.B) {
 // `perGen` timed runs, followed by 64 untimed runs that bring back into the
 // CPU caches what the drain evicted.
 //
-//   - new-flow: 4,096 new flows per generation into a table that sizes
-//     itself to 8,192 slots per CPU (what it starts at), the common case;
+//   - new-flow: 4,096 new flows per generation into the table at its
+//     start size, 8,192 slots per CPU (room for 4,096 flows), the common
+//     case;
 //   - new-flow-full-table: the same, with a memory bound that allows
-//     2,048 slots per CPU, so most new flows go to the hash map (the worst
-//     case);
+//     2,048 slots per CPU: three flows in four are records of the flow
+//     log;
 //   - burst-16k: 16,384 new flows per generation (32,000 new flows per
-//     second on 2 CPUs at a 1 s flush), into a table that grows to 32,768
-//     slots per CPU for them;
-//   - burst-16k-8192: the same, with a memory bound that holds the table
-//     at 8,192 slots per CPU (its start size): half the flows spill.
+//     second on 2 CPUs at a 1 s flush): the table takes 4,096, the log
+//     the rest;
+//   - burst-16k-8192: the same, with a memory bound that gives the log's
+//     ring 16,384 records per CPU instead of 262,144.
 //
 // Each starts with an untimed generation, so that the table has sized
 // itself for the flows. The empty program is the baseline, as for
@@ -331,9 +332,11 @@ func benchNewFlows(b *testing.B, pkt []byte, memory uint64, perGen int) {
 }
 
 // BenchmarkDrain measures draining a generation of 100,000 flows, spread
-// over the CPUs as a node's senders spread them, with the flow table sized
-// for that load: an untimed first round makes it size itself (on 2 CPUs,
-// 131,072 slots per CPU: 8 MiB per CPU per generation).
+// over the CPUs as a node's senders spread them: an untimed first round
+// makes the table size itself (at its cap, 8,192 slots per CPU, with room
+// for 4,096 flows); the flows beyond are records of the flow log, which
+// the agent's reader adds up partly while the flows are sent (untimed)
+// and the drain reads to the end.
 func BenchmarkDrain(b *testing.B) {
 	testutil.RequireRoot(b)
 	const flows = 100_000

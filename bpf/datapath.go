@@ -60,15 +60,20 @@ const (
 	MinTableSlots = 64
 	// MaxLogRecords caps a CPU's ring of the flow log: 262,144 records
 	// (16 MiB) hold 0.26 s of a CPU's packets at 1M packets a second,
-	// against a read every LogPollInterval.
+	// against a read every LogPollMax at most.
 	MaxLogRecords = 1 << 18
 	// MinLogRecords is the smallest ring a CPU may be given.
 	MinLogRecords = 64
-	// LogPollInterval is how often the flow log is read: a CPU's ring of
-	// MinLogRecords... MaxLogRecords records lasts that long at 6,400
-	// to 26M packets a second. An idle node pays a load per CPU each
-	// time.
-	LogPollInterval = 10 * time.Millisecond
+	// LogPollMin and LogPollMax bound the wait between two reads of the
+	// flow log, which adapts to how full the rings are (see pollLoop):
+	// at the shortest, a ring of 2,048 records (192 CPUs, the default
+	// memory) fills only beyond 2M packets a second on its CPU; at the
+	// longest, a node whose flows fit the table wakes ten times a second
+	// to look, and a ring of MaxLogRecords fills only beyond 2.6M. A
+	// burst faster than the wait has adapted to goes to the hash map
+	// until it has.
+	LogPollMin = time.Millisecond
+	LogPollMax = 100 * time.Millisecond
 	// MaxTableBytes bounds the whole flow table (both generations, every
 	// CPU): the kernel caps an array map just under 4 GiB.
 	MaxTableBytes = 2 << 30

@@ -327,10 +327,11 @@ struct cpu_inflight inflight[MAX_CPUS] __attribute__((aligned(64)));
  * interval outgrow the caches that line is a cache miss and often a TLB
  * miss: hundreds of nanoseconds a packet at 32,000 new flows a second on
  * a CPU (BENCHMARKS.md, "Agent on real traffic"). The log is written in
- * order, so a record costs a fraction of a line and a page: many flows
- * cost about what few do. User space reads it every few milliseconds and
- * adds the records up, and the table keeps the flows that come first in
- * an interval, which are those that send the most.
+ * order: the processor fetches its lines ahead of the writes, and a page
+ * holds 64 records, so many flows cost about what few do. User space
+ * reads it every few milliseconds and adds the records up. The table
+ * keeps the flows that come first in an interval, which tend to be those
+ * that send the most.
  *
  * One BPF_F_MMAPABLE array holds a ring of 1 << log_shift records per
  * possible CPU (set at load). Only the instance that owns the table

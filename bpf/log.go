@@ -10,13 +10,20 @@ import (
 	"github.com/kubezonnet/kubezonnet/internal/flow"
 )
 
-// pollLoop reads the flow log every LogPollInterval until Close, so that
-// each CPU's ring has room for the records of the next interval (see
-// flow_log in flow.c).
+// pollLoop reads the flow log until Close, so that each CPU's ring has
+// room for the records of the next wait (see flow_log in flow.c). The
+// wait adapts to the fullest ring, within [LogPollMin, LogPollMax]: it
+// halves when a read found a ring more than a quarter full, and doubles
+// when every ring was less than a sixteenth full. A node whose flows fit
+// the table wakes ten times a second; a busy one reads often enough that
+// no ring fills, and in batches large enough that its lines have left
+// the writing CPU's caches.
 func (d *Datapath) pollLoop() {
 	defer close(d.polled)
-	t := time.NewTicker(LogPollInterval)
+	wait := LogPollMin
+	t := time.NewTimer(wait)
 	defer t.Stop()
+	ring := 1 << d.logShift
 	for {
 		select {
 		case <-d.stop:
@@ -24,10 +31,18 @@ func (d *Datapath) pollLoop() {
 		case <-t.C:
 		}
 		d.mu.Lock()
+		most := 0
 		if !d.closed {
-			d.pollLog(nil)
+			most = d.pollLog(nil)
 		}
 		d.mu.Unlock()
+		switch {
+		case most > ring/4:
+			wait = max(wait/2, LogPollMin)
+		case most < ring/16:
+			wait = min(wait*2, LogPollMax)
+		}
+		t.Reset(wait)
 	}
 }
 
@@ -38,8 +53,8 @@ func (d *Datapath) pollLoop() {
 // program to the hash map, which is bounded and counts what it refuses,
 // so memory stays bounded and nothing is lost silently. With upTo, it
 // reads each CPU's ring up to upTo[cpu] at most, instead of up to where
-// the program has written now.
-func (d *Datapath) pollLog(upTo []uint32) {
+// the program has written now. It returns the most records one ring held.
+func (d *Datapath) pollLog(upTo []uint32) (most int) {
 	mask := uint32(1)<<d.logShift - 1
 	for cpu := range d.logs {
 		l := &d.logs[cpu]
@@ -53,6 +68,7 @@ func (d *Datapath) pollLog(upTo []uint32) {
 		if head == tail {
 			continue
 		}
+		most = max(most, int(head-tail))
 		ring := d.log[cpu<<d.logShift : (cpu+1)<<d.logShift]
 		for ; tail != head; tail++ {
 			r := &ring[tail&mask]
@@ -69,6 +85,7 @@ func (d *Datapath) pollLog(upTo []uint32) {
 		}
 		atomic.StoreUint32(&l.Tail, tail)
 	}
+	return most
 }
 
 // takeLog moves every flow the log holds up to now to dst, as the drain's
