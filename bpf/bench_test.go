@@ -263,17 +263,17 @@ func BenchmarkNetfilterReference(b *testing.B) {
 // `perGen` timed runs, followed by 64 untimed runs that bring back into the
 // CPU caches what the drain evicted.
 //
-//   - new-flow: 4,096 new flows per generation into the table at its
-//     start size, 8,192 slots per CPU (room for 4,096 flows), the common
+//   - new-flow: 2,048 new flows per generation into the table at its
+//     start size, 4,096 slots per CPU (room for 2,048 flows), the common
 //     case;
 //   - new-flow-full-table: the same, with a memory bound that allows
 //     2,048 slots per CPU: three flows in four are records of the flow
 //     log;
 //   - burst-16k: 16,384 new flows per generation (32,000 new flows per
-//     second on 2 CPUs at a 1 s flush): the table takes 4,096, the log
+//     second on 2 CPUs at a 1 s flush): the table takes 2,048, the log
 //     the rest;
-//   - burst-16k-8192: the same, with a memory bound that gives the log's
-//     ring 16,384 records per CPU instead of 262,144.
+//   - burst-16k-ring-16k: the same, with a memory bound that gives the
+//     log's ring 16,384 records per CPU instead of 262,144.
 //
 // Each starts with an untimed generation, so that the table has sized
 // itself for the flows. The empty program is the baseline, as for
@@ -282,10 +282,10 @@ func BenchmarkNetfilterNewFlow(b *testing.B) {
 	testutil.RequireRoot(b)
 	v4 := packet.IPv4(b, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.MustParseAddrPort("10.1.0.2:443"), 1440, 0)
 	b.Run("empty", func(b *testing.B) { benchRun(b, emptyNetfilter(b), v4) })
-	b.Run("new-flow", func(b *testing.B) { benchNewFlows(b, v4, 0, 4096-64) })
+	b.Run("new-flow", func(b *testing.B) { benchNewFlows(b, v4, 0, 2048-64) })
 	b.Run("new-flow-full-table", func(b *testing.B) { benchNewFlows(b, v4, tableMemoryFor(b, 2048), 4096-64) })
 	b.Run("burst-16k", func(b *testing.B) { benchNewFlows(b, v4, 0, 16384-64) })
-	b.Run("burst-16k-8192", func(b *testing.B) { benchNewFlows(b, v4, tableMemoryFor(b, 8192), 16384-64) })
+	b.Run("burst-16k-ring-16k", func(b *testing.B) { benchNewFlows(b, v4, tableMemoryFor(b, 8192), 16384-64) })
 }
 
 // benchNewFlows runs BenchmarkNetfilterNewFlow with a flow table of at
@@ -333,8 +333,8 @@ func benchNewFlows(b *testing.B, pkt []byte, memory uint64, perGen int) {
 
 // BenchmarkDrain measures draining a generation of 100,000 flows, spread
 // over the CPUs as a node's senders spread them: an untimed first round
-// makes the table size itself (at its cap, 8,192 slots per CPU, with room
-// for 4,096 flows); the flows beyond are records of the flow log, which
+// makes the table size itself (at its cap, 4,096 slots per CPU, with room
+// for 2,048 flows); the flows beyond are records of the flow log, which
 // the agent's reader adds up partly while the flows are sent (untimed)
 // and the drain reads to the end.
 func BenchmarkDrain(b *testing.B) {

@@ -47,14 +47,17 @@ const (
 	// are spread over many CPUs. All of it is taken at load, whatever the
 	// traffic.
 	DefaultTableMemory = 64 << 20
-	// MaxTableSlots caps a CPU's region per generation: 8,192 slots
-	// (512 KiB) hold 4,096 flows a CPU per interval, and stay in a core's
+	// MaxTableSlots caps a CPU's region per generation: 4,096 slots
+	// (256 KiB) hold 2,048 flows a CPU per interval, and stay in a core's
 	// own cache beside the network stack's lines. A larger region holds
 	// more flows but costs a cache miss, often a TLB miss, on every packet
 	// once the flows outgrow the caches: the flows beyond go to the log
-	// instead (flow_log in flow.c; BENCHMARKS.md, "Agent on real
-	// traffic").
-	MaxTableSlots = 1 << 13
+	// instead (flow_log in flow.c). Measured with `make traffic` at
+	// 32,000 new flows a second, the program's own time per packet was
+	// lowest with 2,048 and 4,096 slots, higher with 8,192, and highest
+	// with the 131,072 slots twice the flows would take (BENCHMARKS.md,
+	// "Agent on real traffic").
+	MaxTableSlots = 1 << 12
 	// MinTableSlots is the smallest region a CPU may be given: the table
 	// is refused when the memory bound cannot give every CPU this many.
 	MinTableSlots = 64
@@ -212,17 +215,16 @@ type Datapath struct {
 	inflight []flowCpuInflight
 	// log is the flow log mapped into this process (read only), a ring
 	// of 1<<logShift records per CPU; logs each CPU's ring positions and
-	// table room (in .bss). logFlows are the flows read from the log
-	// since the last drain, added up by logMerge (each flow once), at
-	// most maxLogFlows; logged counts the records, and logNew per CPU
+	// table room (in .bss). logSum adds up the flows read from the log
+	// since the last drain, at most maxLogFlows; logged counts the
+	// records, and logNew per CPU
 	// the flows first read from it (for the sizer); heads is where a
 	// drain reads each ring up to (see takeLog). stop ends the
 	// goroutine that reads the log, which closes polled when it returns.
 	log         []flowLogRec
 	logs        []flowLogLine
 	logShift    uint
-	logFlows    []flow.Record
-	logMerge    merger
+	logSum      logSum
 	logged      int
 	logNew      []int
 	maxLogFlows int

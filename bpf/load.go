@@ -123,7 +123,6 @@ func load(cfg Config, loadSpec func() (*ebpf.CollectionSpec, error)) (*Datapath,
 			return nil, fmt.Errorf("installing the hash map of flow generation %d: %w", g, err)
 		}
 	}
-	d.logMerge.resetIndexed()
 	d.publish(0)
 	go d.pollLoop()
 	return d, nil

@@ -46,7 +46,7 @@ func (d *Datapath) pollLoop() {
 	}
 }
 
-// pollLog adds the records each CPU's ring holds to d.logFlows, and gives
+// pollLog adds the records each CPU's ring holds to d.logSum, and gives
 // their room back to the program. Called with d.mu held. Once the flows
 // read since the last drain number maxLogFlows, it leaves the records of
 // new flows in the ring until the next drain: a full ring sends the
@@ -74,12 +74,12 @@ func (d *Datapath) pollLog(upTo []uint32) (most int) {
 			r := &ring[tail&mask]
 			k := (*flowFlowKey)(unsafe.Pointer(&r.Key))
 			c := flow.Counts{Bytes: uint64(r.Bytes), Packets: uint64(r.Packets)}
-			if n := len(d.logFlows); n < d.maxLogFlows {
-				if d.logFlows = d.logMerge.add(d.logFlows, k, c); len(d.logFlows) > n {
-					d.logNew[cpu]++
-				}
-			} else if !d.logMerge.addExisting(d.logFlows, k, c) {
+			fresh, added := d.logSum.add(k, c, d.maxLogFlows)
+			if !added {
 				break
+			}
+			if fresh {
+				d.logNew[cpu]++
 			}
 			d.logged++
 		}
@@ -104,20 +104,17 @@ func (d *Datapath) takeLog(dst *Drained) {
 	}
 	for pass := 0; ; pass++ {
 		d.pollLog(d.heads)
-		if pass == 0 {
-			// Each flow once: no lookups, and the drain's merger indexes
-			// them when the table's flows follow.
-			dst.Flows = append(dst.Flows, d.logFlows...)
-			d.merge.keys = append(d.merge.keys, d.logMerge.keys...)
-		} else {
+		if pass > 0 {
 			d.merge.startIndex(dst.Flows)
-			for i := range d.logFlows {
-				dst.Flows = d.merge.add(dst.Flows, &d.logMerge.keys[i], d.logFlows[i].Counts)
-			}
 		}
+		// The first pass's flows are each there once: the merger adds
+		// them without lookups, and indexes them when the table's
+		// flows follow.
+		d.logSum.flows(func(k *flowFlowKey, c flow.Counts) {
+			dst.Flows = d.merge.add(dst.Flows, k, c)
+		})
 		dst.Logged += d.logged
-		d.logFlows = d.logFlows[:0]
-		d.logMerge.resetIndexed()
+		d.logSum.reset()
 		d.logged = 0
 		if !d.logBehind() {
 			return

@@ -33,14 +33,6 @@ func (m *merger) reset() {
 	m.indexed = false
 }
 
-// resetIndexed starts over with an index from the first flow on: for
-// the flow log, whose records repeat flows.
-func (m *merger) resetIndexed() {
-	m.reset()
-	m.indexed = true
-	m.rehash(0)
-}
-
 // startIndex indexes the flows collected so far, if not done yet: called
 // when a second source of flows begins.
 func (m *merger) startIndex(flows []flow.Record) {
@@ -98,19 +90,6 @@ func (m *merger) add(flows []flow.Record, k *flowFlowKey, c flow.Counts) []flow.
 	}
 	m.keys = append(m.keys, *k)
 	return append(flows, flow.Record{Key: convertKey(k), Counts: c})
-}
-
-// addExisting adds c to the record of flow k in flows and reports whether
-// there was one: for an indexed merger that may not grow.
-func (m *merger) addExisting(flows []flow.Record, k *flowFlowKey, c flow.Counts) bool {
-	mask := uint32(len(m.slots) - 1)
-	for h := keyHash(k) & mask; m.slots[h] != 0; h = (h + 1) & mask {
-		if r := m.slots[h]; m.keys[r-1] == *k {
-			flows[r-1].Counts.Add(c)
-			return true
-		}
-	}
-	return false
 }
 
 // keyHash mixes the key's 64-bit words one after the other, then

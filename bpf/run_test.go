@@ -280,7 +280,7 @@ func TestDrainUnderLoadLosesNothing(t *testing.T) {
 
 // TestDrainWhileResizingLosesNothing is TestDrainUnderLoadLosesNothing
 // with every drain giving the next generation another size (1,024 and
-// 8,192 slots in turn, where the flows' slots differ): program instances
+// 4,096 slots in turn, where the flows' slots differ): program instances
 // that read a generation's geometry as it changes must neither count into
 // a slot the drain does not read nor count twice.
 func TestDrainWhileResizingLosesNothing(t *testing.T) {

@@ -48,10 +48,10 @@ func TestTableGeometry(t *testing.T) {
 		slots, records int
 		err            string // substring of the error, "" for none
 	}{
-		{DefaultTableMemory, 1, MaxTableSlots, MaxLogRecords, ""}, // 17 MiB
-		{DefaultTableMemory, 2, MaxTableSlots, MaxLogRecords, ""}, // 34 MiB
-		{DefaultTableMemory, 3, MaxTableSlots, MaxLogRecords, ""}, // 51 MiB
-		{DefaultTableMemory, 4, MaxTableSlots, 131072, ""},        // 36 MiB
+		{DefaultTableMemory, 1, MaxTableSlots, MaxLogRecords, ""}, // 16.5 MiB
+		{DefaultTableMemory, 2, MaxTableSlots, MaxLogRecords, ""}, // 33 MiB
+		{DefaultTableMemory, 3, MaxTableSlots, MaxLogRecords, ""}, // 49.5 MiB
+		{DefaultTableMemory, 4, MaxTableSlots, 131072, ""},        // 34 MiB
 		{DefaultTableMemory, 64, 4096, 8192, ""},                  // 64 MiB
 		{DefaultTableMemory, 192, 1024, 2048, ""},                 // 48 MiB
 		{DefaultTableMemory, 4096, 64, 128, ""},                   // exactly the minimum
@@ -313,8 +313,8 @@ func TestLogFlowsBound(t *testing.T) {
 	sendTwice(t, d, twicePkts(t, flows))
 	d.pollLog(nil)
 	l := d.logs[0]
-	if len(d.logFlows) != bound || l.Head == l.Tail {
-		t.Errorf("after a read: %d flows in the log's sum, ring at %d of %d; want %d flows and records left", len(d.logFlows), l.Tail, l.Head, bound)
+	if d.logSum.len() != bound || l.Head == l.Tail {
+		t.Errorf("after a read: %d flows in the log's sum, ring at %d of %d; want %d flows and records left", d.logSum.len(), l.Tail, l.Head, bound)
 	}
 	release()
 	dr := drain(t, d)
@@ -414,7 +414,7 @@ func flowPkts(t *testing.T, n int) [][]byte {
 // exact.
 func TestTableGrowsThenShrinks(t *testing.T) {
 	testutil.RequireRoot(t)
-	const flows, grown = 3000, 8192 // a power of two >= 2 * flows
+	const flows, grown = 1500, 4096 // a power of two >= 2 * flows
 	d := loadLocal(t, Config{MaxFlows: 16384}, "10.0.0.0/8")
 	if d.slots != [2]int{tableStartSlots, tableStartSlots} {
 		t.Fatalf("slots in use at load: %v, want %d in both generations", d.slots, tableStartSlots)
