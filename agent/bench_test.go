@@ -41,7 +41,9 @@ func BenchmarkEncodeFlush(b *testing.B) {
 // the datapath (untimed, sent through its hook by an injector, spread over
 // the CPUs as a node's senders spread them), then drained, merged, sorted, encoded and
 // compressed (timed). The flow table sizes itself for that load in an
-// untimed first round (on 2 CPUs, 131,072 slots per CPU).
+// untimed first round (at its cap, 4,096 slots per CPU); the flows beyond
+// are records of the flow log, which the datapath's reader adds up partly
+// while they are sent, and the drain reads to the end.
 func BenchmarkDrainEncodeFlush(b *testing.B) {
 	testutil.RequireRoot(b)
 	dp, err := bpf.Load(bpf.Config{MaxFlows: 131072})

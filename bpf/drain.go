@@ -111,10 +111,15 @@ func (d *Datapath) drain(dst *Drained, timeout time.Duration) error {
 	dst.Waited, dst.Stuck = d.waitQuiescent(timeout, dst.Stuck[:0])
 	d.active = next
 	d.merge.reset()
-	d.takeLog(dst)
+	moved := d.takeLog(dst)
 	d.drainTable(old, dst)
 	if err := d.drainMap(d.gens[old], dst); err != nil {
 		return err
+	}
+	if moved {
+		d.putLog(dst)
+	} else {
+		d.appendLog(dst)
 	}
 	// Free the drained slots for the generation's next turn. Epoch 0 is
 	// never used: it is what a slot never written holds.
@@ -202,7 +207,9 @@ func (d *Datapath) drainTable(g int, dst *Drained) {
 		for i := range region {
 			if s := &region[i]; s.Epoch == epoch {
 				slotKey(k, s, &prefix)
-				dst.Flows = d.merge.add(dst.Flows, k, flow.Counts{Bytes: s.St.Bytes, Packets: s.St.Packets})
+				if c := (flow.Counts{Bytes: s.St.Bytes, Packets: s.St.Packets}); !d.logSum.addExisting(k, c) {
+					dst.Flows = d.merge.add(dst.Flows, k, c)
+				}
 			}
 		}
 	}
@@ -238,7 +245,7 @@ func slotKey(k *flowFlowKey, s *flowTableSlot, prefix *[3]uint32) {
 }
 
 // drainMap empties an idle generation's hash map into dst, merging its
-// flows with those of the table.
+// flows with those of the table and the log.
 func (d *Datapath) drainMap(m *ebpf.Map, dst *Drained) error {
 	if d.keys == nil {
 		d.keys = make([]flowFlowKey, drainBatch)
@@ -256,7 +263,9 @@ func (d *Datapath) drainMap(m *ebpf.Map, dst *Drained) error {
 				c.Bytes += v.Bytes
 				c.Packets += v.Packets
 			}
-			dst.Flows = d.merge.add(dst.Flows, &d.keys[i], c)
+			if !d.logSum.addExisting(&d.keys[i], c) {
+				dst.Flows = d.merge.add(dst.Flows, &d.keys[i], c)
+			}
 		}
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil

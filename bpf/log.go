@@ -88,38 +88,61 @@ func (d *Datapath) pollLog(upTo []uint32) (most int) {
 	return most
 }
 
-// takeLog moves every flow the log holds up to now to dst, as the drain's
-// first source of flows, and empties the log's sum. Called with d.mu
-// held, after the drain has waited for the programs in flight, so that
-// every record of an instance that has finished is read. It reads each
-// ring up to where it stood on entry, in as many passes of maxLogFlows
-// flows as that takes: the records programs write meanwhile are the next
-// drain's.
-func (d *Datapath) takeLog(dst *Drained) {
+// takeLog reads every record the log holds up to now into the log's sum,
+// for the drain: the table's and the hash map's flows are then added to
+// the sum's when it has them (logSum.addExisting, one probe each: the
+// sum is the index of its own flows), and putLog appends the sum to dst
+// last. Called with d.mu held, after the drain has waited for the
+// programs in flight, so that every record of an instance that has
+// finished is read. It reads each ring up to where it stood on entry:
+// the records programs write meanwhile are the next drain's. When the
+// sum fills (maxLogFlows) before that, it moves the sum's flows to dst
+// through the drain's merger and reads on, as many times as it takes, and
+// reports that it moved some.
+func (d *Datapath) takeLog(dst *Drained) (moved bool) {
 	if d.heads == nil {
 		d.heads = make([]uint32, len(d.logs))
 	}
 	for cpu := range d.logs {
 		d.heads[cpu] = atomic.LoadUint32(&d.logs[cpu].Head)
 	}
-	for pass := 0; ; pass++ {
+	for {
 		d.pollLog(d.heads)
-		if pass > 0 {
-			d.merge.startIndex(dst.Flows)
-		}
-		// The first pass's flows are each there once: the merger adds
-		// them without lookups, and indexes them when the table's
-		// flows follow.
-		d.logSum.flows(func(k *flowFlowKey, c flow.Counts) {
-			dst.Flows = d.merge.add(dst.Flows, k, c)
-		})
-		dst.Logged += d.logged
-		d.logSum.reset()
-		d.logged = 0
 		if !d.logBehind() {
-			return
+			return moved
 		}
+		d.putLog(dst)
+		moved = true
 	}
+}
+
+// putLog moves the flows of the log's sum to dst through the drain's
+// merger, which looks each up among the flows in dst (after the first
+// move, which has none).
+func (d *Datapath) putLog(dst *Drained) {
+	d.merge.startIndex(dst.Flows)
+	d.logSum.flows(func(k *flowFlowKey, c flow.Counts) {
+		dst.Flows = d.merge.add(dst.Flows, k, c)
+	})
+	d.resetLog(dst)
+}
+
+// appendLog moves the flows of the log's sum to dst when none of them is
+// there: the drain's last step when takeLog moved nothing, the table's and
+// the hash map's flows having been added to the sum's where it had them.
+// No lookups; the merger is not told, and takes no flow after.
+func (d *Datapath) appendLog(dst *Drained) {
+	d.logSum.flows(func(k *flowFlowKey, c flow.Counts) {
+		dst.Flows = append(dst.Flows, flow.Record{Key: convertKey(k), Counts: c})
+	})
+	d.resetLog(dst)
+}
+
+// resetLog empties the log's sum once its flows are in dst.
+func (d *Datapath) resetLog(dst *Drained) {
+	dst.Logged += d.logged
+	d.logSum.reset()
+	d.logged = 0
 }
 
 // logBehind reports whether a ring still holds records below d.heads.

@@ -57,6 +57,21 @@ func (s *logSum) add(k *flowFlowKey, c flow.Counts, limit int) (fresh, added boo
 	}
 }
 
+// addExisting adds c to flow k and reports whether the sum had it.
+func (s *logSum) addExisting(k *flowFlowKey, c flow.Counts) bool {
+	if len(s.used) == 0 {
+		return false
+	}
+	mask := uint32(len(s.entries) - 1)
+	for h := keyHash(k) & mask; s.entries[h].c.Packets != 0; h = (h + 1) & mask {
+		if e := &s.entries[h]; e.key == *k {
+			e.c.Add(c)
+			return true
+		}
+	}
+	return false
+}
+
 // grow doubles the entries and puts the flows back.
 func (s *logSum) grow() {
 	old := s.entries

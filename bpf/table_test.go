@@ -301,6 +301,53 @@ func TestLogFullSpillsToHash(t *testing.T) {
 	}
 }
 
+// TestLogMergesWithTable sends flows 0-99 from CPU 0 and 50-149 from CPU
+// 1 into tables with room for 32 flows each: flows 50-81 are in CPU 1's
+// table and CPU 0's log, 82-99 in both CPUs' logs. Each flow comes back
+// once, with what both CPUs counted.
+func TestLogMergesWithTable(t *testing.T) {
+	testutil.RequireRoot(t)
+	const slots = 64
+	d := loadLocal(t, Config{MaxFlows: 1024}, "10.0.0.0/8")
+	if d.nCPU < 2 {
+		t.Skip("needs 2 CPUs")
+	}
+	setTable(d, slots)
+	pkts := twicePkts(t, 150)
+	for cpu, sent := range [][][]byte{pkts[:100], pkts[50:]} {
+		testutil.OnCPU(t, cpu, func() {
+			for _, p := range sent {
+				runNF(t, d, p)
+			}
+		})
+	}
+	if n0, n1 := liveSlots(d, 0), liveSlots(d, 1); n0 != slots/2 || n1 != slots/2 {
+		t.Fatalf("table slots in use: CPU 0 %d, CPU 1 %d; want %d each", n0, n1, slots/2)
+	}
+	dr := drain(t, d)
+	if len(dr.Flows) != 150 {
+		t.Fatalf("%d flows, want 150", len(dr.Flows))
+	}
+	seen := map[netip.Addr]bool{}
+	for _, f := range dr.Flows {
+		if seen[f.Dst] {
+			t.Errorf("flow to %v drained twice", f.Dst)
+		}
+		seen[f.Dst] = true
+		i := int(f.Dst.As4()[2])<<8 | int(f.Dst.As4()[3])
+		n := uint64(1)
+		if i >= 50 && i < 100 {
+			n = 2
+		}
+		if want := (flow.Counts{Bytes: n * uint64(100+i), Packets: n}); f.Counts != want {
+			t.Errorf("flow to %v: %+v, want %+v", f.Dst, f.Counts, want)
+		}
+	}
+	if want := 100 - slots/2 + 100 - slots/2; dr.Logged != want {
+		t.Errorf("%d records logged, want %d", dr.Logged, want)
+	}
+}
+
 // TestLogFlowsBound: the log's sum holds at most MaxFlows flows between
 // drains; the records of other flows wait in the ring, and the drain reads
 // them all, exactly.
