@@ -111,7 +111,7 @@ func Flags() []cli.Flag {
 
 // datapathConfig sizes the kernel datapath from the flags. Whether the
 // flow table's memory suffices for this node's CPUs is checked at load
-// (bpf.TableSlots).
+// (bpf.TableGeometry).
 func (c *Config) datapathConfig() bpf.Config {
 	return bpf.Config{MaxFlows: uint32(c.MaxFlows), TableMemory: uint64(c.FlowTableMemory) << 20}
 }

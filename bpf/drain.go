@@ -53,7 +53,7 @@ type Drained struct {
 	// TableSlots is the slots in use in each CPU's region of the flow
 	// table in the generation this drain made active: sized from the
 	// flows per CPU of the latest intervals (never more than the
-	// memory bound gives, see TableSlots).
+	// memory bound gives, see TableGeometry).
 	TableSlots int
 	// Logged is how many records of the flow log the flows of this drain
 	// include: observations of flows the table had no room for, one a

@@ -27,7 +27,7 @@ const (
 // generation, from the flows per CPU of the latest intervals. It grows at
 // once to what the busiest CPU of the last interval needed, and shrinks
 // only once tableShrinkAfter intervals in a row needed less. It is plain
-// arithmetic: the drain feeds it the kernel's counts (readTableCounts).
+// arithmetic: the drain feeds it the kernel's counts and the log's (counts).
 type tableSizer struct {
 	// floor and max bound the slots in use; max is the region's length.
 	floor, max int

@@ -215,48 +215,11 @@ func setTable(d *Datapath, slots int) {
 	d.setSlots(1, slots)
 }
 
-// sendTwice sends every packet of pkts twice on CPU 0: flows to 10.1.x.y
-// of 100 + x<<8 + y bytes.
+// sendTwice sends every packet of pkts twice on CPU 0.
 func sendTwice(t *testing.T, d *Datapath, pkts [][]byte) {
 	t.Helper()
-	testutil.OnCPU(t, 0, func() {
-		for range 2 {
-			for _, p := range pkts {
-				runNF(t, d, p)
-			}
-		}
-	})
-}
-
-// checkTwice checks that dr holds each flow sendTwice sent, exactly, and
-// nothing was lost.
-func checkTwice(t *testing.T, what string, dr *Drained, flows int) {
-	t.Helper()
-	if len(dr.Flows) != flows {
-		t.Fatalf("%s: %d flows, want %d", what, len(dr.Flows), flows)
-	}
-	for _, f := range dr.Flows {
-		i := int(f.Dst.As4()[2])<<8 | int(f.Dst.As4()[3])
-		if want := (flow.Counts{Bytes: 2 * uint64(100+i), Packets: 2}); f.Counts != want {
-			t.Errorf("%s: flow to %v: %+v, want %+v", what, f.Dst, f.Counts, want)
-		}
-	}
-	for r, c := range dr.Uncounted {
-		if !c.IsZero() {
-			t.Errorf("%s: %s %+v, want nothing", what, Reason(r), c)
-		}
-	}
-}
-
-// twicePkts returns one packet for each of n flows from 10.0.0.1, as
-// checkTwice expects them.
-func twicePkts(t *testing.T, n int) [][]byte {
-	pkts := make([][]byte, n)
-	for i := range pkts {
-		dst := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
-		pkts[i] = packet.IPv4(t, 6, netip.MustParseAddrPort("10.0.0.1:40000"), netip.AddrPortFrom(dst, 443), 100+i, 0)
-	}
-	return pkts
+	sendOnCPU0(t, d, pkts)
+	sendOnCPU0(t, d, pkts)
 }
 
 // TestTableFullLogs sends more flows from one CPU than its table region
@@ -268,7 +231,7 @@ func TestTableFullLogs(t *testing.T) {
 	const slots, flows = 64, 300
 	d := loadLocal(t, Config{MaxFlows: 1024}, "10.0.0.0/8")
 	setTable(d, slots)
-	pkts := twicePkts(t, flows)
+	pkts := flowPkts(t, flows)
 	for round := range 3 {
 		sendTwice(t, d, pkts)
 		if n := liveSlots(d, 0); n != slots/2 {
@@ -289,7 +252,7 @@ func TestLogFullSpillsToHash(t *testing.T) {
 	const slots, flows = 64, 300 // a ring of 128 records
 	d := loadLocal(t, Config{TableMemory: tableMemoryFor(t, slots), MaxFlows: 1024}, "10.0.0.0/8")
 	release := holdLog(t, d)
-	sendTwice(t, d, twicePkts(t, flows))
+	sendTwice(t, d, flowPkts(t, flows))
 	release()
 	dr := drain(t, d)
 	checkTwice(t, "ring full", dr, flows)
@@ -313,7 +276,7 @@ func TestLogMergesWithTable(t *testing.T) {
 		t.Skip("needs 2 CPUs")
 	}
 	setTable(d, slots)
-	pkts := twicePkts(t, 150)
+	pkts := flowPkts(t, 150)
 	for cpu, sent := range [][][]byte{pkts[:100], pkts[50:]} {
 		testutil.OnCPU(t, cpu, func() {
 			for _, p := range sent {
@@ -357,7 +320,7 @@ func TestLogFlowsBound(t *testing.T) {
 	d := loadLocal(t, Config{MaxFlows: bound}, "10.0.0.0/8")
 	setTable(d, slots)
 	release := holdLog(t, d)
-	sendTwice(t, d, twicePkts(t, flows))
+	sendTwice(t, d, flowPkts(t, flows))
 	d.pollLog(nil)
 	l := d.logs[0]
 	if d.logSum.len() != bound || l.Head == l.Tail {
@@ -427,12 +390,24 @@ func sendOnCPU0(t *testing.T, d *Datapath, pkts [][]byte) {
 // and nothing was lost.
 func checkDrained(t *testing.T, what string, dr *Drained, flows int) {
 	t.Helper()
+	checkSent(t, what, dr, flows, 1)
+}
+
+// checkTwice is checkDrained for flows sent twice (sendTwice).
+func checkTwice(t *testing.T, what string, dr *Drained, flows int) {
+	t.Helper()
+	checkSent(t, what, dr, flows, 2)
+}
+
+// checkSent is checkDrained for flows sent n times each.
+func checkSent(t *testing.T, what string, dr *Drained, flows int, n uint64) {
+	t.Helper()
 	if len(dr.Flows) != flows {
 		t.Fatalf("%s: %d flows, want %d", what, len(dr.Flows), flows)
 	}
 	for _, f := range dr.Flows {
 		i := int(f.Dst.As4()[2])<<8 | int(f.Dst.As4()[3])
-		if want := (flow.Counts{Bytes: uint64(100 + i%1000), Packets: 1}); f.Counts != want {
+		if want := (flow.Counts{Bytes: n * uint64(100+i%1000), Packets: n}); f.Counts != want {
 			t.Errorf("%s: flow to %v: %+v, want %+v", what, f.Dst, f.Counts, want)
 		}
 	}
