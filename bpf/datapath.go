@@ -65,8 +65,6 @@ const (
 	// (16 MiB) hold 0.26 s of a CPU's packets at 1M packets a second,
 	// against a read every LogPollMax at most.
 	MaxLogRecords = 1 << 18
-	// MinLogRecords is the smallest ring a CPU may be given.
-	MinLogRecords = 64
 	// LogPollMin and LogPollMax bound the wait between two reads of the
 	// flow log, which adapts to how full the rings are (see pollLoop):
 	// at the shortest, a ring of 2,048 records (192 CPUs, the default
@@ -152,16 +150,17 @@ func (c Config) Validate() error {
 // its ring of the flow log. Half of a CPU's share goes to the table's two
 // generations, the largest power of two of slots that fits, at most
 // MaxTableSlots; the rest to the ring, the largest power of two of records
-// that fits, at most MaxLogRecords. It fails when either is below its
-// minimum.
+// that fits, at most MaxLogRecords. It fails when a share cannot hold
+// MinTableSlots in two generations and a ring of twice as many records.
 func TableGeometry(memory uint64, ncpu int) (slots, records int, err error) {
+	// The smallest share: its table half holds MinTableSlots in two
+	// generations, its other half a ring of twice as many records.
+	const least = 4 * MinTableSlots * tableSlotBytes
 	share := memory / uint64(ncpu)
-	need := 2*MinTableSlots*tableSlotBytes + MinLogRecords*logRecordBytes
-	n := share / 2 / (2 * tableSlotBytes)
-	if n < MinTableSlots || share < need {
-		return 0, 0, fmt.Errorf("flow table memory %s: %d possible CPUs need at least %s (per CPU %d slots in 2 generations and %d log records, %d bytes each)", formatBytes(memory), ncpu, formatBytes(uint64(ncpu)*max(need, 4*MinTableSlots*tableSlotBytes)), MinTableSlots, MinLogRecords, tableSlotBytes)
+	if share < least {
+		return 0, 0, fmt.Errorf("flow table memory %s: %d possible CPUs need at least %s (per CPU %d slots in 2 generations and %d log records, %d bytes each)", formatBytes(memory), ncpu, formatBytes(uint64(ncpu)*least), MinTableSlots, 2*MinTableSlots*tableSlotBytes/logRecordBytes, tableSlotBytes)
 	}
-	slots = int(min(MaxTableSlots, uint64(1)<<(bits.Len64(n)-1)))
+	slots = int(min(MaxTableSlots, uint64(1)<<(bits.Len64(share/2/(2*tableSlotBytes))-1)))
 	r := (share - 2*uint64(slots)*tableSlotBytes) / logRecordBytes
 	records = int(min(MaxLogRecords, uint64(1)<<(bits.Len64(r)-1)))
 	return slots, records, nil
@@ -217,10 +216,10 @@ type Datapath struct {
 	// of 1<<logShift records per CPU; logs each CPU's ring positions and
 	// table room (in .bss). logSum adds up the flows read from the log
 	// since the last drain, at most maxLogFlows; logged counts the
-	// records, and logNew per CPU
-	// the flows first read from it (for the sizer); heads is where a
-	// drain reads each ring up to (see takeLog). stop ends the
-	// goroutine that reads the log, which closes polled when it returns.
+	// records, and logNew per CPU the flows first read from it (for the
+	// sizer); heads is where a drain reads each ring up to (see
+	// takeLog). stop ends the goroutine that reads the log, which closes
+	// polled when it returns.
 	log         []flowLogRec
 	logs        []flowLogLine
 	logShift    uint

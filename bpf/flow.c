@@ -580,11 +580,12 @@ static __always_inline int put_orig(struct table_slot *slot, struct cpu_inflight
 
 /* log_flow appends one observation to this CPU's ring of the flow log,
  * and returns 0, writing nothing, when the ring is full or the bytes do
- * not fit a record. Only the instance that owns the table calls it. */
+ * not fit a record. Only the instance that owns the table calls it, with
+ * a CPU number account() has checked against MAX_CPUS. */
 static __always_inline int log_flow(__u32 cpu, const struct flow_key *key, __u64 bytes,
 				    __u64 packets)
 {
-	struct log_line *ll = &logs[cpu & (MAX_CPUS - 1)];
+	struct log_line *ll = &logs[cpu];
 	__u32 head = ll->head, len = 1U << log_shift, idx, done;
 	struct log_rec *r;
 

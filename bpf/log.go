@@ -91,8 +91,8 @@ func (d *Datapath) pollLog(upTo []uint32) (most int) {
 // takeLog reads every record the log holds up to now into the log's sum,
 // for the drain: the table's and the hash map's flows are then added to
 // the sum's when it has them (logSum.addExisting, one probe each: the
-// sum is the index of its own flows), and putLog appends the sum to dst
-// last. Called with d.mu held, after the drain has waited for the
+// sum is the index of its own flows), and appendLog or putLog moves the
+// sum to dst last. Called with d.mu held, after the drain has waited for the
 // programs in flight, so that every record of an instance that has
 // finished is read. It reads each ring up to where it stood on entry:
 // the records programs write meanwhile are the next drain's. When the

@@ -36,25 +36,21 @@ func (s *logSum) add(k *flowFlowKey, c flow.Counts, limit int) (fresh, added boo
 	if len(s.entries) == 0 {
 		s.entries = make([]logEntry, logSumStart)
 	}
-	mask := uint32(len(s.entries) - 1)
-	for h := keyHash(k) & mask; ; h = (h + 1) & mask {
-		e := &s.entries[h]
-		if e.c.Packets == 0 {
-			if len(s.used) >= limit {
-				return false, false
-			}
-			e.key, e.c = *k, c
-			s.used = append(s.used, int32(h))
-			if 4*len(s.used) > 3*len(s.entries) {
-				s.grow()
-			}
-			return true, true
-		}
-		if e.key == *k {
-			e.c.Add(c)
-			return false, true
-		}
+	h, found := s.find(k)
+	e := &s.entries[h]
+	switch {
+	case found:
+		e.c.Add(c)
+		return false, true
+	case len(s.used) >= limit:
+		return false, false
 	}
+	e.key, e.c = *k, c
+	s.used = append(s.used, int32(h))
+	if 4*len(s.used) > 3*len(s.entries) {
+		s.grow()
+	}
+	return true, true
 }
 
 // addExisting adds c to flow k and reports whether the sum had it.
@@ -62,14 +58,23 @@ func (s *logSum) addExisting(k *flowFlowKey, c flow.Counts) bool {
 	if len(s.used) == 0 {
 		return false
 	}
+	h, found := s.find(k)
+	if found {
+		s.entries[h].c.Add(c)
+	}
+	return found
+}
+
+// find returns the entry of flow k, or the free entry where it would go.
+// The entries are never full (grow keeps a quarter free).
+func (s *logSum) find(k *flowFlowKey) (h uint32, found bool) {
 	mask := uint32(len(s.entries) - 1)
-	for h := keyHash(k) & mask; s.entries[h].c.Packets != 0; h = (h + 1) & mask {
-		if e := &s.entries[h]; e.key == *k {
-			e.c.Add(c)
-			return true
+	for h = keyHash(k) & mask; s.entries[h].c.Packets != 0; h = (h + 1) & mask {
+		if s.entries[h].key == *k {
+			return h, true
 		}
 	}
-	return false
+	return h, false
 }
 
 // grow doubles the entries and puts the flows back.
@@ -95,9 +100,6 @@ func (s *logSum) flows(fn func(k *flowFlowKey, c flow.Counts)) {
 		fn(&e.key, e.c)
 	}
 }
-
-// len is the number of flows.
-func (s *logSum) len() int { return len(s.used) }
 
 // reset empties the sum, keeping its entries' memory.
 func (s *logSum) reset() {

@@ -40,8 +40,8 @@ func TestLogSum(t *testing.T) {
 			w.Add(c)
 			want[k] = w
 		}
-		if s.len() != len(want) {
-			t.Fatalf("round %d: %d flows, want %d", round, s.len(), len(want))
+		if len(s.used) != len(want) {
+			t.Fatalf("round %d: %d flows, want %d", round, len(s.used), len(want))
 		}
 		i := 0
 		s.flows(func(k *flowFlowKey, c flow.Counts) {
@@ -52,16 +52,16 @@ func TestLogSum(t *testing.T) {
 		})
 		// At the limit: known flows still add up, a new one is refused.
 		k, c := order[0], flow.Counts{Bytes: 7, Packets: 1}
-		if fresh, added := s.add(&k, c, s.len()); fresh || !added {
+		if fresh, added := s.add(&k, c, len(s.used)); fresh || !added {
 			t.Errorf("round %d: a known flow at the limit: %v, %v", round, fresh, added)
 		}
 		n := key(flows + 1)
-		if fresh, added := s.add(&n, c, s.len()); fresh || added {
+		if fresh, added := s.add(&n, c, len(s.used)); fresh || added {
 			t.Errorf("round %d: a new flow at the limit: %v, %v", round, fresh, added)
 		}
 		s.reset()
-		if s.len() != 0 {
-			t.Fatalf("round %d: %d flows after reset", round, s.len())
+		if len(s.used) != 0 {
+			t.Fatalf("round %d: %d flows after reset", round, len(s.used))
 		}
 		for i := range s.entries {
 			if s.entries[i] != (logEntry{}) {

@@ -37,9 +37,11 @@ func loadLocal(t testing.TB, cfg Config, prefixes ...string) *Datapath {
 	return loadWith(t, Load, cfg, prefixes...)
 }
 
-// tableMemoryFor is the flow table memory bound that gives each CPU's
-// region exactly slots slots (a power of two, at most MaxTableSlots) on
-// this machine, and a ring of the flow log of twice as many records.
+// tableMemoryFor is the flow table memory bound of 4 x slots slots per
+// CPU on this machine: for a power of two up to MaxTableSlots, a region of
+// exactly slots slots and a ring of the flow log of twice as many
+// records; beyond, a region of MaxTableSlots and the rest of the share in
+// the ring.
 func tableMemoryFor(t testing.TB, slots int) uint64 {
 	t.Helper()
 	ncpu, err := ebpf.PossibleCPU()

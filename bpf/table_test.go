@@ -323,8 +323,8 @@ func TestLogFlowsBound(t *testing.T) {
 	sendTwice(t, d, flowPkts(t, flows))
 	d.pollLog(nil)
 	l := d.logs[0]
-	if d.logSum.len() != bound || l.Head == l.Tail {
-		t.Errorf("after a read: %d flows in the log's sum, ring at %d of %d; want %d flows and records left", d.logSum.len(), l.Tail, l.Head, bound)
+	if len(d.logSum.used) != bound || l.Head == l.Tail {
+		t.Errorf("after a read: %d flows in the log's sum, ring at %d of %d; want %d flows and records left", len(d.logSum.used), l.Tail, l.Head, bound)
 	}
 	release()
 	dr := drain(t, d)
