@@ -40,12 +40,12 @@ const (
 	DefaultMaxFlows = 65536
 	// DefaultTableMemory bounds the flow table and the flow log: both
 	// generations of the table and the log's ring, every possible CPU,
-	// 64 bytes a slot or record (see TableGeometry). 64 MiB gives each CPU
-	// the largest region (MaxTableSlots) and ring (MaxLogRecords) up to 3
-	// CPUs; 4,096 slots and 8,192 records on 64 CPUs; 1,024 slots and
-	// 2,048 records on 192 CPUs, where the flows and packets of a node
-	// are spread over many CPUs. All of it is taken at load, whatever the
-	// traffic.
+	// 64 bytes a slot (and a byte for its tag) or record (see
+	// TableGeometry). 64 MiB gives each CPU the largest region
+	// (MaxTableSlots) and ring (MaxLogRecords) up to 3 CPUs; 4,096 slots
+	// and 4,096 records on 64 CPUs; 1,024 slots and 2,048 records on 192
+	// CPUs, where the flows and packets of a node are spread over many
+	// CPUs. All of it is taken at load, whatever the traffic.
 	DefaultTableMemory = 64 << 20
 	// MaxTableSlots caps a CPU's region per generation: 4,096 slots
 	// (256 KiB) hold 2,048 flows a CPU per interval, and stay in a core's
@@ -149,27 +149,31 @@ func (c Config) Validate() error {
 // the slots of its flow table region per generation, and the records of
 // its ring of the flow log. Half of a CPU's share goes to the table's two
 // generations, the largest power of two of slots that fits, at most
-// MaxTableSlots; the rest to the ring, the largest power of two of records
-// that fits, at most MaxLogRecords. It fails when a share cannot hold
-// MinTableSlots in two generations and a ring of twice as many records.
+// MaxTableSlots; the rest, but for the slots' tags (a byte each), to the
+// ring, the largest power of two of records that fits, at most
+// MaxLogRecords. It fails when a share cannot hold MinTableSlots in two
+// generations and a ring of as many records.
 func TableGeometry(memory uint64, ncpu int) (slots, records int, err error) {
 	// The smallest share: its table half holds MinTableSlots in two
-	// generations, its other half a ring of twice as many records.
+	// generations, its other half their tags and a ring of
+	// MinTableSlots records.
 	const least = 4 * MinTableSlots * tableSlotBytes
 	share := memory / uint64(ncpu)
 	if share < least {
-		return 0, 0, fmt.Errorf("flow table memory %s: %d possible CPUs need at least %s (per CPU %d slots in 2 generations and %d log records, %d bytes each)", formatBytes(memory), ncpu, formatBytes(uint64(ncpu)*least), MinTableSlots, 2*MinTableSlots*tableSlotBytes/logRecordBytes, tableSlotBytes)
+		return 0, 0, fmt.Errorf("flow table memory %s: %d possible CPUs need at least %s (per CPU %d slots in 2 generations, %d bytes each with its tag, and %d log records of %d bytes)", formatBytes(memory), ncpu, formatBytes(uint64(ncpu)*least), MinTableSlots, tableSlotBytes+tagBytes, MinTableSlots, logRecordBytes)
 	}
 	slots = int(min(MaxTableSlots, uint64(1)<<(bits.Len64(share/2/(2*tableSlotBytes))-1)))
-	r := (share - 2*uint64(slots)*tableSlotBytes) / logRecordBytes
+	r := (share - 2*uint64(slots)*(tableSlotBytes+tagBytes)) / logRecordBytes
 	records = int(min(MaxLogRecords, uint64(1)<<(bits.Len64(r)-1)))
 	return slots, records, nil
 }
 
-// tableSlotBytes is the memory of one slot: its flow_table entry;
-// logRecordBytes that of one record of the flow log.
+// tableSlotBytes is the memory of one slot: its flow_table entry; tagBytes
+// that of its tag in flow_tags; logRecordBytes that of one record of the
+// flow log.
 const (
 	tableSlotBytes = uint64(unsafe.Sizeof(flowTableSlot{}))
+	tagBytes       = 1
 	logRecordBytes = uint64(unsafe.Sizeof(flowLogRec{}))
 )
 
@@ -200,11 +204,13 @@ type Datapath struct {
 	// prefixes is the program's local_prefixes, mapped into this
 	// process (see SetLocalPrefixes).
 	prefixes *flowPrefixState
-	// table is the flow table mapped into this process (read only);
-	// regionSlots the length of each CPU's region per generation; slots
-	// the slots in use in each generation's regions (see sizer); epochs
-	// the epoch of each generation's slots in use.
+	// table is the flow table mapped into this process (read only), and
+	// tags its slots' tags (read-write, a byte per slot at the slot's
+	// index); regionSlots the length of each CPU's region per generation;
+	// slots the slots in use in each generation's regions (see sizer);
+	// epochs the epoch of each generation's slots in use.
 	table       []flowTableSlot
+	tags        []byte
 	regionSlots int
 	slots       [2]int
 	sizer       tableSizer

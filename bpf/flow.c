@@ -270,6 +270,26 @@ struct {
 	__uint(max_entries, 1); /* 2 generations * CPUs * slots per region, set at load */
 } flow_table SEC(".maps");
 
+/* The tags of the flow table's slots: one byte per slot, eight to an
+ * element, at the slot's index. A tag is zero while its slot is free in
+ * its generation's turn, and the flow's fingerprint (see fingerprint())
+ * once a flow takes the slot. The program reads a slot's line only when
+ * the slot's tag is the flow's fingerprint: a flow that is not in the
+ * table, as every flow beyond the region's room is, costs the tags'
+ * line, which a CPU's region keeps in 1/64 of the table's memory, and not
+ * a line of the region, a cache miss per packet once the flows outgrow
+ * the caches (BENCHMARKS.md, "Agent on real traffic"). The instance that
+ * owns the table writes a tag with its slot; user space clears a
+ * generation's tags while it is idle, with its geometry (see
+ * cpu_inflight). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1); /* flow_table's entries / 8, set at load */
+} flow_tags SEC(".maps");
+
 /* Per CPU, in one cache line of its own: the program instances in flight
  * on this CPU, which generation is in use with the epoch of its table
  * slots (gen | epoch << 32), the geometry of this CPU's region in each
@@ -504,6 +524,25 @@ static __always_inline __u64 slot_hash(const struct flow_key *key)
 	return h;
 }
 
+/* fingerprint is the tag of a flow with this hash: seven bits of it mixed
+ * again (the slot is the hash's top bits, and the bits below those depend
+ * on few of the key's: an IPv4 address's last byte is the top of its
+ * word), with the top bit set, as a used slot's tag is never zero. */
+static __always_inline __u32 fingerprint(__u64 hash)
+{
+	return (((hash ^ (hash >> 32)) * 0x9E3779B97F4A7C15ULL) >> 57) | 0x80;
+}
+
+/* tag_of is the tag byte of flow_table's slot idx, or NULL when idx is
+ * beyond the table. */
+static __always_inline __u8 *tag_of(__u32 idx)
+{
+	__u32 e = idx >> 3;
+	__u8 *t = bpf_map_lookup_elem(&flow_tags, &e);
+
+	return t ? t + (idx & 7) : NULL;
+}
+
 /* same_head compares a slot's key head with a key's (8-byte aligned):
  * everything but orig_daddr, which only FLOW_F_ORIG_DST flows have. */
 static __always_inline int same_head(const __u8 *head, const struct flow_key *b)
@@ -641,7 +680,10 @@ static __always_inline int log_flow(__u32 cpu, const struct flow_key *key, __u64
  * counter because of what can change meanwhile:
  *  - A slot in use holds its key for as long as its generation keeps its
  *    epoch: the table's writer only takes free slots, and user space
- *    never writes the table.
+ *    never writes the table. (The slot's tag, which says whether to read
+ *    the slot at all, is only a hint: a tag that reads as the flow's
+ *    when it is not, or a slot whose epoch is not that of `active`, and
+ *    the flow is not taken as known.)
  *  - Epochs are never reused: the drain gives a generation a new one each
  *    time it is reactivated, so `active` never takes the same value twice.
  *  So if, before the increment, the slot held this key in the epoch of
@@ -680,8 +722,9 @@ static __always_inline int log_flow(__u32 cpu, const struct flow_key *key, __u64
  */
 static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 packets)
 {
-	__u32 cpu, mask, h, ep, gen, nested, left, idx, g, *room;
+	__u32 cpu, mask, h, ep, gen, nested, left, idx, g, fp, t, *room;
 	struct table_slot *slot;
+	__u8 *tag;
 	struct cpu_inflight *fl;
 	__u64 seen, active, hash;
 	int known;
@@ -706,8 +749,14 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 	mask = fl->mask[g];
 	h = hash >> fl->shift[g];
 	idx = fl->base[g] + (h & mask);
-	slot = bpf_map_lookup_elem(&flow_table, &idx);
-	known = slot && slot->epoch == (__u32)(seen >> 32) && same_flow(slot, fl, g, key);
+	tag = tag_of(idx);
+	fp = fingerprint(hash);
+	slot = NULL;
+	known = 0;
+	if (tag && *tag == fp) {
+		slot = bpf_map_lookup_elem(&flow_table, &idx);
+		known = slot && slot->epoch == (__u32)(seen >> 32) && same_flow(slot, fl, g, key);
+	}
 
 	nested = __sync_fetch_and_add(&fl->n, 1);
 	active = *(volatile __u64 *)&fl->active;
@@ -730,20 +779,32 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < TABLE_PROBES; i++) {
 		idx = fl->base[gen] + ((h + i) & mask);
+		tag = tag_of(idx);
+		if (!tag)
+			break;
+		t = *tag;
+		if (t && t != fp)
+			continue; /* another flow's */
+		room = &logs[cpu].room[gen];
+		if (!t && !*room)
+			break; /* free, and no room: the slot's line is not read */
 		slot = bpf_map_lookup_elem(&flow_table, &idx);
 		if (!slot)
 			break;
 		if (slot->epoch != ep) {
-			/* Free in this generation: the flow takes it, if
-			 * the region has room, and unless its IPv6 original
-			 * destination has another prefix. */
-			room = &logs[cpu].room[gen];
+			/* Free in this generation (a tag of another turn
+			 * that an instance a drain gave up waiting for wrote
+			 * late, see setSlots, reads as the tag of a free
+			 * slot): the flow takes it, if the region has room,
+			 * and unless its IPv6 original destination has
+			 * another prefix. */
 			if (!*room || !put_orig(slot, fl, gen, key))
 				break;
 			__builtin_memcpy(slot->key, key, KEY_HEAD);
 			slot->st.bytes = bytes;
 			slot->st.packets = packets;
 			slot->epoch = ep;
+			*tag = fp;
 			(*room)--;
 			goto out;
 		}

@@ -128,6 +128,7 @@ const (
 	flowMapFlowLog          = "flow_log"
 	flowMapFlowMaps         = "flow_maps"
 	flowMapFlowTable        = "flow_table"
+	flowMapFlowTags         = "flow_tags"
 	flowMapFlows0           = "flows_0"
 	flowMapFlows1           = "flows_1"
 	flowMapSockDsts         = "sock_dsts"
@@ -206,6 +207,7 @@ type flowMapSpecs struct {
 	FlowLog   *ebpf.MapSpec `ebpf:"flow_log"`
 	FlowMaps  *ebpf.MapSpec `ebpf:"flow_maps"`
 	FlowTable *ebpf.MapSpec `ebpf:"flow_table"`
+	FlowTags  *ebpf.MapSpec `ebpf:"flow_tags"`
 	Flows0    *ebpf.MapSpec `ebpf:"flows_0"`
 	Flows1    *ebpf.MapSpec `ebpf:"flows_1"`
 	SockDsts  *ebpf.MapSpec `ebpf:"sock_dsts"`
@@ -250,6 +252,7 @@ type flowMaps struct {
 	FlowLog   *ebpf.Map `ebpf:"flow_log"`
 	FlowMaps  *ebpf.Map `ebpf:"flow_maps"`
 	FlowTable *ebpf.Map `ebpf:"flow_table"`
+	FlowTags  *ebpf.Map `ebpf:"flow_tags"`
 	Flows0    *ebpf.Map `ebpf:"flows_0"`
 	Flows1    *ebpf.Map `ebpf:"flows_1"`
 	SockDsts  *ebpf.Map `ebpf:"sock_dsts"`
@@ -261,6 +264,7 @@ func (m *flowMaps) Close() error {
 		m.FlowLog,
 		m.FlowMaps,
 		m.FlowTable,
+		m.FlowTags,
 		m.Flows0,
 		m.Flows1,
 		m.SockDsts,

@@ -88,6 +88,7 @@ func load(cfg Config, loadSpec func() (*ebpf.CollectionSpec, error)) (*Datapath,
 	// Both generations, every possible CPU, each region as long as it may
 	// ever be; a ring of the log per possible CPU.
 	specs.FlowTable.MaxEntries = uint32(2 * ncpu * region)
+	specs.FlowTags.MaxEntries = specs.FlowTable.MaxEntries / 8
 	specs.FlowLog.MaxEntries = uint32(ncpu * records)
 	logShift := bits.TrailingZeros(uint(records))
 	if err := specs.LogShift.Set(uint32(logShift)); err != nil {
@@ -188,8 +189,9 @@ func bssLayout(inflight, prefixes, logs *ebpf.VariableSpec) (bssVars, error) {
 	return v, nil
 }
 
-// mapShared maps the flow table and the flow log (read only) and the program's .bss
-// (read-write: user space switches each CPU's generation and writes the
+// mapShared maps the flow table and the flow log (read only), and the
+// table's tags and the program's .bss (read-write: user space clears an
+// idle generation's tags, switches each CPU's generation and writes the
 // local prefixes) into this process; vars says where in .bss the
 // in-flight lines and the prefixes are.
 func (d *Datapath) mapShared(vars bssVars) error {
@@ -213,6 +215,12 @@ func (d *Datapath) mapShared(vars bssVars) error {
 	}
 	d.mems = append(d.mems, log)
 	d.log = unsafe.Slice((*flowLogRec)(unsafe.Pointer(&log[0])), d.objs.FlowLog.MaxEntries())
+	tags, err := mapArray(d.objs.FlowTags, unix.PROT_READ|unix.PROT_WRITE)
+	if err != nil {
+		return fmt.Errorf("mapping the flow table's tags: %w", err)
+	}
+	d.mems = append(d.mems, tags)
+	d.tags = tags[:len(d.table)]
 	// The table's geometry, before any program runs (see flow_table).
 	for cpu := range d.inflight {
 		l := &d.inflight[cpu]
@@ -228,8 +236,9 @@ func (d *Datapath) mapShared(vars bssVars) error {
 
 // setSlots sets the slots in use in every CPU's region of generation g, a
 // power of two no larger than the region, gives g room for half as many
-// flows (see log_line in flow.c), and clears g's IPv6 prefix (see
-// table_slot in flow.c) for the next flow to set. Only while no program
+// flows (see log_line in flow.c), and clears g's tags (see flow_tags in
+// flow.c) and its IPv6 prefix (see table_slot in flow.c) for the next
+// flows to set. Only while no program
 // instance writes to g (see account() in flow.c): at load, or in a drain
 // before it makes g active. The atomic stores come before publish's store
 // of the `active` that names g. (An instance on a CPU a drain gave up
@@ -237,7 +246,9 @@ func (d *Datapath) mapShared(vars bssVars) error {
 // it read: within the region, whatever the size, and under an epoch g no
 // longer uses, so those counts are lost as Stuck says, and nothing else.
 // It may also set g's prefix, which is then that of the turn: the next
-// instance on that CPU runs after it and reads it.)
+// instance on that CPU runs after it and reads it; and a tag, whose slot
+// then reads as another flow's, or, when the tag is a flow's fingerprint,
+// as free by its epoch.)
 func (d *Datapath) setSlots(g, slots int) {
 	d.slots[g] = slots
 	shift := uint32(64 - bits.TrailingZeros(uint(slots)))
@@ -250,6 +261,8 @@ func (d *Datapath) setSlots(g, slots int) {
 		atomic.StoreUint32(shifts, other|shift<<(16*g))
 		atomic.StoreUint32(&l.Mask[g], uint32(slots-1))
 		atomic.StoreUint32(&d.logs[cpu].Room[g], uint32(slots/2))
+		start := d.regionStart(g, cpu)
+		clear(d.tags[start : start+d.regionSlots])
 		for i := range l.Orig6[g] {
 			atomic.StoreUint32(&l.Orig6[g][i], 0)
 		}

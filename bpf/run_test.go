@@ -38,17 +38,17 @@ func loadLocal(t testing.TB, cfg Config, prefixes ...string) *Datapath {
 }
 
 // tableMemoryFor is the flow table memory bound of 4 x slots slots per
-// CPU on this machine: for a power of two up to MaxTableSlots, a region of
-// exactly slots slots and a ring of the flow log of twice as many
-// records; beyond, a region of MaxTableSlots and the rest of the share in
-// the ring.
+// CPU on this machine, and the tags of 2 x slots: for a power of two up
+// to MaxTableSlots, a region of exactly slots slots and a ring of the flow
+// log of twice as many records; beyond, a region of MaxTableSlots and the
+// rest of the share in the ring.
 func tableMemoryFor(t testing.TB, slots int) uint64 {
 	t.Helper()
 	ncpu, err := ebpf.PossibleCPU()
 	if err != nil {
 		t.Fatal(err)
 	}
-	return uint64(slots) * 4 * uint64(ncpu) * tableSlotBytes
+	return uint64(slots) * uint64(ncpu) * (4*tableSlotBytes + 2*tagBytes)
 }
 
 // holdLog keeps the flow log's reader from reading until the test's end

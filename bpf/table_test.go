@@ -38,9 +38,10 @@ func TestConfigValidate(t *testing.T) {
 
 // TestTableGeometry splits the memory bound per CPU: half for the
 // table's two generations (the largest power of two of 64-byte slots,
-// capped), the rest for the log's ring (the largest power of two of
-// 64-byte records, capped), and an error naming the CPU count and the
-// bound when either falls below its minimum.
+// capped), the rest for the slots' tags and the log's ring (the largest
+// power of two of 64-byte records, capped), never more than the bound,
+// and an error naming the CPU count and the bound when either falls below
+// its minimum.
 func TestTableGeometry(t *testing.T) {
 	tests := []struct {
 		memory         uint64
@@ -52,13 +53,14 @@ func TestTableGeometry(t *testing.T) {
 		{DefaultTableMemory, 2, MaxTableSlots, MaxLogRecords, ""}, // 33 MiB
 		{DefaultTableMemory, 3, MaxTableSlots, MaxLogRecords, ""}, // 49.5 MiB
 		{DefaultTableMemory, 4, MaxTableSlots, 131072, ""},        // 34 MiB
-		{DefaultTableMemory, 64, 4096, 8192, ""},                  // 64 MiB
-		{DefaultTableMemory, 192, 1024, 2048, ""},                 // 48 MiB
-		{DefaultTableMemory, 4096, 64, 128, ""},                   // exactly the minimum
+		{DefaultTableMemory, 64, 4096, 4096, ""},                  // 48.5 MiB
+		{DefaultTableMemory, 192, 1024, 2048, ""},                 // 48.4 MiB
+		{DefaultTableMemory, 4096, 64, 64, ""},                    // exactly the minimum
 		{32 << 20, 4096, 0, 0, "flow table memory 32 MiB: 4096 possible CPUs need at least 64 MiB"},
-		{1 << 20, 1, 4096, 8192, ""},
-		{1 << 20, 2, 2048, 4096, ""},
-		{MinTableSlots * 4 * 2 * 64, 2, 64, 128, ""}, // exactly the minimum
+		{1 << 20, 1, 4096, 4096, ""}, // the tags take the ring's other half
+		{1 << 20, 2, 2048, 2048, ""},
+		{1<<20 + 2*4096, 1, 4096, 8192, ""},         // room for them
+		{MinTableSlots * 4 * 2 * 64, 2, 64, 64, ""}, // exactly the minimum
 		{MinTableSlots*4*2*64 - 1, 2, 0, 0, "flow table memory 32767 bytes: 2 possible CPUs need at least 32 KiB"},
 		{1 << 20, 192, 0, 0, "flow table memory 1 MiB: 192 possible CPUs need at least 3 MiB"},
 		{0, 1, 0, 0, "need at least"},
@@ -74,7 +76,7 @@ func TestTableGeometry(t *testing.T) {
 		if err != nil || slots != tt.slots || records != tt.records {
 			t.Errorf("TableGeometry(%d, %d) = %d, %d, %v; want %d, %d", tt.memory, tt.ncpu, slots, records, err, tt.slots, tt.records)
 		}
-		if bytes := (uint64(slots)*2*tableSlotBytes + uint64(records)*logRecordBytes) * uint64(tt.ncpu); err == nil && bytes > tt.memory {
+		if bytes := (uint64(slots)*2*(tableSlotBytes+tagBytes) + uint64(records)*logRecordBytes) * uint64(tt.ncpu); err == nil && bytes > tt.memory {
 			t.Errorf("TableGeometry(%d, %d) = %d, %d: %d bytes, more than the bound", tt.memory, tt.ncpu, slots, records, bytes)
 		}
 	}
@@ -241,6 +243,31 @@ func TestTableFullLogs(t *testing.T) {
 		checkTwice(t, fmt.Sprintf("round %d", round), dr, flows)
 		if want := 2 * (flows - slots/2); dr.Logged != want || dr.Spilled != 0 {
 			t.Errorf("round %d: %d records logged, %d flows spilled; want %d and 0", round, dr.Logged, dr.Spilled, want)
+		}
+	}
+}
+
+// TestTableTagsEachTurn sends, in each of six intervals, as many new
+// flows as one CPU's region has room for, other flows each time: every
+// flow takes a slot and none is logged. A generation's tags are cleared
+// before its next turn (setSlots): left, the tags of the flows of its last
+// turn would read as slots taken, and push flows beyond TABLE_PROBES into
+// the log.
+func TestTableTagsEachTurn(t *testing.T) {
+	testutil.RequireRoot(t)
+	const slots, room = 64, 32
+	d := loadLocal(t, Config{MaxFlows: 1024}, "10.0.0.0/8")
+	setTable(d, slots)
+	pkts := flowPkts(t, 6*room)
+	for round := range 6 {
+		sendTwice(t, d, pkts[round*room:(round+1)*room])
+		if n := liveSlots(d, 0); n != room {
+			t.Errorf("round %d: %d table slots in use, want %d", round, n, room)
+		}
+		dr := drain(t, d)
+		checkTwice(t, fmt.Sprintf("round %d", round), dr, room)
+		if dr.Logged != 0 || dr.Spilled != 0 {
+			t.Errorf("round %d: %d records logged, %d flows spilled; want none", round, dr.Logged, dr.Spilled)
 		}
 	}
 }
