@@ -63,7 +63,8 @@ func (d *Datapath) loadProgramCopy(name string, read bool) (*ebpf.Program, error
 	}
 	shared := map[string]*ebpf.Map{
 		"counters": d.objs.Counters, "flow_maps": d.objs.FlowMaps,
-		"flow_table": d.objs.FlowTable, "flows_0": d.objs.Flows0, "flows_1": d.objs.Flows1,
+		"flow_table": d.objs.FlowTable, "flow_tags": d.objs.FlowTags, "flow_log": d.objs.FlowLog,
+		"flows_0": d.objs.Flows0, "flows_1": d.objs.Flows1,
 		"sock_dsts": d.objs.SockDsts, bssSection: d.objs.Bss,
 	}
 	for name, m := range shared {
@@ -72,6 +73,16 @@ func (d *Datapath) loadProgramCopy(name string, read bool) (*ebpf.Program, error
 			return nil, fmt.Errorf("no map %s in the datapath spec", name)
 		}
 		ms.MaxEntries = m.MaxEntries()
+	}
+	// Every map but the constants is d's: a map of its own would be one
+	// the copy counts into and the drain never reads.
+	for name := range spec.Maps {
+		if _, ok := shared[name]; !ok && name != ".rodata" {
+			return nil, fmt.Errorf("map %s of the datapath spec is not shared with the copy", name)
+		}
+	}
+	if err := spec.Variables["log_shift"].Set(uint32(d.logShift)); err != nil {
+		return nil, fmt.Errorf("setting the copy's log_shift: %w", err)
 	}
 	ps, ok := spec.Programs[name]
 	if !ok {
