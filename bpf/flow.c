@@ -776,6 +776,7 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 		h = hash >> fl->shift[gen];
 	}
 	ep = active >> 32;
+	room = &logs[cpu].room[gen];
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < TABLE_PROBES; i++) {
 		idx = fl->base[gen] + ((h + i) & mask);
@@ -785,7 +786,6 @@ static __always_inline void account(struct flow_key *key, __u64 bytes, __u64 pac
 		t = *tag;
 		if (t && t != fp)
 			continue; /* another flow's */
-		room = &logs[cpu].room[gen];
 		if (!t && !*room)
 			break; /* free, and no room: the slot's line is not read */
 		slot = bpf_map_lookup_elem(&flow_table, &idx);

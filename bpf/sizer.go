@@ -8,8 +8,9 @@ import (
 // How the flow table sizes itself, with the reason for each number.
 const (
 	// tableStartSlots is the slots in use per CPU region before any
-	// flow has been seen: room for 2,048 flows a CPU per interval.
-	tableStartSlots = 4096
+	// flow has been seen: the largest region, room for 2,048 flows a CPU
+	// per interval.
+	tableStartSlots = MaxTableSlots
 	// tableFloorSlots is the fewest slots in use a quiet node shrinks
 	// to: the drain reads every slot in use, so an idle node reads 64 KiB
 	// a CPU, and a burst of new flows spills for one interval only.
