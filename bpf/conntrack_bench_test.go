@@ -44,12 +44,20 @@ import (
 //     the key (an IPv6 one's first 12 bytes into the CPU's line). The
 //     datagrams go round-robin to benchServicePorts ports of the virtual
 //     IP, each DNATed to its own backend port: as many flows, whose slots
-//     lie in as many places of the table. The -direct variants send to
-//     the backend's ports themselves: a conntrack entry without
-//     IPS_DST_NAT, what most tracked packets have, whose status the
-//     program reads and stops. The -same variants compare the build
-//     without the read with itself, through the Service: the baseline,
-//     what the method alone makes of two programs with the same code.
+//     lie in as many places of the table. Through the Service the build
+//     without the read gives its flows the original destinations the
+//     agent's build reads from conntrack, from the packet instead
+//     (bench_orig: the virtual IP, the Service port from the destination
+//     port), so both builds have the same keys and count in the same
+//     slots: the read is all that differs (with keys of their own, each
+//     build would also pay for its own slots' lines, which the other's
+//     runs do not bring into the caches). The -direct variants send to
+//     the backend's ports
+//     themselves: a conntrack entry without IPS_DST_NAT, what most
+//     tracked packets have, whose status the program reads and stops.
+//     The -same variants compare the build without the read with itself,
+//     through the Service: the baseline, what the method alone makes of
+//     two programs with the same code.
 //
 //     The sender's thread keeps the last CPU, where the datagrams cross
 //     the namespaces in its softirqs and both builds run, and the rest
@@ -76,9 +84,10 @@ import (
 //     kernel0 - kernel1, what the read adds to a packet, robust to a
 //     round disturbed by the rest of the machine. ns/op is the sender's
 //     time per datagram, loading and attaching included. The benchmark
-//     then checks that both builds counted every datagram in its flows,
-//     with the virtual IP and port as their original destination only in
-//     the agent's build, and only through the Service.
+//     checks that the first build alone (the agent's, but in -same)
+//     gives the datagrams' flows the virtual IP and port as their
+//     original destination, only through the Service, and at the end
+//     that both builds counted every datagram in those flows.
 func BenchmarkNetfilterConntrack(b *testing.B) {
 	testutil.RequireRoot(b)
 	for _, c := range netfilterCases(b)[:2] {
@@ -143,8 +152,19 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 		} {
 			b.Run(c.name, func(b *testing.B) {
 				// The builds compared: the agent's (or, -same, the one
-				// without the read) and the one without the read.
+				// without the read) and the one without the read, which
+				// through the Service gives its flows the keys the
+				// agent's build reads from conntrack (the virtual IP,
+				// the port from the destination port), so that both
+				// count in the same slots.
 				reads := [2]bool{!c.same, false}
+				load := func(read bool) *ebpf.Program {
+					var as origFromPort
+					if !read && !c.direct {
+						as = origFromPort{c.vip, benchBackendPort - benchServicePort}
+					}
+					return programCopy(b, d, read, as)
+				}
 				drain(b, d)
 				var vips, dsts []netip.AddrPort
 				for i := range benchServicePorts {
@@ -156,6 +176,42 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 					dials = dsts
 				}
 				tx := newDatagramSender(b, a1.NS, b1.NS, dials, dsts, empty)
+				// flowsOK fails unless the flows drained are the
+				// datagrams' flows, each with the virtual IP and port as
+				// its original destination through the Service and none
+				// sent directly, and they hold n datagrams in all.
+				flowsOK := func(n uint64, of string) {
+					b.Helper()
+					var got uint64
+					for _, f := range drain(b, d).Flows {
+						k := slices.Index(dsts, netip.AddrPortFrom(f.Dst, f.Port))
+						want := flow.Key{Src: c.src, Dst: c.dst, Proto: 17, Port: f.Port, PortIsDst: true}
+						if k >= 0 && !c.direct {
+							want.OrigDst = vips[k]
+						}
+						if k < 0 || f.Key != want {
+							b.Fatalf("%s: unexpected flow %s", of, keyString(f.Key))
+						}
+						got += f.Packets
+					}
+					if got != n {
+						b.Fatalf("%s: counted %d datagrams, want %d", of, got, n)
+					}
+				}
+				// The first build alone: the agent's (not -same) reads
+				// the keys the other build is given.
+				testutil.OnCPU(b, senderCPU, func() {
+					p := load(reads[0])
+					defer p.Close()
+					links := attachAt(b, p, a.NSPath(), 95)
+					tx.send(b, benchServicePorts)
+					for _, l := range links {
+						if err := l.Close(); err != nil {
+							b.Fatal(err)
+						}
+					}
+				})
+				flowsOK(benchServicePorts, "the first build alone")
 				var runs [3]uint64
 				var runtime [3]time.Duration
 				var deltas []float64 // per round: kernel0 - kernel1, ns per run
@@ -179,7 +235,7 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 						b.StopTimer()
 						var progs [2]*ebpf.Program
 						for _, i := range [][2]int{{0, 1}, {1, 0}}[round%2] {
-							progs[i] = programCopy(b, d, reads[i])
+							progs[i] = load(reads[i])
 						}
 						var roundRuns [2]uint64
 						var roundTime [2]time.Duration
@@ -234,32 +290,8 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 				}
 				slices.Sort(deltas)
 				b.ReportMetric(deltas[len(deltas)/2], "delta-ns/op")
-				// Both builds counted every datagram in its flow: through
-				// the Service, the agent's with the virtual IP and port as
-				// the original destination and the other without; sent
-				// directly (or both builds without the read), both
-				// without, in the same flows.
-				var got [2]uint64 // with an original destination, without
-				for _, f := range drain(b, d).Flows {
-					k := slices.Index(dsts, netip.AddrPortFrom(f.Dst, f.Port))
-					want := flow.Key{Src: c.src, Dst: c.dst, Proto: 17, Port: f.Port, PortIsDst: true}
-					i := 1
-					if f.OrigDst.IsValid() && k >= 0 && !c.direct && !c.same {
-						want.OrigDst, i = vips[k], 0
-					}
-					if k < 0 || f.Key != want {
-						b.Fatalf("unexpected flow %s", keyString(f.Key))
-					}
-					got[i] += f.Packets
-				}
-				total := uint64(2*warm + warmed + sent)
-				want := [2]uint64{total, total}
-				if c.direct || c.same {
-					want = [2]uint64{0, 2 * total}
-				}
-				if got != want {
-					b.Fatalf("counted %d datagrams with an original destination, %d without; want %d and %d", got[0], got[1], want[0], want[1])
-				}
+				// Both builds counted every datagram in the same flows.
+				flowsOK(uint64(2*(2*warm+warmed+sent)), "both builds")
 			})
 		}
 	})
@@ -314,7 +346,7 @@ func BenchmarkCgroupSockLookup(b *testing.B) {
 // the benchmark ends.
 func noConntrackProgram(b *testing.B, d *Datapath, name string) *ebpf.Program {
 	b.Helper()
-	p, err := d.loadProgramCopy(name, false)
+	p, err := d.loadProgramCopy(name, false, origFromPort{})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -323,9 +355,9 @@ func noConntrackProgram(b *testing.B, d *Datapath, name string) *ebpf.Program {
 }
 
 // programCopy is d.loadProgramCopy of kzn_netfilter; the caller closes it.
-func programCopy(b *testing.B, d *Datapath, read bool) *ebpf.Program {
+func programCopy(b *testing.B, d *Datapath, read bool, as origFromPort) *ebpf.Program {
 	b.Helper()
-	p, err := d.loadProgramCopy("kzn_netfilter", read)
+	p, err := d.loadProgramCopy("kzn_netfilter", read, as)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -3,7 +3,9 @@
 package bpf
 
 import (
+	"encoding/binary"
 	"fmt"
+	"net/netip"
 
 	"github.com/cilium/ebpf"
 )
@@ -43,23 +45,46 @@ func loadObjectFile(cfg Config, path string) (*Datapath, error) {
 	return load(cfg, func() (*ebpf.CollectionSpec, error) { return ebpf.LoadCollectionSpec(path) })
 }
 
+// origFromPort is the original destination a copy without the read gives
+// its flows (loadProgramCopy): the zero value, none.
+type origFromPort struct {
+	addr      netip.Addr
+	portDelta uint16 // the destination port less this is the original one
+}
+
 // loadProgramCopy loads another copy of the program name (kzn_netfilter
 // or kzn_cgroup_egress) that counts into d's maps: with read false, its
 // read of an original destination switched off (bench_no_conntrack, a
-// load-time constant that is 0 in the programs the agent loads, so no flow
-// gets an original destination); with read true, the code the agent loads.
+// load-time constant that is 0 in the programs the agent loads), so that
+// no flow gets an original destination, unless as is set: then every
+// netfilter flow with a destination port gets as.addr, its port the
+// packet's destination port less as.portDelta (bench_orig), from the
+// packet instead of conntrack. With read true, the code the agent loads.
 // Copies differ from one another in their code only, not in where their
 // flow table, in-flight lines and prefixes lie in memory. On real packets
 // two loaded copies of the same code still differ by more than the read
 // costs (BenchmarkNetfilterConntrack, BENCHMARKS.md), so the benchmark
 // loads fresh copies of both builds, round after round.
-func (d *Datapath) loadProgramCopy(name string, read bool) (*ebpf.Program, error) {
+func (d *Datapath) loadProgramCopy(name string, read bool, as origFromPort) (*ebpf.Program, error) {
 	spec, err := loadFlow()
 	if !read {
 		spec, err = specWithSwitch("bench_no_conntrack")
 	}
 	if err != nil {
 		return nil, err
+	}
+	if as.addr.IsValid() {
+		if read || as.portDelta == 0 {
+			return nil, fmt.Errorf("an original destination from the port needs the read off and a port distance, have read %t and distance %d", read, as.portDelta)
+		}
+		a := as.addr.As16()
+		words := [2]uint64{binary.LittleEndian.Uint64(a[:8]), binary.LittleEndian.Uint64(a[8:])}
+		if err := spec.Variables["bench_orig"].Set(words); err != nil {
+			return nil, fmt.Errorf("setting bench_orig: %w", err)
+		}
+		if err := spec.Variables["bench_orig_port_delta"].Set(uint32(as.portDelta)); err != nil {
+			return nil, fmt.Errorf("setting bench_orig_port_delta: %w", err)
+		}
 	}
 	shared := map[string]*ebpf.Map{
 		"counters": d.objs.Counters, "flow_maps": d.objs.FlowMaps,

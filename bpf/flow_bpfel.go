@@ -124,29 +124,31 @@ type flowTableSlot struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	flowMapCounters         = "counters"
-	flowMapFlowLog          = "flow_log"
-	flowMapFlowMaps         = "flow_maps"
-	flowMapFlowTable        = "flow_table"
-	flowMapFlowTags         = "flow_tags"
-	flowMapFlows0           = "flows_0"
-	flowMapFlows1           = "flows_1"
-	flowMapSockDsts         = "sock_dsts"
-	flowProgKznCgroupEgress = "kzn_cgroup_egress"
-	flowProgKznConnect4     = "kzn_connect4"
-	flowProgKznConnect6     = "kzn_connect6"
-	flowProgKznNetfilter    = "kzn_netfilter"
-	flowProgKznSendmsg4     = "kzn_sendmsg4"
-	flowProgKznSendmsg6     = "kzn_sendmsg6"
-	flowVarBenchNewFlows    = "bench_new_flows"
-	flowVarBenchNoConntrack = "bench_no_conntrack"
-	flowVarBenchSeq         = "bench_seq"
-	flowVarInflight         = "inflight"
-	flowVarLocalPrefixes    = "local_prefixes"
-	flowVarLogShift         = "log_shift"
-	flowVarLogs             = "logs"
-	flowVarUnusedCounter    = "unused_counter"
-	flowVarUnusedFlowFlag   = "unused_flow_flag"
+	flowMapCounters           = "counters"
+	flowMapFlowLog            = "flow_log"
+	flowMapFlowMaps           = "flow_maps"
+	flowMapFlowTable          = "flow_table"
+	flowMapFlowTags           = "flow_tags"
+	flowMapFlows0             = "flows_0"
+	flowMapFlows1             = "flows_1"
+	flowMapSockDsts           = "sock_dsts"
+	flowProgKznCgroupEgress   = "kzn_cgroup_egress"
+	flowProgKznConnect4       = "kzn_connect4"
+	flowProgKznConnect6       = "kzn_connect6"
+	flowProgKznNetfilter      = "kzn_netfilter"
+	flowProgKznSendmsg4       = "kzn_sendmsg4"
+	flowProgKznSendmsg6       = "kzn_sendmsg6"
+	flowVarBenchNewFlows      = "bench_new_flows"
+	flowVarBenchNoConntrack   = "bench_no_conntrack"
+	flowVarBenchOrig          = "bench_orig"
+	flowVarBenchOrigPortDelta = "bench_orig_port_delta"
+	flowVarBenchSeq           = "bench_seq"
+	flowVarInflight           = "inflight"
+	flowVarLocalPrefixes      = "local_prefixes"
+	flowVarLogShift           = "log_shift"
+	flowVarLogs               = "logs"
+	flowVarUnusedCounter      = "unused_counter"
+	flowVarUnusedFlowFlag     = "unused_flow_flag"
 )
 
 // loadFlow returns the embedded CollectionSpec for flow.
@@ -217,15 +219,17 @@ type flowMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type flowVariableSpecs struct {
-	BenchNewFlows    *ebpf.VariableSpec `ebpf:"bench_new_flows"`
-	BenchNoConntrack *ebpf.VariableSpec `ebpf:"bench_no_conntrack"`
-	BenchSeq         *ebpf.VariableSpec `ebpf:"bench_seq"`
-	Inflight         *ebpf.VariableSpec `ebpf:"inflight"`
-	LocalPrefixes    *ebpf.VariableSpec `ebpf:"local_prefixes"`
-	LogShift         *ebpf.VariableSpec `ebpf:"log_shift"`
-	Logs             *ebpf.VariableSpec `ebpf:"logs"`
-	UnusedCounter    *ebpf.VariableSpec `ebpf:"unused_counter"`
-	UnusedFlowFlag   *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
+	BenchNewFlows      *ebpf.VariableSpec `ebpf:"bench_new_flows"`
+	BenchNoConntrack   *ebpf.VariableSpec `ebpf:"bench_no_conntrack"`
+	BenchOrig          *ebpf.VariableSpec `ebpf:"bench_orig"`
+	BenchOrigPortDelta *ebpf.VariableSpec `ebpf:"bench_orig_port_delta"`
+	BenchSeq           *ebpf.VariableSpec `ebpf:"bench_seq"`
+	Inflight           *ebpf.VariableSpec `ebpf:"inflight"`
+	LocalPrefixes      *ebpf.VariableSpec `ebpf:"local_prefixes"`
+	LogShift           *ebpf.VariableSpec `ebpf:"log_shift"`
+	Logs               *ebpf.VariableSpec `ebpf:"logs"`
+	UnusedCounter      *ebpf.VariableSpec `ebpf:"unused_counter"`
+	UnusedFlowFlag     *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
 }
 
 // flowObjects contains all objects after they have been loaded into the kernel.
@@ -275,15 +279,17 @@ func (m *flowMaps) Close() error {
 //
 // It can be passed to loadFlowObjects or ebpf.CollectionSpec.LoadAndAssign.
 type flowVariables struct {
-	BenchNewFlows    *ebpf.Variable `ebpf:"bench_new_flows"`
-	BenchNoConntrack *ebpf.Variable `ebpf:"bench_no_conntrack"`
-	BenchSeq         *ebpf.Variable `ebpf:"bench_seq"`
-	Inflight         *ebpf.Variable `ebpf:"inflight"`
-	LocalPrefixes    *ebpf.Variable `ebpf:"local_prefixes"`
-	LogShift         *ebpf.Variable `ebpf:"log_shift"`
-	Logs             *ebpf.Variable `ebpf:"logs"`
-	UnusedCounter    *ebpf.Variable `ebpf:"unused_counter"`
-	UnusedFlowFlag   *ebpf.Variable `ebpf:"unused_flow_flag"`
+	BenchNewFlows      *ebpf.Variable `ebpf:"bench_new_flows"`
+	BenchNoConntrack   *ebpf.Variable `ebpf:"bench_no_conntrack"`
+	BenchOrig          *ebpf.Variable `ebpf:"bench_orig"`
+	BenchOrigPortDelta *ebpf.Variable `ebpf:"bench_orig_port_delta"`
+	BenchSeq           *ebpf.Variable `ebpf:"bench_seq"`
+	Inflight           *ebpf.Variable `ebpf:"inflight"`
+	LocalPrefixes      *ebpf.Variable `ebpf:"local_prefixes"`
+	LogShift           *ebpf.Variable `ebpf:"log_shift"`
+	Logs               *ebpf.Variable `ebpf:"logs"`
+	UnusedCounter      *ebpf.Variable `ebpf:"unused_counter"`
+	UnusedFlowFlag     *ebpf.Variable `ebpf:"unused_flow_flag"`
 }
 
 // flowPrograms contains all programs after they have been loaded into the kernel.
