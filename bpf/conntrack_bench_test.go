@@ -52,12 +52,11 @@ import (
 //     slots: the read is all that differs (with keys of their own, each
 //     build would also pay for its own slots' lines, which the other's
 //     runs do not bring into the caches). The -direct variants send to
-//     the backend's ports
-//     themselves: a conntrack entry without IPS_DST_NAT, what most
-//     tracked packets have, whose status the program reads and stops.
-//     The -same variants compare the build without the read with itself,
-//     through the Service: the baseline, what the method alone makes of
-//     two programs with the same code.
+//     the backend's ports themselves: a conntrack entry without
+//     IPS_DST_NAT, what most tracked packets have, whose status the
+//     program reads and stops. The -same variants compare the build
+//     without the read with itself, through the Service: the baseline,
+//     what the method alone makes of two programs with the same code.
 //
 //     The sender's thread keeps the last CPU, where the datagrams cross
 //     the namespaces in its softirqs and both builds run, and the rest

@@ -990,7 +990,8 @@ static __always_inline __u32 packets_of(struct gso g)
  * CO-RE and read through bpf_rdonly_cast(), which the verifier inlines.
  * The entry was just used by conntrack and NAT on this packet, so its
  * lines are in the cache. A kernel without conntrack has no _nfct: the
- * read is removed at load.
+ * read is removed at load. dport (the packet's destination port) serves
+ * only the benchmark build of bench_orig.
  */
 static __always_inline int orig_dst(struct sk_buff *skb, struct flow_key *key, int ipv6,
 				    __u16 dport)
