@@ -82,6 +82,19 @@ func (c CaseResult) RoundRatios(runs []RunResult) []float64 {
 	return out
 }
 
+// PairedRatios are With[i]/Empty[i] of each round: the agent against the
+// empty program in runs next to each other, so that a change of the
+// host's speed between rounds, which moves every mode's median, cancels.
+func (c CaseResult) PairedRatios() []float64 {
+	var out []float64
+	for i := range min(len(c.With), len(c.Empty)) {
+		if c.Empty[i].Rate > 0 {
+			out = append(out, c.With[i].Rate/c.Empty[i].Rate)
+		}
+	}
+	return out
+}
+
 // NoiseRatios are the ratios of consecutive runs without the agent: what
 // the ratio looks like when nothing changed between two runs.
 func (c CaseResult) NoiseRatios() []float64 {
@@ -144,6 +157,7 @@ func (r *Result) WriteTable(out io.Writer) error {
 	}
 	fmt.Fprintln(out, "ratio: median with / median without; the noise band under it: min-max of the ratios of consecutive runs without (the spread when nothing changes). rounds: min-max of with/without per round.")
 	fmt.Fprintln(out, "empty: the same for the empty program. cost/pkt: time added per packet, 1/rate - 1/without of the medians (UDP), to set against the program's ns/run.")
+	fmt.Fprintln(out, "with/empty: median over the rounds of with / empty in the same round (runs next to each other, so that the host's drift between rounds cancels), and its min-max: the agent's cost beyond the hook's.")
 	fmt.Fprintln(out, "agent CPU: median utime+stime over a run's traffic; VmHWM: largest peak RSS; prog: median ns/run of the agent's program over a run's traffic (kernel.bpf_stats_enabled), and its median runs; flows: largest batch.")
 	if o.NoBPFStats {
 		fmt.Fprintln(out, "program statistics off (-no-bpf-stats): no program run time or count.")
@@ -152,7 +166,7 @@ func (r *Result) WriteTable(out io.Writer) error {
 	}
 	fmt.Fprintln(out, "exact: runs whose counts equal nftables' at node a. TCP with GSO skbs: bytes nftables' plus 52 header bytes per segment beyond its skbs, packets the client's TcpOutSegs+TcpRetransSegs when no skb was lost before node a.")
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "CASE\tUNIT\tWITHOUT\tEMPTY\tWITH\tNOISE\tEMPTY RATIO\tRATIO\tROUNDS\tEMPTY COST/PKT\tCOST/PKT\tEMPTY NS/RUN\tPROG NS/RUN\tPROG RUNS\tAGENT CPU\tVmHWM\tFLOWS\tEXACT")
+	fmt.Fprintln(tw, "CASE\tUNIT\tWITHOUT\tEMPTY\tWITH\tNOISE\tEMPTY RATIO\tRATIO\tROUNDS\tWITH/EMPTY\tEMPTY COST/PKT\tCOST/PKT\tEMPTY NS/RUN\tPROG NS/RUN\tPROG RUNS\tAGENT CPU\tVmHWM\tFLOWS\tEXACT")
 	for _, c := range r.Cases {
 		var cpu, runs []float64
 		var rss int64
@@ -184,9 +198,10 @@ func (r *Result) WriteTable(out io.Writer) error {
 			emptyCost = fmt.Sprintf("%d ns", c.CostPerPacket(c.Empty).Nanoseconds())
 			cost = fmt.Sprintf("%d ns", c.CostPerPacket(c.With).Nanoseconds())
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t%.2f\t%s\t%.2f\t%.2f\t%s\t%s\t%s\t%s\t%s\t%s\t%.2f s\t%.1f MiB\t%d\t%s\n",
+		paired := c.PairedRatios()
+		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t%.2f\t%s\t%.2f\t%.2f\t%s\t%.2f (%s)\t%s\t%s\t%s\t%s\t%s\t%.2f s\t%.1f MiB\t%d\t%s\n",
 			c.Case.Title, c.Case.Unit(), median(rates(c.Without)), median(rates(c.Empty)), median(rates(c.With)),
-			band(c.NoiseRatios()), c.Ratio(c.Empty), c.Ratio(c.With), band(c.RoundRatios(c.With)),
+			band(c.NoiseRatios()), c.Ratio(c.Empty), c.Ratio(c.With), band(c.RoundRatios(c.With)), median(paired), band(paired),
 			emptyCost, cost, progNS(c.Empty), progNS(c.With), progRuns, median(cpu), float64(rss)/(1<<20), flows, exactness)
 	}
 	if err := tw.Flush(); err != nil {

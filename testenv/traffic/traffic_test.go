@@ -2,6 +2,7 @@ package traffic_test
 
 import (
 	"context"
+	"math"
 	"slices"
 	"testing"
 	"time"
@@ -86,5 +87,40 @@ func TestRoundModes(t *testing.T) {
 	}
 	if got := traffic.RoundModes(n); !slices.Equal(got, traffic.RoundModes(0)) {
 		t.Errorf("round %d runs %v, round 0 %v: the rotation should repeat", n, got, traffic.RoundModes(0))
+	}
+}
+
+// TestPairedRatios: each round's agent run against the empty program's
+// run of the same round, never across rounds, and a round without an
+// empty rate left out.
+func TestPairedRatios(t *testing.T) {
+	runs := func(rates ...float64) []traffic.RunResult {
+		var out []traffic.RunResult
+		for _, r := range rates {
+			out = append(out, traffic.RunResult{Rate: r})
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name        string
+		empty, with []traffic.RunResult
+		want        []float64
+	}{
+		{"rounds at different speeds", runs(100, 200, 400), runs(96, 190, 200), []float64{0.96, 0.95, 0.5}},
+		{"a round without an empty rate", runs(100, 0, 50), runs(90, 80, 45), []float64{0.9, 0.9}},
+		{"a round the agent did not run", runs(100, 200), runs(98), []float64{0.98}},
+		{"no rounds", nil, nil, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := traffic.CaseResult{Empty: tc.empty, With: tc.with}.PairedRatios()
+			if len(got) != len(tc.want) {
+				t.Fatalf("paired ratios %v, want %v", got, tc.want)
+			}
+			for i := range got {
+				if math.Abs(got[i]-tc.want[i]) > 1e-9 {
+					t.Fatalf("paired ratios %v, want %v", got, tc.want)
+				}
+			}
+		})
 	}
 }
