@@ -162,7 +162,11 @@ func BenchmarkNetfilterConntrack(b *testing.B) {
 					if !read && !c.direct {
 						as = origFromPort{c.vip, benchBackendPort - benchServicePort}
 					}
-					return programCopy(b, d, read, as)
+					p, err := d.loadProgramCopy("kzn_netfilter", read, as)
+					if err != nil {
+						b.Fatal(err)
+					}
+					return p
 				}
 				drain(b, d)
 				var vips, dsts []netip.AddrPort
@@ -350,16 +354,6 @@ func noConntrackProgram(b *testing.B, d *Datapath, name string) *ebpf.Program {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { p.Close() })
-	return p
-}
-
-// programCopy is d.loadProgramCopy of kzn_netfilter; the caller closes it.
-func programCopy(b *testing.B, d *Datapath, read bool, as origFromPort) *ebpf.Program {
-	b.Helper()
-	p, err := d.loadProgramCopy("kzn_netfilter", read, as)
-	if err != nil {
-		b.Fatal(err)
-	}
 	return p
 }
 

@@ -73,23 +73,23 @@ func band(xs []float64) string {
 
 // RoundRatios are runs[i]/Without[i] of each round.
 func (c CaseResult) RoundRatios(runs []RunResult) []float64 {
-	var out []float64
-	for i := range min(len(runs), len(c.Without)) {
-		if c.Without[i].Rate > 0 {
-			out = append(out, runs[i].Rate/c.Without[i].Rate)
-		}
-	}
-	return out
+	return roundRatios(runs, c.Without)
 }
 
 // PairedRatios are With[i]/Empty[i] of each round: the agent against the
 // empty program in runs next to each other, so that a change of the
 // host's speed between rounds, which moves every mode's median, cancels.
 func (c CaseResult) PairedRatios() []float64 {
+	return roundRatios(c.With, c.Empty)
+}
+
+// roundRatios are runs[i]/base[i] of each round both ran in, leaving out
+// a round whose base has no rate.
+func roundRatios(runs, base []RunResult) []float64 {
 	var out []float64
-	for i := range min(len(c.With), len(c.Empty)) {
-		if c.Empty[i].Rate > 0 {
-			out = append(out, c.With[i].Rate/c.Empty[i].Rate)
+	for i := range min(len(runs), len(base)) {
+		if base[i].Rate > 0 {
+			out = append(out, runs[i].Rate/base[i].Rate)
 		}
 	}
 	return out
