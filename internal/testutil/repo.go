@@ -51,16 +51,24 @@ func isRepoRoot(dir string) bool {
 // BuildKubezonnet builds the kubezonnet binary of this checkout into dir
 // and returns its path, for tests and the demo that run the real binary.
 func BuildKubezonnet(ctx context.Context, dir string) (string, error) {
+	return BuildCommand(ctx, dir, "kubezonnet", ".")
+}
+
+// BuildCommand builds the main package pkg of this checkout (a path
+// relative to the repository root, such as ./testenv/traffic/cmd/udpgen)
+// into dir under name and returns its path: for benchmarks whose helpers
+// must run as processes of their own.
+func BuildCommand(ctx context.Context, dir, name, pkg string) (string, error) {
 	root, err := RepoRoot()
 	if err != nil {
 		return "", err
 	}
-	bin := filepath.Join(dir, "kubezonnet")
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, ".")
+	bin := filepath.Join(dir, name)
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, pkg)
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("building kubezonnet: %w: %s", err, bytes.TrimSpace(out))
+		return "", fmt.Errorf("building %s: %w: %s", name, err, bytes.TrimSpace(out))
 	}
 	return bin, nil
 }

@@ -23,8 +23,9 @@
 //     Mbit/s here: no measure of the datapath.)
 //   - UDP with a 64-byte payload: one flow, 2,000 flows, and 32,000 new
 //     flows per second (the flow set is replaced every second), from a
-//     generator in this package (sendmmsg from one socket in the client pod,
-//     its thread pinned to the last CPU, where the datagrams then cross the
+//     generator in this package run as a process of its own (cmd/udpgen,
+//     see Generator: sendmmsg from one socket in the client pod, its thread
+//     pinned to the last CPU, where the datagrams then cross the
 //     namespaces in its softirqs).
 //     A flow is a destination port: the datapath keys flows by the lower of
 //     the two ports, and the generator sends from port 65535. The server pod

@@ -186,11 +186,11 @@ func (b *bench) run(ctx context.Context, w *world, c Case, mode Mode) (r RunResu
 		}
 		r.Rate, r.Retransmits = res.bitsPerSecond/1e9, res.retransmits
 	case UDP:
-		res, err := sendUDP(ctx, w, c, b.opts.Duration)
+		res, err := b.sendUDP(ctx, w, c, b.opts.Duration)
 		if err != nil {
 			return r, err
 		}
-		r.Sent, elapsed = res.sent, res.elapsed
+		r.Sent, elapsed = res.Sent, res.Elapsed
 	}
 	var want uint64 // packets node a will see, where known
 	if c.Kind == UDP {

@@ -194,6 +194,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 			return nil, err
 		}
 	}
+	logf("building the UDP generator")
+	udpgen, err := testutil.BuildCommand(ctx, dir, "udpgen", "./testenv/traffic/cmd/udpgen")
+	if err != nil {
+		return nil, err
+	}
 	if !opts.NoBPFStats {
 		// Held while the file descriptor is open: the kernel times every
 		// BPF program run (two clock reads each) until Close.
@@ -214,7 +219,7 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		return nil, err
 	}
 	defer empty.Close()
-	b := &bench{opts: opts, logf: logf, rcv: rcv, topos: map[Kind]*world{}, empty: empty}
+	b := &bench{opts: opts, logf: logf, rcv: rcv, topos: map[Kind]*world{}, empty: empty, udpgen: udpgen}
 	defer b.close()
 	res := &Result{Options: opts, Host: describeHost(), LoadStart: loadAverage()}
 	for _, name := range opts.Cases {
@@ -244,8 +249,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 // that CPU's softirqs, and the benchmark's own work (the remote-write
 // receiver, nft reads) and the agent's user space would otherwise take
 // that CPU's time in some runs and not in others, and the rates would
-// measure them. The agent's user space is measured on its own (its CPU
-// time); the rates measure what its program and hooks cost the traffic.
+// measure them. The generator is a process of its own (see Generator),
+// so that this process's work does not wait for the generator's thread,
+// nor the generator for this process's. The agent's user space is
+// measured on its own (its CPU time); the rates measure what its program
+// and hooks cost the traffic.
 // TCP keeps every CPU: iperf3's client and server take what they need.
 func (b *bench) runCase(ctx context.Context, w *world, c Case, res *Result) (CaseResult, error) {
 	logf, opts := b.logf, b.opts
@@ -309,6 +317,8 @@ type bench struct {
 	topos map[Kind]*world
 	// empty is the program of the Empty runs.
 	empty *ebpf.Program
+	// udpgen is the UDP generator's binary (cmd/udpgen, see Generator).
+	udpgen string
 }
 
 // world returns the topology of a kind of traffic, building it on first

@@ -1,18 +1,15 @@
 package traffic
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
+	"os/exec"
 	"runtime"
-	"syscall"
 	"time"
-
-	"golang.org/x/net/ipv4"
-	"golang.org/x/sys/unix"
 
 	"github.com/kubezonnet/kubezonnet/internal/testnet"
 )
@@ -30,79 +27,42 @@ const (
 // udpBatch is the number of datagrams per sendmmsg call.
 const udpBatch = 64
 
-// udpResult is what the generator sent and how long it took.
-type udpResult struct {
-	sent    uint64
-	elapsed time.Duration
-}
-
-// sendUDP sends 64-byte (c.Payload) datagrams from the client pod to the
+// sendUDP sends c.Payload-byte datagrams from the client pod to the
 // server pod as fast as one socket can, for d: to c.Flows destination
-// ports round robin, the set moving to fresh ports every c.Rotate.
-func sendUDP(ctx context.Context, w *world, c Case, d time.Duration) (udpResult, error) {
+// ports round robin, the set moving to fresh ports every c.Rotate. The
+// generator runs as a process of its own (see Generator), its sending
+// thread on the last CPU: the datagrams' way through the namespaces runs
+// in its softirqs on that CPU, so every run sees the same placement, not
+// whatever the scheduler chose.
+func (b *bench) sendUDP(ctx context.Context, w *world, c Case, d time.Duration) (GeneratorResult, error) {
 	if c.Flows < 1 || (c.Rotate > 0 && 2*c.Flows > udpPorts) || c.Flows > udpPorts {
-		return udpResult{}, fmt.Errorf("%d flows do not fit the generator's %d ports", c.Flows, udpPorts)
+		return GeneratorResult{}, fmt.Errorf("%d flows do not fit the generator's %d ports", c.Flows, udpPorts)
 	}
-	conn, err := testnet.ListenPacket(w.client.NS, "udp4", netip.AddrPortFrom(w.client.IPv4, udpSourcePort).String())
-	if err != nil {
-		return udpResult{}, err
+	g := Generator{
+		NS:        w.client.NS,
+		Src:       netip.AddrPortFrom(w.client.IPv4, udpSourcePort),
+		Dst:       w.server.IPv4,
+		FirstPort: udpFirstPort,
+		Flows:     c.Flows,
+		Rotate:    c.Rotate,
+		Payload:   c.Payload,
+		Duration:  d,
+		CPU:       generatorCPU(),
 	}
-	defer conn.Close()
-	pc := ipv4.NewPacketConn(conn)
-	dsts := make([]*net.UDPAddr, udpPorts)
-	for i := range dsts {
-		dsts[i] = &net.UDPAddr{IP: w.server.IPv4.AsSlice(), Port: udpFirstPort + i}
+	if err := g.Validate(); err != nil {
+		return GeneratorResult{}, err
 	}
-	// The sender stays on one CPU, the last: the datagrams' way through
-	// the namespaces runs in its softirqs on that CPU, so every run sees
-	// the same placement, not whatever the scheduler chose.
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	var all, one unix.CPUSet
-	if err := unix.SchedGetaffinity(0, &all); err != nil {
-		return udpResult{}, fmt.Errorf("reading the sender's CPUs: %w", err)
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, b.udpgen, g.Args()...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return GeneratorResult{}, fmt.Errorf("UDP generator: %w: %s", err, bytes.TrimSpace(stderr.Bytes()))
 	}
-	one.Set(generatorCPU())
-	if err := unix.SchedSetaffinity(0, &one); err != nil {
-		return udpResult{}, fmt.Errorf("pinning the sender to CPU %d: %w", generatorCPU(), err)
+	var res GeneratorResult
+	if err := json.Unmarshal(stdout.Bytes(), &res); err != nil {
+		return GeneratorResult{}, fmt.Errorf("UDP generator: reading its result %q: %w", bytes.TrimSpace(stdout.Bytes()), err)
 	}
-	defer unix.SchedSetaffinity(0, &all)
-	payload := make([]byte, c.Payload)
-	msgs := make([]ipv4.Message, udpBatch)
-	for i := range msgs {
-		msgs[i].Buffers = [][]byte{payload}
-	}
-	var res udpResult
-	start := time.Now()
-	next := 0 // the next flow of the set
-	for {
-		now := time.Since(start)
-		if now >= d {
-			res.elapsed = now
-			return res, nil
-		}
-		if ctx.Err() != nil {
-			return res, ctx.Err()
-		}
-		base := 0
-		if c.Rotate > 0 && (now/c.Rotate)%2 == 1 {
-			base = c.Flows
-		}
-		for i := range msgs {
-			msgs[i].Addr = dsts[base+next]
-			if next++; next == c.Flows {
-				next = 0
-			}
-		}
-		n, err := pc.WriteBatch(msgs, 0)
-		if n > 0 {
-			res.sent += uint64(n)
-		}
-		// A full device queue is back pressure, not a failure.
-		if err != nil && !errors.Is(err, syscall.ENOBUFS) && !errors.Is(err, syscall.EAGAIN) {
-			return res, fmt.Errorf("sending datagrams: %w", err)
-		}
-	}
+	return res, nil
 }
 
 // generatorCPU is the CPU the UDP generator's thread runs on: the last.
