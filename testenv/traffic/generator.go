@@ -75,7 +75,7 @@ func (g Generator) Validate() error {
 	case g.Flows < 1:
 		return fmt.Errorf("generator: %d flows: need at least 1", g.Flows)
 	case g.FirstPort < 1 || g.FirstPort+span-1 > 65535:
-		return fmt.Errorf("generator: ports %d to %d (%d flows from the first port, twice when rotating) are not all valid ports", g.FirstPort, g.FirstPort+span-1, g.Flows)
+		return fmt.Errorf("generator: ports %d to %d (the flows from the first port, twice as many when rotating) go past the valid ports 1 to 65535", g.FirstPort, g.FirstPort+span-1)
 	case g.Rotate < 0:
 		return fmt.Errorf("generator: rotate %s is negative", g.Rotate)
 	case g.Payload < 0 || g.Payload > maxUDPPayload:

@@ -13,13 +13,14 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/kubezonnet/kubezonnet/testenv/traffic"
 )
 
 func main() {
 	var g traffic.Generator
-	g.Flows, g.Payload = 1, 64
+	g.FirstPort, g.Flows, g.Payload, g.Duration = 1024, 1, 64, 10*time.Second
 	g.Flags(flag.CommandLine)
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
