@@ -24,8 +24,8 @@ import (
 // scheduler with the remote-write receiver, whose work grows with the
 // flows the agent reports, and the rates would measure that work. (The
 // benchmark keeps itself off the generator's CPU, which leaves it one
-// CPU on a two-CPU machine, and Go then runs it with GOMAXPROCS 1: the
-// sender and the receiver took turns on one P.)
+// CPU on a two-CPU machine, and Go then runs it with GOMAXPROCS 1: a
+// sending goroutine and the receiver would take turns on one P.)
 type Generator struct {
 	// NS is the network namespace to send from.
 	NS string
