@@ -59,12 +59,21 @@ type GeneratorResult struct {
 // maxUDPPayload is the largest UDP payload of an IPv4 datagram.
 const maxUDPPayload = 65507
 
+// udpBatch is the number of datagrams per sendmmsg call.
+const udpBatch = 64
+
+// ports is how many destination ports g sends to: its flows, and as
+// many again when the set rotates.
+func (g Generator) ports() int {
+	if g.Rotate > 0 {
+		return 2 * g.Flows
+	}
+	return g.Flows
+}
+
 // Validate reports the first field that cannot work, naming it.
 func (g Generator) Validate() error {
-	span := g.Flows
-	if g.Rotate > 0 {
-		span *= 2
-	}
+	span := g.ports()
 	switch {
 	case g.NS == "":
 		return errors.New("generator: no network namespace")
@@ -103,11 +112,7 @@ func (g Generator) Run(ctx context.Context) (GeneratorResult, error) {
 	}
 	defer conn.Close()
 	pc := ipv4.NewPacketConn(conn)
-	span := g.Flows
-	if g.Rotate > 0 {
-		span *= 2
-	}
-	dsts := make([]*net.UDPAddr, span)
+	dsts := make([]*net.UDPAddr, g.ports())
 	for i := range dsts {
 		dsts[i] = &net.UDPAddr{IP: g.Dst.AsSlice(), Port: g.FirstPort + i}
 	}
