@@ -2,10 +2,12 @@ package testnet
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"os/exec"
 	"strings"
 	"sync"
 	"time"
@@ -162,24 +164,70 @@ func (r *Reference) Read(ctx context.Context) (map[Pair]flow.Counts, error) {
 	return out, nil
 }
 
-// RetransSegs returns the TCP segments the namespace ns has retransmitted
-// so far (TcpRetransSegs). Retransmissions are real wire bytes, which the
-// datapath counts; tests that compare a transfer with an estimate of its
-// wire bytes add them in.
-func RetransSegs(ctx context.Context, ns string) (uint64, error) {
-	out, err := Exec(ctx, ns, "nstat", "-asz", "TcpRetransSegs")
+// NetStat returns the namespace's SNMP counters of the given names, as
+// nstat spells them ("TcpOutSegs", "TcpExtTCPOrigDataSent"): the kernel's
+// own count of what its stack sent, which a test compares the datapath's
+// with. Every name must be one the kernel knows.
+func NetStat(ctx context.Context, ns string, names ...string) (map[string]uint64, error) {
+	out, err := Exec(ctx, ns, append([]string{"nstat", "-asz"}, names...)...)
+	if err != nil {
+		return nil, err
+	}
+	want := map[string]bool{}
+	for _, n := range names {
+		want[n] = true
+	}
+	got := map[string]uint64{}
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || !want[f[0]] {
+			continue
+		}
+		var n uint64
+		if _, err := fmt.Sscanf(f[1], "%d", &n); err != nil {
+			return nil, fmt.Errorf("parsing nstat output %q: %w", line, err)
+		}
+		got[f[0]] = n
+	}
+	for _, n := range names {
+		if _, ok := got[n]; !ok {
+			return nil, fmt.Errorf("nstat printed no %s: %s", n, out)
+		}
+	}
+	return got, nil
+}
+
+// TCPSegmentsSent returns the TCP segments namespace ns has sent so far:
+// TcpOutSegs, which counts new data and control segments, plus
+// TcpRetransSegs (TcpOutSegs leaves retransmissions out). The kernel adds
+// a GSO skb's segment count to both, so this is the sender's own count of
+// wire segments, whatever TSO made of them.
+func TCPSegmentsSent(ctx context.Context, ns string) (uint64, error) {
+	v, err := NetStat(ctx, ns, "TcpOutSegs", "TcpRetransSegs")
 	if err != nil {
 		return 0, err
 	}
-	for _, line := range strings.Split(string(out), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 2 && f[0] == "TcpRetransSegs" {
-			var n uint64
-			if _, err := fmt.Sscanf(f[1], "%d", &n); err != nil {
-				return 0, fmt.Errorf("parsing nstat output %q: %w", line, err)
-			}
-			return n, nil
-		}
+	return v["TcpOutSegs"] + v["TcpRetransSegs"], nil
+}
+
+// TxDropped returns the packets device dev in ns dropped on transmit. A
+// veth counts there what its peer's backlog refused: on a pod's eth0, skbs
+// lost before they reached the node, which a sender's count of its
+// segments includes and the node's hooks never see.
+func TxDropped(ctx context.Context, ns, dev string) (uint64, error) {
+	out, err := exec.CommandContext(ctx, "ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev).Output()
+	if err != nil {
+		return 0, fmt.Errorf("reading the statistics of %s in %s: %w", dev, ns, err)
 	}
-	return 0, fmt.Errorf("nstat printed no TcpRetransSegs: %s", out)
+	var links []struct {
+		Stats64 struct {
+			TX struct {
+				Dropped uint64 `json:"dropped"`
+			} `json:"tx"`
+		} `json:"stats64"`
+	}
+	if err := json.Unmarshal(out, &links); err != nil || len(links) != 1 {
+		return 0, fmt.Errorf("parsing the statistics of %s in %s: %v: %s", dev, ns, err, out)
+	}
+	return links[0].Stats64.TX.Dropped, nil
 }

@@ -154,10 +154,10 @@ func (b *bench) run(ctx context.Context, w *world, c Case, mode Mode) (r RunResu
 	}
 	var segsBefore, sinkBefore, lostBefore uint64
 	if c.Kind == TCP {
-		if segsBefore, err = tcpSegs(ctx, w.client.NS); err != nil {
+		if segsBefore, err = testnet.TCPSegmentsSent(ctx, w.client.NS); err != nil {
 			return r, err
 		}
-		if lostBefore, err = txDropped(ctx, w.client.NS, "eth0"); err != nil {
+		if lostBefore, err = testnet.TxDropped(ctx, w.client.NS, "eth0"); err != nil {
 			return r, err
 		}
 	} else if sinkBefore, err = w.sink.read(ctx); err != nil {
@@ -202,12 +202,12 @@ func (b *bench) run(ctx context.Context, w *world, c Case, mode Mode) (r RunResu
 	}
 	r.Reference = diff(refAfter[w.pair], refBefore[w.pair])
 	if c.Kind == TCP {
-		segs, err := tcpSegs(ctx, w.client.NS)
+		segs, err := testnet.TCPSegmentsSent(ctx, w.client.NS)
 		if err != nil {
 			return r, err
 		}
 		r.Sent = segs - segsBefore
-		lost, err := txDropped(ctx, w.client.NS, "eth0")
+		lost, err := testnet.TxDropped(ctx, w.client.NS, "eth0")
 		if err != nil {
 			return r, err
 		}
